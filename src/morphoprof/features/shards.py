@@ -1,0 +1,114 @@
+"""Feature output as Parquet shards plus a manifest, so long runs resume and never half-write.
+
+Layout of a feature folder::
+
+    OUT/manifest.json            {"params": {...}, "shards": {key: {"file", "rows", "sha256"}}}
+    OUT/shards/<key>.parquet     Metadata_* columns, then feature columns
+
+A shard is written to a temporary name and renamed; the manifest is rewritten (atomically) after
+each shard. A re-run with the same parameters skips the shards already in the manifest; a re-run
+with different parameters is refused unless the folder is cleared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from morphoprof.errors import InputError
+from morphoprof.io_utils import write_json, write_parquet
+
+MANIFEST = "manifest.json"
+
+
+def shard_key(*parts: object) -> str:
+    """A file-name-safe shard key from plate names, chunk numbers..."""
+    return "-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", str(p)) for p in parts)
+
+
+class ShardWriter:
+    """Write feature shards into ``out`` and keep its manifest.
+
+    Args:
+        out: the feature folder.
+        params: everything that determines the features (model, weights, sizes...); a folder
+            holding shards made with other params is refused.
+        overwrite: clear a folder made with other params instead of refusing.
+    """
+
+    def __init__(self, out: str | Path, params: dict, overwrite: bool = False) -> None:
+        self.out = Path(out)
+        self.params = json.loads(json.dumps(params))  # normalise tuples etc. for comparison
+        manifest = self.out / MANIFEST
+        self.shards: dict[str, dict] = {}
+        if manifest.is_file():
+            saved = json.loads(manifest.read_text())
+            if saved.get("params") != self.params:
+                if not overwrite:
+                    raise InputError(
+                        f"{self.out} holds features made with other parameters "
+                        f"({_diff(saved.get('params', {}), self.params)}); use another output "
+                        "folder or --overwrite"
+                    )
+                shutil.rmtree(self.out)
+            else:
+                self.shards = {
+                    k: v for k, v in saved.get("shards", {}).items()
+                    if (self.out / v["file"]).is_file()
+                }
+        (self.out / "shards").mkdir(parents=True, exist_ok=True)
+
+    def done(self, key: str) -> bool:
+        """Whether shard ``key`` was finished by an earlier run."""
+        return key in self.shards
+
+    def write(self, key: str, df: pd.DataFrame) -> Path:
+        """Write one shard atomically and record it in the manifest."""
+        rel = f"shards/{key}.parquet"
+        path = write_parquet(self.out / rel, df)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        self.shards[key] = {"file": rel, "rows": int(len(df)), "sha256": digest}
+        self._save()
+        return path
+
+    def _save(self) -> None:
+        write_json(self.out / MANIFEST, {"params": self.params, "shards": self.shards})
+
+
+def _diff(a: dict, b: dict) -> str:
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:5]) or "?"
+
+
+def read_features(folder: str | Path) -> pd.DataFrame:
+    """Concatenate a feature folder's shards (in manifest order) into one DataFrame.
+
+    Also accepts a single Parquet file. Raises InputError naming the folder when it has no
+    manifest or a shard is missing.
+    """
+    folder = Path(folder)
+    if folder.is_file():
+        return pd.read_parquet(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise InputError(f"{folder} is not a feature folder (no {MANIFEST})")
+    shards = json.loads(manifest.read_text()).get("shards", {})
+    if not shards:
+        raise InputError(f"{folder}: the manifest lists no shards")
+    frames = []
+    for key, info in shards.items():
+        path = folder / info["file"]
+        if not path.is_file():
+            raise InputError(f"{folder}: shard {key} is listed but {path} is missing")
+        frames.append(pd.read_parquet(path))
+    return pd.concat(frames, ignore_index=True)
+
+
+def feature_columns(df: pd.DataFrame) -> list[str]:
+    """All non-metadata columns (cytomining convention: metadata columns start ``Metadata_``)."""
+    return [c for c in df.columns if not c.startswith("Metadata_")]

@@ -1,0 +1,300 @@
+"""ImageNet transfer features without segmentation (Pawlowski et al. 2016).
+
+A pretrained CNN, not fine-tuned, is applied to whole fields of view. With the ``greyscale``
+strategy (Pawlowski's best) each stain is fed as a greyscale image replicated to the network's
+three inputs and the per-stain feature vectors are concatenated in channel order; with ``rgb``,
+three stains are mapped to R, G and B. Features are the pooled penultimate layer by default, or any
+named intermediate module, global-average pooled.
+
+Intensities are mapped to [0, 1] per channel with one range for the whole experiment (low and high
+percentiles of a deterministic sample of image sets), so differences in brightness between fields
+survive; the range is stored with the features so a resumed run uses the same one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from morphoprof.errors import InputError
+from morphoprof.features.backbones import DEFAULT_MODEL, Backbone, create_backbone
+from morphoprof.features.shards import ShardWriter, shard_key
+from morphoprof.index.schema import PLATE, ExperimentIndex
+
+
+@dataclass
+class TransferConfig:
+    """Settings of the transfer extractor (the ``features`` section of a run config)."""
+
+    model: str = DEFAULT_MODEL
+    weights: str = "auto"
+    channel_strategy: str = "greyscale"  # greyscale | rgb
+    rgb_channels: list[str] | None = None  # for rgb: the 3 stains fed as R, G, B
+    layer: str | None = None  # None: pooled penultimate layer
+    image_size: int | None = None  # None: the network's own input size
+    intensity_percentiles: tuple[float, float] = (0.1, 99.9)
+    batch_size: int = 16
+    num_workers: int = 0
+    device: str = "auto"
+    max_shard_rows: int = 2000
+    label: str = "transfer"
+    channels: list[str] | None = None  # stains to use (default: all of the index)
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.channel_strategy not in ("greyscale", "rgb"):
+            raise InputError(
+                f"channel_strategy must be 'greyscale' or 'rgb', got {self.channel_strategy!r}"
+            )
+
+
+def pick_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def estimate_intensity_range(
+    index: ExperimentIndex,
+    channels: Sequence[str],
+    percentiles: tuple[float, float] = (0.1, 99.9),
+    n_sample: int = 24,
+    seed: int = 0,
+) -> list[tuple[float, float]]:
+    """Per-channel (low, high) intensity from a deterministic sample of ``n_sample`` image sets."""
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(index), size=min(n_sample, len(index)), replace=False))
+    pixels: list[list[np.ndarray]] = [[] for _ in channels]
+    for i in rows:
+        img = index.read(int(i), channels)
+        flat = img.reshape(len(channels), -1)
+        step = max(flat.shape[1] // 20000, 1)
+        for c in range(len(channels)):
+            pixels[c].append(flat[c, ::step])
+    out = []
+    for c, ch in enumerate(channels):
+        lo, hi = np.percentile(np.concatenate(pixels[c]), percentiles)
+        if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
+            raise InputError(f"channel {ch}: sampled images have no usable intensity range")
+        out.append((float(lo), float(hi)))
+    return out
+
+
+class FieldTransform:
+    """Scale intensities to [0, 1] with fixed per-channel ranges and resize to ``size``.
+
+    Picklable, so DataLoader workers run it. Input ``(C, H, W)`` numpy; output torch ``(C, S, S)``.
+    """
+
+    def __init__(self, ranges: Sequence[tuple[float, float]], size: tuple[int, int]) -> None:
+        self.lo = np.array([r[0] for r in ranges], np.float32)[:, None, None]
+        self.span = np.array([r[1] - r[0] for r in ranges], np.float32)[:, None, None]
+        self.size = tuple(size)
+
+    def __call__(self, image: np.ndarray):
+        import torch
+        import torch.nn.functional as F
+
+        x = np.clip((image - self.lo) / self.span, 0.0, 1.0)
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]
+        if tuple(t.shape[-2:]) != self.size:
+            t = F.interpolate(t, size=self.size, mode="bilinear", antialias=True,
+                              align_corners=False)
+        return t[0]
+
+
+class TransferExtractor:
+    """Extract transfer features from whole fields of an experiment index.
+
+    Use :meth:`features_from_batch` on in-memory tensors, or :meth:`extract` on an index to write
+    a resumable feature folder.
+    """
+
+    def __init__(self, cfg: TransferConfig | None = None, backbone: Backbone | None = None):
+        import torch
+
+        self.cfg = cfg or TransferConfig()
+        self.backbone = backbone or create_backbone(
+            self.cfg.model, self.cfg.weights, seed=self.cfg.seed
+        )
+        self.device = pick_device(self.cfg.device)
+        self.model = self.backbone.model.to(self.device)
+        if self.device == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        size = self.cfg.image_size
+        self.size = (size, size) if size else self.backbone.input_size
+        self._mean = torch.tensor(self.backbone.mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.backbone.std, device=self.device).view(1, 3, 1, 1)
+        self._hooked: object | None = None
+        if self.cfg.layer:
+            modules = dict(self.model.named_modules())
+            if self.cfg.layer not in modules:
+                names = [n for n in modules if n and n.count(".") <= 1]
+                raise InputError(
+                    f"layer {self.cfg.layer!r} not in {self.backbone.name}; e.g. {names[:25]}"
+                )
+            modules[self.cfg.layer].register_forward_hook(self._hook)
+
+    def _hook(self, _module, _inp, out) -> None:
+        self._hooked = out
+
+    def _embed(self, x3):
+        """(N, 3, S, S) in [0, 1] -> (N, D) pooled features."""
+        import torch
+
+        x3 = (x3 - self._mean) / self._std
+        if self.device == "cuda":
+            x3 = x3.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = self.model(x3)
+        else:
+            out = self.model(x3)
+        if self.cfg.layer:
+            h = self._hooked
+            out = h.float().mean(dim=(2, 3)) if h.ndim == 4 else h.float().flatten(1)
+        return out.float()
+
+    def features_from_batch(self, batch, channel_names: Sequence[str]) -> np.ndarray:
+        """Features of a batch of fields.
+
+        Args:
+            batch: torch tensor ``(B, C, S, S)`` with intensities in [0, 1].
+            channel_names: names of the C channels.
+
+        Returns:
+            ``(B, C * D)`` float32 for ``greyscale``; ``(B, D)`` for ``rgb``.
+        """
+        import torch
+
+        with torch.inference_mode():
+            x = batch.to(self.device, non_blocking=True).float()
+            b, c = x.shape[:2]
+            if self.cfg.channel_strategy == "greyscale":
+                x3 = x.reshape(b * c, 1, *x.shape[-2:]).expand(-1, 3, -1, -1)
+                return self._embed(x3).reshape(b, -1).cpu().numpy()
+            order = self.cfg.rgb_channels or list(channel_names)[:3]
+            if len(order) != 3:
+                raise InputError(f"rgb strategy needs exactly 3 channels, got {order}")
+            idx = [list(channel_names).index(ch) for ch in order]
+            return self._embed(x[:, idx]).cpu().numpy()
+
+    def column_names(self, channel_names: Sequence[str], dim: int) -> list[str]:
+        """``<label>_<channel>_<k>`` for greyscale, ``<label>_RGB_<k>`` for rgb."""
+        label = self.cfg.label
+        if self.cfg.channel_strategy == "rgb":
+            return [f"{label}_RGB_{k}" for k in range(dim)]
+        per = dim // len(channel_names)
+        return [f"{label}_{ch}_{k}" for ch in channel_names for k in range(per)]
+
+    def extract(
+        self,
+        index: ExperimentIndex,
+        out: str | Path,
+        overwrite: bool = False,
+        progress: bool = True,
+        log=print,
+    ) -> dict:
+        """Extract features for every image set of ``index`` into the feature folder ``out``.
+
+        One Parquet shard per plate (split every ``max_shard_rows`` image sets); shards finished
+        by an earlier run with the same parameters are skipped.
+
+        Returns:
+            A summary: shards written and skipped, image sets, seconds, fields per second.
+        """
+        import torch
+        from torch.utils.data import DataLoader
+        from tqdm.auto import tqdm
+
+        from morphoprof.images.dataset import ImageSetDataset
+
+        channels = list(self.cfg.channels or index.channels)
+        index.validate(channels=channels, check_files=False, check_shapes=False)
+        out = Path(out)
+        params = {
+            "extractor": "transfer",
+            **{k: v for k, v in asdict(self.cfg).items() if k not in ("num_workers", "device",
+                                                                      "batch_size", "extra")},
+            "channels": channels,
+            "model": self.backbone.name,
+            "weights": self.backbone.weights,
+            "size": list(self.size),
+            "n_image_sets": len(index),
+        }
+        saved_ranges = _saved_ranges(out, params)
+        ranges = saved_ranges or estimate_intensity_range(
+            index, channels, self.cfg.intensity_percentiles, seed=self.cfg.seed
+        )
+        params["intensity_ranges"] = [list(r) for r in ranges]
+        writer = ShardWriter(out, params, overwrite=overwrite)
+        transform = FieldTransform(ranges, self.size)
+        plan = []
+        for plate, rows in index.table.groupby(PLATE, sort=True).indices.items():
+            rows = np.sort(rows)
+            for k in range(0, len(rows), self.cfg.max_shard_rows):
+                plan.append((shard_key(plate, k // self.cfg.max_shard_rows), rows[k:k + self.cfg.max_shard_rows]))
+        todo = [(key, rows) for key, rows in plan if not writer.done(key)]
+        n_todo = int(sum(len(r) for _, r in todo))
+        if log and len(todo) < len(plan):
+            log(f"resuming: {len(plan) - len(todo)} of {len(plan)} shards already done")
+        meta_cols = [c for c in index.table.columns if c.startswith("Metadata_")]
+        bar = tqdm(total=n_todo, desc="transfer features", unit="field", disable=not progress)
+        t0 = time.perf_counter()
+        torch.manual_seed(self.cfg.seed)
+        for key, rows in todo:
+            ds = ImageSetDataset(index, channels, rows, transform)
+            loader = DataLoader(
+                ds, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers,
+                pin_memory=self.device == "cuda", worker_init_fn=_single_thread_worker,
+            )
+            feats, order = [], []
+            for batch, idx in loader:
+                feats.append(self.features_from_batch(batch, channels))
+                order.append(idx.numpy())
+                bar.update(len(idx))
+            x = np.concatenate(feats).astype(np.float32)
+            pos = np.concatenate(order)
+            meta = index.table.iloc[pos][meta_cols].reset_index(drop=True)
+            cols = self.column_names(channels, x.shape[1])
+            df = pd.concat([meta, pd.DataFrame(x, columns=cols)], axis=1)
+            writer.write(key, df)
+        bar.close()
+        seconds = time.perf_counter() - t0
+        return {
+            "out": str(out),
+            "shards_written": len(todo),
+            "shards_skipped": len(plan) - len(todo),
+            "image_sets": n_todo,
+            "seconds": seconds,
+            "fields_per_s": n_todo / seconds if seconds > 0 and n_todo else None,
+        }
+
+
+def _single_thread_worker(_worker_id: int) -> None:
+    """Loader workers read and resize; one thread each so they do not fight the model."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _saved_ranges(out: Path, params: dict) -> list[tuple[float, float]] | None:
+    """Intensity ranges of an earlier run with the same params (so a resumed run matches)."""
+    import json
+
+    manifest = out / "manifest.json"
+    if not manifest.is_file():
+        return None
+    saved = json.loads(manifest.read_text()).get("params", {})
+    ranges = saved.pop("intensity_ranges", None)
+    if ranges is None or saved != json.loads(json.dumps(params)):
+        return None
+    return [tuple(r) for r in ranges]

@@ -1,0 +1,159 @@
+"""Reading microscopy images: TIFF (tifffile) and PNG/JPEG (Pillow) into float32 arrays.
+
+Images are returned as ``(H, W)`` planes or ``(C, H, W)`` stacks of float32 in the file's own
+intensity units (no rescaling: a uint16 TIFF gives values in 0..65535, an 8-bit PNG in 0..255).
+A multi-channel file (an RGB PNG, a multi-page TIFF) holds several channels; ``frame`` picks one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from morphoprof.errors import ImageReadError, InputError
+
+TIFF_SUFFIXES = {".tif", ".tiff"}
+PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+SUPPORTED_SUFFIXES = TIFF_SUFFIXES | PIL_SUFFIXES
+
+
+def _suffix(path: Path) -> str:
+    suffix = path.suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise ImageReadError(
+            path, f"unsupported file type {suffix!r} (supported: {sorted(SUPPORTED_SUFFIXES)})"
+        )
+    return suffix
+
+
+def _select_frame(arr: np.ndarray, frame: int | None, path: Path) -> np.ndarray:
+    """Reduce a decoded array to one (H, W) plane.
+
+    A 3-D array is channel-last when its last axis has at most 4 entries (RGB/RGBA PNG, HxWxC
+    TIFF), otherwise channel-first (multi-page TIFF).
+    """
+    if arr.ndim == 2:
+        if frame not in (None, 0):
+            raise ImageReadError(path, f"frame {frame} requested but the image has one channel")
+        return arr
+    if arr.ndim != 3:
+        raise ImageReadError(path, f"expected a 2-D or 3-D image, got shape {arr.shape}")
+    channel_last = arr.shape[-1] <= 4
+    n = arr.shape[-1] if channel_last else arr.shape[0]
+    if frame is None:
+        raise ImageReadError(
+            path, f"the file holds {n} channels (shape {arr.shape}); the index must name a frame"
+        )
+    if not 0 <= frame < n:
+        raise ImageReadError(path, f"frame {frame} out of range for {n} channels")
+    return arr[..., frame] if channel_last else arr[frame]
+
+
+def read_plane(path: str | Path, frame: int | None = None) -> np.ndarray:
+    """Read one channel of an image file.
+
+    Args:
+        path: a TIFF, PNG or JPEG file.
+        frame: channel index inside a multi-channel file (RGB PNG: 0=R, 1=G, 2=B); ``None`` for a
+            single-channel file.
+
+    Returns:
+        ``(H, W)`` float32 array in the file's intensity units.
+
+    Raises:
+        ImageReadError: naming the file, when it is missing, truncated, corrupt or of an
+            unsupported type or shape.
+    """
+    path = Path(path)
+    return _to_float32(_select_frame(_read_full(path), frame, path), path)
+
+
+def _to_float32(plane: np.ndarray, path: Path) -> np.ndarray:
+    if plane.dtype.kind not in "uifb":
+        raise ImageReadError(path, f"unsupported pixel type {plane.dtype}")
+    return plane.astype(np.float32, copy=False)
+
+
+def image_shape(path: str | Path, frame: int | None = None) -> tuple[int, int]:
+    """Return the ``(H, W)`` of one channel of an image file, reading only its header."""
+    path = Path(path)
+    suffix = _suffix(path)
+    if not path.is_file():
+        raise ImageReadError(path, "file not found")
+    try:
+        if suffix in TIFF_SUFFIXES:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                shape = tuple(tif.series[0].shape)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                w, h = im.size
+                bands = len(im.getbands())
+                shape = (h, w) if bands == 1 else (h, w, bands)
+    except Exception as exc:
+        raise ImageReadError(path, f"{type(exc).__name__}: {exc}") from exc
+    shape = tuple(s for s in shape if s != 1) if len(shape) > 3 else shape
+    if len(shape) == 2:
+        return int(shape[0]), int(shape[1])
+    if len(shape) == 3:
+        return (int(shape[0]), int(shape[1])) if shape[-1] <= 4 else (int(shape[1]), int(shape[2]))
+    raise ImageReadError(path, f"expected a 2-D or 3-D image, got shape {shape}")
+
+
+def read_stack(
+    paths: Sequence[str | Path],
+    frames: Sequence[int | None] | None = None,
+    channel_names: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Read several channels into one ``(C, H, W)`` float32 stack.
+
+    Args:
+        paths: one file per channel (the same file may appear several times with different frames).
+        frames: per channel, the frame inside a multi-channel file, or ``None``.
+        channel_names: used in error messages only.
+
+    Raises:
+        InputError: naming the files, when the channels' shapes differ.
+    """
+    frames = list(frames) if frames is not None else [None] * len(paths)
+    names = list(channel_names) if channel_names is not None else [str(i) for i in range(len(paths))]
+    decoded: dict[Path, np.ndarray] = {}  # a multi-channel file is decoded once
+    planes = []
+    for path, frame in zip(paths, frames, strict=True):
+        p = Path(path)
+        if p not in decoded:
+            decoded[p] = _read_full(p)
+        planes.append(_to_float32(_select_frame(decoded[p], frame, p), p))
+    shapes = {plane.shape for plane in planes}
+    if len(shapes) > 1:
+        desc = ", ".join(
+            f"{n}={pl.shape} ({p})" for n, pl, p in zip(names, planes, paths, strict=True)
+        )
+        raise InputError(f"channels of one image set have different shapes: {desc}")
+    return np.stack(planes, axis=0)
+
+
+def _read_full(path: Path) -> np.ndarray:
+    """Decode a whole (possibly multi-channel) file, errors naming the file."""
+    suffix = _suffix(path)
+    if not path.is_file():
+        raise ImageReadError(path, "file not found")
+    try:
+        if suffix in TIFF_SUFFIXES:
+            import tifffile
+
+            arr = tifffile.imread(path)
+        else:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                im.load()
+                arr = np.asarray(im)
+    except Exception as exc:
+        raise ImageReadError(path, f"{type(exc).__name__}: {exc}") from exc
+    return np.squeeze(arr) if arr.ndim > 3 else arr

@@ -1,0 +1,293 @@
+"""The experiment index: one table, one row per field of view (image set).
+
+Columns (cytomining conventions):
+
+- ``Metadata_plate`` (str), ``Metadata_well`` (str, e.g. ``B02``), ``Metadata_site`` (int),
+  ``Metadata_batch`` (str), ``Metadata_compound`` (str), ``Metadata_concentration`` (float, the
+  source's unit, µM for BBBC021), ``Metadata_moa`` (str, may be empty), ``Metadata_control`` (bool);
+- ``Path_<channel>`` (str): one file per named channel, in channel order; relative paths are
+  resolved against the index's image root;
+- ``Frame_<channel>`` (int, optional): the channel's position inside a multi-channel file
+  (an RGB PNG holds three channels); absent or -1 for single-channel files.
+
+Any other ``Metadata_*`` column is kept and carried along. On disk the index is one Parquet file;
+the image root is stored in the file's schema metadata (relative to the Parquet file when possible).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from morphoprof.errors import ImageReadError, InputError, ValidationError
+from morphoprof.io_utils import atomic_path
+
+PLATE = "Metadata_plate"
+WELL = "Metadata_well"
+SITE = "Metadata_site"
+BATCH = "Metadata_batch"
+COMPOUND = "Metadata_compound"
+CONCENTRATION = "Metadata_concentration"
+MOA = "Metadata_moa"
+CONTROL = "Metadata_control"
+REQUIRED = [PLATE, WELL, SITE, BATCH, COMPOUND, CONCENTRATION, MOA, CONTROL]
+IMAGE_SET_KEY = [PLATE, WELL, SITE]
+PATH_PREFIX = "Path_"
+FRAME_PREFIX = "Frame_"
+DEFAULT_CONTROLS = ("DMSO",)
+_ROOT_KEY = b"morphoprof.root"
+
+
+def channel_columns(table: pd.DataFrame) -> list[str]:
+    """Channel names, in order, from the ``Path_<channel>`` columns of a table."""
+    return [c[len(PATH_PREFIX) :] for c in table.columns if c.startswith(PATH_PREFIX)]
+
+
+def describe_row(table: pd.DataFrame, i: int) -> str:
+    """A short human-readable name for row ``i`` (position), e.g. ``row 12 (P1 B02 s3)``."""
+    row = table.iloc[i]
+    parts = [str(row[c]) for c in IMAGE_SET_KEY if c in table.columns]
+    return f"row {i} ({' '.join(parts)})" if parts else f"row {i}"
+
+
+@dataclass
+class ExperimentIndex:
+    """An experiment index table plus the root that its relative paths are resolved against.
+
+    Attributes:
+        table: one row per image set, columns as described in this module's docstring.
+        root: directory against which relative ``Path_*`` entries are resolved.
+    """
+
+    table: pd.DataFrame
+    root: Path
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @property
+    def channels(self) -> list[str]:
+        """Channel names in order."""
+        return channel_columns(self.table)
+
+    def paths(self, i: int, channels: Sequence[str] | None = None) -> list[Path]:
+        """Absolute file paths of row ``i`` (position), one per channel."""
+        row = self.table.iloc[i]
+        out = []
+        for ch in channels or self.channels:
+            p = Path(str(row[PATH_PREFIX + ch]))
+            out.append(p if p.is_absolute() else self.root / p)
+        return out
+
+    def frames(self, i: int, channels: Sequence[str] | None = None) -> list[int | None]:
+        """Per channel, the frame inside a multi-channel file, or None."""
+        row = self.table.iloc[i]
+        out: list[int | None] = []
+        for ch in channels or self.channels:
+            col = FRAME_PREFIX + ch
+            if col in self.table.columns and pd.notna(row[col]) and int(row[col]) >= 0:
+                out.append(int(row[col]))
+            else:
+                out.append(None)
+        return out
+
+    def read(self, i: int, channels: Sequence[str] | None = None) -> np.ndarray:
+        """Read image set ``i`` as a ``(C, H, W)`` float32 stack in the files' intensity units."""
+        from morphoprof.images.read import read_stack
+
+        chans = list(channels or self.channels)
+        return read_stack(self.paths(i, chans), self.frames(i, chans), chans)
+
+    def subset(self, mask: Sequence[bool] | pd.Series | np.ndarray) -> ExperimentIndex:
+        """A new index with the rows where ``mask`` (one bool per row) is true."""
+        table = self.table[np.asarray(mask, dtype=bool)]
+        return ExperimentIndex(table.reset_index(drop=True), self.root)
+
+    def write(self, path: str | Path) -> Path:
+        """Write the index as one Parquet file (atomically), root stored in its metadata."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            root = os.path.relpath(self.root.resolve(), path.parent.resolve())
+        except ValueError:  # different drives on Windows
+            root = str(self.root.resolve())
+        table = pa.Table.from_pandas(self.table, preserve_index=False)
+        meta = dict(table.schema.metadata or {})
+        meta[_ROOT_KEY] = json.dumps(root).encode()
+        table = table.replace_schema_metadata(meta)
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
+        return path
+
+    @classmethod
+    def read_parquet(cls, path: str | Path) -> ExperimentIndex:
+        """Read an index written by :meth:`write`; raises InputError naming the file if invalid."""
+        import pyarrow.parquet as pq
+
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"experiment index not found: {path}")
+        try:
+            table = pq.read_table(path)
+        except Exception as exc:
+            raise InputError(f"cannot read experiment index {path}: {exc}") from exc
+        meta = table.schema.metadata or {}
+        root = json.loads(meta[_ROOT_KEY]) if _ROOT_KEY in meta else "."
+        root_path = Path(root)
+        if not root_path.is_absolute():
+            root_path = (path.parent / root_path).resolve()
+        df = table.to_pandas()
+        missing = [c for c in REQUIRED if c not in df.columns]
+        if missing or not channel_columns(df):
+            what = f"missing columns {missing}" if missing else "no Path_<channel> column"
+            raise InputError(f"{path} is not a morphoprof experiment index: {what}")
+        return cls(df, root_path)
+
+    def validate(
+        self,
+        channels: Sequence[str] | None = None,
+        check_files: bool = True,
+        check_shapes: bool = True,
+        progress: bool = False,
+    ) -> None:
+        """Check the index; raise :class:`ValidationError` listing every problem found.
+
+        Problems reported (each naming the row and file): empty table, missing required columns,
+        no channels, unknown channels requested, empty key fields, duplicated image sets, missing
+        or unreadable files, channels of different shapes within a row, rows whose shape differs
+        from the rest of the experiment.
+
+        Args:
+            channels: channels the caller needs; an unknown name is a problem.
+            check_files: check that each file exists.
+            check_shapes: read each file's header (not its pixels) and compare shapes.
+            progress: show a progress bar while reading headers.
+        """
+        problems = validate_table(self.table, channels)
+        if problems or not (check_files or check_shapes):
+            if problems:
+                raise ValidationError("experiment index", problems)
+            return
+        from morphoprof.images.read import image_shape
+
+        chans = list(channels or self.channels)
+        shapes: dict[int, tuple[int, int]] = {}
+        rows = range(len(self.table))
+        if progress:
+            from tqdm.auto import tqdm
+
+            rows = tqdm(rows, desc="checking image files", unit="set")
+        for i in rows:
+            row_shapes = {}
+            for ch, p, fr in zip(chans, self.paths(i, chans), self.frames(i, chans)):
+                where = f"{describe_row(self.table, i)}, channel {ch}"
+                if not p.is_file():
+                    problems.append(f"{where}: file not found: {p}")
+                    continue
+                if not check_shapes:
+                    continue
+                try:
+                    row_shapes[ch] = (image_shape(p, fr), p)
+                except ImageReadError as exc:
+                    problems.append(f"{where}: unreadable file {p}: {exc}")
+            distinct = {s for s, _ in row_shapes.values()}
+            if len(distinct) > 1:
+                desc = ", ".join(f"{ch}={s} ({p})" for ch, (s, p) in row_shapes.items())
+                problems.append(f"{describe_row(self.table, i)}: channel shapes differ: {desc}")
+            elif distinct:
+                shapes[i] = distinct.pop()
+        if shapes:
+            common, _ = Counter(shapes.values()).most_common(1)[0]
+            for i, s in shapes.items():
+                if s != common:
+                    p = self.paths(i, chans)[0]
+                    problems.append(
+                        f"{describe_row(self.table, i)}: image shape {s} differs from the "
+                        f"experiment's {common} ({p})"
+                    )
+        if problems:
+            raise ValidationError("experiment index", problems)
+
+
+def validate_table(table: pd.DataFrame, channels: Sequence[str] | None = None) -> list[str]:
+    """Structural checks of an index table (no file access). Returns a list of problems."""
+    problems: list[str] = []
+    if len(table) == 0:
+        return ["the experiment index is empty (no image sets)"]
+    missing = [c for c in REQUIRED if c not in table.columns]
+    if missing:
+        problems.append(f"missing required column(s): {', '.join(missing)}")
+    have = channel_columns(table)
+    if not have:
+        problems.append("no channel columns (expected one 'Path_<channel>' column per channel)")
+    for ch in channels or []:
+        if ch not in have:
+            problems.append(f"unknown channel {ch!r}; the index has channels {have}")
+    for col in [c for c in IMAGE_SET_KEY if c in table.columns] + [PATH_PREFIX + c for c in have]:
+        empty = table[col].isna() | (table[col].astype(str).str.strip() == "")
+        for i in np.flatnonzero(empty.to_numpy())[:50]:
+            problems.append(f"{describe_row(table, int(i))}: empty value in column {col}")
+    if not missing or all(c in table.columns for c in IMAGE_SET_KEY):
+        dup = table.duplicated(IMAGE_SET_KEY, keep=False)
+        if dup.any():
+            groups = table[dup].groupby(IMAGE_SET_KEY, sort=False).groups
+            for key, idx in list(groups.items())[:50]:
+                pos = [int(table.index.get_loc(j)) for j in idx]
+                problems.append(
+                    f"rows {pos} describe the same image set (plate {key[0]}, well {key[1]}, "
+                    f"site {key[2]})"
+                )
+    return problems
+
+
+def build_index(
+    records: pd.DataFrame,
+    channels: Sequence[str],
+    root: str | Path,
+    controls: Sequence[str] = DEFAULT_CONTROLS,
+) -> ExperimentIndex:
+    """Build a canonical :class:`ExperimentIndex` from a table that already has the metadata
+    columns (``Metadata_moa``, ``Metadata_batch`` and ``Metadata_control`` may be missing) and one
+    ``Path_<channel>`` column per name in ``channels``.
+
+    Types are normalised (plate/well/compound/batch/moa to str, site to int, concentration to
+    float), ``Metadata_control`` is set from ``controls`` when absent, and columns are ordered
+    metadata first, then paths and frames in channel order.
+    """
+    df = records.copy()
+    if MOA not in df.columns:
+        df[MOA] = ""
+    if BATCH not in df.columns:
+        df[BATCH] = df[PLATE].astype(str)
+    if CONTROL not in df.columns:
+        df[CONTROL] = df[COMPOUND].astype(str).isin(list(controls))
+    for col in (PLATE, WELL, BATCH, COMPOUND):
+        df[col] = df[col].astype(str)
+    df[MOA] = df[MOA].fillna("").astype(str)
+    df[SITE] = pd.to_numeric(df[SITE], errors="raise").astype("int64")
+    df[CONCENTRATION] = pd.to_numeric(df[CONCENTRATION], errors="raise").astype("float64")
+    df[CONTROL] = df[CONTROL].astype(bool)
+    extra_meta = [c for c in df.columns if c.startswith("Metadata_") and c not in REQUIRED]
+    cols = REQUIRED + extra_meta
+    for ch in channels:
+        cols.append(PATH_PREFIX + ch)
+        df[PATH_PREFIX + ch] = df[PATH_PREFIX + ch].fillna("").astype(str)
+    for ch in channels:
+        if FRAME_PREFIX + ch in df.columns:
+            df[FRAME_PREFIX + ch] = df[FRAME_PREFIX + ch].fillna(-1).astype("int64")
+            cols.append(FRAME_PREFIX + ch)
+    df = df[cols].sort_values(IMAGE_SET_KEY, kind="stable").reset_index(drop=True)
+    return ExperimentIndex(df, Path(root))

@@ -1,0 +1,63 @@
+"""Small I/O helpers shared by every stage: atomic writes, so that a killed run never leaves a
+half-written file behind (write to a temporary name in the same folder, then rename)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_tiff(path: str | Path, array: np.ndarray, compress: bool = False) -> Path:
+    """Write a 2-D or 3-D array as a TIFF (optionally zlib-compressed, fast level), atomically."""
+    import tifffile
+
+    kwargs = {"compression": "zlib", "compressionargs": {"level": 1}} if compress else {}
+    with atomic_path(path) as tmp:
+        tifffile.imwrite(tmp, array, **kwargs)
+    return Path(path)
+
+
+def write_json(path: str | Path, obj: object) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    return Path(path)
+
+
+def write_parquet(path: str | Path, df: pd.DataFrame) -> Path:
+    """Write a DataFrame as Parquet (no index), atomically."""
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+    return Path(path)
+
+
+def _json_default(o: object) -> object:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -1,0 +1,147 @@
+"""A self-contained HTML report of a profiling run: configuration, dataset summary, MoA matching
+(NSC / NSCB) with per-MoA accuracy and confusion matrices, and a 2-D map of treatment profiles.
+
+Figures are drawn with matplotlib and embedded as base64 PNG, so the file opens anywhere offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from morphoprof.features.shards import feature_columns
+from morphoprof.index.schema import MOA
+from morphoprof.io_utils import atomic_path
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+h1{font-size:1.6em} h2{font-size:1.25em;border-bottom:1px solid #ccc;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #ccc;padding:.25em .6em}
+th{background:#f3f3f3} td.num{text-align:right} pre{background:#f7f7f7;padding:.8em;overflow:auto}
+img{max-width:100%} .fig{display:inline-block;margin:.5em;vertical-align:top}
+"""
+
+
+def _fig_to_img(fig, alt: str) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    data = base64.b64encode(buf.getvalue()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _confusion_figure(result: dict, title: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = result["confusion"]["labels"]
+    m = np.array(result["confusion"]["matrix"])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * len(labels), 1.0 + 0.45 * len(labels)))
+    ax.imshow(m, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    for (i, j), v in np.ndenumerate(m):
+        if v:
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
+                    color="white" if v > m.max() / 2 else "black")
+    ax.set_xlabel("predicted MoA")
+    ax.set_ylabel("true MoA")
+    ax.set_title(title)
+    return _fig_to_img(fig, title)
+
+
+def _embedding_figure(profiles: pd.DataFrame) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+
+    feats = feature_columns(profiles)
+    x = profiles[feats].to_numpy(dtype=np.float64)
+    n_comp = min(2, x.shape[0], x.shape[1])
+    xy = PCA(n_components=n_comp, random_state=0).fit_transform(x)
+    if n_comp < 2:
+        xy = np.column_stack([xy, np.zeros(len(xy))])
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    moas = profiles[MOA].astype(str) if MOA in profiles.columns else pd.Series([""] * len(x))
+    cmap = plt.get_cmap("tab20")
+    for k, moa in enumerate(sorted(moas.unique())):
+        sel = (moas == moa).to_numpy()
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=30, color=cmap(k % 20), label=moa or "(none)")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title("Treatment profiles (PCA), coloured by MoA")
+    ax.legend(fontsize=7, loc="best", frameon=False)
+    return _fig_to_img(fig, "PCA of treatment profiles")
+
+
+def _table(df: pd.DataFrame) -> str:
+    return df.to_html(index=False, border=0, float_format=lambda v: f"{v:.3f}")
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+def write_report(
+    out: str | Path,
+    evaluation: dict,
+    profiles: pd.DataFrame,
+    summary: dict,
+    config_text: str = "",
+    title: str = "morphoprof report",
+) -> Path:
+    """Write a self-contained HTML report.
+
+    Args:
+        out: the HTML file to write (atomically).
+        evaluation: the output of :func:`morphoprof.evaluation.moa.evaluate_moa`.
+        profiles: the treatment profiles that were evaluated.
+        summary: dataset summary, {label: value} (plates, wells, image sets, ...).
+        config_text: the run configuration as YAML text.
+    """
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+             f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts.append("<h2>Dataset</h2>")
+    parts.append(_table(pd.DataFrame({"item": list(summary), "value": list(summary.values())})))
+    parts.append("<h2>Mechanism-of-action matching (1-NN, cosine)</h2>")
+    rows = []
+    for key, label in (("nsc", "NSC (not same compound)"),
+                       ("nscb", "NSCB (not same compound or batch)")):
+        r = evaluation.get(key)
+        if r is None:
+            continue
+        rows.append({"protocol": label, "accuracy": _pct(r.get("accuracy")),
+                     "correct / n": f"{r.get('correct', 0)}/{r.get('n', 0)}",
+                     "dropped MoAs": ", ".join(r.get("dropped_moas", [])) or "-"})
+    parts.append(_table(pd.DataFrame(rows)))
+    per = []
+    for key in ("nsc", "nscb"):
+        for moa, v in (evaluation.get(key) or {}).get("per_moa", {}).items():
+            per.append({"protocol": key.upper(), "MoA": moa, "accuracy": _pct(v["accuracy"]),
+                        "correct / n": f"{v['correct']}/{v['n']}"})
+    if per:
+        parts.append("<h3>Per-MoA accuracy</h3>" + _table(pd.DataFrame(per)))
+    figs = [
+        f"<div class='fig'>{_confusion_figure(evaluation[k], k.upper() + ' confusion')}</div>"
+        for k in ("nsc", "nscb") if evaluation.get(k, {}).get("confusion")
+    ]
+    parts.append("<h3>Confusion matrices</h3>" + "".join(figs))
+    parts.append("<h2>Profiles</h2>" + _embedding_figure(profiles))
+    if config_text:
+        parts.append(f"<h2>Run configuration</h2><pre>{html.escape(config_text)}</pre>")
+    parts.append("</body></html>")
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        tmp.write_text("\n".join(parts), encoding="utf-8")
+    return out
