@@ -30,7 +30,7 @@ def run(cmd: list[str | Path], **kw) -> None:
 
 def ensure_env() -> None:
     """Create the venv and install morphoprof[dev] unless the same pyproject was installed."""
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - this script runs on the system python
         sys.exit(f"morphoprof needs Python >= 3.11; this is {sys.version.split()[0]}")
     digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
     stamp = VENV / f".morphoprof-installed-{digest}"

@@ -92,7 +92,8 @@ def fetch(
             "User-Agent": "morphoprof"
         }
         try:
-            resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+            request = urllib.request.Request(url, headers=headers)
+            resp = urllib.request.urlopen(request, timeout=timeout)
         except urllib.error.HTTPError as exc:
             if exc.code == 416 and start:  # the partial file is already complete (or too long)
                 part.unlink()
@@ -119,7 +120,7 @@ def fetch(
             )
             try:
                 with open(part, mode) as f:
-                    for block in iter(lambda: resp.read(_CHUNK), b""):
+                    while block := resp.read(_CHUNK):
                         f.write(block)
                         bar.update(len(block))
             except (OSError, HTTPException) as exc:
@@ -158,7 +159,7 @@ def _verify_zip(path: Path) -> list[str]:
 
 
 def _unpack_plate(zip_path: Path, plate_dir: Path) -> int:
-    """Unpack a plate zip into ``plate_dir`` (atomically), dropping a leading ``<plate>/`` folder."""
+    """Unpack a plate zip into ``plate_dir`` atomically, dropping a leading ``<plate>/`` folder."""
     tmp = plate_dir.with_name(f".{plate_dir.name}.unpacking")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -270,7 +271,7 @@ def download_bbbc021(
 
 
 def load_checksums(path: str | Path) -> dict[str, str]:
-    """Read expected checksums: JSON {name: "algo:hex"} or lines ``<hex>  <name>`` (md5sum style)."""
+    """Read expected checksums: JSON {name: "algo:hex"} or md5sum-style ``<hex>  <name>`` lines."""
     path = Path(path)
     text = path.read_text()
     try:

@@ -10,7 +10,7 @@ background and shot noise.
 Layout written by :func:`generate_screen`::
 
     OUT/images/<plate>/<plate>_<well>_s<site>_<channel>.tif   uint16, one file per channel
-    OUT/masks/<plate>/<plate>_<well>_s<site>_{nuclei,cells}.tif  uint16 label images (0 = background)
+    OUT/masks/<plate>/<plate>_<well>_s<site>_{nuclei,cells}.tif  uint16 labels (0 = background)
     OUT/index.parquet          experiment index (morphoprof.index)
     OUT/cells.parquet          ground truth: one row per cell (centre, areas, treatment)
     OUT/treatments.csv         compound, concentration, moa, and the compound's effect vector
@@ -296,7 +296,9 @@ def _to_uint16(
     return np.clip(counts, 0, 65535).astype(np.uint16)
 
 
-def _well_density(cfg: SynthConfig, rng: np.random.Generator, moa: str, effect_norm: float) -> float:
+def _well_density(
+    cfg: SynthConfig, rng: np.random.Generator, moa: str, effect_norm: float
+) -> float:
     tox = CYTOTOXIC.get(moa, 1.0)
     # More toxic at higher dose: interpolate towards ``tox`` with the effect magnitude.
     frac = min(effect_norm / 3.0, 1.0)

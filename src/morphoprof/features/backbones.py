@@ -123,12 +123,24 @@ def _load_checkpoint(model, path: Path) -> str:
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     state = {k.removeprefix("model.").removeprefix("module."): v for k, v in state.items()}
+    # The classifier head is replaced afterwards: a checkpoint may have any head, or none.
+    head = str(model.pretrained_cfg.get("classifier", "fc")) + "."
     own = model.state_dict()
-    state = {k: v for k, v in state.items() if k in own or not k.startswith(("fc.", "classifier."))}
+    state = {
+        k: v for k, v in state.items()
+        if not (k.startswith(head) and (k not in own or own[k].shape != v.shape))
+    }
     try:
-        model.load_state_dict(state, strict=True)
+        result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         raise InputError(f"checkpoint {path} does not fit {type(model).__name__}: {exc}") from exc
+    missing = [k for k in result.missing_keys if not k.startswith(head)]
+    unexpected = [k for k in result.unexpected_keys if not k.startswith(head)]
+    if missing or unexpected:
+        raise InputError(
+            f"checkpoint {path} does not fit {type(model).__name__}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
     return str(path)
 
 

@@ -240,8 +240,9 @@ class TransferExtractor:
         plan = []
         for plate, rows in index.table.groupby(PLATE, sort=True).indices.items():
             rows = np.sort(rows)
-            for k in range(0, len(rows), self.cfg.max_shard_rows):
-                plan.append((shard_key(plate, k // self.cfg.max_shard_rows), rows[k:k + self.cfg.max_shard_rows]))
+            step = self.cfg.max_shard_rows
+            for k in range(0, len(rows), step):
+                plan.append((shard_key(plate, k // step), rows[k : k + step]))
         todo = [(key, rows) for key, rows in plan if not writer.done(key)]
         n_todo = int(sum(len(r) for _, r in todo))
         if log and len(todo) < len(plan):

@@ -121,7 +121,7 @@ def read_stack(
         InputError: naming the files, when the channels' shapes differ.
     """
     frames = list(frames) if frames is not None else [None] * len(paths)
-    names = list(channel_names) if channel_names is not None else [str(i) for i in range(len(paths))]
+    names = list(channel_names) if channel_names is not None else list(map(str, range(len(paths))))
     decoded: dict[Path, np.ndarray] = {}  # a multi-channel file is decoded once
     planes = []
     for path, frame in zip(paths, frames, strict=True):

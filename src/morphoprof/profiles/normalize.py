@@ -1,8 +1,9 @@
 """Normalisation of profiles against a reference subset (DMSO controls by default).
 
 ``standardize`` subtracts the reference mean and divides by its standard deviation; ``robust``
-uses the median and the MAD (x 1.4826); ``center`` only subtracts the reference mean. Either is fitted per plate (default) or on all rows, so
-plate and batch intensity shifts that also move the controls cancel out.
+uses the median and the MAD (x 1.4826); ``center`` only subtracts the reference mean. Each is
+fitted per plate (default), per batch or on all rows, so plate and batch intensity shifts that also
+move the controls cancel out.
 """
 
 from __future__ import annotations

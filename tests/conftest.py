@@ -1,0 +1,34 @@
+"""Shared fixtures: the real BBBC021 pieces in ../shared/data (skipped when absent) and a tiny
+synthetic screen generated once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from morphoprof.datasets.synthetic import SynthConfig, generate_screen
+
+PROJECT = Path(__file__).resolve().parent.parent
+SHARED_DATA = PROJECT.parent / "shared" / "data"
+
+TINY = SynthConfig(
+    n_moas=3, compounds_per_moa=2, concentrations=(1.0,), n_batches=2, plates_per_batch=2,
+    dmso_wells_per_plate=2, sites_per_well=1, height=96, width=96, cells_per_field=8, seed=3,
+)
+
+
+def shared(*parts: str) -> Path:
+    """A path under ../shared/data, or skip the test with a clear message if it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real BBBC021 data not available: {path} is absent")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_screen(tmp_path_factory):
+    """A tiny synthetic screen (2 batches x 2 plates, 96x96 fields): (folder, index)."""
+    out = tmp_path_factory.mktemp("tiny") / "screen"
+    index = generate_screen(out, TINY, progress=False, log=None)
+    return out, index

@@ -1,0 +1,80 @@
+import json
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import yaml
+
+from morphoprof.cli import main
+from tests.conftest import TINY
+
+
+def test_stages_one_by_one(tmp_path, capsys):
+    screen = tmp_path / "screen"
+    assert main(["synth", "--out", str(screen), "--moas", "3", "--compounds-per-moa", "2",
+                 "--batches", "2", "--plates-per-batch", "1", "--sites", "1",
+                 "--size", "64", "64", "--cells", "6"]) == 0
+    assert main(["validate", str(screen / "index.parquet")]) == 0
+    feats = tmp_path / "features"
+    assert main(["extract", str(screen / "index.parquet"), "--out", str(feats),
+                 "--image-size", "64"]) == 0
+    assert main(["aggregate", str(feats), "--out", str(tmp_path / "profiles")]) == 0
+    ev = tmp_path / "evaluation.json"
+    assert main(["evaluate", str(tmp_path / "profiles" / "treatments.parquet"),
+                 "--out", str(ev)]) == 0
+    result = json.loads(ev.read_text())
+    assert result["nsc"]["n"] == 12 and set(result["nsc"]) >= {"accuracy", "correct", "n"}
+    assert main(["report", "--profiles", str(tmp_path / "profiles" / "treatments.parquet"),
+                 "--evaluation", str(ev), "--out", str(tmp_path / "r.html")]) == 0
+    assert "data:image/png;base64" in (tmp_path / "r.html").read_text()
+    wells = pd.read_parquet(tmp_path / "profiles" / "wells.parquet")
+    assert wells.columns[0].startswith("Metadata_")
+
+
+def test_errors_are_clear_and_exit_2(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "missing.parquet")]) == 2
+    assert "experiment index not found" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("data: {source: synthetic}\nfeatures: {modle: x}\n")
+    assert main(["run", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "features.modle: unknown key (did you mean 'model'?)" in err
+    assert "output: required" in err
+
+
+def test_run_config_end_to_end(tmp_path):
+    cfg = {
+        "data": {"source": "synthetic", "path": "screen",
+                 "synthetic": {**{k: v for k, v in TINY.to_json().items() if k != "channels"}}},
+        "features": {"image_size": 64},
+        "output": "out",
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(tmp_path / "run.yaml")]) == 0
+    out = tmp_path / "out"
+    for name in ("index.parquet", "features/manifest.json", "profiles/treatments.parquet",
+                 "evaluation.json", "report.html", "config.yaml"):
+        assert (out / name).exists(), name
+    result = json.loads((out / "evaluation.json").read_text())
+    assert result["n_treatments"] == 6 and result["nsc"]["n"] == 6
+
+
+@pytest.mark.slow
+def test_demo_command_from_the_console_script(tmp_path):
+    """The README's demo: the real command, on the default synthetic screen, under 5 minutes."""
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "morphoprof.cli", "demo", "--out", str(tmp_path / "demo")],
+        capture_output=True, text=True, timeout=600,
+    )
+    seconds = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "demo" / "evaluation.json").read_text())
+    html = (tmp_path / "demo" / "report.html").read_text()
+    assert "NSC (not same compound)" in html and "data:image/png;base64" in html
+    assert result["nsc"]["n"] == 24 and result["nscb"]["n"] == 24
+    # 4 MoAs: chance is ~25%; ImageNet features recover the synthetic biology far above it
+    assert result["nsc"]["accuracy"] >= 0.7 and result["nscb"]["accuracy"] >= 0.7
+    assert seconds < 300
+    assert "NSC:" in proc.stdout

@@ -1,0 +1,55 @@
+import numpy as np
+import pytest
+import timm
+import torch
+from skimage import data
+
+from morphoprof.errors import InputError
+from morphoprof.features.backbones import _load_offline, create_backbone, offline_weights_path
+
+EGYPTIAN_CAT, TABBY, TIGER_CAT = 285, 281, 282
+
+
+def _cat_logits(model):
+    img = torch.from_numpy(data.chelsea().astype(np.float32) / 255).permute(2, 0, 1)[None]
+    x = torch.nn.functional.interpolate(img, size=(224, 224), mode="bilinear", antialias=True)
+    with torch.inference_mode():
+        return model((x - 0.5) / 0.5)[0]
+
+
+def test_offline_weights_are_imagenet_weights():
+    assert offline_weights_path("tf_efficientnet_lite0") is not None
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=1000).eval()
+    _load_offline(model, "tf_efficientnet_lite0")
+    top = _cat_logits(model).softmax(-1)
+    assert int(top.argmax()) in (EGYPTIAN_CAT, TABBY, TIGER_CAT)
+    assert float(top[[EGYPTIAN_CAT, TABBY, TIGER_CAT]].sum()) > 0.5
+    random = timm.create_model("tf_efficientnet_lite0", num_classes=1000).eval()
+    rtop = _cat_logits(random).softmax(-1)
+    assert float(rtop[[EGYPTIAN_CAT, TABBY, TIGER_CAT]].sum()) < 0.05
+
+
+def test_create_backbone_returns_pooled_features():
+    b = create_backbone("efficientnet_lite0", weights="auto")
+    assert b.name == "tf_efficientnet_lite0" and b.weights.startswith("offline:")
+    assert b.mean == (0.5, 0.5, 0.5) and b.input_size == (224, 224)
+    with torch.inference_mode():
+        out = b.model(torch.zeros(2, 3, 64, 64))
+    assert out.shape == (2, b.num_features) == (2, 1280)
+
+
+def test_checkpoint_roundtrip_and_errors(tmp_path):
+    b = create_backbone("resnet18", weights="random", seed=1)
+    torch.save({"state_dict": b.model.state_dict()}, tmp_path / "r18.pth")
+    again = create_backbone("resnet18", weights=str(tmp_path / "r18.pth"))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.allclose(b.model(x), again.model(x))
+    with pytest.raises(InputError, match="checkpoint not found"):
+        create_backbone("resnet18", weights=str(tmp_path / "nope.pth"))
+    with pytest.raises(InputError, match="does not fit"):
+        create_backbone("tf_efficientnet_lite0", weights=str(tmp_path / "r18.pth"))
+    with pytest.raises(InputError, match="unknown model"):
+        create_backbone("no_such_net", weights="random")
+    with pytest.raises(InputError, match="offline weights"):
+        create_backbone("resnet18", weights="offline")

@@ -1,0 +1,80 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from morphoprof.errors import InputError
+from morphoprof.features.shards import read_features
+from morphoprof.features.transfer import TransferConfig, TransferExtractor
+
+FAST = dict(image_size=64, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    return TransferExtractor(TransferConfig(**FAST))
+
+
+def test_extract_writes_shards_with_metadata_and_named_columns(tmp_path, tiny_screen, extractor):
+    _, index = tiny_screen
+    summary = extractor.extract(index, tmp_path / "f", progress=False, log=None)
+    assert summary["shards_written"] == index.table["Metadata_plate"].nunique()
+    df = read_features(tmp_path / "f")
+    assert len(df) == len(index)
+    feats = [c for c in df.columns if not c.startswith("Metadata_")]
+    assert len(feats) == 3 * 1280
+    assert feats[0] == "transfer_DNA_0" and feats[-1] == "transfer_Actin_1279"
+    assert np.isfinite(df[feats].to_numpy()).all()
+    key = ["Metadata_plate", "Metadata_well", "Metadata_site"]
+    assert sorted(map(tuple, df[key].to_numpy())) == sorted(map(tuple, index.table[key].to_numpy()))
+    # features of a row equal those of the same image fed directly
+    i = 5
+    row = index.table.iloc[i]
+    from morphoprof.features.transfer import FieldTransform
+
+    ranges = json.loads((tmp_path / "f" / "manifest.json").read_text())["params"][
+        "intensity_ranges"]
+    x = FieldTransform(ranges, (64, 64))(index.read(i))[None]
+    direct = extractor.features_from_batch(x, index.channels)[0]
+    got = df[(df[key] == row[key]).all(axis=1)][feats].to_numpy()[0]
+    np.testing.assert_allclose(got, direct, rtol=1e-4, atol=1e-4)
+
+
+def test_rerun_skips_and_resumes_missing_shards(tmp_path, tiny_screen, extractor):
+    _, index = tiny_screen
+    out = tmp_path / "f"
+    extractor.extract(index, out, progress=False, log=None)
+    first = read_features(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    lost = sorted(manifest["shards"])[1]
+    (out / manifest["shards"][lost]["file"]).unlink()  # as if killed before this shard
+    summary = extractor.extract(index, out, progress=False, log=None)
+    assert summary["shards_written"] == 1
+    assert summary["shards_skipped"] == len(manifest["shards"]) - 1
+    again = read_features(out)
+    np.testing.assert_array_equal(
+        again.sort_values(list(again.columns[:3])).iloc[:, 10:].to_numpy(),
+        first.sort_values(list(first.columns[:3])).iloc[:, 10:].to_numpy(),
+    )
+
+
+def test_other_parameters_refused(tmp_path, tiny_screen, extractor):
+    _, index = tiny_screen
+    extractor.extract(index, tmp_path / "f", progress=False, log=None)
+    other = TransferExtractor(TransferConfig(image_size=48, batch_size=8),
+                              backbone=extractor.backbone)
+    with pytest.raises(InputError, match="other parameters"):
+        other.extract(index, tmp_path / "f", progress=False, log=None)
+
+
+def test_rgb_strategy_and_intermediate_layer(tiny_screen, extractor):
+    _, index = tiny_screen
+    x = torch.rand(2, 3, 64, 64)
+    rgb = TransferExtractor(TransferConfig(channel_strategy="rgb", **FAST),
+                            backbone=extractor.backbone)
+    assert rgb.features_from_batch(x, index.channels).shape == (2, 1280)
+    mid = TransferExtractor(TransferConfig(layer="blocks.3", **FAST), backbone=extractor.backbone)
+    assert mid.features_from_batch(x, index.channels).shape == (2, 3 * 80)
+    with pytest.raises(InputError, match="layer 'blocks.99'"):
+        TransferExtractor(TransferConfig(layer="blocks.99", **FAST), backbone=extractor.backbone)
