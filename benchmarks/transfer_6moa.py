@@ -63,7 +63,8 @@ def main() -> int:
             seconds = time.perf_counter() - t0
             res = evaluate(Path(tmp) / name)
             out["variants"][name] = {
-                "nsc": res["nsc"]["accuracy"], "nsc_counts": f"{res['nsc']['correct']}/{res['nsc']['n']}",
+                "nsc": res["nsc"]["accuracy"],
+                "nsc_counts": f"{res['nsc']['correct']}/{res['nsc']['n']}",
                 "nscb": res["nscb"]["accuracy"],
                 "nscb_counts": f"{res['nscb']['correct']}/{res['nscb']['n']}",
                 "nscb_dropped_moas": res["nscb"]["dropped_moas"],
