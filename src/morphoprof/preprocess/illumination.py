@@ -1,0 +1,195 @@
+"""Retrospective illumination correction (Singh et al., J Microsc 2014).
+
+Per plate and channel, the illumination function is the mean of the plate's images of that
+channel, smoothed with a large median filter and rescaled by a robust minimum (a low percentile)
+so that it is >= 1; images are divided by it. The mean is accumulated one image at a time (a plate
+is never held in memory whole). The median filter runs on a block-averaged copy of the mean image
+(``downsample`` x fewer pixels per side) with a window of ``window / downsample``, and the result
+is interpolated back to full size: the function is smooth by construction, and a 500-px median on
+a 1280x1024 field would otherwise take minutes.
+
+Functions are saved as ``<folder>/<plate>.npy`` (``(C, H, W)`` float32, channel order in
+``<folder>/illumination.json``), reused on later runs, and computed in parallel over plates.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from morphoprof.errors import InputError
+from morphoprof.index.schema import PLATE, ExperimentIndex
+from morphoprof.io_utils import atomic_path, write_json
+
+DEFAULT_WINDOW = 500  # px; Singh 2014 used windows of this order for 1280x1024 fields
+DEFAULT_PERCENTILE = 2.0
+
+
+def smooth_illumination(
+    mean_image: np.ndarray,
+    window: int = DEFAULT_WINDOW,
+    percentile: float = DEFAULT_PERCENTILE,
+    downsample: int | None = None,
+) -> np.ndarray:
+    """Turn an average image into an illumination function.
+
+    Args:
+        mean_image: ``(H, W)`` average of many images of one channel (any units).
+        window: median filter window in full-resolution pixels (clipped to the image size).
+        percentile: the robust minimum; the function is divided by this percentile of itself and
+            floored at 1.
+        downsample: block size for the fast median (default: about ``window / 25``, at least 1).
+
+    Returns:
+        ``(H, W)`` float32 illumination function, >= 1.
+    """
+    from scipy.ndimage import median_filter
+    from skimage.transform import resize
+
+    img = np.asarray(mean_image, dtype=np.float64)
+    if img.ndim != 2:
+        raise InputError(f"illumination: expected a 2-D mean image, got shape {img.shape}")
+    if not np.isfinite(img).all():
+        raise InputError("illumination: the mean image holds NaN or infinite values")
+    h, w = img.shape
+    window = max(1, min(int(window), h, w))
+    factor = max(1, int(downsample) if downsample else window // 25)
+    hs, ws = max(h // factor, 1), max(w // factor, 1)
+    small = img[: hs * factor, : ws * factor].reshape(hs, factor, ws, factor).mean(axis=(1, 3))
+    size = max(1, window // factor)
+    smoothed = median_filter(small, size=size, mode="reflect")
+    full = resize(smoothed, (h, w), order=1, mode="edge", anti_aliasing=False)
+    low = np.percentile(full, percentile)
+    if not np.isfinite(low) or low <= 0:
+        raise InputError(
+            "illumination: the smoothed mean image is <= 0 at its robust minimum (blank images?)"
+        )
+    return np.maximum(full / low, 1.0).astype(np.float32)
+
+
+def mean_image(index: ExperimentIndex, rows: Sequence[int], channels: Sequence[str]) -> np.ndarray:
+    """Streaming mean ``(C, H, W)`` float64 of the image sets ``rows`` (one image in memory)."""
+    total, n = None, 0
+    for i in rows:
+        n += 1
+        img = index.read(int(i), channels)
+        if not np.isfinite(img).all():
+            raise InputError(f"illumination: NaN or infinite pixels in {index.paths(int(i))[0]}")
+        if total is None:
+            total = np.zeros(img.shape, np.float64)
+        elif img.shape != total.shape:
+            raise InputError(
+                f"illumination: {index.paths(int(i))[0]} has shape {img.shape[1:]}, the plate's "
+                f"other images {total.shape[1:]}"
+            )
+        total += img
+    if total is None:
+        raise InputError("illumination: no images to average")
+    return total / n
+
+
+def plate_function(
+    index: ExperimentIndex,
+    rows: Sequence[int],
+    channels: Sequence[str],
+    window: int = DEFAULT_WINDOW,
+    percentile: float = DEFAULT_PERCENTILE,
+) -> np.ndarray:
+    """The ``(C, H, W)`` float32 illumination functions of one plate's image sets."""
+    mean = mean_image(index, rows, channels)
+    return np.stack([smooth_illumination(m, window, percentile) for m in mean])
+
+
+class IlluminationCorrection:
+    """Per-plate illumination functions stored in a folder.
+
+    Args:
+        folder: where ``<plate>.npy`` files and ``illumination.json`` live.
+        channels: channel order of the stored functions.
+    """
+
+    def __init__(self, folder: str | Path, channels: Sequence[str]) -> None:
+        self.folder = Path(folder)
+        self.channels = list(channels)
+        self._cache: dict[str, np.ndarray] = {}
+
+    def path(self, plate: str) -> Path:
+        from morphoprof.features.shards import shard_key
+
+        return self.folder / f"{shard_key(plate)}.npy"
+
+    def function(self, plate: str) -> np.ndarray:
+        """The ``(C, H, W)`` illumination function of ``plate``."""
+        if plate not in self._cache:
+            p = self.path(plate)
+            if not p.is_file():
+                raise InputError(f"no illumination function for plate {plate!r} ({p})")
+            self._cache[plate] = np.load(p)
+        return self._cache[plate]
+
+    def apply(self, image: np.ndarray, plate: str, channels: Sequence[str] | None = None):
+        """Divide a ``(C, H, W)`` image of ``plate`` by its illumination function."""
+        f = self.function(plate)
+        if channels is not None and list(channels) != self.channels:
+            f = f[[self.channels.index(c) for c in channels]]
+        if f.shape != image.shape:
+            raise InputError(
+                f"illumination function of plate {plate!r} has shape {f.shape}, image {image.shape}"
+            )
+        return image / f
+
+    @classmethod
+    def load(cls, folder: str | Path) -> IlluminationCorrection:
+        folder = Path(folder)
+        meta = folder / "illumination.json"
+        if not meta.is_file():
+            raise InputError(f"{folder} holds no illumination functions (no illumination.json)")
+        return cls(folder, json.loads(meta.read_text())["channels"])
+
+
+def compute_illumination(
+    index: ExperimentIndex,
+    folder: str | Path,
+    channels: Sequence[str] | None = None,
+    window: int = DEFAULT_WINDOW,
+    percentile: float = DEFAULT_PERCENTILE,
+    n_jobs: int = 1,
+    progress: bool = True,
+) -> IlluminationCorrection:
+    """Compute (or reuse) the illumination function of every plate of ``index``.
+
+    Plates whose function already exists with the same parameters are skipped; the others are
+    computed in parallel (``n_jobs`` processes, via joblib) and written atomically.
+    """
+    from joblib import Parallel, delayed
+    from tqdm.auto import tqdm
+
+    folder = Path(folder)
+    chans = list(channels or index.channels)
+    params = {"channels": chans, "window": int(window), "percentile": float(percentile)}
+    meta = folder / "illumination.json"
+    if meta.is_file() and json.loads(meta.read_text()).get("params") != params:
+        for old in folder.glob("*.npy"):
+            old.unlink()  # functions made with other parameters are stale
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(meta, {"params": params, "channels": chans})
+    corr = IlluminationCorrection(folder, chans)
+    groups = index.table.groupby(PLATE, sort=True).indices
+    todo = [(p, rows) for p, rows in groups.items() if not corr.path(p).is_file()]
+
+    def work(plate: str, rows: np.ndarray) -> str:
+        f = plate_function(index, rows, chans, window, percentile)
+        with atomic_path(corr.path(plate)) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, f)
+        return plate
+
+    jobs = (delayed(work)(p, rows) for p, rows in todo)
+    bar = tqdm(total=len(todo), desc="illumination functions", unit="plate", disable=not progress)
+    for _ in Parallel(n_jobs=n_jobs, return_as="generator")(jobs):
+        bar.update(1)
+    bar.close()
+    return corr

@@ -1,0 +1,257 @@
+"""Nuclei segmentation on the DNA channel: Otsu threshold, distance-transform watershed to split
+touching nuclei, size filters, optional clearing of border objects (as in Caicedo et al. 2018,
+after CellProfiler's IdentifyPrimaryObjects).
+
+The cell table (one row per nucleus) carries the image set's ``Metadata_*`` columns plus
+``Metadata_object`` (label id), ``Nuclei_Location_Center_X/Y`` (px, column / row of the centroid),
+``Nuclei_AreaShape_Area`` (px) and the bounding box ``Nuclei_AreaShape_BoundingBox{Minimum,
+Maximum}_{X,Y}`` (half-open, px). DeepProfiler's location CSVs are read and written too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from morphoprof.errors import InputError
+from morphoprof.index.schema import IMAGE_SET_KEY, PLATE, SITE, WELL, ExperimentIndex
+from morphoprof.io_utils import atomic_path, write_parquet
+
+CENTER_X = "Nuclei_Location_Center_X"
+CENTER_Y = "Nuclei_Location_Center_Y"
+AREA = "Nuclei_AreaShape_Area"
+BBOX = [
+    "Nuclei_AreaShape_BoundingBoxMinimum_Y",
+    "Nuclei_AreaShape_BoundingBoxMinimum_X",
+    "Nuclei_AreaShape_BoundingBoxMaximum_Y",
+    "Nuclei_AreaShape_BoundingBoxMaximum_X",
+]
+OBJECT = "Metadata_object"
+
+
+@dataclass
+class NucleiConfig:
+    """Settings of :func:`segment_nuclei` (pixel units)."""
+
+    smoothing: float = 1.0  # Gaussian sigma before thresholding
+    threshold_scale: float = 1.0  # multiply Otsu's threshold by this
+    min_area: int = 30
+    max_area: int = 5000
+    min_distance: int = 5  # between watershed seeds; about a nucleus radius
+    clear_border: bool = False
+    fill_holes: bool = True
+
+
+def image_quality(plane: np.ndarray, path: object = "") -> list[str]:
+    """Problems of a DNA plane that make segmentation meaningless; empty when fine.
+
+    NaN / infinite pixels raise InputError naming ``path``; a blank (constant) image or one mostly
+    saturated is reported as a warning string.
+    """
+    if not np.isfinite(plane).all():
+        raise InputError(f"{path}: image holds NaN or infinite pixels")
+    warnings = []
+    lo, hi = float(plane.min()), float(plane.max())
+    if hi - lo <= 0:
+        warnings.append(f"{path}: blank image (constant value {lo:g}); no nuclei")
+    elif np.mean(plane >= hi) > 0.25 and hi > 0:
+        warnings.append(f"{path}: {100 * np.mean(plane >= hi):.0f}% of pixels saturated at {hi:g}")
+    return warnings
+
+
+def segment_nuclei(dna: np.ndarray, cfg: NucleiConfig | None = None) -> np.ndarray:
+    """Segment nuclei in one DNA image.
+
+    Args:
+        dna: ``(H, W)`` intensities (any units; illumination-corrected is better).
+        cfg: thresholds and sizes.
+
+    Returns:
+        ``(H, W)`` int32 label image, 0 = background, objects numbered 1..N in raster order.
+    """
+    from scipy import ndimage as ndi
+    from skimage.feature import peak_local_max
+    from skimage.filters import gaussian, threshold_otsu
+    from skimage.measure import label
+    from skimage.morphology import remove_small_objects
+    from skimage.segmentation import clear_border, watershed
+
+    cfg = cfg or NucleiConfig()
+    img = np.asarray(dna, dtype=np.float32)
+    if img.ndim != 2:
+        raise InputError(f"segment_nuclei expects a 2-D image, got shape {img.shape}")
+    if img.max() - img.min() <= 0:
+        return np.zeros(img.shape, np.int32)
+    smooth = gaussian(img, sigma=cfg.smoothing, preserve_range=True) if cfg.smoothing else img
+    mask = smooth > threshold_otsu(smooth) * cfg.threshold_scale
+    if cfg.fill_holes:
+        mask = ndi.binary_fill_holes(mask)
+    mask = remove_small_objects(mask, max_size=max(cfg.min_area - 1, 0))
+    if not mask.any():
+        return np.zeros(img.shape, np.int32)
+    dist = ndi.distance_transform_edt(mask)
+    # Seeds: maxima of the smoothed distance map at least min_distance apart.
+    dist_s = ndi.gaussian_filter(dist, 1.0)
+    peaks = peak_local_max(dist_s, min_distance=max(int(cfg.min_distance), 1),
+                           threshold_abs=1.0, labels=label(mask), exclude_border=False)
+    markers = np.zeros(mask.shape, np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+    labels = watershed(-dist_s, markers, mask=mask)
+    if cfg.clear_border:
+        labels = clear_border(labels)
+    areas = np.bincount(labels.ravel())
+    bad = (areas < cfg.min_area) | (areas > cfg.max_area)
+    bad[0] = False
+    labels[bad[labels]] = 0
+    return _relabel(labels)
+
+
+def _relabel(labels: np.ndarray) -> np.ndarray:
+    """Renumber labels to 1..N in raster order of first appearance."""
+    ids = np.unique(labels)
+    ids = ids[ids > 0]
+    lut = np.zeros(int(labels.max()) + 1, np.int32)
+    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
+    return lut[labels]
+
+
+def object_table(labels: np.ndarray) -> pd.DataFrame:
+    """One row per labelled object: object id, centre x / y, area, bounding box (px)."""
+    from skimage.measure import regionprops_table
+
+    props = regionprops_table(labels, properties=("label", "centroid", "area", "bbox"))
+    return pd.DataFrame({
+        OBJECT: props["label"].astype(np.int64),
+        CENTER_X: props["centroid-1"].astype(np.float64),
+        CENTER_Y: props["centroid-0"].astype(np.float64),
+        AREA: props["area"].astype(np.int64),
+        BBOX[0]: props["bbox-0"].astype(np.int64),
+        BBOX[1]: props["bbox-1"].astype(np.int64),
+        BBOX[2]: props["bbox-2"].astype(np.int64),
+        BBOX[3]: props["bbox-3"].astype(np.int64),
+    })
+
+
+def segment_index(
+    index: ExperimentIndex,
+    out: str | Path,
+    channel: str | None = None,
+    cfg: NucleiConfig | None = None,
+    illumination=None,
+    on_error: str = "fail",
+    progress: bool = True,
+) -> dict:
+    """Segment the nuclei of every image set and write one cell table (Parquet).
+
+    Args:
+        index: the experiment.
+        out: the cell table to write (atomically).
+        channel: the DNA channel (default: the first of DNA / DAPI / Hoechst found, else the first).
+        cfg: segmentation settings.
+        illumination: an :class:`~morphoprof.preprocess.illumination.IlluminationCorrection`
+            applied before segmenting, or None.
+        on_error: ``fail`` (raise, naming the file) or ``skip`` (log and go on) for unreadable or
+            NaN images.
+
+    Returns:
+        A run summary: image sets, cells, image sets with no cells, warnings, skipped files.
+    """
+    from tqdm.auto import tqdm
+
+    from morphoprof.errors import MorphoprofError
+
+    if on_error not in ("fail", "skip"):
+        raise InputError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+    cfg = cfg or NucleiConfig()
+    channel = channel or dna_channel(index.channels)
+    if channel not in index.channels:
+        raise InputError(f"unknown channel {channel!r}; the index has {index.channels}")
+    meta_cols = [c for c in index.table.columns if c.startswith("Metadata_")]
+    tables, warnings, skipped, empty = [], [], [], 0
+    for i in tqdm(range(len(index)), desc="segmenting nuclei", unit="field", disable=not progress):
+        path = index.paths(i, [channel])[0]
+        try:
+            dna = index.read(i, [channel])[0]
+            warnings += image_quality(dna, path)
+            if illumination is not None:
+                plate = index.table[PLATE].iloc[i]
+                dna = illumination.apply(dna[None], plate, [channel])[0]
+            labels = segment_nuclei(dna, cfg)
+        except MorphoprofError as exc:
+            if on_error == "fail":
+                raise
+            skipped.append({"file": str(path), "reason": str(exc)})
+            continue
+        t = object_table(labels)
+        empty += len(t) == 0
+        meta = index.table.iloc[[i] * len(t)][meta_cols].reset_index(drop=True)
+        tables.append(pd.concat([meta, t], axis=1))
+    cells = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
+        columns=meta_cols + list(object_table(np.zeros((1, 1), np.int32)).columns)
+    )
+    write_parquet(out, cells)
+    return {
+        "image_sets": len(index),
+        "cells": int(len(cells)),
+        "image_sets_without_cells": int(empty),
+        "warnings": warnings,
+        "skipped": skipped,
+        "channel": channel,
+        "config": asdict(cfg),
+    }
+
+
+def dna_channel(channels: Sequence[str]) -> str:
+    """The DNA stain among ``channels`` (DNA, DAPI, Hoechst; case-insensitive), else the first."""
+    for name in channels:
+        if name.lower() in ("dna", "dapi", "hoechst", "nuclei"):
+            return name
+    return channels[0]
+
+
+def export_deepprofiler_locations(cells: pd.DataFrame, folder: str | Path) -> int:
+    """Write DeepProfiler location files: ``folder/<plate>/<well>-<site>-Nuclei.csv`` with columns
+    ``Nuclei_Location_Center_X, Nuclei_Location_Center_Y``. Returns the number of files."""
+    folder = Path(folder)
+    n = 0
+    for (plate, well, site), g in cells.groupby(IMAGE_SET_KEY, sort=True):
+        path = folder / str(plate) / f"{well}-{site}-Nuclei.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            g[[CENTER_X, CENTER_Y]].to_csv(tmp, index=False)
+        n += 1
+    return n
+
+
+def import_deepprofiler_locations(index: ExperimentIndex, folder: str | Path) -> pd.DataFrame:
+    """Read DeepProfiler location files for every image set of ``index`` into a cell table.
+
+    A missing file means no cells for that image set; a file without the two centre columns raises
+    InputError naming it.
+    """
+    folder = Path(folder)
+    meta_cols = [c for c in index.table.columns if c.startswith("Metadata_")]
+    frames = []
+    for i, row in enumerate(index.table.itertuples(index=False)):
+        r = dict(zip(index.table.columns, row, strict=True))
+        path = folder / str(r[PLATE]) / f"{r[WELL]}-{r[SITE]}-Nuclei.csv"
+        if not path.is_file():
+            continue
+        try:
+            loc = pd.read_csv(path)
+        except pd.errors.EmptyDataError:
+            continue
+        missing = [c for c in (CENTER_X, CENTER_Y) if c not in loc.columns]
+        if missing:
+            raise InputError(f"{path}: missing column(s) {missing}")
+        meta = index.table.iloc[[i] * len(loc)][meta_cols].reset_index(drop=True)
+        loc = loc[[CENTER_X, CENTER_Y]].astype(np.float64).reset_index(drop=True)
+        loc.insert(0, OBJECT, np.arange(1, len(loc) + 1))
+        frames.append(pd.concat([meta, loc], axis=1))
+    if not frames:
+        return pd.DataFrame(columns=meta_cols + [OBJECT, CENTER_X, CENTER_Y])
+    return pd.concat(frames, ignore_index=True)

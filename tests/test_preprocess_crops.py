@@ -1,0 +1,95 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from morphoprof.errors import InputError
+from morphoprof.features.shards import read_features
+from morphoprof.preprocess.crops import CropDataset, crop_cells, export_crops, normalize_crops
+from morphoprof.preprocess.segmentation import segment_index
+
+
+def test_crop_geometry_and_edge_policies():
+    img = np.arange(2 * 20 * 30, dtype=np.float32).reshape(2, 20, 30)
+    centers = np.array([[15.0, 10.0], [1.0, 1.0]])  # x, y
+    crops, kept = crop_cells(img, centers, size=8, edge="pad")
+    assert crops.shape == (2, 2, 8, 8) and kept.tolist() == [0, 1]
+    np.testing.assert_array_equal(crops[0], img[:, 6:14, 11:19])  # centred on (row 10, col 15)
+    assert (crops[1][:, :3, :] == 0).all()  # padded outside the image
+    crops, kept = crop_cells(img, centers, size=8, edge="skip")
+    assert kept.tolist() == [0] and crops.shape == (1, 2, 8, 8)
+    with pytest.raises(InputError, match="edge policy"):
+        crop_cells(img, centers, edge="wrap")
+
+
+def test_neighbour_masking():
+    img = np.ones((1, 10, 10), np.float32)
+    labels = np.zeros((10, 10), np.int32)
+    labels[2:5, 2:5] = 1
+    labels[5:8, 5:8] = 2
+    crops, _ = crop_cells(img, np.array([[3.0, 3.0]]), size=10, labels=labels, object_ids=[1])
+    c = crops[0, 0]  # crop pixel (i, j) is image pixel (i - 2, j - 2)
+    assert c[8, 8] == 0  # image (6, 6) belongs to object 2: masked
+    assert c[5, 5] == 1  # image (3, 3), its own nucleus, is kept
+    assert c[2, 8] == 1  # background stays
+
+
+def test_normalizations():
+    x = np.stack([np.linspace(0, 10, 64).reshape(1, 8, 8), np.zeros((1, 8, 8))]).astype(
+        np.float32)
+    m = normalize_crops(x, "max")
+    assert m[0].max() == pytest.approx(1.0) and (m[1] == 0).all()
+    p = normalize_crops(x, "percentile")
+    assert p.min() >= 0 and p.max() <= 1 and p[0].max() == pytest.approx(1.0)
+    np.testing.assert_array_equal(normalize_crops(x, "none"), x)
+    with pytest.raises(InputError, match="crop normalization"):
+        normalize_crops(x, "zscore")
+
+
+def test_dataset_streams_crops_with_workers(tmp_path, tiny_screen):
+    _, index = tiny_screen
+    segment_index(index, tmp_path / "cells.parquet", progress=False)
+    cells = pd.read_parquet(tmp_path / "cells.parquet")
+    ds = CropDataset(index, cells, size=24, normalization="max")
+    assert len(ds) == len(cells)
+    loader = DataLoader(ds, batch_size=16, num_workers=2)
+    n = 0
+    for batch, k in loader:
+        assert batch.shape[1:] == (3, 24, 24) and batch.dtype == torch.float32
+        assert float(batch.amax()) <= 1.0 + 1e-6
+        n += len(k)
+    assert n == len(cells)
+    # the crop's centre pixel in DNA is inside a bright nucleus
+    crop, _ = ds[0]
+    assert crop[0, 12, 12] > crop[0].mean()
+    skip = CropDataset(index, cells, size=40, edge="skip")
+    assert 0 < len(skip) < len(cells)
+    bad = cells.copy()
+    bad.loc[0, "Metadata_well"] = "Z99"
+    with pytest.raises(InputError, match="row 0: image set .*Z99.* is not in the index"):
+        CropDataset(index, bad)
+
+
+def test_export_crops_shards_and_resume(tmp_path, tiny_screen):
+    _, index = tiny_screen
+    segment_index(index, tmp_path / "cells.parquet", progress=False)
+    cells = pd.read_parquet(tmp_path / "cells.parquet")
+    out = tmp_path / "crops"
+    s = export_crops(index, cells, out, size=16, shard_size=20, progress=False)
+    assert s["written"] == len(cells)
+    table = read_features(out)
+    assert len(table) == len(cells)
+    row = table.iloc[25]
+    with np.load(out / row["Metadata_crop_file"]) as z:
+        arr = z["crops"]
+    assert arr.dtype == np.float16 and arr.shape[1:] == (3, 16, 16)
+    img = index.read(int(np.flatnonzero(
+        (index.table[["Metadata_plate", "Metadata_well", "Metadata_site"]] ==
+         row[["Metadata_plate", "Metadata_well", "Metadata_site"]].to_numpy()).all(axis=1))[0]))
+    ref, _ = crop_cells(img, row[["Nuclei_Location_Center_X", "Nuclei_Location_Center_Y"]]
+                        .to_numpy(float)[None], 16)
+    np.testing.assert_allclose(arr[int(row["Metadata_crop_index"])], ref[0], rtol=1e-3)
+    (out / "shards" / "00001.parquet").unlink()
+    again = export_crops(index, cells, out, size=16, shard_size=20, progress=False)
+    assert again["written"] == 20 and again["skipped"] == len(cells) - 20

@@ -1,0 +1,83 @@
+import json
+
+import numpy as np
+import pytest
+import tifffile
+
+from morphoprof.datasets.synthetic import SynthConfig, generate_screen, load_ground_truth
+from morphoprof.errors import InputError
+from morphoprof.preprocess.illumination import (
+    IlluminationCorrection,
+    compute_illumination,
+    smooth_illumination,
+)
+from tests.conftest import shared
+
+
+@pytest.fixture(scope="module")
+def uneven_screen(tmp_path_factory):
+    """Two plates of 100 128x128 fields each under strong, known illumination fields."""
+    cfg = SynthConfig(n_moas=2, compounds_per_moa=1, concentrations=(1.0,), n_batches=2,
+                      plates_per_batch=1, dmso_wells_per_plate=24, sites_per_well=4,
+                      height=128, width=128, cells_per_field=30, illumination_strength=0.5,
+                      seed=7)
+    out = tmp_path_factory.mktemp("illum") / "screen"
+    return out, generate_screen(out, cfg, progress=False, log=None)
+
+
+def test_recovers_the_true_illumination_field(tmp_path, uneven_screen):
+    folder, index = uneven_screen
+    corr = compute_illumination(index, tmp_path / "illum", window=64, n_jobs=2, progress=False)
+    truth = load_ground_truth(folder)["illumination"]
+    for plate, true in truth.items():
+        est = corr.function(plate)
+        assert est.shape == true.shape and est.dtype == np.float32 and est.min() >= 1.0
+        for c, ch in enumerate(index.channels):
+            r = np.corrcoef(est[c].ravel(), true[c].ravel())[0, 1]
+            print(f"{plate} {ch}: correlation with the true field {r:.3f}")
+            assert r > 0.9, (plate, ch, r)
+    # correcting flattens the plate's average image: its spread across the field shrinks in
+    # every channel (not to zero: the camera offset is not shaded by the illumination)
+    plate = next(iter(truth))
+    rows = np.flatnonzero(index.table["Metadata_plate"] == plate)
+    raw = np.mean([index.read(int(i)) for i in rows], axis=0)
+    fixed = np.mean([corr.apply(index.read(int(i)), plate) for i in rows], axis=0)
+    cv_raw = raw.std(axis=(1, 2)) / raw.mean(axis=(1, 2))
+    cv_fixed = fixed.std(axis=(1, 2)) / fixed.mean(axis=(1, 2))
+    assert (cv_fixed < 0.85 * cv_raw).all(), (cv_raw, cv_fixed)
+
+
+def test_functions_are_saved_reused_and_invalidated(tmp_path, uneven_screen):
+    _, index = uneven_screen
+    folder = tmp_path / "illum"
+    compute_illumination(index, folder, window=64, progress=False)
+    files = sorted(folder.glob("*.npy"))
+    assert len(files) == 2
+    stamps = [f.stat().st_mtime_ns for f in files]
+    compute_illumination(index, folder, window=64, progress=False)  # reused
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    loaded = IlluminationCorrection.load(folder)
+    assert loaded.channels == index.channels
+    compute_illumination(index, folder, window=32, progress=False)  # other params: recomputed
+    assert json.loads((folder / "illumination.json").read_text())["params"]["window"] == 32
+    assert [f.stat().st_mtime_ns for f in files] != stamps
+    with pytest.raises(InputError, match="no illumination function for plate 'nope'"):
+        loaded.function("nope")
+
+
+def test_smooth_illumination_rejects_bad_input():
+    with pytest.raises(InputError, match="NaN"):
+        smooth_illumination(np.full((32, 32), np.nan))
+    with pytest.raises(InputError, match="blank"):
+        smooth_illumination(np.zeros((32, 32)))
+    f = smooth_illumination(np.ones((40, 50)) * 7)
+    assert f.shape == (40, 50) and np.allclose(f, 1.0)
+
+
+def test_real_raw_field_gives_a_smooth_function_at_least_one():
+    raw = shared("bbbc021", "raw", "Week1_150607_C02_s3_w1E54F0108-F44A-4F6E-9637-6A9DE80F0823.tif")
+    img = tifffile.imread(raw).astype(np.float32)
+    f = smooth_illumination(img)  # one field only: a poor estimate, but it must behave
+    assert f.shape == (1024, 1280) and f.min() >= 1.0 and np.isfinite(f).all()
+    # smooth: neighbouring pixels differ by far less than the raw nuclei edges do
+    assert np.abs(np.diff(f, axis=1)).max() < 0.05 * f.max()

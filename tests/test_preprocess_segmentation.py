@@ -1,0 +1,128 @@
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from scipy.optimize import linear_sum_assignment
+
+from morphoprof.datasets.synthetic import load_ground_truth
+from morphoprof.errors import InputError
+from morphoprof.index import ExperimentIndex
+from morphoprof.preprocess.segmentation import (
+    CENTER_X,
+    CENTER_Y,
+    NucleiConfig,
+    export_deepprofiler_locations,
+    image_quality,
+    import_deepprofiler_locations,
+    segment_index,
+    segment_nuclei,
+)
+from tests.conftest import shared
+
+
+def detection_f1(pred: np.ndarray, truth: np.ndarray, radius: float = 5.0) -> float:
+    """F1 of a one-to-one matching of predicted and true centres within ``radius`` px."""
+    if len(pred) == 0 or len(truth) == 0:
+        return float(len(pred) == len(truth))
+    d = np.linalg.norm(pred[:, None] - truth[None], axis=2)
+    a, b = linear_sum_assignment(d)
+    tp = int((d[a, b] <= radius).sum())
+    return 2 * tp / (len(pred) + len(truth))
+
+
+def test_detection_f1_on_synthetic_screen(tmp_path, tiny_screen):
+    folder, index = tiny_screen
+    summary = segment_index(index, tmp_path / "cells.parquet", progress=False)
+    assert summary["channel"] == "DNA"
+    cells = pd.read_parquet(tmp_path / "cells.parquet")
+    truth = load_ground_truth(folder)["cells"]
+    key = ["Metadata_plate", "Metadata_well", "Metadata_site"]
+    pred_all, true_all, tp_total = 0, 0, 0.0
+    for k, g in truth.groupby(key):
+        p = cells[(cells[key] == pd.Series(k, index=key)).all(axis=1)]
+        f1 = detection_f1(p[[CENTER_X, CENTER_Y]].to_numpy(),
+                          g[["center_x", "center_y"]].to_numpy())
+        tp_total += f1 * (len(p) + len(g)) / 2
+        pred_all += len(p)
+        true_all += len(g)
+    f1 = 2 * tp_total / (pred_all + true_all)
+    print(f"synthetic detection F1 = {f1:.3f} ({pred_all} found, {true_all} true)")
+    assert f1 >= 0.9
+    assert set(key) <= set(cells.columns) and cells["Metadata_object"].min() == 1
+
+
+def test_touching_nuclei_are_split():
+    yy, xx = np.mgrid[:60, :80]
+    img = ((yy - 30) ** 2 + (xx - 28) ** 2 < 12**2) | ((yy - 30) ** 2 + (xx - 50) ** 2 < 12**2)
+    labels = segment_nuclei(img.astype(np.float32) * 1000 + 100, NucleiConfig(min_distance=5))
+    assert labels.max() == 2
+    merged = segment_nuclei(img.astype(np.float32) * 1000 + 100, NucleiConfig(min_distance=30))
+    assert merged.max() == 1
+
+
+def test_size_filter_and_border_clearing():
+    img = np.full((64, 64), 10.0, np.float32)
+    img[30:34, 30:34] = 500  # 16 px: below min_area
+    img[0:14, 20:34] = 500  # touches the border
+    img[40:56, 40:56] = 500
+    labels = segment_nuclei(img, NucleiConfig(min_area=30, clear_border=True, smoothing=0))
+    assert labels.max() == 1 and labels[48, 48] == 1
+    assert segment_nuclei(img, NucleiConfig(min_area=30, smoothing=0)).max() == 2
+
+
+def test_blank_nan_and_no_cells(tmp_path, tiny_screen):
+    folder, _ = tiny_screen
+    shutil.copytree(folder, tmp_path / "copy")
+    index = ExperimentIndex.read_parquet(tmp_path / "copy" / "index.parquet")
+    assert segment_nuclei(np.zeros((32, 32))).max() == 0
+    assert image_quality(np.zeros((8, 8)), "x.tif") == [
+        "x.tif: blank image (constant value 0); no nuclei"]
+    sat = np.full((8, 8), 65535.0)
+    sat[0, 0] = 0
+    assert "saturated" in image_quality(sat, "s.tif")[0]
+    bad = np.ones((8, 8))
+    bad[1, 1] = np.nan
+    with pytest.raises(InputError, match="y.tif: image holds NaN"):
+        image_quality(bad, "y.tif")
+    # a field with no cells yields zero rows; a broken file fails or is skipped by policy
+    sub = index.subset(np.arange(len(index)) < 3)
+    dna0 = sub.paths(0, ["DNA"])[0]
+    tifffile.imwrite(dna0, np.full((96, 96), 100, np.uint16))
+    broken = sub.paths(1, ["DNA"])[0]
+    broken.write_bytes(b"II*\x00broken")
+    with pytest.raises(InputError, match=broken.name):
+        segment_index(sub, tmp_path / "c.parquet", progress=False)
+    assert not (tmp_path / "c.parquet").exists()  # nothing half-written
+    s = segment_index(sub, tmp_path / "c.parquet", on_error="skip", progress=False)
+    assert s["skipped"][0]["file"] == str(broken)
+    assert s["image_sets_without_cells"] == 1 and "blank image" in s["warnings"][0]
+    cells = pd.read_parquet(tmp_path / "c.parquet")
+    assert set(cells["Metadata_well"]) == {sub.table["Metadata_well"].iloc[2]}
+
+
+def test_deepprofiler_locations_roundtrip(tmp_path, tiny_screen):
+    _, index = tiny_screen
+    segment_index(index, tmp_path / "cells.parquet", progress=False)
+    cells = pd.read_parquet(tmp_path / "cells.parquet")
+    n = export_deepprofiler_locations(cells, tmp_path / "locations")
+    assert n == cells.groupby(["Metadata_plate", "Metadata_well", "Metadata_site"]).ngroups
+    first = next((tmp_path / "locations").rglob("*-Nuclei.csv"))
+    assert list(pd.read_csv(first).columns) == [CENTER_X, CENTER_Y]
+    back = import_deepprofiler_locations(index, tmp_path / "locations")
+    assert len(back) == len(cells)
+    np.testing.assert_allclose(np.sort(back[CENTER_X]), np.sort(cells[CENTER_X]))
+    first.write_text("x,y\n1,2\n")
+    with pytest.raises(InputError, match="missing column"):
+        import_deepprofiler_locations(index, tmp_path / "locations")
+
+
+def test_real_dapi_field_count_is_plausible():
+    raw = shared("bbbc021", "raw", "Week1_150607_C02_s3_w1E54F0108-F44A-4F6E-9637-6A9DE80F0823.tif")
+    labels = segment_nuclei(tifffile.imread(raw).astype(np.float32))
+    n = int(labels.max())
+    print(f"real BBBC021 DAPI field: {n} nuclei")
+    assert 50 <= n <= 300
+    areas = np.bincount(labels.ravel())[1:]
+    assert 300 < np.median(areas) < 2500  # MCF-7 nuclei at 0.65 um/px
