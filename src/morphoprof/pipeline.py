@@ -3,6 +3,9 @@
 Each stage reads the previous stage's files and writes its own, so any stage can be re-run alone::
 
     OUT/index.parquet                   experiment index
+    OUT/illumination/                   per-plate illumination functions (if enabled)
+    OUT/cells.parquet                   segmented nuclei, one row per cell (if enabled)
+    OUT/segmentation_summary.json       cells found, empty fields, warnings, skipped files
     OUT/features/                       feature shards + manifest (resumable)
     OUT/profiles/wells.parquet          per-well profiles (normalised)
     OUT/profiles/treatments.parquet     per-treatment profiles (controls excluded)
@@ -52,14 +55,48 @@ def build_index_from_config(data: dict, out: Path, progress: bool = True, log=pr
     return index
 
 
+def illumination_stage(index: ExperimentIndex, cfg: dict, out: Path, progress: bool = True):
+    """Compute (or reuse) per-plate illumination functions; None when disabled."""
+    if not cfg["enabled"]:
+        return None
+    from morphoprof.preprocess.illumination import compute_illumination
+
+    return compute_illumination(index, out, window=cfg["window"], percentile=cfg["percentile"],
+                                n_jobs=cfg["n_jobs"], progress=progress)
+
+
+def segmentation_stage(index: ExperimentIndex, cfg: dict, on_error: str, out: Path,
+                       illumination=None, progress: bool = True) -> dict | None:
+    """Segment nuclei into ``out`` (cells.parquet) and write its run summary; None if disabled."""
+    if not cfg["enabled"]:
+        return None
+    from morphoprof.preprocess.segmentation import NucleiConfig, segment_index
+
+    params = {k: v for k, v in cfg.items() if k not in ("enabled", "channel")}
+    summary = segment_index(index, out, channel=cfg["channel"], cfg=NucleiConfig(**params),
+                            illumination=illumination, on_error=on_error, progress=progress)
+    write_json(out.with_name("segmentation_summary.json"), summary)
+    return summary
+
+
 def extract_features(index: ExperimentIndex, features: dict, channels, out: Path,
-                     progress: bool = True, log=print) -> dict:
+                     progress: bool = True, log=print, illumination=None) -> dict:
     """Run the configured extractor over the index into ``out`` (a feature folder)."""
     from morphoprof.features.transfer import TransferConfig, TransferExtractor
 
     known = {f.name for f in fields(TransferConfig)}
     cfg = TransferConfig(**{k: v for k, v in features.items() if k in known}, channels=channels)
-    return TransferExtractor(cfg).extract(index, out, progress=progress, log=log)
+    return TransferExtractor(cfg).extract(index, out, progress=progress, log=log,
+                                          illumination=illumination)
+
+
+def cells_per_well(cells_path: Path, index: ExperimentIndex) -> pd.DataFrame:
+    """Cell counts per well (wells with no cells get 0) from a cell table."""
+    cells = pd.read_parquet(cells_path, columns=[PLATE, "Metadata_well"])
+    counts = cells.groupby([PLATE, "Metadata_well"]).size().rename("cells")
+    wells = index.table[[PLATE, "Metadata_well"]].drop_duplicates().set_index(
+        [PLATE, "Metadata_well"])
+    return wells.join(counts).fillna(0).astype({"cells": int}).reset_index()
 
 
 def build_profiles(features_dir: Path, profiles_cfg: dict, out_dir: Path) -> tuple[Path, Path]:
@@ -118,33 +155,48 @@ def run_pipeline(cfg: dict, config_text: str, progress: bool = True, log=print) 
         tmp.write_text(config_text)
     timings = {}
     t0 = time.perf_counter()
-    log("[1/5] experiment index")
+    log("[1/7] experiment index")
     index = build_index_from_config(cfg["data"], out, progress=progress, log=log)
     index.write(out / "index.parquet")
     timings["index_s"] = time.perf_counter() - t0
 
+    pre = cfg["preprocess"]
     t = time.perf_counter()
-    log(f"[2/5] features ({cfg['features']['extractor']}, {cfg['features']['model']})")
+    log("[2/7] illumination correction" + ("" if pre["illumination"]["enabled"] else ": off"))
+    illumination = illumination_stage(index, pre["illumination"], out / "illumination", progress)
+    log("[3/7] nuclei segmentation" + ("" if pre["segmentation"]["enabled"] else ": off"))
+    seg = segmentation_stage(index, pre["segmentation"], pre["on_error"], out / "cells.parquet",
+                             illumination, progress)
+    timings["preprocess_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    log(f"[4/7] features ({cfg['features']['extractor']}, {cfg['features']['model']})")
     extraction = extract_features(index, cfg["features"], cfg["channels"], out / "features",
-                                  progress=progress, log=log)
+                                  progress=progress, log=log, illumination=illumination)
     timings["features_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    log("[3/5] profiles")
+    log("[5/7] profiles")
     _, treatments = build_profiles(out / "features", cfg["profiles"], out / "profiles")
     timings["profiles_s"] = time.perf_counter() - t
 
-    log("[4/5] evaluation")
+    log("[6/7] evaluation")
     evaluation = evaluate_profiles(treatments, out / "evaluation.json",
                                    cfg["evaluation"]["protocols"])
-    log("[5/5] report")
+    log("[7/7] report")
     summary = dataset_summary(index)
+    qc = None
+    if seg is not None:
+        summary["segmented cells"] = seg["cells"]
+        summary["fields without cells"] = seg["image_sets_without_cells"]
+        summary["skipped files"] = len(seg["skipped"])
+        qc = cells_per_well(out / "cells.parquet", index)
     summary["feature extraction"] = (
         f"{extraction['image_sets']} fields in {extraction['seconds']:.1f} s"
         + (f" ({extraction['fields_per_s']:.1f} fields/s)" if extraction["fields_per_s"] else "")
     )
     write_report(out / "report.html", evaluation, pd.read_parquet(treatments), summary,
-                 config_text=yaml.safe_dump(cfg, sort_keys=False))
+                 config_text=yaml.safe_dump(cfg, sort_keys=False), cells_per_well=qc)
     timings["total_s"] = time.perf_counter() - t0
     for key in ("nsc", "nscb"):
         r = evaluation.get(key)

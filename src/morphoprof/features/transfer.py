@@ -69,13 +69,17 @@ def estimate_intensity_range(
     percentiles: tuple[float, float] = (0.1, 99.9),
     n_sample: int = 24,
     seed: int = 0,
+    illumination=None,
 ) -> list[tuple[float, float]]:
-    """Per-channel (low, high) intensity from a deterministic sample of ``n_sample`` image sets."""
+    """Per-channel (low, high) intensity from a deterministic sample of ``n_sample`` image sets
+    (after illumination correction when ``illumination`` is given)."""
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(index), size=min(n_sample, len(index)), replace=False))
     pixels: list[list[np.ndarray]] = [[] for _ in channels]
     for i in rows:
         img = index.read(int(i), channels)
+        if illumination is not None:
+            img = illumination.apply(img, index.table[PLATE].iloc[int(i)], channels)
         flat = img.reshape(len(channels), -1)
         step = max(flat.shape[1] // 20000, 1)
         for c in range(len(channels)):
@@ -202,8 +206,12 @@ class TransferExtractor:
         overwrite: bool = False,
         progress: bool = True,
         log=print,
+        illumination=None,
     ) -> dict:
         """Extract features for every image set of ``index`` into the feature folder ``out``.
+
+        ``illumination`` (an :class:`~morphoprof.preprocess.illumination.IlluminationCorrection`)
+        divides each field by its plate's illumination function first.
 
         One Parquet shard per plate (split every ``max_shard_rows`` image sets); shards finished
         by an earlier run with the same parameters are skipped.
@@ -229,10 +237,12 @@ class TransferExtractor:
             "weights": self.backbone.weights,
             "size": list(self.size),
             "n_image_sets": len(index),
+            "illumination": str(illumination.folder) if illumination is not None else None,
         }
         saved_ranges = _saved_ranges(out, params)
         ranges = saved_ranges or estimate_intensity_range(
-            index, channels, self.cfg.intensity_percentiles, seed=self.cfg.seed
+            index, channels, self.cfg.intensity_percentiles, seed=self.cfg.seed,
+            illumination=illumination,
         )
         params["intensity_ranges"] = [list(r) for r in ranges]
         writer = ShardWriter(out, params, overwrite=overwrite)
@@ -252,7 +262,7 @@ class TransferExtractor:
         t0 = time.perf_counter()
         torch.manual_seed(self.cfg.seed)
         for key, rows in todo:
-            ds = ImageSetDataset(index, channels, rows, transform)
+            ds = ImageSetDataset(index, channels, rows, transform, illumination)
             loader = DataLoader(
                 ds, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers,
                 pin_memory=self.device == "cuda", worker_init_fn=_single_thread_worker,

@@ -27,6 +27,8 @@ class ImageSetDataset(Dataset):
         channels: channel names to read, in order (default: all).
         rows: row positions to serve (default: all).
         transform: callable on the ``(C, H, W)`` numpy array, returning what the loader batches.
+        illumination: an :class:`~morphoprof.preprocess.illumination.IlluminationCorrection`
+            applied (per plate) before ``transform``, or None.
     """
 
     def __init__(
@@ -35,6 +37,7 @@ class ImageSetDataset(Dataset):
         channels: Sequence[str] | None = None,
         rows: Sequence[int] | None = None,
         transform: Callable[[np.ndarray], object] | None = None,
+        illumination=None,
     ) -> None:
         self.index = index
         self.channels = list(channels or index.channels)
@@ -43,6 +46,7 @@ class ImageSetDataset(Dataset):
             raise ValueError(f"unknown channel(s) {unknown}; the index has {index.channels}")
         self.rows = np.arange(len(index)) if rows is None else np.asarray(rows, dtype=np.int64)
         self.transform = transform
+        self.illumination = illumination
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -50,6 +54,9 @@ class ImageSetDataset(Dataset):
     def __getitem__(self, k: int):
         i = int(self.rows[k])
         image = self.index.read(i, self.channels)
+        if self.illumination is not None:
+            plate = self.index.table["Metadata_plate"].iloc[i]
+            image = self.illumination.apply(image, plate, self.channels)
         if self.transform is not None:
             return self.transform(image), i
         import torch

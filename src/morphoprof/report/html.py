@@ -85,6 +85,40 @@ def _embedding_figure(profiles: pd.DataFrame) -> str:
     return _fig_to_img(fig, "PCA of treatment profiles")
 
 
+def _plate_heatmaps(counts: pd.DataFrame) -> str:
+    """Cells per well as one heatmap per plate (rows = well letters, columns = numbers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = counts.copy()
+    c["row"] = c["Metadata_well"].str.extract(r"^([A-Za-z]+)")[0].str.upper()
+    c["col"] = pd.to_numeric(c["Metadata_well"].str.extract(r"(\d+)$")[0], errors="coerce")
+    c = c.dropna(subset=["row", "col"])
+    rows = sorted(c["row"].unique())
+    cols = sorted(c["col"].astype(int).unique())
+    plates = sorted(c["Metadata_plate"].unique())
+    ncol = min(3, len(plates))
+    nrow = -(-len(plates) // ncol)
+    panel_h = max(1.5, 0.3 * len(rows) + 1.0)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, panel_h * nrow), squeeze=False,
+                             gridspec_kw={"hspace": 0.7, "wspace": 0.25})
+    vmax = max(int(c["cells"].max()), 1)
+    for ax, plate in zip(axes.ravel(), plates):
+        grid = np.full((len(rows), len(cols)), np.nan)
+        for r in c[c["Metadata_plate"] == plate].itertuples():
+            grid[rows.index(r.row), cols.index(int(r.col))] = r.cells
+        im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
+        ax.set_title(str(plate), fontsize=8)
+        ax.set_yticks(range(len(rows)), rows, fontsize=6)
+        ax.set_xticks(range(len(cols)), cols, fontsize=6)
+    for ax in axes.ravel()[len(plates):]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="cells per well")
+    return _fig_to_img(fig, "cells per well")
+
+
 def _table(df: pd.DataFrame) -> str:
     return df.to_html(index=False, border=0, float_format=lambda v: f"{v:.3f}")
 
@@ -100,6 +134,7 @@ def write_report(
     summary: dict,
     config_text: str = "",
     title: str = "morphoprof report",
+    cells_per_well: pd.DataFrame | None = None,
 ) -> Path:
     """Write a self-contained HTML report.
 
@@ -109,11 +144,16 @@ def write_report(
         profiles: the treatment profiles that were evaluated.
         summary: dataset summary, {label: value} (plates, wells, image sets, ...).
         config_text: the run configuration as YAML text.
+        cells_per_well: optional QC table (``Metadata_plate``, ``Metadata_well``, ``cells``),
+            drawn as plate heatmaps.
     """
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
              f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
     parts.append("<h2>Dataset</h2>")
     parts.append(_table(pd.DataFrame({"item": list(summary), "value": list(summary.values())})))
+    if cells_per_well is not None and len(cells_per_well):
+        parts.append("<h2>Quality control: segmented cells per well</h2>")
+        parts.append(_plate_heatmaps(cells_per_well))
     parts.append("<h2>Mechanism-of-action matching (1-NN, cosine)</h2>")
     rows = []
     for key, label in (("nsc", "NSC (not same compound)"),
