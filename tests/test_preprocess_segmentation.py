@@ -53,6 +53,18 @@ def test_detection_f1_on_synthetic_screen(tmp_path, tiny_screen):
     assert set(key) <= set(cells.columns) and cells["Metadata_object"].min() == 1
 
 
+def test_parallel_and_downsampled_runs(tmp_path, tiny_screen):
+    _, index = tiny_screen
+    segment_index(index, tmp_path / "one.parquet", progress=False)
+    segment_index(index, tmp_path / "two.parquet", progress=False, n_jobs=2, chunk=3)
+    one = pd.read_parquet(tmp_path / "one.parquet")
+    pd.testing.assert_frame_equal(one, pd.read_parquet(tmp_path / "two.parquet"))
+    img = index.read(0, ["DNA"])[0]
+    full = segment_nuclei(img)
+    half = segment_nuclei(img, NucleiConfig(downsample=2))
+    assert half.shape == full.shape and abs(int(half.max()) - int(full.max())) <= 1
+
+
 def test_touching_nuclei_are_split():
     yy, xx = np.mgrid[:60, :80]
     img = ((yy - 30) ** 2 + (xx - 28) ** 2 < 12**2) | ((yy - 30) ** 2 + (xx - 50) ** 2 < 12**2)
@@ -126,3 +138,20 @@ def test_real_dapi_field_count_is_plausible():
     assert 50 <= n <= 300
     areas = np.bincount(labels.ravel())[1:]
     assert 300 < np.median(areas) < 2500  # MCF-7 nuclei at 0.65 um/px
+
+
+def test_object_table_matches_regionprops(tiny_screen):
+    from skimage.measure import regionprops_table
+
+    from morphoprof.preprocess.segmentation import AREA, BBOX, object_table
+
+    _, index = tiny_screen
+    labels = segment_nuclei(index.read(0, ["DNA"])[0])
+    t = object_table(labels)
+    ref = regionprops_table(labels, properties=("label", "centroid", "area", "bbox"))
+    assert t["Metadata_object"].tolist() == ref["label"].tolist()
+    np.testing.assert_allclose(t[CENTER_X], ref["centroid-1"])
+    np.testing.assert_allclose(t[CENTER_Y], ref["centroid-0"])
+    np.testing.assert_array_equal(t[AREA], ref["area"])
+    for k, col in enumerate(BBOX):
+        np.testing.assert_array_equal(t[col], ref[f"bbox-{k}"])

@@ -99,9 +99,11 @@ def cmd_segment(a: argparse.Namespace) -> int:
 
     index = ExperimentIndex.read_parquet(a.index)
     cfg = NucleiConfig(smoothing=a.smoothing, min_area=a.min_area, max_area=a.max_area,
-                       min_distance=a.min_distance, clear_border=a.clear_border)
+                       min_distance=a.min_distance, clear_border=a.clear_border,
+                       downsample=a.downsample)
     summary = segment_index(index, a.out, channel=a.channel, cfg=cfg,
-                            illumination=_illumination(a.illumination), on_error=a.on_error)
+                            illumination=_illumination(a.illumination), on_error=a.on_error,
+                            n_jobs=a.jobs)
     write_json(Path(a.out).with_name(Path(a.out).stem + "_summary.json"), summary)
     if a.deepprofiler_locations:
         import pandas as pd
@@ -286,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-area", type=int, default=5000)
     s.add_argument("--min-distance", type=int, default=5)
     s.add_argument("--clear-border", action="store_true")
+    s.add_argument("--downsample", type=int, default=1, help="segment at 1/N resolution")
+    s.add_argument("--jobs", type=int, default=1, help="worker processes")
     s.add_argument("--on-error", default="fail", choices=["fail", "skip"])
     s.add_argument("--deepprofiler-locations", help="also write DeepProfiler location CSVs here")
     s.set_defaults(func=cmd_segment)

@@ -82,6 +82,8 @@ SCHEMA: dict[str, Any] = {
             "max_area": Opt(_INT, 5000),
             "min_distance": Opt(_INT, 5),
             "clear_border": Opt(_BOOL, False),
+            "downsample": Opt(_INT, 1),
+            "n_jobs": Opt(_INT, 1),
         },
         "on_error": Opt(_STR, "fail", ("fail", "skip")),
     },

@@ -72,9 +72,10 @@ def segmentation_stage(index: ExperimentIndex, cfg: dict, on_error: str, out: Pa
         return None
     from morphoprof.preprocess.segmentation import NucleiConfig, segment_index
 
-    params = {k: v for k, v in cfg.items() if k not in ("enabled", "channel")}
+    params = {k: v for k, v in cfg.items() if k not in ("enabled", "channel", "n_jobs")}
     summary = segment_index(index, out, channel=cfg["channel"], cfg=NucleiConfig(**params),
-                            illumination=illumination, on_error=on_error, progress=progress)
+                            illumination=illumination, on_error=on_error, progress=progress,
+                            n_jobs=cfg["n_jobs"])
     write_json(out.with_name("segmentation_summary.json"), summary)
     return summary
 

@@ -86,19 +86,19 @@ def crop_cells(
         boxes[:, 1] + size <= w
     )
     kept = np.flatnonzero(inside) if edge == "skip" else np.arange(len(boxes))
-    pad = size
-    padded = np.pad(image, ((0, 0), (pad, pad), (pad, pad))) if edge == "pad" else image
-    off = pad if edge == "pad" else 0
-    lab = None
-    if labels is not None and object_ids is not None:
-        lab = np.pad(labels, pad) if edge == "pad" else labels
-    out = np.empty((len(kept), c, size, size), np.float32)
+    masking = labels is not None and object_ids is not None
+    out = np.zeros((len(kept), c, size, size), np.float32)
     for k, i in enumerate(kept):
-        r, q = boxes[i] + off
-        out[k] = padded[:, r : r + size, q : q + size]
-        if lab is not None:
-            own = lab[r : r + size, q : q + size]
-            out[k][:, (own != 0) & (own != object_ids[i])] = 0
+        r, q = boxes[i]
+        # The part of the box inside the image; the rest stays 0 (zero padding).
+        r0, q0, r1, q1 = max(r, 0), max(q, 0), min(r + size, h), min(q + size, w)
+        if r0 >= r1 or q0 >= q1:
+            continue
+        win = out[k][:, r0 - r : r1 - r, q0 - q : q1 - q]
+        win[:] = image[:, r0:r1, q0:q1]
+        if masking:
+            own = labels[r0:r1, q0:q1]
+            win[:, (own != 0) & (own != object_ids[i])] = 0
     return normalize_crops(out, normalization), kept
 
 

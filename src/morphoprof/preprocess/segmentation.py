@@ -76,9 +76,7 @@ def segment_nuclei(dna: np.ndarray, cfg: NucleiConfig | None = None) -> np.ndarr
     """
     from scipy import ndimage as ndi
     from skimage.feature import peak_local_max
-    from skimage.filters import gaussian, threshold_otsu
-    from skimage.measure import label
-    from skimage.morphology import remove_small_objects
+    from skimage.filters import threshold_otsu
     from skimage.segmentation import clear_border, watershed
 
     cfg = cfg or NucleiConfig()
@@ -90,28 +88,48 @@ def segment_nuclei(dna: np.ndarray, cfg: NucleiConfig | None = None) -> np.ndarr
         # Segment at lower resolution with sizes scaled to match, then upsample the labels.
         h, w = img.shape
         hs, ws = -(-h // f), -(-w // f)
-        padded = np.pad(img, ((0, hs * f - h), (0, ws * f - w)), mode="edge")
-        small = padded.reshape(hs, f, ws, f).mean(axis=(1, 3))
+        if (hs * f, ws * f) != (h, w):
+            img = np.pad(img, ((0, hs * f - h), (0, ws * f - w)), mode="edge")
+        small = np.zeros((hs, ws), np.float32)
+        for dy in range(f):  # block mean as f*f strided adds (faster than a 4-D reduction)
+            for dx in range(f):
+                small += img[dy::f, dx::f]
+        small /= f * f
         scaled = replace(cfg, downsample=1, smoothing=cfg.smoothing / f,
                          min_area=max(int(cfg.min_area / f**2), 1),
                          max_area=max(int(cfg.max_area / f**2), 1),
                          min_distance=max(int(round(cfg.min_distance / f)), 1))
         low = segment_nuclei(small, scaled)
-        return _relabel(np.repeat(np.repeat(low, f, axis=0), f, axis=1)[:h, :w])
+        up = np.broadcast_to(low[:, None, :, None], (hs, f, ws, f)).reshape(hs * f, ws * f)
+        return up[:h, :w]
     if img.max() - img.min() <= 0:
         return np.zeros(img.shape, np.int32)
-    smooth = gaussian(img, sigma=cfg.smoothing, preserve_range=True) if cfg.smoothing else img
-    mask = smooth > threshold_otsu(smooth) * cfg.threshold_scale
+    smooth = ndi.gaussian_filter(img, cfg.smoothing) if cfg.smoothing else img
+    # Otsu's threshold from a 1-in-4 pixel sample (the histogram is the same to within noise).
+    sample = smooth[::2, ::2] if smooth.size > 250_000 else smooth
+    mask = smooth > threshold_otsu(sample) * cfg.threshold_scale
     if cfg.fill_holes:
-        mask = ndi.binary_fill_holes(mask)
-    mask = remove_small_objects(mask, max_size=max(cfg.min_area - 1, 0))
+        # Holes = background components that do not touch the image border.
+        bg, n_bg = ndi.label(~mask)
+        edge = np.concatenate([bg[0], bg[-1], bg[:, 0], bg[:, -1]])
+        hole = np.ones(n_bg + 1, bool)
+        hole[edge] = False
+        hole[0] = False
+        mask |= hole[bg]
+    comp, _ = ndi.label(mask)
+    small = np.bincount(comp.ravel()) < cfg.min_area  # debris would seed spurious nuclei
+    small[0] = False
+    mask &= ~small[comp]
     if not mask.any():
         return np.zeros(img.shape, np.int32)
-    dist = ndi.distance_transform_edt(mask)
+    # Octagonal chamfer distance (mean of chessboard and city-block): ~8x faster than the exact
+    # Euclidean transform and, once smoothed, as good for placing one seed per nucleus.
+    dist = 0.5 * (ndi.distance_transform_cdt(mask, metric="chessboard")
+                  + ndi.distance_transform_cdt(mask, metric="taxicab")).astype(np.float32)
     # Seeds: maxima of the smoothed distance map at least min_distance apart.
     dist_s = ndi.gaussian_filter(dist, 1.0)
     peaks = peak_local_max(dist_s, min_distance=max(int(cfg.min_distance), 1),
-                           threshold_abs=1.0, labels=label(mask), exclude_border=False)
+                           threshold_abs=1.0, exclude_border=False)
     markers = np.zeros(mask.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     labels = watershed(-dist_s, markers, mask=mask)
@@ -125,29 +143,60 @@ def segment_nuclei(dna: np.ndarray, cfg: NucleiConfig | None = None) -> np.ndarr
 
 
 def _relabel(labels: np.ndarray) -> np.ndarray:
-    """Renumber labels to 1..N in raster order of first appearance."""
-    ids = np.unique(labels)
-    ids = ids[ids > 0]
-    lut = np.zeros(int(labels.max()) + 1, np.int32)
-    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
+    """Renumber labels to 1..N, keeping their order."""
+    present = np.bincount(labels.ravel()) > 0
+    present[0] = False
+    lut = np.zeros(len(present), np.int32)
+    lut[present] = np.arange(1, int(present.sum()) + 1, dtype=np.int32)
     return lut[labels]
 
 
 def object_table(labels: np.ndarray) -> pd.DataFrame:
-    """One row per labelled object: object id, centre x / y, area, bounding box (px)."""
-    from skimage.measure import regionprops_table
+    """One row per labelled object: object id, centre x / y, area, bounding box (px).
 
-    props = regionprops_table(labels, properties=("label", "centroid", "area", "bbox"))
-    return pd.DataFrame({
-        OBJECT: props["label"].astype(np.int64),
-        CENTER_X: props["centroid-1"].astype(np.float64),
-        CENTER_Y: props["centroid-0"].astype(np.float64),
-        AREA: props["area"].astype(np.int64),
-        BBOX[0]: props["bbox-0"].astype(np.int64),
-        BBOX[1]: props["bbox-1"].astype(np.int64),
-        BBOX[2]: props["bbox-2"].astype(np.int64),
-        BBOX[3]: props["bbox-3"].astype(np.int64),
+    Works inside each object's bounding box (``find_objects``), so the cost follows the objects'
+    area, not the image's.
+    """
+    from scipy import ndimage as ndi
+
+    labels = np.asarray(labels)
+    rows = []
+    for k, sl in enumerate(ndi.find_objects(labels) if labels.size and labels.max() > 0 else []):
+        if sl is None:
+            continue
+        ys, xs = np.nonzero(labels[sl] == k + 1)
+        rows.append((k + 1, xs.mean() + sl[1].start, ys.mean() + sl[0].start, len(ys),
+                     sl[0].start, sl[1].start, sl[0].stop, sl[1].stop))
+    arr = np.array(rows, dtype=np.float64).reshape(-1, 8)
+    out = pd.DataFrame({
+        OBJECT: arr[:, 0].astype(np.int64),
+        CENTER_X: arr[:, 1],
+        CENTER_Y: arr[:, 2],
+        AREA: arr[:, 3].astype(np.int64),
     })
+    for j, col in enumerate(BBOX):
+        out[col] = arr[:, 4 + j].astype(np.int64)
+    return out
+
+
+def _segment_chunk(index: ExperimentIndex, rows: Sequence[int], channel: str, cfg: NucleiConfig,
+                   illumination) -> list[tuple[int, pd.DataFrame | None, list[str], str | None]]:
+    """Segment image sets ``rows``: per row (row, object table or None, warnings, error)."""
+    from morphoprof.errors import MorphoprofError
+
+    out = []
+    for i in rows:
+        path = index.paths(int(i), [channel])[0]
+        try:
+            dna = index.read(int(i), [channel])[0]
+            warnings = image_quality(dna, path)
+            if illumination is not None:
+                plate = index.table[PLATE].iloc[int(i)]
+                dna = illumination.apply(dna[None], plate, [channel])[0]
+            out.append((int(i), object_table(segment_nuclei(dna, cfg)), warnings, None))
+        except MorphoprofError as exc:
+            out.append((int(i), None, [], str(exc)))
+    return out
 
 
 def segment_index(
@@ -158,25 +207,27 @@ def segment_index(
     illumination=None,
     on_error: str = "fail",
     progress: bool = True,
+    n_jobs: int = 1,
+    chunk: int = 16,
 ) -> dict:
     """Segment the nuclei of every image set and write one cell table (Parquet).
 
     Args:
         index: the experiment.
-        out: the cell table to write (atomically).
+        out: the cell table to write (atomically, once every image set is done).
         channel: the DNA channel (default: the first of DNA / DAPI / Hoechst found, else the first).
         cfg: segmentation settings.
         illumination: an :class:`~morphoprof.preprocess.illumination.IlluminationCorrection`
             applied before segmenting, or None.
         on_error: ``fail`` (raise, naming the file) or ``skip`` (log and go on) for unreadable or
             NaN images.
+        n_jobs: worker processes (joblib), each segmenting ``chunk`` image sets at a time.
 
     Returns:
         A run summary: image sets, cells, image sets with no cells, warnings, skipped files.
     """
+    from joblib import Parallel, delayed
     from tqdm.auto import tqdm
-
-    from morphoprof.errors import MorphoprofError
 
     if on_error not in ("fail", "skip"):
         raise InputError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
@@ -186,24 +237,22 @@ def segment_index(
         raise InputError(f"unknown channel {channel!r}; the index has {index.channels}")
     meta_cols = [c for c in index.table.columns if c.startswith("Metadata_")]
     tables, warnings, skipped, empty = [], [], [], 0
-    for i in tqdm(range(len(index)), desc="segmenting nuclei", unit="field", disable=not progress):
-        path = index.paths(i, [channel])[0]
-        try:
-            dna = index.read(i, [channel])[0]
-            warnings += image_quality(dna, path)
-            if illumination is not None:
-                plate = index.table[PLATE].iloc[i]
-                dna = illumination.apply(dna[None], plate, [channel])[0]
-            labels = segment_nuclei(dna, cfg)
-        except MorphoprofError as exc:
-            if on_error == "fail":
-                raise
-            skipped.append({"file": str(path), "reason": str(exc)})
-            continue
-        t = object_table(labels)
-        empty += len(t) == 0
-        meta = index.table.iloc[[i] * len(t)][meta_cols].reset_index(drop=True)
-        tables.append(pd.concat([meta, t], axis=1))
+    chunks = [np.arange(k, min(k + chunk, len(index))) for k in range(0, len(index), chunk)]
+    jobs = (delayed(_segment_chunk)(index, rows, channel, cfg, illumination) for rows in chunks)
+    bar = tqdm(total=len(index), desc="segmenting nuclei", unit="field", disable=not progress)
+    for result in Parallel(n_jobs=n_jobs, return_as="generator")(jobs):
+        for i, t, warn, error in result:
+            bar.update(1)
+            warnings += warn
+            if error is not None:
+                if on_error == "fail":
+                    raise InputError(error)
+                skipped.append({"file": str(index.paths(i, [channel])[0]), "reason": error})
+                continue
+            empty += len(t) == 0
+            meta = index.table.iloc[[i] * len(t)][meta_cols].reset_index(drop=True)
+            tables.append(pd.concat([meta, t], axis=1))
+    bar.close()
     cells = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
         columns=meta_cols + list(object_table(np.zeros((1, 1), np.int32)).columns)
     )
