@@ -78,3 +78,52 @@ def test_rgb_strategy_and_intermediate_layer(tiny_screen, extractor):
     assert mid.features_from_batch(x, index.channels).shape == (2, 3 * 80)
     with pytest.raises(InputError, match="layer 'blocks.99'"):
         TransferExtractor(TransferConfig(layer="blocks.99", **FAST), backbone=extractor.backbone)
+
+
+def test_tiles_average_over_tiles(tiny_screen, extractor):
+    _, index = tiny_screen
+    tiled = TransferExtractor(TransferConfig(tiles=2, **FAST), backbone=extractor.backbone)
+    x = torch.rand(1, 3, 128, 128)
+    got = tiled.features_from_batch(x, index.channels)
+    parts = [extractor.features_from_batch(x[:, :, r:r + 64, c:c + 64], index.channels)
+             for r in (0, 64) for c in (0, 64)]
+    np.testing.assert_allclose(got, np.mean(parts, axis=0), rtol=1e-4, atol=1e-5)
+
+
+def test_native_strategy_and_channel_count_checked_before_work(tmp_path, tiny_screen):
+    _, index = tiny_screen
+    native = TransferExtractor(TransferConfig(model="resnet18", weights="random",
+                                              channel_strategy="native", in_chans=3, **FAST))
+    assert native.features_from_batch(torch.rand(2, 3, 64, 64), index.channels).shape == (2, 512)
+    two = TransferExtractor(TransferConfig(model="resnet18", weights="random",
+                                           channel_strategy="native", in_chans=2, **FAST))
+    with pytest.raises(InputError, match=r"takes 2 input channels, the images have 3"):
+        two.extract(index, tmp_path / "f", progress=False, log=None)
+    assert not (tmp_path / "f").exists()  # refused before any work
+    with pytest.raises(InputError, match="rgb strategy needs 3 of the channels"):
+        TransferExtractor(TransferConfig(channel_strategy="rgb",
+                                         rgb_channels=["DNA", "GFP", "Actin"], **FAST),
+                          backbone=None).check_channels(index.channels)
+
+
+def test_unknown_model_lists_close_matches():
+    from morphoprof.features.backbones import create_backbone
+
+    with pytest.raises(InputError, match="close matches: .*resnet50"):
+        create_backbone("resnet05", weights="random")
+
+
+def test_single_cell_crop_features(tmp_path, tiny_screen, extractor):
+    import pandas as pd
+
+    from morphoprof.preprocess.segmentation import segment_index
+
+    _, index = tiny_screen
+    segment_index(index, tmp_path / "cells.parquet", progress=False)
+    cells = pd.read_parquet(tmp_path / "cells.parquet")
+    cellx = TransferExtractor(TransferConfig(batch_size=32), backbone=extractor.backbone)
+    s = cellx.extract_cells(index, cells, tmp_path / "cf", size=32, progress=False)
+    df = read_features(tmp_path / "cf")
+    assert s["cells"] == len(df) == len(cells)
+    assert "Nuclei_Location_Center_X" in df.columns and "transfer_DNA_0" in df.columns
+    assert np.isfinite(df.filter(like="transfer_").to_numpy()).all()

@@ -167,8 +167,13 @@ def create_backbone(
     import torch
 
     name = ALIASES.get(name, name)
-    if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
-        raise InputError(f"unknown model {name!r}: not a timm model name")
+    known = set(timm.list_models())
+    if name not in known:
+        import difflib
+
+        close = difflib.get_close_matches(name, sorted(known | set(ALIASES)), n=5, cutoff=0.6)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise InputError(f"unknown model {name!r}: not a timm model name{hint}")
     torch.manual_seed(seed)
     if weights == "auto":
         weights = "offline" if offline_weights_path(name) is not None else "imagenet"

@@ -33,9 +33,11 @@ class TransferConfig:
 
     model: str = DEFAULT_MODEL
     weights: str = "auto"
-    channel_strategy: str = "greyscale"  # greyscale | rgb
+    channel_strategy: str = "greyscale"  # greyscale | rgb | native
     rgb_channels: list[str] | None = None  # for rgb: the 3 stains fed as R, G, B
     layer: str | None = None  # None: pooled penultimate layer
+    tiles: int = 1  # tiles per side: the field is cut into tiles x tiles, features averaged
+    in_chans: int | None = None  # native strategy: input channels (default: len(channels) or 3)
     image_size: int | None = None  # None: the network's own input size
     intensity_percentiles: tuple[float, float] = (0.1, 99.9)
     batch_size: int = 16
@@ -48,10 +50,13 @@ class TransferConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.channel_strategy not in ("greyscale", "rgb"):
+        if self.channel_strategy not in ("greyscale", "rgb", "native"):
             raise InputError(
-                f"channel_strategy must be 'greyscale' or 'rgb', got {self.channel_strategy!r}"
+                "channel_strategy must be 'greyscale', 'rgb' or 'native', got "
+                f"{self.channel_strategy!r}"
             )
+        if self.tiles < 1:
+            raise InputError(f"tiles must be >= 1, got {self.tiles}")
 
 
 def pick_device(device: str = "auto") -> str:
@@ -127,8 +132,11 @@ class TransferExtractor:
         import torch
 
         self.cfg = cfg or TransferConfig()
+        in_chans = 3
+        if self.cfg.channel_strategy == "native":
+            in_chans = self.cfg.in_chans or (len(self.cfg.channels) if self.cfg.channels else 3)
         self.backbone = backbone or create_backbone(
-            self.cfg.model, self.cfg.weights, seed=self.cfg.seed
+            self.cfg.model, self.cfg.weights, in_chans=in_chans, seed=self.cfg.seed
         )
         self.device = pick_device(self.cfg.device)
         self.model = self.backbone.model.to(self.device)
@@ -151,11 +159,48 @@ class TransferExtractor:
     def _hook(self, _module, _inp, out) -> None:
         self._hooked = out
 
-    def _embed(self, x3):
-        """(N, 3, S, S) in [0, 1] -> (N, D) pooled features."""
+    @property
+    def model_in_chans(self) -> int:
+        """Input channels of the network's first convolution."""
         import torch
 
-        x3 = (x3 - self._mean) / self._std
+        for m in self.model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                return int(m.in_channels)
+        return 3
+
+    def check_channels(self, channel_names: Sequence[str]) -> None:
+        """Raise InputError (before any work) if the channels do not fit the strategy and model."""
+        names = list(channel_names)
+        if not names:
+            raise InputError("no channels to extract features from")
+        s = self.cfg.channel_strategy
+        if s in ("greyscale", "rgb") and self.model_in_chans != 3:
+            raise InputError(
+                f"{self.backbone.name} takes {self.model_in_chans} input channels; the {s} "
+                "strategy feeds 3 (use channel_strategy='native')"
+            )
+        if s == "rgb":
+            order = self.cfg.rgb_channels or names[:3]
+            missing = [c for c in order if c not in names]
+            if len(order) != 3 or missing:
+                raise InputError(
+                    f"rgb strategy needs 3 of the channels {names} as R, G, B; got {order}"
+                )
+        if s == "native" and len(names) != self.model_in_chans:
+            raise InputError(
+                f"{self.backbone.name} takes {self.model_in_chans} input channels, the images "
+                f"have {len(names)} ({', '.join(names)})"
+            )
+
+    def _embed(self, x3):
+        """(N, 3, S, S) in [0, 1] -> (N, D) pooled features (native: (N, C, S, S))."""
+        import torch
+
+        if self.cfg.channel_strategy == "native" and x3.shape[1] != 3:
+            x3 = (x3 - 0.5) / 0.5
+        else:
+            x3 = (x3 - self._mean) / self._std
         if self.device == "cuda":
             x3 = x3.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -171,31 +216,43 @@ class TransferExtractor:
         """Features of a batch of fields.
 
         Args:
-            batch: torch tensor ``(B, C, S, S)`` with intensities in [0, 1].
+            batch: torch tensor ``(B, C, S*t, S*t)`` with intensities in [0, 1], t = ``tiles``.
             channel_names: names of the C channels.
 
         Returns:
-            ``(B, C * D)`` float32 for ``greyscale``; ``(B, D)`` for ``rgb``.
+            ``(B, C * D)`` float32 for ``greyscale``; ``(B, D)`` for ``rgb`` and ``native``;
+            with tiles, the mean over each field's t*t tiles.
         """
         import torch
 
         with torch.inference_mode():
             x = batch.to(self.device, non_blocking=True).float()
-            b, c = x.shape[:2]
+            t = self.cfg.tiles
+            b, c, h, w = x.shape
+            if t > 1:  # (B, C, t*S, t*S) -> (B*t*t, C, S, S)
+                x = x.reshape(b, c, t, h // t, t, w // t).permute(0, 2, 4, 1, 3, 5)
+                x = x.reshape(b * t * t, c, h // t, w // t)
+            n = x.shape[0]
             if self.cfg.channel_strategy == "greyscale":
-                x3 = x.reshape(b * c, 1, *x.shape[-2:]).expand(-1, 3, -1, -1)
-                return self._embed(x3).reshape(b, -1).cpu().numpy()
-            order = self.cfg.rgb_channels or list(channel_names)[:3]
-            if len(order) != 3:
-                raise InputError(f"rgb strategy needs exactly 3 channels, got {order}")
-            idx = [list(channel_names).index(ch) for ch in order]
-            return self._embed(x[:, idx]).cpu().numpy()
+                x3 = x.reshape(n * c, 1, *x.shape[-2:]).expand(-1, 3, -1, -1)
+                f = self._embed(x3).reshape(n, -1)
+            elif self.cfg.channel_strategy == "native":
+                f = self._embed(x)
+            else:
+                order = self.cfg.rgb_channels or list(channel_names)[:3]
+                idx = [list(channel_names).index(ch) for ch in order]
+                f = self._embed(x[:, idx])
+            if t > 1:
+                f = f.reshape(b, t * t, -1).mean(dim=1)
+            return f.cpu().numpy()
 
     def column_names(self, channel_names: Sequence[str], dim: int) -> list[str]:
-        """``<label>_<channel>_<k>`` for greyscale, ``<label>_RGB_<k>`` for rgb."""
+        """``<label>_<channel>_<k>`` for greyscale, ``<label>_RGB_<k>`` for rgb,
+        ``<label>_all_<k>`` for native."""
         label = self.cfg.label
-        if self.cfg.channel_strategy == "rgb":
-            return [f"{label}_RGB_{k}" for k in range(dim)]
+        if self.cfg.channel_strategy in ("rgb", "native"):
+            tag = "RGB" if self.cfg.channel_strategy == "rgb" else "all"
+            return [f"{label}_{tag}_{k}" for k in range(dim)]
         per = dim // len(channel_names)
         return [f"{label}_{ch}_{k}" for ch in channel_names for k in range(per)]
 
@@ -220,13 +277,13 @@ class TransferExtractor:
             A summary: shards written and skipped, image sets, seconds, fields per second.
         """
         import torch
-        from torch.utils.data import DataLoader
         from tqdm.auto import tqdm
 
         from morphoprof.images.dataset import ImageSetDataset
 
         channels = list(self.cfg.channels or index.channels)
         index.validate(channels=channels, check_files=False, check_shapes=False)
+        self.check_channels(channels)
         out = Path(out)
         params = {
             "extractor": "transfer",
@@ -246,7 +303,8 @@ class TransferExtractor:
         )
         params["intensity_ranges"] = [list(r) for r in ranges]
         writer = ShardWriter(out, params, overwrite=overwrite)
-        transform = FieldTransform(ranges, self.size)
+        t = self.cfg.tiles
+        transform = FieldTransform(ranges, (self.size[0] * t, self.size[1] * t))
         plan = []
         for plate, rows in index.table.groupby(PLATE, sort=True).indices.items():
             rows = np.sort(rows)
@@ -263,17 +321,7 @@ class TransferExtractor:
         torch.manual_seed(self.cfg.seed)
         for key, rows in todo:
             ds = ImageSetDataset(index, channels, rows, transform, illumination)
-            loader = DataLoader(
-                ds, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers,
-                pin_memory=self.device == "cuda", worker_init_fn=_single_thread_worker,
-            )
-            feats, order = [], []
-            for batch, idx in loader:
-                feats.append(self.features_from_batch(batch, channels))
-                order.append(idx.numpy())
-                bar.update(len(idx))
-            x = np.concatenate(feats).astype(np.float32)
-            pos = np.concatenate(order)
+            x, pos = self.features_for_dataset(ds, channels, bar)
             meta = index.table.iloc[pos][meta_cols].reset_index(drop=True)
             cols = self.column_names(channels, x.shape[1])
             df = pd.concat([meta, pd.DataFrame(x, columns=cols)], axis=1)
@@ -288,6 +336,90 @@ class TransferExtractor:
             "seconds": seconds,
             "fields_per_s": n_todo / seconds if seconds > 0 and n_todo else None,
         }
+
+
+    def features_for_dataset(self, dataset, channel_names: Sequence[str], bar=None):
+        """Run the network over a Dataset of ``(image (C, S, S) in [0, 1], key)`` items.
+
+        Batches come from a DataLoader with ``num_workers`` worker processes (reading and
+        preprocessing overlap the network). Images whose size differs from ``image_size`` (when
+        set) are resized. Returns ``(features (N, D) float32, keys (N,))`` in dataset order.
+        """
+        import torch.nn.functional as F
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(
+            dataset, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers,
+            pin_memory=self.device == "cuda", worker_init_fn=_single_thread_worker,
+            persistent_workers=False,
+        )
+        feats, keys = [], []
+        for batch, key in loader:
+            if self.cfg.image_size and tuple(batch.shape[-2:]) != self.size and self.cfg.tiles == 1:
+                batch = F.interpolate(batch, size=self.size, mode="bilinear", antialias=True)
+            feats.append(self.features_from_batch(batch, channel_names))
+            keys.append(key.numpy())
+            if bar is not None:
+                bar.update(len(key))
+        if not feats:
+            return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+        return np.concatenate(feats).astype(np.float32), np.concatenate(keys)
+
+    def extract_cells(
+        self,
+        index: ExperimentIndex,
+        cells: pd.DataFrame,
+        out: str | Path,
+        size: int = 96,
+        normalization: str = "max",
+        edge: str = "pad",
+        illumination=None,
+        overwrite: bool = False,
+        progress: bool = True,
+    ) -> dict:
+        """Transfer features of single-cell crops (one row per cell of ``cells``).
+
+        Crops are ``size`` px boxes around each nucleus (:class:`~morphoprof.preprocess.crops.
+        CropDataset`), normalised per crop (``max`` by default), fed at ``size`` px unless
+        ``image_size`` is set. One shard per plate; resumable like :meth:`extract`.
+        """
+        from tqdm.auto import tqdm
+
+        from morphoprof.preprocess.crops import CropDataset
+
+        channels = list(self.cfg.channels or index.channels)
+        self.check_channels(channels)
+        params = {
+            "extractor": "transfer_cells", "model": self.backbone.name,
+            "weights": self.backbone.weights, "channels": channels, "size": size,
+            "normalization": normalization, "edge": edge, "layer": self.cfg.layer,
+            "strategy": self.cfg.channel_strategy, "image_size": self.cfg.image_size,
+            "n_cells": len(cells),
+            "illumination": str(illumination.folder) if illumination is not None else None,
+        }
+        writer = ShardWriter(out, params, overwrite=overwrite)
+        cells = cells.sort_values(["Metadata_plate", "Metadata_well", "Metadata_site"],
+                                  kind="stable").reset_index(drop=True)
+        plan = [(shard_key(p, 0), rows) for p, rows in
+                cells.groupby(PLATE, sort=True).indices.items()]
+        todo = [(k, r) for k, r in plan if not writer.done(k)]
+        bar = tqdm(total=int(sum(len(r) for _, r in todo)), desc="cell features", unit="cell",
+                   disable=not progress)
+        t0, n = time.perf_counter(), 0
+        for key, rows in todo:
+            ds = CropDataset(index, cells.iloc[rows], size, channels, edge, normalization,
+                             illumination)
+            x, pos = self.features_for_dataset(ds, channels, bar)
+            meta = ds.cells.iloc[pos].reset_index(drop=True)
+            meta = meta[[c for c in meta.columns if c.startswith(("Metadata_", "Nuclei_Loc"))]]
+            cols = self.column_names(channels, x.shape[1])
+            writer.write(key, pd.concat([meta, pd.DataFrame(x, columns=cols)], axis=1))
+            n += len(x)
+        bar.close()
+        seconds = time.perf_counter() - t0
+        return {"out": str(out), "cells": n, "seconds": seconds,
+                "cells_per_s": n / seconds if seconds > 0 and n else None,
+                "shards_written": len(todo), "shards_skipped": len(plan) - len(todo)}
 
 
 def _single_thread_worker(_worker_id: int) -> None:

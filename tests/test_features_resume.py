@@ -1,0 +1,58 @@
+"""A real kill: SIGKILL an extraction mid-run, re-run the same command, compare with a clean run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from morphoprof.datasets.synthetic import SynthConfig, generate_screen
+from morphoprof.features.shards import read_features
+
+
+@pytest.mark.skipif(os.name != "posix", reason="needs SIGKILL")
+def test_sigkill_mid_extraction_then_rerun_matches_clean_run(tmp_path):
+    cfg = SynthConfig(n_moas=2, compounds_per_moa=2, concentrations=(1.0,), n_batches=2,
+                      plates_per_batch=4, dmso_wells_per_plate=2, sites_per_well=2,
+                      height=64, width=64, cells_per_field=5, seed=5)
+    n_fields = len(generate_screen(tmp_path / "s", cfg, progress=False, log=None))
+    index = str(tmp_path / "s" / "index.parquet")
+    cmd = [sys.executable, "-m", "morphoprof.cli", "extract", index, "--image-size", "64",
+           "--batch-size", "1"]
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    manifest = out / "manifest.json"
+    deadline = time.time() + 240
+    done_at_kill = 0
+    while time.time() < deadline and proc.poll() is None:
+        if manifest.is_file():
+            try:
+                done_at_kill = len(json.loads(manifest.read_text())["shards"])
+            except (json.JSONDecodeError, KeyError):
+                done_at_kill = 0
+            if done_at_kill >= 1:
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert 1 <= done_at_kill < 8  # killed in the middle: some plates done, some not
+    rerun = subprocess.run(cmd + ["--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert '"shards_skipped"' in rerun.stdout
+    clean = subprocess.run(cmd + ["--out", str(tmp_path / "clean")], capture_output=True,
+                           text=True, timeout=300)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    a, b = read_features(out), read_features(tmp_path / "clean")
+    key = ["Metadata_plate", "Metadata_well", "Metadata_site"]
+    assert not a.duplicated(key).any() and len(a) == len(b) == n_fields
+    a, b = a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True)
+    feats = [c for c in a.columns if not c.startswith("Metadata_")]
+    np.testing.assert_allclose(a[feats].to_numpy(), b[feats].to_numpy(), rtol=1e-5, atol=1e-6)
+    assert set(json.loads(manifest.read_text())["shards"]) == {
+        p.stem for p in (out / "shards").glob("*.parquet")}
