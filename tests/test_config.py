@@ -30,7 +30,7 @@ def test_bad_keys_types_and_values_are_named():
     text = "\n".join(problems)
     assert "features.modle: unknown key (did you mean 'model'?)" in text
     assert "features.batch_size: expected an integer, got 'big'" in text
-    assert "features.channel_strategy: 'cmyk' is not one of ['greyscale', 'rgb']" in text
+    assert "features.channel_strategy: 'cmyk' is not one of ['greyscale', 'rgb', 'native']" in text
     assert "profiles.normalization.method: 'zscore' is not one of" in text
     assert "evaluation.protocols[1]: 'loo'" in text
     assert "outptu: unknown key (did you mean 'output'?)" in text

@@ -127,3 +127,17 @@ def test_single_cell_crop_features(tmp_path, tiny_screen, extractor):
     assert s["cells"] == len(df) == len(cells)
     assert "Nuclei_Location_Center_X" in df.columns and "transfer_DNA_0" in df.columns
     assert np.isfinite(df.filter(like="transfer_").to_numpy()).all()
+
+
+def test_traced_network_matches_eager(tiny_screen, extractor):
+    _, index = tiny_screen
+    eager = TransferExtractor(TransferConfig(jit=False, **FAST), backbone=extractor.backbone)
+    x = torch.rand(3, 3, 64, 64)
+    np.testing.assert_allclose(extractor.features_from_batch(x, index.channels),
+                               eager.features_from_batch(x, index.channels),
+                               rtol=1e-3, atol=1e-4)
+    # a second input size gets its own trace (TF 'same' padding depends on the size)
+    y = torch.rand(2, 3, 96, 96)
+    np.testing.assert_allclose(extractor.features_from_batch(y, index.channels),
+                               eager.features_from_batch(y, index.channels),
+                               rtol=1e-3, atol=1e-4)

@@ -140,6 +140,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
     index = ExperimentIndex.read_parquet(a.index)
     cfg = TransferConfig(
         model=a.model, weights=a.weights, channel_strategy=a.channel_strategy, layer=a.layer,
+        tiles=a.tiles,
         image_size=a.image_size, batch_size=a.batch_size, num_workers=a.workers,
         device=a.device, channels=a.channels,
     )
@@ -309,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="feature folder")
     s.add_argument("--model", default="tf_efficientnet_lite0")
     s.add_argument("--weights", default="auto")
-    s.add_argument("--channel-strategy", default="greyscale", choices=["greyscale", "rgb"])
+    s.add_argument("--channel-strategy", default="greyscale",
+                   choices=["greyscale", "rgb", "native"])
+    s.add_argument("--tiles", type=int, default=1, help="tiles per side, features averaged")
     s.add_argument("--layer")
     s.add_argument("--image-size", type=int)
     s.add_argument("--batch-size", type=int, default=16)

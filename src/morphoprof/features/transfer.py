@@ -38,6 +38,7 @@ class TransferConfig:
     layer: str | None = None  # None: pooled penultimate layer
     tiles: int = 1  # tiles per side: the field is cut into tiles x tiles, features averaged
     in_chans: int | None = None  # native strategy: input channels (default: len(channels) or 3)
+    jit: bool = True  # CPU: trace + freeze the network per input shape (fuses conv and BN)
     image_size: int | None = None  # None: the network's own input size
     intensity_percentiles: tuple[float, float] = (0.1, 99.9)
     batch_size: int = 16
@@ -139,9 +140,9 @@ class TransferExtractor:
             self.cfg.model, self.cfg.weights, in_chans=in_chans, seed=self.cfg.seed
         )
         self.device = pick_device(self.cfg.device)
-        self.model = self.backbone.model.to(self.device)
-        if self.device == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        # channels_last helps on GPU and on CPU (oneDNN), most for depthwise convolutions.
+        self.model = self.backbone.model.to(self.device).to(memory_format=torch.channels_last)
+        self._traced: dict[tuple[int, ...], object] = {}
         size = self.cfg.image_size
         self.size = (size, size) if size else self.backbone.input_size
         self._mean = torch.tensor(self.backbone.mean, device=self.device).view(1, 3, 1, 1)
@@ -158,6 +159,20 @@ class TransferExtractor:
 
     def _hook(self, _module, _inp, out) -> None:
         self._hooked = out
+
+    def _traced_model(self, x):
+        """The network traced and frozen for inputs of ``x``'s (C, H, W); cached per shape, so
+        shape-dependent code (TF 'same' padding) is always traced at the size it runs at."""
+        import warnings
+
+        import torch
+
+        key = tuple(x.shape[1:])
+        if key not in self._traced:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._traced[key] = torch.jit.freeze(torch.jit.trace(self.model, x))
+        return self._traced[key]
 
     @property
     def model_in_chans(self) -> int:
@@ -201,10 +216,12 @@ class TransferExtractor:
             x3 = (x3 - 0.5) / 0.5
         else:
             x3 = (x3 - self._mean) / self._std
+        x3 = x3.contiguous(memory_format=torch.channels_last)
         if self.device == "cuda":
-            x3 = x3.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 out = self.model(x3)
+        elif self.cfg.jit and not self.cfg.layer:
+            out = self._traced_model(x3)(x3)
         else:
             out = self.model(x3)
         if self.cfg.layer:

@@ -1,0 +1,192 @@
+"""Extraction speed on 2 CPU cores, each as a ratio to the pure forward-pass ceiling measured in
+the same run (same model, same batch, tensors already in memory).
+
+- Single-cell crops: the 7,774 real BBBC021 crops (../shared/data/bbbc021/single_cells, 68x68,
+  3 channels, uint16), zero-padded to 96 px, per-crop max rescaling, fed natively (3 channels in
+  one pass) to ResNet18 and to EfficientNet-B0; reading the npz, the DataLoader and writing the
+  Parquet output are all inside the timing. Peer on this machine: DeepProfiler 0.5.1's profile
+  step, EfficientNet-B0 at 96 px, ~273 cells/s (goal: >= 1.5x).
+- Whole fields: the 660 real 6-MoA fields, EfficientNet-Lite0, 3 greyscale passes at 224 px.
+- Classical baseline: cp_measure on the same crops (tiled into mosaics, segmented on DAPI, the
+  centre nucleus of each crop measured; 2 processes), with morphoprof's default measurements
+  (shape, intensity, texture, granularity) and with all of cp_measure's core measurements;
+  peer: ~38 cells/s.
+
+    python benchmarks/extract_speed.py     # writes benchmarks/results/extract_speed.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data" / "bbbc021"
+RESULTS = HERE / "results" / "extract_speed.json"
+CROP = 96
+DEEPPROFILER_CELLS_PER_S = 273.0
+
+
+class NpzCrops:
+    """Dataset over crops held in memory: (N, H, W, C) uint16 -> (C, 96, 96) float32 in [0, 1]
+    (centred zero padding, per-crop per-channel max rescaling)."""
+
+    def __init__(self, crops: np.ndarray, size: int = CROP) -> None:
+        self.crops = crops
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def __getitem__(self, k: int):
+        import torch
+
+        from morphoprof.preprocess.crops import normalize_crops
+
+        c = self.crops[k].transpose(2, 0, 1).astype(np.float32)
+        out = np.zeros((c.shape[0], self.size, self.size), np.float32)
+        o0, o1 = (self.size - c.shape[1]) // 2, (self.size - c.shape[2]) // 2
+        out[:, o0 : o0 + c.shape[1], o1 : o1 + c.shape[2]] = c
+        return torch.from_numpy(normalize_crops(out[None], "max")[0]), k
+
+
+def forward_ceiling(extractor, shape, n_batches: int = 6) -> float:
+    """Items/s of the network alone on a batch already in memory (after one warm-up batch)."""
+    import torch
+
+    x = torch.rand(*shape)
+    channels = [f"c{i}" for i in range(shape[1])]
+    extractor.features_from_batch(x, channels)
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        extractor.features_from_batch(x, channels)
+    return n_batches * shape[0] / (time.perf_counter() - t0)
+
+
+def cells_run(model: str, path: Path, out: Path, batch: int = 64, workers: int = 1) -> dict:
+    import pandas as pd
+
+    from morphoprof.features.transfer import TransferConfig, TransferExtractor
+
+    ex = TransferExtractor(TransferConfig(model=model, weights="random", channel_strategy="native",
+                                          in_chans=3, batch_size=batch, num_workers=workers))
+    ceiling = forward_ceiling(ex, (batch, 3, CROP, CROP))
+    t0 = time.perf_counter()
+    with np.load(path) as z:
+        crops = z["crops"]
+    index = pd.read_csv(path.with_name("index.csv"))
+    x, keys = ex.features_for_dataset(NpzCrops(crops), ["DAPI", "c1", "c2"])
+    meta = index.iloc[keys].reset_index(drop=True).add_prefix("Metadata_")
+    df = pd.concat([meta, pd.DataFrame(x, columns=ex.column_names(["all"], x.shape[1]))], axis=1)
+    df.to_parquet(out, index=False)
+    seconds = time.perf_counter() - t0
+    rate = len(x) / seconds
+    print(f"{model:16s} {rate:7.1f} cells/s end to end; ceiling {ceiling:7.1f} cells/s "
+          f"({rate / ceiling:.2f})", flush=True)
+    return {"cells": len(x), "seconds": seconds, "cells_per_s": rate,
+            "ceiling_cells_per_s": ceiling, "ceiling_ratio": rate / ceiling,
+            "batch_size": batch, "num_workers": workers}
+
+
+def fields_run(tmp: Path) -> dict:
+    from morphoprof.features.transfer import TransferConfig, TransferExtractor
+    from morphoprof.index import import_fields_6moa
+
+    index = import_fields_6moa(DATA / "fields_6moa")
+    ex = TransferExtractor(TransferConfig(batch_size=16, num_workers=1))
+    ceiling = forward_ceiling(ex, (16, 3, 224, 224), n_batches=4)
+    s = ex.extract(index, tmp / "fields", log=None, progress=False)
+    rate = s["fields_per_s"]
+    print(f"whole fields     {rate:7.2f} fields/s end to end; ceiling {ceiling:7.2f} fields/s "
+          f"({rate / ceiling:.2f})", flush=True)
+    return {"fields": s["image_sets"], "fields_per_s": rate, "ceiling_fields_per_s": ceiling,
+            "ceiling_ratio": rate / ceiling}
+
+
+def classical_run(path: Path, measurements, n_cells: int = 400, n_jobs: int = 2) -> dict:
+    """cp_measure on mosaics of the real crops (10 x 10 crops per mosaic, DAPI segmented); one
+    object per crop is measured, the nucleus at the crop's centre."""
+    from joblib import Parallel, delayed
+
+    with np.load(path) as z:
+        crops = z["crops"][:n_cells].astype(np.float32)
+    side = 10
+    mosaics = []
+    for k in range(0, len(crops), side * side):
+        part = crops[k : k + side * side]
+        m = np.zeros((3, side * 68, side * 68), np.float32)
+        for j, c in enumerate(part):
+            r, q = divmod(j, side)
+            m[:, r * 68 : (r + 1) * 68, q * 68 : (q + 1) * 68] = c.transpose(2, 0, 1)
+        mosaics.append(m / max(float(m.max()), 1.0))
+
+    def measure(m):
+        from morphoprof.features.classical import measure_objects
+        from morphoprof.preprocess.segmentation import NucleiConfig, segment_nuclei
+
+        labels = segment_nuclei(m[0], NucleiConfig(min_distance=6, min_area=40))
+        centres = labels[34::68, 34::68].ravel()
+        keep = np.zeros(int(labels.max()) + 1, bool)
+        keep[centres[centres > 0]] = True
+        labels = np.where(keep[labels], labels, 0)
+        return len(measure_objects(m, labels, ["DAPI", "c1", "c2"], measurements))
+
+    with Parallel(n_jobs=n_jobs) as pool:
+        pool(delayed(measure)(mosaics[0][:, :136, :136]) for _ in range(n_jobs))  # warm-up
+        t0 = time.perf_counter()
+        counts = pool(delayed(measure)(m) for m in mosaics)
+        seconds = time.perf_counter() - t0
+    n = int(sum(counts))
+    print(f"classical        {n / seconds:7.1f} cells/s ({n} cells, {n_jobs} processes, "
+          f"{len(measurements)} measurement families)", flush=True)
+    return {"cells": n, "seconds": seconds, "cells_per_s": n / seconds, "n_jobs": n_jobs,
+            "measurements": list(measurements)}
+
+
+def main() -> int:
+    crops_path = DATA / "single_cells" / "crops.npz"
+    if not crops_path.is_file() or not (DATA / "fields_6moa").is_dir():
+        print(f"skipped: real data not found under {DATA}")
+        return 0
+    out: dict = {"machine": "2 CPU cores", "crop_size": CROP}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        out["resnet18"] = cells_run("resnet18", crops_path, tmp / "r18.parquet")
+        out["efficientnet_b0"] = cells_run("efficientnet_b0", crops_path, tmp / "b0.parquet")
+        out["whole_fields"] = fields_run(tmp)
+    from cp_measure.bulk import get_core_measurements
+
+    from morphoprof.features.classical import DEFAULT_MEASUREMENTS
+
+    out["classical"] = classical_run(crops_path, DEFAULT_MEASUREMENTS)
+    out["classical_all_core"] = classical_run(crops_path, tuple(get_core_measurements()))
+    out.update({
+        "cells_per_s": out["resnet18"]["cells_per_s"],
+        "cells_ceiling_ratio": out["resnet18"]["ceiling_ratio"],
+        "efficientnet_b0_cells_per_s": out["efficientnet_b0"]["cells_per_s"],
+        "efficientnet_b0_vs_deepprofiler": out["efficientnet_b0"]["cells_per_s"]
+        / DEEPPROFILER_CELLS_PER_S,
+        "fields_per_s": out["whole_fields"]["fields_per_s"],
+        "fields_ceiling_ratio": out["whole_fields"]["ceiling_ratio"],
+        "classical_cells_per_s": out["classical"]["cells_per_s"],
+        "deep_vs_classical_per_cell": out["resnet18"]["cells_per_s"]
+        / out["classical"]["cells_per_s"],
+        "deep_vs_classical_all_core_per_cell": out["resnet18"]["cells_per_s"]
+        / out["classical_all_core"]["cells_per_s"],
+        "peers": {"deepprofiler_efficientnet_b0_cells_per_s": DEEPPROFILER_CELLS_PER_S,
+                  "cp_measure_2_processes_cells_per_s": 38.0},
+    })
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)}, indent=1))
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
