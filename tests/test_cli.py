@@ -100,3 +100,20 @@ def test_demo_command_from_the_console_script(tmp_path):
     assert abs(seg["cells"] - len(truth)) <= 0.05 * len(truth)
     assert "Quality control: segmented cells per well" in html
     assert "NSC:" in proc.stdout
+
+
+def test_run_classical_extractor_end_to_end(tmp_path):
+    cfg = {
+        "data": {"source": "synthetic", "path": "screen",
+                 "synthetic": {k: v for k, v in TINY.to_json().items() if k != "channels"}},
+        "preprocess": {"segmentation": {"min_distance": 4}},
+        "features": {"extractor": "classical", "measurements": ["sizeshape", "intensity"]},
+        "output": "out",
+    }
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(tmp_path / "run.yaml")]) == 0
+    wells = pd.read_parquet(tmp_path / "out" / "profiles" / "wells.parquet")
+    assert "classical_DNA_Intensity_MeanIntensity" in wells.columns
+    assert wells["Metadata_count"].sum() > len(wells)  # cells, not fields, were aggregated
+    result = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert result["nsc"]["n"] == 6

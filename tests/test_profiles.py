@@ -60,3 +60,14 @@ def test_treatment_profiles_join_batches_and_drop_controls():
     assert t["Metadata_count"].iloc[0] == 6
     with pytest.raises(InputError, match="cannot aggregate by"):
         aggregate(wells, ["Metadata_nope"])
+
+
+def test_drop_nonfinite_reports_what_it_drops():
+    from morphoprof.profiles.select import drop_nonfinite
+
+    df = well_profiles(_fields())
+    df["f3"] = 1.0
+    df.loc[2, "f3"] = np.nan
+    df["f4"] = np.inf
+    clean, dropped = drop_nonfinite(df)
+    assert dropped == ["f3", "f4"] and "f1" in clean.columns and "f3" not in clean.columns

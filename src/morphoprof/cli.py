@@ -138,6 +138,13 @@ def cmd_extract(a: argparse.Namespace) -> int:
     from morphoprof.index import ExperimentIndex
 
     index = ExperimentIndex.read_parquet(a.index)
+    if a.extractor == "classical":
+        from morphoprof.features.classical import ClassicalConfig, ClassicalExtractor
+
+        ccfg = ClassicalConfig(channels=a.channels, n_jobs=a.workers or 1)
+        _print_json(ClassicalExtractor(ccfg).extract(
+            index, a.out, illumination=_illumination(a.illumination), overwrite=a.overwrite))
+        return 0
     cfg = TransferConfig(
         model=a.model, weights=a.weights, channel_strategy=a.channel_strategy, layer=a.layer,
         tiles=a.tiles,
@@ -305,9 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--illumination")
     s.set_defaults(func=cmd_crops)
 
-    s = sub.add_parser("extract", help="extract transfer features (resumable)")
+    s = sub.add_parser("extract", help="extract features (resumable)")
     s.add_argument("index")
     s.add_argument("--out", required=True, help="feature folder")
+    s.add_argument("--extractor", default="transfer", choices=["transfer", "classical"],
+                   help="transfer: ImageNet CNN on whole fields; classical: cp_measure per cell")
     s.add_argument("--model", default="tf_efficientnet_lite0")
     s.add_argument("--weights", default="auto")
     s.add_argument("--channel-strategy", default="greyscale",

@@ -88,7 +88,8 @@ SCHEMA: dict[str, Any] = {
         "on_error": Opt(_STR, "fail", ("fail", "skip")),
     },
     "features": {
-        "extractor": Opt(_STR, "transfer", ("transfer",)),
+        "extractor": Opt(_STR, "transfer", ("transfer", "classical")),
+        "measurements": Opt(_LIST, ["sizeshape", "intensity", "texture", "granularity"]),
         "model": Opt(_STR, "tf_efficientnet_lite0"),
         "weights": Opt(_STR, "auto"),
         "channel_strategy": Opt(_STR, "greyscale", ("greyscale", "rgb", "native")),

@@ -44,10 +44,36 @@ def write_json(path: str | Path, obj: object) -> Path:
     return Path(path)
 
 
+def to_arrow(df: pd.DataFrame):
+    """A pyarrow Table of ``df`` (no index), built column by column: numeric columns are wrapped
+    without copies, which is several times faster than pandas' conversion for wide feature
+    tables (thousands of float columns)."""
+    import pyarrow as pa
+
+    names = [str(c) for c in df.columns]
+    arrays: dict[str, object] = {}
+    dtypes = df.dtypes
+    # Feature columns share a dtype: pull them out as one matrix, then one array per column.
+    for dtype in {d for d in dtypes if d.kind in "fiu"}:
+        cols = [c for c, d in zip(df.columns, dtypes) if d == dtype]
+        block = np.ascontiguousarray(df[cols].to_numpy(dtype=dtype).T)
+        for c, values in zip(cols, block):
+            arrays[str(c)] = pa.array(values)
+    for c in df.columns:
+        if str(c) not in arrays:
+            arrays[str(c)] = pa.Array.from_pandas(df[c])
+    return pa.Table.from_arrays([arrays[n] for n in names], names=names)
+
+
 def write_parquet(path: str | Path, df: pd.DataFrame) -> Path:
     """Write a DataFrame as Parquet (no index), atomically."""
+    import pyarrow.parquet as pq
+
+    meta = [str(c) for c in df.columns if str(c).startswith("Metadata_")]
     with atomic_path(path) as tmp:
-        df.to_parquet(tmp, index=False)
+        # Statistics and dictionaries help metadata filters, not thousands of float features.
+        pq.write_table(to_arrow(df), tmp, write_statistics=meta or False,
+                       use_dictionary=meta or False)
     return Path(path)
 
 

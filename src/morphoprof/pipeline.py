@@ -9,6 +9,7 @@ Each stage reads the previous stage's files and writes its own, so any stage can
     OUT/features/                       feature shards + manifest (resumable)
     OUT/profiles/wells.parquet          per-well profiles (normalised)
     OUT/profiles/treatments.parquet     per-treatment profiles (controls excluded)
+    OUT/profiles/dropped_features.json  features removed for NaN / infinite values
     OUT/evaluation.json                 NSC / NSCB with counts, per-MoA, confusion
     OUT/report.html                     self-contained report
     OUT/config.yaml                     the configuration that was run
@@ -81,10 +82,26 @@ def segmentation_stage(index: ExperimentIndex, cfg: dict, on_error: str, out: Pa
 
 
 def extract_features(index: ExperimentIndex, features: dict, channels, out: Path,
-                     progress: bool = True, log=print, illumination=None) -> dict:
-    """Run the configured extractor over the index into ``out`` (a feature folder)."""
+                     progress: bool = True, log=print, illumination=None,
+                     segmentation: dict | None = None) -> dict:
+    """Run the configured extractor over the index into ``out`` (a feature folder).
+
+    ``transfer``: whole-field ImageNet features; ``classical``: cp_measure measurements of the
+    nuclei segmented with the ``segmentation`` settings (one row per cell).
+    """
     from morphoprof.features.transfer import TransferConfig, TransferExtractor
 
+    if features["extractor"] == "classical":
+        from morphoprof.features.classical import ClassicalConfig, ClassicalExtractor
+        from morphoprof.preprocess.segmentation import NucleiConfig
+
+        seg = {k: v for k, v in (segmentation or {}).items()
+               if k not in ("enabled", "channel", "n_jobs")}
+        cfg = ClassicalConfig(measurements=tuple(features["measurements"]), channels=channels,
+                              nuclei=NucleiConfig(**seg),
+                              n_jobs=(segmentation or {}).get("n_jobs", 1))
+        return ClassicalExtractor(cfg).extract(index, out, illumination=illumination,
+                                               progress=progress, log=log)
     known = {f.name for f in fields(TransferConfig)}
     cfg = TransferConfig(**{k: v for k, v in features.items() if k in known}, channels=channels)
     return TransferExtractor(cfg).extract(index, out, progress=progress, log=log,
@@ -105,9 +122,12 @@ def build_profiles(features_dir: Path, profiles_cfg: dict, out_dir: Path) -> tup
     from morphoprof.features.shards import read_features
     from morphoprof.profiles.aggregate import treatment_profiles, well_profiles
     from morphoprof.profiles.normalize import normalize
+    from morphoprof.profiles.select import drop_nonfinite
 
     feats = read_features(features_dir)
-    wells = well_profiles(feats, profiles_cfg["well_aggregation"])
+    wells, dropped = drop_nonfinite(well_profiles(feats, profiles_cfg["well_aggregation"]))
+    write_json(out_dir / "dropped_features.json",
+               {"reason": "NaN or infinite in at least one well", "features": dropped})
     norm = profiles_cfg["normalization"]
     wells = normalize(wells, norm["method"], by=NORMALIZE_BY[norm["by"]],
                       reference=norm["reference"])
@@ -173,7 +193,8 @@ def run_pipeline(cfg: dict, config_text: str, progress: bool = True, log=print) 
     t = time.perf_counter()
     log(f"[4/7] features ({cfg['features']['extractor']}, {cfg['features']['model']})")
     extraction = extract_features(index, cfg["features"], cfg["channels"], out / "features",
-                                  progress=progress, log=log, illumination=illumination)
+                                  progress=progress, log=log, illumination=illumination,
+                                  segmentation=pre["segmentation"])
     timings["features_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -192,9 +213,11 @@ def run_pipeline(cfg: dict, config_text: str, progress: bool = True, log=print) 
         summary["fields without cells"] = seg["image_sets_without_cells"]
         summary["skipped files"] = len(seg["skipped"])
         qc = cells_per_well(out / "cells.parquet", index)
+    rate = extraction.get("fields_per_s") or extraction.get("cells_per_s")
+    unit = "fields/s" if extraction.get("fields_per_s") else "cells/s"
     summary["feature extraction"] = (
         f"{extraction['image_sets']} fields in {extraction['seconds']:.1f} s"
-        + (f" ({extraction['fields_per_s']:.1f} fields/s)" if extraction["fields_per_s"] else "")
+        + (f" ({rate:.1f} {unit})" if rate else "")
     )
     write_report(out / "report.html", evaluation, pd.read_parquet(treatments), summary,
                  config_text=yaml.safe_dump(cfg, sort_keys=False), cells_per_well=qc)
