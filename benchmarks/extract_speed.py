@@ -48,15 +48,21 @@ class NpzCrops:
         return len(self.crops)
 
     def __getitem__(self, k: int):
+        return self.__getitems__([k])[0]
+
+    def __getitems__(self, ks):
+        """A whole batch at once (the DataLoader's batched fetch): one vectorised pad and
+        rescale instead of a Python call per crop."""
         import torch
 
         from morphoprof.preprocess.crops import normalize_crops
 
-        c = self.crops[k].transpose(2, 0, 1).astype(np.float32)
-        out = np.zeros((c.shape[0], self.size, self.size), np.float32)
-        o0, o1 = (self.size - c.shape[1]) // 2, (self.size - c.shape[2]) // 2
-        out[:, o0 : o0 + c.shape[1], o1 : o1 + c.shape[2]] = c
-        return torch.from_numpy(normalize_crops(out[None], "max")[0]), k
+        c = self.crops[np.asarray(ks)].transpose(0, 3, 1, 2).astype(np.float32)
+        out = np.zeros((len(ks), c.shape[1], self.size, self.size), np.float32)
+        o0, o1 = (self.size - c.shape[2]) // 2, (self.size - c.shape[3]) // 2
+        out[:, :, o0 : o0 + c.shape[2], o1 : o1 + c.shape[3]] = c
+        x = torch.from_numpy(normalize_crops(out, "max"))
+        return [(x[j], k) for j, k in enumerate(ks)]
 
 
 def forward_ceiling(extractor, shape, n_batches: int = 4, repeats: int = 3) -> float:

@@ -93,3 +93,23 @@ def test_export_crops_shards_and_resume(tmp_path, tiny_screen):
     (out / "shards" / "00001.parquet").unlink()
     again = export_crops(index, cells, out, size=16, shard_size=20, progress=False)
     assert again["written"] == 20 and again["skipped"] == len(cells) - 20
+
+
+def test_dataset_masks_neighbouring_nuclei(tmp_path, tiny_screen):
+    from morphoprof.preprocess.segmentation import NucleiConfig
+
+    _, index = tiny_screen
+    cfg = NucleiConfig()
+    segment_index(index, tmp_path / "cells.parquet", cfg=cfg, progress=False)
+    cells = pd.read_parquet(tmp_path / "cells.parquet")
+    plain = CropDataset(index, cells, size=48, normalization="none")
+    masked = CropDataset(index, cells, size=48, normalization="none", mask_neighbours=cfg)
+    changed = 0
+    for k in range(len(cells)):
+        a, _ = plain[k]
+        b, _ = masked[k]
+        assert b[:, 24, 24].tolist() == a[:, 24, 24].tolist()  # own nucleus untouched
+        changed += int((a != b).any())
+    assert changed > 0  # some crops contained neighbours, now blanked
+    with pytest.raises(InputError, match="Metadata_object"):
+        CropDataset(index, cells.drop(columns=["Metadata_object"]), mask_neighbours=cfg)

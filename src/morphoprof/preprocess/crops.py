@@ -109,6 +109,10 @@ class CropDataset:
     ``cells``. With ``edge="skip"`` the cells whose box leaves the image are dropped up front
     (``self.cells`` holds the kept rows). Picklable for DataLoader workers; each worker caches the
     last image set it decoded.
+
+    ``mask_neighbours`` (a :class:`~morphoprof.preprocess.segmentation.NucleiConfig`, the one the
+    cell table was made with) re-segments each image set once and blanks the pixels of the other
+    nuclei in every crop; the cell table must then carry ``Metadata_object``.
     """
 
     def __init__(
@@ -121,8 +125,10 @@ class CropDataset:
         normalization: str = "max",
         illumination=None,
         image_shape: tuple[int, int] | None = None,
+        mask_neighbours=None,
     ) -> None:
         from morphoprof.images.read import image_shape as header_shape
+        from morphoprof.preprocess.segmentation import OBJECT
 
         self.index = index
         self.channels = list(channels or index.channels)
@@ -130,7 +136,9 @@ class CropDataset:
         self.edge = edge
         self.normalization = normalization
         self.illumination = illumination
-        missing = [c for c in IMAGE_SET_KEY + [CENTER_X, CENTER_Y] if c not in cells.columns]
+        self.mask_neighbours = mask_neighbours
+        need = IMAGE_SET_KEY + [CENTER_X, CENTER_Y] + ([OBJECT] if mask_neighbours else [])
+        missing = [c for c in need if c not in cells.columns]
         if missing:
             raise InputError(f"cell table lacks column(s) {missing}")
         key = index.table[IMAGE_SET_KEY].astype(str).agg("|".join, axis=1)
@@ -150,27 +158,36 @@ class CropDataset:
         self.cells = cells.reset_index(drop=True)
         self.rows = rows
         self.centers = self.cells[[CENTER_X, CENTER_Y]].to_numpy(np.float64)
-        self._cached: tuple[int, np.ndarray] | None = None
+        self.objects = self.cells[OBJECT].to_numpy(np.int64) if mask_neighbours else None
+        self._cached: tuple[int, np.ndarray, np.ndarray | None] | None = None
 
     def __len__(self) -> int:
         return len(self.cells)
 
-    def image(self, row: int) -> np.ndarray:
-        """The (illumination-corrected) image set at index row ``row``, cached."""
+    def image(self, row: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The (illumination-corrected) image set at index row ``row`` and, when masking, its
+        nucleus labels; cached."""
         if self._cached is None or self._cached[0] != row:
+            from morphoprof.preprocess.segmentation import dna_channel, segment_nuclei
+
             img = self.index.read(row, self.channels)
             if self.illumination is not None:
                 img = self.illumination.apply(img, self.index.table[PLATE].iloc[row],
                                               self.channels)
-            self._cached = (row, img)
-        return self._cached[1]
+            labels = None
+            if self.mask_neighbours is not None:
+                dna = self.channels.index(dna_channel(self.channels))
+                labels = segment_nuclei(img[dna], self.mask_neighbours)
+            self._cached = (row, img, labels)
+        return self._cached[1], self._cached[2]
 
     def __getitem__(self, k: int):
         import torch
 
-        img = self.image(int(self.rows[k]))
-        crop, _ = crop_cells(img, self.centers[k : k + 1], self.size, "pad",
-                             normalization=self.normalization)
+        img, labels = self.image(int(self.rows[k]))
+        ids = None if labels is None else self.objects[k : k + 1]
+        crop, _ = crop_cells(img, self.centers[k : k + 1], self.size, "pad", labels=labels,
+                             object_ids=ids, normalization=self.normalization)
         return torch.from_numpy(crop[0]), k
 
 
