@@ -163,6 +163,8 @@ def classical_run(path: Path, measurements, n_cells: int = 400, n_jobs: int = 2)
 
 
 def main() -> int:
+    from morphoprof.io_utils import write_json
+
     crops_path = DATA / "single_cells" / "crops.npz"
     if not crops_path.is_file() or not (DATA / "fields_6moa").is_dir():
         print(f"skipped: real data not found under {DATA}")
@@ -195,8 +197,7 @@ def main() -> int:
         "peers": {"deepprofiler_efficientnet_b0_cells_per_s": DEEPPROFILER_CELLS_PER_S,
                   "cp_measure_2_processes_cells_per_s": 38.0},
     })
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(RESULTS, out)
     print(json.dumps({k: v for k, v in out.items() if not isinstance(v, dict)}, indent=1))
     print(f"wrote {RESULTS}")
     return 0

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -97,6 +96,7 @@ def real_dapi() -> dict:
 def main() -> int:
     from morphoprof.datasets.synthetic import SynthConfig, generate_screen
     from morphoprof.features.transfer import TransferConfig, TransferExtractor
+    from morphoprof.io_utils import write_json
     from morphoprof.preprocess.illumination import compute_illumination
     from morphoprof.preprocess.segmentation import NucleiConfig
 
@@ -142,8 +142,7 @@ def main() -> int:
     print(f"transfer features (reference): {n / extract_seconds:.2f} fields/s; preprocessing "
           f"fraction {out['preprocess_fraction']:.2f} ({best}); real DAPI field: "
           f"{out['real_dapi_nuclei']} nuclei")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(RESULTS, out)
     print(f"wrote {RESULTS}")
     return 0
 

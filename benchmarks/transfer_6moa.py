@@ -14,7 +14,6 @@ not normalised again.
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -36,6 +35,8 @@ def evaluate(features_dir: Path) -> dict:
 
 
 def main() -> int:
+    from morphoprof.io_utils import write_json
+
     if not DATA.is_dir():
         print(f"skipped: real data not found at {DATA}")
         return 0
@@ -87,8 +88,7 @@ def main() -> int:
         "fields_per_s": g["greyscale"]["fields_per_s"],
         "goal_nsc_at_least": 0.96,
     })
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(RESULTS, out)
     print(f"wrote {RESULTS}")
     return 0
 
