@@ -88,6 +88,7 @@ def cells_run(model: str, path: Path, out: Path, batch: int = 64, workers: int =
     from morphoprof.features.transfer import TransferConfig, TransferExtractor
 
     ex = TransferExtractor(TransferConfig(model=model, weights="random", channel_strategy="native",
+                                          jit=True,
                                           in_chans=3, batch_size=batch, num_workers=workers))
     ceiling = forward_ceiling(ex, (batch, 3, CROP, CROP))
     t0 = time.perf_counter()
@@ -112,7 +113,7 @@ def fields_run(tmp: Path) -> dict:
     from morphoprof.index import import_fields_6moa
 
     index = import_fields_6moa(DATA / "fields_6moa")
-    ex = TransferExtractor(TransferConfig(batch_size=16, num_workers=0))
+    ex = TransferExtractor(TransferConfig(batch_size=16, num_workers=0, jit=True))
     ceiling = forward_ceiling(ex, (16, 3, 224, 224), n_batches=3)
     s = ex.extract(index, tmp / "fields", log=None, progress=False)
     rate = s["fields_per_s"]

@@ -132,12 +132,14 @@ def test_single_cell_crop_features(tmp_path, tiny_screen, extractor):
 def test_traced_network_matches_eager(tiny_screen, extractor):
     _, index = tiny_screen
     eager = TransferExtractor(TransferConfig(jit=False, **FAST), backbone=extractor.backbone)
+    traced = TransferExtractor(TransferConfig(jit=True, **FAST), backbone=extractor.backbone)
     x = torch.rand(3, 3, 64, 64)
-    np.testing.assert_allclose(extractor.features_from_batch(x, index.channels),
+    np.testing.assert_allclose(traced.features_from_batch(x, index.channels),
                                eager.features_from_batch(x, index.channels),
                                rtol=1e-3, atol=1e-4)
     # a second input size gets its own trace (TF 'same' padding depends on the size)
     y = torch.rand(2, 3, 96, 96)
-    np.testing.assert_allclose(extractor.features_from_batch(y, index.channels),
+    np.testing.assert_allclose(traced.features_from_batch(y, index.channels),
                                eager.features_from_batch(y, index.channels),
                                rtol=1e-3, atol=1e-4)
+    assert len(traced._traced) == 2 and not eager._traced
