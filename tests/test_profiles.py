@@ -71,3 +71,41 @@ def test_drop_nonfinite_reports_what_it_drops():
     df["f4"] = np.inf
     clean, dropped = drop_nonfinite(df)
     assert dropped == ["f3", "f4"] and "f1" in clean.columns and "f3" not in clean.columns
+
+
+def test_spherize_whitens_controls_to_identity(tmp_path):
+    from morphoprof.profiles.normalize import Spherize
+
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(6, 6))
+    controls = rng.normal(size=(400, 6)) @ mix + 3.0  # strongly correlated features
+    for mode in ("pca", "zca"):
+        s = Spherize(mode, eps=1e-9).fit(controls)
+        z = s.transform(controls)
+        np.testing.assert_allclose(z.mean(axis=0), 0, atol=1e-9)
+        np.testing.assert_allclose(np.cov(z, rowvar=False), np.eye(6), atol=1e-6)
+    # ZCA keeps features aligned with the originals; PCA does not
+    zca = Spherize("zca", 1e-9).fit(controls).transform(controls)
+    assert np.corrcoef(zca[:, 0], controls[:, 0])[0, 1] > 0.3
+    # fitted transforms are saved and re-applied to new data
+    other = rng.normal(size=(5, 6))
+    s.save(tmp_path / "tvn.npz")
+    np.testing.assert_allclose(Spherize.load(tmp_path / "tvn.npz").transform(other),
+                               s.transform(other))
+    with pytest.raises(InputError, match="at least 2 reference"):
+        Spherize().fit(controls[:1])
+
+
+def test_normalize_spherize_per_plate():
+    rng = np.random.default_rng(1)
+    rows = []
+    for plate in ("P1", "P2"):
+        for k in range(60):
+            f = rng.normal(size=3) @ np.array([[1, 0.8, 0], [0, 1, 0.5], [0, 0, 1.0]])
+            rows.append({"Metadata_plate": plate, "Metadata_well": f"W{k}",
+                         "Metadata_control": k < 50, "a": f[0], "b": f[1], "c": f[2]})
+    df = pd.DataFrame(rows)
+    out = normalize(df, "spherize", by="Metadata_plate", eps=1e-9)
+    for _, g in out[out.Metadata_control].groupby("Metadata_plate"):
+        np.testing.assert_allclose(np.cov(g[["a", "b", "c"]].to_numpy(), rowvar=False),
+                                   np.eye(3), atol=1e-6)

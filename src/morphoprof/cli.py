@@ -161,7 +161,8 @@ def cmd_aggregate(a: argparse.Namespace) -> int:
 
     cfg = {"well_aggregation": a.well_aggregation,
            "treatment_aggregation": a.treatment_aggregation,
-           "normalization": {"method": a.normalize, "by": a.by, "reference": a.reference}}
+           "normalization": {"method": a.normalize, "by": a.by, "reference": a.reference,
+                             "eps": a.eps}}
     wells, treatments = build_profiles(Path(a.features), cfg, Path(a.out))
     print(f"wrote {wells} and {treatments}")
     return 0
@@ -338,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--well-aggregation", default="mean", choices=["mean", "median"])
     s.add_argument("--treatment-aggregation", default="median", choices=["mean", "median"])
     s.add_argument("--normalize", default="center",
-                   choices=["center", "standardize", "robust", "none"])
+                   choices=["center", "standardize", "robust", "spherize", "none"])
+    s.add_argument("--eps", type=float, default=1e-6,
+                   help="scale floor; for spherize, the whitening regulariser")
     s.add_argument("--by", default="plate", choices=["plate", "batch", "all"])
     s.add_argument("--reference", default="controls", choices=["controls", "all"])
     s.set_defaults(func=cmd_aggregate)

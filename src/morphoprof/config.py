@@ -107,7 +107,9 @@ SCHEMA: dict[str, Any] = {
         "well_aggregation": Opt(_STR, "mean", ("mean", "median")),
         "treatment_aggregation": Opt(_STR, "median", ("mean", "median")),
         "normalization": {
-            "method": Opt(_STR, "center", ("center", "standardize", "robust", "none")),
+            "method": Opt(_STR, "center",
+                          ("center", "standardize", "robust", "spherize", "none")),
+            "eps": Opt(_FLOAT, 1e-6),
             "by": Opt(_STR, "plate", ("plate", "batch", "all")),
             "reference": Opt(_STR, "controls", ("controls", "all")),
         },

@@ -130,7 +130,7 @@ def build_profiles(features_dir: Path, profiles_cfg: dict, out_dir: Path) -> tup
                {"reason": "NaN or infinite in at least one well", "features": dropped})
     norm = profiles_cfg["normalization"]
     wells = normalize(wells, norm["method"], by=NORMALIZE_BY[norm["by"]],
-                      reference=norm["reference"])
+                      reference=norm["reference"], eps=norm.get("eps", 1e-6))
     treatments = treatment_profiles(wells, profiles_cfg["treatment_aggregation"])
     w = write_parquet(out_dir / "wells.parquet", wells)
     t = write_parquet(out_dir / "treatments.parquet", treatments)

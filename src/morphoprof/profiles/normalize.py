@@ -9,6 +9,7 @@ move the controls cancel out.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,7 +18,7 @@ from morphoprof.errors import InputError
 from morphoprof.features.shards import feature_columns
 from morphoprof.index.schema import CONTROL, PLATE
 
-METHODS = ("standardize", "robust", "center", "none")
+METHODS = ("standardize", "robust", "center", "spherize", "none")
 
 
 def normalize(
@@ -33,7 +34,8 @@ def normalize(
     Args:
         df: well (or field / cell) rows with ``Metadata_*`` columns and features.
         method: ``standardize`` (mean / std), ``robust`` (median / 1.4826 MAD), ``center``
-            (subtract the reference mean only; stable with few control wells) or ``none``.
+            (subtract the reference mean only; stable with few control wells), ``spherize``
+            (TVN: PCA whitening fitted on the reference rows, see :class:`Spherize`) or ``none``.
         by: metadata column whose groups are normalised separately (``None``: all rows at once).
         reference: ``controls`` (rows with ``Metadata_control`` true) or ``all``.
         features: feature columns (default: every non-metadata column).
@@ -66,6 +68,9 @@ def normalize(
         ref = x[rows][is_ref[rows]]
         if len(ref) == 0:
             raise InputError(f"{by}={key!r}: no reference ({reference}) rows to normalise against")
+        if method == "spherize":
+            result[rows] = Spherize("pca", eps).fit(ref).transform(x[rows])
+            continue
         if method == "center":
             center, scale = ref.mean(0), np.ones(x.shape[1])
         elif method == "standardize":
@@ -76,3 +81,64 @@ def normalize(
         result[rows] = (x[rows] - center) / np.maximum(scale, eps)
     out[feats] = result.astype(np.float32)
     return out
+
+
+class Spherize:
+    """Sphering / typical variation normalisation (TVN; Ando et al. 2017): whiten features so that
+    the reference profiles (DMSO controls) have zero mean and identity covariance.
+
+    ``mode="pca"`` rotates onto the controls' principal axes and scales each by
+    ``1 / sqrt(eigenvalue + eps)``; ``mode="zca"`` rotates back afterwards (whitened features stay
+    aligned with the original ones). ``eps`` regularises directions in which the controls barely
+    vary (with fewer controls than features, most of them); with ``eps`` small against the
+    eigenvalues, the transformed controls have covariance I.
+    """
+
+    def __init__(self, mode: str = "pca", eps: float = 1e-6) -> None:
+        if mode not in ("pca", "zca"):
+            raise InputError(f"spherize mode must be 'pca' or 'zca', got {mode!r}")
+        self.mode = mode
+        self.eps = float(eps)
+        self.mean_: np.ndarray | None = None
+        self.matrix_: np.ndarray | None = None
+
+    def fit(self, reference: np.ndarray) -> Spherize:
+        """Fit on ``(n, d)`` reference profiles (n >= 2)."""
+        x = np.asarray(reference, dtype=np.float64)
+        if x.ndim != 2 or len(x) < 2:
+            raise InputError(f"spherize needs at least 2 reference profiles, got shape {x.shape}")
+        self.mean_ = x.mean(axis=0)
+        cov = np.cov(x - self.mean_, rowvar=False).reshape(x.shape[1], x.shape[1])
+        vals, vecs = np.linalg.eigh(cov)
+        vals = np.clip(vals, 0.0, None)
+        w = vecs / np.sqrt(vals + self.eps)  # columns scaled: x @ w whitens (PCA)
+        self.matrix_ = w @ vecs.T if self.mode == "zca" else w
+        return self
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """``(n, d)`` -> whitened ``(n, d)`` (PCA mode: components ordered by increasing
+        control variance)."""
+        if self.matrix_ is None:
+            raise InputError("Spherize is not fitted")
+        return (np.asarray(x, dtype=np.float64) - self.mean_) @ self.matrix_
+
+    def save(self, path: str | Path) -> Path:
+        """Save the fitted transform (npz), to apply to new data later."""
+        from morphoprof.io_utils import atomic_path
+
+        if self.matrix_ is None:
+            raise InputError("Spherize is not fitted")
+        path = Path(path)
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, mean=self.mean_, matrix=self.matrix_, mode=self.mode, eps=self.eps)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Spherize:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"fitted transform not found: {path}")
+        with np.load(path) as z:
+            obj = cls(str(z["mode"]), float(z["eps"]))
+            obj.mean_, obj.matrix_ = z["mean"], z["matrix"]
+        return obj
