@@ -36,8 +36,7 @@ def _chunk(index, rows, illum, nuclei_cfg, crop_size) -> int:
 
     n_cells = 0
     for i in rows:
-        plate = index.table["Metadata_plate"].iloc[i]
-        img = illum.apply(index.read(i), plate)
+        img = index.read(i, illumination=illum)
         labels = segment_nuclei(img[0], nuclei_cfg)
         cells = object_table(labels)
         crops, _ = crop_cells(img, cells[[CENTER_X, CENTER_Y]].to_numpy(), crop_size,

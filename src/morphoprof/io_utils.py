@@ -37,6 +37,21 @@ def write_tiff(path: str | Path, array: np.ndarray, compress: bool = False) -> P
     return Path(path)
 
 
+def write_npy(path: str | Path, array: np.ndarray) -> Path:
+    """Write one array as ``.npy``, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)
+    return Path(path)
+
+
+def write_npz(path: str | Path, compressed: bool = False, **arrays: object) -> Path:
+    """Write named arrays as ``.npz`` (optionally compressed), atomically."""
+    save = np.savez_compressed if compressed else np.savez
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        save(fh, **arrays)
+    return Path(path)
+
+
 def write_json(path: str | Path, obj: object) -> Path:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:

@@ -66,15 +66,22 @@ def illumination_stage(index: ExperimentIndex, cfg: dict, out: Path, progress: b
                                 n_jobs=cfg["n_jobs"], progress=progress)
 
 
+def nuclei_config(segmentation: dict):
+    """The :class:`NucleiConfig` of a config's ``preprocess.segmentation`` section."""
+    from morphoprof.preprocess.segmentation import NucleiConfig
+
+    return NucleiConfig(**{k: v for k, v in segmentation.items()
+                           if k not in ("enabled", "channel", "n_jobs")})
+
+
 def segmentation_stage(index: ExperimentIndex, cfg: dict, on_error: str, out: Path,
                        illumination=None, progress: bool = True) -> dict | None:
     """Segment nuclei into ``out`` (cells.parquet) and write its run summary; None if disabled."""
     if not cfg["enabled"]:
         return None
-    from morphoprof.preprocess.segmentation import NucleiConfig, segment_index
+    from morphoprof.preprocess.segmentation import segment_index
 
-    params = {k: v for k, v in cfg.items() if k not in ("enabled", "channel", "n_jobs")}
-    summary = segment_index(index, out, channel=cfg["channel"], cfg=NucleiConfig(**params),
+    summary = segment_index(index, out, channel=cfg["channel"], cfg=nuclei_config(cfg),
                             illumination=illumination, on_error=on_error, progress=progress,
                             n_jobs=cfg["n_jobs"])
     write_json(out.with_name("segmentation_summary.json"), summary)
@@ -93,12 +100,9 @@ def extract_features(index: ExperimentIndex, features: dict, channels, out: Path
 
     if features["extractor"] == "classical":
         from morphoprof.features.classical import ClassicalConfig, ClassicalExtractor
-        from morphoprof.preprocess.segmentation import NucleiConfig
 
-        seg = {k: v for k, v in (segmentation or {}).items()
-               if k not in ("enabled", "channel", "n_jobs")}
         cfg = ClassicalConfig(measurements=tuple(features["measurements"]), channels=channels,
-                              nuclei=NucleiConfig(**seg),
+                              nuclei=nuclei_config(segmentation or {}),
                               n_jobs=(segmentation or {}).get("n_jobs", 1))
         return ClassicalExtractor(cfg).extract(index, out, illumination=illumination,
                                                progress=progress, log=log)

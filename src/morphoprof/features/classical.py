@@ -106,9 +106,7 @@ def _process(index, rows, channels, dna, ranges, cfg: ClassicalConfig, illuminat
     span = np.array([r[1] - r[0] for r in ranges], np.float32)[:, None, None]
     frames = []
     for i in rows:
-        img = index.read(int(i), channels)
-        if illumination is not None:
-            img = illumination.apply(img, index.table[PLATE].iloc[int(i)], channels)
+        img = index.read(int(i), channels, illumination)
         labels = segment_nuclei(img[channels.index(dna)], cfg.nuclei)
         scaled = np.clip((img - lo) / span, 0.0, 1.0)
         feats = measure_objects(scaled, labels, channels, cfg.measurements, cfg.label)

@@ -84,9 +84,7 @@ def estimate_intensity_range(
     rows = np.sort(rng.choice(len(index), size=min(n_sample, len(index)), replace=False))
     pixels: list[list[np.ndarray]] = [[] for _ in channels]
     for i in rows:
-        img = index.read(int(i), channels)
-        if illumination is not None:
-            img = illumination.apply(img, index.table[PLATE].iloc[int(i)], channels)
+        img = index.read(int(i), channels, illumination)
         flat = img.reshape(len(channels), -1)
         step = max(flat.shape[1] // 20000, 1)
         for c in range(len(channels)):
@@ -356,7 +354,6 @@ class TransferExtractor:
             "seconds": seconds,
             "fields_per_s": n_todo / seconds if seconds > 0 and n_todo else None,
         }
-
 
     def features_for_dataset(self, dataset, channel_names: Sequence[str], bar=None,
                              run_size: int | None = None):

@@ -53,10 +53,7 @@ class ImageSetDataset(Dataset):
 
     def __getitem__(self, k: int):
         i = int(self.rows[k])
-        image = self.index.read(i, self.channels)
-        if self.illumination is not None:
-            plate = self.index.table["Metadata_plate"].iloc[i]
-            image = self.illumination.apply(image, plate, self.channels)
+        image = self.index.read(i, self.channels, self.illumination)
         if self.transform is not None:
             return self.transform(image), i
         import torch

@@ -101,12 +101,20 @@ class ExperimentIndex:
                 out.append(None)
         return out
 
-    def read(self, i: int, channels: Sequence[str] | None = None) -> np.ndarray:
-        """Read image set ``i`` as a ``(C, H, W)`` float32 stack in the files' intensity units."""
+    def read(self, i: int, channels: Sequence[str] | None = None, illumination=None) -> np.ndarray:
+        """Read image set ``i`` as a ``(C, H, W)`` float32 stack in the files' intensity units.
+
+        ``illumination`` (an object with ``apply(image, plate, channels)``, such as
+        :class:`~morphoprof.preprocess.illumination.IlluminationCorrection`) divides the stack by
+        the illumination function of the row's plate.
+        """
         from morphoprof.images.read import read_stack
 
         chans = list(channels or self.channels)
-        return read_stack(self.paths(i, chans), self.frames(i, chans), chans)
+        image = read_stack(self.paths(i, chans), self.frames(i, chans), chans)
+        if illumination is not None:
+            image = illumination.apply(image, self.table[PLATE].iloc[i], chans)
+        return image
 
     def subset(self, mask: Sequence[bool] | pd.Series | np.ndarray) -> ExperimentIndex:
         """A new index with the rows where ``mask`` (one bool per row) is true."""

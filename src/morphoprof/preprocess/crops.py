@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from morphoprof.errors import InputError
-from morphoprof.index.schema import IMAGE_SET_KEY, PLATE, ExperimentIndex
+from morphoprof.index.schema import IMAGE_SET_KEY, ExperimentIndex
 from morphoprof.preprocess.segmentation import CENTER_X, CENTER_Y
 
 NORMALIZATIONS = ("none", "max", "percentile")
@@ -170,10 +170,7 @@ class CropDataset:
         if self._cached is None or self._cached[0] != row:
             from morphoprof.preprocess.segmentation import dna_channel, segment_nuclei
 
-            img = self.index.read(row, self.channels)
-            if self.illumination is not None:
-                img = self.illumination.apply(img, self.index.table[PLATE].iloc[row],
-                                              self.channels)
+            img = self.index.read(row, self.channels, self.illumination)
             labels = None
             if self.mask_neighbours is not None:
                 dna = self.channels.index(dna_channel(self.channels))
@@ -209,7 +206,7 @@ def export_crops(
     from tqdm.auto import tqdm
 
     from morphoprof.features.shards import ShardWriter
-    from morphoprof.io_utils import atomic_path
+    from morphoprof.io_utils import write_npz
 
     ds = CropDataset(index, cells.sort_values(IMAGE_SET_KEY, kind="stable"), size, channels,
                      edge, normalization, illumination)
@@ -226,10 +223,7 @@ def export_crops(
             bar.update(stop - start)
             continue
         arr = np.stack([ds[k][0].numpy() for k in range(start, stop)]).astype(np.float16)
-        npz = Path(out) / "shards" / f"{key}.npz"
-        with atomic_path(npz) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez_compressed(fh, crops=arr)
+        write_npz(Path(out) / "shards" / f"{key}.npz", compressed=True, crops=arr)
         table = ds.cells.iloc[start:stop].reset_index(drop=True).copy()
         table["Metadata_crop_index"] = np.arange(len(table))
         table["Metadata_crop_file"] = f"shards/{key}.npz"

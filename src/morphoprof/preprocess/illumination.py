@@ -22,7 +22,7 @@ import numpy as np
 
 from morphoprof.errors import InputError
 from morphoprof.index.schema import PLATE, ExperimentIndex
-from morphoprof.io_utils import atomic_path, write_json
+from morphoprof.io_utils import write_json, write_npy
 
 DEFAULT_WINDOW = 500  # px; Singh 2014 used windows of this order for 1280x1024 fields
 DEFAULT_PERCENTILE = 2.0
@@ -181,10 +181,7 @@ def compute_illumination(
     todo = [(p, rows) for p, rows in groups.items() if not corr.path(p).is_file()]
 
     def work(plate: str, rows: np.ndarray) -> str:
-        f = plate_function(index, rows, chans, window, percentile)
-        with atomic_path(corr.path(plate)) as tmp:
-            with open(tmp, "wb") as fh:
-                np.save(fh, f)
+        write_npy(corr.path(plate), plate_function(index, rows, chans, window, percentile))
         return plate
 
     jobs = (delayed(work)(p, rows) for p, rows in todo)

@@ -124,14 +124,11 @@ class Spherize:
 
     def save(self, path: str | Path) -> Path:
         """Save the fitted transform (npz), to apply to new data later."""
-        from morphoprof.io_utils import atomic_path
+        from morphoprof.io_utils import write_npz
 
         if self.matrix_ is None:
             raise InputError("Spherize is not fitted")
-        path = Path(path)
-        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, mean=self.mean_, matrix=self.matrix_, mode=self.mode, eps=self.eps)
-        return path
+        return write_npz(path, mean=self.mean_, matrix=self.matrix_, mode=self.mode, eps=self.eps)
 
     @classmethod
     def load(cls, path: str | Path) -> Spherize:
