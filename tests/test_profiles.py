@@ -109,3 +109,136 @@ def test_normalize_spherize_per_plate():
     for _, g in out[out.Metadata_control].groupby("Metadata_plate"):
         np.testing.assert_allclose(np.cov(g[["a", "b", "c"]].to_numpy(), rowvar=False),
                                    np.eye(3), atol=1e-6)
+
+
+def _correlated_wells(n_plates=3, n=80, d=4, seed=2):
+    """Wells on plates whose controls differ in mean and covariance (a batch effect)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(n_plates):
+        mix = np.eye(d) + rng.normal(scale=0.6, size=(d, d))
+        shift = rng.normal(scale=3, size=d)
+        for k in range(n):
+            f = rng.normal(size=d) @ mix + shift
+            rows.append({"Metadata_plate": f"P{p}", "Metadata_well": f"W{k:03d}",
+                         "Metadata_control": k < n - 10,
+                         **{f"f{j}": f[j] for j in range(d)}})
+    return pd.DataFrame(rows)
+
+
+def test_aggregate_parquet_matches_in_memory_aggregate(tmp_path):
+    from morphoprof.features.shards import ShardWriter
+    from morphoprof.profiles.aggregate import aggregate_parquet
+
+    df = _fields()
+    df.loc[4, "f1"] = np.nan  # skipped, as pandas skips it
+    w = ShardWriter(tmp_path / "feats", {"model": "x"})
+    w.write("a", df.iloc[:7])
+    w.write("b", df.iloc[7:])
+    for by, how in ((["Metadata_plate", "Metadata_well"], "mean"),
+                    (["Metadata_compound", "Metadata_concentration"], "median")):
+        got = aggregate_parquet(tmp_path / "feats", by, how)
+        pd.testing.assert_frame_equal(got, aggregate(df, by, how), check_dtype=False,
+                                      atol=1e-6)
+    t = aggregate_parquet(tmp_path / "feats", ["Metadata_compound"])
+    assert t["Metadata_batch"].tolist() == ["Week1;Week2", "Week1;Week2"]
+    assert "Metadata_site" not in t.columns
+    with pytest.raises(InputError, match="cannot aggregate by"):
+        aggregate_parquet(tmp_path / "feats", ["Metadata_nope"])
+    with pytest.raises(InputError, match="no such Parquet"):
+        aggregate_parquet(tmp_path / "missing", ["Metadata_plate"])
+    (tmp_path / "feats" / "shards" / "b.parquet").unlink()
+    with pytest.raises(InputError, match="missing"):
+        aggregate_parquet(tmp_path / "feats", ["Metadata_plate"])
+
+
+def test_coral_aligns_every_plate_to_the_pooled_controls(tmp_path):
+    from morphoprof.profiles.normalize import Normalizer
+
+    df = _correlated_wells()
+    feats = [f"f{j}" for j in range(4)]
+    ctrl = df[df.Metadata_control]
+    target_cov = np.cov(ctrl[feats].to_numpy(), rowvar=False)
+    target_mean = ctrl[feats].to_numpy().mean(0)
+    before = [np.cov(g[feats].to_numpy(), rowvar=False) for _, g in ctrl.groupby("Metadata_plate")]
+    assert max(np.abs(c - target_cov).max() for c in before) > 0.5  # plates really differ
+    out = Normalizer("coral", by="Metadata_plate", eps=1e-12).fit(df).transform(df)
+    for _, g in out[out.Metadata_control].groupby("Metadata_plate"):
+        x = g[feats].to_numpy(np.float64)
+        np.testing.assert_allclose(np.cov(x, rowvar=False), target_cov, atol=1e-3)
+        np.testing.assert_allclose(x.mean(0), target_mean, atol=1e-4)
+
+
+def test_factor_analysis_profiles_match_sklearn():
+    from sklearn.decomposition import FactorAnalysis
+
+    from morphoprof.profiles.normalize import Normalizer
+
+    df = _correlated_wells(n_plates=1, n=200, d=6)
+    feats = [f"f{j}" for j in range(6)]
+    n = Normalizer("factor_analysis", by=None, n_factors=2).fit(df)
+    out = n.transform(df)
+    assert [c for c in out.columns if not c.startswith("Metadata_")] == ["Factor_1", "Factor_2"]
+    ref = df[df.Metadata_control][feats].to_numpy()
+    mean, std = ref.mean(0), ref.std(0)
+    fa = FactorAnalysis(2, random_state=0).fit((ref - mean) / std)
+    want = fa.transform((df[feats].to_numpy() - mean) / std)
+    np.testing.assert_allclose(out[["Factor_1", "Factor_2"]].to_numpy(), want, atol=1e-4)
+    with pytest.raises(InputError, match="by=None"):
+        Normalizer("factor_analysis", by="Metadata_plate")
+
+
+@pytest.mark.parametrize("method", ["standardize", "robust", "spherize", "coral",
+                                    "factor_analysis"])
+def test_fitted_normalizer_saves_and_applies_to_new_data(tmp_path, method):
+    from morphoprof.profiles.normalize import Normalizer
+
+    df = _correlated_wells()
+    by = None if method == "factor_analysis" else "Metadata_plate"
+    n = Normalizer(method, by=by, n_factors=2).fit(df)
+    path = n.save(tmp_path / "norm.npz")
+    new = df.sample(frac=0.5, random_state=0)  # new rows of the same plates
+    pd.testing.assert_frame_equal(Normalizer.load(path).transform(new), n.transform(new))
+    if by:
+        other = df.assign(Metadata_plate="P9")
+        with pytest.raises(InputError, match="P9.*not in the data"):
+            n.transform(other)
+
+
+def test_plate_without_controls_is_named_and_fallback_is_explicit():
+    from morphoprof.profiles.normalize import Normalizer
+
+    df = _correlated_wells()
+    df.loc[df.Metadata_plate == "P1", "Metadata_control"] = False
+    with pytest.raises(InputError, match="Metadata_plate='P1': no reference"):
+        Normalizer("standardize").fit(df)
+    n = Normalizer("standardize", fallback="all").fit(df)
+    assert n.warnings == ["Metadata_plate='P1': no control rows; fitted on all 80 rows"]
+    out = n.transform(df)
+    np.testing.assert_allclose(out[out.Metadata_plate == "P1"]["f0"].mean(), 0, atol=1e-5)
+    bad = df.copy()
+    bad.loc[3, "f2"] = np.inf
+    with pytest.raises(InputError, match=r"\['f2'\].*NaN or infinite"):
+        Normalizer("robust").fit(bad)
+
+
+def test_feature_selection_reports_each_reason():
+    from morphoprof.profiles.select import select_features
+
+    rng = np.random.default_rng(0)
+    n = 200
+    base = rng.normal(size=n)
+    df = pd.DataFrame({"Metadata_well": [f"W{i}" for i in range(n)], "a": base,
+                       "a_copy": base * 2 + 0.01 * rng.normal(size=n),  # |r| ~ 1 with a
+                       "b": rng.normal(size=n), "const": 1.0,
+                       "rare": np.r_[np.zeros(n - 1), 1.0],  # one odd value, 2 unique
+                       "nan": np.r_[np.nan, rng.normal(size=n - 1)]})
+    out, report = select_features(df)
+    assert report["nonfinite"] == ["nan"]
+    assert sorted(report["variance"]) == ["const", "rare"]
+    assert len(report["correlation"]) == 1 and report["correlation"][0] in ("a", "a_copy")
+    assert "b" in out.columns and "Metadata_well" in out.columns
+    kept, r2 = select_features(df, ["nonfinite"], na_cutoff=0.01)
+    assert r2 == {"nonfinite": []} and "nan" in kept.columns
+    with pytest.raises(InputError, match="unknown feature selection"):
+        select_features(df, ["pca"])

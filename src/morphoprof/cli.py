@@ -156,39 +156,121 @@ def cmd_extract(a: argparse.Namespace) -> int:
     return 0
 
 
+def _columns(a: argparse.Namespace):
+    from morphoprof.profiles.columns import Columns
+
+    return Columns(plate=a.plate_col, well=a.well_col, compound=a.compound_col,
+                   concentration=a.concentration_col, moa=a.moa_col, batch=a.batch_col,
+                   control=a.control_col, control_values=tuple(a.control_value or ["DMSO"]))
+
+
+def _read_profiles(path: str, cols, required=()):
+    import pandas as pd
+
+    p = Path(path)
+    if not p.is_file():
+        raise MorphoprofError(f"profiles file not found: {p}")
+    try:
+        df = pd.read_parquet(p)
+    except Exception as exc:  # pyarrow raises several types for a bad file
+        raise MorphoprofError(f"cannot read {p} as Parquet: {exc}") from exc
+    return cols.to_canonical(df, required, source=str(p))
+
+
+def _by(value: str):
+    from morphoprof.pipeline import NORMALIZE_BY
+
+    return NORMALIZE_BY.get(value, value)
+
+
 def cmd_aggregate(a: argparse.Namespace) -> int:
     from morphoprof.pipeline import build_profiles
 
     cfg = {"well_aggregation": a.well_aggregation,
            "treatment_aggregation": a.treatment_aggregation,
+           "feature_selection": a.select,
            "normalization": {"method": a.normalize, "by": a.by, "reference": a.reference,
-                             "eps": a.eps}}
-    wells, treatments = build_profiles(Path(a.features), cfg, Path(a.out))
+                             "eps": a.eps, "n_factors": a.factors, "fallback": a.fallback}}
+    wells, treatments = build_profiles(Path(a.features), cfg, Path(a.out), _columns(a))
     print(f"wrote {wells} and {treatments}")
     return 0
 
 
-def cmd_evaluate(a: argparse.Namespace) -> int:
-    from morphoprof.pipeline import evaluate_profiles
+def cmd_normalize(a: argparse.Namespace) -> int:
+    from morphoprof.io_utils import write_parquet
+    from morphoprof.profiles.normalize import Normalizer
+    from morphoprof.profiles.select import select_features
 
-    result = evaluate_profiles(Path(a.profiles), Path(a.out))
+    cols = _columns(a)
+    df = _read_profiles(a.profiles, cols)
+    if a.apply:
+        normalizer = Normalizer.load(a.apply)
+    else:
+        if a.select:
+            df, dropped = select_features(df, a.select)
+            for op, feats in dropped.items():
+                print(f"feature selection ({op}): dropped {len(feats)}")
+        normalizer = Normalizer(a.method, _by(a.by), a.reference, a.eps, a.factors,
+                                a.fallback).fit(df)
+        for w in normalizer.warnings:
+            print(f"warning: {w}")
+        if a.save:
+            print(f"wrote {normalizer.save(a.save)}")
+    out = write_parquet(a.out, cols.from_canonical(normalizer.transform(df)))
+    print(f"wrote {out} ({len(df)} rows, {len(normalizer.output_features())} features)")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from morphoprof.evaluation.evaluate import evaluate
+    from morphoprof.io_utils import write_json
+
+    profiles = _read_profiles(a.profiles, _columns(a), ("compound", "moa"))
+    result = evaluate(profiles, k_values=a.k, alpha=a.alpha, null_size=a.null_size,
+                      treatment_aggregation=a.treatment_aggregation, group_columns=a.group)
+    write_json(a.out, result)
     for key in ("nsc", "nscb"):
         r = result.get(key, {})
         if r.get("accuracy") is not None:
             print(f"{key.upper()}: {r['correct']}/{r['n']} = {100 * r['accuracy']:.1f}%")
+    for name, r in result["map"].items():
+        if "mean_map" in r:
+            print(f"mAP ({name}): {r['mean_map']:.3f}, retrieved {r['fraction_retrieved']:.0%}")
+    conf = result.get("conformal", {})
+    if "coverage" in conf:
+        print(f"conformal: coverage {conf['coverage']:.0%} (target {conf['target_coverage']:.0%}),"
+              f" mean set size {conf['mean_set_size']:.2f}")
+    for w in result["warnings"]:
+        print(f"warning: {w}")
     print(f"wrote {a.out}")
     return 0
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    import pandas as pd
+    from morphoprof.evaluation.evaluate import is_well_level
+    from morphoprof.profiles.aggregate import treatment_profiles
+    from morphoprof.report.html import well_counts, write_report
 
-    from morphoprof.report.html import write_report
-
-    evaluation = json.loads(Path(a.evaluation).read_text())
-    profiles = pd.read_parquet(a.profiles)
-    summary = {"treatment profiles": len(profiles), "profiles file": a.profiles}
-    write_report(a.out, evaluation, profiles, summary)
+    cols = _columns(a)
+    ev = Path(a.evaluation)
+    if not ev.is_file():
+        raise MorphoprofError(f"evaluation file not found: {ev}")
+    try:
+        evaluation = json.loads(ev.read_text())
+    except json.JSONDecodeError as exc:
+        raise MorphoprofError(f"{ev} is not JSON: {exc}") from exc
+    profiles = _read_profiles(a.profiles, cols)
+    qc = None
+    if is_well_level(profiles):
+        qc = well_counts(profiles) if "Metadata_count" in profiles.columns else None
+        profiles = treatment_profiles(profiles)
+    if a.wells:
+        qc = well_counts(_read_profiles(a.wells, cols))
+    summary = {"treatment profiles": len(profiles), "profiles file": a.profiles,
+               "evaluation file": a.evaluation}
+    config_text = Path(a.config).read_text() if a.config else ""
+    write_report(a.out, evaluation, profiles, summary, config_text=config_text,
+                 cells_per_well=qc)
     print(f"wrote {a.out}")
     return 0
 
@@ -217,6 +299,34 @@ def cmd_demo(a: argparse.Namespace) -> int:
     print(f"morphoprof demo -> {out}")
     run_pipeline(cfg, text)
     return 0
+
+
+def _normalize_args(s: argparse.ArgumentParser, flag: str, default: str) -> None:
+    from morphoprof.profiles.normalize import METHODS
+
+    s.add_argument(flag, dest="normalize" if flag == "--normalize" else "method",
+                   default=default, choices=list(METHODS))
+    s.add_argument("--by", default="plate",
+                   help="plate, batch, all, or any metadata column (default: plate)")
+    s.add_argument("--reference", default="controls", choices=["controls", "all"])
+    s.add_argument("--eps", type=float, default=1e-6,
+                   help="scale floor; for spherize / coral, the covariance regulariser")
+    s.add_argument("--factors", type=int, default=50, help="factor_analysis: factors")
+    s.add_argument("--fallback", default="none", choices=["none", "all"],
+                   help="a plate without controls: error (none) or fit on all its rows")
+
+
+def _column_args(s: argparse.ArgumentParser) -> None:
+    g = s.add_argument_group("metadata column names (defaults: morphoprof's)")
+    for field, default in (("plate", "Metadata_plate"), ("well", "Metadata_well"),
+                           ("compound", "Metadata_compound"),
+                           ("concentration", "Metadata_concentration"),
+                           ("moa", "Metadata_moa"), ("batch", "Metadata_batch"),
+                           ("control", "Metadata_control")):
+        g.add_argument(f"--{field}-col", default=default, metavar="COLUMN")
+    g.add_argument("--control-value", action="append", metavar="VALUE",
+                   help="compound value marking controls when there is no control column "
+                   "(default: DMSO; repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,28 +443,53 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_extract)
 
-    s = sub.add_parser("aggregate", help="features -> normalised well and treatment profiles")
-    s.add_argument("features", help="feature folder or Parquet file")
+    s = sub.add_parser("aggregate", help="features -> normalised well and treatment profiles",
+                       description="Aggregate cell or field features (a feature folder or "
+                       "Parquet files, streamed out of core) to wells, select features, "
+                       "normalise, and aggregate to treatments.")
+    s.add_argument("features", help="feature folder, Parquet file or folder of Parquet files")
     s.add_argument("--out", required=True, help="profiles folder")
     s.add_argument("--well-aggregation", default="mean", choices=["mean", "median"])
     s.add_argument("--treatment-aggregation", default="median", choices=["mean", "median"])
-    s.add_argument("--normalize", default="center",
-                   choices=["center", "standardize", "robust", "spherize", "none"])
-    s.add_argument("--eps", type=float, default=1e-6,
-                   help="scale floor; for spherize, the whitening regulariser")
-    s.add_argument("--by", default="plate", choices=["plate", "batch", "all"])
-    s.add_argument("--reference", default="controls", choices=["controls", "all"])
+    s.add_argument("--select", nargs="*", default=["nonfinite"],
+                   choices=["nonfinite", "variance", "correlation"],
+                   help="feature selection steps (default: nonfinite)")
+    _normalize_args(s, "--normalize", "center")
+    _column_args(s)
     s.set_defaults(func=cmd_aggregate)
 
-    s = sub.add_parser("evaluate", help="NSC / NSCB MoA matching of treatment profiles")
-    s.add_argument("profiles", help="treatments.parquet")
+    s = sub.add_parser("normalize", help="normalise profiles against controls (or apply a "
+                       "saved normaliser)")
+    s.add_argument("profiles", help="profiles Parquet (wells, sites or cells)")
+    s.add_argument("--out", required=True, help="normalised profiles Parquet")
+    _normalize_args(s, "--method", "robust")
+    s.add_argument("--select", nargs="*", default=[],
+                   choices=["nonfinite", "variance", "correlation"],
+                   help="feature selection before fitting (default: none)")
+    s.add_argument("--save", help="save the fitted normaliser here (.npz)")
+    s.add_argument("--apply", help="apply a saved normaliser instead of fitting one")
+    _column_args(s)
+    s.set_defaults(func=cmd_normalize)
+
+    s = sub.add_parser("evaluate", help="NSC / NSCB, k-NN, mAP, conformal MoA sets")
+    s.add_argument("profiles", help="wells.parquet or treatments.parquet")
     s.add_argument("--out", required=True, help="evaluation.json")
+    s.add_argument("--k", type=int, nargs="*", default=[3, 5], help="k-NN voting runs")
+    s.add_argument("--alpha", type=float, default=0.1, help="conformal miscoverage")
+    s.add_argument("--null-size", type=int, default=10000, help="mAP null permutations")
+    s.add_argument("--treatment-aggregation", default="median", choices=["mean", "median"])
+    s.add_argument("--group", nargs="*", default=[],
+                   help="metadata columns for nearest-neighbour group accuracy")
+    _column_args(s)
     s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("report", help="write an HTML report")
-    s.add_argument("--profiles", required=True)
-    s.add_argument("--evaluation", required=True)
-    s.add_argument("--out", required=True)
+    s = sub.add_parser("report", help="write a self-contained HTML report")
+    s.add_argument("--profiles", required=True, help="wells.parquet or treatments.parquet")
+    s.add_argument("--evaluation", required=True, help="evaluation.json")
+    s.add_argument("--out", required=True, help="report.html")
+    s.add_argument("--wells", help="well profiles for the QC heatmaps (Metadata_count)")
+    s.add_argument("--config", help="the run's configuration file, shown in the report")
+    _column_args(s)
     s.set_defaults(func=cmd_report)
     return p
 

@@ -17,8 +17,9 @@ A run config has six sections (every key optional except ``data.source`` and ``o
                  segmentation {enabled, channel, smoothing, min_area, max_area, min_distance,
                  clear_border}, on_error (fail | skip)
     features:    extractor settings (see TransferConfig)
-    profiles:    well_aggregation, treatment_aggregation, normalization {method, by, reference}
-    evaluation:  protocols [nsc, nscb]
+    profiles:    well_aggregation, treatment_aggregation, feature_selection,
+                 normalization {method, by, reference, eps, n_factors, fallback}
+    evaluation:  protocols [nsc, nscb], k, alpha (conformal), null_size (mAP p-values)
     output:      folder for every stage's files
 
 Every problem is reported with the dotted path of the key at fault, e.g.
@@ -106,16 +107,23 @@ SCHEMA: dict[str, Any] = {
     "profiles": {
         "well_aggregation": Opt(_STR, "mean", ("mean", "median")),
         "treatment_aggregation": Opt(_STR, "median", ("mean", "median")),
+        "feature_selection": Opt(_LIST, ["nonfinite"]),
         "normalization": {
             "method": Opt(_STR, "center",
-                          ("center", "standardize", "robust", "spherize", "none")),
+                          ("center", "standardize", "robust", "spherize", "coral",
+                           "factor_analysis", "none")),
             "eps": Opt(_FLOAT, 1e-6),
             "by": Opt(_STR, "plate", ("plate", "batch", "all")),
             "reference": Opt(_STR, "controls", ("controls", "all")),
+            "n_factors": Opt(_INT, 50),
+            "fallback": Opt(_STR, "none", ("none", "all")),
         },
     },
     "evaluation": {
         "protocols": Opt(_LIST, ["nsc", "nscb"]),
+        "k": Opt(_LIST, [3, 5]),
+        "alpha": Opt(_FLOAT, 0.1),
+        "null_size": Opt(_INT, 10000),
     },
     "output": Opt(_STR, None, required=True),
 }

@@ -9,8 +9,10 @@ Each stage reads the previous stage's files and writes its own, so any stage can
     OUT/features/                       feature shards + manifest (resumable)
     OUT/profiles/wells.parquet          per-well profiles (normalised)
     OUT/profiles/treatments.parquet     per-treatment profiles (controls excluded)
-    OUT/profiles/dropped_features.json  features removed for NaN / infinite values
-    OUT/evaluation.json                 NSC / NSCB with counts, per-MoA, confusion
+    OUT/profiles/dropped_features.json  features removed by feature selection, per reason
+    OUT/profiles/normalizer.npz         the fitted normalisation, to apply to new data
+    OUT/evaluation.json                 NSC / NSCB (counts, per-MoA, confusion), k-NN, mAP,
+                                        replicate accuracy, conformal MoA sets
     OUT/report.html                     self-contained report
     OUT/config.yaml                     the configuration that was run
 """
@@ -121,33 +123,54 @@ def cells_per_well(cells_path: Path, index: ExperimentIndex) -> pd.DataFrame:
     return wells.join(counts).fillna(0).astype({"cells": int}).reset_index()
 
 
-def build_profiles(features_dir: Path, profiles_cfg: dict, out_dir: Path) -> tuple[Path, Path]:
-    """Features -> normalised well profiles -> treatment profiles (Parquet files)."""
-    from morphoprof.features.shards import read_features
-    from morphoprof.profiles.aggregate import treatment_profiles, well_profiles
-    from morphoprof.profiles.normalize import normalize
-    from morphoprof.profiles.select import drop_nonfinite
+def build_profiles(features_dir: Path, profiles_cfg: dict, out_dir: Path,
+                   columns=None) -> tuple[Path, Path]:
+    """Features -> selected, normalised well profiles -> treatment profiles (Parquet files).
 
-    feats = read_features(features_dir)
-    wells, dropped = drop_nonfinite(well_profiles(feats, profiles_cfg["well_aggregation"]))
-    write_json(out_dir / "dropped_features.json",
-               {"reason": "NaN or infinite in at least one well", "features": dropped})
+    Aggregation to wells streams the feature shards through DuckDB (never loaded whole); the
+    fitted normaliser is saved as ``normalizer.npz`` to apply to new data. ``columns``
+    (:class:`~morphoprof.profiles.columns.Columns`) maps other metadata names; the files keep
+    the input's names."""
+    from morphoprof.profiles.aggregate import aggregate_parquet, treatment_profiles
+    from morphoprof.profiles.columns import Columns
+    from morphoprof.profiles.normalize import Normalizer
+    from morphoprof.profiles.select import select_features
+
+    cols = columns or Columns()
+    wells = aggregate_parquet(features_dir, [cols.plate, cols.well],
+                              profiles_cfg["well_aggregation"])
+    wells = cols.to_canonical(wells, ("compound", "concentration", "control"),
+                              source=str(features_dir))
+    wells, dropped = select_features(wells, profiles_cfg.get("feature_selection", ["nonfinite"]))
+    write_json(out_dir / "dropped_features.json", dropped)
     norm = profiles_cfg["normalization"]
-    wells = normalize(wells, norm["method"], by=NORMALIZE_BY[norm["by"]],
-                      reference=norm["reference"], eps=norm.get("eps", 1e-6))
+    normalizer = Normalizer(norm["method"], NORMALIZE_BY[norm["by"]], norm["reference"],
+                            norm.get("eps", 1e-6), norm.get("n_factors", 50),
+                            norm.get("fallback", "none")).fit(wells)
+    for w in normalizer.warnings:
+        print(f"warning: {w}")
+    normalizer.save(out_dir / "normalizer.npz")
+    wells = normalizer.transform(wells)
     treatments = treatment_profiles(wells, profiles_cfg["treatment_aggregation"])
-    w = write_parquet(out_dir / "wells.parquet", wells)
-    t = write_parquet(out_dir / "treatments.parquet", treatments)
+    w = write_parquet(out_dir / "wells.parquet", cols.from_canonical(wells))
+    t = write_parquet(out_dir / "treatments.parquet", cols.from_canonical(treatments))
     return w, t
 
 
-def evaluate_profiles(treatments_path: Path, out: Path, protocols=("nsc", "nscb")) -> dict:
-    """Treatment profiles -> evaluation JSON (NSC / NSCB)."""
-    from morphoprof.evaluation.moa import evaluate_moa
+def evaluate_profiles(profiles_path: Path, out: Path, protocols=("nsc", "nscb"),
+                      evaluation_cfg: dict | None = None,
+                      treatment_aggregation: str = "median") -> dict:
+    """Well or treatment profiles -> evaluation JSON (NSC / NSCB, k-NN, mAP, conformal)."""
+    from morphoprof.evaluation.evaluate import evaluate
 
-    profiles = pd.read_parquet(treatments_path)
-    result = {k: v for k, v in evaluate_moa(profiles).items() if k in protocols}
-    result["n_treatments"] = int(len(profiles))
+    cfg = evaluation_cfg or {}
+    profiles = pd.read_parquet(profiles_path)
+    result = evaluate(profiles, k_values=cfg.get("k", (3, 5)), alpha=cfg.get("alpha", 0.1),
+                      null_size=cfg.get("null_size", 10000),
+                      treatment_aggregation=treatment_aggregation)
+    for key in ("nsc", "nscb"):
+        if key not in protocols:
+            result.pop(key, None)
     write_json(out, result)
     return result
 
@@ -203,12 +226,15 @@ def run_pipeline(cfg: dict, config_text: str, progress: bool = True, log=print) 
 
     t = time.perf_counter()
     log("[5/7] profiles")
-    _, treatments = build_profiles(out / "features", cfg["profiles"], out / "profiles")
+    wells, treatments = build_profiles(out / "features", cfg["profiles"], out / "profiles")
     timings["profiles_s"] = time.perf_counter() - t
 
     log("[6/7] evaluation")
-    evaluation = evaluate_profiles(treatments, out / "evaluation.json",
-                                   cfg["evaluation"]["protocols"])
+    evaluation = evaluate_profiles(wells, out / "evaluation.json",
+                                   cfg["evaluation"]["protocols"], cfg["evaluation"],
+                                   cfg["profiles"]["treatment_aggregation"])
+    for w in evaluation["warnings"]:
+        log(f"warning: {w}")
     log("[7/7] report")
     summary = dataset_summary(index)
     qc = None

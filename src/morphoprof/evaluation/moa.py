@@ -40,20 +40,27 @@ def nearest_neighbor_moa(
     moa_col: str = MOA,
     compound_col: str = COMPOUND,
     batch_col: str = BATCH,
+    k: int = 1,
 ) -> dict:
-    """1-NN MoA prediction under NSC or NSCB exclusion.
+    """1-NN (or k-NN voting) MoA prediction under NSC or NSCB exclusion.
 
     Args:
         profiles: one row per treatment with MoA, compound and (for NSCB) batch columns; a batch
             cell may list several batches joined by ``;``. Rows with an empty MoA are ignored.
         mode: ``nsc`` or ``nscb``.
         features: feature columns (default: every non-metadata column).
+        k: neighbours that vote (k > 1: the most frequent MoA among the k most similar allowed
+            treatments wins; ties go to the MoA with the larger summed similarity).
 
     Returns:
         ``{"accuracy", "correct", "n", "per_moa": {moa: {"accuracy", "correct", "n"}},
         "confusion": {"labels": [...], "matrix": [[...]]}, "predictions": [...],
-        "dropped_moas": [...]}``; the confusion matrix has true MoAs as rows.
+        "dropped_moas": [...], "warnings": [...]}``; the confusion matrix has true MoAs as rows.
+        A MoA with a single compound cannot be matched under NSC (its only compound is
+        excluded): it is kept, as in the literature, and named in ``warnings``.
     """
+    if k < 1:
+        raise InputError(f"k must be >= 1, got {k}")
     if mode not in ("nsc", "nscb"):
         raise InputError(f"mode must be 'nsc' or 'nscb', got {mode!r}")
     need = [moa_col, compound_col] + ([batch_col] if mode == "nscb" else [])
@@ -86,20 +93,37 @@ def nearest_neighbor_moa(
         share = np.array([[bool(a & b) for b in batches] for a in batches])
         allowed &= ~share
     moas = df[moa_col].astype(str).to_numpy()
+    warnings = []
+    n_compounds = df.groupby(moa_col)[compound_col].nunique()
+    lonely = sorted(n_compounds.index[n_compounds < 2])
+    if lonely:
+        warnings.append(f"MoA(s) {lonely} have a single compound: under {mode.upper()} their "
+                        "treatments have no same-MoA neighbour and count as errors")
     preds, records = [], []
     for i in range(len(df)):
         cand = np.flatnonzero(allowed[i])
         if len(cand) == 0:
             preds.append(None)
             continue
-        j = cand[np.argmax(sim[i, cand])]
-        preds.append(moas[j])
+        order = cand[np.argsort(-sim[i, cand], kind="stable")]
+        j = order[0]
+        if k == 1:
+            pred = moas[j]
+        else:
+            top = order[:k]
+            votes: dict[str, list[float]] = {}
+            for t in top:
+                v = votes.setdefault(moas[t], [0, 0.0])
+                v[0] += 1
+                v[1] += sim[i, t]
+            pred = max(votes, key=lambda m: (votes[m][0], votes[m][1]))
+        preds.append(pred)
         records.append(
             {
                 "compound": compounds[i],
                 "concentration": float(df.iloc[i].get("Metadata_concentration", np.nan)),
                 "moa": moas[i],
-                "predicted": moas[j],
+                "predicted": pred,
                 "neighbour": f"{compounds[j]}@{df.iloc[j].get('Metadata_concentration', '')}",
                 "similarity": float(sim[i, j]),
             }
@@ -125,12 +149,17 @@ def nearest_neighbor_moa(
         "predictions": records,
         "dropped_moas": dropped,
         "unmatched": int(sum(p is None for p in preds)),
+        "k": int(k),
+        "warnings": warnings,
     }
 
 
 def evaluate_moa(profiles: pd.DataFrame, features: Sequence[str] | None = None) -> dict:
     """NSC and NSCB (NSCB where a batch column exists) for treatment profiles."""
     out = {"nsc": nearest_neighbor_moa(profiles, "nsc", features)}
+    if out["nsc"]["unmatched"]:
+        out["nsc"]["warnings"].append(f"{out['nsc']['unmatched']} treatment(s) had no allowed "
+                                      "neighbour and are not scored")
     if BATCH in profiles.columns:
         try:
             out["nscb"] = nearest_neighbor_moa(profiles, "nscb", features)

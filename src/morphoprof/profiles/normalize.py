@@ -1,13 +1,16 @@
 """Normalisation of profiles against a reference subset (DMSO controls by default).
 
 ``standardize`` subtracts the reference mean and divides by its standard deviation; ``robust``
-uses the median and the MAD (x 1.4826); ``center`` only subtracts the reference mean. Each is
-fitted per plate (default), per batch or on all rows, so plate and batch intensity shifts that also
-move the controls cancel out.
+uses the median and the MAD (x 1.4826); ``center`` only subtracts the reference mean; ``spherize``
+(TVN) whitens; ``coral`` aligns each batch's covariance to the pooled controls'; ``factor_analysis``
+turns profiles into factor scores. Each is fitted per plate (default), per batch or on all rows,
+so plate and batch shifts that also move the controls cancel out; fitted transforms are saved and
+re-applied with :class:`Normalizer`.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +21,222 @@ from morphoprof.errors import InputError
 from morphoprof.features.shards import feature_columns
 from morphoprof.index.schema import CONTROL, PLATE
 
-METHODS = ("standardize", "robust", "center", "spherize", "none")
+METHODS = ("standardize", "robust", "center", "spherize", "coral", "factor_analysis", "none")
+FACTOR_PREFIX = "Factor_"
+
+
+def _reference_mask(df: pd.DataFrame, reference: str) -> np.ndarray:
+    if reference == "all":
+        return np.ones(len(df), bool)
+    if CONTROL not in df.columns:
+        raise InputError(f"reference='controls' needs a {CONTROL} column (or use reference='all')")
+    return df[CONTROL].fillna(False).astype(bool).to_numpy()
+
+
+def _sqrtm(cov: np.ndarray, power: float, eps: float) -> np.ndarray:
+    """Symmetric matrix power of ``cov + eps I`` (power 0.5 or -0.5)."""
+    vals, vecs = np.linalg.eigh(cov)
+    vals = np.clip(vals, 0.0, None) + eps
+    return (vecs * vals**power) @ vecs.T
+
+
+class Normalizer:
+    """A normalisation fitted on reference rows (DMSO controls by default), group by group, that
+    can be saved and applied to new data.
+
+    Methods (``x`` a row of features, statistics from the group's reference rows):
+
+    - ``center``: ``x - mean``; ``standardize``: ``(x - mean) / std``; ``robust``:
+      ``(x - median) / (1.4826 MAD)`` (pycytominer's ``mad_robustize``);
+    - ``spherize``: TVN (Ando 2017), PCA (or ZCA) whitening so the reference rows have zero mean
+      and identity covariance (see :class:`Spherize`);
+    - ``coral``: CORAL (Sun 2016) alignment: each group's rows are whitened with its reference
+      covariance and re-coloured with the covariance of *all* groups' reference rows, so every
+      batch's controls end up with the same mean and covariance;
+    - ``factor_analysis``: factor-analysis profiles (Ljosa 2013): a factor model with
+      ``n_factors`` factors is fitted on the reference rows and every row is replaced by its
+      factor scores (features ``Factor_1..k``); fitted on all groups together.
+
+    Args:
+        method: one of :data:`METHODS`.
+        by: metadata column whose groups are fitted separately (``None``: all rows together).
+        reference: ``controls`` (``Metadata_control`` true) or ``all``.
+        eps: floor of scales / regulariser of covariances.
+        n_factors: factors for ``factor_analysis``.
+        fallback: ``none`` (a group without reference rows is an error) or ``all`` (fit such a
+            group on all its rows, and say so in :attr:`warnings`).
+    """
+
+    def __init__(self, method: str = "robust", by: str | None = PLATE,
+                 reference: str = "controls", eps: float = 1e-6, n_factors: int = 50,
+                 fallback: str = "none", spherize_mode: str = "pca") -> None:
+        if method not in METHODS:
+            raise InputError(f"normalization method must be one of {METHODS}, got {method!r}")
+        if reference not in ("controls", "all"):
+            raise InputError(f"reference must be 'controls' or 'all', got {reference!r}")
+        if fallback not in ("none", "all"):
+            raise InputError(f"fallback must be 'none' or 'all', got {fallback!r}")
+        if method == "factor_analysis" and by is not None:
+            raise InputError("factor_analysis is fitted on all groups together: use by=None "
+                             "(normalise per plate first with another method if needed)")
+        self.method, self.by, self.reference = method, by, reference
+        self.eps, self.n_factors, self.fallback = float(eps), int(n_factors), fallback
+        self.spherize_mode = spherize_mode
+        self.features: list[str] = []
+        self.params: dict[str, dict[str, np.ndarray]] = {}
+        self.warnings: list[str] = []
+
+    # -- fitting -------------------------------------------------------------------------------
+    def _groups(self, df: pd.DataFrame) -> list[tuple[str, np.ndarray]]:
+        if self.by is None:
+            return [("__all__", np.arange(len(df)))]
+        if self.by not in df.columns:
+            raise InputError(f"cannot normalise by {self.by!r}: not a column")
+        if df[self.by].isna().any():
+            rows = np.flatnonzero(df[self.by].isna().to_numpy())[:5].tolist()
+            raise InputError(f"{self.by} is empty in row(s) {rows}: cannot assign them a group")
+        return [(str(k), v) for k, v in df.groupby(self.by, sort=True).indices.items()]
+
+    def fit(self, df: pd.DataFrame, features: Sequence[str] | None = None) -> Normalizer:
+        """Fit on the rows of ``df`` (reference rows selected by ``reference``)."""
+        self.features = list(features) if features is not None else feature_columns(df)
+        if not self.features:
+            raise InputError("no feature columns to normalise")
+        if self.method == "none":
+            return self
+        x = df[self.features].to_numpy(dtype=np.float64)
+        if not np.isfinite(x).all():
+            cols = [f for f, ok in zip(self.features, np.isfinite(x).all(0)) if not ok][:5]
+            raise InputError(f"features {cols} hold NaN or infinite values; drop them first "
+                             "(morphoprof's feature selection does)")
+        is_ref = _reference_mask(df, self.reference)
+        self.params, self.warnings = {}, []
+        refs = {}
+        for key, rows in self._groups(df):
+            ref = x[rows][is_ref[rows]]
+            if len(ref) == 0:
+                where = f"{self.by}={key!r}" if self.by else "the table"
+                if self.fallback != "all":
+                    raise InputError(f"{where}: no reference ({self.reference}) rows to normalise "
+                                     "against (fallback='all' fits such groups on all their rows)")
+                self.warnings.append(f"{where}: no control rows; fitted on all {len(rows)} rows")
+                ref = x[rows]
+            refs[key] = ref
+        if self.method == "coral":
+            pooled = np.concatenate(list(refs.values()))
+            target_mean = pooled.mean(0)
+            target = _sqrtm(np.cov(pooled, rowvar=False).reshape(x.shape[1], -1), 0.5, self.eps)
+        for key, ref in refs.items():
+            self.params[key] = self._fit_group(key, ref, target_mean if self.method == "coral"
+                                               else None, target if self.method == "coral"
+                                               else None)
+        return self
+
+    def _fit_group(self, key: str, ref: np.ndarray, target_mean, target) -> dict:
+        m = self.method
+        if m in ("spherize", "coral", "factor_analysis", "standardize") and len(ref) < 2:
+            raise InputError(f"{self.by}={key!r}: {m} needs at least 2 reference rows, "
+                             f"got {len(ref)}")
+        if m == "center":
+            return {"center": ref.mean(0), "scale": np.ones(ref.shape[1])}
+        if m == "standardize":
+            return {"center": ref.mean(0), "scale": np.maximum(ref.std(0), self.eps)}
+        if m == "robust":
+            med = np.median(ref, 0)
+            mad = 1.4826 * np.median(np.abs(ref - med), 0)
+            return {"center": med, "scale": np.maximum(mad, self.eps)}
+        if m == "spherize":
+            s = Spherize(self.spherize_mode, self.eps).fit(ref)
+            return {"center": s.mean_, "matrix": s.matrix_}
+        if m == "coral":
+            cov = np.cov(ref, rowvar=False).reshape(ref.shape[1], -1)
+            return {"center": ref.mean(0), "matrix": _sqrtm(cov, -0.5, self.eps) @ target,
+                    "offset": target_mean}
+        from sklearn.decomposition import FactorAnalysis
+
+        k = min(self.n_factors, ref.shape[1], len(ref) - 1)
+        mean, std = ref.mean(0), np.maximum(ref.std(0), self.eps)
+        fa = FactorAnalysis(n_components=k, random_state=0).fit((ref - mean) / std)
+        # factor scores E[z | x] = (x - mu) Psi^-1 W^T (I + W Psi^-1 W^T)^-1, as sklearn
+        w, psi = fa.components_, fa.noise_variance_
+        wpsi = w / psi
+        proj = wpsi.T @ np.linalg.inv(np.eye(k) + wpsi @ w.T)
+        return {"center": mean, "scale": std, "matrix": proj, "fa_mean": fa.mean_}
+
+    # -- applying ------------------------------------------------------------------------------
+    def output_features(self) -> list[str]:
+        """Feature names of the transformed table."""
+        if self.method == "factor_analysis" and self.params:
+            k = next(iter(self.params.values()))["matrix"].shape[1]
+            return [f"{FACTOR_PREFIX}{i + 1}" for i in range(k)]
+        return list(self.features)
+
+    def transform(self, df: pd.DataFrame) -> pd.DataFrame:
+        """Apply the fitted transform; returns a copy with float32 features. Rows of a group the
+        normaliser was not fitted on raise InputError naming the group."""
+        missing = [f for f in self.features if f not in df.columns]
+        if missing:
+            raise InputError(f"the table lacks {len(missing)} feature(s) the normaliser was "
+                             f"fitted on, e.g. {missing[:3]}")
+        if self.method == "none":
+            return df.copy()
+        if not self.params:
+            raise InputError("the normaliser is not fitted")
+        x = df[self.features].to_numpy(dtype=np.float64)
+        out_feats = self.output_features()
+        result = np.empty((len(df), len(out_feats)))
+        for key, rows in self._groups(df):
+            p = self.params.get(key)
+            if p is None:
+                raise InputError(f"{self.by}={key!r} was not in the data the normaliser was "
+                                 f"fitted on (fitted: {sorted(self.params)[:5]})")
+            xr = x[rows]
+            if self.method in ("center", "standardize", "robust"):
+                result[rows] = (xr - p["center"]) / p["scale"]
+            elif self.method == "spherize":
+                result[rows] = (xr - p["center"]) @ p["matrix"]
+            elif self.method == "coral":
+                result[rows] = (xr - p["center"]) @ p["matrix"] + p["offset"]
+            else:
+                z = (xr - p["center"]) / p["scale"]
+                result[rows] = (z - p["fa_mean"]) @ p["matrix"]
+        meta = [c for c in df.columns if c not in self.features]
+        out = df[meta].copy()
+        values = pd.DataFrame(result.astype(np.float32), columns=out_feats, index=df.index)
+        return pd.concat([out, values], axis=1)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Save the fitted normaliser (one ``.npz``: settings as JSON, arrays per group)."""
+        from morphoprof.io_utils import write_npz
+
+        header = {"method": self.method, "by": self.by, "reference": self.reference,
+                  "eps": self.eps, "n_factors": self.n_factors, "fallback": self.fallback,
+                  "spherize_mode": self.spherize_mode, "features": self.features,
+                  "groups": list(self.params), "warnings": self.warnings}
+        arrays = {f"{i}/{name}": v for i, p in enumerate(self.params.values())
+                  for name, v in p.items()}
+        return write_npz(path, header=np.array(json.dumps(header)), **arrays)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Normalizer:
+        """Load a normaliser written by :meth:`save`."""
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"fitted normaliser not found: {path}")
+        try:
+            with np.load(path) as z:
+                h = json.loads(str(z["header"]))
+                obj = cls(h["method"], h["by"], h["reference"], h["eps"], h["n_factors"],
+                          h["fallback"], h["spherize_mode"])
+                obj.features, obj.warnings = h["features"], h["warnings"]
+                for i, key in enumerate(h["groups"]):
+                    prefix = f"{i}/"
+                    obj.params[key] = {k[len(prefix):]: z[k] for k in z.files
+                                       if k.startswith(prefix)}
+        except (KeyError, ValueError, OSError) as exc:
+            raise InputError(f"{path} is not a morphoprof normaliser: {exc}") from exc
+        return obj
 
 
 def normalize(
@@ -28,59 +246,26 @@ def normalize(
     reference: str = "controls",
     features: Sequence[str] | None = None,
     eps: float = 1e-6,
+    n_factors: int = 50,
+    fallback: str = "none",
 ) -> pd.DataFrame:
-    """Normalise feature columns group by group against a reference subset.
+    """Fit a :class:`Normalizer` on ``df``'s reference rows and apply it to all of ``df``.
 
     Args:
         df: well (or field / cell) rows with ``Metadata_*`` columns and features.
-        method: ``standardize`` (mean / std), ``robust`` (median / 1.4826 MAD), ``center``
-            (subtract the reference mean only; stable with few control wells), ``spherize``
-            (TVN: PCA whitening fitted on the reference rows, see :class:`Spherize`) or ``none``.
+        method: see :class:`Normalizer` (``center``, ``standardize``, ``robust``, ``spherize``,
+            ``coral``, ``factor_analysis``, ``none``).
         by: metadata column whose groups are normalised separately (``None``: all rows at once).
         reference: ``controls`` (rows with ``Metadata_control`` true) or ``all``.
         features: feature columns (default: every non-metadata column).
-        eps: floor of the scale, so constant features do not divide by zero.
+        eps: floor of the scale / covariance regulariser.
 
     Returns:
-        A copy with normalised float32 features; groups without reference rows raise InputError.
+        A copy with normalised float32 features; groups without reference rows raise InputError
+        unless ``fallback='all'``.
     """
-    if method not in METHODS:
-        raise InputError(f"normalization method must be one of {METHODS}, got {method!r}")
-    if reference not in ("controls", "all"):
-        raise InputError(f"reference must be 'controls' or 'all', got {reference!r}")
-    out = df.copy()
-    if method == "none":
-        return out
-    feats = list(features) if features is not None else feature_columns(df)
-    if reference == "controls" and CONTROL not in df.columns:
-        raise InputError(f"reference='controls' needs a {CONTROL} column")
-    if by is not None and by not in df.columns:
-        raise InputError(f"cannot normalise by {by!r}: not a column")
-    groups = [(None, np.arange(len(df)))] if by is None else list(
-        df.groupby(by, sort=False).indices.items()
-    )
-    x = df[feats].to_numpy(dtype=np.float64)
-    is_ref = (
-        df[CONTROL].astype(bool).to_numpy() if reference == "controls" else np.ones(len(df), bool)
-    )
-    result = np.empty_like(x)
-    for key, rows in groups:
-        ref = x[rows][is_ref[rows]]
-        if len(ref) == 0:
-            raise InputError(f"{by}={key!r}: no reference ({reference}) rows to normalise against")
-        if method == "spherize":
-            result[rows] = Spherize("pca", eps).fit(ref).transform(x[rows])
-            continue
-        if method == "center":
-            center, scale = ref.mean(0), np.ones(x.shape[1])
-        elif method == "standardize":
-            center, scale = ref.mean(0), ref.std(0)
-        else:
-            center = np.median(ref, 0)
-            scale = 1.4826 * np.median(np.abs(ref - center), 0)
-        result[rows] = (x[rows] - center) / np.maximum(scale, eps)
-    out[feats] = result.astype(np.float32)
-    return out
+    return Normalizer(method, by, reference, eps, n_factors, fallback).fit(df, features).transform(
+        df)
 
 
 class Spherize:
