@@ -56,3 +56,22 @@ def test_multi_batch_treatments_and_errors():
         nearest_neighbor_moa(bad, "nsc")
     out = evaluate_moa(p)
     assert set(out) == {"nsc", "nscb"} and out["nsc"]["n"] == 4
+
+
+def test_knn_voting_and_single_compound_moa_warning():
+    # query a1: its 3 nearest other-compound treatments are b1 (B), a2 (A), a3 (A) -> A wins the
+    # vote although the single nearest one is B
+    p = _profiles([
+        ("a1", 1, "A", "W1", 1.0, 0.0), ("b1", 1, "B", "W2", 1.0, 0.05),
+        ("a2", 1, "A", "W2", 1.0, 0.12), ("a3", 1, "A", "W3", 1.0, 0.14),
+        ("b2", 1, "B", "W1", 0.0, 1.0), ("c1", 1, "C", "W1", -1.0, 0.0),
+    ])
+    one = {x["compound"]: x["predicted"] for x in nearest_neighbor_moa(p, "nsc")["predictions"]}
+    r3 = nearest_neighbor_moa(p, "nsc", k=3)
+    three = {x["compound"]: x["predicted"] for x in r3["predictions"]}
+    assert one["a1"] == "B" and three["a1"] == "A" and r3["k"] == 3
+    # C has one compound: never matchable under NSC, counted and named
+    assert r3["per_moa"]["C"] == {"accuracy": 0.0, "correct": 0, "n": 1}
+    assert any("['C'] have a single compound" in w for w in r3["warnings"])
+    with pytest.raises(InputError, match="k must be"):
+        nearest_neighbor_moa(p, "nsc", k=0)

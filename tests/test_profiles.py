@@ -126,6 +126,9 @@ def _correlated_wells(n_plates=3, n=80, d=4, seed=2):
     return pd.DataFrame(rows)
 
 
+WELL = ["Metadata_plate", "Metadata_well"]
+
+
 def test_aggregate_parquet_matches_in_memory_aggregate(tmp_path):
     from morphoprof.features.shards import ShardWriter
     from morphoprof.profiles.aggregate import aggregate_parquet
@@ -140,6 +143,10 @@ def test_aggregate_parquet_matches_in_memory_aggregate(tmp_path):
         got = aggregate_parquet(tmp_path / "feats", by, how)
         pd.testing.assert_frame_equal(got, aggregate(df, by, how), check_dtype=False,
                                       atol=1e-6)
+    # rows in random order take the other summation path; same answer
+    df.sample(frac=1, random_state=0).to_parquet(tmp_path / "shuffled.parquet")
+    pd.testing.assert_frame_equal(aggregate_parquet(tmp_path / "shuffled.parquet", WELL),
+                                  aggregate(df, WELL), check_dtype=False, atol=1e-6)
     t = aggregate_parquet(tmp_path / "feats", ["Metadata_compound"])
     assert t["Metadata_batch"].tolist() == ["Week1;Week2", "Week1;Week2"]
     assert "Metadata_site" not in t.columns

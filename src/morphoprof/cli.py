@@ -270,7 +270,7 @@ def cmd_report(a: argparse.Namespace) -> int:
                "evaluation file": a.evaluation}
     config_text = Path(a.config).read_text() if a.config else ""
     write_report(a.out, evaluation, profiles, summary, config_text=config_text,
-                 cells_per_well=qc)
+                 cells_per_well=qc, qc_title="rows (cells or fields) per well profile")
     print(f"wrote {a.out}")
     return 0
 

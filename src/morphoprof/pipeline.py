@@ -250,7 +250,8 @@ def run_pipeline(cfg: dict, config_text: str, progress: bool = True, log=print) 
         + (f" ({rate:.1f} {unit})" if rate else "")
     )
     write_report(out / "report.html", evaluation, pd.read_parquet(treatments), summary,
-                 config_text=yaml.safe_dump(cfg, sort_keys=False), cells_per_well=qc)
+                 config_text=yaml.safe_dump(cfg, sort_keys=False), cells_per_well=qc,
+                 qc_title="segmented cells per well")
     timings["total_s"] = time.perf_counter() - t0
     for key in ("nsc", "nscb"):
         r = evaluation.get(key)

@@ -144,12 +144,29 @@ def _streamed_means(files: list[Path], by: list[str], feats: list[str],
             if (codes < 0).any():
                 raise InputError(f"{path}: rows whose {by} changed while reading")
             x = np.column_stack([batch.column(f).to_numpy(zero_copy_only=False)
-                                 for f in feats]).astype(np.float64, copy=False)
-            ok = ~np.isnan(x)
-            onehot = sparse.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))),
-                                       shape=(len(groups), len(codes)))
-            sums += onehot @ np.where(ok, x, 0.0)
-            counts += onehot @ ok.astype(np.float64)
+                                 for f in feats])
+            if not np.issubdtype(x.dtype, np.floating):
+                x = x.astype(np.float64)
+            nan = np.isnan(x)
+            has_nan = bool(nan.any())
+            if has_nan:
+                x = np.where(nan, 0, x)
+            # rows of a group are usually contiguous (cells of one image, images of one well):
+            # sum each run of equal codes in one pass, then add the runs into their groups
+            starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+            if len(starts) <= len(codes) // 4:
+                np.add.at(sums, codes[starts], np.add.reduceat(x, starts, axis=0,
+                                                               dtype=np.float64))
+                ok = (~nan).astype(np.float64) if has_nan else None
+                np.add.at(counts, codes[starts], np.add.reduceat(ok, starts, axis=0)
+                          if has_nan else np.diff(np.r_[starts, len(codes)])[:, None])
+            else:
+                onehot = sparse.csr_matrix(
+                    (np.ones(len(codes)), (codes, np.arange(len(codes)))),
+                    shape=(len(groups), len(codes)))
+                sums += onehot @ x.astype(np.float64, copy=False)
+                counts += onehot @ ((~nan).astype(np.float64) if has_nan
+                                    else np.ones((len(codes), 1)))
     with np.errstate(invalid="ignore", divide="ignore"):
         means = sums / counts
     return pd.DataFrame(means, columns=feats)
@@ -205,7 +222,7 @@ def aggregate_parquet(
         if missing:
             raise InputError(f"cannot aggregate by {missing}: not in the columns of {files[0]}")
         feats = list(features) if features is not None else [
-            c for c in columns if not c.startswith("Metadata_")]
+            c for c in columns if not c.startswith(("Metadata_", "__index_level_"))]
         absent = [c for c in feats if c not in columns]
         if absent:
             raise InputError(f"feature column(s) {absent[:5]} not in {files[0]}")

@@ -170,6 +170,7 @@ def write_report(
     config_text: str = "",
     title: str = "morphoprof report",
     cells_per_well: pd.DataFrame | None = None,
+    qc_title: str = "cells per well",
 ) -> Path:
     """Write a self-contained HTML report (figures embedded as PNG; opens offline).
 
@@ -186,6 +187,8 @@ def write_report(
         config_text: the run configuration as YAML text.
         cells_per_well: optional QC table (``Metadata_plate``, ``Metadata_well``, ``cells``),
             drawn as plate heatmaps.
+        qc_title: what the QC counts are (segmented cells, or the rows each well profile
+            summarises).
     """
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
              f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
@@ -193,7 +196,7 @@ def write_report(
     parts.append(_table(pd.DataFrame({"item": list(summary),
                                       "value": [str(v) for v in summary.values()]})))
     if cells_per_well is not None and len(cells_per_well):
-        parts.append("<h2>Quality control: cells per well</h2>")
+        parts.append(f"<h2>Quality control: {html.escape(qc_title)}</h2>")
         parts.append(_plate_heatmaps(cells_per_well))
     warnings = evaluation.get("warnings") or []
     if warnings:
@@ -257,6 +260,11 @@ def write_report(
     parts.append("<h2>Profiles</h2>" + _embedding_figure(profiles))
     if config_text:
         parts.append(f"<h2>Run configuration</h2><pre>{html.escape(config_text)}</pre>")
+    # a browser marks how many figures it decoded (checked by the test suite in Chromium)
+    parts.append("<script>window.addEventListener('load',function(){var im=document.images,"
+                 "ok=0;for(var i=0;i<im.length;i++){if(im[i].complete&&im[i].naturalWidth>0)"
+                 "ok++;}document.body.setAttribute('data-figures-rendered',ok+'/'+im.length);"
+                 "});</script>")
     parts.append("</body></html>")
     out = Path(out)
     with atomic_path(out) as tmp:

@@ -1,0 +1,214 @@
+"""Profiling at screen scale: a synthetic single-cell table of 2 million cells x 500 features in
+Parquet, aggregated to wells, normalised against controls and evaluated by morphoprof, compared in
+the same run with pycytominer doing aggregate + normalize on the same table.
+
+Each side runs in its own child process, so its peak memory (``ru_maxrss`` of the child: the
+interpreter and libraries included) is its own. The same work on both sides: well means (pycytominer
+gets the per-well metadata as strata so it can find the controls), then standardisation against the
+DMSO wells of the whole screen. morphoprof also evaluates (NSC / NSCB, k-NN, mAP with p-values,
+conformal sets) inside its timing; pycytominer has no evaluation. pycytominer reads the Parquet
+files with pandas (it takes a DataFrame); its child runs under an address-space limit so that,
+if it does not fit, it fails with MemoryError instead of taking the machine down.
+
+The table: 5 batches x 4 plates x 384 wells, ~260 cells per well (Poisson), 32 DMSO wells per plate,
+10 MoAs x 6 compounds x 4 doses, each compound in one batch; features = MoA signal x dose +
+compound offset + plate shift + cell noise (float32).
+
+    python benchmarks/profiling_scale.py [--cells N] [--features F] [--keep]
+        # writes benchmarks/results/profiling_scale.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "profiling_scale.json"
+BATCHES, PLATES_PER_BATCH, ROWS, COLS = 5, 4, 16, 24
+CONTROLS_PER_PLATE = 32
+N_MOA, CPD_PER_MOA, DOSES = 10, 6, (0.3, 1.0, 3.0, 10.0)
+META = ["Metadata_plate", "Metadata_well", "Metadata_batch", "Metadata_compound",
+        "Metadata_concentration", "Metadata_moa", "Metadata_control"]
+
+
+def make_table(folder: Path, n_cells: int, n_features: int, seed: int = 0) -> dict:
+    """Write one Parquet file per plate; returns a summary. Never holds more than one plate."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    n_plates = BATCHES * PLATES_PER_BATCH
+    wells = [f"{chr(65 + r)}{c + 1:02d}" for r in range(ROWS) for c in range(COLS)]
+    per_well = n_cells / (n_plates * len(wells))
+    moa_signal = rng.normal(size=(N_MOA, n_features)).astype(np.float32) * 0.6
+    compounds = [(f"cpd{m}_{k}", m) for m in range(N_MOA) for k in range(CPD_PER_MOA)]
+    cpd_offset = {c: rng.normal(size=n_features).astype(np.float32) * 0.3 for c, _ in compounds}
+    by_batch = {b: compounds[b::BATCHES] for b in range(BATCHES)}
+    feats = [f"Cells_Feature_{j:03d}" for j in range(n_features)]
+    total = 0
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in range(n_plates):
+        b = p // PLATES_PER_BATCH
+        plate = f"Batch{b}_Plate{p}"
+        shift = rng.normal(size=n_features).astype(np.float32) * 0.5
+        order = rng.permutation(len(wells))
+        treatments = [(c, m, d) for c, m in by_batch[b] for d in DOSES]
+        layout = {}
+        for k, w in enumerate(order):
+            if k < CONTROLS_PER_PLATE:
+                layout[wells[w]] = ("DMSO", -1, 0.0)
+            else:
+                layout[wells[w]] = treatments[(k - CONTROLS_PER_PLATE) % len(treatments)]
+        counts = rng.poisson(per_well, size=len(wells))
+        blocks, meta = [], {c: [] for c in META}
+        for w, n in zip(wells, counts):
+            cpd, m, dose = layout[w]
+            centre = shift.copy()
+            if m >= 0:
+                centre += moa_signal[m] * np.log1p(dose) + cpd_offset[cpd]
+            blocks.append(centre + rng.standard_normal((n, n_features), dtype=np.float32))
+            for col, v in zip(META, (plate, w, f"Batch{b}", cpd, dose,
+                                     "" if m < 0 else f"MoA{m}", m < 0)):
+                meta[col].append(np.full(n, v))
+        x = np.concatenate(blocks)
+        arrays = [pa.array(np.concatenate(meta[c])) for c in META]
+        arrays += [pa.array(np.ascontiguousarray(x[:, j])) for j in range(n_features)]
+        table = pa.Table.from_arrays(arrays, names=META + feats)
+        pq.write_table(table, folder / f"{plate}.parquet", row_group_size=65536)
+        total += len(x)
+        print(f"  wrote {plate}: {len(x)} cells", flush=True)
+    return {"n_cells": int(total), "n_features": n_features, "plates": n_plates,
+            "wells": n_plates * len(wells)}
+
+
+def run_morphoprof(folder: str) -> dict:
+    """Child: aggregate (streamed) + normalise + evaluate; returns seconds and peak MB."""
+    t0 = time.perf_counter()
+    from morphoprof.evaluation.evaluate import evaluate
+    from morphoprof.profiles.aggregate import aggregate_parquet
+    from morphoprof.profiles.normalize import normalize
+
+    wells = aggregate_parquet(folder, ["Metadata_plate", "Metadata_well"], "mean")
+    t_agg = time.perf_counter() - t0
+    wells = normalize(wells, "standardize", by=None, reference="controls")
+    t_norm = time.perf_counter() - t0 - t_agg
+    result = evaluate(wells, k_values=(5,), null_size=10000)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "aggregate_seconds": t_agg, "normalize_seconds": t_norm,
+            "evaluate_seconds": seconds - t_agg - t_norm, "wells": len(wells),
+            "nsc": result["nsc"]["accuracy"], "nscb": result["nscb"]["accuracy"],
+            "map_moa": result["map"]["moa"]["mean_map"],
+            "map_activity": result["map"]["activity"]["mean_map"],
+            "conformal_coverage": result["conformal"]["coverage"],
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "checksum": float(np.nansum(wells.filter(like="Cells_").to_numpy(np.float64)))}
+
+
+def run_pycytominer(folder: str) -> dict:
+    """Child: pandas reads the table, pycytominer aggregates and normalises."""
+    t0 = time.perf_counter()
+    import pandas as pd
+    import pycytominer
+
+    df = pd.read_parquet(folder)
+    t_read = time.perf_counter() - t0
+    feats = [c for c in df.columns if not c.startswith("Metadata_")]
+    wells = pycytominer.aggregate(df, strata=META, features=feats, operation="mean")
+    del df
+    t_agg = time.perf_counter() - t0 - t_read
+    wells = pycytominer.normalize(wells, features=feats, meta_features=META,
+                                  samples="Metadata_control == True", method="standardize")
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "read_seconds": t_read, "aggregate_seconds": t_agg,
+            "normalize_seconds": seconds - t_read - t_agg, "wells": len(wells),
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def child(which: str, folder: str, out: str, limit_gb: float) -> None:
+    if limit_gb:
+        lim = int(limit_gb * 2**30)
+        resource.setrlimit(resource.RLIMIT_AS, (lim, lim))
+    try:
+        res = run_morphoprof(folder) if which == "morphoprof" else run_pycytominer(folder)
+    except MemoryError as exc:
+        res = {"error": f"MemoryError under a {limit_gb} GB address-space limit: {exc}",
+               "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    Path(out).write_text(json.dumps(res))
+
+
+def spawn(which: str, folder: Path, limit_gb: float = 0.0) -> dict:
+    out = folder.parent / f"{which}.json"
+    cmd = [sys.executable, __file__, "--child", which, "--data", str(folder), "--result",
+           str(out), "--limit-gb", str(limit_gb)]
+    print(f"running {which} ...", flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if not out.is_file():
+        return {"error": f"{which} child exited {proc.returncode}: {proc.stderr[-1500:]}"}
+    res = json.loads(out.read_text())
+    print(f"  {which}: {res}", flush=True)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", type=int, default=2_000_000)
+    ap.add_argument("--features", type=int, default=500)
+    ap.add_argument("--keep", action="store_true", help="keep the generated table")
+    ap.add_argument("--child", choices=["morphoprof", "pycytominer"], help=argparse.SUPPRESS)
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--limit-gb", type=float, default=0.0, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        child(a.child, a.data, a.result, a.limit_gb)
+        return 0
+    work = Path(tempfile.mkdtemp(prefix="morphoprof-scale-"))
+    try:
+        t = time.perf_counter()
+        print(f"writing {a.cells} cells x {a.features} features to {work}", flush=True)
+        summary = make_table(work / "cells", a.cells, a.features)
+        size_mb = sum(f.stat().st_size for f in (work / "cells").glob("*.parquet")) / 2**20
+        print(f"  {size_mb:.0f} MB of Parquet in {time.perf_counter() - t:.0f} s", flush=True)
+        ours = spawn("morphoprof", work / "cells")
+        total_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        theirs = spawn("pycytominer", work / "cells", limit_gb=round(0.9 * total_gb, 1))
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "seconds": ours.get("seconds"), "peak_mb": ours.get("peak_mb"),
+        "pycytominer_seconds": theirs.get("seconds"),
+        "pycytominer_peak_mb": theirs.get("peak_mb"),
+        "n_cells": summary["n_cells"], "n_features": summary["n_features"],
+        "speedup": (theirs["seconds"] / ours["seconds"]
+                    if ours.get("seconds") and theirs.get("seconds") else None),
+        "memory_ratio": (ours["peak_mb"] / theirs["peak_mb"]
+                         if ours.get("peak_mb") and theirs.get("peak_mb") else None),
+        "goal": "speedup >= 5 and memory_ratio <= 1/3",
+        "parquet_mb": round(size_mb, 1), "table": summary,
+        "morphoprof": ours, "pycytominer": theirs,
+        "notes": "Both sides: well means + standardisation against all DMSO wells. "
+                 "morphoprof's time also includes evaluation (NSC/NSCB, k-NN, mAP with 10,000 "
+                 "permutations, conformal). Peak memory = child ru_maxrss.",
+    }
+    RESULTS.parent.mkdir(exist_ok=True)
+    tmp = RESULTS.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(RESULTS)
+    print(json.dumps({k: v for k, v in result.items() if not isinstance(v, dict)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
