@@ -136,8 +136,9 @@ def conformal_moa(
         pm = set_metrics(all_sets[sel], true[sel])
         per_moa[m] = {"coverage": pm["coverage"], "mean_set_size": pm["mean_set_size"],
                       "n": pm["n"]}
-    sets = [{"compound": cpd[i], "concentration": float(df.iloc[i].get(
-        "Metadata_concentration", np.nan)), "moa": moa[i],
-        "set": [labels[k] for k in np.flatnonzero(all_sets[i])]} for i in range(len(df))]
+    concs = (df["Metadata_concentration"].to_numpy(np.float64)
+             if "Metadata_concentration" in df.columns else np.full(len(df), np.nan))
+    sets = [{"compound": cpd[i], "concentration": float(concs[i]), "moa": moa[i],
+             "set": [labels[k] for k in np.flatnonzero(all_sets[i])]} for i in range(len(df))]
     return {"alpha": alpha, "target_coverage": 1 - alpha, **metrics, "labels": labels,
             "per_moa": per_moa, "sets": sets, "warnings": warnings}

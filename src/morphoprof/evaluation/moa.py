@@ -93,6 +93,8 @@ def nearest_neighbor_moa(
         share = np.array([[bool(a & b) for b in batches] for a in batches])
         allowed &= ~share
     moas = df[moa_col].astype(str).to_numpy()
+    concs = (df["Metadata_concentration"].to_numpy() if "Metadata_concentration" in df.columns
+             else np.full(len(df), np.nan))
     warnings = []
     n_compounds = df.groupby(moa_col)[compound_col].nunique()
     lonely = sorted(n_compounds.index[n_compounds < 2])
@@ -121,10 +123,10 @@ def nearest_neighbor_moa(
         records.append(
             {
                 "compound": compounds[i],
-                "concentration": float(df.iloc[i].get("Metadata_concentration", np.nan)),
+                "concentration": float(concs[i]),
                 "moa": moas[i],
                 "predicted": pred,
-                "neighbour": f"{compounds[j]}@{df.iloc[j].get('Metadata_concentration', '')}",
+                "neighbour": f"{compounds[j]}@{concs[j]}",
                 "similarity": float(sim[i, j]),
             }
         )

@@ -92,15 +92,19 @@ def _map_table(meta: pd.DataFrame, ap: pd.DataFrame, group_cols: list[str], null
                threshold: float, seed: int) -> tuple[pd.DataFrame, dict]:
     """Per-group mAP with copairs' permutation p-values (BH-corrected), plus a summary."""
     from copairs.map import mean_average_precision
-    from copairs.map.normalization import normalize_ap
+    from copairs.map.normalization import expected_ap
 
     ap = ap.dropna(subset=["average_precision"])
     ap = ap[ap["n_total_pairs"] > ap["n_pos_pairs"]]
     if ap.empty:
         raise InputError("no query has both positives and negatives: mAP is undefined")
-    m = ap["n_pos_pairs"].to_numpy()
-    ap = ap.assign(normalized_average_precision=normalize_ap(
-        ap["average_precision"].to_numpy(), m, ap["n_total_pairs"].to_numpy() - m))
+    # copairs' normalised AP, clip((AP - E[AP]) / (1 - E[AP]), -1, 1), with E[AP] (its exact
+    # expectation under random ranking) computed once per (positives, total) configuration
+    conf = ap[["n_pos_pairs", "n_total_pairs"]].to_numpy()
+    uniq, inverse = np.unique(conf, axis=0, return_inverse=True)
+    mu0 = np.array([expected_ap(int(m), int(t - m)) for m, t in uniq])[inverse.ravel()]
+    norm = (ap["average_precision"].to_numpy() - mu0) / np.maximum(1 - mu0, 1e-10)
+    ap = ap.assign(normalized_average_precision=np.clip(norm, -1.0, 1.0))
     table = meta.iloc[ap["row"].to_numpy()][group_cols].reset_index(drop=True)
     table = pd.concat([table, ap.drop(columns="row").reset_index(drop=True)], axis=1)
     scores = mean_average_precision(table, group_cols, null_size=null_size, threshold=threshold,

@@ -8,6 +8,7 @@ of rows it summarises, and the next level sums it (``Metadata_n_sites`` etc. are
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -126,53 +127,74 @@ _FEATURE_BLOCK = 256
 _ROW_BATCH = 65536
 
 
-def _streamed_means(files: list[Path], by: list[str], feats: list[str],
-                    groups: pd.DataFrame) -> pd.DataFrame:
-    """Per-group means of ``feats`` (NaN skipped), reading the files in row batches: memory is
-    one batch plus a (groups x features) accumulator, whatever the number of rows."""
+def _file_sums(path: Path, by: list[str], feats: list[str],
+               index: pd.Index) -> tuple[np.ndarray, np.ndarray]:
+    """(groups, features) sums and non-NaN counts of one Parquet file, read in row batches."""
     import pyarrow.parquet as pq
     from scipy import sparse
+
+    n_groups = len(index)
+    sums = np.zeros((n_groups, len(feats)))
+    counts = np.zeros((n_groups, len(feats)))
+    for batch in pq.ParquetFile(path).iter_batches(_ROW_BATCH, columns=by + feats):
+        keys = batch.select(by).to_pandas()
+        codes = index.get_indexer(pd.MultiIndex.from_frame(keys) if len(by) > 1
+                                  else keys[by[0]])
+        if (codes < 0).any():
+            raise InputError(f"{path}: rows whose {by} changed while reading")
+        # (features, rows): each feature's values contiguous, so run sums are sequential reads
+        x = np.stack([batch.column(f).to_numpy(zero_copy_only=False) for f in feats])
+        if not np.issubdtype(x.dtype, np.floating):
+            x = x.astype(np.float64)
+        nan = np.isnan(x)
+        has_nan = bool(nan.any())
+        if has_nan:
+            x = np.where(nan, 0, x)
+        # rows of a group are usually contiguous (cells of one image, images of one well):
+        # sum each run of equal codes in one pass, then add the runs into their groups
+        starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
+        if len(starts) <= len(codes) // 4:
+            run_sums = np.add.reduceat(x, starts, axis=1).T
+            run_counts = (np.add.reduceat(~nan, starts, axis=1, dtype=np.int64).T if has_nan
+                          else np.diff(np.r_[starts, len(codes)])[:, None])
+            target = codes[starts]
+            if len(np.unique(target)) == len(target):
+                sums[target] += run_sums
+                counts[target] += run_counts
+            else:
+                np.add.at(sums, target, run_sums)
+                np.add.at(counts, target, np.broadcast_to(run_counts, run_sums.shape))
+        else:
+            onehot = sparse.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))),
+                                       shape=(n_groups, len(codes)))
+            sums += onehot @ x.T.astype(np.float64)
+            counts += onehot @ ((~nan).T.astype(np.float64) if has_nan
+                                else np.ones((len(codes), 1)))
+    return sums, counts
+
+
+def _streamed_means(files: list[Path], by: list[str], feats: list[str],
+                    groups: pd.DataFrame, threads: int | None = None) -> pd.DataFrame:
+    """Per-group means of ``feats`` (NaN skipped), reading the files in row batches, files in
+    parallel threads: memory is one batch per thread plus (groups x features) accumulators,
+    whatever the number of rows."""
+    from concurrent.futures import ThreadPoolExecutor
 
     index = pd.MultiIndex.from_frame(groups) if len(by) > 1 else pd.Index(groups[by[0]])
     sums = np.zeros((len(groups), len(feats)))
     counts = np.zeros((len(groups), len(feats)))
-    for path in files:
-        for batch in pq.ParquetFile(path).iter_batches(_ROW_BATCH, columns=by + feats):
-            keys = batch.select(by).to_pandas()
-            codes = index.get_indexer(pd.MultiIndex.from_frame(keys) if len(by) > 1
-                                      else keys[by[0]])
-            if (codes < 0).any():
-                raise InputError(f"{path}: rows whose {by} changed while reading")
-            x = np.column_stack([batch.column(f).to_numpy(zero_copy_only=False)
-                                 for f in feats])
-            if not np.issubdtype(x.dtype, np.floating):
-                x = x.astype(np.float64)
-            nan = np.isnan(x)
-            has_nan = bool(nan.any())
-            if has_nan:
-                x = np.where(nan, 0, x)
-            # rows of a group are usually contiguous (cells of one image, images of one well):
-            # sum each run of equal codes in one pass, then add the runs into their groups
-            starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
-            if len(starts) <= len(codes) // 4:
-                np.add.at(sums, codes[starts], np.add.reduceat(x, starts, axis=0,
-                                                               dtype=np.float64))
-                ok = (~nan).astype(np.float64) if has_nan else None
-                np.add.at(counts, codes[starts], np.add.reduceat(ok, starts, axis=0)
-                          if has_nan else np.diff(np.r_[starts, len(codes)])[:, None])
-            else:
-                onehot = sparse.csr_matrix(
-                    (np.ones(len(codes)), (codes, np.arange(len(codes)))),
-                    shape=(len(groups), len(codes)))
-                sums += onehot @ x.astype(np.float64, copy=False)
-                counts += onehot @ ((~nan).astype(np.float64) if has_nan
-                                    else np.ones((len(codes), 1)))
+    workers = max(1, min(len(files), threads or os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        for s, c in pool.map(lambda f: _file_sums(f, by, feats, index), files):
+            sums += s
+            counts += c
     with np.errstate(invalid="ignore", divide="ignore"):
         means = sums / counts
     return pd.DataFrame(means, columns=feats)
 
 
 def _q(name: str) -> str:
+    """A double-quoted SQL identifier."""
     return '"' + name.replace('"', '""') + '"'
 
 
@@ -258,7 +280,7 @@ def aggregate_parquet(
         except duckdb.Error as exc:
             raise InputError(f"aggregation of {len(files)} Parquet file(s) failed: {exc}") from exc
         if how == "mean":
-            values = _streamed_means(files, list(by), feats, res[list(by)])
+            values = _streamed_means(files, list(by), feats, res[list(by)], threads)
     finally:
         con.close()
     if res.empty:
