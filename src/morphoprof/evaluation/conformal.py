@@ -19,8 +19,13 @@ import numpy as np
 import pandas as pd
 
 from morphoprof.errors import InputError
-from morphoprof.features.shards import feature_columns
-from morphoprof.index.schema import COMPOUND, CONTROL, MOA
+from morphoprof.evaluation.moa import (
+    annotated_treatments,
+    cosine_similarity_matrix,
+    feature_matrix,
+    single_compound_moas,
+)
+from morphoprof.index.schema import COMPOUND, MOA
 
 
 def conformal_threshold(calibration_scores: np.ndarray, alpha: float) -> float:
@@ -52,11 +57,6 @@ def set_metrics(sets: np.ndarray, true_index: np.ndarray) -> dict:
             "singleton_fraction": float((size == 1).mean()), "n": int(len(sets))}
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
-
-
 def conformal_moa(
     treatments: pd.DataFrame,
     alpha: float = 0.1,
@@ -84,13 +84,9 @@ def conformal_moa(
     need = [c for c in (MOA, COMPOUND) if c not in treatments.columns]
     if need:
         raise InputError(f"conformal MoA prediction needs column(s) {need}")
-    df = treatments
-    if CONTROL in df.columns:
-        df = df[~df[CONTROL].astype(bool)]
-    df = df[df[MOA].fillna("").astype(str).str.len() > 0]
+    df = annotated_treatments(treatments)
     warnings = []
-    n_cpd = df.groupby(MOA)[COMPOUND].nunique()
-    lonely = sorted(n_cpd.index[n_cpd < 2])
+    lonely = single_compound_moas(df)
     if lonely:
         warnings.append(f"MoA(s) {lonely} have a single compound and are left out of conformal "
                         "prediction (no other compound to calibrate or predict them)")
@@ -100,11 +96,7 @@ def conformal_moa(
     if len(labels) < 2:
         raise InputError(f"conformal MoA prediction needs >= 2 MoAs with >= 2 compounds each, "
                          f"got {labels}")
-    feats = list(features) if features is not None else feature_columns(df)
-    x = df[feats].to_numpy(dtype=np.float64)
-    if not np.isfinite(x).all():
-        raise InputError("profiles have NaN or infinite features")
-    sim = _unit(x) @ _unit(x).T
+    sim = cosine_similarity_matrix(feature_matrix(df, features))
     cpd = df[COMPOUND].astype(str).to_numpy()
     moa = df[MOA].astype(str).to_numpy()
     true = np.array([labels.index(m) for m in moa])

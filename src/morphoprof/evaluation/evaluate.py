@@ -15,7 +15,12 @@ import pandas as pd
 
 from morphoprof.errors import InputError
 from morphoprof.evaluation.conformal import conformal_moa
-from morphoprof.evaluation.moa import evaluate_moa, nearest_neighbor_moa
+from morphoprof.evaluation.moa import (
+    annotated_treatments,
+    evaluate_moa,
+    has_moa,
+    nearest_neighbor_moa,
+)
 from morphoprof.evaluation.retrieval import activity_map, consistency_map, nn_accuracy
 from morphoprof.features.shards import feature_columns
 from morphoprof.index.schema import BATCH, COMPOUND, CONCENTRATION, CONTROL, MOA
@@ -81,7 +86,7 @@ def evaluate(
         treatments = profiles
         if CONTROL in treatments.columns:
             treatments = treatments[~treatments[CONTROL].astype(bool)]
-    no_moa = treatments[treatments[MOA].fillna("").astype(str).str.len() == 0]
+    no_moa = treatments[~has_moa(treatments)]
     if len(no_moa):
         names = sorted(no_moa[COMPOUND].astype(str).unique())
         warnings.append(f"{len(no_moa)} treatment(s) have no MoA and are not scored: "
@@ -128,7 +133,7 @@ def evaluate(
             result["replicate_accuracy"] = nn_accuracy(treated, TREATMENT)
         except InputError as exc:
             result["replicate_accuracy"] = {"error": str(exc)}
-    annotated = treatments[treatments[MOA].fillna("").astype(str).str.len() > 0]
+    annotated = annotated_treatments(treatments)
     group = {}
     for col in group_columns:
         if col not in annotated.columns:

@@ -18,15 +18,53 @@ import pandas as pd
 
 from morphoprof.errors import InputError
 from morphoprof.features.shards import feature_columns
-from morphoprof.index.schema import BATCH, COMPOUND, MOA
+from morphoprof.index.schema import BATCH, COMPOUND, CONTROL, MOA
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """(N, D) -> rows scaled to unit length (zero rows stay zero), float64."""
+    x = np.asarray(x, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
 
 
 def cosine_similarity_matrix(x: np.ndarray) -> np.ndarray:
     """(N, D) -> (N, N) cosine similarities (rows with zero norm get similarity 0)."""
-    x = np.asarray(x, dtype=np.float64)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    unit = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+    unit = unit_rows(x)
     return unit @ unit.T
+
+
+def feature_matrix(df: pd.DataFrame, features: Sequence[str] | None = None) -> np.ndarray:
+    """The (rows, features) float64 matrix of a profile table; InputError when there are no
+    feature columns or a row holds NaN / infinite values (the first such rows are named)."""
+    feats = list(features) if features is not None else feature_columns(df)
+    if not feats:
+        raise InputError("profiles have no feature columns")
+    x = df[feats].to_numpy(dtype=np.float64)
+    if not np.isfinite(x).all():
+        rows = np.flatnonzero(~np.isfinite(x).all(axis=1))[:5].tolist()
+        raise InputError(f"profiles have NaN or infinite features (rows {rows})")
+    return x
+
+
+def has_moa(df: pd.DataFrame, moa_col: str = MOA) -> np.ndarray:
+    """Boolean mask of rows with a non-empty MoA."""
+    return (df[moa_col].fillna("").astype(str).str.len() > 0).to_numpy()
+
+
+def annotated_treatments(df: pd.DataFrame, moa_col: str = MOA) -> pd.DataFrame:
+    """Rows that are not controls (``Metadata_control``) and have a MoA, re-indexed 0..n-1."""
+    keep = has_moa(df, moa_col)
+    if CONTROL in df.columns:
+        keep = keep & ~df[CONTROL].astype(bool).to_numpy()
+    return df[keep].reset_index(drop=True)
+
+
+def single_compound_moas(df: pd.DataFrame, moa_col: str = MOA,
+                         compound_col: str = COMPOUND) -> list[str]:
+    """MoAs represented by a single compound (unmatchable when a query's compound is held out)."""
+    n = df.groupby(moa_col)[compound_col].nunique()
+    return sorted(n.index[n < 2])
 
 
 def _batches(values: pd.Series) -> list[frozenset[str]]:
@@ -67,7 +105,7 @@ def nearest_neighbor_moa(
     missing = [c for c in need if c not in profiles.columns]
     if missing:
         raise InputError(f"profiles lack column(s) {missing} needed for {mode.upper()}")
-    df = profiles[profiles[moa_col].fillna("").astype(str).str.len() > 0].reset_index(drop=True)
+    df = profiles[has_moa(profiles, moa_col)].reset_index(drop=True)
     feats = list(features) if features is not None else feature_columns(df)
     if not feats:
         raise InputError("profiles have no feature columns")
@@ -81,11 +119,7 @@ def nearest_neighbor_moa(
         df = df[~df[moa_col].isin(dropped)].reset_index(drop=True)
     if len(df) < 2:
         raise InputError(f"{mode.upper()} needs at least two annotated treatments, got {len(df)}")
-    x = df[feats].to_numpy(dtype=np.float64)
-    if not np.isfinite(x).all():
-        bad = df.index[~np.isfinite(x).all(axis=1)].tolist()[:5]
-        raise InputError(f"profiles have NaN or infinite features (rows {bad})")
-    sim = cosine_similarity_matrix(x)
+    sim = cosine_similarity_matrix(feature_matrix(df, feats))
     compounds = df[compound_col].astype(str).to_numpy()
     allowed = compounds[:, None] != compounds[None, :]
     if mode == "nscb":
@@ -96,8 +130,7 @@ def nearest_neighbor_moa(
     concs = (df["Metadata_concentration"].to_numpy() if "Metadata_concentration" in df.columns
              else np.full(len(df), np.nan))
     warnings = []
-    n_compounds = df.groupby(moa_col)[compound_col].nunique()
-    lonely = sorted(n_compounds.index[n_compounds < 2])
+    lonely = single_compound_moas(df, moa_col, compound_col)
     if lonely:
         warnings.append(f"MoA(s) {lonely} have a single compound: under {mode.upper()} their "
                         "treatments have no same-MoA neighbour and count as errors")

@@ -21,16 +21,10 @@ import numpy as np
 import pandas as pd
 
 from morphoprof.errors import InputError
-from morphoprof.features.shards import feature_columns
+from morphoprof.evaluation.moa import annotated_treatments, feature_matrix, unit_rows
 from morphoprof.index.schema import COMPOUND, CONCENTRATION, CONTROL, MOA
 
 TREATMENT = [COMPOUND, CONCENTRATION]
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
 
 
 def _codes(df: pd.DataFrame, cols: Sequence[str]) -> np.ndarray:
@@ -69,7 +63,7 @@ def average_precision(
     np.fill_diagonal(negatives, False)
     if queries is None:
         queries = np.flatnonzero(positives.any(1))
-    unit = _unit(x)
+    unit = unit_rows(x)
     ap = np.full(len(queries), np.nan)
     n_pos = positives[queries].sum(1)
     n_tot = n_pos + negatives[queries].sum(1)
@@ -121,17 +115,6 @@ def _map_table(meta: pd.DataFrame, ap: pd.DataFrame, group_cols: list[str], null
     return scores, summary
 
 
-def _finite_features(df: pd.DataFrame, features: Sequence[str] | None) -> np.ndarray:
-    feats = list(features) if features is not None else feature_columns(df)
-    if not feats:
-        raise InputError("profiles have no feature columns")
-    x = df[feats].to_numpy(dtype=np.float64)
-    if not np.isfinite(x).all():
-        rows = np.flatnonzero(~np.isfinite(x).all(1))[:5].tolist()
-        raise InputError(f"profiles have NaN or infinite features (rows {rows})")
-    return x
-
-
 def activity_map(
     wells: pd.DataFrame,
     features: Sequence[str] | None = None,
@@ -155,7 +138,7 @@ def activity_map(
     if need:
         raise InputError(f"activity mAP needs column(s) {need}")
     df = wells.reset_index(drop=True)
-    x = _finite_features(df, features)
+    x = feature_matrix(df, features)
     ctrl = df[CONTROL].astype(bool).to_numpy()
     if not ctrl.any():
         raise InputError("activity mAP needs control wells (Metadata_control) as negatives")
@@ -183,13 +166,10 @@ def consistency_map(
     need = [c for c in (MOA, COMPOUND) if c not in treatments.columns]
     if need:
         raise InputError(f"MoA mAP needs column(s) {need}")
-    df = treatments
-    if CONTROL in df.columns:
-        df = df[~df[CONTROL].astype(bool)]
-    df = df[df[MOA].fillna("").astype(str).str.len() > 0].reset_index(drop=True)
+    df = annotated_treatments(treatments)
     if len(df) < 3:
         raise InputError(f"MoA mAP needs at least 3 annotated treatments, got {len(df)}")
-    x = _finite_features(df, features)
+    x = feature_matrix(df, features)
     moa = _codes(df, [MOA])
     cpd = _codes(df, [COMPOUND])
     positives = (moa[:, None] == moa[None, :]) & (cpd[:, None] != cpd[None, :])
@@ -221,7 +201,7 @@ def nn_accuracy(
     if need:
         raise InputError(f"nearest-neighbour accuracy needs column(s) {need}")
     df = profiles.reset_index(drop=True)
-    x = _unit(_finite_features(df, features))
+    x = unit_rows(feature_matrix(df, features))
     sim = x @ x.T
     np.fill_diagonal(sim, -np.inf)
     for col in exclude_same:

@@ -85,6 +85,25 @@ def _diff(a: dict, b: dict) -> str:
     return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:5]) or "?"
 
 
+def shard_files(folder: str | Path) -> list[Path]:
+    """The shard files of a feature folder, in manifest order. Raises InputError naming the
+    folder when it has no manifest, the manifest lists no shards, or a listed shard is missing."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise InputError(f"{folder} is not a feature folder (no {MANIFEST})")
+    shards = json.loads(manifest.read_text()).get("shards", {})
+    if not shards:
+        raise InputError(f"{folder}: the manifest lists no shards")
+    files = []
+    for key, info in shards.items():
+        path = folder / info["file"]
+        if not path.is_file():
+            raise InputError(f"{folder}: shard {key} is listed but {path} is missing")
+        files.append(path)
+    return files
+
+
 def read_features(folder: str | Path) -> pd.DataFrame:
     """Concatenate a feature folder's shards (in manifest order) into one DataFrame.
 
@@ -94,19 +113,7 @@ def read_features(folder: str | Path) -> pd.DataFrame:
     folder = Path(folder)
     if folder.is_file():
         return pd.read_parquet(folder)
-    manifest = folder / MANIFEST
-    if not manifest.is_file():
-        raise InputError(f"{folder} is not a feature folder (no {MANIFEST})")
-    shards = json.loads(manifest.read_text()).get("shards", {})
-    if not shards:
-        raise InputError(f"{folder}: the manifest lists no shards")
-    frames = []
-    for key, info in shards.items():
-        path = folder / info["file"]
-        if not path.is_file():
-            raise InputError(f"{folder}: shard {key} is listed but {path} is missing")
-        frames.append(pd.read_parquet(path))
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat([pd.read_parquet(f) for f in shard_files(folder)], ignore_index=True)
 
 
 def feature_columns(df: pd.DataFrame) -> list[str]:

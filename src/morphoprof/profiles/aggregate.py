@@ -7,7 +7,6 @@ of rows it summarises, and the next level sums it (``Metadata_n_sites`` etc. are
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -97,7 +96,7 @@ def parquet_sources(source: str | Path | Sequence[str | Path]) -> list[Path]:
     """Resolve a feature folder (its manifest's shards), a Parquet file, a folder of Parquet files
     or a list of files into the list of Parquet files to read. Raises InputError naming what is
     missing."""
-    from morphoprof.features.shards import MANIFEST
+    from morphoprof.features.shards import MANIFEST, shard_files
 
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -105,16 +104,11 @@ def parquet_sources(source: str | Path | Sequence[str | Path]) -> list[Path]:
             return [path]
         if not path.is_dir():
             raise InputError(f"{path}: no such Parquet file or feature folder")
-        manifest = path / MANIFEST
-        if manifest.is_file():
-            shards = json.loads(manifest.read_text()).get("shards", {})
-            files = [path / info["file"] for info in shards.values()]
-            if not files:
-                raise InputError(f"{path}: the manifest lists no shards")
-        else:
-            files = sorted(path.glob("*.parquet"))
-            if not files:
-                raise InputError(f"{path}: no manifest and no *.parquet files")
+        if (path / MANIFEST).is_file():
+            return shard_files(path)
+        files = sorted(path.glob("*.parquet"))
+        if not files:
+            raise InputError(f"{path}: no manifest and no *.parquet files")
     else:
         files = [Path(p) for p in source]
     missing = [str(f) for f in files if not f.is_file()]
@@ -235,8 +229,9 @@ def aggregate_parquet(
             con.execute(f"SET memory_limit = '{memory_limit}'")
         con.execute("SET preserve_insertion_order = false")
         scan = "read_parquet(?, union_by_name = true)"
+        params = [[str(f) for f in files]]
         try:
-            schema = con.execute(f"DESCRIBE SELECT * FROM {scan}", [[str(f) for f in files]]).df()
+            schema = con.execute(f"DESCRIBE SELECT * FROM {scan}", params).df()
         except duckdb.Error as exc:
             raise InputError(f"cannot read Parquet {files[0].parent}: {exc}") from exc
         columns = schema["column_name"].tolist()
@@ -251,7 +246,6 @@ def aggregate_parquet(
         meta = [c for c in columns if c.startswith("Metadata_") and c not in by and c != COUNT]
         keys = ", ".join(_q(c) for c in by)
         order = ", ".join(_q(c) + " NULLS LAST" for c in by)
-        params = [[str(f) for f in files]]
         sel = [_q(c) for c in by]
         sel.append(f"sum({_q(COUNT)})::BIGINT AS {_q(COUNT)}" if COUNT in columns
                    else f"count(*)::BIGINT AS {_q(COUNT)}")

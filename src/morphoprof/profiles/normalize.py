@@ -122,17 +122,19 @@ class Normalizer:
                 self.warnings.append(f"{where}: no control rows; fitted on all {len(rows)} rows")
                 ref = x[rows]
             refs[key] = ref
+        target_mean = target = None
         if self.method == "coral":
             pooled = np.concatenate(list(refs.values()))
             target_mean = pooled.mean(0)
             target = _sqrtm(np.cov(pooled, rowvar=False).reshape(x.shape[1], -1), 0.5, self.eps)
         for key, ref in refs.items():
-            self.params[key] = self._fit_group(key, ref, target_mean if self.method == "coral"
-                                               else None, target if self.method == "coral"
-                                               else None)
+            self.params[key] = self._fit_group(key, ref, target_mean, target)
         return self
 
-    def _fit_group(self, key: str, ref: np.ndarray, target_mean, target) -> dict:
+    def _fit_group(self, key: str, ref: np.ndarray, target_mean: np.ndarray | None,
+                   target: np.ndarray | None) -> dict:
+        """Per-group parameters; ``target_mean`` / ``target`` (the pooled controls' mean and
+        covariance square root) are used by CORAL only."""
         m = self.method
         if m in ("spherize", "coral", "factor_analysis", "standardize") and len(ref) < 2:
             raise InputError(f"{self.by}={key!r}: {m} needs at least 2 reference rows, "
