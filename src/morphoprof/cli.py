@@ -284,6 +284,24 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(a: argparse.Namespace) -> int:
+    from morphoprof.config import load_train_config
+    from morphoprof.models.run import run_training
+
+    cfg, text = load_train_config(a.config)
+    if a.epochs is not None:
+        cfg["train"]["epochs"] = a.epochs
+    result = run_training(a.kind, cfg, text, progress=not a.quiet)
+    t = result["treatment"]
+    print(f"{a.kind}: treatment accuracy {t['correct']}/{t['n']} = {t['accuracy']:.3f} "
+          f"(image accuracy {result['image_accuracy']:.3f}); conformal coverage "
+          f"{result['conformal']['coverage']:.3f} at target "
+          f"{result['conformal']['target_coverage']:.2f}, mean set size "
+          f"{result['conformal']['mean_set_size']:.2f}; results in "
+          f"{Path(cfg['output']) / a.kind / 'cv.json'}")
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     import yaml
 
@@ -344,6 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="run the pipeline described by a YAML config")
     s.add_argument("config")
     s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("train", help="train a classifier with group-held-out cross-validation "
+                       "(finetune: Kensert 2019; mil: Kraus 2016)")
+    s.add_argument("kind", choices=["finetune", "mil"])
+    s.add_argument("config", help="training YAML (see morphoprof.config.TRAIN_SCHEMA)")
+    s.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("synth", help="generate a synthetic screen with ground truth")
     s.add_argument("--out", required=True)

@@ -256,3 +256,90 @@ evaluation:
   protocols: [nsc, nscb]
 output: .
 """
+
+
+# ---------------------------------------------------------------------------------------------
+# Training configs: ``morphoprof train finetune|mil CONFIG.yaml``
+# ---------------------------------------------------------------------------------------------
+TRAIN_SCHEMA: dict[str, Any] = {
+    "data": SCHEMA["data"],
+    "channels": Opt(_LIST, None),
+    # Keep only rows whose column holds one of the listed values, e.g. {Metadata_compound: [a, b]}
+    "select": Opt(_DICT, {}, free_mapping=True),
+    "label": Opt(_STR, "Metadata_moa"),
+    "multilabel": Opt(_BOOL, False),
+    "images": {
+        "size": Opt(_INT, 128),
+        "normalization": Opt(_STR, "percentile", ("none", "max", "percentile")),
+        "scale": Opt(_FLOAT, 1.0),
+        "crop": Opt(_INT, None),
+        "augment": Opt(_BOOL, True),
+    },
+    "model": {
+        "name": Opt(_STR, "tf_efficientnet_lite0"),
+        "weights": Opt(_STR, "auto"),
+        "drop_rate": Opt(_FLOAT, 0.2),
+    },
+    "mil": {
+        "pooling": Opt(_STR, "noisy_and",
+                       ("max", "mean", "gm", "lse", "noisy_or", "isr", "noisy_and")),
+        "r": Opt(_FLOAT, 5.0),
+        "a": Opt(_FLOAT, 10.0),
+        "hidden": Opt(_INT, 256),
+        "plan": Opt(_LIST, None),
+        "mil_weight": Opt(_FLOAT, 1.0),
+        "jacobian_images": Opt(_INT, 4),
+    },
+    "train": {
+        "epochs": Opt(_INT, 10),
+        "batch_size": Opt(_INT, 16),
+        "lr": Opt(_FLOAT, 1e-4),
+        "weight_decay": Opt(_FLOAT, 0.0),
+        "patience": Opt(_INT, 5),
+        "seed": Opt(_INT, 0),
+        "num_workers": Opt(_INT, 0),
+        "accelerator": Opt(_STR, "auto"),
+        "devices": Opt((int, str), 1),
+        "num_nodes": Opt(_INT, 1),
+        "strategy": Opt(_STR, "auto"),
+        "precision": Opt(_STR, "auto"),
+    },
+    "cv": {
+        "group": Opt(_STR, "Metadata_compound"),
+        "folds": Opt(_INT, 3),
+        "treatment": Opt(_LIST, ["Metadata_compound", "Metadata_concentration"]),
+        "aggregate": Opt(_STR, "mean", ("mean", "median")),
+        "alpha": Opt(_FLOAT, 0.1),
+        "val_fraction": Opt(_FLOAT, 0.0),
+    },
+    "output": Opt(_STR, None, required=True),
+}
+
+
+def load_train_config(path: str | Path) -> tuple[dict, str]:
+    """Read and validate a training config (:data:`TRAIN_SCHEMA`). Returns (config, its text);
+    relative ``data.path`` and ``output`` are resolved against the config file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"training configuration {path}", ["file not found"])
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"training configuration {path}", [f"not valid YAML: {exc}"]) from exc
+    problems: list[str] = []
+    cfg = _check(raw, TRAIN_SCHEMA, "", problems)
+    if cfg["data"]["source"] != "synthetic" and not cfg["data"]["path"]:
+        problems.append(f"data.path: required for source {cfg['data']['source']!r}")
+    for key in ("epochs", "batch_size", "folds"):
+        section = "cv" if key == "folds" else "train"
+        if isinstance(cfg[section][key], int) and cfg[section][key] < 1:
+            problems.append(f"{section}.{key}: must be >= 1")
+    if problems:
+        raise ConfigError(f"invalid training configuration ({path})", problems)
+    base = path.parent
+    for key in ("path", "image_csv", "moa_csv"):
+        if cfg["data"][key]:
+            cfg["data"][key] = str(base / cfg["data"][key])
+    cfg["output"] = str(base / cfg["output"])
+    return cfg, text

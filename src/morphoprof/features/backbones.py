@@ -122,7 +122,8 @@ def _load_checkpoint(model, path: Path) -> str:
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
-    state = {k.removeprefix("model.").removeprefix("module."): v for k, v in state.items()}
+    state = {k.removeprefix("net.").removeprefix("model.").removeprefix("module."): v
+             for k, v in state.items()}
     # The classifier head is replaced afterwards: a checkpoint may have any head, or none.
     head = str(model.pretrained_cfg.get("classifier", "fc")) + "."
     own = model.state_dict()

@@ -1,0 +1,231 @@
+"""Group-held-out cross-validation of image classifiers, with treatment-level predictions and
+conformal prediction sets.
+
+For each fold a fresh network is trained on the images of the training groups (compounds) and
+predicts the held-out groups' images; a treatment's prediction aggregates its images'
+probabilities (mean over images, or the median over replicate wells of the well means). The
+out-of-fold probabilities then give conformal sets: the sets of a group's treatments are
+calibrated on the out-of-fold scores (1 - probability of the true class) of every *other* group,
+each produced by a model that never saw that group.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from morphoprof.errors import InputError
+from morphoprof.evaluation.conformal import conformal_threshold, prediction_sets, set_metrics
+from morphoprof.index.schema import COMPOUND, CONCENTRATION, MOA, PLATE, WELL, ExperimentIndex
+from morphoprof.io_utils import write_json, write_npy, write_parquet
+from morphoprof.models.data import ImageTensorDataset
+from morphoprof.models.splits import group_folds, split_groups
+from morphoprof.models.training import FitConfig, ImageClassifier, fit, predict_proba
+
+
+@dataclass
+class CVConfig:
+    """Cross-validation settings.
+
+    Attributes:
+        label: the class column.
+        group: the column held out whole (compound by default; a well for control-only tasks).
+        folds: number of folds.
+        treatment: columns naming a treatment (the unit predictions are aggregated to).
+        aggregate: ``mean`` of image probabilities, or ``median`` over wells of well means.
+        alpha: conformal miscoverage (sets aim at >= 1 - alpha).
+        val_fraction: wells of the training side kept for validation / early stopping.
+        seed: seeds folds, validation wells and training.
+        augment, crop, mean, std: passed to :class:`ImageTensorDataset` for training.
+    """
+
+    label: str = MOA
+    group: str = COMPOUND
+    folds: int = 3
+    treatment: Sequence[str] = (COMPOUND, CONCENTRATION)
+    aggregate: str = "mean"
+    alpha: float = 0.1
+    val_fraction: float = 0.0
+    seed: int = 0
+    augment: bool = True
+    crop: int | None = None
+    mean: Sequence[float] = (0.0,)
+    std: Sequence[float] = (1.0,)
+
+
+def treatment_probabilities(meta: pd.DataFrame, probs: np.ndarray, keys: Sequence[str],
+                            aggregate: str = "mean") -> tuple[pd.DataFrame, np.ndarray]:
+    """Aggregate image probabilities ``(N, K)`` to treatments: mean over a treatment's images,
+    or (``median``) the median over its wells of each well's mean. Returns the treatments' key
+    table and their ``(T, K)`` probabilities (rows renormalised to sum to 1)."""
+    if aggregate not in ("mean", "median"):
+        raise InputError(f"treatment aggregation must be mean or median, got {aggregate!r}")
+    keys = list(keys)
+    k = probs.shape[1]
+    cols = [f"p{j}" for j in range(k)]
+    df = pd.concat([meta.reset_index(drop=True), pd.DataFrame(probs, columns=cols)], axis=1)
+    if aggregate == "median":
+        wells = [c for c in (PLATE, WELL) if c in df.columns]
+        if not wells:
+            raise InputError("median aggregation over wells needs Metadata_plate/Metadata_well")
+        df = df.groupby(keys + wells, sort=False, dropna=False)[cols].mean().reset_index()
+        agg = df.groupby(keys, sort=False, dropna=False)[cols].median().reset_index()
+    else:
+        agg = df.groupby(keys, sort=False, dropna=False)[cols].mean().reset_index()
+    p = agg[cols].to_numpy(np.float64, copy=True)
+    p /= np.where(p.sum(1, keepdims=True) > 0, p.sum(1, keepdims=True), 1.0)
+    return agg[keys], p
+
+
+def group_conformal(probs: np.ndarray, true: np.ndarray, groups: np.ndarray, alpha: float
+                    ) -> np.ndarray:
+    """Conformal sets ``(T, K)`` from out-of-fold probabilities: each group's rows use the
+    threshold calibrated on the other groups' scores ``1 - p(true class)``."""
+    scores = 1.0 - probs
+    true_scores = scores[np.arange(len(true)), true]
+    sets = np.zeros(probs.shape, bool)
+    for g in np.unique(groups):
+        test = groups == g
+        thr = conformal_threshold(true_scores[~test], alpha)
+        sets[test] = prediction_sets(scores[test], thr)
+    return sets
+
+
+def _accuracy_block(pred: np.ndarray, true: np.ndarray, classes: list[str]) -> dict:
+    per = {}
+    for k, c in enumerate(classes):
+        sel = true == k
+        if sel.any():
+            per[c] = {"accuracy": float((pred[sel] == k).mean()), "n": int(sel.sum())}
+    confusion = np.zeros((len(classes), len(classes)), int)
+    np.add.at(confusion, (true, pred), 1)
+    return {"accuracy": float((pred == true).mean()), "correct": int((pred == true).sum()),
+            "n": int(len(true)), "per_class": per, "confusion": confusion.tolist()}
+
+
+def cross_validate(
+    index: ExperimentIndex,
+    images: np.ndarray,
+    make_module: Callable[[int], ImageClassifier],
+    out_dir: str | Path,
+    cv: CVConfig | None = None,
+    fit_cfg: FitConfig | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict:
+    """Train and test one model per fold; write ``predictions.parquet`` (out-of-fold image
+    probabilities), ``treatments.parquet`` and ``cv.json`` in ``out_dir``; return the results.
+
+    Args:
+        index: the images' experiment index (row i <-> ``images[i]``).
+        images: ``(N, C, H, W)`` float32, already resized and normalised.
+        make_module: builds a fresh, seeded :class:`ImageClassifier` (argument: the fold).
+        out_dir: fold folders (checkpoints, metrics) and results go here; a fold whose
+            predictions exist is not retrained (resume).
+
+    Returns:
+        ``{"classes", "folds": [...], "image_accuracy", "treatment": {accuracy, correct, n,
+        per_class, confusion}, "conformal": {coverage, mean_set_size, ...}, "train_seconds",
+        "warnings"}``.
+    """
+    cv = cv or CVConfig()
+    fit_cfg = fit_cfg or FitConfig()
+    out_dir = Path(out_dir)
+    table = index.table.reset_index(drop=True)
+    if len(images) != len(table):
+        raise InputError(f"{len(images)} images for an index of {len(table)} rows")
+    need = [c for c in (cv.label, cv.group, *cv.treatment) if c not in table.columns]
+    if need:
+        raise InputError(f"the index has no column(s) {need}; found {list(table.columns)}")
+    missing = table[cv.label].isna() | (table[cv.label].astype(str).str.strip() == "")
+    if missing.any():
+        raise InputError(f"{int(missing.sum())} image(s) have no {cv.label!r} label, e.g. rows "
+                         f"{list(np.flatnonzero(missing)[:5])}")
+    classes = sorted(table[cv.label].astype(str).unique())
+    y = table[cv.label].astype(str).map({c: k for k, c in enumerate(classes)}).to_numpy()
+    folds = group_folds(table, cv.label, cv.group, cv.folds, cv.seed)
+    probs = np.full((len(table), len(classes)), np.nan)
+    fold_of = np.full(len(table), -1)
+    fold_results, train_seconds = [], 0.0
+    for f, (train_rows, test_rows) in enumerate(folds):
+        fold_dir = out_dir / f"fold{f}"
+        done = fold_dir / "test_probabilities.npy"
+        held = sorted(table[cv.group].iloc[test_rows].astype(str).unique())
+        if done.is_file():
+            p = np.load(done)
+            info = json.loads((fold_dir / "fit.json").read_text())
+            if log:
+                log(f"fold {f + 1}/{len(folds)}: reusing {done}")
+        else:
+            if log:
+                log(f"fold {f + 1}/{len(folds)}: train {len(train_rows)} images, test "
+                    f"{len(test_rows)} ({cv.group} held out: {', '.join(held)})")
+            wells = (table[PLATE].astype(str) + "/" + table[WELL].astype(str)).to_numpy()
+            keep, val = split_groups(wells[train_rows], cv.val_fraction, cv.seed + f)
+            ds = dict(crop=cv.crop, mean=cv.mean, std=cv.std)
+            train_ds = ImageTensorDataset(images[train_rows[keep]], y[train_rows[keep]],
+                                          augment=cv.augment, **ds)
+            val_ds = (ImageTensorDataset(images[train_rows[val]], y[train_rows[val]],
+                                         mean=cv.mean, std=cv.std) if len(val) else None)
+            module = make_module(f)
+            info = fit(module, train_ds, fold_dir, fit_cfg, val_ds, log=log)
+            if val_ds is not None:
+                import torch
+
+                state = torch.load(info["best_checkpoint"], map_location="cpu",
+                                   weights_only=False)["state_dict"]
+                module.load_state_dict(state)
+            test_ds = ImageTensorDataset(images[test_rows], y[test_rows], mean=cv.mean,
+                                         std=cv.std)
+            p = predict_proba(module, test_ds, batch_size=fit_cfg.batch_size)
+            write_json(fold_dir / "fit.json", info)
+            write_npy(done, p)
+        probs[test_rows] = p
+        fold_of[test_rows] = f
+        train_seconds += float(info["seconds"])
+        acc = float((p.argmax(1) == y[test_rows]).mean())
+        fold_results.append({"fold": f, "held_out": held, "n_train": int(len(train_rows)),
+                             "n_test": int(len(test_rows)), "image_accuracy": acc,
+                             "train_seconds": float(info["seconds"]),
+                             "epochs_run": info["epochs_run"]})
+        if log:
+            log(f"fold {f + 1}/{len(folds)}: image accuracy {acc:.3f} on held-out {cv.group}")
+    pred_table = table[[c for c in table.columns if c.startswith("Metadata_")]].copy()
+    pred_table["Metadata_fold"] = fold_of
+    for k, c in enumerate(classes):
+        pred_table[f"p_{c}"] = probs[:, k]
+    write_parquet(out_dir / "predictions.parquet", pred_table)
+
+    keys, tprobs = treatment_probabilities(table, probs, cv.treatment, cv.aggregate)
+    tlabel = table.groupby(list(cv.treatment), sort=False, dropna=False)[cv.label].first()
+    tgroup = table.groupby(list(cv.treatment), sort=False, dropna=False)[cv.group].first()
+    key_index = pd.MultiIndex.from_frame(keys) if len(cv.treatment) > 1 else keys.iloc[:, 0]
+    ttrue = tlabel.loc[key_index].astype(str).map({c: k for k, c in enumerate(classes)}
+                                                  ).to_numpy()
+    tgroups = tgroup.loc[key_index].astype(str).to_numpy()
+    tpred = tprobs.argmax(1)
+    sets = group_conformal(tprobs, ttrue, tgroups, cv.alpha)
+    conformal = {"alpha": cv.alpha, "target_coverage": 1 - cv.alpha,
+                 **set_metrics(sets, ttrue)}
+    tt = keys.copy()
+    tt["Metadata_label"] = [classes[k] for k in ttrue]
+    tt["Metadata_predicted"] = [classes[k] for k in tpred]
+    tt["Metadata_set"] = [";".join(classes[k] for k in np.flatnonzero(s)) for s in sets]
+    for k, c in enumerate(classes):
+        tt[f"p_{c}"] = tprobs[:, k]
+    write_parquet(out_dir / "treatments.parquet", tt)
+    result = {
+        "classes": classes, "label": cv.label, "group": cv.group, "n_images": int(len(table)),
+        "folds": fold_results,
+        "image_accuracy": float((probs.argmax(1) == y).mean()),
+        "treatment": _accuracy_block(tpred, ttrue, classes),
+        "treatment_aggregation": cv.aggregate,
+        "conformal": conformal,
+        "train_seconds": train_seconds,
+    }
+    write_json(out_dir / "cv.json", result)
+    return result

@@ -1,0 +1,118 @@
+"""Whole images for training: loaded once (resized, normalised) into memory, served with
+augmentation (flips, 90-degree rotations, random crops) and labels."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from morphoprof.errors import InputError
+from morphoprof.index.schema import ExperimentIndex, describe_row
+from morphoprof.preprocess.crops import normalize_crops
+
+
+def load_images(
+    index: ExperimentIndex,
+    rows: Sequence[int] | None = None,
+    channels: Sequence[str] | None = None,
+    size: int | None = None,
+    normalization: str = "none",
+    scale: float = 1.0,
+    illumination=None,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> np.ndarray:
+    """Read image sets into one ``(N, C, S, S)`` float32 array (or native ``(N, C, H, W)``).
+
+    Args:
+        index: the experiment index.
+        rows: row positions to read (default: all).
+        channels: channel names in order (default: all of the index's).
+        size: resize every image to ``size`` x ``size`` (antialiased bilinear); None keeps the
+            native size, which must then be the same for every image.
+        normalization: per-image, per-channel ``none`` | ``max`` | ``percentile`` (see
+            :func:`~morphoprof.preprocess.crops.normalize_crops`).
+        scale: intensities are divided by this first (e.g. 255 for 8-bit PNGs).
+        illumination: optional per-plate illumination correction.
+
+    Raises:
+        InputError: an image cannot be read (names the row) or shapes differ without ``size``.
+    """
+    from tqdm.auto import tqdm
+
+    rows = np.arange(len(index)) if rows is None else np.asarray(rows, dtype=np.int64)
+    channels = list(channels or index.channels)
+    if scale <= 0:
+        raise InputError(f"intensity scale must be > 0, got {scale}")
+    out: np.ndarray | None = None
+    for k, i in enumerate(tqdm(rows, desc="loading images", unit="image", disable=not progress)):
+        try:
+            img = index.read(int(i), channels, illumination)
+        except InputError as exc:
+            raise InputError(f"{describe_row(index.table, int(i))}: {exc}") from exc
+        x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None] / float(scale)
+        if size is not None and tuple(x.shape[-2:]) != (size, size):
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",
+                                                antialias=True, align_corners=False)
+        arr = normalize_crops(x.numpy(), normalization)[0]
+        if out is None:
+            out = np.empty((len(rows), *arr.shape), dtype=np.float32)
+        elif arr.shape != out.shape[1:]:
+            raise InputError(f"{describe_row(index.table, int(i))}: image shape {arr.shape} "
+                             f"differs from the first image's {out.shape[1:]}; set a size")
+        out[k] = arr
+    if out is None:
+        raise InputError("no images to load")
+    if log:
+        log(f"loaded {len(rows)} images as {out.shape[1:]} ({out.nbytes / 2**20:.0f} MiB)")
+    return out
+
+
+class ImageTensorDataset(Dataset):
+    """Items ``(image, target)`` from an in-memory ``(N, C, H, W)`` array.
+
+    Args:
+        images: float32 array.
+        targets: ``(N,)`` class indices, or ``(N, K)`` 0/1 for multi-label.
+        augment: random horizontal/vertical flips and 90-degree rotations (square images).
+        crop: random ``crop`` x ``crop`` windows when training (None: the whole image).
+        mean, std: per-channel input normalisation applied last (length C, or 1).
+    """
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray, augment: bool = False,
+                 crop: int | None = None, mean: Sequence[float] = (0.0,),
+                 std: Sequence[float] = (1.0,)) -> None:
+        if len(images) != len(targets):
+            raise InputError(f"{len(images)} images but {len(targets)} labels")
+        self.images = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        t = np.asarray(targets)
+        self.targets = torch.from_numpy(t.astype(np.float32 if t.ndim == 2 else np.int64))
+        self.augment = augment
+        h, w = images.shape[-2:]
+        if crop is not None and (crop > h or crop > w):
+            raise InputError(f"crop {crop} px is larger than the images ({h}x{w})")
+        self.crop = crop
+        self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, k: int):
+        x = self.images[k]
+        if self.crop is not None:
+            h, w = x.shape[-2:]
+            y0 = int(torch.randint(0, h - self.crop + 1, ()))
+            x0 = int(torch.randint(0, w - self.crop + 1, ()))
+            x = x[:, y0:y0 + self.crop, x0:x0 + self.crop]
+        if self.augment:
+            if torch.rand(()) < 0.5:
+                x = x.flip(-1)
+            if torch.rand(()) < 0.5:
+                x = x.flip(-2)
+            if x.shape[-1] == x.shape[-2]:
+                x = torch.rot90(x, int(torch.randint(0, 4, ())), dims=(-2, -1))
+        return (x - self.mean) / self.std, self.targets[k]

@@ -1,0 +1,55 @@
+"""Fine-tuning pretrained CNNs on whole images (Kensert et al. 2019).
+
+A timm backbone (offline EfficientNet-Lite0 by default; ResNet50, InceptionV3,
+InceptionResNetV2 ... by name where a model hub is reachable) gets a new classification head and
+is trained end to end with Adam on whole fields (resized, or random crops at full resolution),
+with flips and rotations. The same settings with random initialisation are the control.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from morphoprof.errors import InputError
+from morphoprof.features.backbones import create_backbone
+from morphoprof.models.training import ImageClassifier
+
+
+@dataclass
+class FineTuneConfig:
+    """Network and optimiser: timm ``model`` name, ``weights`` (auto | offline | imagenet |
+    random | checkpoint path), Adam ``lr`` and ``weight_decay``, dropout before the head."""
+
+    model: str = "tf_efficientnet_lite0"
+    weights: str = "auto"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    drop_rate: float = 0.2
+    multilabel: bool = False
+
+
+def finetune_module(cfg: FineTuneConfig, n_classes: int, in_chans: int = 3, seed: int = 0
+                    ) -> tuple[ImageClassifier, tuple[float, ...], tuple[float, ...]]:
+    """A fresh classifier for fine-tuning, and the per-channel ``(mean, std)`` its inputs
+    (intensities in [0, 1]) are normalised with.
+
+    Pretrained ImageNet weights expect three channels; other channel counts need
+    ``weights: random`` (or a checkpoint trained with them).
+    """
+    if n_classes < 2 and not cfg.multilabel:
+        raise InputError(f"fine-tuning needs >= 2 classes, got {n_classes}")
+    if in_chans != 3 and cfg.weights in ("auto", "offline", "imagenet"):
+        raise InputError(f"pretrained ImageNet weights take 3 channels, the images have "
+                         f"{in_chans}: choose 3 channels or weights: random")
+    backbone = create_backbone(cfg.model, cfg.weights, in_chans=in_chans, seed=seed,
+                               num_classes=n_classes)
+    net = backbone.model
+    if hasattr(net, "drop_rate"):
+        net.drop_rate = cfg.drop_rate
+    net.train()
+    mean = tuple(backbone.mean) if in_chans == 3 else (float(backbone.mean[0]),) * in_chans
+    std = tuple(backbone.std) if in_chans == 3 else (float(backbone.std[0]),) * in_chans
+    module = ImageClassifier(net, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             multilabel=cfg.multilabel)
+    module.hparams_info = {"model": backbone.name, "weights": backbone.weights}
+    return module, mean, std

@@ -1,0 +1,122 @@
+"""Jacobian maps (Kraus 2016): where in the input a class's evidence lies, by guided backprop.
+
+The backward pass starts at the class maps with ``P_i * p_ij`` (the image-level probability of
+class i times its map), so positions that drive the image's class speak loudest; every ReLU lets
+through only positive signals where its input was positive (guided backpropagation, Springenberg
+2015). The result is summed over input channels into a ``(H, W)`` map and thresholded (Otsu,
+optionally after Gaussian smoothing) into a segmentation mask.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from morphoprof.errors import InputError
+
+
+def _guided_relu_hook(module: nn.Module, grad_input, grad_output):
+    return tuple(None if g is None else g.clamp_min(0.0) for g in grad_input)
+
+
+def jacobian_maps(net: nn.Module, images: torch.Tensor, class_index: int | None = None
+                  ) -> np.ndarray:
+    """Guided-backprop maps of a :class:`~morphoprof.models.mil.MILNet`.
+
+    Args:
+        net: the MIL network (its ReLUs must be ``nn.ReLU`` modules, as MILNet's are).
+        images: ``(B, C, H, W)`` float tensor, normalised as in training.
+        class_index: the class whose evidence is traced; None traces each image's predicted
+            class.
+
+    Returns:
+        ``(B, H, W)`` float32 maps, >= 0 (the channel sum of the positive input gradient).
+    """
+    was_training = net.training
+    net.eval()
+    hooks = [m.register_full_backward_hook(_guided_relu_hook)
+             for m in net.modules() if isinstance(m, nn.ReLU)]
+    try:
+        x = images.detach().clone().requires_grad_(True)
+        out = net(x)
+        maps, pooled = out["maps"], out["pooled"]
+        if class_index is None:
+            cls = out["logits"].argmax(1)
+        else:
+            if not 0 <= class_index < maps.shape[1]:
+                raise InputError(f"class_index {class_index} out of range 0..{maps.shape[1] - 1}")
+            cls = torch.full((len(x),), class_index, dtype=torch.long)
+        seed = torch.zeros_like(maps)
+        rows = torch.arange(len(x))
+        seed[rows, cls] = (pooled[rows, cls][:, None, None] * maps[rows, cls]).detach()
+        maps.backward(seed)
+        grad = x.grad.clamp_min(0.0).sum(1)
+    finally:
+        for h in hooks:
+            h.remove()
+        net.train(was_training)
+    return grad.detach().cpu().numpy().astype(np.float32)
+
+
+def jacobian_mask(jmap: np.ndarray, sigma: float = 1.0, threshold: float | None = None
+                  ) -> np.ndarray:
+    """``(H, W)`` Jacobian map -> boolean mask: Gaussian smoothing (``sigma`` px, 0 for none),
+    then Otsu's threshold (or ``threshold`` as a fraction of the smoothed map's maximum)."""
+    from scipy.ndimage import gaussian_filter
+    from skimage.filters import threshold_otsu
+
+    m = np.asarray(jmap, dtype=np.float32)
+    if m.ndim != 2:
+        raise InputError(f"a Jacobian map is 2-D, got shape {m.shape}")
+    if sigma > 0:
+        m = gaussian_filter(m, sigma)
+    if not np.isfinite(m).all() or m.max() <= 0:
+        return np.zeros(m.shape, bool)
+    t = threshold * m.max() if threshold is not None else threshold_otsu(m)
+    return m > t
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (1.0 when both are empty)."""
+    a, b = np.asarray(a, bool), np.asarray(b, bool)
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def save_overlay(path: str | Path, image: np.ndarray, jmap: np.ndarray,
+                 mask: np.ndarray | None = None) -> Path:
+    """A PNG for a person to look at: the image (first three channels as RGB, or grey), the
+    Jacobian map as a heat overlay, and the mask's outline. ``image`` is ``(C, H, W)``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from skimage.segmentation import find_boundaries
+
+    from morphoprof.io_utils import atomic_path
+
+    img = np.asarray(image, dtype=np.float32)
+    rgb = np.moveaxis(img[:3], 0, -1) if img.shape[0] >= 3 else np.repeat(img[:1], 3, 0
+                                                                          ).transpose(1, 2, 0)
+    lo, hi = np.percentile(rgb, (0.5, 99.5))
+    rgb = np.clip((rgb - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4), dpi=100)
+    axes[0].imshow(rgb)
+    axes[0].set_title("image")
+    axes[1].imshow(rgb * 0.6)
+    axes[1].imshow(jmap, cmap="inferno", alpha=0.6)
+    if mask is not None:
+        edge = find_boundaries(np.asarray(mask, bool))
+        axes[1].contour(edge, levels=[0.5], colors="cyan", linewidths=0.6)
+    axes[1].set_title("Jacobian map and mask")
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

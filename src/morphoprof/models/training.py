@@ -1,0 +1,169 @@
+"""Training on PyTorch Lightning: one module for image classifiers (fine-tuned timm networks and
+MIL networks), one :func:`fit` that checkpoints every epoch, resumes, stops early and is seeded.
+CPU or GPU (mixed precision), one or several devices / nodes through Lightning's strategies."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from morphoprof.models.mil import mil_loss
+
+
+class ImageClassifier(L.LightningModule):
+    """A network returning ``{"logits": (B, K), ...}`` (MIL networks add ``pooled``), trained
+    with Adam on cross-entropy (single-label, targets ``(B,)``) or sigmoid cross-entropy
+    (multi-label, targets ``(B, K)``); networks with ``pooled`` get the joint MIL loss."""
+
+    def __init__(self, net: nn.Module, lr: float = 1e-4, weight_decay: float = 0.0,
+                 multilabel: bool = False, mil_weight: float = 1.0) -> None:
+        super().__init__()
+        self.net = net
+        self.lr, self.weight_decay = lr, weight_decay
+        self.multilabel, self.mil_weight = multilabel, mil_weight
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.net(x)
+        return out if isinstance(out, dict) else {"logits": out}
+
+    def loss(self, out: dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        if "pooled" in out:
+            return mil_loss(out, y, self.multilabel, self.mil_weight)
+        if self.multilabel:
+            return nn.functional.binary_cross_entropy_with_logits(out["logits"], y.float())
+        return nn.functional.cross_entropy(out["logits"], y)
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        x, y = batch
+        out = self(x)
+        loss = self.loss(out, y)
+        self.log(f"{stage}_loss", loss, prog_bar=True, on_step=False, on_epoch=True,
+                 batch_size=len(x), sync_dist=stage == "val")
+        if not self.multilabel:
+            acc = (out["logits"].argmax(1) == y).float().mean()
+            self.log(f"{stage}_acc", acc, prog_bar=True, on_step=False, on_epoch=True,
+                     batch_size=len(x), sync_dist=stage == "val")
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+
+@dataclass
+class FitConfig:
+    """How to train: epochs, batch size, early stopping (on validation loss, when there is a
+    validation set), seed, hardware (``accelerator`` auto | cpu | gpu; ``devices``; ``num_nodes``;
+    ``strategy`` auto | ddp | ...; ``precision`` auto = bf16 mixed on GPU, 32 on CPU)."""
+
+    epochs: int = 10
+    batch_size: int = 16
+    patience: int = 5
+    seed: int = 0
+    num_workers: int = 0
+    accelerator: str = "auto"
+    devices: int | str = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"
+    progress: bool = True
+
+
+def _quiet_lightning() -> None:
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    warnings.filterwarnings("ignore", ".*treespec.*")
+    warnings.filterwarnings("ignore", ".*but have no `val_dataloader`.*")
+
+
+def fit(
+    module: L.LightningModule,
+    train: Dataset,
+    out_dir: str | Path,
+    cfg: FitConfig | None = None,
+    val: Dataset | None = None,
+    log: Callable[[str], None] | None = print,
+) -> dict:
+    """Train ``module`` on ``train`` (validating on ``val`` each epoch), writing to ``out_dir``:
+    ``checkpoints/last.ckpt`` (every epoch), ``checkpoints/best.ckpt`` (lowest validation loss)
+    and ``metrics.csv`` (per-epoch metrics). A run whose ``last.ckpt`` exists resumes from it, so
+    an interrupted or extended run (more epochs) continues where it stopped.
+
+    Returns:
+        ``{"epochs_run", "best_checkpoint", "last_checkpoint", "metrics_csv", "seconds",
+        "resumed_from"}``.
+    """
+    import time
+
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    cfg = cfg or FitConfig()
+    _quiet_lightning()
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+                              num_workers=cfg.num_workers, drop_last=len(train) > cfg.batch_size,
+                              persistent_workers=cfg.num_workers > 0)
+    val_loader = (DataLoader(val, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
+                  if val is not None and len(val) else None)
+    monitor = "val_loss" if val_loader is not None else "train_loss"
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min",
+                        save_last=True, every_n_epochs=1),
+    ]
+    if val_loader is not None and cfg.patience > 0:
+        callbacks.append(EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min"))
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16-mixed" if torch.cuda.is_available() and cfg.accelerator != "cpu" \
+            else "32-true"
+    trainer = L.Trainer(
+        max_epochs=cfg.epochs, default_root_dir=out_dir, callbacks=callbacks,
+        logger=CSVLogger(out_dir, name="", version=""), accelerator=cfg.accelerator,
+        devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
+        precision=precision, enable_progress_bar=cfg.progress, enable_model_summary=False,
+        deterministic="warn", num_sanity_val_steps=0, log_every_n_steps=1,
+    )
+    last = ckpt_dir / "last.ckpt"
+    resumed = str(last) if last.is_file() else None
+    if resumed and log:
+        log(f"resuming from {last}")
+    t0 = time.perf_counter()
+    trainer.fit(module, train_loader, val_loader, ckpt_path=resumed)
+    seconds = time.perf_counter() - t0
+    best = ckpt_dir / "best.ckpt"
+    return {"epochs_run": int(trainer.current_epoch), "best_checkpoint": str(best),
+            "last_checkpoint": str(last), "metrics_csv": str(out_dir / "metrics.csv"),
+            "seconds": seconds, "resumed_from": resumed,
+            "global_rank": int(trainer.global_rank)}
+
+
+@torch.inference_mode()
+def predict_proba(module: ImageClassifier, data: Dataset, batch_size: int = 32) -> np.ndarray:
+    """Class probabilities ``(N, K)`` (softmax, or sigmoid for multi-label) in eval mode."""
+    module.eval()
+    probs = []
+    for x, _ in DataLoader(data, batch_size=batch_size):
+        logits = module(x.to(module.device))["logits"].float()
+        p = torch.sigmoid(logits) if module.multilabel else torch.softmax(logits, 1)
+        probs.append(p.cpu().numpy())
+    return np.concatenate(probs).astype(np.float64)
