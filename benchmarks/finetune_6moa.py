@@ -55,19 +55,9 @@ def run(weights: str, resume: bool) -> dict:
     return run_training("finetune", cfg, text, progress=False)
 
 
-def summary(res: dict) -> dict:
-    t = res["treatment"]
-    return {"treatment_accuracy": t["accuracy"], "treatment_counts": f"{t['correct']}/{t['n']}",
-            "image_accuracy": res["image_accuracy"],
-            "per_moa": {m: v["accuracy"] for m, v in t["per_class"].items()},
-            "confusion": t["confusion"], "classes": res["classes"],
-            "folds": [{k: f[k] for k in ("held_out", "image_accuracy", "train_seconds")}
-                      for f in res["folds"]],
-            "conformal": res["conformal"], "train_seconds": res["train_seconds"]}
-
-
 def main() -> int:
     from morphoprof.io_utils import write_json
+    from morphoprof.models.crossval import cv_summary as summary
 
     if not DATA.is_dir():
         print(f"skipped: real data not found at {DATA}")

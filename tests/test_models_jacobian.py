@@ -10,7 +10,7 @@ import tifffile
 import torch
 
 from morphoprof.errors import InputError
-from morphoprof.models.jacobian import iou, jacobian_mask, jacobian_maps, save_overlay
+from morphoprof.models.jacobian import iou, jacobian_maps, jacobian_mask, save_overlay
 from morphoprof.models.mil import MILConfig, MILNet
 from morphoprof.models.training import ImageClassifier
 from tests.test_models_mil import toy_batch

@@ -229,3 +229,15 @@ def cross_validate(
     }
     write_json(out_dir / "cv.json", result)
     return result
+
+
+def cv_summary(result: dict) -> dict:
+    """The headline numbers of a :func:`cross_validate` result (for benchmarks and reports)."""
+    t = result["treatment"]
+    return {"treatment_accuracy": t["accuracy"], "treatment_counts": f"{t['correct']}/{t['n']}",
+            "image_accuracy": result["image_accuracy"],
+            "per_class": {m: v["accuracy"] for m, v in t["per_class"].items()},
+            "confusion": t["confusion"], "classes": result["classes"],
+            "folds": [{k: f[k] for k in ("held_out", "image_accuracy", "train_seconds")}
+                      for f in result["folds"]],
+            "conformal": result["conformal"], "train_seconds": result["train_seconds"]}

@@ -101,18 +101,57 @@ class ImageTensorDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, k: int):
+    def __getitem__(self, key: int | tuple[int, int]):
+        """``key`` is an item number, or ``(item, seed)`` from :class:`EpochSampler` (the
+        augmentation is then a function of the seed, so a resumed run repeats it exactly)."""
+        k, seed = key if isinstance(key, tuple) else (key, None)
+        gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
         x = self.images[k]
         if self.crop is not None:
             h, w = x.shape[-2:]
-            y0 = int(torch.randint(0, h - self.crop + 1, ()))
-            x0 = int(torch.randint(0, w - self.crop + 1, ()))
+            y0 = int(torch.randint(0, h - self.crop + 1, (), generator=gen))
+            x0 = int(torch.randint(0, w - self.crop + 1, (), generator=gen))
             x = x[:, y0:y0 + self.crop, x0:x0 + self.crop]
         if self.augment:
-            if torch.rand(()) < 0.5:
+            flips = torch.rand(2, generator=gen)
+            if flips[0] < 0.5:
                 x = x.flip(-1)
-            if torch.rand(()) < 0.5:
+            if flips[1] < 0.5:
                 x = x.flip(-2)
             if x.shape[-1] == x.shape[-2]:
-                x = torch.rot90(x, int(torch.randint(0, 4, ())), dims=(-2, -1))
+                x = torch.rot90(x, int(torch.randint(0, 4, (), generator=gen)), dims=(-2, -1))
         return (x - self.mean) / self.std, self.targets[k]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Shuffled ``(item, augmentation seed)`` keys, a pure function of (seed, epoch): a run
+    resumed at epoch e sees exactly the batches and augmentations an uninterrupted run saw.
+    Under torch.distributed each process takes its own share (rank::world_size, padded to equal
+    length), so it also replaces DistributedSampler."""
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _shard(self) -> tuple[int, int]:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
+        seeds = rng.integers(0, 2**62, self.n)
+        rank, world = self._shard()
+        if world > 1:
+            per = -(-self.n // world)
+            order = np.resize(order, per * world)[rank::world]
+        return iter([(int(i), int(seeds[i])) for i in order])
+
+    def __len__(self) -> int:
+        rank, world = self._shard()
+        return -(-self.n // world)

@@ -12,10 +12,13 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from morphoprof.io_utils import atomic_path
+from morphoprof.models.data import EpochSampler
 from morphoprof.models.mil import mil_loss
 
 
@@ -64,6 +67,18 @@ class ImageClassifier(L.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
 
+class EpochSeed(L.Callback):
+    """Re-seed torch's global generator at the start of every epoch from (seed, epoch), so
+    dropout and any other global randomness are the same whether or not the run was resumed."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        torch.manual_seed(int(np.random.default_rng([self.seed, trainer.current_epoch, 7])
+                              .integers(0, 2**62)))
+
+
 @dataclass
 class FitConfig:
     """How to train: epochs, batch size, early stopping (on validation loss, when there is a
@@ -90,6 +105,7 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*LeafSpec.*")
     warnings.filterwarnings("ignore", ".*treespec.*")
     warnings.filterwarnings("ignore", ".*but have no `val_dataloader`.*")
+    warnings.filterwarnings("ignore", ".*exists and is not empty.*")
 
 
 def fit(
@@ -119,14 +135,15 @@ def fit(
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen,
+    train_loader = DataLoader(train, batch_size=cfg.batch_size,
+                              sampler=EpochSampler(len(train), cfg.seed),
                               num_workers=cfg.num_workers, drop_last=len(train) > cfg.batch_size,
                               persistent_workers=cfg.num_workers > 0)
     val_loader = (DataLoader(val, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
                   if val is not None and len(val) else None)
     monitor = "val_loss" if val_loader is not None else "train_loss"
     callbacks = [
+        EpochSeed(cfg.seed),
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min",
                         save_last=True, every_n_epochs=1),
     ]
@@ -142,17 +159,27 @@ def fit(
         devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
         precision=precision, enable_progress_bar=cfg.progress, enable_model_summary=False,
         deterministic="warn", num_sanity_val_steps=0, log_every_n_steps=1,
+        use_distributed_sampler=False,
     )
     last = ckpt_dir / "last.ckpt"
     resumed = str(last) if last.is_file() else None
     if resumed and log:
         log(f"resuming from {last}")
+    metrics_csv = out_dir / "metrics.csv"
+    earlier = pd.read_csv(metrics_csv) if resumed and metrics_csv.is_file() else None
     t0 = time.perf_counter()
     trainer.fit(module, train_loader, val_loader, ckpt_path=resumed)
     seconds = time.perf_counter() - t0
+    if earlier is not None and trainer.global_rank == 0:
+        # Lightning's CSV logger starts a fresh file on resume: keep the earlier epochs' rows.
+        new = pd.read_csv(metrics_csv) if metrics_csv.is_file() else earlier.iloc[:0]
+        first = new["epoch"].min() if len(new) else np.inf
+        merged = pd.concat([earlier[earlier["epoch"] < first], new], ignore_index=True)
+        with atomic_path(metrics_csv) as tmp:
+            merged.to_csv(tmp, index=False)
     best = ckpt_dir / "best.ckpt"
     return {"epochs_run": int(trainer.current_epoch), "best_checkpoint": str(best),
-            "last_checkpoint": str(last), "metrics_csv": str(out_dir / "metrics.csv"),
+            "last_checkpoint": str(last), "metrics_csv": str(metrics_csv),
             "seconds": seconds, "resumed_from": resumed,
             "global_rank": int(trainer.global_rank)}
 
