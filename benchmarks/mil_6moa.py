@@ -26,8 +26,8 @@ DATA = HERE.parent.parent / "shared" / "data" / "bbbc021" / "fields_6moa"
 RESULTS = HERE / "results" / "mil_6moa.json"
 WORK = Path(tempfile.gettempdir()) / "morphoprof_bench" / "mil_6moa"
 POOLINGS = ("noisy_and", "max", "mean", "lse")
-EPOCHS = 10
-SIZE = 128
+EPOCHS = 6
+SIZE = 96
 
 CONFIG = """\
 data: {{source: bbbc021_6moa, path: {data}}}

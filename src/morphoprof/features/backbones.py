@@ -105,6 +105,23 @@ def _load_offline(model, model_name: str) -> str:
     return f"offline:{path.name}"
 
 
+def _load_offline_any_channels(model, model_name: str, in_chans: int) -> str:
+    """Offline ImageNet weights for ``in_chans`` inputs: the RGB first convolution is adapted
+    as timm does for hub weights (summed for 1 channel, cycled and rescaled for others)."""
+    if in_chans == 3:
+        return _load_offline(model, model_name)
+    import timm
+    from timm.models import adapt_input_conv
+
+    rgb = timm.create_model(model_name, pretrained=False, num_classes=1000, in_chans=3)
+    source = _load_offline(rgb, model_name)
+    state = rgb.state_dict()
+    first = str(model.pretrained_cfg.get("first_conv", "conv_stem")) + ".weight"
+    state[first] = adapt_input_conv(in_chans, state[first])
+    model.load_state_dict(state, strict=True)
+    return f"{source} (first conv adapted to {in_chans} channels)"
+
+
 def _load_checkpoint(model, path: Path) -> str:
     import torch
 
@@ -192,9 +209,7 @@ def create_backbone(
     else:
         model = timm.create_model(name, pretrained=False, num_classes=1000, in_chans=in_chans)
         if weights == "offline":
-            if in_chans != 3:
-                raise InputError("offline ImageNet weights need in_chans=3")
-            source = _load_offline(model, name)
+            source = _load_offline_any_channels(model, name, in_chans)
         elif weights != "random":
             source = _load_checkpoint(model, Path(weights))
     model.reset_classifier(num_classes)

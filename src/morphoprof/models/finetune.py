@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from morphoprof.errors import InputError
 from morphoprof.features.backbones import create_backbone
 from morphoprof.models.training import ImageClassifier
@@ -33,22 +35,19 @@ def finetune_module(cfg: FineTuneConfig, n_classes: int, in_chans: int = 3, seed
     """A fresh classifier for fine-tuning, and the per-channel ``(mean, std)`` its inputs
     (intensities in [0, 1]) are normalised with.
 
-    Pretrained ImageNet weights expect three channels; other channel counts need
-    ``weights: random`` (or a checkpoint trained with them).
+    ImageNet weights are RGB; for other channel counts the first convolution is adapted
+    (timm's rule: summed for one channel, cycled and rescaled for others).
     """
     if n_classes < 2 and not cfg.multilabel:
         raise InputError(f"fine-tuning needs >= 2 classes, got {n_classes}")
-    if in_chans != 3 and cfg.weights in ("auto", "offline", "imagenet"):
-        raise InputError(f"pretrained ImageNet weights take 3 channels, the images have "
-                         f"{in_chans}: choose 3 channels or weights: random")
     backbone = create_backbone(cfg.model, cfg.weights, in_chans=in_chans, seed=seed,
                                num_classes=n_classes)
     net = backbone.model
     if hasattr(net, "drop_rate"):
         net.drop_rate = cfg.drop_rate
     net.train()
-    mean = tuple(backbone.mean) if in_chans == 3 else (float(backbone.mean[0]),) * in_chans
-    std = tuple(backbone.std) if in_chans == 3 else (float(backbone.std[0]),) * in_chans
+    mean = tuple(backbone.mean) if in_chans == 3 else (float(np.mean(backbone.mean)),) * in_chans
+    std = tuple(backbone.std) if in_chans == 3 else (float(np.mean(backbone.std)),) * in_chans
     module = ImageClassifier(net, lr=cfg.lr, weight_decay=cfg.weight_decay,
                              multilabel=cfg.multilabel)
     module.hparams_info = {"model": backbone.name, "weights": backbone.weights}
