@@ -114,7 +114,7 @@ def test_treatment_probabilities_mean_and_median():
 def test_group_conformal_covers_held_out_groups():
     rng = np.random.default_rng(0)
     covs = []
-    for rep in range(20):
+    for _ in range(20):
         n, k = 300, 4
         true = rng.integers(0, k, n)
         logits = rng.normal(0, 1, (n, k))
