@@ -16,7 +16,6 @@ epochs (Kensert trained full-size images for many more epochs on a GPU).
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -35,24 +34,14 @@ images: {{size: {size}, normalization: none, scale: 255, augment: true}}
 model: {{name: tf_efficientnet_lite0, weights: {weights}, drop_rate: 0.2}}
 train: {{epochs: {epochs}, batch_size: 16, lr: 0.0002, seed: 0, accelerator: cpu}}
 cv: {{group: Metadata_compound, folds: 3, aggregate: mean, alpha: 0.1}}
-output: {out}
 """
 
 
 def run(weights: str, resume: bool) -> dict:
-    from morphoprof.config import load_train_config
-    from morphoprof.models.run import run_training
+    from morphoprof.models.run import train_from_yaml
 
-    out = WORK / weights
-    if out.exists() and not resume:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "config.yaml"
-    path.write_text(CONFIG.format(data=DATA, size=SIZE, weights=weights, epochs=EPOCHS,
-                                  out=out))
-    cfg, text = load_train_config(path)
-    cfg["output"] = str(out)
-    return run_training("finetune", cfg, text, progress=False)
+    text = CONFIG.format(data=DATA, size=SIZE, weights=weights, epochs=EPOCHS)
+    return train_from_yaml("finetune", text, WORK / weights, fresh=not resume)
 
 
 def main() -> int:

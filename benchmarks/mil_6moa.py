@@ -36,23 +36,15 @@ images: {{size: {size}, normalization: none, scale: 255, augment: true}}
 mil: {{pooling: {pooling}, r: 5.0, a: 10.0, hidden: 128, jacobian_images: {jacobian}}}
 train: {{epochs: {epochs}, batch_size: 16, lr: 0.001, seed: 0, accelerator: cpu}}
 cv: {{group: Metadata_compound, folds: 3, aggregate: mean, alpha: 0.1}}
-output: {out}
 """
 
 
 def run(pooling: str, resume: bool) -> dict:
-    from morphoprof.config import load_train_config
-    from morphoprof.models.run import run_training
+    from morphoprof.models.run import train_from_yaml
 
-    out = WORK / pooling
-    if out.exists() and not resume:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "config.yaml"
-    path.write_text(CONFIG.format(data=DATA, size=SIZE, pooling=pooling, epochs=EPOCHS,
-                                  jacobian=4 if pooling == "noisy_and" else 0, out=out))
-    cfg, text = load_train_config(path)
-    return run_training("mil", cfg, text, progress=False)
+    text = CONFIG.format(data=DATA, size=SIZE, pooling=pooling, epochs=EPOCHS,
+                         jacobian=4 if pooling == "noisy_and" else 0)
+    return train_from_yaml("mil", text, WORK / pooling, fresh=not resume)
 
 
 def main() -> int:

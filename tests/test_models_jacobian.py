@@ -13,23 +13,7 @@ from morphoprof.errors import InputError
 from morphoprof.models.jacobian import iou, jacobian_maps, jacobian_mask, save_overlay
 from morphoprof.models.mil import MILConfig, MILNet
 from morphoprof.models.training import ImageClassifier
-from tests.test_models_mil import toy_batch
-
-
-def train_steps(module: ImageClassifier, x: torch.Tensor, y: torch.Tensor, steps: int,
-                batch: int = 16, seed: int = 0) -> None:
-    """Adam steps on class-balanced batches (half of each batch from each class)."""
-    opt = module.configure_optimizers()
-    g = torch.Generator().manual_seed(seed)
-    by_class = [torch.nonzero(y == k).flatten() for k in torch.unique(y)]
-    module.train()
-    for _ in range(steps):
-        idx = torch.cat([rows[torch.randint(0, len(rows), (batch // len(by_class),),
-                                            generator=g)] for rows in by_class])
-        loss = module.loss(module(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+from tests.test_models_mil import adam_steps, toy_batch
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +26,7 @@ def toy_model():
     # Max pooling: the class maps must be low everywhere but on the square (a noisy-AND
     # network can instead keep every background position near its threshold b_i, since the
     # squares cover 4% of the image, far below the fraction Noisy-AND is built for).
-    train_steps(module, x, y, 300)
+    adam_steps(module, x, y, 300, batch=16)
     return module
 
 
@@ -117,7 +101,7 @@ def test_synthetic_screen_masks_overlap_the_treated_cells(tmp_path):
     module = ImageClassifier(MILNet(MILConfig(2, in_chans=3, plan=((16, 1), (16, 2), (32, 1),
                                                                    (32, 1)), hidden=32,
                                               pooling="max")), lr=2e-3)
-    train_steps(module, x, y, 120)
+    adam_steps(module, x, y, 120, batch=16)
     net = module.net.eval()
     with torch.no_grad():
         pred = net(x)["logits"].argmax(1)

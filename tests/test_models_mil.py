@@ -129,21 +129,35 @@ def toy_batch(n: int, rng: np.random.Generator, size: int = 32, blob: int = 6):
     return torch.from_numpy(x), torch.from_numpy(y), boxes
 
 
+def adam_steps(module: ImageClassifier, x: torch.Tensor, y: torch.Tensor, steps: int,
+               batch: int | None = None, seed: int = 0) -> list[float]:
+    """``steps`` Adam steps in train mode, each on the whole set or (``batch``) on a
+    class-balanced batch (an equal share from each class); returns the losses."""
+    opt = module.configure_optimizers()
+    g = torch.Generator().manual_seed(seed)
+    by_class = [torch.nonzero(y == k).flatten() for k in torch.unique(y)]
+    module.train()
+    losses = []
+    for _ in range(steps):
+        idx = torch.arange(len(x)) if batch is None else torch.cat(
+            [rows[torch.randint(0, len(rows), (batch // len(by_class),), generator=g)]
+             for rows in by_class])
+        loss = module.loss(module(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.parametrize("pooling", ["noisy_and", "max", "lse"])
 def test_a_few_training_steps_reduce_the_loss(pooling):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     module = ImageClassifier(MILNet(MILConfig(2, in_chans=2, plan=((8, 1), (16, 2), (16, 1)),
                                               hidden=16, pooling=pooling)), lr=3e-3)
-    opt = module.configure_optimizers()
     x, y, _ = toy_batch(32, rng)
-    losses = []
-    for _ in range(40):
-        loss = module.loss(module(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
+    losses = adam_steps(module, x, y, 40)
     assert losses[-1] < 0.7 * losses[0], losses
 
 

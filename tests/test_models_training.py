@@ -11,7 +11,7 @@ from morphoprof.models.data import ImageTensorDataset
 from morphoprof.models.finetune import FineTuneConfig, finetune_module
 from morphoprof.models.mil import MILConfig, MILNet
 from morphoprof.models.training import FitConfig, ImageClassifier, fit, predict_proba
-from tests.test_models_mil import toy_batch
+from tests.test_models_mil import adam_steps, toy_batch
 
 PLAN = ((8, 1), (16, 2), (16, 1))
 
@@ -80,15 +80,7 @@ def test_finetuning_pretrained_network_reduces_the_loss():
     assert len(mean) == 3
     data = ImageTensorDataset(x3, y, mean=mean, std=std)
     xb, yb = next(iter(torch.utils.data.DataLoader(data, batch_size=32)))
-    opt = module.configure_optimizers()
-    module.train()
-    losses = []
-    for _ in range(8):
-        loss = module.loss(module(xb), yb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = adam_steps(module, xb, yb, 8)
     assert losses[-1] < 0.5 * losses[0], losses
     p = predict_proba(module, data)
     assert p.shape == (32, 2) and np.allclose(p.sum(1), 1.0)

@@ -172,15 +172,9 @@ def _check(raw: Any, schema: dict, path: str, problems: list[str]) -> dict:
     return out
 
 
-def validate_config(raw: Any, source: str = "config") -> dict:
-    """Check a parsed config against :data:`SCHEMA`; return it with defaults filled in.
-
-    Raises:
-        ConfigError: listing every problem, each with the dotted key path.
-    """
-    problems: list[str] = []
-    cfg = _check(raw, SCHEMA, "", problems)
-    data = cfg["data"]
+def _check_data(data: dict, problems: list[str]) -> None:
+    """Checks of the ``data`` section that the schema cannot express (shared by run and
+    training configs)."""
     if data["source"] in ("bbbc021", "bbbc021_6moa", "csv", "index") and not data["path"]:
         problems.append(f"data.path: required for source {data['source']!r}")
     if data["source"] == "csv":
@@ -199,6 +193,38 @@ def validate_config(raw: Any, source: str = "config") -> dict:
                 close = difflib.get_close_matches(str(key), sorted(known), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 problems.append(f"data.synthetic.{key}: unknown key{hint}")
+
+
+def _read_yaml(path: Path, what: str) -> tuple[Any, str]:
+    """(parsed YAML, its text) of a config file; ConfigError naming the file otherwise."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path}", ["file not found"])
+    text = path.read_text()
+    try:
+        return yaml.safe_load(text), text
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path}", [f"not valid YAML: {exc}"]) from exc
+
+
+def _resolve_paths(cfg: dict, base: Path) -> dict:
+    """Resolve relative ``data.path``, ``data.image_csv``, ``data.moa_csv`` and ``output``
+    against ``base`` (the config file's folder)."""
+    for key in ("path", "image_csv", "moa_csv"):
+        if cfg["data"][key]:
+            cfg["data"][key] = str(base / cfg["data"][key])
+    cfg["output"] = str(base / cfg["output"])
+    return cfg
+
+
+def validate_config(raw: Any, source: str = "config") -> dict:
+    """Check a parsed config against :data:`SCHEMA`; return it with defaults filled in.
+
+    Raises:
+        ConfigError: listing every problem, each with the dotted key path.
+    """
+    problems: list[str] = []
+    cfg = _check(raw, SCHEMA, "", problems)
+    _check_data(cfg["data"], problems)
     for k, p in enumerate(cfg["evaluation"]["protocols"]):
         if p not in ("nsc", "nscb"):
             problems.append(f"evaluation.protocols[{k}]: {p!r} is not one of ['nsc', 'nscb']")
@@ -217,20 +243,8 @@ def load_config(path: str | Path) -> tuple[dict, str]:
     resolved against the config file's folder.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"run configuration {path}", ["file not found"])
-    text = path.read_text()
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"run configuration {path}", [f"not valid YAML: {exc}"]) from exc
-    cfg = validate_config(raw, str(path))
-    base = path.parent
-    for section, key in (("data", "path"), ("data", "image_csv"), ("data", "moa_csv")):
-        if cfg[section][key]:
-            cfg[section][key] = str(base / cfg[section][key])
-    cfg["output"] = str(base / cfg["output"])
-    return cfg, text
+    raw, text = _read_yaml(path, "run configuration")
+    return _resolve_paths(validate_config(raw, str(path)), path.parent), text
 
 
 DEMO_CONFIG = """\
@@ -320,26 +334,13 @@ def load_train_config(path: str | Path) -> tuple[dict, str]:
     """Read and validate a training config (:data:`TRAIN_SCHEMA`). Returns (config, its text);
     relative ``data.path`` and ``output`` are resolved against the config file's folder."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"training configuration {path}", ["file not found"])
-    text = path.read_text()
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"training configuration {path}", [f"not valid YAML: {exc}"]) from exc
+    raw, text = _read_yaml(path, "training configuration")
     problems: list[str] = []
     cfg = _check(raw, TRAIN_SCHEMA, "", problems)
-    if cfg["data"]["source"] != "synthetic" and not cfg["data"]["path"]:
-        problems.append(f"data.path: required for source {cfg['data']['source']!r}")
-    for key in ("epochs", "batch_size", "folds"):
-        section = "cv" if key == "folds" else "train"
+    _check_data(cfg["data"], problems)
+    for section, key in (("train", "epochs"), ("train", "batch_size"), ("cv", "folds")):
         if isinstance(cfg[section][key], int) and cfg[section][key] < 1:
             problems.append(f"{section}.{key}: must be >= 1")
     if problems:
         raise ConfigError(f"invalid training configuration ({path})", problems)
-    base = path.parent
-    for key in ("path", "image_csv", "moa_csv"):
-        if cfg["data"][key]:
-            cfg["data"][key] = str(base / cfg["data"][key])
-    cfg["output"] = str(base / cfg["output"])
-    return cfg, text
+    return _resolve_paths(cfg, path.parent), text

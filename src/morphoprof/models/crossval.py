@@ -146,7 +146,9 @@ def cross_validate(
         raise InputError(f"{int(missing.sum())} image(s) have no {cv.label!r} label, e.g. rows "
                          f"{list(np.flatnonzero(missing)[:5])}")
     classes = sorted(table[cv.label].astype(str).unique())
-    y = table[cv.label].astype(str).map({c: k for k, c in enumerate(classes)}).to_numpy()
+    class_index = {c: k for k, c in enumerate(classes)}
+    y = table[cv.label].astype(str).map(class_index).to_numpy()
+    wells = (table[PLATE].astype(str) + "/" + table[WELL].astype(str)).to_numpy()
     folds = group_folds(table, cv.label, cv.group, cv.folds, cv.seed)
     probs = np.full((len(table), len(classes)), np.nan)
     fold_of = np.full(len(table), -1)
@@ -164,7 +166,6 @@ def cross_validate(
             if log:
                 log(f"fold {f + 1}/{len(folds)}: train {len(train_rows)} images, test "
                     f"{len(test_rows)} ({cv.group} held out: {', '.join(held)})")
-            wells = (table[PLATE].astype(str) + "/" + table[WELL].astype(str)).to_numpy()
             keep, val = split_groups(wells[train_rows], cv.val_fraction, cv.seed + f)
             ds = dict(crop=cv.crop, mean=cv.mean, std=cv.std)
             train_ds = ImageTensorDataset(images[train_rows[keep]], y[train_rows[keep]],
@@ -201,12 +202,11 @@ def cross_validate(
     write_parquet(out_dir / "predictions.parquet", pred_table)
 
     keys, tprobs = treatment_probabilities(table, probs, cv.treatment, cv.aggregate)
-    tlabel = table.groupby(list(cv.treatment), sort=False, dropna=False)[cv.label].first()
-    tgroup = table.groupby(list(cv.treatment), sort=False, dropna=False)[cv.group].first()
     key_index = pd.MultiIndex.from_frame(keys) if len(cv.treatment) > 1 else keys.iloc[:, 0]
-    ttrue = tlabel.loc[key_index].astype(str).map({c: k for k, c in enumerate(classes)}
-                                                  ).to_numpy()
-    tgroups = tgroup.loc[key_index].astype(str).to_numpy()
+    first = table.groupby(list(cv.treatment), sort=False, dropna=False)[
+        list(dict.fromkeys([cv.label, cv.group]))].first().loc[key_index]
+    ttrue = first[cv.label].astype(str).map(class_index).to_numpy()
+    tgroups = first[cv.group].astype(str).to_numpy()
     tpred = tprobs.argmax(1)
     sets = group_conformal(tprobs, ttrue, tgroups, cv.alpha)
     conformal = {"alpha": cv.alpha, "target_coverage": 1 - cv.alpha,

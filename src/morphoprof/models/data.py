@@ -153,5 +153,4 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter([(int(i), int(seeds[i])) for i in order])
 
     def __len__(self) -> int:
-        rank, world = self._shard()
-        return -(-self.n // world)
+        return -(-self.n // self._shard()[1])

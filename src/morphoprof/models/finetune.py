@@ -50,5 +50,4 @@ def finetune_module(cfg: FineTuneConfig, n_classes: int, in_chans: int = 3, seed
     std = tuple(backbone.std) if in_chans == 3 else (float(np.mean(backbone.std)),) * in_chans
     module = ImageClassifier(net, lr=cfg.lr, weight_decay=cfg.weight_decay,
                              multilabel=cfg.multilabel)
-    module.hparams_info = {"model": backbone.name, "weights": backbone.weights}
     return module, mean, std

@@ -101,7 +101,6 @@ class MILConfig:
     a: float = 10.0
     batch_norm: bool = True
     multilabel: bool = False
-    mil_loss_weight: float = 1.0
 
 
 def receptive_field(plan: Sequence[tuple[int, int]], kernel: int = 3) -> int:

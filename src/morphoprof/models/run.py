@@ -49,9 +49,14 @@ def module_factory(kind: str, cfg: dict, n_classes: int, in_chans: int):
         ft = FineTuneConfig(model=cfg["model"]["name"], weights=cfg["model"]["weights"],
                             lr=cfg["train"]["lr"], weight_decay=cfg["train"]["weight_decay"],
                             drop_rate=cfg["model"]["drop_rate"], multilabel=cfg["multilabel"])
-        _, mean, std = finetune_module(ft, n_classes, in_chans, seed)  # checks the settings
+        # Fold 0's network is built here (checking the settings before any training) and
+        # handed out on its first request, so its weights are not loaded twice.
+        first, mean, std = finetune_module(ft, n_classes, in_chans, seed)
+        unused = {0: first}
 
         def make(fold: int):
+            if fold in unused:
+                return unused.pop(fold)
             return finetune_module(ft, n_classes, in_chans, seed + fold)[0]
 
         return make, mean, std
@@ -117,6 +122,25 @@ def run_training(kind: str, cfg: dict, config_text: str = "", progress: bool = T
             out / kind, index, images, make, mean, std, cfg["mil"]["jacobian_images"])
     write_json(out / kind / "cv.json", result)
     return result
+
+
+def train_from_yaml(kind: str, text: str, folder: str | Path, fresh: bool = True,
+                    progress: bool = False) -> dict:
+    """Write a training config's ``text`` to ``folder/config.yaml`` and run it, with
+    ``output`` set to ``folder``. ``fresh`` empties the folder first; otherwise finished folds
+    are reused (resume)."""
+    import shutil
+
+    from morphoprof.config import load_train_config
+
+    folder = Path(folder)
+    if fresh and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(f"{text.rstrip()}\noutput: {folder.resolve()}\n")
+    cfg, text = load_train_config(path)
+    return run_training(kind, cfg, text, progress=progress)
 
 
 def write_jacobian_overlays(folder: Path, index: ExperimentIndex, images: np.ndarray, make,
