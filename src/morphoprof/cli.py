@@ -145,14 +145,36 @@ def cmd_extract(a: argparse.Namespace) -> int:
         _print_json(ClassicalExtractor(ccfg).extract(
             index, a.out, illumination=_illumination(a.illumination), overwrite=a.overwrite))
         return 0
-    cfg = TransferConfig(
-        model=a.model, weights=a.weights, channel_strategy=a.channel_strategy, layer=a.layer,
-        tiles=a.tiles,
-        image_size=a.image_size, batch_size=a.batch_size, num_workers=a.workers,
-        device=a.device, channels=a.channels,
-    )
-    _print_json(TransferExtractor(cfg).extract(index, a.out, overwrite=a.overwrite,
-                                               illumination=_illumination(a.illumination)))
+    size, normalization = a.crop_size, a.normalization
+    if a.checkpoint:
+        from morphoprof.models.weak import extractor_from_checkpoint
+
+        extractor, hp = extractor_from_checkpoint(a.checkpoint, a.layer, a.batch_size, a.device,
+                                                  a.workers)
+        if a.channels and list(a.channels) != hp["channels"]:
+            raise MorphoprofError(f"{a.checkpoint} was trained on channels {hp['channels']}, "
+                                  f"not {a.channels}")
+        size = size or hp["crop_size"]
+        normalization = normalization or hp["normalization"]
+    else:
+        extractor = TransferExtractor(TransferConfig(
+            model=a.model, weights=a.weights, channel_strategy=a.channel_strategy,
+            layer=a.layer, tiles=a.tiles, image_size=a.image_size, batch_size=a.batch_size,
+            num_workers=a.workers, device=a.device, channels=a.channels))
+    illumination = _illumination(a.illumination)
+    if a.cells:
+        import pandas as pd
+
+        cells_path = Path(a.cells)
+        if not cells_path.is_file():
+            raise MorphoprofError(f"cell table not found: {cells_path}")
+        _print_json(extractor.extract_cells(
+            index, pd.read_parquet(cells_path), a.out, size=size or 96,
+            normalization=normalization or "max", illumination=illumination,
+            overwrite=a.overwrite))
+    else:
+        _print_json(extractor.extract(index, a.out, overwrite=a.overwrite,
+                                      illumination=illumination))
     return 0
 
 
@@ -288,6 +310,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     from morphoprof.config import load_train_config
     from morphoprof.models.run import run_training
 
+    if a.kind == "weak":
+        return _train_weak(a)
     cfg, text = load_train_config(a.config)
     if a.epochs is not None:
         cfg["train"]["epochs"] = a.epochs
@@ -299,6 +323,25 @@ def cmd_train(a: argparse.Namespace) -> int:
           f"{result['conformal']['target_coverage']:.2f}, mean set size "
           f"{result['conformal']['mean_set_size']:.2f}; results in "
           f"{Path(cfg['output']) / a.kind / 'cv.json'}")
+    return 0
+
+
+def _train_weak(a: argparse.Namespace) -> int:
+    from morphoprof.config import load_weak_config
+    from morphoprof.models.weak_run import run_weak
+
+    cfg, text = load_weak_config(a.config)
+    if a.epochs is not None:
+        cfg["train"]["epochs"] = a.epochs
+    s = run_weak(cfg, text, progress=not a.quiet)
+    if "classes" not in s:  # not the first process of a multi-process run
+        return 0
+    acc = s.get("heldout_cell_accuracy")
+    held = (f"held-out cell accuracy {acc:.3f} (chance {s['chance_accuracy']:.3f}); "
+            if acc is not None else "")
+    print(f"weak: {len(s['classes'])} labels, {s['epochs_run']} epochs, {held}"
+          f"{s['train_cells_per_s']:.0f} training cells/s; embeddings ({s['layer']}) in "
+          f"{s['features']}; summary in {Path(cfg['output']) / 'weak' / 'weak.json'}")
     return 0
 
 
@@ -365,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("train", help="train a classifier with group-held-out cross-validation "
                        "(finetune: Kensert 2019; mil: Kraus 2016)")
-    s.add_argument("kind", choices=["finetune", "mil"])
+    s.add_argument("kind", choices=["finetune", "mil", "weak"],
+                   help="finetune / mil: whole images, cross-validated; weak: single cells on "
+                   "treatment labels (Caicedo 2018), then embeddings")
     s.add_argument("config", help="training YAML (see morphoprof.config.TRAIN_SCHEMA)")
     s.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -466,6 +511,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--channels", nargs="*")
     s.add_argument("--illumination", help="folder of illumination functions (morphoprof illum)")
+    s.add_argument("--cells", help="cell table (morphoprof segment): features of single-cell "
+                   "crops, one row per cell, instead of whole fields")
+    s.add_argument("--crop-size", type=int, help="--cells: crop side, px (default 96, or the "
+                   "checkpoint's)")
+    s.add_argument("--normalization", choices=["none", "max", "percentile"],
+                   help="--cells: per-crop normalisation (default max, or the checkpoint's)")
+    s.add_argument("--checkpoint", help="a model trained by 'morphoprof train weak': its CNN, "
+                   "channels, crop settings and embedding layer (--layer overrides)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_extract)
 

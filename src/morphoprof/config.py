@@ -344,3 +344,95 @@ def load_train_config(path: str | Path) -> tuple[dict, str]:
     if problems:
         raise ConfigError(f"invalid training configuration ({path})", problems)
     return _resolve_paths(cfg, path.parent), text
+
+
+# ---------------------------------------------------------------------------------------------
+# Weak-supervision configs: ``morphoprof train weak CONFIG.yaml``
+# ---------------------------------------------------------------------------------------------
+WEAK_SCHEMA: dict[str, Any] = {
+    "data": {
+        **{k: v for k, v in SCHEMA["data"].items() if k != "source"},
+        # crops: data.path is an .npz holding ``crops`` and data.table its one-row-per-crop table
+        "source": Opt(_STR, None, ("synthetic", "bbbc021", "bbbc021_6moa", "csv", "index",
+                                   "crops"), required=True),
+        "table": Opt(_STR, None),
+    },
+    "channels": Opt(_LIST, None),
+    "select": Opt(_DICT, {}, free_mapping=True),
+    # the weak label: the values of these columns together (default: the treatment)
+    "label": Opt(_LIST, ["Metadata_compound", "Metadata_concentration"]),
+    # batches that GRU sequences and mixup partners are drawn across (default: Metadata_batch
+    # when the table has it, else Metadata_plate)
+    "batch_column": Opt(_STR, None),
+    "cells": {
+        "crop_size": Opt(_INT, 64),  # screens: crop box around each nucleus, px
+        "size": Opt(_INT, None),  # resize crops to this (None: as they are)
+        "normalization": Opt(_STR, "max", ("none", "max", "percentile")),
+        "segmentation": Opt(_DICT, {}, free_mapping=True),  # screens: NucleiConfig settings
+    },
+    "holdout": {
+        "column": Opt(_STR, None),  # test cells: rows whose column holds one of the values
+        "values": Opt(_LIST, []),
+        "val_fraction": Opt(_FLOAT, 0.2),  # of each label's remaining wells
+    },
+    "model": {
+        "name": Opt(_STR, "resnet18"),
+        "weights": Opt(_STR, "random"),
+        "layer": Opt(_STR, None),  # embedding layer (default: second-to-last stage)
+        "drop_rate": Opt(_FLOAT, 0.0),
+    },
+    "weak": {
+        "mixup_alpha": Opt(_FLOAT, 0.2),  # 0 turns mixup off
+        "gru": Opt(_BOOL, True),
+        "gru_hidden": Opt(_INT, 256),
+        "gru_weight": Opt(_FLOAT, 1.0),
+        "lengths": Opt(_LIST, [3, 5, 8]),
+        "val_length": Opt(_INT, 3),
+        "shift": Opt(_INT, 4),
+        "augment": Opt(_BOOL, True),
+        "cells_per_epoch": Opt(_INT, None),  # default: the number of training cells
+    },
+    "train": {**TRAIN_SCHEMA["train"], "batch_size": Opt(_INT, 64), "lr": Opt(_FLOAT, 1e-3),
+              "weight_decay": Opt(_FLOAT, 1e-5)},
+    "features": {
+        "layer": Opt(_STR, None),  # default: the model's embedding layer
+        "batch_size": Opt(_INT, 128),
+    },
+    "output": Opt(_STR, None, required=True),
+}
+
+
+def load_weak_config(path: str | Path) -> tuple[dict, str]:
+    """Read and validate a weak-supervision config (:data:`WEAK_SCHEMA`). Returns (config, its
+    text); relative ``data.path``, ``data.table`` and ``output`` are resolved against the config
+    file's folder."""
+    path = Path(path)
+    raw, text = _read_yaml(path, "weak-supervision configuration")
+    problems: list[str] = []
+    cfg = _check(raw, WEAK_SCHEMA, "", problems)
+    data = cfg["data"]
+    if data["source"] == "crops":
+        if not data["path"]:
+            problems.append("data.path: required for source 'crops' (the .npz of crops)")
+        if not data["table"]:
+            problems.append("data.table: required for source 'crops' (one row per crop)")
+    else:
+        _check_data(data, problems)
+    for section, key in (("train", "epochs"), ("train", "batch_size"), ("weak", "gru_hidden"),
+                         ("weak", "val_length")):
+        if isinstance(cfg[section][key], int) and cfg[section][key] < 1:
+            problems.append(f"{section}.{key}: must be >= 1")
+    lengths = cfg["weak"]["lengths"]
+    if not lengths or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                              for v in lengths):
+        problems.append(f"weak.lengths: expected a list of integers >= 1, got {lengths!r}")
+    if cfg["weak"]["mixup_alpha"] < 0:
+        problems.append("weak.mixup_alpha: must be >= 0 (0 turns mixup off)")
+    if not 0 <= cfg["holdout"]["val_fraction"] < 1:
+        problems.append("holdout.val_fraction: must be in [0, 1)")
+    if problems:
+        raise ConfigError(f"invalid weak-supervision configuration ({path})", problems)
+    cfg = _resolve_paths(cfg, path.parent)
+    if data["table"]:
+        cfg["data"]["table"] = str(path.parent / data["table"])
+    return cfg, text

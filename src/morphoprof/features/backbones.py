@@ -139,6 +139,10 @@ def _load_checkpoint(model, path: Path) -> str:
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
+    if any(k.startswith("net.") for k in state):
+        # A morphoprof Lightning checkpoint: the CNN is ``net``; training-only parts (the weak
+        # model's GRU regularizer) are left behind.
+        state = {k: v for k, v in state.items() if k.startswith("net.")}
     state = {k.removeprefix("net.").removeprefix("model.").removeprefix("module."): v
              for k, v in state.items()}
     # The classifier head is replaced afterwards: a checkpoint may have any head, or none.

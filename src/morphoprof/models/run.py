@@ -17,19 +17,25 @@ from morphoprof.models.training import FitConfig
 KINDS = ("finetune", "mil")
 
 
-def select_rows(index: ExperimentIndex, select: dict) -> ExperimentIndex:
-    """Keep rows whose column holds one of the listed values (``{column: [values]}``)."""
-    mask = np.ones(len(index), bool)
+def select_mask(table, select: dict) -> np.ndarray:
+    """Rows whose column holds one of the listed values (``{column: [values]}``), as a mask."""
+    mask = np.ones(len(table), bool)
     for col, values in (select or {}).items():
-        if col not in index.table.columns:
-            raise InputError(f"select: the index has no column {col!r}; found "
-                             f"{list(index.table.columns)}")
+        if col not in table.columns:
+            raise InputError(f"select: the table has no column {col!r}; found "
+                             f"{list(table.columns)}")
         values = values if isinstance(values, list) else [values]
-        have = index.table[col].astype(str)
+        have = table[col].astype(str)
         absent = [v for v in values if str(v) not in set(have)]
         if absent:
             raise InputError(f"select: {col} has no rows with value(s) {absent}")
         mask &= have.isin([str(v) for v in values]).to_numpy()
+    return mask
+
+
+def select_rows(index: ExperimentIndex, select: dict) -> ExperimentIndex:
+    """Keep the index rows chosen by :func:`select_mask`."""
+    mask = select_mask(index.table, select)
     return index.subset(mask) if not mask.all() else index
 
 

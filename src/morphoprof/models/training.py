@@ -110,20 +110,22 @@ def _quiet_lightning() -> None:
 
 def fit(
     module: L.LightningModule,
-    train: Dataset,
+    train: Dataset | DataLoader,
     out_dir: str | Path,
     cfg: FitConfig | None = None,
     val: Dataset | None = None,
     log: Callable[[str], None] | None = print,
 ) -> dict:
-    """Train ``module`` on ``train`` (validating on ``val`` each epoch), writing to ``out_dir``:
+    """Train ``module`` on ``train`` (a Dataset, served in epoch-keyed shuffled batches, or a
+    ready DataLoader whose sampler is epoch-keyed and rank-aware) (validating on ``val`` each epoch), writing to ``out_dir``:
     ``checkpoints/last.ckpt`` (every epoch), ``checkpoints/best.ckpt`` (lowest validation loss)
     and ``metrics.csv`` (per-epoch metrics). A run whose ``last.ckpt`` exists resumes from it, so
     an interrupted or extended run (more epochs) continues where it stopped.
 
     Returns:
         ``{"epochs_run", "best_checkpoint", "last_checkpoint", "metrics_csv", "seconds",
-        "resumed_from"}``.
+        "resumed_from", "global_rank", "world_size", "train_batches_per_epoch"}`` (batches
+        of this process).
     """
     import time
 
@@ -135,10 +137,14 @@ def fit(
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    train_loader = DataLoader(train, batch_size=cfg.batch_size,
-                              sampler=EpochSampler(len(train), cfg.seed),
-                              num_workers=cfg.num_workers, drop_last=len(train) > cfg.batch_size,
-                              persistent_workers=cfg.num_workers > 0)
+    if isinstance(train, DataLoader):
+        train_loader = train
+    else:
+        train_loader = DataLoader(train, batch_size=cfg.batch_size,
+                                  sampler=EpochSampler(len(train), cfg.seed),
+                                  num_workers=cfg.num_workers,
+                                  drop_last=len(train) > cfg.batch_size,
+                                  persistent_workers=cfg.num_workers > 0)
     val_loader = (DataLoader(val, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
                   if val is not None and len(val) else None)
     monitor = "val_loss" if val_loader is not None else "train_loss"
@@ -181,7 +187,8 @@ def fit(
     return {"epochs_run": int(trainer.current_epoch), "best_checkpoint": str(best),
             "last_checkpoint": str(last), "metrics_csv": str(metrics_csv),
             "seconds": seconds, "resumed_from": resumed,
-            "global_rank": int(trainer.global_rank)}
+            "global_rank": int(trainer.global_rank), "world_size": int(trainer.world_size),
+            "train_batches_per_epoch": int(trainer.num_training_batches)}
 
 
 @torch.inference_mode()

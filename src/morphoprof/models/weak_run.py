@@ -1,0 +1,316 @@
+"""``morphoprof train weak CONFIG.yaml``: single-cell crops -> weakly supervised CNN (mixup, GRU
+set regularizer) -> held-out accuracy -> embeddings written as a feature folder.
+
+Cells come either from a crop array (``data.source: crops``: an ``.npz`` holding ``crops``
+``(N, H, W, C)`` or ``(N, C, H, W)`` and a CSV / Parquet table with one row per crop), or from a
+screen (any run-config source): nuclei are segmented and a crop is cut around each.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from morphoprof.errors import InputError
+from morphoprof.index.schema import BATCH, COMPOUND, CONTROL, PLATE, WELL
+from morphoprof.io_utils import write_json
+from morphoprof.preprocess.crops import normalize_crops
+
+FEATURES = "features"
+
+
+def _prefixed(table: pd.DataFrame) -> pd.DataFrame:
+    """Columns not already ``Metadata_*`` or ``Nuclei_*`` get a ``Metadata_`` prefix."""
+    return table.rename(columns={c: c if str(c).startswith(("Metadata_", "Nuclei_"))
+                                 else f"Metadata_{c}" for c in table.columns})
+
+
+def load_crop_array(path: str | Path, table_path: str | Path, channels: list[str] | None,
+                    controls: list[str]) -> tuple[np.ndarray, pd.DataFrame, list[str]]:
+    """Crops ``(N, C, S, S)`` (original dtype) and their table from an ``.npz`` + table.
+
+    The table's columns get a ``Metadata_`` prefix (``plate`` -> ``Metadata_plate``); a
+    ``crop`` column, when present, is the row of each cell in the array (else rows in order).
+    ``Metadata_control`` is added from ``controls`` when missing.
+    """
+    path, table_path = Path(path), Path(table_path)
+    for p in (path, table_path):
+        if not p.is_file():
+            raise InputError(f"file not found: {p}")
+    try:
+        with np.load(path) as z:
+            if "crops" not in z.files:
+                raise InputError(f"{path} holds {z.files}, not an array named 'crops'")
+            arr = z["crops"]
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read {path}: {exc}") from exc
+    if arr.ndim != 4:
+        raise InputError(f"{path}: crops must be 4-D (N, H, W, C) or (N, C, H, W), got "
+                         f"{arr.shape}")
+    n_ch = len(channels) if channels else min(arr.shape[1], arr.shape[-1])
+    if n_ch not in (arr.shape[1], arr.shape[-1]):
+        raise InputError(f"{path}: crops of shape {arr.shape} do not have {n_ch} channels "
+                         f"(channels: {channels}) on axis 1 or 3")
+    if arr.shape[-1] == n_ch and arr.shape[1] != n_ch:
+        arr = np.moveaxis(arr, -1, 1)
+    try:
+        table = (pd.read_parquet(table_path) if table_path.suffix == ".parquet"
+                 else pd.read_csv(table_path))
+    except Exception as exc:
+        raise InputError(f"cannot read {table_path}: {exc}") from exc
+    rows = table["crop"].to_numpy() if "crop" in table.columns else np.arange(len(table))
+    bad = np.flatnonzero((rows < 0) | (rows >= len(arr)))
+    if len(bad):
+        raise InputError(f"{table_path} row {int(bad[0])}: crop {rows[bad[0]]} is outside the "
+                         f"{len(arr)} crops of {path}")
+    table = _prefixed(table.drop(columns=[c for c in ("crop",) if c in table.columns]))
+    for need in (PLATE, WELL):
+        if need not in table.columns:
+            raise InputError(f"{table_path} needs a {need.removeprefix('Metadata_')} column")
+    if CONTROL not in table.columns and COMPOUND in table.columns:
+        table[CONTROL] = table[COMPOUND].astype(str).isin([str(c) for c in controls])
+    names = list(channels) if channels else [f"ch{k}" for k in range(arr.shape[1])]
+    return arr[rows], table.reset_index(drop=True), names
+
+
+def crops_from_screen(cfg: dict, out: Path, progress: bool, log) -> tuple[np.ndarray,
+                                                                           pd.DataFrame, list]:
+    """Segment the screen's nuclei (``cells.segmentation`` settings) and cut a ``crop_size``
+    crop (zero-padded at edges) around each: ``(N, C, S, S)`` float32, raw intensities."""
+    from morphoprof.models.run import select_rows
+    from morphoprof.pipeline import build_index_from_config, nuclei_config
+    from morphoprof.preprocess.crops import CropDataset
+    from morphoprof.preprocess.segmentation import segment_index
+
+    index = select_rows(build_index_from_config(cfg["data"], out, progress, log), cfg["select"])
+    channels = cfg["channels"] or index.channels
+    seg = dict(cfg["cells"]["segmentation"])
+    cells_path = out / "cells.parquet"
+    if not cells_path.is_file():
+        segment_index(index, cells_path, channel=seg.get("channel"),
+                      cfg=nuclei_config({**seg, "enabled": True}), progress=progress,
+                      n_jobs=seg.get("n_jobs", 1))
+    cells = pd.read_parquet(cells_path)
+    ds = CropDataset(index, cells, cfg["cells"]["crop_size"], channels, normalization="none")
+    crops = np.stack([ds[k][0].numpy() for k in range(len(ds))]) if len(ds) else None
+    if crops is None:
+        raise InputError(f"no cells were segmented in {cells_path}")
+    meta = [c for c in index.table.columns if c.startswith("Metadata_")
+            and c not in ds.cells.columns]
+    key = [PLATE, WELL, "Metadata_site"]
+    table = ds.cells.merge(index.table[key + meta].drop_duplicates(key), on=key, how="left")
+    return crops, table, list(channels)
+
+
+def prepare_crops(crops: np.ndarray, size: int | None, normalization: str) -> np.ndarray:
+    """Float32 crops normalised per crop, then resized to ``size`` (antialiased)."""
+    import torch
+
+    x = normalize_crops(crops, normalization)
+    if size and tuple(x.shape[-2:]) != (size, size):
+        # normalised first, then resized: the order morphoprof extract --cells uses
+        parts = [torch.nn.functional.interpolate(torch.from_numpy(x[i:i + 2048]), (size, size),
+                                                 mode="bilinear", antialias=True).numpy()
+                 for i in range(0, len(x), 2048)]
+        x = np.concatenate(parts)
+    return x
+
+
+def label_codes(table: pd.DataFrame, columns: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Integer label per cell from the values of ``columns`` (joined with ``@``)."""
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise InputError(f"label column(s) {missing} not in the cell table; found "
+                         f"{list(table.columns)}")
+    text = table[columns].astype(str).agg("@".join, axis=1)
+    classes = sorted(text.unique())
+    return pd.Categorical(text, categories=classes).codes.astype(np.int64), classes
+
+
+def split_cells(table: pd.DataFrame, labels: np.ndarray, holdout: dict, seed: int
+                ) -> np.ndarray:
+    """``"train"`` / ``"val"`` / ``"test"`` per cell, by whole wells.
+
+    ``holdout.column`` / ``holdout.values``: cells whose column holds one of the values are
+    the test set (e.g. one replicate). Of the remaining wells, ``val_fraction`` of each label's
+    wells (rounded, keeping at least one training well per label) are for validation.
+    """
+    part = np.full(len(table), "train", dtype=object)
+    if holdout.get("column"):
+        col = holdout["column"]
+        if col not in table.columns:
+            raise InputError(f"holdout.column {col!r} not in the cell table")
+        values = [str(v) for v in holdout.get("values") or []]
+        part[table[col].astype(str).isin(values).to_numpy()] = "test"
+    wells = (table[PLATE].astype(str) + "/" + table[WELL].astype(str)).to_numpy()
+    rng = np.random.default_rng(seed)
+    for lab in np.unique(labels):
+        here = (labels == lab) & (part == "train")
+        if not here.any():
+            raise InputError(f"label {lab} has no training cells outside the held-out set")
+        own = np.unique(wells[here])
+        n_val = min(int(round(holdout.get("val_fraction", 0.0) * len(own))), len(own) - 1)
+        for w in rng.permutation(own)[:n_val]:
+            part[here & (wells == w)] = "val"
+    return part
+
+
+def run_weak(cfg: dict, config_text: str = "", progress: bool = True,
+             log: Callable[[str], None] | None = print) -> dict:
+    """Run a validated weak-supervision config (:data:`~morphoprof.config.WEAK_SCHEMA`).
+
+    Writes ``output/weak/`` (checkpoints, metrics.csv, weak.json) and ``output/features/``
+    (embeddings of every cell, one Parquet shard per plate, with a manifest).
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from morphoprof.features.shards import ShardWriter, shard_key
+    from morphoprof.models.data import ImageTensorDataset
+    from morphoprof.models.run import fit_config
+    from morphoprof.models.training import fit
+    from morphoprof.models.weak import WeakModule, embed_crops, extractor_from_checkpoint
+    from morphoprof.models.weak_data import CellGroups, SequenceBatchSampler, WeakTrainSet
+
+    out = Path(cfg["output"])
+    folder = out / "weak"
+    folder.mkdir(parents=True, exist_ok=True)
+    if config_text:
+        (out / "train_weak.yaml").write_text(config_text)
+    if cfg["data"]["source"] == "crops":
+        if not cfg["data"]["table"]:
+            raise InputError("data.table: required for source 'crops' (one row per crop)")
+        raw, table, channels = load_crop_array(cfg["data"]["path"], cfg["data"]["table"],
+                                               cfg["channels"], cfg["data"]["controls"])
+        from morphoprof.models.run import select_mask
+
+        keep = select_mask(table, cfg["select"])
+        raw, table = raw[keep], table[keep].reset_index(drop=True)
+    else:
+        raw, table, channels = crops_from_screen(cfg, out, progress, log)
+    c = cfg["cells"]
+    raw_size = int(raw.shape[-1])
+    crops = prepare_crops(raw, c["size"], c["normalization"])
+    del raw
+    labels, classes = label_codes(table, cfg["label"])
+    batch_col = cfg["batch_column"] or (BATCH if BATCH in table.columns else PLATE)
+    if batch_col not in table.columns:
+        raise InputError(f"batch_column {batch_col!r} not in the cell table")
+    seed = cfg["train"]["seed"]
+    part = split_cells(table, labels, cfg["holdout"], seed)
+    train, val, test = (np.flatnonzero(part == p) for p in ("train", "val", "test"))
+    if log:
+        log(f"{len(crops)} cells {crops.shape[1:]}, {len(classes)} labels; train {len(train)}, "
+            f"val {len(val)}, test {len(test)} cells (split by well)")
+    w, m = cfg["weak"], cfg["model"]
+    module = WeakModule(m["name"], m["weights"], len(channels), classes, gru=w["gru"],
+                        gru_hidden=w["gru_hidden"], gru_weight=w["gru_weight"],
+                        lr=cfg["train"]["lr"], weight_decay=cfg["train"]["weight_decay"],
+                        val_length=w["val_length"], layer=m["layer"],
+                        crop_size=int(c["crop_size"] if cfg["data"]["source"] != "crops"
+                                      else raw_size), input_size=int(crops.shape[-1]),
+                        normalization=c["normalization"],
+                        channels=channels, seed=seed, drop_rate=m["drop_rate"])
+    mean, std = module.input_mean, module.input_std
+    batch_codes = pd.factorize(table[batch_col].astype(str))[0]
+    well_codes = pd.factorize(table[PLATE].astype(str) + "/" + table[WELL].astype(str))[0]
+    groups = CellGroups(labels[train], batch_codes[train], well_codes[train], len(classes))
+    train_set = WeakTrainSet(crops[train], groups, w["mixup_alpha"], w["shift"], w["augment"],
+                             mean, std)
+    fcfg = fit_config(cfg["train"], progress)
+    per_epoch = w["cells_per_epoch"] or len(train)
+    lengths = w["lengths"] if w["gru"] else [1]
+    sampler = SequenceBatchSampler(-(-per_epoch // fcfg.batch_size), fcfg.batch_size, lengths,
+                                   seed)
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=fcfg.num_workers,
+                        persistent_workers=fcfg.num_workers > 0)
+    val_set = (ImageTensorDataset(crops[val], labels[val], mean=mean, std=std)
+               if len(val) else None)
+    last = folder / "checkpoints" / "last.ckpt"
+    start = int(torch.load(last, map_location="cpu", weights_only=False)["epoch"]) + 1 \
+        if last.is_file() else 0
+    result = fit(module, loader, folder, fcfg, val_set, log=log)
+    if result["global_rank"] != 0:
+        return result
+    cells_trained = 0
+    for epoch in range(start, result["epochs_run"]):
+        sampler.set_epoch(epoch)
+        cells_trained += sum(len(b) * b[0][1] for b in sampler.batches())
+    ckpt = Path(result["best_checkpoint"] if len(val) else result["last_checkpoint"])
+    extractor, _ = extractor_from_checkpoint(ckpt, cfg["features"]["layer"],
+                                             cfg["features"]["batch_size"])
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    module.load_state_dict(state)
+    module.eval()
+    summary: dict = {
+        "classes": classes, "channels": channels, "batch_column": batch_col,
+        "cells": {"train": len(train), "val": len(val), "test": len(test)},
+        "mixup_alpha": w["mixup_alpha"], "gru": w["gru"], "checkpoint": str(ckpt),
+        "layer": extractor.cfg.layer, "epochs_run": result["epochs_run"],
+        "train_seconds": result["seconds"],
+        "train_cells_per_s": cells_trained / result["seconds"] if cells_trained else None,
+        "chance_accuracy": 1.0 / len(classes),
+    }
+    if len(test):
+        pred = predict_labels(module, crops[test], mean, std)
+        truth = labels[test]
+        summary["heldout_cell_accuracy"] = float(np.mean(pred == truth))
+        summary["heldout_majority_fraction"] = float(np.bincount(truth).max() / len(truth))
+        summary["heldout_per_class_accuracy"] = {
+            classes[k]: float(np.mean(pred[truth == k] == k)) for k in np.unique(truth)}
+    feats, seconds = embed_crops(extractor, crops, channels, progress)
+    summary["extract_cells_per_s"] = len(crops) / seconds if seconds > 0 else None
+    meta = table[[col for col in table.columns if str(col).startswith(("Metadata_",
+                                                                       "Nuclei_Loc"))]].copy()
+    meta["Metadata_split"] = part
+    writer = ShardWriter(out / FEATURES, {"extractor": "weak", "checkpoint": str(ckpt),
+                                          "layer": extractor.cfg.layer, "n_cells": len(crops)},
+                         overwrite=True)
+    cols = extractor.column_names(channels, feats.shape[1])
+    for plate, rows in meta.groupby(PLATE, sort=True).indices.items():
+        df = pd.concat([meta.iloc[rows].reset_index(drop=True),
+                        pd.DataFrame(feats[rows], columns=cols)], axis=1)
+        writer.write(shard_key(plate, 0), df)
+    summary["features"] = str(out / FEATURES)
+    summary["metrics_csv"] = result["metrics_csv"]
+    write_json(folder / "weak.json", summary)
+    return summary
+
+
+def predict_labels(module, crops: np.ndarray, mean, std, batch_size: int = 256) -> np.ndarray:
+    """Predicted class index per crop ``(N,)`` (the CNN head; no GRU, no augmentation)."""
+    import torch
+
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(crops), batch_size):
+            x = (torch.from_numpy(crops[i:i + batch_size]) - m) / s
+            out.append(module(x.to(module.device)).argmax(1).cpu().numpy())
+    return np.concatenate(out)
+
+
+def train_weak_from_yaml(text: str, folder: str | Path, fresh: bool = True,
+                         progress: bool = False) -> dict:
+    """Write a weak config's ``text`` to ``folder/config.yaml`` (``output`` = ``folder``) and
+    run it; ``fresh`` empties the folder first."""
+    import shutil
+
+    from morphoprof.config import load_weak_config
+
+    folder = Path(folder)
+    if fresh and folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(f"{text.rstrip()}\noutput: {folder.resolve()}\n")
+    cfg, text = load_weak_config(path)
+    t0 = time.perf_counter()
+    summary = run_weak(cfg, text, progress=progress)
+    summary["wall_seconds"] = time.perf_counter() - t0
+    return summary

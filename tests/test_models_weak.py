@@ -1,0 +1,278 @@
+"""Weak supervision (Caicedo 2018): sampling, mixup, GRU sequences, training, resume, embeddings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from morphoprof.errors import InputError
+from morphoprof.models.weak_data import CellGroups, SequenceBatchSampler, WeakTrainSet
+
+S = 32
+
+
+def toy_cells(n_per_well: int = 6, seed: int = 0):
+    """3 labels x 3 plates (batches) x 2 wells; label k puts a bright square in channel k."""
+    rng = np.random.default_rng(seed)
+    rows, crops = [], []
+    for lab in range(3):
+        for plate in range(3):
+            for well in range(2):
+                for _ in range(n_per_well):
+                    x = rng.uniform(0, 0.3, (3, S, S)).astype(np.float32)
+                    y0, x0 = rng.integers(4, S - 14, 2)
+                    x[lab, y0:y0 + 10, x0:x0 + 10] += 1.0
+                    crops.append(x)
+                    rows.append({"label": lab, "plate": f"P{plate}",
+                                 "well": f"{'ABC'[lab]}0{well + 1}"})
+    table = pd.DataFrame(rows)
+    return np.stack(crops), table
+
+
+def groups_of(table: pd.DataFrame) -> CellGroups:
+    return CellGroups(table["label"].to_numpy(), pd.factorize(table["plate"])[0],
+                      pd.factorize(table["plate"] + table["well"])[0], 3)
+
+
+def test_sequences_mix_batches_and_wells_and_balance_labels():
+    crops, table = toy_cells()
+    # make label 0 rare: balance must come from drawing the label first
+    keep = ~((table["label"] == 0) & (table.index % 6 != 0))
+    crops, table = crops[keep.to_numpy()], table[keep].reset_index(drop=True)
+    g = groups_of(table)
+    rng = np.random.default_rng(1)
+    seen = []
+    for length in (3, 5, 8):
+        for _ in range(200):
+            lab, cells = g.draw_sequence(rng, length)
+            seen.append(lab)
+            assert (g.labels[cells] == lab).all()
+            batches = g.batches[cells]
+            # 3 batches: the first 3 cells come from 3 different batches, and every batch is
+            # used as evenly as possible
+            assert len(set(batches[:3].tolist())) == 3
+            assert np.bincount(batches, minlength=3).max() - \
+                np.bincount(batches, minlength=3).min() <= 1
+            wells = g.wells[cells]
+            # 6 wells per label: sequences up to 6 long never repeat a well
+            assert len(set(wells[:6].tolist())) == min(length, 6)
+    counts = np.bincount(seen, minlength=3) / len(seen)
+    assert np.allclose(counts, 1 / 3, atol=0.05), counts
+
+
+def test_sequence_order_is_random():
+    _, table = toy_cells()
+    g = groups_of(table)
+    rng = np.random.default_rng(2)
+    firsts = {int(g.batches[g.draw_sequence(rng, 3, label=1)[1][0]]) for _ in range(60)}
+    assert firsts == {0, 1, 2}
+
+
+def test_mixup_targets_sum_to_one_and_follow_lambda():
+    crops, table = toy_cells()
+    ds = WeakTrainSet(crops, groups_of(table), mixup_alpha=0.4, augment=False)
+    lams = []
+    for seed in range(40):
+        it = ds.item(seed, 5)
+        y = it["y"].numpy()
+        assert np.allclose(y.sum(1), 1.0, atol=1e-6)
+        assert np.allclose(it["y_seq"].numpy().sum(), 1.0, atol=1e-6)
+        for k, (c, p, lam) in enumerate(zip(it["cells"], it["partners"], it["lam"],
+                                            strict=True)):
+            want = np.zeros(3)
+            want[table["label"][c]] += lam
+            want[table["label"][p]] += 1 - lam
+            assert np.allclose(y[k], want, atol=1e-6)
+            # the partner comes from another batch (there are 3)
+            assert table["plate"][c] != table["plate"][p]
+            assert torch.allclose(it["x"][k], lam * torch.from_numpy(crops[c]) +
+                                  (1 - lam) * torch.from_numpy(crops[p]), atol=1e-6)
+        lams.extend(it["lam"])
+    lams = np.asarray(lams)
+    assert 0 < lams.min() and lams.max() < 1 and 0.4 < lams.mean() < 0.6  # Beta(a, a)
+    plain = WeakTrainSet(crops, groups_of(table), mixup_alpha=0.0, augment=False).item(3, 5)
+    assert set(np.unique(plain["y"].numpy())) <= {0.0, 1.0} and len(plain["partners"]) == 0
+
+
+def test_items_and_batches_are_pure_functions_of_their_keys():
+    crops, table = toy_cells()
+    ds = WeakTrainSet(crops, groups_of(table), mixup_alpha=0.2, shift=3)
+    a, b = ds[(123, 5)], ds[(123, 5)]
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    assert not torch.equal(ds[(124, 5)][0], a[0])
+    s = SequenceBatchSampler(10, 16, (3, 5, 8), seed=4)
+    s.set_epoch(2)
+    first = list(s)
+    s.set_epoch(3)
+    assert list(s) != first
+    s.set_epoch(2)
+    assert list(s) == first
+    for batch in first:
+        length = batch[0][1]
+        assert length in (3, 5, 8) and len(batch) == 16 // length
+
+
+def test_bad_groups_are_refused():
+    with pytest.raises(InputError, match="label code"):
+        CellGroups(np.array([0, 0]), np.array([0, 1]), np.array([0, 1]), 2)
+    with pytest.raises(InputError, match="lengths"):
+        SequenceBatchSampler(2, 8, (0,))
+
+
+def tiny_module(gru: bool = True, seed: int = 0):
+    from morphoprof.models.weak import WeakModule
+
+    return WeakModule("resnet18", "random", 3, ["a", "b", "c"], gru=gru, gru_hidden=32,
+                      lr=1e-3, crop_size=S, channels=["c0", "c1", "c2"], seed=seed)
+
+
+def test_training_steps_reduce_the_loss():
+    crops, table = toy_cells()
+    torch.manual_seed(0)
+    module = tiny_module()
+    ds = WeakTrainSet(crops, groups_of(table), mixup_alpha=0.2, augment=True,
+                      mean=module.input_mean, std=module.input_std)
+    batch = [torch.stack(v) for v in zip(*[ds[(s, 3)] for s in range(8)], strict=True)]
+    assert batch[0].shape == (8, 3, 3, S, S)
+    opt = module.configure_optimizers()
+    losses = []
+    module.train()
+    for _ in range(12):
+        opt.zero_grad()
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert module.gru.weight_ih_l0.grad is not None  # the GRU is trained with the CNN
+
+
+def weak_yaml(npz, csv, **over) -> str:
+    weak = {"mixup_alpha": 0.2, "gru": True, "gru_hidden": 32, "lengths": [3, 5]}
+    weak.update(over.pop("weak", {}))
+    train = {"epochs": 2, "batch_size": 15, "lr": 0.002, "seed": 1, "patience": 0,
+             "accelerator": "cpu"}
+    train.update(over.pop("train", {}))
+    import yaml
+
+    return yaml.safe_dump({
+        "data": {"source": "crops", "path": str(npz), "table": str(csv)},
+        "channels": ["c0", "c1", "c2"], "label": ["Metadata_label"],
+        "holdout": {"column": "Metadata_plate", "values": ["P2"], "val_fraction": 0.0},
+        "model": {"name": "resnet18", "weights": "random"},
+        "weak": weak, "train": train, "features": {"batch_size": 32}, **over})
+
+
+@pytest.fixture(scope="module")
+def crop_files(tmp_path_factory):
+    crops, table = toy_cells(n_per_well=5)
+    folder = tmp_path_factory.mktemp("crops")
+    raw = np.moveaxis((crops * 1000).astype(np.uint16), 1, -1)  # (N, S, S, C) like BBBC021
+    np.savez(folder / "crops.npz", crops=raw)
+    table.assign(crop=np.arange(len(table)), compound=table["label"].map(
+        {0: "DMSO", 1: "x", 2: "y"})).to_csv(folder / "index.csv", index=False)
+    return folder / "crops.npz", folder / "index.csv"
+
+
+def test_resume_continues_from_the_saved_epoch_identically(crop_files, tmp_path):
+    from morphoprof.models.weak_run import train_weak_from_yaml
+
+    npz, csv = crop_files
+    full = train_weak_from_yaml(weak_yaml(npz, csv), tmp_path / "full")
+    train_weak_from_yaml(weak_yaml(npz, csv, train={"epochs": 1}), tmp_path / "half")
+    resumed = train_weak_from_yaml(weak_yaml(npz, csv), tmp_path / "half", fresh=False)
+    a = torch.load(full["checkpoint"], map_location="cpu", weights_only=False)
+    b = torch.load(resumed["checkpoint"], map_location="cpu", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 1
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+    m = pd.read_csv(tmp_path / "half" / "weak" / "metrics.csv")
+    assert sorted(m["epoch"].dropna().unique()) == [0, 1]
+    from morphoprof.features.shards import read_features
+
+    fa = read_features(tmp_path / "full" / "features")
+    fb = read_features(tmp_path / "half" / "features")
+    pd.testing.assert_frame_equal(fa, fb)
+
+
+def test_weak_run_learns_and_writes_embeddings(crop_files, tmp_path):
+    from morphoprof.features.shards import feature_columns, read_features
+    from morphoprof.models.weak_run import train_weak_from_yaml
+
+    npz, csv = crop_files
+    s = train_weak_from_yaml(weak_yaml(npz, csv, train={"epochs": 4}), tmp_path / "run")
+    assert s["cells"] == {"train": 60, "val": 0, "test": 30}
+    assert s["heldout_cell_accuracy"] >= 0.8, s  # chance is 1/3
+    assert s["layer"] == "layer3" and s["train_cells_per_s"] > 0
+    feats = read_features(tmp_path / "run" / "features")
+    assert len(feats) == 90 and set(feats["Metadata_split"]) == {"train", "test"}
+    cols = feature_columns(feats)
+    assert len(cols) == 256  # resnet18 layer3 channels
+    # the embedding separates the labels: nearest neighbours share them
+    x = feats[cols].to_numpy()
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    d = ((x[:, None] - x[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    lab = feats["Metadata_label"].to_numpy()
+    assert np.mean(lab[d.argmin(1)] == lab) > 0.8
+
+
+def test_extract_with_checkpoint_matches_the_training_run(tiny_screen, tmp_path, capsys):
+    """Train on a screen's segmented cells, then `morphoprof extract --cells --checkpoint` on
+    the same cells gives the embeddings the training run wrote."""
+    import yaml
+
+    from morphoprof.cli import main
+    from morphoprof.features.shards import feature_columns, read_features
+
+    folder, index = tiny_screen
+    index.write(tmp_path / "index.parquet")
+    cfg = {"data": {"source": "index", "path": str(tmp_path / "index.parquet")},
+           "cells": {"crop_size": 32, "segmentation": {"min_distance": 3}},
+           "holdout": {"val_fraction": 0.0},
+           "weak": {"gru_hidden": 16, "lengths": [3]},
+           "train": {"epochs": 1, "batch_size": 12, "accelerator": "cpu"},
+           "output": str(tmp_path / "weak")}
+    (tmp_path / "weak.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", "weak", str(tmp_path / "weak.yaml"), "--quiet"]) == 0
+    assert "embeddings (layer3)" in capsys.readouterr().out
+    ckpt = tmp_path / "weak" / "weak" / "checkpoints" / "last.ckpt"
+    assert main(["extract", str(tmp_path / "index.parquet"), "--out", str(tmp_path / "again"),
+                 "--cells", str(tmp_path / "weak" / "cells.parquet"), "--checkpoint",
+                 str(ckpt)]) == 0
+    key = ["Metadata_plate", "Metadata_well", "Metadata_site", "Nuclei_Location_Center_X",
+           "Nuclei_Location_Center_Y"]
+    a = read_features(tmp_path / "weak" / "features").sort_values(key).reset_index(drop=True)
+    b = read_features(tmp_path / "again").sort_values(key).reset_index(drop=True)
+    cols = feature_columns(a)
+    assert len(a) == len(b) > 20 and cols == feature_columns(b)
+    np.testing.assert_allclose(a[cols].to_numpy(), b[cols].to_numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_bad_weak_inputs(crop_files, tmp_path):
+    from morphoprof.cli import main
+    from morphoprof.config import load_weak_config
+    from morphoprof.errors import ConfigError
+    from morphoprof.models.weak import checkpoint_hparams
+    from morphoprof.models.weak_run import load_crop_array
+
+    npz, csv = crop_files
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(weak_yaml(npz, csv, weak={"mixup_alpah": 1.0, "lengths": [0]}))
+    with pytest.raises(ConfigError) as err:
+        load_weak_config(bad)
+    assert "did you mean 'mixup_alpha'" in str(err.value) and "weak.lengths" in str(err.value)
+    table = pd.read_csv(csv)
+    table.loc[7, "crop"] = 10_000
+    table.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(InputError, match="row 7: crop 10000 is outside"):
+        load_crop_array(npz, tmp_path / "t.csv", ["c0", "c1", "c2"], ["DMSO"])
+    with pytest.raises(InputError, match="do not have 2 channels"):
+        load_crop_array(npz, csv, ["c0", "c1"], ["DMSO"])
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
+    with pytest.raises(InputError, match="not a morphoprof weak-supervision checkpoint"):
+        checkpoint_hparams(tmp_path / "plain.ckpt")
+    assert main(["extract", "nowhere.parquet", "--out", str(tmp_path / "x"), "--checkpoint",
+                 str(tmp_path / "missing.ckpt")]) == 2
