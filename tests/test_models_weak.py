@@ -276,3 +276,26 @@ def test_bad_weak_inputs(crop_files, tmp_path):
         checkpoint_hparams(tmp_path / "plain.ckpt")
     assert main(["extract", "nowhere.parquet", "--out", str(tmp_path / "x"), "--checkpoint",
                  str(tmp_path / "missing.ckpt")]) == 2
+
+
+def test_two_process_ddp_run_on_cpu(crop_files, tmp_path):
+    """Lightning DDP with the gloo backend: two CPU processes, each taking half the batches."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    npz, csv = crop_files
+    cfg = tmp_path / "ddp.yaml"
+    cfg.write_text(weak_yaml(npz, csv, train={"epochs": 1, "devices": 2, "strategy": "ddp"},
+                             output=str(tmp_path / "out")))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "morphoprof", "train", "weak", str(cfg),
+                           "--quiet"], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = json.loads((tmp_path / "out" / "weak" / "weak.json").read_text())
+    assert s["world_size"] == 2
+    # 60 training cells in batches of 15: 4 batches, 2 per process
+    assert s["train_batches_per_epoch"] == 4 and s["train_batches_per_epoch_per_process"] == 2
+    assert (tmp_path / "out" / "weak" / "checkpoints" / "last.ckpt").is_file()
+    assert "weak: 3 labels, 1 epochs" in proc.stdout

@@ -117,7 +117,8 @@ def fit(
     log: Callable[[str], None] | None = print,
 ) -> dict:
     """Train ``module`` on ``train`` (a Dataset, served in epoch-keyed shuffled batches, or a
-    ready DataLoader whose sampler is epoch-keyed and rank-aware) (validating on ``val`` each epoch), writing to ``out_dir``:
+    ready DataLoader whose sampler is epoch-keyed and rank-aware), validating on ``val`` each
+    epoch, writing to ``out_dir``:
     ``checkpoints/last.ckpt`` (every epoch), ``checkpoints/best.ckpt`` (lowest validation loss)
     and ``metrics.csv`` (per-epoch metrics). A run whose ``last.ckpt`` exists resumes from it, so
     an interrupted or extended run (more epochs) continues where it stopped.

@@ -74,8 +74,8 @@ class WeakModule(L.LightningModule):
                  classes: Sequence[str] = ("a", "b"), gru: bool = True, gru_hidden: int = 256,
                  gru_weight: float = 1.0, lr: float = 1e-3, weight_decay: float = 1e-5,
                  val_length: int = 3, layer: str | None = None, crop_size: int = 64,
-                 input_size: int | None = None, normalization: str = "max", channels: Sequence[str] = (), seed: int = 0,
-                 drop_rate: float = 0.0) -> None:
+                 input_size: int | None = None, normalization: str = "max",
+                 channels: Sequence[str] = (), seed: int = 0, drop_rate: float = 0.0) -> None:
         super().__init__()
         classes = [str(c) for c in classes]
         if len(classes) < 2:
