@@ -174,7 +174,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
             overwrite=a.overwrite))
     else:
         _print_json(extractor.extract(index, a.out, overwrite=a.overwrite,
-                                      illumination=illumination))
+                                      illumination=illumination, scheduler=a.scheduler))
     return 0
 
 
@@ -517,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint's)")
     s.add_argument("--normalization", choices=["none", "max", "percentile"],
                    help="--cells: per-crop normalisation (default max, or the checkpoint's)")
+    s.add_argument("--scheduler", help="run on Dask distributed: local:N (a LocalCluster of N "
+                   "worker processes) or tcp://HOST:PORT (a running cluster); one task per "
+                   "shard")
     s.add_argument("--checkpoint", help="a model trained by 'morphoprof train weak': its CNN, "
                    "channels, crop settings and embedding layer (--layer overrides)")
     s.add_argument("--overwrite", action="store_true")

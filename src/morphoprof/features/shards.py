@@ -69,15 +69,26 @@ class ShardWriter:
 
     def write(self, key: str, df: pd.DataFrame) -> Path:
         """Write one shard atomically and record it in the manifest."""
-        rel = f"shards/{key}.parquet"
-        path = write_parquet(self.out / rel, df)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        self.shards[key] = {"file": rel, "rows": int(len(df)), "sha256": digest}
+        info = write_shard(self.out, key, df)
+        self.record(key, info)
+        return self.out / info["file"]
+
+    def record(self, key: str, info: dict) -> None:
+        """Record a shard written by :func:`write_shard` (e.g. on a cluster worker)."""
+        self.shards[key] = {k: info[k] for k in ("file", "rows", "sha256")}
         self._save()
-        return path
 
     def _save(self) -> None:
         write_json(self.out / MANIFEST, {"params": self.params, "shards": self.shards})
+
+
+def write_shard(out: str | Path, key: str, df: pd.DataFrame) -> dict:
+    """Write ``df`` as shard ``key`` of the feature folder ``out`` (atomically) and return its
+    manifest entry ``{"key", "file", "rows", "sha256"}``; the manifest itself is not touched."""
+    rel = f"shards/{key}.parquet"
+    path = write_parquet(Path(out) / rel, df)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"key": key, "file": rel, "rows": int(len(df)), "sha256": digest}
 
 
 def _diff(a: dict, b: dict) -> str:

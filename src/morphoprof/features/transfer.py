@@ -281,8 +281,12 @@ class TransferExtractor:
         progress: bool = True,
         log=print,
         illumination=None,
+        scheduler: str | None = None,
     ) -> dict:
         """Extract features for every image set of ``index`` into the feature folder ``out``.
+
+        ``scheduler`` (``local:N`` or a Dask scheduler address) runs one Dask task per shard
+        (see :mod:`morphoprof.features.distributed`); the output is the same as in-process.
 
         ``illumination`` (an :class:`~morphoprof.preprocess.illumination.IlluminationCorrection`)
         divides each field by its plate's illumination function first.
@@ -295,8 +299,6 @@ class TransferExtractor:
         """
         import torch
         from tqdm.auto import tqdm
-
-        from morphoprof.images.dataset import ImageSetDataset
 
         channels = list(self.cfg.channels or index.channels)
         index.validate(channels=channels, check_files=False, check_shapes=False)
@@ -333,17 +335,22 @@ class TransferExtractor:
         n_todo = int(sum(len(r) for _, r in todo))
         if log and len(todo) < len(plan):
             log(f"resuming: {len(plan) - len(todo)} of {len(plan)} shards already done")
-        meta_cols = [c for c in index.table.columns if c.startswith("Metadata_")]
         bar = tqdm(total=n_todo, desc="transfer features", unit="field", disable=not progress)
         t0 = time.perf_counter()
         torch.manual_seed(self.cfg.seed)
-        for key, rows in todo:
-            ds = ImageSetDataset(index, channels, rows, transform, illumination)
-            x, pos = self.features_for_dataset(ds, channels, bar, run_size=n_todo)
-            meta = index.table.iloc[pos][meta_cols].reset_index(drop=True)
-            cols = self.column_names(channels, x.shape[1])
-            df = pd.concat([meta, pd.DataFrame(x, columns=cols)], axis=1)
-            writer.write(key, df)
+        if scheduler:
+            from morphoprof.features.distributed import dask_client, run_shards
+
+            with dask_client(scheduler) as client:
+                if log:
+                    log(f"Dask: {len(todo)} shards on {client.dashboard_link or scheduler}")
+                run_shards(client, _transfer_shard, todo,
+                           {"spec": (self.cfg, self.backbone), "index": index,
+                            "context": (channels, transform, illumination, n_todo, str(out))},
+                           writer.record, lambda info: bar.update(info["rows"]))
+        for key, rows in ([] if scheduler else todo):
+            writer.write(key, self.field_shard(index, rows, channels, transform, illumination,
+                                               bar, n_todo))
         bar.close()
         seconds = time.perf_counter() - t0
         return {
@@ -354,6 +361,18 @@ class TransferExtractor:
             "seconds": seconds,
             "fields_per_s": n_todo / seconds if seconds > 0 and n_todo else None,
         }
+
+    def field_shard(self, index: ExperimentIndex, rows, channels: Sequence[str], transform,
+                    illumination=None, bar=None, run_size: int | None = None) -> pd.DataFrame:
+        """One shard: the ``Metadata_*`` columns and features of index rows ``rows``."""
+        from morphoprof.images.dataset import ImageSetDataset
+
+        ds = ImageSetDataset(index, channels, rows, transform, illumination)
+        x, pos = self.features_for_dataset(ds, channels, bar, run_size=run_size)
+        meta_cols = [c for c in index.table.columns if c.startswith("Metadata_")]
+        meta = index.table.iloc[pos][meta_cols].reset_index(drop=True)
+        return pd.concat([meta, pd.DataFrame(x, columns=self.column_names(channels,
+                                                                         x.shape[1]))], axis=1)
 
     def features_for_dataset(self, dataset, channel_names: Sequence[str], bar=None,
                              run_size: int | None = None):
@@ -443,6 +462,28 @@ class TransferExtractor:
         return {"out": str(out), "cells": n, "seconds": seconds,
                 "cells_per_s": n / seconds if seconds > 0 and n else None,
                 "shards_written": len(todo), "shards_skipped": len(plan) - len(todo)}
+
+
+_WORKER_EXTRACTORS: dict[int, TransferExtractor] = {}
+
+
+def _transfer_shard(key: str, rows, spec, index: ExperimentIndex, context) -> dict:
+    """Dask task: one shard of :meth:`TransferExtractor.extract`, written by the worker."""
+    import torch
+
+    from morphoprof.features.shards import write_shard
+
+    cfg, backbone = spec
+    channels, transform, illumination, run_size, out = context
+    torch.set_num_threads(1)
+    extractor = _WORKER_EXTRACTORS.get(id(backbone))
+    if extractor is None:  # once per worker and run (the scattered backbone is one object)
+        _WORKER_EXTRACTORS.clear()
+        extractor = _WORKER_EXTRACTORS[id(backbone)] = TransferExtractor(cfg, backbone)
+    torch.manual_seed(cfg.seed)
+    df = extractor.field_shard(index, rows, channels, transform, illumination,
+                               run_size=run_size)
+    return write_shard(out, key, df)
 
 
 def _single_thread_worker(_worker_id: int) -> None:
