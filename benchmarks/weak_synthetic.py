@@ -51,12 +51,12 @@ def nsc(features: Path, out: Path) -> dict:
 def main() -> int:
     import shutil
 
+    import pandas as pd
+
     from morphoprof.datasets.synthetic import SynthConfig, generate_screen
     from morphoprof.features.transfer import TransferConfig, TransferExtractor
     from morphoprof.io_utils import write_json
     from morphoprof.models.weak_run import train_weak_from_yaml
-
-    import pandas as pd
 
     smoke = "--smoke" in sys.argv
     epochs = 1 if smoke else EPOCHS
