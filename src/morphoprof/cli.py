@@ -160,7 +160,8 @@ def cmd_extract(a: argparse.Namespace) -> int:
         extractor = TransferExtractor(TransferConfig(
             model=a.model, weights=a.weights, channel_strategy=a.channel_strategy,
             layer=a.layer, tiles=a.tiles, image_size=a.image_size, batch_size=a.batch_size,
-            num_workers=a.workers, device=a.device, channels=a.channels))
+            num_workers=a.workers, device=a.device, channels=a.channels,
+            on_error=a.on_error))
     illumination = _illumination(a.illumination)
     if a.cells:
         import pandas as pd
@@ -517,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint's)")
     s.add_argument("--normalization", choices=["none", "max", "percentile"],
                    help="--cells: per-crop normalisation (default max, or the checkpoint's)")
+    s.add_argument("--on-error", default="fail", choices=["fail", "skip"],
+                   help="an unreadable image set or one with NaN/inf pixels: stop (fail) or "
+                   "leave it out and list it in the run summary (skip)")
     s.add_argument("--scheduler", help="run on Dask distributed: local:N (a LocalCluster of N "
                    "worker processes) or tcp://HOST:PORT (a running cluster); one task per "
                    "shard")

@@ -67,16 +67,23 @@ class ShardWriter:
         """Whether shard ``key`` was finished by an earlier run."""
         return key in self.shards
 
-    def write(self, key: str, df: pd.DataFrame) -> Path:
-        """Write one shard atomically and record it in the manifest."""
+    def write(self, key: str, df: pd.DataFrame, skipped: list | None = None) -> Path:
+        """Write one shard atomically and record it in the manifest, with the inputs it
+        ``skipped`` (``[{"row", "reason"}]``)."""
         info = write_shard(self.out, key, df)
-        self.record(key, info)
+        self.record(key, {**info, "skipped": skipped or []})
         return self.out / info["file"]
 
     def record(self, key: str, info: dict) -> None:
         """Record a shard written by :func:`write_shard` (e.g. on a cluster worker)."""
         self.shards[key] = {k: info[k] for k in ("file", "rows", "sha256")}
+        if info.get("skipped"):
+            self.shards[key]["skipped"] = list(info["skipped"])
         self._save()
+
+    def skipped(self) -> list[dict]:
+        """Every input skipped by the shards in the manifest (this run's and earlier runs')."""
+        return [s for info in self.shards.values() for s in info.get("skipped", [])]
 
     def _save(self) -> None:
         write_json(self.out / MANIFEST, {"params": self.params, "shards": self.shards})

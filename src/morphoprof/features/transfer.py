@@ -25,6 +25,7 @@ from morphoprof.errors import InputError
 from morphoprof.features.backbones import DEFAULT_MODEL, Backbone, create_backbone
 from morphoprof.features.shards import ShardWriter, shard_key
 from morphoprof.index.schema import PLATE, ExperimentIndex
+from morphoprof.io_utils import write_json
 
 
 @dataclass
@@ -50,8 +51,13 @@ class TransferConfig:
     label: str = "transfer"
     channels: list[str] | None = None  # stains to use (default: all of the index)
     seed: int = 0
+    # an unreadable image set, or one with NaN / inf pixels: fail (stop, naming it) or skip
+    # (leave it out, listed in the run summary and the manifest)
+    on_error: str = "fail"
 
     def __post_init__(self) -> None:
+        if self.on_error not in ("fail", "skip"):
+            raise InputError(f"on_error must be 'fail' or 'skip', got {self.on_error!r}")
         if self.channel_strategy not in ("greyscale", "rgb", "native"):
             raise InputError(
                 "channel_strategy must be 'greyscale', 'rgb' or 'native', got "
@@ -77,20 +83,31 @@ def estimate_intensity_range(
     n_sample: int = 24,
     seed: int = 0,
     illumination=None,
+    on_error: str = "fail",
 ) -> list[tuple[float, float]]:
     """Per-channel (low, high) intensity from a deterministic sample of ``n_sample`` image sets
-    (after illumination correction when ``illumination`` is given)."""
+    (after illumination correction when ``illumination`` is given). Unreadable or non-finite
+    image sets raise (naming the row and file), or with ``on_error="skip"`` are left out of the
+    sample (extraction reports them)."""
+    from morphoprof.images.dataset import ImageSetDataset
+
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(index), size=min(n_sample, len(index)), replace=False))
     pixels: list[list[np.ndarray]] = [[] for _ in channels]
-    for i in rows:
-        img = index.read(int(i), channels, illumination)
-        flat = img.reshape(len(channels), -1)
+    sample = ImageSetDataset(index, channels, rows, None, illumination, on_error)
+    for k in range(len(sample)):
+        img = sample[k][0]
+        if img is None:
+            continue
+        flat = img.numpy().reshape(len(channels), -1)
         step = max(flat.shape[1] // 20000, 1)
         for c in range(len(channels)):
             pixels[c].append(flat[c, ::step])
     out = []
     for c, ch in enumerate(channels):
+        if not pixels[c]:
+            raise InputError(f"channel {ch}: none of the {len(rows)} sampled image sets could "
+                             "be read")
         lo, hi = np.percentile(np.concatenate(pixels[c]), percentiles)
         if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
             raise InputError(f"channel {ch}: sampled images have no usable intensity range")
@@ -308,7 +325,7 @@ class TransferExtractor:
             "extractor": "transfer",
             # run-time settings that do not change the features are left out
             **{k: v for k, v in asdict(self.cfg).items()
-               if k not in ("num_workers", "device", "batch_size", "jit")},
+               if k not in ("num_workers", "device", "batch_size", "jit", "on_error")},
             "channels": channels,
             "model": self.backbone.name,
             "weights": self.backbone.weights,
@@ -319,7 +336,7 @@ class TransferExtractor:
         saved_ranges = _saved_ranges(out, params)
         ranges = saved_ranges or estimate_intensity_range(
             index, channels, self.cfg.intensity_percentiles, seed=self.cfg.seed,
-            illumination=illumination,
+            illumination=illumination, on_error=self.cfg.on_error,
         )
         params["intensity_ranges"] = [list(r) for r in ranges]
         writer = ShardWriter(out, params, overwrite=overwrite)
@@ -349,30 +366,46 @@ class TransferExtractor:
                             "context": (channels, transform, illumination, n_todo, str(out))},
                            writer.record, lambda info: bar.update(info["rows"]))
         for key, rows in ([] if scheduler else todo):
-            writer.write(key, self.field_shard(index, rows, channels, transform, illumination,
-                                               bar, n_todo))
+            df, skipped = self.field_shard(index, rows, channels, transform, illumination, bar,
+                                           n_todo)
+            writer.write(key, df, skipped)
         bar.close()
+        skipped = writer.skipped()
+        if log:
+            for s in skipped:
+                log(f"skipped {s['reason']}")
         seconds = time.perf_counter() - t0
-        return {
+        summary = {
             "out": str(out),
             "shards_written": len(todo),
             "shards_skipped": len(plan) - len(todo),
             "image_sets": n_todo,
             "seconds": seconds,
             "fields_per_s": n_todo / seconds if seconds > 0 and n_todo else None,
+            "on_error": self.cfg.on_error,
+            "n_skipped": len(skipped),
+            "skipped": skipped,
         }
+        write_json(out / "run_summary.json", summary)
+        return summary
 
     def field_shard(self, index: ExperimentIndex, rows, channels: Sequence[str], transform,
-                    illumination=None, bar=None, run_size: int | None = None) -> pd.DataFrame:
-        """One shard: the ``Metadata_*`` columns and features of index rows ``rows``."""
+                    illumination=None, bar=None, run_size: int | None = None
+                    ) -> tuple[pd.DataFrame, list[dict]]:
+        """One shard: the ``Metadata_*`` columns and features of index rows ``rows``, and the
+        image sets skipped under ``on_error="skip"`` (``[{"row", "reason"}]``)."""
         from morphoprof.images.dataset import ImageSetDataset
 
-        ds = ImageSetDataset(index, channels, rows, transform, illumination)
+        ds = ImageSetDataset(index, channels, rows, transform, illumination, self.cfg.on_error)
         x, pos = self.features_for_dataset(ds, channels, bar, run_size=run_size)
+        skipped = [{"row": r, "reason": m} for r, m in self.skipped]
         meta_cols = [c for c in index.table.columns if c.startswith("Metadata_")]
         meta = index.table.iloc[pos][meta_cols].reset_index(drop=True)
+        if not len(pos):
+            return meta, skipped
         return pd.concat([meta, pd.DataFrame(x, columns=self.column_names(channels,
-                                                                         x.shape[1]))], axis=1)
+                                                                         x.shape[1]))],
+                         axis=1), skipped
 
     def features_for_dataset(self, dataset, channel_names: Sequence[str], bar=None,
                              run_size: int | None = None):
@@ -387,16 +420,27 @@ class TransferExtractor:
         import torch.nn.functional as F
         from torch.utils.data import DataLoader
 
+        from morphoprof.images.dataset import collate_skipping
+
+        skipping = getattr(dataset, "on_error", "fail") == "skip"
         loader = DataLoader(
             dataset, batch_size=self.cfg.batch_size, num_workers=self.cfg.num_workers,
             pin_memory=self.device == "cuda", worker_init_fn=_single_thread_worker,
-            persistent_workers=False,
+            persistent_workers=False, collate_fn=collate_skipping if skipping else None,
         )
+        self.skipped: list[tuple[int, str]] = []
         if self.cfg.jit == "auto":
             passes = len(channel_names) if self.cfg.channel_strategy == "greyscale" else 1
             self._jit = (run_size or len(dataset)) * passes * self.cfg.tiles**2 >= 4000
         feats, keys = [], []
-        for batch, key in loader:
+        for item in loader:
+            batch, key = item[:2]
+            if skipping:
+                self.skipped.extend(item[2])
+                if bar is not None:
+                    bar.update(len(item[2]))
+                if batch is None:
+                    continue
             if self.cfg.image_size and tuple(batch.shape[-2:]) != self.size and self.cfg.tiles == 1:
                 batch = F.interpolate(batch, size=self.size, mode="bilinear", antialias=True)
             feats.append(self.features_from_batch(batch, channel_names))
@@ -481,9 +525,9 @@ def _transfer_shard(key: str, rows, spec, index: ExperimentIndex, context) -> di
         _WORKER_EXTRACTORS.clear()
         extractor = _WORKER_EXTRACTORS[id(backbone)] = TransferExtractor(cfg, backbone)
     torch.manual_seed(cfg.seed)
-    df = extractor.field_shard(index, rows, channels, transform, illumination,
-                               run_size=run_size)
-    return write_shard(out, key, df)
+    df, skipped = extractor.field_shard(index, rows, channels, transform, illumination,
+                                        run_size=run_size)
+    return {**write_shard(out, key, df), "skipped": skipped}
 
 
 def _single_thread_worker(_worker_id: int) -> None:

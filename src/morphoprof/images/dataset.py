@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from morphoprof.errors import InputError
 from morphoprof.index.schema import ExperimentIndex
 
 try:  # torch is a dependency, but keep this module importable for type checks without it
@@ -29,6 +30,9 @@ class ImageSetDataset(Dataset):
         transform: callable on the ``(C, H, W)`` numpy array, returning what the loader batches.
         illumination: an :class:`~morphoprof.preprocess.illumination.IlluminationCorrection`
             applied (per plate) before ``transform``, or None.
+        on_error: ``fail`` raises on an unreadable image set or one with NaN / infinite
+            pixels (naming the row and file); ``skip`` serves ``(None, i, message)`` instead,
+            which :func:`collate_skipping` drops from the batch and reports.
     """
 
     def __init__(
@@ -38,7 +42,11 @@ class ImageSetDataset(Dataset):
         rows: Sequence[int] | None = None,
         transform: Callable[[np.ndarray], object] | None = None,
         illumination=None,
+        on_error: str = "fail",
     ) -> None:
+        if on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+        self.on_error = on_error
         self.index = index
         self.channels = list(channels or index.channels)
         unknown = [c for c in self.channels if c not in index.channels]
@@ -51,11 +59,47 @@ class ImageSetDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _read(self, i: int) -> np.ndarray:
+        from morphoprof.index.schema import describe_row
+
+        try:
+            image = self.index.read(i, self.channels, self.illumination)
+        except InputError as exc:
+            raise InputError(f"{describe_row(self.index.table, i)}: {exc}") from exc
+        finite = np.isfinite(image)
+        if not finite.all():
+            bad = [c for c, ok in zip(self.channels, finite.reshape(len(finite), -1).all(1),
+                                      strict=True) if not ok]
+            files = [str(p) for c, p in zip(self.channels, self.index.paths(i, self.channels),
+                                            strict=True) if c in bad]
+            raise InputError(f"{describe_row(self.index.table, i)}: NaN or infinite pixels in "
+                             f"channel(s) {bad} ({', '.join(files)})")
+        return image
+
     def __getitem__(self, k: int):
         i = int(self.rows[k])
-        image = self.index.read(i, self.channels, self.illumination)
+        try:
+            image = self._read(i)
+        except InputError as exc:
+            if self.on_error == "skip":
+                return None, i, str(exc)
+            raise
         if self.transform is not None:
             return self.transform(image), i
         import torch
 
         return torch.from_numpy(image), i
+
+
+def collate_skipping(items: list) -> tuple:
+    """Collate ``(image, i)`` items, leaving out ``(None, i, message)`` ones (skipped image
+    sets): returns ``(images or None, rows, [(row, message), ...])``."""
+    import torch
+    from torch.utils.data import default_collate
+
+    kept = [it[:2] for it in items if it[0] is not None]
+    skipped = [(int(it[1]), it[2]) for it in items if it[0] is None]
+    if not kept:
+        return None, torch.zeros(0, dtype=torch.int64), skipped
+    images, rows = default_collate(kept)
+    return images, rows, skipped

@@ -1,0 +1,83 @@
+"""Bad input during extraction: corrupted / truncated files, NaN / inf pixels, wrong dtypes, a
+missing channel file, rows pointing nowhere. --on-error fail stops naming the row and file;
+--on-error skip leaves them out and lists every one (with its reason) in the run summary."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import tifffile
+
+from morphoprof.cli import main
+from morphoprof.features.shards import read_features
+from morphoprof.index.schema import ExperimentIndex
+
+
+@pytest.fixture()
+def broken_screen(tiny_screen, tmp_path):
+    """A copy of the tiny screen with five broken image sets; returns (index path, {row: what})."""
+    folder, _ = tiny_screen
+    screen = tmp_path / "screen"
+    shutil.copytree(folder, screen)
+    index = ExperimentIndex.read_parquet(screen / "index.parquet")
+    broken = {}
+
+    def path(row, channel):
+        return screen / index.table.loc[row, f"Path_{channel}"]
+
+    path(1, "DNA").write_bytes(b"II*\x00 this is not a TIFF")          # corrupted header
+    broken[1] = "cannot read image"
+    data = path(3, "Tubulin").read_bytes()
+    path(3, "Tubulin").write_bytes(data[: len(data) // 3])           # truncated
+    broken[3] = "cannot read image"
+    img = tifffile.imread(path(5, "Actin")).astype(np.float32)
+    img[10:20, 10:20] = np.nan
+    tifffile.imwrite(path(5, "Actin"), img)                          # NaN pixels
+    broken[5] = "NaN or infinite pixels in channel(s) ['Actin']"
+    img = tifffile.imread(path(7, "DNA")).astype(np.float64)
+    img[0, 0] = np.inf
+    tifffile.imwrite(path(7, "DNA"), img)                            # inf, float64 dtype
+    broken[7] = "NaN or infinite pixels in channel(s) ['DNA']"
+    path(9, "Actin").unlink()                                        # a channel missing
+    broken[9] = "Actin"
+    complex_img = tifffile.imread(path(11, "DNA")).astype(np.complex64)
+    tifffile.imwrite(path(11, "DNA"), complex_img)                   # a dtype no stain has
+    broken[11] = "cannot read image"
+    index.write(screen / "index.parquet")
+    return screen / "index.parquet", broken, len(index)
+
+
+def extract(index_path, out, *extra):
+    return main(["extract", str(index_path), "--out", str(out), "--image-size", "32",
+                 "--weights", "random", *extra])
+
+
+def test_on_error_fail_names_the_row_and_file(broken_screen, tmp_path, capsys):
+    index_path, broken, _ = broken_screen
+    assert extract(index_path, tmp_path / "f") == 2
+    err = capsys.readouterr().err
+    assert "row 1 (" in err and "DNA.tif" in err and "cannot read image" in err
+
+
+def test_on_error_skip_lists_everything_it_left_out(broken_screen, tmp_path, capsys):
+    index_path, broken, n = broken_screen
+    out = tmp_path / "s"
+    assert extract(index_path, out, "--on-error", "skip") == 0
+    printed = capsys.readouterr()
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["n_skipped"] == len(broken)
+    got = {s["row"]: s["reason"] for s in summary["skipped"]}
+    assert set(got) == set(broken)
+    for row, what in broken.items():
+        assert what in got[row] and got[row].startswith(f"row {row} ("), got[row]
+    assert '"n_skipped": 6' in printed.out
+    feats = read_features(out)
+    assert len(feats) == n - len(broken)  # nothing else dropped, nothing silently
+    assert np.isfinite(feats.filter(like="transfer_").to_numpy()).all()
+    # a resumed run still reports what the first one skipped
+    assert extract(index_path, out, "--on-error", "skip") == 0
+    again = json.loads((out / "run_summary.json").read_text())
+    assert again["shards_written"] == 0 and again["n_skipped"] == len(broken)
