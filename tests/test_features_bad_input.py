@@ -81,3 +81,65 @@ def test_on_error_skip_lists_everything_it_left_out(broken_screen, tmp_path, cap
     assert extract(index_path, out, "--on-error", "skip") == 0
     again = json.loads((out / "run_summary.json").read_text())
     assert again["shards_written"] == 0 and again["n_skipped"] == len(broken)
+
+
+def test_truncated_png_huge_image_and_duplicate_rows(tiny_screen, tmp_path, capsys):
+    from PIL import Image
+
+    folder, _ = tiny_screen
+    screen = tmp_path / "screen"
+    shutil.copytree(folder, screen)
+    index = ExperimentIndex.read_parquet(screen / "index.parquet")
+    png = screen / "images" / "broken.png"
+    Image.fromarray((np.random.default_rng(0).random((96, 96)) * 255).astype(np.uint8)).save(png)
+    png.write_bytes(png.read_bytes()[:300])                          # truncated PNG
+    index.table.loc[2, "Path_DNA"] = "images/broken.png"
+    huge = screen / "images" / "huge.tif"
+    tifffile.imwrite(huge, shape=(20000, 20000), dtype="uint8")       # sparse: 8 kB on disk
+    index.table.loc[4, "Path_Tubulin"] = "images/huge.tif"
+    index.write(screen / "index.parquet")
+    assert extract(screen / "index.parquet", tmp_path / "s", "--on-error", "skip") == 0
+    summary = json.loads((tmp_path / "s" / "run_summary.json").read_text())
+    got = {s["row"]: s["reason"] for s in summary["skipped"]}
+    assert set(got) == {2, 4}
+    assert "broken.png" in got[2] and "cannot read image" in got[2]
+    assert "huge.tif" in got[4] and "(20000, 20000) has 400 M pixels, above the 268 M" in got[4]
+    capsys.readouterr()
+    # a duplicated image set is refused before any work, naming both rows
+    dup = ExperimentIndex(
+        __import__("pandas").concat([index.table, index.table.iloc[[6]]], ignore_index=True),
+        index.root)
+    dup.write(screen / "dup.parquet")
+    assert extract(screen / "dup.parquet", tmp_path / "d") == 2
+    err = capsys.readouterr().err
+    assert "rows [6, 20]" in err and not (tmp_path / "d" / "manifest.json").exists()
+
+
+def test_non_utf8_metadata_table_is_named(tmp_path, capsys):
+    csv = tmp_path / "plates.csv"
+    csv.write_bytes("plate,well,site,compound,DNA\nP1,B02,1,DMSO,caf\xe9.tif\n"
+                    .encode("latin-1"))
+    rc = main(["import", "csv", str(csv), "--out", str(tmp_path / "i.parquet"), "--field",
+               "plate=plate", "--field", "well=well", "--field", "site=site", "--field",
+               "compound=compound", "--channel", "DNA=DNA"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "plates.csv is not UTF-8 text" in err and "save it as UTF-8" in err
+
+
+def test_damaged_shard_is_recomputed_on_resume(tiny_screen, tmp_path):
+    _, index = tiny_screen
+    index.write(tmp_path / "index.parquet")
+    out = tmp_path / "f"
+    assert extract(tmp_path / "index.parquet", out) == 0
+    clean = read_features(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    victim = out / next(iter(manifest["shards"].values()))["file"]
+    victim.write_bytes(victim.read_bytes()[:-40])                    # damaged after the run
+    assert extract(tmp_path / "index.parquet", out) == 0
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["shards_written"] == 1 and summary["shards_skipped"] == 3
+    key = ["Metadata_plate", "Metadata_well", "Metadata_site"]
+    again = read_features(out).sort_values(key).reset_index(drop=True)
+    clean = clean.sort_values(key).reset_index(drop=True)
+    assert again.equals(clean)

@@ -6,7 +6,8 @@ Layout of a feature folder::
     OUT/shards/<key>.parquet     Metadata_* columns, then feature columns
 
 A shard is written to a temporary name and renamed; the manifest is rewritten (atomically) after
-each shard. A re-run with the same parameters skips the shards already in the manifest; a re-run
+each shard. A re-run with the same parameters skips the shards already in the manifest (when the
+file is there with its recorded SHA-256; otherwise the shard is recomputed); a re-run
 with different parameters is refused unless the folder is cleared.
 """
 
@@ -57,9 +58,12 @@ class ShardWriter:
                     )
                 shutil.rmtree(self.out)
             else:
+                # a listed shard counts as done only if its file is there with its checksum
+                # (a file replaced or damaged since is recomputed)
                 self.shards = {
                     k: v for k, v in saved.get("shards", {}).items()
-                    if (self.out / v["file"]).is_file()
+                    if (self.out / v["file"]).is_file() and _sha256(self.out / v["file"])
+                    == v.get("sha256")
                 }
         (self.out / "shards").mkdir(parents=True, exist_ok=True)
 
@@ -89,12 +93,20 @@ class ShardWriter:
         write_json(self.out / MANIFEST, {"params": self.params, "shards": self.shards})
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_shard(out: str | Path, key: str, df: pd.DataFrame) -> dict:
     """Write ``df`` as shard ``key`` of the feature folder ``out`` (atomically) and return its
     manifest entry ``{"key", "file", "rows", "sha256"}``; the manifest itself is not touched."""
     rel = f"shards/{key}.parquet"
     path = write_parquet(Path(out) / rel, df)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = _sha256(path)
     return {"key": key, "file": rel, "rows": int(len(df)), "sha256": digest}
 
 

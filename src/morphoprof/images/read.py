@@ -138,22 +138,45 @@ def read_stack(
     return np.stack(planes, axis=0)
 
 
+def max_pixels() -> int:
+    """The largest image (pixels x channels of one file) morphoprof decodes: 2**28 (1 GiB as
+    float32) unless the ``MORPHOPROF_MAX_PIXELS`` environment variable says otherwise."""
+    import os
+
+    value = os.environ.get("MORPHOPROF_MAX_PIXELS", "")
+    return int(value) if value.isdigit() else 2**28
+
+
 def _read_full(path: Path) -> np.ndarray:
-    """Decode a whole (possibly multi-channel) file, errors naming the file."""
+    """Decode a whole (possibly multi-channel) file, errors naming the file. Files larger than
+    :func:`max_pixels` are refused from their header, before any memory is allocated."""
     suffix = _suffix(path)
     if not path.is_file():
         raise ImageReadError(path, "file not found")
+    limit = max_pixels()
     try:
         if suffix in TIFF_SUFFIXES:
             import tifffile
 
-            arr = tifffile.imread(path)
+            with tifffile.TiffFile(path) as tif:
+                shape = tuple(tif.series[0].shape)
+                if int(np.prod(shape, dtype=np.int64)) > limit:
+                    raise ImageReadError(path, _too_large(shape, limit))
+                arr = tif.asarray()
         else:
             from PIL import Image
 
             with Image.open(path) as im:
                 im.load()
                 arr = np.asarray(im)
+    except ImageReadError:
+        raise
     except Exception as exc:
         raise ImageReadError(path, f"{type(exc).__name__}: {exc}") from exc
     return np.squeeze(arr) if arr.ndim > 3 else arr
+
+
+def _too_large(shape: tuple, limit: int) -> str:
+    n = int(np.prod(shape, dtype=np.int64))
+    return (f"image of shape {shape} has {n / 1e6:.0f} M pixels, above the {limit / 1e6:.0f} M "
+            "limit (tile or downsample it first, or raise MORPHOPROF_MAX_PIXELS)")

@@ -49,6 +49,9 @@ def read_csv_checked(path: str | Path, required: list[str], **kwargs) -> pd.Data
         df = pd.read_csv(path, **kwargs)
     except pd.errors.EmptyDataError as exc:
         raise InputError(f"{path} is empty") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text (byte {exc.object[exc.start:exc.end]!r} at "
+                         f"offset {exc.start}); save it as UTF-8") from exc
     except Exception as exc:
         raise InputError(f"cannot parse {path}: {type(exc).__name__}: {exc}") from exc
     if len(df) == 0:
