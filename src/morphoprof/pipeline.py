@@ -92,11 +92,13 @@ def segmentation_stage(index: ExperimentIndex, cfg: dict, on_error: str, out: Pa
 
 def extract_features(index: ExperimentIndex, features: dict, channels, out: Path,
                      progress: bool = True, log=print, illumination=None,
-                     segmentation: dict | None = None) -> dict:
+                     segmentation: dict | None = None, on_error: str = "fail") -> dict:
     """Run the configured extractor over the index into ``out`` (a feature folder).
 
     ``transfer``: whole-field ImageNet features; ``classical``: cp_measure measurements of the
-    nuclei segmented with the ``segmentation`` settings (one row per cell).
+    nuclei segmented with the ``segmentation`` settings (one row per cell). ``on_error``
+    (``preprocess.on_error``): ``skip`` leaves unreadable image sets out of the transfer features
+    and lists them in the summary.
     """
     from morphoprof.features.transfer import TransferConfig, TransferExtractor
 
@@ -109,7 +111,8 @@ def extract_features(index: ExperimentIndex, features: dict, channels, out: Path
         return ClassicalExtractor(cfg).extract(index, out, illumination=illumination,
                                                progress=progress, log=log)
     known = {f.name for f in fields(TransferConfig)}
-    cfg = TransferConfig(**{k: v for k, v in features.items() if k in known}, channels=channels)
+    cfg = TransferConfig(**{k: v for k, v in features.items() if k in known}, channels=channels,
+                         on_error=on_error)
     return TransferExtractor(cfg).extract(index, out, progress=progress, log=log,
                                           illumination=illumination)
 
@@ -221,7 +224,7 @@ def run_pipeline(cfg: dict, config_text: str, progress: bool = True, log=print) 
     log(f"[4/7] features ({cfg['features']['extractor']}, {cfg['features']['model']})")
     extraction = extract_features(index, cfg["features"], cfg["channels"], out / "features",
                                   progress=progress, log=log, illumination=illumination,
-                                  segmentation=pre["segmentation"])
+                                  segmentation=pre["segmentation"], on_error=pre["on_error"])
     timings["features_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
