@@ -143,3 +143,16 @@ def test_damaged_shard_is_recomputed_on_resume(tiny_screen, tmp_path):
     again = read_features(out).sort_values(key).reset_index(drop=True)
     clean = clean.sort_values(key).reset_index(drop=True)
     assert again.equals(clean)
+
+
+def test_classical_extractor_follows_the_same_policy(broken_screen, tmp_path, capsys):
+    index_path, broken, n = broken_screen
+    base = ["extract", str(index_path), "--extractor", "classical"]
+    assert main(base + ["--out", str(tmp_path / "f")]) == 2
+    assert "row 1 (" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "s"), "--on-error", "skip"]) == 0
+    summary = json.loads((tmp_path / "s" / "run_summary.json").read_text())
+    assert {s["row"] for s in summary["skipped"]} == set(broken)
+    cells = read_features(tmp_path / "s")
+    kept = cells.drop_duplicates(["Metadata_plate", "Metadata_well", "Metadata_site"])
+    assert 0 < len(kept) <= n - len(broken)

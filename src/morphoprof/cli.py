@@ -141,7 +141,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
     if a.extractor == "classical":
         from morphoprof.features.classical import ClassicalConfig, ClassicalExtractor
 
-        ccfg = ClassicalConfig(channels=a.channels, n_jobs=a.workers or 1)
+        ccfg = ClassicalConfig(channels=a.channels, n_jobs=a.workers or 1, on_error=a.on_error)
         _print_json(ClassicalExtractor(ccfg).extract(
             index, a.out, illumination=_illumination(a.illumination), overwrite=a.overwrite))
         return 0

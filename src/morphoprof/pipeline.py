@@ -107,7 +107,7 @@ def extract_features(index: ExperimentIndex, features: dict, channels, out: Path
 
         cfg = ClassicalConfig(measurements=tuple(features["measurements"]), channels=channels,
                               nuclei=nuclei_config(segmentation or {}),
-                              n_jobs=(segmentation or {}).get("n_jobs", 1))
+                              n_jobs=(segmentation or {}).get("n_jobs", 1), on_error=on_error)
         return ClassicalExtractor(cfg).extract(index, out, illumination=illumination,
                                                progress=progress, log=log)
     known = {f.name for f in fields(TransferConfig)}

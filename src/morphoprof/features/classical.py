@@ -25,6 +25,7 @@ import pandas as pd
 from morphoprof.errors import InputError
 from morphoprof.features.shards import ShardWriter, shard_key
 from morphoprof.index.schema import PLATE, ExperimentIndex
+from morphoprof.io_utils import write_json
 from morphoprof.preprocess.segmentation import (
     CENTER_X,
     CENTER_Y,
@@ -48,6 +49,7 @@ class ClassicalConfig:
     channels: list[str] | None = None
     nuclei: NucleiConfig = field(default_factory=NucleiConfig)
     n_jobs: int = 1
+    on_error: str = "fail"  # unreadable / non-finite image sets: fail, or skip (and list them)
 
 
 def _cp_functions(names: Sequence[str]) -> dict:
@@ -104,9 +106,16 @@ def _process(index, rows, channels, dna, ranges, cfg: ClassicalConfig, illuminat
     meta_cols = [c for c in index.table.columns if c.startswith("Metadata_")]
     lo = np.array([r[0] for r in ranges], np.float32)[:, None, None]
     span = np.array([r[1] - r[0] for r in ranges], np.float32)[:, None, None]
-    frames = []
-    for i in rows:
-        img = index.read(int(i), channels, illumination)
+    from morphoprof.images.dataset import ImageSetDataset
+
+    frames, skipped = [], []
+    data = ImageSetDataset(index, channels, rows, None, illumination, cfg.on_error)
+    for k, i in enumerate(rows):
+        item = data[k]
+        if item[0] is None:
+            skipped.append({"row": int(i), "reason": item[2]})
+            continue
+        img = item[0].numpy()
         labels = segment_nuclei(img[channels.index(dna)], cfg.nuclei)
         scaled = np.clip((img - lo) / span, 0.0, 1.0)
         feats = measure_objects(scaled, labels, channels, cfg.measurements, cfg.label)
@@ -114,7 +123,7 @@ def _process(index, rows, channels, dna, ranges, cfg: ClassicalConfig, illuminat
         feats = loc.merge(feats, on=OBJECT, how="inner")
         meta = index.table.iloc[[int(i)] * len(feats)][meta_cols].reset_index(drop=True)
         frames.append(pd.concat([meta, feats.reset_index(drop=True)], axis=1))
-    return frames
+    return frames, skipped
 
 
 class ClassicalExtractor:
@@ -140,8 +149,9 @@ class ClassicalExtractor:
                   "illumination": str(illumination.folder) if illumination else None,
                   "n_image_sets": len(index)}
         params.pop("n_jobs")
+        params.pop("on_error")
         ranges = estimate_intensity_range(index, channels, (0.0, 99.99),
-                                          illumination=illumination)
+                                          illumination=illumination, on_error=self.cfg.on_error)
         params["intensity_ranges"] = [list(r) for r in ranges]
         writer = ShardWriter(out, params, overwrite=overwrite)
         groups = index.table.groupby(PLATE, sort=True).indices
@@ -153,15 +163,27 @@ class ClassicalExtractor:
         with Parallel(n_jobs=self.cfg.n_jobs) as pool:
             for key, rows in todo:
                 chunks = np.array_split(rows, max(1, min(len(rows), 4 * self.cfg.n_jobs)))
-                frames = [f for part in pool(
+                parts = pool(
                     delayed(_process)(index, c, channels, dna, ranges, self.cfg, illumination)
-                    for c in chunks if len(c)) for f in part]
-                df = pd.concat(frames, ignore_index=True)
-                writer.write(key, df)
+                    for c in chunks if len(c))
+                frames = [f for part, _ in parts for f in part]
+                skipped = [s for _, part in parts for s in part]
+                df = (pd.concat(frames, ignore_index=True) if frames
+                      else pd.DataFrame(columns=[c for c in index.table.columns
+                                                 if c.startswith("Metadata_")]))
+                writer.write(key, df, skipped)
                 n_cells += len(df)
                 bar.update(len(rows))
         bar.close()
         seconds = time.perf_counter() - t0
-        return {"out": str(out), "shards_written": len(todo), "image_sets": n_todo,
-                "cells": n_cells, "seconds": seconds,
-                "cells_per_s": n_cells / seconds if seconds > 0 and n_cells else None}
+        skipped = writer.skipped()
+        if log:
+            for s in skipped:
+                log(f"skipped {s['reason']}")
+        summary = {"out": str(out), "shards_written": len(todo), "image_sets": n_todo,
+                   "cells": n_cells, "seconds": seconds,
+                   "cells_per_s": n_cells / seconds if seconds > 0 and n_cells else None,
+                   "on_error": self.cfg.on_error, "n_skipped": len(skipped),
+                   "skipped": skipped}
+        write_json(Path(out) / "run_summary.json", summary)
+        return summary
