@@ -1,7 +1,7 @@
 """Memory bounds and throughput scaling of extraction and aggregation.
 
-Real data: the 660 BBBC021 6-MoA fields (../shared/data/bbbc021/fields_6moa) are the 10x screen
-and every tenth of them (66 fields, spread over all plates) the 1x screen; without the real data
+Real data: the 660 BBBC021 6-MoA fields (../shared/data/bbbc021/fields_6moa, 30 plates) are the
+10x screen and whole plates holding a tenth of them the 1x screen; without the real data
 a synthetic screen (36 and 360 fields) stands in. Each screen goes through
 ``morphoprof extract`` (EfficientNet-Lite0, offline ImageNet weights) and ``morphoprof aggregate``,
 each command in its own process so that its peak resident memory (``ru_maxrss`` from ``wait4``)
@@ -60,9 +60,18 @@ def screens(tmp: Path, smoke: bool) -> tuple[dict[str, tuple[Path, int]], str]:
 
         index = import_fields_6moa(DATA)
         if smoke:
-            index = index.subset(np.arange(len(index)) % 5 == 0)
-        for name, keep in (("10x", np.ones(len(index), bool)),
-                           ("1x", np.arange(len(index)) % 10 == 0)):
+            index = index.subset(index.table["Metadata_plate"].isin(
+                sorted(index.table["Metadata_plate"].unique())[:12]).to_numpy())
+        # 1x: whole plates (each with at least a full batch of fields) adding up to a tenth of
+        # the fields, so both screens run the same batches and only the screen size differs
+        sizes = index.table.groupby("Metadata_plate").size()
+        plates, total = [], 0
+        for plate, count in sizes[sizes >= 16].sort_index().items():
+            if total + count <= 1.1 * len(index) / 10:
+                plates.append(plate)
+                total += count
+        one = index.table["Metadata_plate"].isin(plates).to_numpy()
+        for name, keep in (("10x", np.ones(len(index), bool)), ("1x", one)):
             sub = index.subset(keep)
             (tmp / name).mkdir()
             out[name] = (sub.write(tmp / name / "index.parquet"), len(sub))

@@ -122,20 +122,30 @@ _ROW_BATCH = 65536
 
 
 def _file_sums(path: Path, by: list[str], feats: list[str],
-               index: pd.Index) -> tuple[np.ndarray, np.ndarray]:
-    """(groups, features) sums and non-NaN counts of one Parquet file, read in row batches."""
+               index: pd.Index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(group codes, sums, non-NaN counts)`` of one Parquet file, read in row batches: sums
+    and counts have one row per group present in the file (not per group of the screen), so a
+    file's memory does not grow with the screen."""
     import pyarrow.parquet as pq
     from scipy import sparse
 
-    n_groups = len(index)
-    sums = np.zeros((n_groups, len(feats)))
-    counts = np.zeros((n_groups, len(feats)))
+    present = np.zeros(0, np.int64)
+    sums = np.zeros((0, len(feats)))
+    counts = np.zeros((0, len(feats)))
     for batch in pq.ParquetFile(path).iter_batches(_ROW_BATCH, columns=by + feats):
         keys = batch.select(by).to_pandas()
         codes = index.get_indexer(pd.MultiIndex.from_frame(keys) if len(by) > 1
                                   else keys[by[0]])
         if (codes < 0).any():
             raise InputError(f"{path}: rows whose {by} changed while reading")
+        new = np.setdiff1d(np.unique(codes), present)
+        if len(new):
+            present = np.r_[present, new]
+            sums = np.vstack([sums, np.zeros((len(new), len(feats)))])
+            counts = np.vstack([counts, np.zeros((len(new), len(feats)))])
+        sorter = np.argsort(present)
+        local = sorter[np.searchsorted(present, codes, sorter=sorter)]
+        n_groups = len(present)
         # (features, rows): each feature's values contiguous, so run sums are sequential reads
         x = np.stack([batch.column(f).to_numpy(zero_copy_only=False) for f in feats])
         if not np.issubdtype(x.dtype, np.floating):
@@ -146,12 +156,12 @@ def _file_sums(path: Path, by: list[str], feats: list[str],
             x = np.where(nan, 0, x)
         # rows of a group are usually contiguous (cells of one image, images of one well):
         # sum each run of equal codes in one pass, then add the runs into their groups
-        starts = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1]])
-        if len(starts) <= len(codes) // 4:
+        starts = np.flatnonzero(np.r_[True, local[1:] != local[:-1]])
+        if len(starts) <= len(local) // 4:
             run_sums = np.add.reduceat(x, starts, axis=1).T
             run_counts = (np.add.reduceat(~nan, starts, axis=1, dtype=np.int64).T if has_nan
-                          else np.diff(np.r_[starts, len(codes)])[:, None])
-            target = codes[starts]
+                          else np.diff(np.r_[starts, len(local)])[:, None])
+            target = local[starts]
             if len(np.unique(target)) == len(target):
                 sums[target] += run_sums
                 counts[target] += run_counts
@@ -159,19 +169,19 @@ def _file_sums(path: Path, by: list[str], feats: list[str],
                 np.add.at(sums, target, run_sums)
                 np.add.at(counts, target, np.broadcast_to(run_counts, run_sums.shape))
         else:
-            onehot = sparse.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))),
-                                       shape=(n_groups, len(codes)))
+            onehot = sparse.csr_matrix((np.ones(len(local)), (local, np.arange(len(local)))),
+                                       shape=(n_groups, len(local)))
             sums += onehot @ x.T.astype(np.float64)
             counts += onehot @ ((~nan).T.astype(np.float64) if has_nan
-                                else np.ones((len(codes), 1)))
-    return sums, counts
+                                else np.ones((len(local), 1)))
+    return present, sums, counts
 
 
 def _streamed_means(files: list[Path], by: list[str], feats: list[str],
                     groups: pd.DataFrame, threads: int | None = None) -> pd.DataFrame:
     """Per-group means of ``feats`` (NaN skipped), reading the files in row batches, files in
-    parallel threads: memory is one batch per thread plus (groups x features) accumulators,
-    whatever the number of rows."""
+    parallel threads (at most ``threads`` files in flight): memory is one batch and one file's
+    groups per thread plus the (groups x features) result, whatever the number of rows."""
     from concurrent.futures import ThreadPoolExecutor
 
     index = pd.MultiIndex.from_frame(groups) if len(by) > 1 else pd.Index(groups[by[0]])
@@ -179,9 +189,11 @@ def _streamed_means(files: list[Path], by: list[str], feats: list[str],
     counts = np.zeros((len(groups), len(feats)))
     workers = max(1, min(len(files), threads or os.cpu_count() or 1))
     with ThreadPoolExecutor(workers) as pool:
-        for s, c in pool.map(lambda f: _file_sums(f, by, feats, index), files):
-            sums += s
-            counts += c
+        for start in range(0, len(files), workers):
+            for codes, s, c in pool.map(lambda f: _file_sums(f, by, feats, index),
+                                        files[start:start + workers]):
+                sums[codes] += s
+                counts[codes] += c
     with np.errstate(invalid="ignore", divide="ignore"):
         means = sums / counts
     return pd.DataFrame(means, columns=feats)
