@@ -156,3 +156,16 @@ def test_classical_extractor_follows_the_same_policy(broken_screen, tmp_path, ca
     cells = read_features(tmp_path / "s")
     kept = cells.drop_duplicates(["Metadata_plate", "Metadata_well", "Metadata_site"])
     assert 0 < len(kept) <= n - len(broken)
+
+
+def test_illumination_follows_the_same_policy(broken_screen, tmp_path, capsys):
+    index_path, broken, _ = broken_screen
+    assert main(["illum", str(index_path), "--out", str(tmp_path / "f"), "--window", "16"]) == 2
+    assert "row 1 (" in capsys.readouterr().err
+    assert main(["illum", str(index_path), "--out", str(tmp_path / "s"), "--window", "16",
+                 "--on-error", "skip"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(broken)} image set(s) skipped" in out
+    listed = json.loads((tmp_path / "s" / "illumination_skipped.json").read_text())
+    assert {s["row"] for s in listed} == set(broken)
+    assert all(np.isfinite(np.load(f)).all() for f in (tmp_path / "s").glob("*.npy"))

@@ -81,10 +81,14 @@ def cmd_illum(a: argparse.Namespace) -> int:
     from morphoprof.preprocess.illumination import compute_illumination
 
     index = ExperimentIndex.read_parquet(a.index)
-    compute_illumination(index, a.out, channels=a.channels, window=a.window,
-                         percentile=a.percentile, n_jobs=a.jobs)
+    corr = compute_illumination(index, a.out, channels=a.channels, window=a.window,
+                                percentile=a.percentile, n_jobs=a.jobs, on_error=a.on_error)
+    for s in corr.skipped:
+        print(f"skipped {s['reason']}")
     print(f"illumination functions of {index.table['Metadata_plate'].nunique()} plate(s) "
-          f"-> {a.out}")
+          f"-> {a.out}" + (f"; {len(corr.skipped)} image set(s) skipped (listed in "
+                           f"{Path(a.out) / 'illumination_skipped.json'})"
+                           if corr.skipped else ""))
     return 0
 
 
@@ -467,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--window", type=int, default=500, help="median filter window, px")
     s.add_argument("--percentile", type=float, default=2.0, help="robust minimum percentile")
     s.add_argument("--jobs", type=int, default=1, help="plates computed in parallel")
+    s.add_argument("--on-error", default="fail", choices=["fail", "skip"],
+                   help="unreadable / NaN image sets: stop, or leave them out of the mean")
     s.set_defaults(func=cmd_illum)
 
     s = sub.add_parser("segment", help="segment nuclei into a cell table (Parquet)")

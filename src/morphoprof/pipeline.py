@@ -58,14 +58,19 @@ def build_index_from_config(data: dict, out: Path, progress: bool = True, log=pr
     return index
 
 
-def illumination_stage(index: ExperimentIndex, cfg: dict, out: Path, progress: bool = True):
+def illumination_stage(index: ExperimentIndex, cfg: dict, out: Path, progress: bool = True,
+                       on_error: str = "fail", log=print):
     """Compute (or reuse) per-plate illumination functions; None when disabled."""
     if not cfg["enabled"]:
         return None
     from morphoprof.preprocess.illumination import compute_illumination
 
-    return compute_illumination(index, out, window=cfg["window"], percentile=cfg["percentile"],
-                                n_jobs=cfg["n_jobs"], progress=progress)
+    corr = compute_illumination(index, out, window=cfg["window"], percentile=cfg["percentile"],
+                                n_jobs=cfg["n_jobs"], progress=progress, on_error=on_error)
+    if log:
+        for s in corr.skipped:
+            log(f"skipped {s['reason']}")
+    return corr
 
 
 def nuclei_config(segmentation: dict):
@@ -214,7 +219,8 @@ def run_pipeline(cfg: dict, config_text: str, progress: bool = True, log=print) 
     pre = cfg["preprocess"]
     t = time.perf_counter()
     log("[2/7] illumination correction" + ("" if pre["illumination"]["enabled"] else ": off"))
-    illumination = illumination_stage(index, pre["illumination"], out / "illumination", progress)
+    illumination = illumination_stage(index, pre["illumination"], out / "illumination", progress,
+                                      pre["on_error"], log)
     log("[3/7] nuclei segmentation" + ("" if pre["segmentation"]["enabled"] else ": off"))
     seg = segmentation_stage(index, pre["segmentation"], pre["on_error"], out / "cells.parquet",
                              illumination, progress)

@@ -70,14 +70,25 @@ def smooth_illumination(
     return np.maximum(full / low, 1.0).astype(np.float32)
 
 
-def mean_image(index: ExperimentIndex, rows: Sequence[int], channels: Sequence[str]) -> np.ndarray:
-    """Streaming mean ``(C, H, W)`` float64 of the image sets ``rows`` (one image in memory)."""
+def mean_image(index: ExperimentIndex, rows: Sequence[int], channels: Sequence[str],
+               on_error: str = "fail", skipped: list | None = None) -> np.ndarray:
+    """Streaming mean ``(C, H, W)`` float64 of the image sets ``rows`` (one image in memory).
+
+    An unreadable image set, or one with NaN / inf pixels, raises (naming its row and file), or
+    with ``on_error="skip"`` is left out of the mean and appended to ``skipped`` as
+    ``{"row", "reason"}``."""
+    from morphoprof.images.dataset import ImageSetDataset
+
+    data = ImageSetDataset(index, channels, rows, None, None, on_error)
     total, n = None, 0
-    for i in rows:
+    for k, i in enumerate(rows):
+        item = data[k]
+        if item[0] is None:
+            if skipped is not None:
+                skipped.append({"row": int(i), "reason": f"illumination: {item[2]}"})
+            continue
         n += 1
-        img = index.read(int(i), channels)
-        if not np.isfinite(img).all():
-            raise InputError(f"illumination: NaN or infinite pixels in {index.paths(int(i))[0]}")
+        img = item[0].numpy()
         if total is None:
             total = np.zeros(img.shape, np.float64)
         elif img.shape != total.shape:
@@ -97,9 +108,12 @@ def plate_function(
     channels: Sequence[str],
     window: int = DEFAULT_WINDOW,
     percentile: float = DEFAULT_PERCENTILE,
+    on_error: str = "fail",
+    skipped: list | None = None,
 ) -> np.ndarray:
-    """The ``(C, H, W)`` float32 illumination functions of one plate's image sets."""
-    mean = mean_image(index, rows, channels)
+    """The ``(C, H, W)`` float32 illumination functions of one plate's image sets (see
+    :func:`mean_image` for ``on_error`` and ``skipped``)."""
+    mean = mean_image(index, rows, channels, on_error, skipped)
     return np.stack([smooth_illumination(m, window, percentile) for m in mean])
 
 
@@ -114,6 +128,7 @@ class IlluminationCorrection:
     def __init__(self, folder: str | Path, channels: Sequence[str]) -> None:
         self.folder = Path(folder)
         self.channels = list(channels)
+        self.skipped: list[dict] = []  # image sets left out by compute_illumination
         self._cache: dict[str, np.ndarray] = {}
 
     def path(self, plate: str) -> Path:
@@ -158,11 +173,14 @@ def compute_illumination(
     percentile: float = DEFAULT_PERCENTILE,
     n_jobs: int = 1,
     progress: bool = True,
+    on_error: str = "fail",
 ) -> IlluminationCorrection:
     """Compute (or reuse) the illumination function of every plate of ``index``.
 
     Plates whose function already exists with the same parameters are skipped; the others are
-    computed in parallel (``n_jobs`` processes, via joblib) and written atomically.
+    computed in parallel (``n_jobs`` processes, via joblib) and written atomically. With
+    ``on_error="skip"`` unreadable image sets are left out of their plate's mean; the returned
+    object's ``skipped`` lists them (also in ``illumination_skipped.json``).
     """
     from joblib import Parallel, delayed
     from tqdm.auto import tqdm
@@ -180,13 +198,21 @@ def compute_illumination(
     groups = index.table.groupby(PLATE, sort=True).indices
     todo = [(p, rows) for p, rows in groups.items() if not corr.path(p).is_file()]
 
-    def work(plate: str, rows: np.ndarray) -> str:
-        write_npy(corr.path(plate), plate_function(index, rows, chans, window, percentile))
-        return plate
+    def work(plate: str, rows: np.ndarray) -> list:
+        skipped: list = []
+        write_npy(corr.path(plate), plate_function(index, rows, chans, window, percentile,
+                                                   on_error, skipped))
+        return skipped
 
     jobs = (delayed(work)(p, rows) for p, rows in todo)
     bar = tqdm(total=len(todo), desc="illumination functions", unit="plate", disable=not progress)
-    for _ in Parallel(n_jobs=n_jobs, return_as="generator")(jobs):
+    skipped = []
+    for part in Parallel(n_jobs=n_jobs, return_as="generator")(jobs):
+        skipped.extend(part)
         bar.update(1)
     bar.close()
+    record = folder / "illumination_skipped.json"
+    if todo:
+        write_json(record, skipped)
+    corr.skipped = json.loads(record.read_text()) if record.is_file() else []
     return corr
