@@ -113,13 +113,7 @@ class ImageTensorDataset(Dataset):
             x0 = int(torch.randint(0, w - self.crop + 1, (), generator=gen))
             x = x[:, y0:y0 + self.crop, x0:x0 + self.crop]
         if self.augment:
-            flips = torch.rand(2, generator=gen)
-            if flips[0] < 0.5:
-                x = x.flip(-1)
-            if flips[1] < 0.5:
-                x = x.flip(-2)
-            if x.shape[-1] == x.shape[-2]:
-                x = torch.rot90(x, int(torch.randint(0, 4, (), generator=gen)), dims=(-2, -1))
+            x = augment_crop(x, gen)
         return (x - self.mean) / self.std, self.targets[k]
 
 
@@ -135,22 +129,45 @@ class EpochSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _shard(self) -> tuple[int, int]:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(self.n) if self.shuffle else np.arange(self.n)
         seeds = rng.integers(0, 2**62, self.n)
-        rank, world = self._shard()
+        rank, world = process_rank()
         if world > 1:
             per = -(-self.n // world)
             order = np.resize(order, per * world)[rank::world]
         return iter([(int(i), int(seeds[i])) for i in order])
 
     def __len__(self) -> int:
-        return -(-self.n // self._shard()[1])
+        return -(-self.n // process_rank()[1])
+
+
+def process_rank() -> tuple[int, int]:
+    """``(rank, world size)`` of this process under torch.distributed, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def augment_crop(x: torch.Tensor, gen: torch.Generator | None, shift: int = 0) -> torch.Tensor:
+    """Random horizontal / vertical flips, a 90-degree rotation (square crops) and a translation
+    of up to ``shift`` px (zero-filled) of one ``(C, S, S)`` image."""
+    flips = torch.rand(2, generator=gen)
+    if flips[0] < 0.5:
+        x = x.flip(-1)
+    if flips[1] < 0.5:
+        x = x.flip(-2)
+    if x.shape[-1] == x.shape[-2]:
+        x = torch.rot90(x, int(torch.randint(0, 4, (), generator=gen)), dims=(-2, -1))
+    if shift > 0:
+        dy, dx = (int(v) for v in torch.randint(-shift, shift + 1, (2,), generator=gen))
+        if dy or dx:
+            out = torch.zeros_like(x)
+            h, w = x.shape[-2:]
+            out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+                x[:, max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
+            x = out
+    return x

@@ -135,9 +135,16 @@ def train_from_yaml(kind: str, text: str, folder: str | Path, fresh: bool = True
     """Write a training config's ``text`` to ``folder/config.yaml`` and run it, with
     ``output`` set to ``folder``. ``fresh`` empties the folder first; otherwise finished folds
     are reused (resume)."""
-    import shutil
-
     from morphoprof.config import load_train_config
+
+    cfg, text = load_train_config(write_config(text, folder, fresh))
+    return run_training(kind, cfg, text, progress=progress)
+
+
+def write_config(text: str, folder: str | Path, fresh: bool = True) -> Path:
+    """Write a config's ``text`` to ``folder/config.yaml`` with ``output`` set to ``folder``
+    (emptied first when ``fresh``); returns the file's path."""
+    import shutil
 
     folder = Path(folder)
     if fresh and folder.exists():
@@ -145,8 +152,7 @@ def train_from_yaml(kind: str, text: str, folder: str | Path, fresh: bool = True
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "config.yaml"
     path.write_text(f"{text.rstrip()}\noutput: {folder.resolve()}\n")
-    cfg, text = load_train_config(path)
-    return run_training(kind, cfg, text, progress=progress)
+    return path
 
 
 def write_jacobian_overlays(folder: Path, index: ExperimentIndex, images: np.ndarray, make,

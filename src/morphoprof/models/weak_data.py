@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from morphoprof.errors import InputError
+from morphoprof.models.data import augment_crop, process_rank
 
 
 @dataclass
@@ -90,27 +91,6 @@ class CellGroups:
             wells = [w for w in by_batch[b] if w != own_well] or list(by_batch[b])
         pool = by_batch[b][wells[int(rng.integers(len(wells)))]]
         return int(pool[int(rng.integers(len(pool)))])
-
-
-def augment_crop(x: torch.Tensor, gen: torch.Generator, shift: int = 0) -> torch.Tensor:
-    """Random horizontal / vertical flips, a 90-degree rotation (square crops) and a translation
-    of up to ``shift`` px (zero-filled) of one ``(C, S, S)`` crop."""
-    flips = torch.rand(2, generator=gen)
-    if flips[0] < 0.5:
-        x = x.flip(-1)
-    if flips[1] < 0.5:
-        x = x.flip(-2)
-    if x.shape[-1] == x.shape[-2]:
-        x = torch.rot90(x, int(torch.randint(0, 4, (), generator=gen)), dims=(-2, -1))
-    if shift > 0:
-        dy, dx = (int(v) for v in torch.randint(-shift, shift + 1, (2,), generator=gen))
-        if dy or dx:
-            out = torch.zeros_like(x)
-            h, w = x.shape[-2:]
-            out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-                x[:, max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
-            x = out
-    return x
 
 
 class WeakTrainSet(Dataset):
@@ -194,13 +174,6 @@ class SequenceBatchSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def _shard(self) -> tuple[int, int]:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-
     def batches(self) -> list[list[tuple[int, int]]]:
         """Every batch of the current epoch (all ranks)."""
         rng = np.random.default_rng([self.seed, self.epoch, 3])
@@ -213,11 +186,11 @@ class SequenceBatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         batches = self.batches()
-        rank, world = self._shard()
+        rank, world = process_rank()
         if world > 1:
             per = -(-len(batches) // world)
             batches = (batches * world)[:per * world][rank::world]
         return iter(batches)
 
     def __len__(self) -> int:
-        return -(-self.n_batches // self._shard()[1])
+        return -(-self.n_batches // process_rank()[1])

@@ -302,17 +302,10 @@ def train_weak_from_yaml(text: str, folder: str | Path, fresh: bool = True,
                          progress: bool = False) -> dict:
     """Write a weak config's ``text`` to ``folder/config.yaml`` (``output`` = ``folder``) and
     run it; ``fresh`` empties the folder first."""
-    import shutil
-
     from morphoprof.config import load_weak_config
+    from morphoprof.models.run import write_config
 
-    folder = Path(folder)
-    if fresh and folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.yaml"
-    path.write_text(f"{text.rstrip()}\noutput: {folder.resolve()}\n")
-    cfg, text = load_weak_config(path)
+    cfg, text = load_weak_config(write_config(text, folder, fresh))
     t0 = time.perf_counter()
     summary = run_weak(cfg, text, progress=progress)
     summary["wall_seconds"] = time.perf_counter() - t0
