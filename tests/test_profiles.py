@@ -159,6 +159,38 @@ def test_aggregate_parquet_matches_in_memory_aggregate(tmp_path):
         aggregate_parquet(tmp_path / "feats", ["Metadata_plate"])
 
 
+def test_aggregate_parquet_files_that_differ_and_missing_metadata(tmp_path):
+    """Files with different columns (a feature or a metadata column missing from one), a
+    concentration missing (NaN) for some rows of a well, dictionary-encoded metadata: the
+    answer is pandas' on the concatenated table; an unreadable file is named."""
+    from morphoprof.profiles.aggregate import aggregate_parquet
+
+    df = _fields()
+    df["Metadata_source"] = "lab1"
+    df.loc[[0, 1], "Metadata_concentration"] = np.nan  # P1 A01: NaN for 2 of its 3 sites
+    first, second = df.iloc[:9].copy(), df.iloc[9:].drop(columns=["f2", "Metadata_source"])
+    first["Metadata_compound"] = first["Metadata_compound"].astype("category")
+    first.to_parquet(tmp_path / "a.parquet")
+    second.to_parquet(tmp_path / "b.parquet")
+    together = pd.concat([first.astype({"Metadata_compound": object}), second],
+                         ignore_index=True)
+    for by in (WELL, ["Metadata_plate"], ["Metadata_compound"]):
+        got = aggregate_parquet([tmp_path / "a.parquet", tmp_path / "b.parquet"], by)
+        want = aggregate(together, by)
+        pd.testing.assert_frame_equal(got, want, check_dtype=False, atol=1e-6)
+    wells = aggregate_parquet([tmp_path / "a.parquet", tmp_path / "b.parquet"], WELL)
+    # a well's concentration is kept only if every site agrees (NaN disagrees with 0.0)
+    assert "Metadata_concentration" not in wells.columns
+    # f2 exists only in the first file (plate P1): P2's wells have no value, not zero
+    assert wells["f2"].isna().tolist() == [False] * 3 + [True] * 3
+    # Metadata_source: 'lab1' for P1, missing for P2 -> constant within every well, kept
+    assert wells["Metadata_source"].tolist()[:3] == ["lab1"] * 3
+    assert wells["Metadata_source"].isna().tolist()[3:] == [True] * 3
+    (tmp_path / "c.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(InputError, match="c.parquet: not a readable Parquet file"):
+        aggregate_parquet([tmp_path / "a.parquet", tmp_path / "c.parquet"], WELL)
+
+
 def test_coral_aligns_every_plate_to_the_pooled_controls(tmp_path):
     from morphoprof.profiles.normalize import Normalizer
 

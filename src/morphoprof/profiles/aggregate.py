@@ -132,7 +132,11 @@ def _file_sums(path: Path, by: list[str], feats: list[str],
     present = np.zeros(0, np.int64)
     sums = np.zeros((0, len(feats)))
     counts = np.zeros((0, len(feats)))
-    for batch in pq.ParquetFile(path).iter_batches(_ROW_BATCH, columns=by + feats):
+    reader = pq.ParquetFile(path)
+    names = set(reader.schema_arrow.names)
+    absent = {f for f in feats if f not in names}  # NaN here: skipped like any missing value
+    for batch in reader.iter_batches(_ROW_BATCH, columns=by + [f for f in feats if f in names],
+                                     use_threads=False):
         keys = batch.select(by).to_pandas()
         codes = index.get_indexer(pd.MultiIndex.from_frame(keys) if len(by) > 1
                                   else keys[by[0]])
@@ -147,7 +151,9 @@ def _file_sums(path: Path, by: list[str], feats: list[str],
         local = sorter[np.searchsorted(present, codes, sorter=sorter)]
         n_groups = len(present)
         # (features, rows): each feature's values contiguous, so run sums are sequential reads
-        x = np.stack([batch.column(f).to_numpy(zero_copy_only=False) for f in feats])
+        nan_column = np.full(batch.num_rows, np.nan)
+        x = np.stack([nan_column if f in absent else batch.column(f).to_numpy(
+            zero_copy_only=False) for f in feats])
         if not np.issubdtype(x.dtype, np.floating):
             x = x.astype(np.float64)
         nan = np.isnan(x)
@@ -195,13 +201,180 @@ def _streamed_means(files: list[Path], by: list[str], feats: list[str],
                 sums[codes] += s
                 counts[codes] += c
     with np.errstate(invalid="ignore", divide="ignore"):
-        means = sums / counts
-    return pd.DataFrame(means, columns=feats)
+        np.divide(sums, counts, out=sums)  # in place: no third groups x features array
+    return pd.DataFrame(sums, columns=feats, copy=False)
 
 
 def _q(name: str) -> str:
     """A double-quoted SQL identifier."""
     return '"' + name.replace('"', '""') + '"'
+
+
+def _parquet_columns(files: list[Path]) -> tuple[list[str], bool]:
+    """Union of the files' column names (first-seen order) from their footers only, and whether
+    every file has the same columns. Raises InputError naming an unreadable file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns: list[str] = []
+    seen: set[str] = set()
+    first: set[str] | None = None
+    same = True
+    for f in files:
+        try:
+            names = pq.read_schema(f).names
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"{f}: not a readable Parquet file ({exc})") from exc
+        same = same and (first is None or set(names) == first)
+        first = set(names) if first is None else first
+        for n in names:
+            if n not in seen:
+                seen.add(n)
+                columns.append(n)
+    return columns, same
+
+
+_SUMMARY_ROWS = 100_000
+
+
+def _metadata_table(batch, by: list[str], meta: list[str], count: bool):
+    """A record batch's key, metadata and count columns as an Arrow table ready to group:
+    dictionaries decoded, float NaN as null (a NaN is a missing value, as in pandas), columns
+    absent from the file all-null."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    names = set(batch.schema.names)
+    cols = {}
+    for c in by + meta + ([COUNT] if count else []):
+        if c not in names:
+            cols[c] = pa.nulls(batch.num_rows, pa.int64() if c == COUNT else pa.string())
+            continue
+        col = batch.column(c)
+        if pa.types.is_dictionary(col.type):
+            col = col.dictionary_decode()
+        if pa.types.is_null(col.type):
+            col = col.cast(pa.string())
+        if pa.types.is_floating(col.type):
+            col = pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col)
+        cols[c] = col
+    return pa.table(cols)
+
+
+def _group_metadata(files: list[Path], by: list[str], meta: list[str],
+                    has_count: bool) -> pd.DataFrame:
+    """One row per group (sorted by ``by``, missing keys last): ``Metadata_count`` (rows
+    counted, or their counts summed), ``__rows``, and per metadata column ``k`` its
+    ``__min{k}``, ``__max{k}`` and non-null ``__n{k}``; ``__batches`` (sorted, ``;``-joined)
+    when ``Metadata_batch`` is in ``meta``. Only these columns are read, in row batches, and
+    grouped with Arrow; per-batch summaries are merged as they pile up, so memory follows the
+    number of groups, not of rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def reduce(table, first: bool):
+        """Group a metadata table (first pass) or merge summaries (later passes)."""
+        aggs = [([], "count_all") if first else ("__rows", "sum"),
+                (COUNT, "sum") if has_count or not first else ([], "count_all")]
+        names = ["__rows", COUNT]
+        for k, c in enumerate(meta):
+            src = (c, c, c) if first else (f"__min{k}", f"__max{k}", f"__n{k}")
+            aggs += [(src[0], "min"), (src[1], "max"), (src[2], "count" if first else "sum")]
+            names += [f"__min{k}", f"__max{k}", f"__n{k}"]
+        try:
+            out = table.group_by(by, use_threads=False).aggregate(aggs)
+        except pa.ArrowException as exc:
+            raise InputError(f"cannot group metadata columns {meta}: {exc}") from exc
+        # keys and aggregates come back in an order that varies between Arrow versions
+        keys = [out.schema.get_field_index(c) for c in by]
+        values = [i for i in range(out.num_columns) if i not in keys]
+        return out.select(values + keys).rename_columns(names + by)
+
+    def distinct(table):
+        return table.group_by(by + [BATCH], use_threads=False).aggregate([])
+
+    summary, batches = None, None
+    pending, pending_batches = [], []
+
+    def merge() -> None:
+        nonlocal summary, batches
+        # files may store a column with different types (string / large_string, int / float)
+        summary = reduce(pa.concat_tables(([summary] if summary is not None else []) + pending,
+                                          promote_options="permissive"), False)
+        pending.clear()
+        if pending_batches:
+            batches = distinct(pa.concat_tables(([batches] if batches is not None else [])
+                                                + pending_batches,
+                                                promote_options="permissive"))
+            pending_batches.clear()
+
+    for f in files:
+        reader = pq.ParquetFile(f)
+        names = set(reader.schema_arrow.names)
+        absent = [c for c in by if c not in names]
+        if absent:
+            raise InputError(f"{f}: no column(s) {absent} to aggregate by")
+        read = [c for c in by + meta + [COUNT] if c in names]
+        try:
+            for batch in reader.iter_batches(_ROW_BATCH, columns=read, use_threads=False):
+                table = _metadata_table(batch, by, meta, has_count)
+                pending.append(reduce(table, True))
+                if BATCH in meta:
+                    pending_batches.append(distinct(
+                        table.select(by + [BATCH]).set_column(
+                            len(by), BATCH, table[BATCH].cast(pa.string()))))
+                merged = len(summary) if summary is not None else 0
+                if sum(map(len, pending)) > max(_SUMMARY_ROWS, merged):
+                    merge()
+        except (pa.ArrowException, OSError) as exc:
+            raise InputError(f"{f}: cannot read its metadata columns ({exc})") from exc
+    merge()
+    res = summary.to_pandas().sort_values(by, na_position="last", kind="stable")
+    res = res.reset_index(drop=True)
+    if BATCH in meta:
+        pairs = batches.to_pandas().dropna(subset=[BATCH]).sort_values(BATCH)
+        joined = pairs.groupby(by, dropna=False, sort=False)[BATCH].agg(";".join)
+        keys = pd.MultiIndex.from_frame(res[by]) if len(by) > 1 else pd.Index(res[by[0]])
+        res["__batches"] = joined.reindex(keys).to_numpy()
+    return res
+
+
+def _duckdb_medians(files: list[Path], by: list[str], feats: list[str], same_columns: bool,
+                    groups: pd.DataFrame, threads: int | None,
+                    memory_limit: str | None) -> pd.DataFrame:
+    """Per-group medians of ``feats`` (NaN skipped) with DuckDB, one query per block of
+    features, rows in the order of ``groups``."""
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        if threads:
+            con.execute(f"SET threads = {int(threads)}")
+        if memory_limit:
+            con.execute(f"SET memory_limit = '{memory_limit}'")
+        con.execute("SET preserve_insertion_order = false")
+        scan = ("read_parquet(?)" if same_columns
+                else "read_parquet(?, union_by_name = true)")
+        params = [[str(f) for f in files]]
+        keys = ", ".join(_q(c) for c in by)
+        index = pd.MultiIndex.from_frame(groups) if len(by) > 1 else pd.Index(groups[by[0]])
+        blocks = []
+        # DuckDB plans a query with thousands of aggregates slowly: one query per block of
+        # features (Parquet is columnar, so each reads only its columns).
+        for start in range(0, len(feats), _FEATURE_BLOCK):
+            block = feats[start:start + _FEATURE_BLOCK]
+            cols = [f"median(nullif({_q(f)}, 'NaN'::DOUBLE))::FLOAT AS {_q(f)}"
+                    for f in block]
+            got = con.execute(f"SELECT {keys}, {', '.join(cols)} FROM {scan} GROUP BY {keys}",
+                              params).df()
+            at = (pd.MultiIndex.from_frame(got[by]) if len(by) > 1
+                  else pd.Index(got[by[0]])).get_indexer(index)
+            blocks.append(got[block].iloc[at].reset_index(drop=True))
+    except duckdb.Error as exc:
+        raise InputError(f"median of {len(files)} Parquet file(s) failed: {exc}") from exc
+    finally:
+        con.close()
+    return pd.concat(blocks, axis=1) if blocks else pd.DataFrame(index=groups.index)
 
 
 def aggregate_parquet(
@@ -212,86 +385,49 @@ def aggregate_parquet(
     threads: int | None = None,
     memory_limit: str | None = None,
 ) -> pd.DataFrame:
-    """Out-of-core :func:`aggregate` over Parquet files with DuckDB (streamed, never loaded whole).
+    """Out-of-core :func:`aggregate` over Parquet files (streamed, never loaded whole).
 
     Same output as :func:`aggregate` on the concatenated table: one row per group sorted by
     ``by``, constant metadata kept, ``Metadata_batch`` ``;``-joined, ``Metadata_count`` counted
-    (or summed), float32 features; NaN feature values are skipped like pandas does. A screen of
-    10^7 cells x 10^3 features aggregates in bounded memory (``mean``: a running sum per group;
-    ``median`` holds each group's values, so prefer ``mean`` at that scale).
+    (or summed), float32 features; NaN feature values are skipped like pandas does. Files may
+    have different columns (missing values count as absent). Memory is bounded by row batches
+    and the number of groups, not rows: ``mean`` keeps a running sum per group (a screen of
+    10^7 cells x 10^3 features is fine); ``median`` (DuckDB) holds each group's values, so
+    prefer ``mean`` at that scale.
 
     Args:
         source: feature folder, Parquet file, folder of Parquet files, or list of files.
         by: metadata columns defining a group.
         how: ``mean`` or ``median``.
         features: feature columns (default: every non-``Metadata_`` column).
-        threads: DuckDB threads (default: all cores).
-        memory_limit: DuckDB memory limit, e.g. ``"4GB"`` (default: DuckDB's, 80% of RAM).
+        threads: reader threads for ``mean`` / DuckDB threads for ``median`` (default: all
+            cores).
+        memory_limit: DuckDB memory limit for ``median``, e.g. ``"4GB"`` (default: DuckDB's,
+            80% of RAM).
     """
-    import duckdb
-
     if how not in ("mean", "median"):
         raise InputError(f"aggregation must be 'mean' or 'median', got {how!r}")
+    by = list(by)
     files = parquet_sources(source)
-    con = duckdb.connect()
-    try:
-        if threads:
-            con.execute(f"SET threads = {int(threads)}")
-        if memory_limit:
-            con.execute(f"SET memory_limit = '{memory_limit}'")
-        con.execute("SET preserve_insertion_order = false")
-        scan = "read_parquet(?, union_by_name = true)"
-        params = [[str(f) for f in files]]
-        try:
-            schema = con.execute(f"DESCRIBE SELECT * FROM {scan}", params).df()
-        except duckdb.Error as exc:
-            raise InputError(f"cannot read Parquet {files[0].parent}: {exc}") from exc
-        columns = schema["column_name"].tolist()
-        missing = [c for c in by if c not in columns]
-        if missing:
-            raise InputError(f"cannot aggregate by {missing}: not in the columns of {files[0]}")
-        feats = list(features) if features is not None else [
-            c for c in columns if not c.startswith(("Metadata_", "__index_level_"))]
-        absent = [c for c in feats if c not in columns]
-        if absent:
-            raise InputError(f"feature column(s) {absent[:5]} not in {files[0]}")
-        meta = [c for c in columns if c.startswith("Metadata_") and c not in by and c != COUNT]
-        keys = ", ".join(_q(c) for c in by)
-        order = ", ".join(_q(c) + " NULLS LAST" for c in by)
-        sel = [_q(c) for c in by]
-        sel.append(f"sum({_q(COUNT)})::BIGINT AS {_q(COUNT)}" if COUNT in columns
-                   else f"count(*)::BIGINT AS {_q(COUNT)}")
-        sel.append("count(*) AS __rows")
-        for k, c in enumerate(meta):
-            sel += [f"min({_q(c)}) AS __min{k}", f"max({_q(c)}) AS __max{k}",
-                    f"count({_q(c)}) AS __n{k}"]
-        if BATCH in meta:
-            sel.append(f"array_to_string(list_sort(list_distinct(list(CAST({_q(BATCH)} AS "
-                       f"VARCHAR)))), ';') AS __batches")
-        try:
-            res = con.execute(f"SELECT {', '.join(sel)} FROM {scan} GROUP BY {keys} "
-                              f"ORDER BY {order}", params).df()
-            if how == "median":
-                # DuckDB plans a query with thousands of aggregates slowly: one query per block
-                # of features (Parquet is columnar, so each reads only its columns).
-                blocks = []
-                for start in range(0, len(feats), _FEATURE_BLOCK):
-                    block = feats[start:start + _FEATURE_BLOCK]
-                    cols = [f"median(nullif({_q(f)}, 'NaN'::DOUBLE))::FLOAT AS {_q(f)}"
-                            for f in block]
-                    blocks.append(con.execute(
-                        f"SELECT {', '.join(cols)} FROM {scan} GROUP BY {keys} ORDER BY {order}",
-                        params).df())
-                values = pd.concat(blocks, axis=1) if blocks else pd.DataFrame(index=res.index)
-        except duckdb.Error as exc:
-            raise InputError(f"aggregation of {len(files)} Parquet file(s) failed: {exc}") from exc
-        if how == "mean":
-            values = _streamed_means(files, list(by), feats, res[list(by)], threads)
-    finally:
-        con.close()
+    columns, same_columns = _parquet_columns(files)
+    missing = [c for c in by if c not in columns]
+    if missing:
+        raise InputError(f"cannot aggregate by {missing}: not in the columns of {files[0]}")
+    feats = list(features) if features is not None else [
+        c for c in columns if not c.startswith(("Metadata_", "__index_level_"))]
+    absent = [c for c in feats if c not in columns]
+    if absent:
+        raise InputError(f"feature column(s) {absent[:5]} not in {files[0]}")
+    meta = [c for c in columns if c.startswith("Metadata_") and c not in by and c != COUNT]
+    res = _group_metadata(files, by, meta, COUNT in columns)
     if res.empty:
         raise InputError("cannot aggregate an empty table")
-    out = res[list(by)].copy()
+    if how == "mean":
+        values = _streamed_means(files, by, feats, res[by], threads)
+    else:
+        values = _duckdb_medians(files, by, feats, same_columns, res[by], threads,
+                                 memory_limit)
+    out = res[by].copy()
     for k, c in enumerate(meta):
         lo, hi, n = res[f"__min{k}"], res[f"__max{k}"], res[f"__n{k}"]
         if ((n == 0) | ((n == res["__rows"]) & (lo == hi))).all():
