@@ -8,6 +8,7 @@ import json
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import tifffile
 
@@ -107,7 +108,7 @@ def test_truncated_png_huge_image_and_duplicate_rows(tiny_screen, tmp_path, caps
     capsys.readouterr()
     # a duplicated image set is refused before any work, naming both rows
     dup = ExperimentIndex(
-        __import__("pandas").concat([index.table, index.table.iloc[[6]]], ignore_index=True),
+        pd.concat([index.table, index.table.iloc[[6]]], ignore_index=True),
         index.root)
     dup.write(screen / "dup.parquet")
     assert extract(screen / "dup.parquet", tmp_path / "d") == 2
@@ -169,3 +170,48 @@ def test_illumination_follows_the_same_policy(broken_screen, tmp_path, capsys):
     listed = json.loads((tmp_path / "s" / "illumination_skipped.json").read_text())
     assert {s["row"] for s in listed} == set(broken)
     assert all(np.isfinite(np.load(f)).all() for f in (tmp_path / "s").glob("*.npy"))
+
+
+def test_file_names_in_other_encodings(tiny_screen, tmp_path, capsys):
+    """Non-UTF-8 names: a screen in a folder whose name is not UTF-8 runs; a UTF-8 non-ASCII
+    file name works; a table naming 'café' in UTF-8 while the file on disk is named in Latin-1
+    is skipped with the reason and how to rename it."""
+    import os
+
+    folder, _ = tiny_screen
+    screen = os.fsdecode(os.fsencode(tmp_path) + b"/scr\xe9en")  # not UTF-8 on disk
+    shutil.copytree(folder, screen)
+    index = ExperimentIndex.read_parquet(os.path.join(screen, "index.parquet"))
+    images = os.fsencode(screen) + b"/images/"
+    row_utf8, row_latin1 = 2, 4
+    os.rename(os.fsencode(screen) + b"/" + index.table.loc[row_utf8, "Path_DNA"].encode(),
+              images + "ünïcode_DNA.tif".encode())
+    index.table.loc[row_utf8, "Path_DNA"] = "images/ünïcode_DNA.tif"
+    os.rename(os.fsencode(screen) + b"/" + index.table.loc[row_latin1, "Path_DNA"].encode(),
+              images + "café_DNA.tif".encode("latin-1"))
+    index.table.loc[row_latin1, "Path_DNA"] = "images/café_DNA.tif"
+    index.write(os.path.join(screen, "index.parquet"))
+    out = os.path.join(screen, "features")
+    assert extract(os.path.join(screen, "index.parquet"), out, "--on-error", "skip") == 0
+    printed = capsys.readouterr().out
+    assert '"n_skipped": 1' in printed
+    summary = json.loads(open(os.path.join(out, "run_summary.json")).read())
+    (skipped,) = summary["skipped"]
+    assert skipped["row"] == row_latin1
+    reason = skipped["reason"]
+    assert "café_DNA.tif: file not found" in reason and "caf\\xe9_DNA.tif" in reason
+    assert "encoded as cp1252, not UTF-8" in reason and "convmv" in reason
+    feats = read_features(out)
+    assert len(feats) == len(index) - 1  # the UTF-8 row was read
+    # profiles from that folder: streamed means and DuckDB medians both read it
+    from morphoprof.profiles.aggregate import aggregate, aggregate_parquet
+
+    well = ["Metadata_plate", "Metadata_well"]
+    for how in ("mean", "median"):
+        pd.testing.assert_frame_equal(aggregate_parquet(out, well, how),
+                                      aggregate(feats, well, how), check_dtype=False,
+                                      atol=1e-5)
+    profiles = os.path.join(screen, "profiles")
+    assert main(["aggregate", out, "--out", profiles, "--normalize", "robust",
+                 "--reference", "all"]) == 0
+    assert os.path.isfile(os.path.join(profiles, "treatments.parquet"))

@@ -110,9 +110,9 @@ def cmd_segment(a: argparse.Namespace) -> int:
                             n_jobs=a.jobs)
     write_json(Path(a.out).with_name(Path(a.out).stem + "_summary.json"), summary)
     if a.deepprofiler_locations:
-        import pandas as pd
+        from morphoprof.io_utils import read_parquet
 
-        export_deepprofiler_locations(pd.read_parquet(a.out), a.deepprofiler_locations)
+        export_deepprofiler_locations(read_parquet(a.out), a.deepprofiler_locations)
     print(f"{summary['cells']} cells in {summary['image_sets']} image sets "
           f"({summary['image_sets_without_cells']} without cells, {len(summary['skipped'])} "
           f"skipped, {len(summary['warnings'])} warnings) -> {a.out}")
@@ -124,13 +124,12 @@ def cmd_segment(a: argparse.Namespace) -> int:
 
 
 def cmd_crops(a: argparse.Namespace) -> int:
-    import pandas as pd
-
     from morphoprof.index import ExperimentIndex
+    from morphoprof.io_utils import read_parquet
     from morphoprof.preprocess.crops import export_crops
 
     index = ExperimentIndex.read_parquet(a.index)
-    summary = export_crops(index, pd.read_parquet(a.cells), a.out, size=a.size, edge=a.edge,
+    summary = export_crops(index, read_parquet(a.cells), a.out, size=a.size, edge=a.edge,
                            normalization=a.normalization,
                            illumination=_illumination(a.illumination))
     _print_json(summary)
@@ -168,13 +167,13 @@ def cmd_extract(a: argparse.Namespace) -> int:
             on_error=a.on_error))
     illumination = _illumination(a.illumination)
     if a.cells:
-        import pandas as pd
+        from morphoprof.io_utils import read_parquet
 
         cells_path = Path(a.cells)
         if not cells_path.is_file():
             raise MorphoprofError(f"cell table not found: {cells_path}")
         _print_json(extractor.extract_cells(
-            index, pd.read_parquet(cells_path), a.out, size=size or 96,
+            index, read_parquet(cells_path), a.out, size=size or 96,
             normalization=normalization or "max", illumination=illumination,
             overwrite=a.overwrite))
     else:
@@ -192,13 +191,13 @@ def _columns(a: argparse.Namespace):
 
 
 def _read_profiles(path: str, cols, required=()):
-    import pandas as pd
+    from morphoprof.io_utils import read_parquet
 
     p = Path(path)
     if not p.is_file():
         raise MorphoprofError(f"profiles file not found: {p}")
     try:
-        df = pd.read_parquet(p)
+        df = read_parquet(p)
     except Exception as exc:  # pyarrow raises several types for a bad file
         raise MorphoprofError(f"cannot read {p} as Parquet: {exc}") from exc
     return cols.to_canonical(df, required, source=str(p))
@@ -587,6 +586,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        # a path that is not UTF-8 (a folder named in Latin-1) is printed escaped, not a crash
+        if hasattr(stream, "reconfigure") and stream.errors == "strict":
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -27,6 +27,39 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def all_utf8(paths) -> bool:
+    """Whether every path's name is valid UTF-8 (what C libraries such as pyarrow and DuckDB
+    need: Python holds a name that is not, e.g. a folder named in Latin-1, with surrogate
+    escapes that they cannot encode)."""
+    return all(_is_utf8(os.fspath(p)) for p in paths)
+
+
+@contextmanager
+def arrow_file(path: str | Path, mode: str = "rb") -> Iterator[object]:
+    """What to hand pyarrow / pandas for ``path``: the path itself, or an open Python file
+    when the path is not valid UTF-8 (see :func:`all_utf8`)."""
+    text = os.fspath(path)
+    if _is_utf8(text):
+        yield text
+        return
+    with open(text, mode) as fh:
+        yield fh
+
+
+def read_parquet(path: str | Path, columns: list[str] | None = None) -> pd.DataFrame:
+    """``pandas.read_parquet`` for any path, including one that is not valid UTF-8."""
+    with arrow_file(path) as src:
+        return pd.read_parquet(src, columns=columns)
+
+
 def write_tiff(path: str | Path, array: np.ndarray, compress: bool = False) -> Path:
     """Write a 2-D or 3-D array as a TIFF (optionally zlib-compressed, fast level), atomically."""
     import tifffile
@@ -85,9 +118,9 @@ def write_parquet(path: str | Path, df: pd.DataFrame) -> Path:
     import pyarrow.parquet as pq
 
     meta = [str(c) for c in df.columns if str(c).startswith("Metadata_")]
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, arrow_file(tmp, "wb") as dst:
         # Statistics and dictionaries help metadata filters, not thousands of float features.
-        pq.write_table(to_arrow(df), tmp, write_statistics=meta or False,
+        pq.write_table(to_arrow(df), dst, write_statistics=meta or False,
                        use_dictionary=meta or False)
     return Path(path)
 

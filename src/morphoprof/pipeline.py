@@ -27,7 +27,7 @@ import pandas as pd
 import yaml
 
 from morphoprof.index.schema import BATCH, PLATE, ExperimentIndex
-from morphoprof.io_utils import atomic_path, write_json, write_parquet
+from morphoprof.io_utils import atomic_path, read_parquet, write_json, write_parquet
 
 NORMALIZE_BY = {"plate": PLATE, "batch": BATCH, "all": None}
 
@@ -124,7 +124,7 @@ def extract_features(index: ExperimentIndex, features: dict, channels, out: Path
 
 def cells_per_well(cells_path: Path, index: ExperimentIndex) -> pd.DataFrame:
     """Cell counts per well (wells with no cells get 0) from a cell table."""
-    cells = pd.read_parquet(cells_path, columns=[PLATE, "Metadata_well"])
+    cells = read_parquet(cells_path, columns=[PLATE, "Metadata_well"])
     counts = cells.groupby([PLATE, "Metadata_well"]).size().rename("cells")
     wells = index.table[[PLATE, "Metadata_well"]].drop_duplicates().set_index(
         [PLATE, "Metadata_well"])
@@ -172,7 +172,7 @@ def evaluate_profiles(profiles_path: Path, out: Path, protocols=("nsc", "nscb"),
     from morphoprof.evaluation.evaluate import evaluate
 
     cfg = evaluation_cfg or {}
-    profiles = pd.read_parquet(profiles_path)
+    profiles = read_parquet(profiles_path)
     result = evaluate(profiles, k_values=cfg.get("k", (3, 5)), alpha=cfg.get("alpha", 0.1),
                       null_size=cfg.get("null_size", 10000),
                       treatment_aggregation=treatment_aggregation)
@@ -258,7 +258,7 @@ def run_pipeline(cfg: dict, config_text: str, progress: bool = True, log=print) 
         f"{extraction['image_sets']} fields in {extraction['seconds']:.1f} s"
         + (f" ({rate:.1f} {unit})" if rate else "")
     )
-    write_report(out / "report.html", evaluation, pd.read_parquet(treatments), summary,
+    write_report(out / "report.html", evaluation, read_parquet(treatments), summary,
                  config_text=yaml.safe_dump(cfg, sort_keys=False), cells_per_well=qc,
                  qc_title="segmented cells per well")
     timings["total_s"] = time.perf_counter() - t0

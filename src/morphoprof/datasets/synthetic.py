@@ -324,7 +324,7 @@ def generate_screen(
     from tqdm.auto import tqdm
 
     from morphoprof.index.schema import ExperimentIndex, build_index
-    from morphoprof.io_utils import write_tiff
+    from morphoprof.io_utils import write_parquet, write_tiff
 
     cfg = cfg or SynthConfig()
     out = Path(out)
@@ -403,7 +403,7 @@ def generate_screen(
     meta_cols = [c for c in cells.columns if c.startswith("Metadata_")]
     cells = cells[meta_cols + [c for c in cells.columns if c not in meta_cols]]
     cells = cells.rename(columns={"object": "Metadata_object"})
-    cells.to_parquet(tmp / "cells.parquet", index=False)
+    write_parquet(tmp / "cells.parquet", cells)
     tdf = pd.DataFrame(
         [
             {"compound": t.compound, "concentration": t.concentration, "moa": t.moa,
@@ -438,13 +438,15 @@ def load_ground_truth(screen: str | Path) -> dict:
     Returns a dict with ``cells`` (DataFrame), ``treatments`` (DataFrame) and ``illumination``
     ({plate: (C, H, W) float32}).
     """
+    from morphoprof.io_utils import read_parquet
+
     screen = Path(screen)
     if not (screen / "synth.json").is_file():
         raise InputError(f"{screen} is not a complete synthetic screen (no synth.json)")
     with np.load(screen / "illumination.npz") as z:
         illum = {k: z[k] for k in z.files}
     return {
-        "cells": pd.read_parquet(screen / "cells.parquet"),
+        "cells": read_parquet(screen / "cells.parquet"),
         "treatments": pd.read_csv(screen / "treatments.csv"),
         "illumination": illum,
     }

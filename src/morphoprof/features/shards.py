@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from morphoprof.errors import InputError
-from morphoprof.io_utils import write_json, write_parquet
+from morphoprof.io_utils import read_parquet, write_json, write_parquet
 
 MANIFEST = "manifest.json"
 
@@ -142,8 +142,8 @@ def read_features(folder: str | Path) -> pd.DataFrame:
     """
     folder = Path(folder)
     if folder.is_file():
-        return pd.read_parquet(folder)
-    return pd.concat([pd.read_parquet(f) for f in shard_files(folder)], ignore_index=True)
+        return read_parquet(folder)
+    return pd.concat([read_parquet(f) for f in shard_files(folder)], ignore_index=True)
 
 
 def feature_columns(df: pd.DataFrame) -> list[str]:

@@ -226,9 +226,16 @@ class TransferExtractor:
             )
 
     def _embed(self, x3):
-        """(N, 3, S, S) in [0, 1] -> (N, D) pooled features (native: (N, C, S, S))."""
+        """(N, 3, S, S) in [0, 1] -> (N, D) pooled features (native: (N, C, S, S)).
+
+        On CPU the network sees at most ``batch_size`` inputs at a time (greyscale makes C of
+        them per field), so its activations, the largest memory of extraction, stay the size
+        of one batch of inputs."""
         import torch
 
+        step = self.cfg.batch_size
+        if self.device != "cuda" and x3.shape[0] > step:
+            return torch.cat([self._embed(x3[i:i + step]) for i in range(0, len(x3), step)])
         if self.cfg.channel_strategy == "native" and x3.shape[1] != 3:
             x3 = (x3 - 0.5) / 0.5
         else:

@@ -19,6 +19,36 @@ PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 SUPPORTED_SUFFIXES = TIFF_SUFFIXES | PIL_SUFFIXES
 
 
+def encoding_hint(path: Path) -> str:
+    """For a file that is not found: ``"; the folder has ..."`` when its folder holds the same
+    name written in another encoding (a file named in cp1252 / Latin-1 on an old share while the
+    table names it in UTF-8), else ``""``. Only called on the error path (lists the folder)."""
+    import os
+    import unicodedata
+
+    wanted = unicodedata.normalize("NFC", path.name)
+    try:
+        names = os.listdir(os.fsencode(path.parent))
+    except OSError:
+        return ""
+    for raw in names:
+        try:
+            raw.decode("utf-8")
+            continue  # a UTF-8 name that differs is just another file
+        except UnicodeDecodeError:
+            pass
+        for encoding in ("cp1252", "latin-1"):
+            try:
+                text = raw.decode(encoding)
+            except UnicodeDecodeError:
+                continue
+            if unicodedata.normalize("NFC", text) == wanted:
+                return (f"; the folder has {ascii(raw)[1:]}, the same name encoded as "
+                        f"{encoding}, not UTF-8: rename it to UTF-8 (e.g. 'convmv -f "
+                        f"{encoding} -t utf-8 --notest')")
+    return ""
+
+
 def _suffix(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
@@ -81,7 +111,7 @@ def image_shape(path: str | Path, frame: int | None = None) -> tuple[int, int]:
     path = Path(path)
     suffix = _suffix(path)
     if not path.is_file():
-        raise ImageReadError(path, "file not found")
+        raise ImageReadError(path, "file not found" + encoding_hint(path))
     try:
         if suffix in TIFF_SUFFIXES:
             import tifffile
@@ -152,7 +182,7 @@ def _read_full(path: Path) -> np.ndarray:
     :func:`max_pixels` are refused from their header, before any memory is allocated."""
     suffix = _suffix(path)
     if not path.is_file():
-        raise ImageReadError(path, "file not found")
+        raise ImageReadError(path, "file not found" + encoding_hint(path))
     limit = max_pixels()
     try:
         if suffix in TIFF_SUFFIXES:

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from morphoprof.errors import ImageReadError, InputError, ValidationError
-from morphoprof.io_utils import atomic_path
+from morphoprof.io_utils import arrow_file, atomic_path
 
 PLATE = "Metadata_plate"
 WELL = "Metadata_well"
@@ -136,8 +136,8 @@ class ExperimentIndex:
         meta = dict(table.schema.metadata or {})
         meta[_ROOT_KEY] = json.dumps(root).encode()
         table = table.replace_schema_metadata(meta)
-        with atomic_path(path) as tmp:
-            pq.write_table(table, tmp)
+        with atomic_path(path) as tmp, arrow_file(tmp, "wb") as dst:
+            pq.write_table(table, dst)
         return path
 
     @classmethod
@@ -149,7 +149,8 @@ class ExperimentIndex:
         if not path.is_file():
             raise InputError(f"experiment index not found: {path}")
         try:
-            table = pq.read_table(path)
+            with arrow_file(path) as src:
+                table = pq.read_table(src)
         except Exception as exc:
             raise InputError(f"cannot read experiment index {path}: {exc}") from exc
         meta = table.schema.metadata or {}
@@ -189,7 +190,7 @@ class ExperimentIndex:
             if problems:
                 raise ValidationError("experiment index", problems)
             return
-        from morphoprof.images.read import image_shape
+        from morphoprof.images.read import encoding_hint, image_shape
 
         chans = list(channels or self.channels)
         shapes: dict[int, tuple[int, int]] = {}
@@ -203,7 +204,7 @@ class ExperimentIndex:
             for ch, p, fr in zip(chans, self.paths(i, chans), self.frames(i, chans)):
                 where = f"{describe_row(self.table, i)}, channel {ch}"
                 if not p.is_file():
-                    problems.append(f"{where}: file not found: {p}")
+                    problems.append(f"{where}: file not found: {p}{encoding_hint(p)}")
                     continue
                 if not check_shapes:
                     continue

@@ -10,7 +10,7 @@ import numpy as np
 
 from morphoprof.errors import InputError
 from morphoprof.index.schema import ExperimentIndex
-from morphoprof.io_utils import write_json
+from morphoprof.io_utils import read_parquet, write_json
 from morphoprof.models.crossval import CVConfig, cross_validate
 from morphoprof.models.training import FitConfig
 
@@ -158,7 +158,6 @@ def write_config(text: str, folder: str | Path, fresh: bool = True) -> Path:
 def write_jacobian_overlays(folder: Path, index: ExperimentIndex, images: np.ndarray, make,
                             mean, std, n: int) -> list[str]:
     """PNG overlays of fold 0's model's Jacobian maps on the first ``n`` of its test images."""
-    import pandas as pd
     import torch
 
     from morphoprof.models.jacobian import jacobian_maps, jacobian_mask, save_overlay
@@ -167,7 +166,7 @@ def write_jacobian_overlays(folder: Path, index: ExperimentIndex, images: np.nda
     state = torch.load(folder / "fold0" / "checkpoints" / "last.ckpt", map_location="cpu",
                        weights_only=False)["state_dict"]
     module.load_state_dict(state)
-    pred = pd.read_parquet(folder / "predictions.parquet")
+    pred = read_parquet(folder / "predictions.parquet")
     rows = np.flatnonzero(pred["Metadata_fold"].to_numpy() == 0)[:n]
     m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
     s = torch.tensor(std, dtype=torch.float32)[:, None, None]

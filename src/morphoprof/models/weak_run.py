@@ -17,7 +17,7 @@ import pandas as pd
 
 from morphoprof.errors import InputError
 from morphoprof.index.schema import BATCH, COMPOUND, CONTROL, PLATE, WELL
-from morphoprof.io_utils import write_json
+from morphoprof.io_utils import read_parquet, write_json
 from morphoprof.preprocess.crops import normalize_crops
 
 FEATURES = "features"
@@ -58,7 +58,7 @@ def load_crop_array(path: str | Path, table_path: str | Path, channels: list[str
     if arr.shape[-1] == n_ch and arr.shape[1] != n_ch:
         arr = np.moveaxis(arr, -1, 1)
     try:
-        table = (pd.read_parquet(table_path) if table_path.suffix == ".parquet"
+        table = (read_parquet(table_path) if table_path.suffix == ".parquet"
                  else pd.read_csv(table_path))
     except Exception as exc:
         raise InputError(f"cannot read {table_path}: {exc}") from exc
@@ -94,7 +94,7 @@ def crops_from_screen(cfg: dict, out: Path, progress: bool, log) -> tuple[np.nda
         segment_index(index, cells_path, channel=seg.get("channel"),
                       cfg=nuclei_config({**seg, "enabled": True}), progress=progress,
                       n_jobs=seg.get("n_jobs", 1))
-    cells = pd.read_parquet(cells_path)
+    cells = read_parquet(cells_path)
     ds = CropDataset(index, cells, cfg["cells"]["crop_size"], channels, normalization="none")
     crops = np.stack([ds[k][0].numpy() for k in range(len(ds))]) if len(ds) else None
     if crops is None:

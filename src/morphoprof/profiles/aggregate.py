@@ -17,6 +17,7 @@ import pandas as pd
 from morphoprof.errors import InputError
 from morphoprof.features.shards import feature_columns
 from morphoprof.index.schema import BATCH, COMPOUND, CONCENTRATION, MOA, PLATE, WELL
+from morphoprof.io_utils import all_utf8, arrow_file
 
 COUNT = "Metadata_count"
 WELL_KEY = [PLATE, WELL]
@@ -127,12 +128,19 @@ def _file_sums(path: Path, by: list[str], feats: list[str],
     and counts have one row per group present in the file (not per group of the screen), so a
     file's memory does not grow with the screen."""
     import pyarrow.parquet as pq
+
+    with arrow_file(path) as src:
+        return _reader_sums(pq.ParquetFile(src), path, by, feats, index)
+
+
+def _reader_sums(reader, path: Path, by: list[str], feats: list[str],
+                 index: pd.Index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_file_sums` on an open ``pyarrow.parquet.ParquetFile``."""
     from scipy import sparse
 
     present = np.zeros(0, np.int64)
     sums = np.zeros((0, len(feats)))
     counts = np.zeros((0, len(feats)))
-    reader = pq.ParquetFile(path)
     names = set(reader.schema_arrow.names)
     absent = {f for f in feats if f not in names}  # NaN here: skipped like any missing value
     for batch in reader.iter_batches(_ROW_BATCH, columns=by + [f for f in feats if f in names],
@@ -222,7 +230,8 @@ def _parquet_columns(files: list[Path]) -> tuple[list[str], bool]:
     same = True
     for f in files:
         try:
-            names = pq.read_schema(f).names
+            with arrow_file(f) as src:
+                names = pq.read_schema(src).names
         except (pa.ArrowException, OSError) as exc:
             raise InputError(f"{f}: not a readable Parquet file ({exc})") from exc
         same = same and (first is None or set(names) == first)
@@ -261,6 +270,21 @@ def _metadata_table(batch, by: list[str], meta: list[str], count: bool):
     return pa.table(cols)
 
 
+def _metadata_batches(path: Path, by: list[str], wanted: list[str]):
+    """Row batches of a Parquet file's ``by`` columns (all required) and those of ``wanted`` it
+    has."""
+    import pyarrow.parquet as pq
+
+    with arrow_file(path) as src:
+        reader = pq.ParquetFile(src)
+        names = set(reader.schema_arrow.names)
+        absent = [c for c in by if c not in names]
+        if absent:
+            raise InputError(f"{path}: no column(s) {absent} to aggregate by")
+        read = by + [c for c in wanted if c in names and c not in by]
+        yield from reader.iter_batches(_ROW_BATCH, columns=read, use_threads=False)
+
+
 def _group_metadata(files: list[Path], by: list[str], meta: list[str],
                     has_count: bool) -> pd.DataFrame:
     """One row per group (sorted by ``by``, missing keys last): ``Metadata_count`` (rows
@@ -270,7 +294,6 @@ def _group_metadata(files: list[Path], by: list[str], meta: list[str],
     grouped with Arrow; per-batch summaries are merged as they pile up, so memory follows the
     number of groups, not of rows."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     def reduce(table, first: bool):
         """Group a metadata table (first pass) or merge summaries (later passes)."""
@@ -309,14 +332,8 @@ def _group_metadata(files: list[Path], by: list[str], meta: list[str],
             pending_batches.clear()
 
     for f in files:
-        reader = pq.ParquetFile(f)
-        names = set(reader.schema_arrow.names)
-        absent = [c for c in by if c not in names]
-        if absent:
-            raise InputError(f"{f}: no column(s) {absent} to aggregate by")
-        read = [c for c in by + meta + [COUNT] if c in names]
         try:
-            for batch in reader.iter_batches(_ROW_BATCH, columns=read, use_threads=False):
+            for batch in _metadata_batches(f, by, meta + [COUNT]):
                 table = _metadata_table(batch, by, meta, has_count)
                 pending.append(reduce(table, True))
                 if BATCH in meta:
@@ -339,6 +356,22 @@ def _group_metadata(files: list[Path], by: list[str], meta: list[str],
     return res
 
 
+def _arrow_block(files: list[Path], by: list[str], block: list[str]):
+    """An Arrow table of ``by`` + ``block`` columns of every file (a column a file lacks is
+    null there), read through Python file objects."""
+    import pyarrow as pa
+
+    tables = []
+    for f in files:
+        for batch in _metadata_batches(f, by, block):
+            table = pa.table(batch)
+            for c in block:
+                if c not in table.column_names:
+                    table = table.append_column(c, pa.nulls(len(table), pa.float32()))
+            tables.append(table.select(by + block))
+    return pa.concat_tables(tables, promote_options="permissive")
+
+
 def _duckdb_medians(files: list[Path], by: list[str], feats: list[str], same_columns: bool,
                     groups: pd.DataFrame, threads: int | None,
                     memory_limit: str | None) -> pd.DataFrame:
@@ -356,6 +389,7 @@ def _duckdb_medians(files: list[Path], by: list[str], feats: list[str], same_col
         scan = ("read_parquet(?)" if same_columns
                 else "read_parquet(?, union_by_name = true)")
         params = [[str(f) for f in files]]
+        readable = all_utf8(files)  # else DuckDB cannot open the paths: Arrow reads each block
         keys = ", ".join(_q(c) for c in by)
         index = pd.MultiIndex.from_frame(groups) if len(by) > 1 else pd.Index(groups[by[0]])
         blocks = []
@@ -365,8 +399,14 @@ def _duckdb_medians(files: list[Path], by: list[str], feats: list[str], same_col
             block = feats[start:start + _FEATURE_BLOCK]
             cols = [f"median(nullif({_q(f)}, 'NaN'::DOUBLE))::FLOAT AS {_q(f)}"
                     for f in block]
-            got = con.execute(f"SELECT {keys}, {', '.join(cols)} FROM {scan} GROUP BY {keys}",
-                              params).df()
+            if readable:
+                got = con.execute(f"SELECT {keys}, {', '.join(cols)} FROM {scan} "
+                                  f"GROUP BY {keys}", params).df()
+            else:
+                con.register("__block", _arrow_block(files, by, block))
+                got = con.execute(f"SELECT {keys}, {', '.join(cols)} FROM __block "
+                                  f"GROUP BY {keys}").df()
+                con.unregister("__block")
             at = (pd.MultiIndex.from_frame(got[by]) if len(by) > 1
                   else pd.Index(got[by[0]])).get_indexer(index)
             blocks.append(got[block].iloc[at].reset_index(drop=True))
