@@ -66,6 +66,10 @@ class ShardWriter:
                     == v.get("sha256")
                 }
         (self.out / "shards").mkdir(parents=True, exist_ok=True)
+        # temporary files of a run that was killed before it could rename them (one run per
+        # folder at a time: a second run would also remove the first one's)
+        for stale in [*self.out.glob(".*.tmp-*"), *(self.out / "shards").glob(".*.tmp-*")]:
+            stale.unlink(missing_ok=True)
 
     def done(self, key: str) -> bool:
         """Whether shard ``key`` was finished by an earlier run."""
