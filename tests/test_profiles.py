@@ -186,6 +186,9 @@ def test_aggregate_parquet_files_that_differ_and_missing_metadata(tmp_path):
     # Metadata_source: 'lab1' for P1, missing for P2 -> constant within every well, kept
     assert wells["Metadata_source"].tolist()[:3] == ["lab1"] * 3
     assert wells["Metadata_source"].isna().tolist()[3:] == [True] * 3
+    first.iloc[:0].to_parquet(tmp_path / "empty.parquet")
+    with pytest.raises(InputError, match="cannot aggregate an empty table"):
+        aggregate_parquet(tmp_path / "empty.parquet", WELL)
     (tmp_path / "c.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(InputError, match="c.parquet: not a readable Parquet file"):
         aggregate_parquet([tmp_path / "a.parquet", tmp_path / "c.parquet"], WELL)

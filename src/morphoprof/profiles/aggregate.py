@@ -321,6 +321,8 @@ def _group_metadata(files: list[Path], by: list[str], meta: list[str],
 
     def merge() -> None:
         nonlocal summary, batches
+        if summary is None and not pending:
+            raise InputError("cannot aggregate an empty table")
         # files may store a column with different types (string / large_string, int / float)
         summary = reduce(pa.concat_tables(([summary] if summary is not None else []) + pending,
                                           promote_options="permissive"), False)
