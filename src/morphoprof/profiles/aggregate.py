@@ -122,32 +122,25 @@ _FEATURE_BLOCK = 256
 _ROW_BATCH = 65536
 
 
+def _key_index(df: pd.DataFrame, by: list[str]) -> pd.Index:
+    """The group keys of ``df``'s rows as an index (a MultiIndex for several ``by`` columns)."""
+    return pd.MultiIndex.from_frame(df[by]) if len(by) > 1 else pd.Index(df[by[0]])
+
+
 def _file_sums(path: Path, by: list[str], feats: list[str],
                index: pd.Index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(group codes, sums, non-NaN counts)`` of one Parquet file, read in row batches: sums
     and counts have one row per group present in the file (not per group of the screen), so a
-    file's memory does not grow with the screen."""
-    import pyarrow.parquet as pq
-
-    with arrow_file(path) as src:
-        return _reader_sums(pq.ParquetFile(src), path, by, feats, index)
-
-
-def _reader_sums(reader, path: Path, by: list[str], feats: list[str],
-                 index: pd.Index) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`_file_sums` on an open ``pyarrow.parquet.ParquetFile``."""
+    file's memory does not grow with the screen. A feature the file lacks is NaN there
+    (skipped like any missing value)."""
     from scipy import sparse
 
     present = np.zeros(0, np.int64)
     sums = np.zeros((0, len(feats)))
     counts = np.zeros((0, len(feats)))
-    names = set(reader.schema_arrow.names)
-    absent = {f for f in feats if f not in names}  # NaN here: skipped like any missing value
-    for batch in reader.iter_batches(_ROW_BATCH, columns=by + [f for f in feats if f in names],
-                                     use_threads=False):
-        keys = batch.select(by).to_pandas()
-        codes = index.get_indexer(pd.MultiIndex.from_frame(keys) if len(by) > 1
-                                  else keys[by[0]])
+    for batch in _column_batches(path, by, feats):
+        absent = set(feats).difference(batch.schema.names)
+        codes = index.get_indexer(_key_index(batch.select(by).to_pandas(), by))
         if (codes < 0).any():
             raise InputError(f"{path}: rows whose {by} changed while reading")
         new = np.setdiff1d(np.unique(codes), present)
@@ -198,7 +191,7 @@ def _streamed_means(files: list[Path], by: list[str], feats: list[str],
     groups per thread plus the (groups x features) result, whatever the number of rows."""
     from concurrent.futures import ThreadPoolExecutor
 
-    index = pd.MultiIndex.from_frame(groups) if len(by) > 1 else pd.Index(groups[by[0]])
+    index = _key_index(groups, by)
     sums = np.zeros((len(groups), len(feats)))
     counts = np.zeros((len(groups), len(feats)))
     workers = max(1, min(len(files), threads or os.cpu_count() or 1))
@@ -270,9 +263,9 @@ def _metadata_table(batch, by: list[str], meta: list[str], count: bool):
     return pa.table(cols)
 
 
-def _metadata_batches(path: Path, by: list[str], wanted: list[str]):
-    """Row batches of a Parquet file's ``by`` columns (all required) and those of ``wanted`` it
-    has."""
+def _column_batches(path: Path, by: list[str], wanted: list[str]):
+    """Row batches (65,536 rows) of a Parquet file's ``by`` columns (all required) and those
+    of ``wanted`` it has; a path that is not UTF-8 is read through a Python file."""
     import pyarrow.parquet as pq
 
     with arrow_file(path) as src:
@@ -335,7 +328,7 @@ def _group_metadata(files: list[Path], by: list[str], meta: list[str],
 
     for f in files:
         try:
-            for batch in _metadata_batches(f, by, meta + [COUNT]):
+            for batch in _column_batches(f, by, meta + [COUNT]):
                 table = _metadata_table(batch, by, meta, has_count)
                 pending.append(reduce(table, True))
                 if BATCH in meta:
@@ -353,8 +346,7 @@ def _group_metadata(files: list[Path], by: list[str], meta: list[str],
     if BATCH in meta:
         pairs = batches.to_pandas().dropna(subset=[BATCH]).sort_values(BATCH)
         joined = pairs.groupby(by, dropna=False, sort=False)[BATCH].agg(";".join)
-        keys = pd.MultiIndex.from_frame(res[by]) if len(by) > 1 else pd.Index(res[by[0]])
-        res["__batches"] = joined.reindex(keys).to_numpy()
+        res["__batches"] = joined.reindex(_key_index(res, by)).to_numpy()
     return res
 
 
@@ -365,7 +357,7 @@ def _arrow_block(files: list[Path], by: list[str], block: list[str]):
 
     tables = []
     for f in files:
-        for batch in _metadata_batches(f, by, block):
+        for batch in _column_batches(f, by, block):
             table = pa.table(batch)
             for c in block:
                 if c not in table.column_names:
@@ -393,7 +385,7 @@ def _duckdb_medians(files: list[Path], by: list[str], feats: list[str], same_col
         params = [[str(f) for f in files]]
         readable = all_utf8(files)  # else DuckDB cannot open the paths: Arrow reads each block
         keys = ", ".join(_q(c) for c in by)
-        index = pd.MultiIndex.from_frame(groups) if len(by) > 1 else pd.Index(groups[by[0]])
+        index = _key_index(groups, by)
         blocks = []
         # DuckDB plans a query with thousands of aggregates slowly: one query per block of
         # features (Parquet is columnar, so each reads only its columns).
@@ -409,8 +401,7 @@ def _duckdb_medians(files: list[Path], by: list[str], feats: list[str], same_col
                 got = con.execute(f"SELECT {keys}, {', '.join(cols)} FROM __block "
                                   f"GROUP BY {keys}").df()
                 con.unregister("__block")
-            at = (pd.MultiIndex.from_frame(got[by]) if len(by) > 1
-                  else pd.Index(got[by[0]])).get_indexer(index)
+            at = _key_index(got, by).get_indexer(index)
             blocks.append(got[block].iloc[at].reset_index(drop=True))
     except duckdb.Error as exc:
         raise InputError(f"median of {len(files)} Parquet file(s) failed: {exc}") from exc
@@ -461,9 +452,7 @@ def aggregate_parquet(
     if absent:
         raise InputError(f"feature column(s) {absent[:5]} not in {files[0]}")
     meta = [c for c in columns if c.startswith("Metadata_") and c not in by and c != COUNT]
-    res = _group_metadata(files, by, meta, COUNT in columns)
-    if res.empty:
-        raise InputError("cannot aggregate an empty table")
+    res = _group_metadata(files, by, meta, COUNT in columns)  # raises on a table with no rows
     if how == "mean":
         values = _streamed_means(files, by, feats, res[by], threads)
     else:
