@@ -110,18 +110,13 @@ def _process(index, rows, channels, dna, ranges, cfg: ClassicalConfig, illuminat
 
     frames, skipped = [], []
     data = ImageSetDataset(index, channels, rows, None, illumination, cfg.on_error)
-    for k, i in enumerate(rows):
-        item = data[k]
-        if item[0] is None:
-            skipped.append({"row": int(i), "reason": item[2]})
-            continue
-        img = item[0].numpy()
+    for i, img in data.arrays(skipped):
         labels = segment_nuclei(img[channels.index(dna)], cfg.nuclei)
         scaled = np.clip((img - lo) / span, 0.0, 1.0)
         feats = measure_objects(scaled, labels, channels, cfg.measurements, cfg.label)
         loc = object_table(labels)[[OBJECT, CENTER_X, CENTER_Y]]
         feats = loc.merge(feats, on=OBJECT, how="inner")
-        meta = index.table.iloc[[int(i)] * len(feats)][meta_cols].reset_index(drop=True)
+        meta = index.table.iloc[[i] * len(feats)][meta_cols].reset_index(drop=True)
         frames.append(pd.concat([meta, feats.reset_index(drop=True)], axis=1))
     return frames, skipped
 

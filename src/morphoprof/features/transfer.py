@@ -95,11 +95,8 @@ def estimate_intensity_range(
     rows = np.sort(rng.choice(len(index), size=min(n_sample, len(index)), replace=False))
     pixels: list[list[np.ndarray]] = [[] for _ in channels]
     sample = ImageSetDataset(index, channels, rows, None, illumination, on_error)
-    for k in range(len(sample)):
-        img = sample[k][0]
-        if img is None:
-            continue
-        flat = img.numpy().reshape(len(channels), -1)
+    for _, img in sample.arrays():
+        flat = img.reshape(len(channels), -1)
         step = max(flat.shape[1] // 20000, 1)
         for c in range(len(channels)):
             pixels[c].append(flat[c, ::step])

@@ -6,7 +6,7 @@ processes; each worker reads its own files.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -76,14 +76,32 @@ class ImageSetDataset(Dataset):
                              f"channel(s) {bad} ({', '.join(files)})")
         return image
 
-    def __getitem__(self, k: int):
-        i = int(self.rows[k])
+    def _read_or_skip(self, i: int) -> tuple[np.ndarray | None, str]:
+        """``(image, "")``, or ``(None, reason)`` for a bad image set under ``skip``."""
         try:
-            image = self._read(i)
+            return self._read(i), ""
         except InputError as exc:
             if self.on_error == "skip":
-                return None, i, str(exc)
+                return None, str(exc)
             raise
+
+    def arrays(self, skipped: list | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Each readable image set in order as ``(row, (C, H, W) float32)`` (``transform`` not
+        applied); under ``skip`` the others are appended to ``skipped`` as
+        ``{"row", "reason"}``."""
+        for i in self.rows:
+            image, reason = self._read_or_skip(int(i))
+            if image is None:
+                if skipped is not None:
+                    skipped.append({"row": int(i), "reason": reason})
+                continue
+            yield int(i), image
+
+    def __getitem__(self, k: int):
+        i = int(self.rows[k])
+        image, reason = self._read_or_skip(i)
+        if image is None:
+            return None, i, reason
         if self.transform is not None:
             return self.transform(image), i
         import torch

@@ -80,23 +80,21 @@ def mean_image(index: ExperimentIndex, rows: Sequence[int], channels: Sequence[s
     from morphoprof.images.dataset import ImageSetDataset
 
     data = ImageSetDataset(index, channels, rows, None, None, on_error)
+    left_out: list[dict] = []
     total, n = None, 0
-    for k, i in enumerate(rows):
-        item = data[k]
-        if item[0] is None:
-            if skipped is not None:
-                skipped.append({"row": int(i), "reason": f"illumination: {item[2]}"})
-            continue
+    for i, img in data.arrays(left_out):
         n += 1
-        img = item[0].numpy()
         if total is None:
             total = np.zeros(img.shape, np.float64)
         elif img.shape != total.shape:
             raise InputError(
-                f"illumination: {index.paths(int(i))[0]} has shape {img.shape[1:]}, the plate's "
+                f"illumination: {index.paths(i)[0]} has shape {img.shape[1:]}, the plate's "
                 f"other images {total.shape[1:]}"
             )
         total += img
+    if skipped is not None:
+        skipped.extend({"row": s["row"], "reason": f"illumination: {s['reason']}"}
+                       for s in left_out)
     if total is None:
         raise InputError("illumination: no images to average")
     return total / n
