@@ -102,8 +102,8 @@ def extract_features(index: ExperimentIndex, features: dict, channels, out: Path
 
     ``transfer``: whole-field ImageNet features; ``classical``: cp_measure measurements of the
     nuclei segmented with the ``segmentation`` settings (one row per cell). ``on_error``
-    (``preprocess.on_error``): ``skip`` leaves unreadable image sets out of the transfer features
-    and lists them in the summary.
+    (``preprocess.on_error``): ``skip`` leaves unreadable image sets out of the features (either
+    extractor) and lists them in the summary.
     """
     from morphoprof.features.transfer import TransferConfig, TransferExtractor
 

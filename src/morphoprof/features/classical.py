@@ -25,7 +25,6 @@ import pandas as pd
 from morphoprof.errors import InputError
 from morphoprof.features.shards import ShardWriter, shard_key
 from morphoprof.index.schema import PLATE, ExperimentIndex
-from morphoprof.io_utils import write_json
 from morphoprof.preprocess.segmentation import (
     CENTER_X,
     CENTER_Y,
@@ -171,14 +170,7 @@ class ClassicalExtractor:
                 bar.update(len(rows))
         bar.close()
         seconds = time.perf_counter() - t0
-        skipped = writer.skipped()
-        if log:
-            for s in skipped:
-                log(f"skipped {s['reason']}")
-        summary = {"out": str(out), "shards_written": len(todo), "image_sets": n_todo,
-                   "cells": n_cells, "seconds": seconds,
-                   "cells_per_s": n_cells / seconds if seconds > 0 and n_cells else None,
-                   "on_error": self.cfg.on_error, "n_skipped": len(skipped),
-                   "skipped": skipped}
-        write_json(Path(out) / "run_summary.json", summary)
-        return summary
+        return writer.finish({"out": str(out), "shards_written": len(todo), "image_sets": n_todo,
+                              "cells": n_cells, "seconds": seconds,
+                              "cells_per_s": n_cells / seconds if seconds > 0 and n_cells
+                              else None}, self.cfg.on_error, log)

@@ -93,6 +93,19 @@ class ShardWriter:
         """Every input skipped by the shards in the manifest (this run's and earlier runs')."""
         return [s for info in self.shards.values() for s in info.get("skipped", [])]
 
+    def finish(self, summary: dict, on_error: str, log=print) -> dict:
+        """Complete a run's ``summary`` with the on-error policy and every skipped input (this
+        run's and earlier runs'), show each skip through ``log``, and write it as
+        ``run_summary.json`` in the folder; returns it."""
+        skipped = self.skipped()
+        if log:
+            for s in skipped:
+                log(f"skipped {s['reason']}")
+        summary = {**summary, "on_error": on_error, "n_skipped": len(skipped),
+                   "skipped": skipped}
+        write_json(self.out / "run_summary.json", summary)
+        return summary
+
     def _save(self) -> None:
         write_json(self.out / MANIFEST, {"params": self.params, "shards": self.shards})
 

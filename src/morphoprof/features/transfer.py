@@ -25,7 +25,6 @@ from morphoprof.errors import InputError
 from morphoprof.features.backbones import DEFAULT_MODEL, Backbone, create_backbone
 from morphoprof.features.shards import ShardWriter, shard_key
 from morphoprof.index.schema import PLATE, ExperimentIndex
-from morphoprof.io_utils import write_json
 
 
 @dataclass
@@ -369,29 +368,21 @@ class TransferExtractor:
                            {"spec": (self.cfg, self.backbone), "index": index,
                             "context": (channels, transform, illumination, n_todo, str(out))},
                            writer.record, lambda info: bar.update(info["rows"]))
-        for key, rows in ([] if scheduler else todo):
-            df, skipped = self.field_shard(index, rows, channels, transform, illumination, bar,
-                                           n_todo)
-            writer.write(key, df, skipped)
+        else:
+            for key, rows in todo:
+                df, skipped = self.field_shard(index, rows, channels, transform, illumination,
+                                               bar, n_todo)
+                writer.write(key, df, skipped)
         bar.close()
-        skipped = writer.skipped()
-        if log:
-            for s in skipped:
-                log(f"skipped {s['reason']}")
         seconds = time.perf_counter() - t0
-        summary = {
+        return writer.finish({
             "out": str(out),
             "shards_written": len(todo),
             "shards_skipped": len(plan) - len(todo),
             "image_sets": n_todo,
             "seconds": seconds,
             "fields_per_s": n_todo / seconds if seconds > 0 and n_todo else None,
-            "on_error": self.cfg.on_error,
-            "n_skipped": len(skipped),
-            "skipped": skipped,
-        }
-        write_json(out / "run_summary.json", summary)
-        return summary
+        }, self.cfg.on_error, log)
 
     def field_shard(self, index: ExperimentIndex, rows, channels: Sequence[str], transform,
                     illumination=None, bar=None, run_size: int | None = None
