@@ -41,30 +41,49 @@ def cmd_download(a: argparse.Namespace) -> int:
 
 def cmd_import(a: argparse.Namespace) -> int:
     from morphoprof.index import import_bbbc021, import_csv, import_fields_6moa
+    from morphoprof.index.schema import summarize_left_out
 
-    if a.layout == "bbbc021":
+    layout = IMPORTER_ALIASES.get(a.layout, a.layout)
+    if a.plates and layout != "bbbc021":
+        raise MorphoprofError("--plates applies to 'import bbbc021' only")
+    if layout == "bbbc021":
         index = import_bbbc021(a.path, a.image_csv, a.moa_csv, check_shapes=a.check_shapes,
-                               progress=True)
-    elif a.layout == "bbbc021-6moa":
-        index = import_fields_6moa(a.path)
+                               progress=True, plates=a.plates, only_present=a.only_present)
+    elif layout == "bbbc021-6moa":
+        index = import_fields_6moa(a.path, only_present=a.only_present)
     else:
         fields: dict | str = a.preset or {}
         if not a.preset:
-            fields = dict(kv.split("=", 1) for kv in a.field or [])
-        channels = dict(kv.split("=", 1) for kv in a.channel or [])
-        index = import_csv(a.path, channels, fields, root=a.root, sep=a.sep,
-                           check_shapes=a.check_shapes)
+            fields = _pairs(a.field, "--field")
+        index = import_csv(a.path, _pairs(a.channel, "--channel"), fields, root=a.root,
+                           sep=a.sep, check_shapes=a.check_shapes, only_present=a.only_present)
+    for line in summarize_left_out(index):
+        print(line)
     index.write(a.out)
     print(f"{len(index)} image sets, channels {index.channels} -> {a.out}")
     return 0
+
+
+def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
+    """``["A=B", ...]`` -> {A: B}; a malformed item is an error naming the flag."""
+    out = {}
+    for kv in items or []:
+        key, sep, value = kv.partition("=")
+        if not sep or not key or not value:
+            raise MorphoprofError(f"{flag} {kv!r}: expected NAME=COLUMN")
+        out[key] = value
+    return out
 
 
 def cmd_validate(a: argparse.Namespace) -> int:
     from morphoprof.index import ExperimentIndex
 
     index = ExperimentIndex.read_parquet(a.index)
-    index.validate(channels=a.channels, check_shapes=not a.no_shapes, progress=True)
-    print(f"{a.index}: {len(index)} image sets, channels {index.channels}: OK")
+    index.validate(channels=a.channels, check_shapes=not a.no_shapes, progress=True,
+                   deep=a.deep)
+    what = "every image read" if a.deep else "files present" + (
+        "" if a.no_shapes else ", headers read")
+    print(f"{a.index}: {len(index)} image sets, channels {index.channels}: OK ({what})")
     return 0
 
 
@@ -240,9 +259,16 @@ def cmd_normalize(a: argparse.Namespace) -> int:
                                 a.fallback).fit(df)
         for w in normalizer.warnings:
             print(f"warning: {w}")
-        if a.save:
+    result = cols.from_canonical(normalizer.transform(df))
+    existed = Path(a.out).exists()
+    out = write_parquet(a.out, result)
+    if a.save and not a.apply:
+        try:
             print(f"wrote {normalizer.save(a.save)}")
-    out = write_parquet(a.out, cols.from_canonical(normalizer.transform(df)))
+        except MorphoprofError:
+            if not existed:  # both outputs or neither
+                out.unlink(missing_ok=True)
+            raise
     print(f"wrote {out} ({len(df)} rows, {len(normalizer.output_features())} features)")
     return 0
 
@@ -274,8 +300,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def cmd_report(a: argparse.Namespace) -> int:
     from morphoprof.evaluation.evaluate import is_well_level
+    from morphoprof.pipeline import dataset_summary, example_fields, report_header
     from morphoprof.profiles.aggregate import treatment_profiles
-    from morphoprof.report.html import well_counts, write_report
+    from morphoprof.report.html import profiles_summary, well_counts, write_report
 
     cols = _columns(a)
     ev = Path(a.evaluation)
@@ -286,17 +313,32 @@ def cmd_report(a: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         raise MorphoprofError(f"{ev} is not JSON: {exc}") from exc
     profiles = _read_profiles(a.profiles, cols)
-    qc = None
+    wells = _read_profiles(a.wells, cols) if a.wells else None
     if is_well_level(profiles):
-        qc = well_counts(profiles) if "Metadata_count" in profiles.columns else None
+        wells = profiles if wells is None else wells
         profiles = treatment_profiles(profiles)
-    if a.wells:
-        qc = well_counts(_read_profiles(a.wells, cols))
-    summary = {"treatment profiles": len(profiles), "profiles file": a.profiles,
-               "evaluation file": a.evaluation}
-    config_text = Path(a.config).read_text() if a.config else ""
+    qc = well_counts(wells) if wells is not None and "Metadata_count" in wells.columns else None
+    index = examples = None
+    if a.index:
+        from morphoprof.index import ExperimentIndex
+
+        index = ExperimentIndex.read_parquet(a.index)
+        examples = example_fields(index)
+    summary = dataset_summary(index) if index is not None else {}
+    summary.update(profiles_summary(profiles, wells))
+    config_text = ""
+    if a.config:
+        try:
+            config_text = Path(a.config).read_text()
+        except OSError as exc:
+            raise MorphoprofError(f"cannot read {a.config}: {exc.strerror}") from exc
+    header = report_header({"profiles": a.profiles, "evaluation": a.evaluation,
+                            "wells": a.wells or "", "index": a.index or "",
+                            "configuration": a.config or ""})
     write_report(a.out, evaluation, profiles, summary, config_text=config_text,
-                 cells_per_well=qc, qc_title="rows (cells or fields) per well profile")
+                 cells_per_well=qc, header=header, examples=examples,
+                 qc_title="rows per well profile (fields, or cells for per-cell "
+                 "features)")
     print(f"wrote {a.out}")
     return 0
 
@@ -306,7 +348,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from morphoprof.pipeline import run_pipeline
 
     cfg, text = load_config(a.config)
-    run_pipeline(cfg, text)
+    run_pipeline(cfg, text, config_path=str(Path(a.config).resolve()))
     return 0
 
 
@@ -366,19 +408,49 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-def _normalize_args(s: argparse.ArgumentParser, flag: str, default: str) -> None:
+IMPORTERS = ("bbbc021", "bbbc021-6moa", "csv")
+IMPORTER_ALIASES = {"bbbc021_6moa": "bbbc021-6moa"}  # the YAML spelling, accepted here too
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (when it has one worth showing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or not action.option_strings or default is None
+                or default is False or default == [] or default is argparse.SUPPRESS):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        return f"{text} (default: {shown})"
+
+
+def _parser(sub, name: str, help: str, outputs=(), **kw) -> argparse.ArgumentParser:
+    """A sub-command whose ``outputs`` ((attribute, is_folder), ...) are checked for
+    writability before it runs."""
+    s = sub.add_parser(name, help=help, description=kw.pop("description", help[:1].upper()
+                       + help[1:] + "."), formatter_class=_HelpFormatter, **kw)
+    s.set_defaults(outputs=tuple(outputs))
+    return s
+
+
+def _normalize_args(s: argparse.ArgumentParser, flag: str, default: str | None) -> None:
     from morphoprof.profiles.normalize import METHODS
 
     s.add_argument(flag, dest="normalize" if flag == "--normalize" else "method",
-                   default=default, choices=list(METHODS))
+                   default=default, choices=list(METHODS),
+                   help="normalisation of the profiles, fitted on the reference rows"
+                   + (" (default: center; none, with a note, when the table has no control "
+                      "rows)" if default is None else ""))
     s.add_argument("--by", default="plate",
-                   help="plate, batch, all, or any metadata column (default: plate)")
-    s.add_argument("--reference", default="controls", choices=["controls", "all"])
+                   help="fit separately per plate, batch, all (one fit), or any metadata column")
+    s.add_argument("--reference", default="controls", choices=["controls", "all"],
+                   help="rows the normalisation is fitted on")
     s.add_argument("--eps", type=float, default=1e-6,
                    help="scale floor; for spherize / coral, the covariance regulariser")
-    s.add_argument("--factors", type=int, default=50, help="factor_analysis: factors")
+    s.add_argument("--factors", type=int, default=50, help="factor_analysis: number of factors")
     s.add_argument("--fallback", default="none", choices=["none", "all"],
-                   help="a plate without controls: error (none) or fit on all its rows")
+                   help="a plate without controls: error (none) or fit on all its rows (all)")
 
 
 def _column_args(s: argparse.ArgumentParser) -> None:
@@ -388,134 +460,177 @@ def _column_args(s: argparse.ArgumentParser) -> None:
                            ("concentration", "Metadata_concentration"),
                            ("moa", "Metadata_moa"), ("batch", "Metadata_batch"),
                            ("control", "Metadata_control")):
-        g.add_argument(f"--{field}-col", default=default, metavar="COLUMN")
+        g.add_argument(f"--{field}-col", default=default, metavar="COLUMN",
+                       help=f"column holding the {field}")
     g.add_argument("--control-value", action="append", metavar="VALUE",
                    help="compound value marking controls when there is no control column "
                    "(default: DMSO; repeatable)")
+
+
+def _on_error(s: argparse.ArgumentParser, what: str) -> None:
+    s.add_argument("--on-error", default="fail", choices=["fail", "skip"],
+                   help="an unreadable image set or one with NaN/inf pixels: stop (fail), or "
+                   f"{what} and list it with its reason (skip)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="morphoprof",
         description="Deep-learning morphological profiling of high-content screens.",
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"morphoprof {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("demo", help="run the whole pipeline on the built-in synthetic screen")
-    s.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    s = _parser(sub, "demo", "run the whole pipeline on the built-in synthetic screen",
+                outputs=[("out", True)])
+    s.add_argument("--out", default="demo_out", help="output folder")
     s.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("run", help="run the pipeline described by a YAML config")
-    s.add_argument("config")
+    s = _parser(sub, "run", "run the pipeline described by a YAML config (keys: the README's "
+                "'YAML config reference')")
+    s.add_argument("config", help="the run configuration (YAML)")
     s.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("train", help="train a classifier with group-held-out cross-validation "
-                       "(finetune: Kensert 2019; mil: Kraus 2016)")
+    s = _parser(sub, "train", "train a network: finetune (Kensert 2019) or mil (Kraus 2016) "
+                "on whole images with group-held-out cross-validation, or weak (Caicedo 2018) "
+                "on single cells, then embeddings")
     s.add_argument("kind", choices=["finetune", "mil", "weak"],
                    help="finetune / mil: whole images, cross-validated; weak: single cells on "
-                   "treatment labels (Caicedo 2018), then embeddings")
-    s.add_argument("config", help="training YAML (see morphoprof.config.TRAIN_SCHEMA)")
+                   "treatment labels, then embeddings")
+    s.add_argument("config", help="training YAML; its keys are described in the README "
+                   "sections 'Training whole-image classifiers' (finetune, mil) and 'Weakly "
+                   "supervised single-cell embeddings' (weak)")
     s.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("synth", help="generate a synthetic screen with ground truth")
-    s.add_argument("--out", required=True)
-    s.add_argument("--moas", type=int, default=4)
-    s.add_argument("--compounds-per-moa", type=int, default=3)
-    s.add_argument("--batches", type=int, default=3)
-    s.add_argument("--plates-per-batch", type=int, default=3)
-    s.add_argument("--sites", type=int, default=2)
-    s.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"))
+    s = _parser(sub, "synth", "generate a synthetic screen with ground truth",
+                outputs=[("out", True)])
+    s.add_argument("--out", required=True, help="folder for the screen")
+    s.add_argument("--moas", type=int, default=4, help="mechanisms of action")
+    s.add_argument("--compounds-per-moa", type=int, default=3, help="compounds per MoA")
+    s.add_argument("--batches", type=int, default=3, help="batches (weeks)")
+    s.add_argument("--plates-per-batch", type=int, default=3, help="plates per batch")
+    s.add_argument("--sites", type=int, default=2, help="fields of view per well")
+    s.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"),
+                   help="field size, px")
     s.add_argument("--cells", type=float, default=24.0, help="mean cells per field")
     s.add_argument("--cell-scale", type=float, default=1.0, help="cell size multiplier")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--seed", type=int, default=0, help="random seed")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing screen")
     s.set_defaults(func=cmd_synth)
 
-    s = sub.add_parser("download", help="download a public dataset")
-    s.add_argument("dataset", choices=["bbbc021"])
-    s.add_argument("--dest", required=True)
-    s.add_argument("--plates", nargs="*", help="plate names (space or comma separated)")
+    s = _parser(sub, "download", "download a public dataset (resumable, verified)",
+                outputs=[("dest", True)])
+    s.add_argument("dataset", choices=["bbbc021"], help="the dataset")
+    s.add_argument("--dest", required=True, help="folder to download into")
+    s.add_argument("--plates", nargs="*", help="plate names, space or comma separated "
+                   "(default: all 55)")
     s.add_argument("--checksums", help="file of expected checksums (JSON or md5sum format)")
-    s.add_argument("--keep-zips", action="store_true")
+    s.add_argument("--keep-zips", action="store_true", help="keep the plate zips after "
+                   "unpacking")
     s.add_argument("--base-url", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_download)
 
-    s = sub.add_parser("import", help="build an experiment index (index.parquet)")
-    s.add_argument("layout", choices=["bbbc021", "bbbc021-6moa", "csv"])
+    s = _parser(sub, "import", "build an experiment index (index.parquet)",
+                outputs=[("out", False)])
+    s.add_argument("layout", choices=[*IMPORTERS, *IMPORTER_ALIASES],
+                   metavar="{" + ",".join(IMPORTERS) + "}",
+                   help="bbbc021: the official layout; bbbc021-6moa: the 6-MoA PNG subset; "
+                   "csv: any CSV with a column mapping")
     s.add_argument("path", help="BBBC021 root, 6-MoA folder, or CSV file")
     s.add_argument("--out", required=True, help="index.parquet to write")
-    s.add_argument("--image-csv")
-    s.add_argument("--moa-csv")
+    s.add_argument("--image-csv", help="bbbc021: BBBC021_v1_image.csv[.gz] (default: found "
+                   "under PATH or PATH/metadata)")
+    s.add_argument("--moa-csv", help="bbbc021: BBBC021_v1_moa.csv (default: found likewise)")
+    s.add_argument("--plates", nargs="*", help="bbbc021: keep only these plates (space or comma "
+                   "separated), e.g. the ones a 'download --plates' fetched")
+    s.add_argument("--only-present", action="store_true", help="bbbc021 / csv: keep the image "
+                   "sets whose files are all present and list the others, instead of refusing")
     s.add_argument("--preset", help="csv: a column preset (deepprofiler, cytomining)")
-    s.add_argument("--field", action="append", help="csv: FIELD=COLUMN, e.g. plate=Plate")
-    s.add_argument("--channel", action="append", help="csv: CHANNEL=COLUMN, e.g. DNA=FileDNA")
-    s.add_argument("--root", help="csv: folder that relative paths start from")
-    s.add_argument("--sep", default=",")
+    s.add_argument("--field", action="append", help="csv: FIELD=COLUMN, e.g. plate=Plate "
+                   "(repeatable)")
+    s.add_argument("--channel", action="append", help="csv: CHANNEL=COLUMN, e.g. DNA=FileDNA "
+                   "(repeatable)")
+    s.add_argument("--root", help="csv: folder that relative paths start from (default: the "
+                   "CSV's folder)")
+    s.add_argument("--sep", default=",", help="csv: field separator")
     s.add_argument("--check-shapes", action="store_true", help="read every image header")
     s.set_defaults(func=cmd_import)
 
-    s = sub.add_parser("validate", help="check an experiment index and its files")
-    s.add_argument("index")
-    s.add_argument("--channels", nargs="*")
-    s.add_argument("--no-shapes", action="store_true")
+    s = _parser(sub, "validate", "check an experiment index and its files")
+    s.add_argument("index", help="index.parquet")
+    s.add_argument("--channels", nargs="*", help="channels the next stage needs (default: all)")
+    s.add_argument("--no-shapes", action="store_true", help="do not read image headers")
+    s.add_argument("--deep", action="store_true", help="read every image as extract will and "
+                   "report truncated, unreadable and NaN/inf files with their rows")
     s.set_defaults(func=cmd_validate)
 
-    s = sub.add_parser("illum", help="per-plate illumination functions (Singh 2014)")
-    s.add_argument("index")
+    s = _parser(sub, "illum", "per-plate illumination functions (Singh 2014)",
+                outputs=[("out", True)])
+    s.add_argument("index", help="index.parquet")
     s.add_argument("--out", required=True, help="folder for <plate>.npy functions")
-    s.add_argument("--channels", nargs="*")
+    s.add_argument("--channels", nargs="*", help="channels (default: all)")
     s.add_argument("--window", type=int, default=500, help="median filter window, px")
     s.add_argument("--percentile", type=float, default=2.0, help="robust minimum percentile")
     s.add_argument("--jobs", type=int, default=1, help="plates computed in parallel")
-    s.add_argument("--on-error", default="fail", choices=["fail", "skip"],
-                   help="unreadable / NaN image sets: stop, or leave them out of the mean")
+    _on_error(s, "leave it out of its plate's mean")
     s.set_defaults(func=cmd_illum)
 
-    s = sub.add_parser("segment", help="segment nuclei into a cell table (Parquet)")
-    s.add_argument("index")
+    s = _parser(sub, "segment", "segment nuclei into a cell table (Parquet)",
+                outputs=[("out", False), ("deepprofiler_locations", True)])
+    s.add_argument("index", help="index.parquet")
     s.add_argument("--out", required=True, help="cells.parquet to write")
     s.add_argument("--channel", help="DNA channel (default: DNA / DAPI / Hoechst)")
-    s.add_argument("--illumination", help="folder of illumination functions")
-    s.add_argument("--smoothing", type=float, default=1.0)
-    s.add_argument("--min-area", type=int, default=30)
-    s.add_argument("--max-area", type=int, default=5000)
-    s.add_argument("--min-distance", type=int, default=5)
-    s.add_argument("--clear-border", action="store_true")
+    s.add_argument("--illumination", help="folder of illumination functions (morphoprof illum)")
+    s.add_argument("--smoothing", type=float, default=1.0, help="Gaussian sigma, px")
+    s.add_argument("--min-area", type=int, default=30, help="smaller objects are dropped, px")
+    s.add_argument("--max-area", type=int, default=5000, help="larger objects are dropped, px")
+    s.add_argument("--min-distance", type=int, default=5, help="px between watershed seeds "
+                   "(about a nucleus radius)")
+    s.add_argument("--clear-border", action="store_true", help="drop nuclei touching the border")
     s.add_argument("--downsample", type=int, default=1, help="segment at 1/N resolution")
     s.add_argument("--jobs", type=int, default=1, help="worker processes")
-    s.add_argument("--on-error", default="fail", choices=["fail", "skip"])
+    _on_error(s, "leave it out")
     s.add_argument("--deepprofiler-locations", help="also write DeepProfiler location CSVs here")
     s.set_defaults(func=cmd_segment)
 
-    s = sub.add_parser("crops", help="export single-cell crops to compressed shards")
-    s.add_argument("index")
+    s = _parser(sub, "crops", "export single-cell crops to compressed shards",
+                outputs=[("out", True)])
+    s.add_argument("index", help="index.parquet")
     s.add_argument("cells", help="cells.parquet from morphoprof segment")
-    s.add_argument("--out", required=True)
-    s.add_argument("--size", type=int, default=96)
-    s.add_argument("--edge", default="pad", choices=["pad", "skip"])
-    s.add_argument("--normalization", default="none", choices=["none", "max", "percentile"])
-    s.add_argument("--illumination")
+    s.add_argument("--out", required=True, help="crop folder")
+    s.add_argument("--size", type=int, default=96, help="crop side, px")
+    s.add_argument("--edge", default="pad", choices=["pad", "skip"],
+                   help="cells near the border: zero-pad the crop, or leave the cell out")
+    s.add_argument("--normalization", default="none", choices=["none", "max", "percentile"],
+                   help="per-crop intensity normalisation")
+    s.add_argument("--illumination", help="folder of illumination functions (morphoprof illum)")
     s.set_defaults(func=cmd_crops)
 
-    s = sub.add_parser("extract", help="extract features (resumable)")
-    s.add_argument("index")
+    s = _parser(sub, "extract", "extract features (resumable)", outputs=[("out", True)])
+    s.add_argument("index", help="index.parquet")
     s.add_argument("--out", required=True, help="feature folder")
     s.add_argument("--extractor", default="transfer", choices=["transfer", "classical"],
                    help="transfer: ImageNet CNN on whole fields; classical: cp_measure per cell")
-    s.add_argument("--model", default="tf_efficientnet_lite0")
-    s.add_argument("--weights", default="auto")
+    s.add_argument("--model", default="tf_efficientnet_lite0", help="any timm model name")
+    s.add_argument("--weights", default="auto", help="auto | offline | imagenet | random | "
+                   "path to a checkpoint")
     s.add_argument("--channel-strategy", default="greyscale",
-                   choices=["greyscale", "rgb", "native"])
+                   choices=["greyscale", "rgb", "native"],
+                   help="greyscale: each stain alone, features concatenated; rgb: three stains "
+                   "as R, G, B; native: all stains at once")
     s.add_argument("--tiles", type=int, default=1, help="tiles per side, features averaged")
-    s.add_argument("--layer")
-    s.add_argument("--image-size", type=int)
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--workers", type=int, default=0)
-    s.add_argument("--device", default="auto")
-    s.add_argument("--channels", nargs="*")
+    s.add_argument("--layer", help="module to read features from (default: the pooled "
+                   "penultimate layer)")
+    s.add_argument("--image-size", type=int, help="resize fields to this, px (default: the "
+                   "network's input size)")
+    s.add_argument("--batch-size", type=int, default=16, help="images per network batch")
+    s.add_argument("--workers", type=int, default=0, help="DataLoader worker processes "
+                   "(classical: processes)")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    s.add_argument("--channels", nargs="*", help="channels (default: all)")
     s.add_argument("--illumination", help="folder of illumination functions (morphoprof illum)")
     s.add_argument("--cells", help="cell table (morphoprof segment): features of single-cell "
                    "crops, one row per cell, instead of whole fields")
@@ -523,34 +638,36 @@ def build_parser() -> argparse.ArgumentParser:
                    "checkpoint's)")
     s.add_argument("--normalization", choices=["none", "max", "percentile"],
                    help="--cells: per-crop normalisation (default max, or the checkpoint's)")
-    s.add_argument("--on-error", default="fail", choices=["fail", "skip"],
-                   help="an unreadable image set or one with NaN/inf pixels: stop (fail) or "
-                   "leave it out and list it in the run summary (skip)")
+    _on_error(s, "leave it out")
     s.add_argument("--scheduler", help="run on Dask distributed: local:N (a LocalCluster of N "
                    "worker processes) or tcp://HOST:PORT (a running cluster); one task per "
                    "shard")
     s.add_argument("--checkpoint", help="a model trained by 'morphoprof train weak': its CNN, "
                    "channels, crop settings and embedding layer (--layer overrides)")
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--overwrite", action="store_true", help="replace features made with other "
+                   "parameters")
     s.set_defaults(func=cmd_extract)
 
-    s = sub.add_parser("aggregate", help="features -> normalised well and treatment profiles",
-                       description="Aggregate cell or field features (a feature folder or "
-                       "Parquet files, streamed out of core) to wells, select features, "
-                       "normalise, and aggregate to treatments.")
+    s = _parser(sub, "aggregate", "features -> normalised well and treatment profiles",
+                outputs=[("out", True)],
+                description="Aggregate cell or field features (a feature folder or "
+                "Parquet files, streamed out of core) to wells, select features, "
+                "normalise, and aggregate to treatments.")
     s.add_argument("features", help="feature folder, Parquet file or folder of Parquet files")
     s.add_argument("--out", required=True, help="profiles folder")
-    s.add_argument("--well-aggregation", default="mean", choices=["mean", "median"])
-    s.add_argument("--treatment-aggregation", default="median", choices=["mean", "median"])
+    s.add_argument("--well-aggregation", default="mean", choices=["mean", "median"],
+                   help="rows (cells or fields) -> wells")
+    s.add_argument("--treatment-aggregation", default="median", choices=["mean", "median"],
+                   help="wells -> treatments")
     s.add_argument("--select", nargs="*", default=["nonfinite"],
                    choices=["nonfinite", "variance", "correlation"],
-                   help="feature selection steps (default: nonfinite)")
-    _normalize_args(s, "--normalize", "center")
+                   help="feature selection steps")
+    _normalize_args(s, "--normalize", None)
     _column_args(s)
     s.set_defaults(func=cmd_aggregate)
 
-    s = sub.add_parser("normalize", help="normalise profiles against controls (or apply a "
-                       "saved normaliser)")
+    s = _parser(sub, "normalize", "normalise profiles against controls (or apply a saved "
+                "normaliser)", outputs=[("out", False), ("save", False)])
     s.add_argument("profiles", help="profiles Parquet (wells, sites or cells)")
     s.add_argument("--out", required=True, help="normalised profiles Parquet")
     _normalize_args(s, "--method", "robust")
@@ -562,27 +679,45 @@ def build_parser() -> argparse.ArgumentParser:
     _column_args(s)
     s.set_defaults(func=cmd_normalize)
 
-    s = sub.add_parser("evaluate", help="NSC / NSCB, k-NN, mAP, conformal MoA sets")
+    s = _parser(sub, "evaluate", "NSC / NSCB, k-NN, mAP, conformal MoA sets",
+                outputs=[("out", False)])
     s.add_argument("profiles", help="wells.parquet or treatments.parquet")
     s.add_argument("--out", required=True, help="evaluation.json")
     s.add_argument("--k", type=int, nargs="*", default=[3, 5], help="k-NN voting runs")
-    s.add_argument("--alpha", type=float, default=0.1, help="conformal miscoverage")
+    s.add_argument("--alpha", type=float, default=0.1, help="conformal miscoverage (0.1: sets "
+                   "aim at 90%% coverage)")
     s.add_argument("--null-size", type=int, default=10000, help="mAP null permutations")
-    s.add_argument("--treatment-aggregation", default="median", choices=["mean", "median"])
+    s.add_argument("--treatment-aggregation", default="median", choices=["mean", "median"],
+                   help="well input: wells -> treatments")
     s.add_argument("--group", nargs="*", default=[],
                    help="metadata columns for nearest-neighbour group accuracy")
     _column_args(s)
     s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("report", help="write a self-contained HTML report")
-    s.add_argument("--profiles", required=True, help="wells.parquet or treatments.parquet")
+    s = _parser(sub, "report", "write a self-contained HTML report", outputs=[("out", False)])
+    s.add_argument("--profiles", required=True, help="wells.parquet (for QC) or "
+                   "treatments.parquet")
     s.add_argument("--evaluation", required=True, help="evaluation.json")
     s.add_argument("--out", required=True, help="report.html")
-    s.add_argument("--wells", help="well profiles for the QC heatmaps (Metadata_count)")
+    s.add_argument("--wells", help="well profiles for the QC heatmaps (Metadata_count), when "
+                   "--profiles holds treatments")
+    s.add_argument("--index", help="the experiment index: dataset summary and example fields "
+                   "per MoA")
     s.add_argument("--config", help="the run's configuration file, shown in the report")
     _column_args(s)
     s.set_defaults(func=cmd_report)
     return p
+
+
+def _check_outputs(a: argparse.Namespace) -> None:
+    """Before any work: every output path the command was given can be written (a parent that
+    is a file, a read-only folder... is one ``cannot write`` error, not a failure after hours)."""
+    from morphoprof.io_utils import check_writable
+
+    for attr, folder in getattr(a, "outputs", ()):
+        value = getattr(a, attr, None)
+        if value:
+            check_writable(value, folder=folder)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -592,9 +727,14 @@ def main(argv: list[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
+        _check_outputs(args)
         return args.func(args)
     except MorphoprofError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # an OS error no stage turned into a named one: still one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished shards are kept, re-run to resume", file=sys.stderr)

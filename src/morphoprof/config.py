@@ -3,7 +3,7 @@
 A run config has six sections (every key optional except ``data.source`` and ``output``)::
 
     data:        where the screen comes from
-      source:    synthetic | bbbc021 | bbbc021_6moa | csv | index
+      source:    synthetic | bbbc021 | bbbc021-6moa | csv | index
       path:      screen folder (synthetic: where to generate it), BBBC021 root, 6-MoA folder,
                  CSV file, or index.parquet
       image_csv, moa_csv:            BBBC021 tables (default: found under path)
@@ -56,11 +56,13 @@ _LIST, _DICT = (list,), (dict,)
 
 SCHEMA: dict[str, Any] = {
     "data": {
-        "source": Opt(_STR, None, ("synthetic", "bbbc021", "bbbc021_6moa", "csv", "index"),
+        "source": Opt(_STR, None, ("synthetic", "bbbc021", "bbbc021-6moa", "csv", "index"),
                       required=True),
         "path": Opt(_STR, None),
         "image_csv": Opt(_STR, None),
         "moa_csv": Opt(_STR, None),
+        "plates": Opt(_LIST, None),
+        "only_present": Opt(_BOOL, False),
         "columns": Opt((dict, str), None, free_mapping=True),
         "channel_columns": Opt(_DICT, None, free_mapping=True),
         "sep": Opt(_STR, ","),
@@ -109,7 +111,8 @@ SCHEMA: dict[str, Any] = {
         "treatment_aggregation": Opt(_STR, "median", ("mean", "median")),
         "feature_selection": Opt(_LIST, ["nonfinite"]),
         "normalization": {
-            "method": Opt(_STR, "center",
+            # default (null): center, or none (with a note) for a screen without controls
+            "method": Opt(_STR, None,
                           ("center", "standardize", "robust", "spherize", "coral",
                            "factor_analysis", "none")),
             "eps": Opt(_FLOAT, 1e-6),
@@ -138,10 +141,15 @@ def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
     return isinstance(value, types)
 
 
+SOURCE_ALIASES = {"bbbc021_6moa": "bbbc021-6moa"}  # one spelling printed, both accepted
+
+
 def _check(raw: Any, schema: dict, path: str, problems: list[str]) -> dict:
     out: dict[str, Any] = {}
     if raw is None:
         raw = {}
+    if path == "data." and isinstance(raw, dict) and raw.get("source") in SOURCE_ALIASES:
+        raw = {**raw, "source": SOURCE_ALIASES[raw["source"]]}
     if not isinstance(raw, dict):
         problems.append(f"{path or 'config'}: expected a mapping, got {type(raw).__name__}")
         raw = {}
@@ -175,7 +183,7 @@ def _check(raw: Any, schema: dict, path: str, problems: list[str]) -> dict:
 def _check_data(data: dict, problems: list[str]) -> None:
     """Checks of the ``data`` section that the schema cannot express (shared by run and
     training configs)."""
-    if data["source"] in ("bbbc021", "bbbc021_6moa", "csv", "index") and not data["path"]:
+    if data["source"] in ("bbbc021", "bbbc021-6moa", "csv", "index") and not data["path"]:
         problems.append(f"data.path: required for source {data['source']!r}")
     if data["source"] == "csv":
         if not data["columns"]:
@@ -353,7 +361,7 @@ WEAK_SCHEMA: dict[str, Any] = {
     "data": {
         **{k: v for k, v in SCHEMA["data"].items() if k != "source"},
         # crops: data.path is an .npz holding ``crops`` and data.table its one-row-per-crop table
-        "source": Opt(_STR, None, ("synthetic", "bbbc021", "bbbc021_6moa", "csv", "index",
+        "source": Opt(_STR, None, ("synthetic", "bbbc021", "bbbc021-6moa", "csv", "index",
                                    "crops"), required=True),
         "table": Opt(_STR, None),
     },

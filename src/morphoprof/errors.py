@@ -36,6 +36,20 @@ class ImageReadError(InputError):
         super().__init__(f"cannot read image {self.path}: {reason}")
 
 
+class OutputError(MorphoprofError):
+    """An output could not be written (permission, read-only or full disk, a path that is a
+    file); the message is ``cannot write <path>: <reason>``."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = str(path)
+        super().__init__(f"cannot write {self.path}: {reason}")
+
+
+def os_reason(exc: OSError) -> str:
+    """The human part of an OS error ("No space left on device"), without errno noise."""
+    return exc.strerror or str(exc)
+
+
 class DownloadError(MorphoprofError):
     """A download failed, or its result did not verify."""
 

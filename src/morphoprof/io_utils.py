@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,19 +14,114 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from morphoprof.errors import OutputError, os_reason
+
+
+def _makedirs(folder: Path, target: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return the ones created (deepest last).
+    An OS error becomes :class:`OutputError` naming ``target``."""
+    missing = []
+    for d in (folder, *folder.parents):
+        if d.is_dir():
+            break
+        if d.exists() or d.is_symlink():
+            raise OutputError(target, f"{d} is a file, not a folder")
+        missing.append(d)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(target, os_reason(exc)) from exc
+    return missing[::-1]
+
+
+def _remove_dirs(created: list[Path]) -> None:
+    """Remove folders that :func:`_makedirs` created, where they are still empty."""
+    for d in reversed(created):
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+def check_writable(path: str | Path, folder: bool = False) -> Path:
+    """Check, before any work is done, that ``path`` (a file, or a folder with ``folder``) can be
+    written: its parents are folders (not files), and a file can be created where it will go.
+    Creates nothing that stays. Raises :class:`OutputError` (``cannot write <path>: <reason>``).
+    """
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise OutputError(path, "it exists and is a file, not a folder")
+    if not folder and path.is_dir():
+        raise OutputError(path, "it is a folder")
+    where = path if folder else path.parent
+    created = _makedirs(where, path)
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".morphoprof-write-check-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(path, os_reason(exc)) from exc
+    finally:
+        _remove_dirs(created)
+    return path
+
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
+
+    An OS error while writing (permission, full disk, a parent that is a file) is raised as
+    :class:`OutputError` naming ``path``; the temporary file is removed either way."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _makedirs(path.parent, path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
         os.replace(tmp, path)
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise OutputError(path, os_reason(exc)) from exc
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path`` to write a stage's outputs into; when the block
+    succeeds its files are moved into ``path`` (created if needed, other files there kept),
+    otherwise it is removed, with any parent folder made for it: a failed stage leaves no
+    partial output. OS errors become :class:`OutputError` naming ``path``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(path, "it exists and is a file, not a folder")
+    created = _makedirs(path.parent, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    ok = False
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        yield tmp
+        if not path.exists():
+            os.replace(tmp, path)
+        else:
+            for entry in sorted(tmp.iterdir()):
+                target = path / entry.name
+                if target.is_dir() and not entry.is_dir():
+                    raise OutputError(target, "it is a folder")
+                os.replace(entry, target)
+        ok = True
+    except OutputError:
+        raise
+    except OSError as exc:
+        raise OutputError(path, os_reason(exc)) from exc
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not ok:
+            _remove_dirs(created)
 
 
 def _is_utf8(text: str) -> bool:

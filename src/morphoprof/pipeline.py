@@ -23,11 +23,19 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 
+from morphoprof.errors import InputError
 from morphoprof.index.schema import BATCH, PLATE, ExperimentIndex
-from morphoprof.io_utils import atomic_path, read_parquet, write_json, write_parquet
+from morphoprof.io_utils import (
+    atomic_dir,
+    atomic_path,
+    read_parquet,
+    write_json,
+    write_parquet,
+)
 
 NORMALIZE_BY = {"plate": PLATE, "batch": BATCH, "all": None}
 
@@ -47,14 +55,23 @@ def build_index_from_config(data: dict, out: Path, progress: bool = True, log=pr
         screen = Path(data["path"]) if data["path"] else out / "synthetic_screen"
         return generate_screen(screen, SynthConfig(**params), progress=progress, log=log)
     if source == "bbbc021":
-        return import_bbbc021(data["path"], data["image_csv"], data["moa_csv"], progress=progress)
-    if source == "bbbc021_6moa":
-        return import_fields_6moa(data["path"])
-    if source == "csv":
-        return import_csv(data["path"], data["channel_columns"], data["columns"],
-                          sep=data["sep"], controls=data["controls"])
-    index = ExperimentIndex.read_parquet(data["path"])
-    index.validate(check_shapes=False)
+        index = import_bbbc021(data["path"], data["image_csv"], data["moa_csv"],
+                               progress=progress, plates=data.get("plates"),
+                               only_present=data.get("only_present", False))
+    elif source == "bbbc021-6moa":
+        index = import_fields_6moa(data["path"], only_present=data.get("only_present", False))
+    elif source == "csv":
+        index = import_csv(data["path"], data["channel_columns"], data["columns"],
+                           sep=data["sep"], controls=data["controls"],
+                           only_present=data.get("only_present", False))
+    else:
+        index = ExperimentIndex.read_parquet(data["path"])
+        index.validate(check_shapes=False)
+    if log:
+        from morphoprof.index.schema import summarize_left_out
+
+        for line in summarize_left_out(index):
+            log(line)
     return index
 
 
@@ -131,14 +148,50 @@ def cells_per_well(cells_path: Path, index: ExperimentIndex) -> pd.DataFrame:
     return wells.join(counts).fillna(0).astype({"cells": int}).reset_index()
 
 
+_NO_CONTROL_FIX = {
+    "cli": ("--normalize center --reference all", "--normalize none"),
+    "yaml": ("profiles.normalization.reference: all", "profiles.normalization.method: none"),
+}
+
+
+def resolve_normalization(norm: dict, has_controls: bool, what: str,
+                          style: str = "cli") -> tuple[dict, str]:
+    """The normalisation settings to run, and a note for the user ("" when none).
+
+    ``method: None`` (the default) is ``center``, or ``none`` when ``what`` (the screen or
+    table) has no control rows, with a note saying so and how to centre on all wells instead.
+    An explicit method fitted on controls that do not exist is refused up front, naming the
+    flag (``style="cli"``) or config key (``"yaml"``) to use.
+    """
+    norm = dict(norm)
+    all_fix, none_fix = _NO_CONTROL_FIX[style]
+    needs_controls = norm.get("reference", "controls") == "controls" and \
+        norm.get("fallback", "none") != "all"
+    if norm.get("method") is None:
+        if has_controls or not needs_controls:
+            norm["method"] = "center"
+            return norm, ""
+        norm["method"] = "none"
+        return norm, (f"note: {what} has no control wells (Metadata_control is false "
+                      f"everywhere), so profiles are not normalised; to centre each plate on "
+                      f"all its wells instead, use {all_fix}")
+    if norm["method"] != "none" and needs_controls and not has_controls:
+        raise InputError(f"{what} has no control wells (Metadata_control is false everywhere) "
+                         f"to fit the {norm['method']!r} normalisation on: use {all_fix} (fit "
+                         f"on every well), or {none_fix}")
+    return norm, ""
+
+
 def build_profiles(features_dir: Path, profiles_cfg: dict, out_dir: Path,
-                   columns=None) -> tuple[Path, Path]:
+                   columns=None, style: str = "cli", log=print) -> tuple[Path, Path]:
     """Features -> selected, normalised well profiles -> treatment profiles (Parquet files).
 
-    Aggregation to wells streams the feature shards through DuckDB (never loaded whole); the
-    fitted normaliser is saved as ``normalizer.npz`` to apply to new data. ``columns``
+    Aggregation to wells streams the feature shards (never loaded whole); the fitted
+    normaliser is saved as ``normalizer.npz`` to apply to new data. ``columns``
     (:class:`~morphoprof.profiles.columns.Columns`) maps other metadata names; the files keep
-    the input's names."""
+    the input's names. Every file is written into a temporary folder that replaces its
+    outputs in ``out_dir`` only when all are written, so a failure leaves nothing partial.
+    ``style`` picks how a settings problem names the fix (CLI flags or YAML keys)."""
     from morphoprof.profiles.aggregate import aggregate_parquet, treatment_profiles
     from morphoprof.profiles.columns import Columns
     from morphoprof.profiles.normalize import Normalizer
@@ -149,20 +202,26 @@ def build_profiles(features_dir: Path, profiles_cfg: dict, out_dir: Path,
                               profiles_cfg["well_aggregation"])
     wells = cols.to_canonical(wells, ("compound", "concentration", "control"),
                               source=str(features_dir))
+    norm, note = resolve_normalization(profiles_cfg["normalization"],
+                                       bool(wells["Metadata_control"].any()),
+                                       str(features_dir), style)
+    if note and log:
+        log(note)
     wells, dropped = select_features(wells, profiles_cfg.get("feature_selection", ["nonfinite"]))
-    write_json(out_dir / "dropped_features.json", dropped)
-    norm = profiles_cfg["normalization"]
-    normalizer = Normalizer(norm["method"], NORMALIZE_BY[norm["by"]], norm["reference"],
-                            norm.get("eps", 1e-6), norm.get("n_factors", 50),
+    normalizer = Normalizer(norm["method"], NORMALIZE_BY.get(norm["by"], norm["by"]),
+                            norm["reference"], norm.get("eps", 1e-6), norm.get("n_factors", 50),
                             norm.get("fallback", "none")).fit(wells)
     for w in normalizer.warnings:
-        print(f"warning: {w}")
-    normalizer.save(out_dir / "normalizer.npz")
+        if log:
+            log(f"warning: {w}")
     wells = normalizer.transform(wells)
     treatments = treatment_profiles(wells, profiles_cfg["treatment_aggregation"])
-    w = write_parquet(out_dir / "wells.parquet", cols.from_canonical(wells))
-    t = write_parquet(out_dir / "treatments.parquet", cols.from_canonical(treatments))
-    return w, t
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / "dropped_features.json", dropped)
+        normalizer.save(tmp / "normalizer.npz")
+        write_parquet(tmp / "wells.parquet", cols.from_canonical(wells))
+        write_parquet(tmp / "treatments.parquet", cols.from_canonical(treatments))
+    return out_dir / "wells.parquet", out_dir / "treatments.parquet"
 
 
 def evaluate_profiles(profiles_path: Path, out: Path, protocols=("nsc", "nscb"),
@@ -201,11 +260,131 @@ def dataset_summary(index: ExperimentIndex) -> dict:
     }
 
 
-def run_pipeline(cfg: dict, config_text: str, progress: bool = True, log=print) -> dict:
+def extraction_summary(extraction: dict, n_image_sets: int) -> str:
+    """The report's line about feature extraction, true after a resumed run too: how many
+    image sets were extracted in this run (time, rate) and how many shards were reused."""
+    done = extraction.get("image_sets") or 0
+    reused = extraction.get("shards_skipped") or 0
+    parts = []
+    if done:
+        rate = extraction.get("fields_per_s")
+        cells = extraction.get("cells")
+        speed = (f"{rate:.1f} fields/s" if rate else
+                 f"{cells} cells, {extraction['cells_per_s']:.1f} cells/s"
+                 if extraction.get("cells_per_s") else "")
+        parts.append(f"{done} extracted in this run in {extraction['seconds']:.1f} s"
+                     + (f" ({speed})" if speed else ""))
+    if reused:
+        parts.append(f"{reused} finished shard(s) reused from an earlier run")
+    skipped = extraction.get("n_skipped") or 0
+    if skipped:
+        parts.append(f"{skipped} skipped (unreadable)")
+    return f"{n_image_sets} image sets: " + ("; ".join(parts) or "nothing to do")
+
+
+def fields_per_well(index: ExperimentIndex) -> pd.DataFrame:
+    """QC table (plate, well, cells = number of fields) of an index: what whole-field
+    profiles summarise per well."""
+    t = index.table
+    return (t.groupby([PLATE, "Metadata_well"]).size().rename("cells").reset_index())
+
+
+def applied_config(cfg: dict) -> dict:
+    """The settings that applied to a run, for the report: keys of other sources, of disabled
+    stages and of the other extractor or normalisation methods are left out."""
+    data = {k: v for k, v in cfg["data"].items() if v not in (None, {}, False)}
+    pre = {}
+    for stage in ("illumination", "segmentation"):
+        section = cfg["preprocess"][stage]
+        pre[stage] = section if section["enabled"] else {"enabled": False}
+    pre["on_error"] = cfg["preprocess"]["on_error"]
+    feats = dict(cfg["features"])
+    if feats["extractor"] == "classical":
+        feats = {k: feats[k] for k in ("extractor", "measurements")}
+    else:
+        feats.pop("measurements", None)
+        if feats["channel_strategy"] != "rgb":
+            feats.pop("rgb_channels", None)
+        if feats["channel_strategy"] != "native":
+            feats.pop("in_chans", None)
+    norm = dict(cfg["profiles"]["normalization"])
+    if norm["method"] == "none":
+        norm = {"method": "none"}
+    else:
+        if norm["method"] != "factor_analysis":
+            norm.pop("n_factors", None)
+        if norm["reference"] == "all":
+            norm.pop("fallback", None)
+    profiles = {**cfg["profiles"], "normalization": norm}
+    return {"data": data, "channels": cfg["channels"], "preprocess": pre, "features": feats,
+            "profiles": profiles, "evaluation": cfg["evaluation"], "output": cfg["output"]}
+
+
+def report_header(inputs: dict[str, str], command: str | None = None) -> dict:
+    """The report's header: date, morphoprof version, the command and the inputs."""
+    import datetime
+    import sys
+
+    from morphoprof import __version__
+
+    return {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+            "morphoprof": __version__,
+            "command": command or " ".join(["morphoprof", *sys.argv[1:]]),
+            **{k: str(v) for k, v in inputs.items() if v}}
+
+
+def example_fields(index: ExperimentIndex, channels=None, per_moa: int = 2,
+                   size: int = 160) -> list[dict]:
+    """A few fields per MoA (controls as their own group) for the report, each
+    ``{"moa", "label", "rgb"}`` with ``rgb`` a ``(size, size, 3)`` uint8 thumbnail: up to
+    three stains mapped to colours (DNA blue, then green, red), each scaled to its own
+    0.5-99.5 percentile range. Unreadable fields are left out (the report is not the place
+    to fail)."""
+    from skimage.transform import resize
+
+    from morphoprof.errors import InputError as _InputError
+
+    t = index.table
+    chans = list(channels or index.channels)
+    dna = [c for c in chans if c.lower() in ("dna", "dapi", "hoechst")]
+    order = (dna + [c for c in chans if c not in dna])[:3]
+    groups = t["Metadata_moa"].where(~t["Metadata_control"], "control (" +
+                                     t["Metadata_compound"].astype(str) + ")")
+    groups = groups.replace("", "(no MoA)")
+    out = []
+    for moa in sorted(groups.unique()):
+        rows = np.flatnonzero((groups == moa).to_numpy()).tolist()
+        picked = rows[:: max(1, len(rows) // per_moa)][:per_moa]
+        for i in picked:
+            try:
+                img = index.read(i, order)
+            except (_InputError, OSError):
+                continue
+            rgb = np.zeros((*img.shape[1:], 3), np.float32)
+            for k, plane in enumerate(img):  # DNA -> blue, next -> green, next -> red
+                lo, hi = np.percentile(plane, [0.5, 99.5])
+                rgb[..., 2 - k] = np.clip((plane - lo) / (hi - lo or 1), 0, 1)
+            h, w = rgb.shape[:2]
+            scale = size / max(h, w)
+            thumb = resize(rgb, (max(1, round(h * scale)), max(1, round(w * scale))),
+                           anti_aliasing=True)
+            row = t.iloc[i]
+            out.append({"moa": moa, "rgb": (thumb * 255).astype(np.uint8),
+                        "label": f"{row['Metadata_compound']} {row['Metadata_concentration']:g}"
+                                 f" · {row['Metadata_plate']} {row['Metadata_well']} "
+                                 f"s{row['Metadata_site']}",
+                        "channels": " / ".join(f"{c}={col}" for c, col in
+                                               zip(order, ("blue", "green", "red")))})
+    return out
+
+
+def run_pipeline(cfg: dict, config_text: str, progress: bool = True, log=print,
+                 config_path: str | None = None) -> dict:
     """Run every stage of a validated config; returns the evaluation dict (plus timings)."""
+    from morphoprof.io_utils import check_writable
     from morphoprof.report.html import write_report
 
-    out = Path(cfg["output"])
+    out = check_writable(cfg["output"], folder=True)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "config.yaml") as tmp:
         tmp.write_text(config_text)
@@ -215,6 +394,15 @@ def run_pipeline(cfg: dict, config_text: str, progress: bool = True, log=print) 
     index = build_index_from_config(cfg["data"], out, progress=progress, log=log)
     index.write(out / "index.parquet")
     timings["index_s"] = time.perf_counter() - t0
+    # a screen without controls: decided now, not after hours of extraction
+    norm, note = resolve_normalization(cfg["profiles"]["normalization"],
+                                       bool(index.table["Metadata_control"].any()),
+                                       f"the screen ({cfg['data']['source']} "
+                                       f"{cfg['data']['path'] or ''})".replace(" )", ")"),
+                                       "yaml")
+    if note:
+        log(note)
+    cfg = {**cfg, "profiles": {**cfg["profiles"], "normalization": norm}}
 
     pre = cfg["preprocess"]
     t = time.perf_counter()
@@ -235,7 +423,8 @@ def run_pipeline(cfg: dict, config_text: str, progress: bool = True, log=print) 
 
     t = time.perf_counter()
     log("[5/7] profiles")
-    wells, treatments = build_profiles(out / "features", cfg["profiles"], out / "profiles")
+    wells, treatments = build_profiles(out / "features", cfg["profiles"], out / "profiles",
+                                       style="yaml", log=log)
     timings["profiles_s"] = time.perf_counter() - t
 
     log("[6/7] evaluation")
@@ -252,15 +441,17 @@ def run_pipeline(cfg: dict, config_text: str, progress: bool = True, log=print) 
         summary["fields without cells"] = seg["image_sets_without_cells"]
         summary["skipped files"] = len(seg["skipped"])
         qc = cells_per_well(out / "cells.parquet", index)
-    rate = extraction.get("fields_per_s") or extraction.get("cells_per_s")
-    unit = "fields/s" if extraction.get("fields_per_s") else "cells/s"
-    summary["feature extraction"] = (
-        f"{extraction['image_sets']} fields in {extraction['seconds']:.1f} s"
-        + (f" ({rate:.1f} {unit})" if rate else "")
-    )
+    summary["feature extraction"] = extraction_summary(extraction, len(index))
+    if qc is None:
+        qc = fields_per_well(index)
     write_report(out / "report.html", evaluation, read_parquet(treatments), summary,
-                 config_text=yaml.safe_dump(cfg, sort_keys=False), cells_per_well=qc,
-                 qc_title="segmented cells per well")
+                 config_text=yaml.safe_dump(applied_config(cfg), sort_keys=False),
+                 cells_per_well=qc, qc_title=("segmented cells per well" if seg is not None
+                                              else "fields (image sets) per well"),
+                 header=report_header(inputs={"configuration": config_path or "(built in)",
+                                              "data": cfg["data"]["path"] or "",
+                                              "output": str(out)}),
+                 examples=example_fields(index, cfg["channels"]))
     timings["total_s"] = time.perf_counter() - t0
     for key in ("nsc", "nscb"):
         r = evaluation.get(key)

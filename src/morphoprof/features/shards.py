@@ -47,6 +47,7 @@ class ShardWriter:
         self.params = json.loads(json.dumps(params))  # normalise tuples etc. for comparison
         manifest = self.out / MANIFEST
         self.shards: dict[str, dict] = {}
+        self.recomputed: list[str] = []  # finished shards found damaged: computed again
         if manifest.is_file():
             saved = json.loads(manifest.read_text())
             if saved.get("params") != self.params:
@@ -60,11 +61,15 @@ class ShardWriter:
             else:
                 # a listed shard counts as done only if its file is there with its checksum
                 # (a file replaced or damaged since is recomputed)
-                self.shards = {
-                    k: v for k, v in saved.get("shards", {}).items()
-                    if (self.out / v["file"]).is_file() and _sha256(self.out / v["file"])
-                    == v.get("sha256")
-                }
+                for k, v in saved.get("shards", {}).items():
+                    path = self.out / v["file"]
+                    if not path.is_file():
+                        self.recomputed.append(f"{path}: missing since the last run")
+                    elif _sha256(path) != v.get("sha256"):
+                        self.recomputed.append(f"{path}: changed since the last run (its "
+                                               "SHA-256 differs from the manifest's)")
+                    else:
+                        self.shards[k] = v
         (self.out / "shards").mkdir(parents=True, exist_ok=True)
         # temporary files of a run that was killed before it could rename them (one run per
         # folder at a time: a second run would also remove the first one's)
@@ -101,8 +106,10 @@ class ShardWriter:
         if log:
             for s in skipped:
                 log(f"skipped {s['reason']}")
+            for r in self.recomputed:
+                log(f"warning: shard {r}: recomputed")
         summary = {**summary, "on_error": on_error, "n_skipped": len(skipped),
-                   "skipped": skipped}
+                   "skipped": skipped, "shards_recomputed": self.recomputed}
         write_json(self.out / "run_summary.json", summary)
         return summary
 

@@ -60,21 +60,9 @@ class ImageSetDataset(Dataset):
         return len(self.rows)
 
     def _read(self, i: int) -> np.ndarray:
-        from morphoprof.index.schema import describe_row
+        from morphoprof.images.read import read_image_set
 
-        try:
-            image = self.index.read(i, self.channels, self.illumination)
-        except InputError as exc:
-            raise InputError(f"{describe_row(self.index.table, i)}: {exc}") from exc
-        finite = np.isfinite(image)
-        if not finite.all():
-            bad = [c for c, ok in zip(self.channels, finite.reshape(len(finite), -1).all(1),
-                                      strict=True) if not ok]
-            files = [str(p) for c, p in zip(self.channels, self.index.paths(i, self.channels),
-                                            strict=True) if c in bad]
-            raise InputError(f"{describe_row(self.index.table, i)}: NaN or infinite pixels in "
-                             f"channel(s) {bad} ({', '.join(files)})")
-        return image
+        return read_image_set(self.index, i, self.channels, self.illumination)
 
     def _read_or_skip(self, i: int) -> tuple[np.ndarray | None, str]:
         """``(image, "")``, or ``(None, reason)`` for a bad image set under ``skip``."""

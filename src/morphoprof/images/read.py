@@ -210,3 +210,24 @@ def _too_large(shape: tuple, limit: int) -> str:
     n = int(np.prod(shape, dtype=np.int64))
     return (f"image of shape {shape} has {n / 1e6:.0f} M pixels, above the {limit / 1e6:.0f} M "
             "limit (tile or downsample it first, or raise MORPHOPROF_MAX_PIXELS)")
+
+
+def read_image_set(index, i: int, channels: Sequence[str] | None = None,
+                   illumination=None) -> np.ndarray:
+    """Image set ``i`` of an :class:`~morphoprof.index.schema.ExperimentIndex` as ``(C, H, W)``
+    float32, checked as every stage needs it: an unreadable file, or NaN / infinite pixels,
+    raise :class:`InputError` naming the row (its source-table line where known) and file."""
+    chans = list(channels or index.channels)
+    try:
+        image = index.read(i, chans, illumination)
+    except InputError as exc:
+        raise InputError(f"{index.describe(i)}: {exc}") from exc
+    finite = np.isfinite(image)
+    if not finite.all():
+        bad = [c for c, ok in zip(chans, finite.reshape(len(finite), -1).all(1), strict=True)
+               if not ok]
+        files = sorted({str(p) for c, p in zip(chans, index.paths(i, chans), strict=True)
+                        if c in bad})
+        raise InputError(f"{index.describe(i)}: NaN or infinite pixels in channel(s) {bad} "
+                         f"({', '.join(files)})")
+    return image

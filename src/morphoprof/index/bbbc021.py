@@ -14,6 +14,7 @@ Batch = the ``WeekN`` prefix of the plate name. Concentrations are in µM.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from morphoprof.index.schema import (
     WELL,
     ExperimentIndex,
     build_index,
+    finish_import,
 )
 
 BBBC021_CHANNELS = ("DAPI", "Tubulin", "Actin")
@@ -102,6 +104,8 @@ def import_bbbc021(
     validate: bool = True,
     check_shapes: bool = False,
     progress: bool = False,
+    plates: Sequence[str] | None = None,
+    only_present: bool = False,
 ) -> ExperimentIndex:
     """Build the experiment index of BBBC021 from its official tables.
 
@@ -114,6 +118,10 @@ def import_bbbc021(
         validate: check that every file exists (and, with ``check_shapes``, that all images
             share one shape); problems are raised together, each naming its row and file.
         check_shapes: read every TIFF header (slow on the full 39,600 files).
+        plates: keep only these plates (e.g. the ones ``download --plates`` fetched); an
+            unknown name is an error listing the table's plates.
+        only_present: keep the image sets whose three files all exist and list the others in
+            the index's ``left_out``, instead of refusing the folder.
 
     Returns:
         An index with channels DAPI, Tubulin, Actin; ``Metadata_moa`` from the MoA table (empty
@@ -131,13 +139,16 @@ def import_bbbc021(
         "Image_Metadata_Concentration",
     ]
     table = read_csv_checked(image_csv, cols)
+    table["morphoprof_line"] = np.arange(len(table)) + 2  # header is line 1
+    if plates:
+        table = _keep_plates(table, plates, image_csv)
     moas = moa_lookup(moa_csv)
 
     problems: list[str] = []
     sites = np.zeros(len(table), dtype=np.int64)
     batches = []
     for i, row in enumerate(table.itertuples(index=False)):
-        line = i + 2  # header is line 1
+        line = row.morphoprof_line
         fname = str(row.Image_FileName_DAPI)
         m = _SITE_RE.search(fname)
         if m:
@@ -181,13 +192,45 @@ def import_bbbc021(
                 strict=True,
             )
         ]
-    index = build_index(df, BBBC021_CHANNELS, root, controls=("DMSO",))
-    if validate:
-        index.validate(check_files=True, check_shapes=check_shapes, progress=progress)
-    return index
+    index = build_index(df, BBBC021_CHANNELS, root, controls=("DMSO",), source=image_csv,
+                        lines=table["morphoprof_line"].to_numpy())
+    try:
+        return finish_import(index, validate, check_shapes, progress, only_present)
+    except ValidationError as exc:
+        hint = _partial_download_hint(index, root, plates)
+        if hint:
+            raise ValidationError(f"{exc.what} ({hint})", exc.problems) from exc
+        raise
 
 
-def import_fields_6moa(folder: str | Path, validate: bool = True) -> ExperimentIndex:
+def _keep_plates(table: pd.DataFrame, plates: Sequence[str], image_csv: Path) -> pd.DataFrame:
+    """The rows of the image table on ``plates`` (names may be comma separated)."""
+    wanted = [p for item in plates for p in str(item).split(",") if p]
+    have = table["Image_Metadata_Plate_DAPI"].astype(str)
+    unknown = sorted(set(wanted) - set(have))
+    if unknown:
+        raise InputError(f"{image_csv}: unknown plate(s) {unknown}; its plates are "
+                         f"{sorted(have.unique())}")
+    return table[have.isin(wanted).to_numpy()]
+
+
+def _partial_download_hint(index: ExperimentIndex, root: Path,
+                           plates: Sequence[str] | None) -> str:
+    """When files are missing because only some plates are in ``root``: what to pass."""
+    if plates:
+        return ""
+    on_disk = sorted(p for p in index.table[PLATE].unique()
+                     if (root / (batch_of_plate(p) or "") / p).is_dir())
+    n_plates = index.table[PLATE].nunique()
+    if not on_disk or len(on_disk) == n_plates:
+        return ""
+    return (f"only {len(on_disk)} of the table's {n_plates} plates are under {root}: pass "
+            f"--plates {' '.join(on_disk)} (YAML: data.plates), or --only-present "
+            f"(data.only_present: true) to keep every complete image set")
+
+
+def import_fields_6moa(folder: str | Path, validate: bool = True,
+                       only_present: bool = False) -> ExperimentIndex:
     """Index the 6-MoA BBBC021 PNG subset (pharmbio/big-data_deeplearning).
 
     Layout: ``folder/labels.csv`` (``;``-separated; unnamed first column = image number ``i``;
@@ -204,9 +247,10 @@ def import_fields_6moa(folder: str | Path, validate: bool = True) -> ExperimentI
         sep=";",
         index_col=0,
     )
+    table["morphoprof_line"] = np.arange(len(table)) + 2  # header is line 1
     table = table.sort_index()
     problems = []
-    for line_no, (i, plate) in enumerate(zip(table.index, table["plate"]), start=2):
+    for line_no, i, plate in zip(table["morphoprof_line"], table.index, table["plate"]):
         if batch_of_plate(plate) is None:
             problems.append(f"{labels} line {line_no} (image {i}): plate {plate!r} has no WeekN_")
     if problems:
@@ -228,7 +272,6 @@ def import_fields_6moa(folder: str | Path, validate: bool = True) -> ExperimentI
     for frame, ch in enumerate(SIX_MOA_CHANNELS):
         df[PATH_PREFIX + ch] = [f"images/bbbc021v1_{i}.png" for i in table.index]
         df[FRAME_PREFIX + ch] = frame
-    index = build_index(df, SIX_MOA_CHANNELS, folder, controls=("DMSO",))
-    if validate:
-        index.validate(check_files=True, check_shapes=False)
-    return index
+    index = build_index(df, SIX_MOA_CHANNELS, folder, controls=("DMSO",), source=labels,
+                        lines=table["morphoprof_line"].to_numpy())
+    return finish_import(index, validate, only_present=only_present)

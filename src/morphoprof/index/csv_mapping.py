@@ -34,6 +34,7 @@ from morphoprof.index.schema import (
     WELL,
     ExperimentIndex,
     build_index,
+    finish_import,
 )
 
 FIELDS = {
@@ -77,6 +78,7 @@ def import_csv(
     controls: Sequence[str] = DEFAULT_CONTROLS,
     validate: bool = True,
     check_shapes: bool = False,
+    only_present: bool = False,
 ) -> ExperimentIndex:
     """Build an experiment index from a CSV and a column mapping.
 
@@ -88,6 +90,8 @@ def import_csv(
         sep: field separator.
         controls: compound names that mark control wells (``Metadata_control``).
         validate: check files exist (and with ``check_shapes`` that shapes agree).
+        only_present: keep the rows whose files all exist (the others are listed in the
+            index's ``left_out``) instead of refusing the table.
 
     Raises:
         ValidationError: unknown fields, columns not in the CSV, or no channels — each named.
@@ -136,7 +140,6 @@ def import_csv(
         )
     for ch, col in channels.items():
         df[PATH_PREFIX + ch] = table[col].astype(str).to_numpy()
-    index = build_index(df, list(channels), root or csv_path.parent, controls=controls)
-    if validate:
-        index.validate(check_files=True, check_shapes=check_shapes)
-    return index
+    index = build_index(df, list(channels), root or csv_path.parent, controls=controls,
+                        source=csv_path, lines=np.arange(len(df)) + 2)
+    return finish_import(index, validate, check_shapes, only_present=only_present)

@@ -20,7 +20,7 @@ import json
 import os
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ PATH_PREFIX = "Path_"
 FRAME_PREFIX = "Frame_"
 DEFAULT_CONTROLS = ("DMSO",)
 _ROOT_KEY = b"morphoprof.root"
+_SOURCE_KEY = b"morphoprof.source"
 
 
 def channel_columns(table: pd.DataFrame) -> list[str]:
@@ -68,9 +69,24 @@ class ExperimentIndex:
 
     table: pd.DataFrame
     root: Path
+    source: str | None = None
+    source_lines: np.ndarray | None = None
+    left_out: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
+        if self.source_lines is not None:
+            self.source_lines = np.asarray(self.source_lines, dtype=np.int64)
+
+    def describe(self, i: int) -> str:
+        """Row ``i`` (position) as the user knows it: ``line 7 of images.csv (P1 B02 s3)`` when
+        the index was imported from a table (1-based line, header = line 1), else
+        :func:`describe_row`."""
+        if self.source_lines is None:
+            return describe_row(self.table, i)
+        row = self.table.iloc[i]
+        key = " ".join(str(row[c]) for c in IMAGE_SET_KEY if c in self.table.columns)
+        return f"line {int(self.source_lines[i])} of {self.source} ({key})"
 
     def __len__(self) -> int:
         return len(self.table)
@@ -118,8 +134,10 @@ class ExperimentIndex:
 
     def subset(self, mask: Sequence[bool] | pd.Series | np.ndarray) -> ExperimentIndex:
         """A new index with the rows where ``mask`` (one bool per row) is true."""
-        table = self.table[np.asarray(mask, dtype=bool)]
-        return ExperimentIndex(table.reset_index(drop=True), self.root)
+        keep = np.asarray(mask, dtype=bool)
+        lines = None if self.source_lines is None else self.source_lines[keep]
+        return ExperimentIndex(self.table[keep].reset_index(drop=True), self.root, self.source,
+                               lines)
 
     def write(self, path: str | Path) -> Path:
         """Write the index as one Parquet file (atomically), root stored in its metadata."""
@@ -135,6 +153,9 @@ class ExperimentIndex:
         table = pa.Table.from_pandas(self.table, preserve_index=False)
         meta = dict(table.schema.metadata or {})
         meta[_ROOT_KEY] = json.dumps(root).encode()
+        if self.source_lines is not None:
+            meta[_SOURCE_KEY] = json.dumps({"file": self.source,
+                                            "lines": self.source_lines.tolist()}).encode()
         table = table.replace_schema_metadata(meta)
         with atomic_path(path) as tmp, arrow_file(tmp, "wb") as dst:
             pq.write_table(table, dst)
@@ -163,7 +184,46 @@ class ExperimentIndex:
         if missing or not channel_columns(df):
             what = f"missing columns {missing}" if missing else "no Path_<channel> column"
             raise InputError(f"{path} is not a morphoprof experiment index: {what}")
-        return cls(df, root_path)
+        src = json.loads(meta[_SOURCE_KEY]) if _SOURCE_KEY in meta else {}
+        lines = src.get("lines")
+        if lines is not None and len(lines) != len(df):
+            lines = None  # the table was changed by another tool: positions no longer map
+        return cls(df, root_path, src.get("file") if lines is not None else None, lines)
+
+    def file_problems(self, i: int, channels: Sequence[str] | None = None) -> list[str]:
+        """Problems of row ``i``'s files: each missing file once, naming the channels it was
+        to supply (an RGB file holds several)."""
+        from morphoprof.images.read import encoding_hint
+
+        chans = list(channels or self.channels)
+        by_file: dict[Path, list[str]] = {}
+        for ch, p in zip(chans, self.paths(i, chans)):
+            by_file.setdefault(p, []).append(ch)
+        out, folders = [], set()
+        for p, chs in by_file.items():
+            if p.is_file():
+                continue
+            if not p.parent.is_dir():  # a plate not downloaded: its folder, once
+                if p.parent not in folders:
+                    folders.add(p.parent)
+                    out.append(f"{self.describe(i)}: folder not found: {p.parent}")
+                continue
+            what = "channel" if len(chs) == 1 else "channels"
+            out.append(f"{self.describe(i)}, {what} {', '.join(chs)}: file not found: "
+                       f"{p}{encoding_hint(p)}")
+        return out
+
+    def present(self, channels: Sequence[str] | None = None
+                ) -> tuple[ExperimentIndex, dict[str, list[str]]]:
+        """The image sets whose files all exist, and {image set: its missing files} for the
+        others (see :meth:`file_problems`). For an index of a partial download."""
+        left_out, keep = {}, np.ones(len(self.table), dtype=bool)
+        for i in range(len(self.table)):
+            found = self.file_problems(i, channels)
+            if found:
+                keep[i] = False
+                left_out[self.describe(i)] = found
+        return self.subset(keep), left_out
 
     def validate(
         self,
@@ -171,26 +231,30 @@ class ExperimentIndex:
         check_files: bool = True,
         check_shapes: bool = True,
         progress: bool = False,
+        deep: bool = False,
     ) -> None:
         """Check the index; raise :class:`ValidationError` listing every problem found.
 
-        Problems reported (each naming the row and file): empty table, missing required columns,
-        no channels, unknown channels requested, empty key fields, duplicated image sets, missing
+        Problems reported (each naming the row, as its source-table line where the index was
+        imported from one, and the file): empty table, missing required columns, no channels,
+        unknown channels requested, empty key fields, duplicated image sets, missing (each once)
         or unreadable files, channels of different shapes within a row, rows whose shape differs
-        from the rest of the experiment.
+        from the rest of the experiment; with ``deep``, files that cannot be decoded whole
+        (truncated, corrupt) or hold NaN / infinite pixels, read exactly as ``extract`` will.
 
         Args:
             channels: channels the caller needs; an unknown name is a problem.
             check_files: check that each file exists.
             check_shapes: read each file's header (not its pixels) and compare shapes.
-            progress: show a progress bar while reading headers.
+            progress: show a progress bar while reading headers or pixels.
+            deep: decode every image set's pixels (slow: reads the whole screen).
         """
         problems = validate_table(self.table, channels)
-        if problems or not (check_files or check_shapes):
+        if problems or not (check_files or check_shapes or deep):
             if problems:
                 raise ValidationError("experiment index", problems)
             return
-        from morphoprof.images.read import encoding_hint, image_shape
+        from morphoprof.images.read import image_shape
 
         chans = list(channels or self.channels)
         shapes: dict[int, tuple[int, int]] = {}
@@ -198,24 +262,31 @@ class ExperimentIndex:
         if progress:
             from tqdm.auto import tqdm
 
-            rows = tqdm(rows, desc="checking image files", unit="set")
+            desc = "reading images" if deep else "checking image files"
+            rows = tqdm(rows, desc=desc, unit="set")
         for i in rows:
+            missing = self.file_problems(i, chans)
+            problems.extend(missing)
+            if missing:
+                continue
+            if deep:
+                reason = self._deep_problem(i, chans)
+                if reason:
+                    problems.append(reason)
+                    continue
+            if not check_shapes:
+                continue
             row_shapes = {}
             for ch, p, fr in zip(chans, self.paths(i, chans), self.frames(i, chans)):
-                where = f"{describe_row(self.table, i)}, channel {ch}"
-                if not p.is_file():
-                    problems.append(f"{where}: file not found: {p}{encoding_hint(p)}")
-                    continue
-                if not check_shapes:
-                    continue
                 try:
                     row_shapes[ch] = (image_shape(p, fr), p)
                 except ImageReadError as exc:
-                    problems.append(f"{where}: unreadable file {p}: {exc}")
+                    problems.append(f"{self.describe(i)}, channel {ch}: unreadable file {p}: "
+                                    f"{exc}")
             distinct = {s for s, _ in row_shapes.values()}
             if len(distinct) > 1:
                 desc = ", ".join(f"{ch}={s} ({p})" for ch, (s, p) in row_shapes.items())
-                problems.append(f"{describe_row(self.table, i)}: channel shapes differ: {desc}")
+                problems.append(f"{self.describe(i)}: channel shapes differ: {desc}")
             elif distinct:
                 shapes[i] = distinct.pop()
         if shapes:
@@ -224,11 +295,71 @@ class ExperimentIndex:
                 if s != common:
                     p = self.paths(i, chans)[0]
                     problems.append(
-                        f"{describe_row(self.table, i)}: image shape {s} differs from the "
+                        f"{self.describe(i)}: image shape {s} differs from the "
                         f"experiment's {common} ({p})"
                     )
         if problems:
             raise ValidationError("experiment index", problems)
+
+    def _deep_problem(self, i: int, channels: list[str]) -> str:
+        """Why image set ``i`` cannot be used as pixels ("" when it can): the same read and
+        finiteness check as the extractors' dataset."""
+        from morphoprof.images.read import read_image_set
+
+        try:
+            read_image_set(self, i, channels)
+        except InputError as exc:
+            return str(exc)
+        return ""
+
+
+def finish_import(index: ExperimentIndex, validate: bool = True, check_shapes: bool = False,
+                  progress: bool = False, only_present: bool = False) -> ExperimentIndex:
+    """The last step of every importer. ``validate``: raise every problem of the index (files
+    included). ``only_present``: keep the image sets whose files all exist and record the
+    others with their missing files in ``left_out`` (a partial download); an index left with
+    no image set is still an error."""
+    if only_present:
+        structural = validate_table(index.table)
+        if structural:
+            raise ValidationError("experiment index", structural)
+        kept, left_out = index.present()
+        if len(kept) == 0:
+            raise ValidationError("experiment index: none of the image sets has all its files",
+                                  [m for found in left_out.values() for m in found])
+        kept.left_out = left_out
+        index = kept
+    if validate:
+        index.validate(check_files=True, check_shapes=check_shapes, progress=progress)
+    return index
+
+
+def summarize_left_out(index: ExperimentIndex, shown: int = 10) -> list[str]:
+    """Lines for a person about an ``only_present`` import: how many image sets were left out,
+    the folders that do not exist (plates not downloaded) with their counts, then the missing
+    files of the first ``shown`` other image sets."""
+    if not index.left_out:
+        return []
+    n = len(index.left_out)
+    absent: Counter = Counter()
+    partial = []
+    for found in index.left_out.values():
+        gone = [m.split(": folder not found: ", 1)[1] for m in found
+                if ": folder not found: " in m]
+        absent.update(gone)
+        if len(gone) < len(found):
+            partial.append([m for m in found if ": folder not found: " not in m])
+    lines = [f"left out {n} of {n + len(index)} image set(s) with missing files:"]
+    if absent:
+        lines.append(f"  {len(absent)} folder(s) not found (not downloaded?), "
+                     f"{sum(absent.values())} image set(s): "
+                     + ", ".join(f"{f} ({c})" for f, c in list(absent.items())[:shown])
+                     + (" ..." if len(absent) > shown else ""))
+    for found in partial[:shown]:
+        lines += [f"  {m}" for m in found]
+    if len(partial) > shown:
+        lines.append(f"  ... and {len(partial) - shown} more image set(s) with missing files")
+    return lines
 
 
 def validate_table(table: pd.DataFrame, channels: Sequence[str] | None = None) -> list[str]:
@@ -267,6 +398,8 @@ def build_index(
     channels: Sequence[str],
     root: str | Path,
     controls: Sequence[str] = DEFAULT_CONTROLS,
+    source: str | Path | None = None,
+    lines: Sequence[int] | np.ndarray | None = None,
 ) -> ExperimentIndex:
     """Build a canonical :class:`ExperimentIndex` from a table that already has the metadata
     columns (``Metadata_moa``, ``Metadata_batch`` and ``Metadata_control`` may be missing) and one
@@ -274,7 +407,8 @@ def build_index(
 
     Types are normalised (plate/well/compound/batch/moa to str, site to int, concentration to
     float), ``Metadata_control`` is set from ``controls`` when absent, and columns are ordered
-    metadata first, then paths and frames in channel order.
+    metadata first, then paths and frames in channel order. ``source`` and ``lines`` (the
+    table file and, per record, its 1-based line there) let errors name the user's line.
     """
     df = records.copy()
     if MOA not in df.columns:
@@ -298,5 +432,10 @@ def build_index(
         if FRAME_PREFIX + ch in df.columns:
             df[FRAME_PREFIX + ch] = df[FRAME_PREFIX + ch].fillna(-1).astype("int64")
             cols.append(FRAME_PREFIX + ch)
-    df = df[cols].sort_values(IMAGE_SET_KEY, kind="stable").reset_index(drop=True)
-    return ExperimentIndex(df, Path(root))
+    order = df[IMAGE_SET_KEY].reset_index(drop=True).sort_values(
+        IMAGE_SET_KEY, kind="stable").index.to_numpy()
+    df = df[cols].iloc[order].reset_index(drop=True)
+    if lines is not None:
+        lines = np.asarray(lines, dtype=np.int64)[order]
+    return ExperimentIndex(df, Path(root), str(source) if lines is not None else None, lines)
+

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from morphoprof.errors import InputError
-from morphoprof.index.schema import ExperimentIndex, describe_row
+from morphoprof.index.schema import ExperimentIndex
 from morphoprof.preprocess.crops import normalize_crops
 
 
@@ -52,7 +52,7 @@ def load_images(
         try:
             img = index.read(int(i), channels, illumination)
         except InputError as exc:
-            raise InputError(f"{describe_row(index.table, int(i))}: {exc}") from exc
+            raise InputError(f"{index.describe(int(i))}: {exc}") from exc
         x = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None] / float(scale)
         if size is not None and tuple(x.shape[-2:]) != (size, size):
             x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",
@@ -61,7 +61,7 @@ def load_images(
         if out is None:
             out = np.empty((len(rows), *arr.shape), dtype=np.float32)
         elif arr.shape != out.shape[1:]:
-            raise InputError(f"{describe_row(index.table, int(i))}: image shape {arr.shape} "
+            raise InputError(f"{index.describe(int(i))}: image shape {arr.shape} "
                              f"differs from the first image's {out.shape[1:]}; set a size")
         out[k] = arr
     if out is None:

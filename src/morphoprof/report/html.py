@@ -25,6 +25,9 @@ h1{font-size:1.6em} h2{font-size:1.25em;border-bottom:1px solid #ccc;padding-bot
 table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #ccc;padding:.25em .6em}
 th{background:#f3f3f3} td.num{text-align:right} pre{background:#f7f7f7;padding:.8em;overflow:auto}
 img{max-width:100%} .fig{display:inline-block;margin:.5em;vertical-align:top}
+p.how{color:#555;font-size:.9em;max-width:60em} table.header th{text-align:left}
+.thumbs{display:flex;flex-wrap:wrap;gap:.5em} figure{margin:0;font-size:.75em;color:#555}
+figure img{display:block;width:160px;image-rendering:auto}
 """
 
 
@@ -80,6 +83,18 @@ def embed_2d(x: np.ndarray, method: str = "tsne", seed: int = 0) -> tuple[np.nda
     return pcs[:, :2], "PCA"
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P")
+
+
+def group_style(k: int) -> tuple[tuple[float, ...], str]:
+    """Colour and marker of group ``k`` in a scatter plot: the 10 well-separated colours of
+    matplotlib's tab10, then the same colours with another marker (tab20's pairs of
+    near-identical shades are never used)."""
+    import matplotlib
+
+    return matplotlib.colormaps["tab10"](k % 10), _MARKERS[(k // 10) % len(_MARKERS)]
+
+
 def _embedding_figure(profiles: pd.DataFrame) -> str:
     import matplotlib
 
@@ -90,10 +105,11 @@ def _embedding_figure(profiles: pd.DataFrame) -> str:
     xy, method = embed_2d(x)
     fig, ax = plt.subplots(figsize=(6.5, 5))
     moas = profiles[MOA].astype(str) if MOA in profiles.columns else pd.Series([""] * len(x))
-    cmap = plt.get_cmap("tab20")
     for k, moa in enumerate(sorted(moas.unique())):
         sel = (moas == moa).to_numpy()
-        ax.scatter(xy[sel, 0], xy[sel, 1], s=30, color=cmap(k % 20), label=moa or "(none)")
+        colour, marker = group_style(k)
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=30, color=colour, marker=marker,
+                   label=moa or "(none)")
     ax.set_xlabel(f"{method} 1")
     ax.set_ylabel(f"{method} 2")
     ax.set_title(f"Treatment profiles ({method}), coloured by MoA")
@@ -101,8 +117,9 @@ def _embedding_figure(profiles: pd.DataFrame) -> str:
     return _fig_to_img(fig, f"{method} of treatment profiles")
 
 
-def _plate_heatmaps(counts: pd.DataFrame) -> str:
-    """Cells per well as one heatmap per plate (rows = well letters, columns = numbers)."""
+def _plate_heatmaps(counts: pd.DataFrame, label: str = "cells per well") -> str:
+    """Counts per well (``label``: what they count) as one heatmap per plate (rows = well
+    letters, columns = numbers)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -131,8 +148,50 @@ def _plate_heatmaps(counts: pd.DataFrame) -> str:
         ax.set_xticks(range(len(cols)), cols, fontsize=6)
     for ax in axes.ravel()[len(plates):]:
         ax.axis("off")
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="cells per well")
-    return _fig_to_img(fig, "cells per well")
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=label)
+    return _fig_to_img(fig, label)
+
+
+def _examples(examples: list[dict]) -> str:
+    """Thumbnails of example fields, one row per MoA."""
+    from PIL import Image
+
+    parts, last = [], None
+    for ex in examples:
+        if ex["moa"] != last:
+            if last is not None:
+                parts.append("</div>")
+            parts.append(f"<h3>{html.escape(ex['moa'])}</h3><div class='thumbs'>")
+            last = ex["moa"]
+        buf = io.BytesIO()
+        Image.fromarray(ex["rgb"]).save(buf, format="PNG")
+        data = base64.b64encode(buf.getvalue()).decode()
+        parts.append(f"<figure><img alt='{html.escape(ex['label'])}' "
+                     f"src='data:image/png;base64,{data}'><figcaption>"
+                     f"{html.escape(ex['label'])}</figcaption></figure>")
+    if last is not None:
+        parts.append("</div>")
+    return "".join(parts)
+
+
+def _how(text: str) -> str:
+    """A short 'how to read this' line under a figure or table."""
+    return f"<p class='how'><b>How to read this:</b> {text}</p>"
+
+
+def _nscb_note(evaluation: dict) -> str:
+    """Why NSCB can read above NSC, when it does in this evaluation."""
+    nsc, nscb = evaluation.get("nsc") or {}, evaluation.get("nscb") or {}
+    a, b = nsc.get("accuracy"), nscb.get("accuracy")
+    if a is None or b is None or b <= a:
+        return ""
+    return (f" Here NSCB ({_pct(b)}, {nscb.get('correct')}/{nscb.get('n')}) is above NSC "
+            f"({_pct(a)}, {nsc.get('correct')}/{nsc.get('n')}). That is not an error: NSCB "
+            "scores a different set of queries (MoAs present in only one batch are dropped), "
+            "and excluding same-batch neighbours also removes treatments that look alike only "
+            "because they share a batch, e.g. when profiles are centred per plate on a few "
+            "control wells, the noise of those few wells is shared by every treatment of the "
+            "plate.")
 
 
 def _table(df: pd.DataFrame) -> str:
@@ -171,6 +230,8 @@ def write_report(
     title: str = "morphoprof report",
     cells_per_well: pd.DataFrame | None = None,
     qc_title: str = "cells per well",
+    header: dict | None = None,
+    examples: list[dict] | None = None,
 ) -> Path:
     """Write a self-contained HTML report (figures embedded as PNG; opens offline).
 
@@ -188,16 +249,33 @@ def write_report(
         cells_per_well: optional QC table (``Metadata_plate``, ``Metadata_well``, ``cells``),
             drawn as plate heatmaps.
         qc_title: what the QC counts are (segmented cells, or the rows each well profile
-            summarises).
+            summarises); also the heatmaps' colour-bar label.
+        header: {label: value} shown first: date, morphoprof version, command, input paths
+            (see :func:`morphoprof.pipeline.report_header`).
+        examples: example fields (see :func:`morphoprof.pipeline.example_fields`), drawn as
+            thumbnails per MoA.
     """
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
              f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    if header:
+        parts.append("<table class='header'>" + "".join(
+            f"<tr><th>{html.escape(str(k))}</th><td><code>{html.escape(str(v))}</code></td>"
+            "</tr>" for k, v in header.items()) + "</table>")
     parts.append("<h2>Dataset</h2>")
     parts.append(_table(pd.DataFrame({"item": list(summary),
                                       "value": [str(v) for v in summary.values()]})))
     if cells_per_well is not None and len(cells_per_well):
         parts.append(f"<h2>Quality control: {html.escape(qc_title)}</h2>")
-        parts.append(_plate_heatmaps(cells_per_well))
+        parts.append(_plate_heatmaps(cells_per_well, qc_title))
+        parts.append(_how(f"one panel per plate, one square per well (rows = well letters, "
+                          f"columns = well numbers), coloured by {html.escape(qc_title)}; "
+                          "white squares are wells not in the screen. A well much darker than "
+                          "its neighbours had few usable fields or cells: check its images."))
+    if examples:
+        parts.append("<h2>Example fields per MoA</h2>" + _examples(examples))
+        parts.append(_how("a few fields of each MoA (and of the controls), each stain scaled "
+                          f"to its own range; colours: {html.escape(examples[0]['channels'])}."
+                          ))
     warnings = evaluation.get("warnings") or []
     if warnings:
         parts.append("<h2>Warnings</h2><ul>" + "".join(
@@ -218,6 +296,12 @@ def write_report(
         row["dropped MoAs"] = ", ".join(r.get("dropped_moas", [])) or "-"
         rows.append(row)
     parts.append(_table(pd.DataFrame(rows)))
+    parts.append(_how("each treatment's profile is matched to its most similar other "
+                      "treatment (cosine); it counts as correct when that neighbour has the "
+                      "same MoA. NSC ignores every treatment of the same compound, so a "
+                      "compound cannot match itself at another dose; NSCB also ignores "
+                      "treatments imaged in the same batch, so batch effects cannot help. "
+                      "k-NN vote: the majority MoA of the k nearest." + _nscb_note(evaluation)))
     per = []
     for key in ("nsc", "nscb"):
         for moa, v in (evaluation.get(key) or {}).get("per_moa", {}).items():
@@ -231,10 +315,18 @@ def write_report(
     ]
     if figs:
         parts.append("<h3>Confusion matrices</h3>" + "".join(figs))
+        parts.append(_how("rows are the true MoA, columns the MoA of the nearest neighbour; "
+                          "counts on the diagonal are correct matches, off-diagonal cells show "
+                          "which MoAs are confused."))
     map_rows = _map_rows(evaluation)
     if map_rows:
         parts.append("<h2>Retrieval: mean average precision (copairs)</h2>"
                      + _table(pd.DataFrame(map_rows)))
+        parts.append(_how("for each profile, all others are ranked by similarity; average "
+                          "precision is high when the ones that should match (same MoA from "
+                          "another compound, or replicate wells) rank above the rest. "
+                          "'Retrieved' is the fraction whose score beats a permutation null "
+                          "after FDR correction."))
     nn = []
     if "replicate_accuracy" in evaluation:
         r = evaluation["replicate_accuracy"]
@@ -257,9 +349,20 @@ def write_report(
         parts.append(_table(pd.DataFrame([
             {"MoA": m, "coverage": _pct(v["coverage"]), "mean set size": v["mean_set_size"],
              "n": v["n"]} for m, v in conf["per_moa"].items()])))
+        parts.append(_how("instead of one MoA, each treatment gets a set of plausible MoAs, "
+                          "calibrated on the other compounds so that the set holds the true "
+                          f"MoA for about {_pct(conf['target_coverage'])} of treatments. Small "
+                          "sets at the target coverage mean confident, well-calibrated "
+                          "predictions; a set of 0 means no MoA was similar enough."))
     parts.append("<h2>Profiles</h2>" + _embedding_figure(profiles))
+    parts.append(_how("each point is a treatment profile, placed so that similar profiles lie "
+                      "close together (t-SNE keeps neighbourhoods, not distances: the size of "
+                      "and gaps between clusters mean little). Points of one colour and marker "
+                      "clustering together is what good MoA matching looks like."))
     if config_text:
-        parts.append(f"<h2>Run configuration</h2><pre>{html.escape(config_text)}</pre>")
+        parts.append("<h2>Run configuration</h2><p>The settings that applied to this run "
+                     "(defaults filled in; keys of unused stages left out).</p>"
+                     f"<pre>{html.escape(config_text)}</pre>")
     # a browser marks how many figures it decoded (checked by the test suite in Chromium)
     parts.append("<script>window.addEventListener('load',function(){var im=document.images,"
                  "ok=0;for(var i=0;i<im.length;i++){if(im[i].complete&&im[i].naturalWidth>0)"
@@ -280,3 +383,22 @@ def well_counts(wells: pd.DataFrame) -> pd.DataFrame:
     if missing:
         raise InputError(f"well profiles lack {missing} for the QC heatmaps")
     return wells[need].rename(columns={"Metadata_count": "cells"})
+
+
+def profiles_summary(treatments: pd.DataFrame, wells: pd.DataFrame | None = None) -> dict:
+    """Dataset rows the report can state from profiles alone: treatments, compounds, MoAs,
+    batches (and wells, plates, control wells from well profiles)."""
+    out: dict = {"treatment profiles": len(treatments)}
+    for col, label in (("Metadata_compound", "compounds"), (MOA, "MoAs")):
+        if col in treatments.columns:
+            out[label] = int(treatments[col].replace("", pd.NA).dropna().nunique())
+    if "Metadata_batch" in treatments.columns:
+        out["batches"] = len({b for v in treatments["Metadata_batch"].astype(str)
+                              for b in v.split(";") if b})
+    if wells is not None:
+        out["well profiles"] = len(wells)
+        if "Metadata_plate" in wells.columns:
+            out["plates"] = int(wells["Metadata_plate"].nunique())
+        if "Metadata_control" in wells.columns:
+            out["control wells"] = int(wells["Metadata_control"].astype(bool).sum())
+    return out
