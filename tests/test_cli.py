@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from morphoprof import __version__
 from morphoprof.cli import main
 from tests.conftest import TINY
 
@@ -73,6 +74,24 @@ def test_run_config_end_to_end(tmp_path):
         assert (out / name).exists(), name
     result = json.loads((out / "evaluation.json").read_text())
     assert result["n_treatments"] == 6 and result["nsc"]["n"] == 6
+    first = (out / "report.html").read_text()
+    assert "extracted in this run in" in first
+    # the report says what it shows: whole-field profiles count fields, not cells
+    assert "Quality control: fields (image sets) per well" in first
+    assert "Example fields per MoA" in first
+    assert f"<th>morphoprof</th><td><code>{__version__}</code>" in first  # header: version
+    assert str(tmp_path / "run.yaml") in first  # the header names the configuration
+    # the configuration shown is what applied: no keys of the classical extractor or of
+    # stages that were off
+    dump = first[first.index("Run configuration"):]
+    for key in ("measurements:", "rgb_channels:", "in_chans:", "n_factors:", "window:",
+                "min_area:"):
+        assert key not in dump, key
+    # a re-run reuses every finished shard, and the report says so instead of '0 fields'
+    assert main(["run", str(tmp_path / "run.yaml")]) == 0
+    again = (out / "report.html").read_text()
+    assert "nothing to do" not in again and "finished shard(s) reused" in again
+    assert "0 fields in 0.0 s" not in again
 
 
 @pytest.mark.slow

@@ -43,10 +43,28 @@ def test_source_specific_requirements_and_yaml_errors(tmp_path):
     assert "data.path: required for source 'csv'" in problems
     assert any(p.startswith("data.columns: required") for p in problems)
     assert _problems({"data": {"source": "ftp"}, "output": "o"}) == [
-        "data.source: 'ftp' is not one of ['synthetic', 'bbbc021', 'bbbc021_6moa', 'csv', 'index']"
+        "data.source: 'ftp' is not one of ['synthetic', 'bbbc021', 'bbbc021-6moa', 'csv', 'index']"
     ]
     (tmp_path / "bad.yaml").write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="file not found"):
         load_config(tmp_path / "none.yaml")
+
+
+@pytest.mark.parametrize("spelling", ["bbbc021-6moa", "bbbc021_6moa"])
+def test_six_moa_source_has_two_spellings_and_partial_download_keys(tmp_path, spelling):
+    from morphoprof.config import load_train_config
+
+    (tmp_path / "run.yaml").write_text(f"data: {{source: {spelling}, path: f}}\noutput: o\n")
+    cfg, _ = load_config(tmp_path / "run.yaml")
+    assert cfg["data"]["source"] == "bbbc021-6moa"
+    assert cfg["profiles"]["normalization"]["method"] is None  # decided from the controls
+    (tmp_path / "train.yaml").write_text(f"data: {{source: {spelling}, path: f}}\n"
+                                         "label: Metadata_moa\noutput: o\n")
+    assert load_train_config(tmp_path / "train.yaml")[0]["data"]["source"] == "bbbc021-6moa"
+    cfg = validate_config({"data": {"source": "bbbc021", "path": "d", "plates": ["Week1_22123"],
+                                    "only_present": True}, "output": "o"})
+    assert cfg["data"]["plates"] == ["Week1_22123"] and cfg["data"]["only_present"] is True
+    assert "data.plates" in _problems({"data": {"source": "bbbc021", "path": "d",
+                                                "plates": 3}, "output": "o"})[0]

@@ -140,6 +140,10 @@ def test_damaged_shard_is_recomputed_on_resume(tiny_screen, tmp_path):
     assert extract(tmp_path / "index.parquet", out) == 0
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["shards_written"] == 1 and summary["shards_skipped"] == 3
+    # the user is told which shard was recomputed and why
+    assert len(summary["shards_recomputed"]) == 1
+    assert str(victim) in summary["shards_recomputed"][0]
+    assert "changed since the last run" in summary["shards_recomputed"][0]
     key = ["Metadata_plate", "Metadata_well", "Metadata_site"]
     again = read_features(out).sort_values(key).reset_index(drop=True)
     clean = clean.sort_values(key).reset_index(drop=True)

@@ -32,11 +32,15 @@ def test_real_bbbc021_tables(tmp_path):
     assert not t.duplicated(["Metadata_plate", "Metadata_well", "Metadata_site"]).any()
     row = t.iloc[0]
     assert row["Path_DAPI"].startswith(row["Metadata_batch"] + "/" + row["Metadata_plate"] + "/")
-    # validation against an empty image root reports every missing file, naming them
+    # validation against an empty image root reports each absent plate folder once, with the
+    # number of image sets it holds and the first CSV line that needs it
     with pytest.raises(ValidationError) as err:
         index.validate(check_shapes=False)
-    assert len(err.value.problems) == 13200 * 3
-    assert "file not found" in err.value.problems[0] and ".tif" in err.value.problems[0]
+    problems = err.value.problems
+    assert len(problems) == 55
+    assert all(p.startswith("folder not found: ") for p in problems)
+    assert sum(int(p.split("needed by ")[1].split()[0]) for p in problems) == 13200
+    assert "BBBC021_v1_image.csv.gz" in problems[0] and "first: line " in problems[0]
 
 
 def _tiny_layout(root, meta_dir):

@@ -69,3 +69,26 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     # a rendered page with plots: many colours, and not a blank canvas
     colours = len(np.unique(img.reshape(-1, 3), axis=0))
     assert colours > 200 and img.std() > 20, (colours, img.std())
+
+
+def test_report_header_how_to_read_and_nscb_note(tmp_path):
+    wells = make_wells()
+    evaluation = evaluate(wells, k_values=(3,), null_size=200)
+    evaluation["nsc"].update(accuracy=0.8, correct=8, n=10)
+    evaluation["nscb"].update(accuracy=1.0, correct=6, n=6)
+    out = write_report(tmp_path / "r.html", evaluation, treatment_profiles(wells), {"plates": 3},
+                       cells_per_well=well_counts(wells),
+                       header={"command": "morphoprof report --profiles t.parquet",
+                               "morphoprof": "0.1.0"})
+    text = out.read_text()
+    assert text.index("morphoprof report --profiles t.parquet") < text.index("<h2>Dataset")
+    # every figure is followed by how to read it
+    assert text.count("How to read this:") >= 4
+    # NSCB above NSC is explained, with the smaller query set named
+    assert "NSCB (100.0%, 6/6) is above NSC (80.0%, 8/10)" in text
+    assert "NSCB also scores fewer queries (6 of 10" in text
+    # when NSCB is not above NSC, no note
+    evaluation["nscb"].update(accuracy=0.5, correct=3, n=6)
+    text = write_report(tmp_path / "s.html", evaluation, treatment_profiles(wells),
+                        {"plates": 3}).read_text()
+    assert "is above NSC" not in text

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from morphoprof import __version__
-from morphoprof.errors import MorphoprofError
+from morphoprof.errors import MorphoprofError, os_reason
 
 
 def _print_json(obj: dict) -> None:
@@ -720,6 +720,13 @@ def _check_outputs(a: argparse.Namespace) -> None:
             check_writable(value, folder=folder)
 
 
+def _close_progress_bars() -> None:
+    """End any progress bar a failed stage left open, so that the error is on its own line."""
+    tqdm = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ()) or ()):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
         # a path that is not UTF-8 (a folder named in Latin-1) is printed escaped, not a crash
@@ -730,11 +737,13 @@ def main(argv: list[str] | None = None) -> int:
         _check_outputs(args)
         return args.func(args)
     except MorphoprofError as exc:
+        _close_progress_bars()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # an OS error no stage turned into a named one: still one line
+        _close_progress_bars()
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"error: {where}{os_reason(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; finished shards are kept, re-run to resume", file=sys.stderr)

@@ -32,7 +32,7 @@ class ImageReadError(InputError):
     """An image file could not be read or decoded."""
 
     def __init__(self, path: object, reason: str) -> None:
-        self.path = str(path)
+        self.path, self.reason = str(path), reason
         super().__init__(f"cannot read image {self.path}: {reason}")
 
 
@@ -41,13 +41,17 @@ class OutputError(MorphoprofError):
     file); the message is ``cannot write <path>: <reason>``."""
 
     def __init__(self, path: object, reason: str) -> None:
-        self.path = str(path)
+        self.path, self.reason = str(path), reason
         super().__init__(f"cannot write {self.path}: {reason}")
 
 
 def os_reason(exc: OSError) -> str:
-    """The human part of an OS error ("No space left on device"), without errno noise."""
-    return exc.strerror or str(exc)
+    """The human part of an OS error ("No space left on device"), without errno noise (Arrow
+    reports "Error writing bytes to file. Detail: [errno 28] No space left on device")."""
+    text = exc.strerror or str(exc)
+    if "[errno " in text:
+        return text.rsplit("] ", 1)[-1].strip() or text
+    return text
 
 
 class DownloadError(MorphoprofError):

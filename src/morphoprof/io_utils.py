@@ -78,7 +78,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
-    except OutputError:
+    except OutputError as exc:
+        inside = Path(exc.path)
+        if inside == tmp or tmp in inside.parents:  # name the file the user asked for
+            raise OutputError(path / inside.relative_to(tmp), exc.reason) from exc
         raise
     except OSError as exc:
         raise OutputError(path, os_reason(exc)) from exc
@@ -113,7 +116,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
                     raise OutputError(target, "it is a folder")
                 os.replace(entry, target)
         ok = True
-    except OutputError:
+    except OutputError as exc:
+        inside = Path(exc.path)
+        if inside == tmp or tmp in inside.parents:  # name the file the user asked for
+            raise OutputError(path / inside.relative_to(tmp), exc.reason) from exc
         raise
     except OSError as exc:
         raise OutputError(path, os_reason(exc)) from exc

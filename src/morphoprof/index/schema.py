@@ -190,9 +190,12 @@ class ExperimentIndex:
             lines = None  # the table was changed by another tool: positions no longer map
         return cls(df, root_path, src.get("file") if lines is not None else None, lines)
 
-    def file_problems(self, i: int, channels: Sequence[str] | None = None) -> list[str]:
+    def file_problems(self, i: int, channels: Sequence[str] | None = None,
+                      absent: dict[Path, list[int]] | None = None) -> list[str]:
         """Problems of row ``i``'s files: each missing file once, naming the channels it was
-        to supply (an RGB file holds several)."""
+        to supply (an RGB file holds several). A file whose folder does not exist (a plate not
+        downloaded) is reported as that folder, once per row; with ``absent`` given, the row is
+        recorded there under the folder instead, for one problem per folder over the index."""
         from morphoprof.images.read import encoding_hint
 
         chans = list(channels or self.channels)
@@ -203,10 +206,13 @@ class ExperimentIndex:
         for p, chs in by_file.items():
             if p.is_file():
                 continue
-            if not p.parent.is_dir():  # a plate not downloaded: its folder, once
+            if not p.parent.is_dir():
                 if p.parent not in folders:
                     folders.add(p.parent)
-                    out.append(f"{self.describe(i)}: folder not found: {p.parent}")
+                    if absent is None:
+                        out.append(f"{self.describe(i)}: folder not found: {p.parent}")
+                    else:
+                        absent.setdefault(p.parent, []).append(i)
                 continue
             what = "channel" if len(chs) == 1 else "channels"
             out.append(f"{self.describe(i)}, {what} {', '.join(chs)}: file not found: "
@@ -264,10 +270,12 @@ class ExperimentIndex:
 
             desc = "reading images" if deep else "checking image files"
             rows = tqdm(rows, desc=desc, unit="set")
+        absent: dict[Path, list[int]] = {}
         for i in rows:
-            missing = self.file_problems(i, chans)
+            missing = self.file_problems(i, chans, absent)
             problems.extend(missing)
-            if missing:
+            if missing or any(i in absent.get(p.parent, ())[-1:]
+                              for p in self.paths(i, chans)):
                 continue
             if deep:
                 reason = self._deep_problem(i, chans)
@@ -289,6 +297,10 @@ class ExperimentIndex:
                 problems.append(f"{self.describe(i)}: channel shapes differ: {desc}")
             elif distinct:
                 shapes[i] = distinct.pop()
+        for folder, rows_of in absent.items():
+            n = len(rows_of)
+            problems.append(f"folder not found: {folder} (needed by {n} image set"
+                            f"{'s' if n > 1 else ''}; first: {self.describe(rows_of[0])})")
         if shapes:
             common, _ = Counter(shapes.values()).most_common(1)[0]
             for i, s in shapes.items():

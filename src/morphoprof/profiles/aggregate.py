@@ -315,7 +315,9 @@ def _group_metadata(files: list[Path], by: list[str], meta: list[str],
     def merge() -> None:
         nonlocal summary, batches
         if summary is None and not pending:
-            raise InputError("cannot aggregate an empty table")
+            where = (str(files[0]) if len(files) == 1 else
+                     f"{len(files)} files under {files[0].parent}" if files else "no files")
+            raise InputError(f"cannot aggregate an empty table: {where} hold(s) no rows")
         # files may store a column with different types (string / large_string, int / float)
         summary = reduce(pa.concat_tables(([summary] if summary is not None else []) + pending,
                                           promote_options="permissive"), False)

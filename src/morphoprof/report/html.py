@@ -185,13 +185,15 @@ def _nscb_note(evaluation: dict) -> str:
     a, b = nsc.get("accuracy"), nscb.get("accuracy")
     if a is None or b is None or b <= a:
         return ""
+    fewer = (f" NSCB also scores fewer queries ({nscb.get('n')} of {nsc.get('n')}: MoAs "
+             "present in only one batch are dropped)." if (nscb.get("n") or 0) <
+             (nsc.get("n") or 0) else "")
     return (f" Here NSCB ({_pct(b)}, {nscb.get('correct')}/{nscb.get('n')}) is above NSC "
-            f"({_pct(a)}, {nsc.get('correct')}/{nsc.get('n')}). That is not an error: NSCB "
-            "scores a different set of queries (MoAs present in only one batch are dropped), "
-            "and excluding same-batch neighbours also removes treatments that look alike only "
-            "because they share a batch, e.g. when profiles are centred per plate on a few "
-            "control wells, the noise of those few wells is shared by every treatment of the "
-            "plate.")
+            f"({_pct(a)}, {nsc.get('correct')}/{nsc.get('n')}). That is not an error: "
+            "excluding same-batch neighbours also removes the treatments that look alike only "
+            "because they were imaged together (a shared intensity or focus shift or, when "
+            "profiles are centred per plate on a few control wells, the noise of those wells), "
+            "so a wrong same-batch match under NSC can become a right one under NSCB." + fewer)
 
 
 def _table(df: pd.DataFrame) -> str:
