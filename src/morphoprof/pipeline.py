@@ -342,8 +342,6 @@ def example_fields(index: ExperimentIndex, channels=None, per_moa: int = 2,
     to fail)."""
     from skimage.transform import resize
 
-    from morphoprof.errors import InputError as _InputError
-
     t = index.table
     chans = list(channels or index.channels)
     dna = [c for c in chans if c.lower() in ("dna", "dapi", "hoechst")]
@@ -358,7 +356,7 @@ def example_fields(index: ExperimentIndex, channels=None, per_moa: int = 2,
         for i in picked:
             try:
                 img = index.read(i, order)
-            except (_InputError, OSError):
+            except (InputError, OSError):
                 continue
             rgb = np.zeros((*img.shape[1:], 3), np.float32)
             for k, plane in enumerate(img):  # DNA -> blue, next -> green, next -> red
