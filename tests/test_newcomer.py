@@ -381,3 +381,22 @@ def test_help_runs_from_the_console(tmp_path):
     assert done.returncode == 0
     text = " ".join(done.stdout.split())
     assert "--plates" in text and "--only-present" in text and "bbbc021-6moa" in text
+
+
+def test_readme_report_command_shows_dataset_qc_and_examples(stages, tmp_path):
+    """The README's report command (with --wells and --index): a full dataset section, each
+    row once, the QC plate maps and example fields, under a header naming the inputs."""
+    d = stages
+    out = tmp_path / "report.html"
+    assert main(["report", "--profiles", str(d / "profiles" / "treatments.parquet"),
+                 "--evaluation", str(d / "evaluation.json"),
+                 "--wells", str(d / "profiles" / "wells.parquet"),
+                 "--index", str(d / "screen" / "index.parquet"), "--out", str(out)]) == 0
+    text = out.read_text()
+    dataset = text[text.index("<h2>Dataset"):text.index("<h2>Quality control")]
+    for row in ("image sets (fields)", "plates", "batches", "channels", "MoAs",
+                "compounds (excl. controls)", "well profiles", "control wells"):
+        assert dataset.count(f"<td>{row}</td>") == 1, row
+    assert "<td>compounds</td>" not in dataset  # one label for one count
+    assert "Example fields per MoA" in text and "How to read this:" in text
+    assert str(d / "screen" / "index.parquet") in text[:text.index("<h2>Dataset")]

@@ -391,7 +391,7 @@ def profiles_summary(treatments: pd.DataFrame, wells: pd.DataFrame | None = None
     """Dataset rows the report can state from profiles alone: treatments, compounds, MoAs,
     batches (and wells, plates, control wells from well profiles)."""
     out: dict = {"treatment profiles": len(treatments)}
-    for col, label in (("Metadata_compound", "compounds"), (MOA, "MoAs")):
+    for col, label in (("Metadata_compound", "compounds (excl. controls)"), (MOA, "MoAs")):
         if col in treatments.columns:
             out[label] = int(treatments[col].replace("", pd.NA).dropna().nunique())
     if "Metadata_batch" in treatments.columns:
