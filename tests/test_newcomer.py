@@ -203,7 +203,8 @@ def _commands(d: Path, out: Path) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("command", ["synth", "demo", "download", "import", "illum", "segment",
                                      "crops", "extract", "aggregate", "normalize", "evaluate",
-                                     "report", "run"])
+                                     "report", "run", "train finetune", "train mil",
+                                     "train weak"])
 def test_output_under_a_file_is_one_error_line(stages, tmp_path, capsys, command):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
@@ -212,6 +213,12 @@ def test_output_under_a_file_is_one_error_line(stages, tmp_path, capsys, command
         cfg.write_text(f"data: {{source: index, path: {stages / 'screen' / 'index.parquet'}}}\n"
                        f"output: {blocker / 'run'}\n")
         argv = ["run", str(cfg)]
+    elif command.startswith("train"):
+        cfg = tmp_path / "train.yaml"
+        cfg.write_text(f"data: {{source: index, path: {stages / 'screen' / 'index.parquet'}}}\n"
+                       f"label: {'[Metadata_compound]' if 'weak' in command else 'Metadata_moa'}"
+                       f"\noutput: {blocker / 'train'}\n")
+        argv = [*command.split(), str(cfg)]
     else:
         argv = _commands(stages, blocker)[command]
     assert main(argv) == 2

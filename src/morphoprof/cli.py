@@ -354,11 +354,13 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from morphoprof.config import load_train_config
+    from morphoprof.io_utils import check_writable
     from morphoprof.models.run import run_training
 
     if a.kind == "weak":
         return _train_weak(a)
     cfg, text = load_train_config(a.config)
+    check_writable(Path(cfg["output"]) / a.kind, folder=True)
     if a.epochs is not None:
         cfg["train"]["epochs"] = a.epochs
     result = run_training(a.kind, cfg, text, progress=not a.quiet)
@@ -374,9 +376,11 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def _train_weak(a: argparse.Namespace) -> int:
     from morphoprof.config import load_weak_config
+    from morphoprof.io_utils import check_writable
     from morphoprof.models.weak_run import run_weak
 
     cfg, text = load_weak_config(a.config)
+    check_writable(Path(cfg["output"]) / "weak", folder=True)
     if a.epochs is not None:
         cfg["train"]["epochs"] = a.epochs
     s = run_weak(cfg, text, progress=not a.quiet)
