@@ -274,7 +274,9 @@ class ExperimentIndex:
         for i in rows:
             missing = self.file_problems(i, chans, absent)
             problems.extend(missing)
-            if missing or any(i in absent.get(p.parent, ())[-1:]
+            # nothing more to check on a row with a missing file, or one just recorded under
+            # an absent folder (it is then the last row listed for that folder)
+            if missing or any(absent.get(p.parent, [None])[-1] == i
                               for p in self.paths(i, chans)):
                 continue
             if deep:
