@@ -233,7 +233,7 @@ def cmd_aggregate(a: argparse.Namespace) -> int:
 
     cfg = {"well_aggregation": a.well_aggregation,
            "treatment_aggregation": a.treatment_aggregation,
-           "feature_selection": a.select,
+           "feature_selection": a.select, "blocklist": a.blocklist,
            "normalization": {"method": a.normalize, "by": a.by, "reference": a.reference,
                              "eps": a.eps, "n_factors": a.factors, "fallback": a.fallback}}
     wells, treatments = build_profiles(Path(a.features), cfg, Path(a.out), _columns(a))
@@ -252,7 +252,7 @@ def cmd_normalize(a: argparse.Namespace) -> int:
         normalizer = Normalizer.load(a.apply)
     else:
         if a.select:
-            df, dropped = select_features(df, a.select)
+            df, dropped = select_features(df, a.select, blocklist=a.blocklist)
             for op, feats in dropped.items():
                 print(f"feature selection ({op}): dropped {len(feats)}")
         normalizer = Normalizer(a.method, _by(a.by), a.reference, a.eps, a.factors,
@@ -439,10 +439,10 @@ def _parser(sub, name: str, help: str, outputs=(), **kw) -> argparse.ArgumentPar
 
 
 def _normalize_args(s: argparse.ArgumentParser, flag: str, default: str | None) -> None:
-    from morphoprof.profiles.normalize import METHODS
+    from morphoprof.profiles.normalize import METHOD_ALIASES, METHODS
 
     s.add_argument(flag, dest="normalize" if flag == "--normalize" else "method",
-                   default=default, choices=list(METHODS),
+                   default=default, choices=[*METHODS, *METHOD_ALIASES],
                    help="normalisation of the profiles, fitted on the reference rows"
                    + (" (default: center; none, with a note, when the table has no control "
                       "rows)" if default is None else ""))
@@ -469,6 +469,12 @@ def _column_args(s: argparse.ArgumentParser) -> None:
     g.add_argument("--control-value", action="append", metavar="VALUE",
                    help="compound value marking controls when there is no control column "
                    "(default: DMSO; repeatable)")
+
+
+def _blocklist_arg(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--blocklist", metavar="FILE",
+                   help="--select blocklist: features to drop, one per line (default: "
+                   "pycytominer's list of unreliable CellProfiler features)")
 
 
 def _on_error(s: argparse.ArgumentParser, what: str) -> None:
@@ -661,11 +667,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="profiles folder")
     s.add_argument("--well-aggregation", default="mean", choices=["mean", "median"],
                    help="rows (cells or fields) -> wells")
-    s.add_argument("--treatment-aggregation", default="median", choices=["mean", "median"],
-                   help="wells -> treatments")
+    s.add_argument("--treatment-aggregation", default="median",
+                   choices=["mean", "median", "modz"],
+                   help="wells -> treatments (modz: CMap's moderated z-score consensus, "
+                   "replicates weighted by their agreement)")
     s.add_argument("--select", nargs="*", default=["nonfinite"],
-                   choices=["nonfinite", "variance", "correlation"],
+                   choices=["blocklist", "nonfinite", "variance", "correlation"],
                    help="feature selection steps")
+    _blocklist_arg(s)
     _normalize_args(s, "--normalize", None)
     _column_args(s)
     s.set_defaults(func=cmd_aggregate)
@@ -676,8 +685,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="normalised profiles Parquet")
     _normalize_args(s, "--method", "robust")
     s.add_argument("--select", nargs="*", default=[],
-                   choices=["nonfinite", "variance", "correlation"],
+                   choices=["blocklist", "nonfinite", "variance", "correlation"],
                    help="feature selection before fitting (default: none)")
+    _blocklist_arg(s)
     s.add_argument("--save", help="save the fitted normaliser here (.npz)")
     s.add_argument("--apply", help="apply a saved normaliser instead of fitting one")
     _column_args(s)
@@ -691,8 +701,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--alpha", type=float, default=0.1, help="conformal miscoverage (0.1: sets "
                    "aim at 90%% coverage)")
     s.add_argument("--null-size", type=int, default=10000, help="mAP null permutations")
-    s.add_argument("--treatment-aggregation", default="median", choices=["mean", "median"],
-                   help="well input: wells -> treatments")
+    s.add_argument("--treatment-aggregation", default="median",
+                   choices=["mean", "median", "modz"],
+                   help="well input: wells -> treatments (modz: replicates weighted by their "
+                   "agreement)")
     s.add_argument("--group", nargs="*", default=[],
                    help="metadata columns for nearest-neighbour group accuracy")
     _column_args(s)

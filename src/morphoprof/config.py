@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 
 from morphoprof.errors import ConfigError
+from morphoprof.profiles.normalize import METHOD_ALIASES, METHODS
 
 
 @dataclass(frozen=True)
@@ -108,13 +109,12 @@ SCHEMA: dict[str, Any] = {
     },
     "profiles": {
         "well_aggregation": Opt(_STR, "mean", ("mean", "median")),
-        "treatment_aggregation": Opt(_STR, "median", ("mean", "median")),
+        "treatment_aggregation": Opt(_STR, "median", ("mean", "median", "modz")),
         "feature_selection": Opt(_LIST, ["nonfinite"]),
+        "blocklist": Opt(_STR, None),
         "normalization": {
             # default (null): center, or none (with a note) for a screen without controls
-            "method": Opt(_STR, None,
-                          ("center", "standardize", "robust", "spherize", "coral",
-                           "factor_analysis", "none")),
+            "method": Opt(_STR, None, (*METHODS, *METHOD_ALIASES)),
             "eps": Opt(_FLOAT, 1e-6),
             "by": Opt(_STR, "plate", ("plate", "batch", "all")),
             "reference": Opt(_STR, "controls", ("controls", "all")),
@@ -215,11 +215,13 @@ def _read_yaml(path: Path, what: str) -> tuple[Any, str]:
 
 
 def _resolve_paths(cfg: dict, base: Path) -> dict:
-    """Resolve relative ``data.path``, ``data.image_csv``, ``data.moa_csv`` and ``output``
-    against ``base`` (the config file's folder)."""
+    """Resolve relative ``data.path``, ``data.image_csv``, ``data.moa_csv``,
+    ``profiles.blocklist`` and ``output`` against ``base`` (the config file's folder)."""
     for key in ("path", "image_csv", "moa_csv"):
         if cfg["data"][key]:
             cfg["data"][key] = str(base / cfg["data"][key])
+    if cfg.get("profiles", {}).get("blocklist"):
+        cfg["profiles"]["blocklist"] = str(base / cfg["profiles"]["blocklist"])
     cfg["output"] = str(base / cfg["output"])
     return cfg
 

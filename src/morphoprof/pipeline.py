@@ -207,7 +207,8 @@ def build_profiles(features_dir: Path, profiles_cfg: dict, out_dir: Path,
                                        str(features_dir), style)
     if note and log:
         log(note)
-    wells, dropped = select_features(wells, profiles_cfg.get("feature_selection", ["nonfinite"]))
+    wells, dropped = select_features(wells, profiles_cfg.get("feature_selection", ["nonfinite"]),
+                                     blocklist=profiles_cfg.get("blocklist"))
     normalizer = Normalizer(norm["method"], NORMALIZE_BY.get(norm["by"], norm["by"]),
                             norm["reference"], norm.get("eps", 1e-6), norm.get("n_factors", 50),
                             norm.get("fallback", "none")).fit(wells)

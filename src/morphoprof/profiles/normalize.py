@@ -3,9 +3,10 @@
 ``standardize`` subtracts the reference mean and divides by its standard deviation; ``robust``
 uses the median and the MAD (x 1.4826); ``center`` only subtracts the reference mean; ``spherize``
 (TVN) whitens; ``coral`` aligns each batch's covariance to the pooled controls'; ``factor_analysis``
-turns profiles into factor scores. Each is fitted per plate (default), per batch or on all rows,
-so plate and batch shifts that also move the controls cancel out; fitted transforms are saved and
-re-applied with :class:`Normalizer`.
+turns profiles into factor scores; ``inverse_normal`` maps each feature's ranks among the
+reference rows to normal scores (rank-based inverse normal transform, as pycytominer). Each is
+fitted per plate (default), per batch or on all rows, so plate and batch shifts that also move
+the controls cancel out; fitted transforms are saved and re-applied with :class:`Normalizer`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from morphoprof.errors import InputError
 from morphoprof.features.shards import feature_columns
 from morphoprof.index.schema import CONTROL, PLATE
 
-METHODS = ("standardize", "robust", "center", "spherize", "coral", "factor_analysis", "none")
+METHODS = ("standardize", "robust", "center", "spherize", "coral", "factor_analysis",
+           "inverse_normal", "none")
+METHOD_ALIASES = {"mad_robustize": "robust"}  # pycytominer's name, accepted
 FACTOR_PREFIX = "Factor_"
 
 
@@ -31,6 +34,15 @@ def _reference_mask(df: pd.DataFrame, reference: str) -> np.ndarray:
     if CONTROL not in df.columns:
         raise InputError(f"reference='controls' needs a {CONTROL} column (or use reference='all')")
     return df[CONTROL].fillna(False).astype(bool).to_numpy()
+
+
+def _quantile_transformer(n_quantiles: int):
+    """scikit-learn's quantile transform to normal scores, on every row (no subsampling, so a
+    fit is deterministic)."""
+    from sklearn.preprocessing import QuantileTransformer
+
+    return QuantileTransformer(n_quantiles=n_quantiles, output_distribution="normal",
+                               subsample=None)
 
 
 def _sqrtm(cov: np.ndarray, power: float, eps: float) -> np.ndarray:
@@ -55,7 +67,13 @@ class Normalizer:
       batch's controls end up with the same mean and covariance;
     - ``factor_analysis``: factor-analysis profiles (Ljosa 2013): a factor model with
       ``n_factors`` factors is fitted on the reference rows and every row is replaced by its
-      factor scores (features ``Factor_1..k``); fitted on all groups together.
+      factor scores (features ``Factor_1..k``); fitted on all groups together;
+    - ``inverse_normal``: each feature's value is placed among the reference rows' quantiles
+      (at most 1,000) and mapped to the standard normal quantile of that rank (scikit-learn's
+      ``QuantileTransformer``, as pycytominer's ``inverse_normal``), so every feature of the
+      reference rows ends up ~N(0, 1) whatever its original distribution.
+
+    ``mad_robustize`` (pycytominer's name) is accepted for ``robust``.
 
     Args:
         method: one of :data:`METHODS`.
@@ -70,6 +88,7 @@ class Normalizer:
     def __init__(self, method: str = "robust", by: str | None = PLATE,
                  reference: str = "controls", eps: float = 1e-6, n_factors: int = 50,
                  fallback: str = "none", spherize_mode: str = "pca") -> None:
+        method = METHOD_ALIASES.get(method, method)
         if method not in METHODS:
             raise InputError(f"normalization method must be one of {METHODS}, got {method!r}")
         if reference not in ("controls", "all"):
@@ -150,6 +169,9 @@ class Normalizer:
         if m == "spherize":
             s = Spherize(self.spherize_mode, self.eps).fit(ref)
             return {"center": s.mean_, "matrix": s.matrix_}
+        if m == "inverse_normal":
+            qt = _quantile_transformer(min(1000, len(ref))).fit(ref)
+            return {"quantiles": qt.quantiles_, "references": qt.references_}
         if m == "coral":
             cov = np.cov(ref, rowvar=False).reshape(ref.shape[1], -1)
             return {"center": ref.mean(0), "matrix": _sqrtm(cov, -0.5, self.eps) @ target,
@@ -199,6 +221,11 @@ class Normalizer:
                 result[rows] = (xr - p["center"]) @ p["matrix"]
             elif self.method == "coral":
                 result[rows] = (xr - p["center"]) @ p["matrix"] + p["offset"]
+            elif self.method == "inverse_normal":
+                qt = _quantile_transformer(len(p["references"]))
+                qt.quantiles_, qt.references_ = p["quantiles"], p["references"]
+                qt.n_quantiles_, qt.n_features_in_ = len(p["references"]), xr.shape[1]
+                result[rows] = qt.transform(xr)
             else:
                 z = (xr - p["center"]) / p["scale"]
                 result[rows] = (z - p["fa_mean"]) @ p["matrix"]
@@ -255,8 +282,9 @@ def normalize(
 
     Args:
         df: well (or field / cell) rows with ``Metadata_*`` columns and features.
-        method: see :class:`Normalizer` (``center``, ``standardize``, ``robust``, ``spherize``,
-            ``coral``, ``factor_analysis``, ``none``).
+        method: see :class:`Normalizer` (``center``, ``standardize``, ``robust`` or
+            ``mad_robustize``, ``spherize``, ``coral``, ``factor_analysis``,
+            ``inverse_normal``, ``none``).
         by: metadata column whose groups are normalised separately (``None``: all rows at once).
         reference: ``controls`` (rows with ``Metadata_control`` true) or ``all``.
         features: feature columns (default: every non-metadata column).

@@ -6,6 +6,7 @@ silently.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,7 +14,28 @@ import pandas as pd
 from morphoprof.errors import InputError
 from morphoprof.features.shards import feature_columns
 
-OPERATIONS = ("nonfinite", "variance", "correlation")
+OPERATIONS = ("blocklist", "nonfinite", "variance", "correlation")
+
+
+def read_blocklist(path: str | Path | None = None) -> list[str]:
+    """Feature names to drop, one per line (blank lines, ``#`` comments and a first line
+    ``blocklist``, the header of pycytominer's file, are ignored). ``None``: pycytominer's
+    bundled list of CellProfiler features known to be unreliable in Cell Painting (Way 2019)."""
+    if path is None:
+        from importlib.resources import files
+
+        path = Path(str(files("pycytominer") / "data" / "blocklist_features.txt"))
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError(f"feature blocklist not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"cannot read feature blocklist {path}: {exc}") from exc
+    names = [ln.split("#", 1)[0].strip() for ln in lines]
+    if names and names[0] == "blocklist":
+        names = names[1:]
+    return [n for n in names if n]
 
 
 def drop_nonfinite(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -82,16 +104,19 @@ def select_features(
     unique_cut: float = 0.01,
     corr_threshold: float = 0.9,
     na_cutoff: float = 0.0,
+    blocklist: str | Path | None = None,
 ) -> tuple[pd.DataFrame, dict[str, list[str]]]:
     """Drop uninformative features.
 
     Args:
         df: profiles (``Metadata_*`` columns + features).
-        operations: any of ``nonfinite`` (more than ``na_cutoff`` of the rows NaN / infinite),
-            ``variance`` (:func:`low_variance`), ``correlation`` (:func:`correlated`), applied in
-            that order.
+        operations: any of ``blocklist`` (the features named in ``blocklist``, see
+            :func:`read_blocklist`), ``nonfinite`` (more than ``na_cutoff`` of the rows NaN /
+            infinite), ``variance`` (:func:`low_variance`), ``correlation``
+            (:func:`correlated`), applied in that order.
         na_cutoff: fraction of NaN / infinite rows a feature may have (0: none). Features kept
             with some NaN must be imputed or dropped before normalisation.
+        blocklist: the blocklist file (default: pycytominer's).
 
     Returns:
         The reduced table and ``{operation: [dropped features]}``.
@@ -107,6 +132,11 @@ def select_features(
     kept = list(feats)
     for op in OPERATIONS:
         if op not in operations:
+            continue
+        if op == "blocklist":
+            listed = set(read_blocklist(blocklist))
+            report[op] = [f for f in kept if f in listed]
+            kept = [f for f in kept if f not in listed]
             continue
         x = df[kept].to_numpy(dtype=np.float64)
         if op == "nonfinite":
