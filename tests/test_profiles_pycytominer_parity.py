@@ -136,3 +136,11 @@ def test_cli_takes_the_pycytominer_operations(tmp_path, capsys):
     assert main(["aggregate", str(cells), "--out", str(tmp_path / "q"), "--select", "blocklist",
                  "--blocklist", str(tmp_path / "none.txt"), "--normalize", "none"]) == 2
     assert "feature blocklist not found" in capsys.readouterr().err
+
+
+def test_default_blocklist_without_pycytominer_says_what_to_do(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pycytominer", None)  # as if not installed
+    with pytest.raises(InputError, match="pip install pycytominer, or give a blocklist file"):
+        read_blocklist()

@@ -24,7 +24,12 @@ def read_blocklist(path: str | Path | None = None) -> list[str]:
     if path is None:
         from importlib.resources import files
 
-        path = Path(str(files("pycytominer") / "data" / "blocklist_features.txt"))
+        try:
+            path = Path(str(files("pycytominer") / "data" / "blocklist_features.txt"))
+        except ModuleNotFoundError:
+            raise InputError("the default feature blocklist is pycytominer's, which is not "
+                             "installed: pip install pycytominer, or give a blocklist file "
+                             "(--blocklist FILE, YAML profiles.blocklist)") from None
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
