@@ -233,7 +233,7 @@ def cmd_aggregate(a: argparse.Namespace) -> int:
 
     cfg = {"well_aggregation": a.well_aggregation,
            "treatment_aggregation": a.treatment_aggregation,
-           "feature_selection": a.select, "blocklist": a.blocklist,
+           "feature_selection": a.select, "blocklist": a.blocklist, "format": a.format,
            "normalization": {"method": a.normalize, "by": a.by, "reference": a.reference,
                              "eps": a.eps, "n_factors": a.factors, "fallback": a.fallback}}
     wells, treatments = build_profiles(Path(a.features), cfg, Path(a.out), _columns(a))
@@ -675,6 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["blocklist", "nonfinite", "variance", "correlation"],
                    help="feature selection steps")
     _blocklist_arg(s)
+    s.add_argument("--format", default="parquet", choices=["parquet", "h5ad", "zarr"],
+                   help="h5ad / zarr: also write wells and treatments as AnnData (features in "
+                   "X, metadata in obs) for scanpy; Parquet is always written")
     _normalize_args(s, "--normalize", None)
     _column_args(s)
     s.set_defaults(func=cmd_aggregate)

@@ -112,6 +112,7 @@ SCHEMA: dict[str, Any] = {
         "treatment_aggregation": Opt(_STR, "median", ("mean", "median", "modz")),
         "feature_selection": Opt(_LIST, ["nonfinite"]),
         "blocklist": Opt(_STR, None),
+        "format": Opt(_STR, "parquet", ("parquet", "h5ad", "zarr")),
         "normalization": {
             # default (null): center, or none (with a note) for a screen without controls
             "method": Opt(_STR, None, (*METHODS, *METHOD_ALIASES)),

@@ -187,7 +187,8 @@ def build_profiles(features_dir: Path, profiles_cfg: dict, out_dir: Path,
     """Features -> selected, normalised well profiles -> treatment profiles (Parquet files).
 
     Aggregation to wells streams the feature shards (never loaded whole); the fitted
-    normaliser is saved as ``normalizer.npz`` to apply to new data. ``columns``
+    normaliser is saved as ``normalizer.npz`` to apply to new data; ``profiles_cfg["format"]``
+    ``h5ad`` or ``zarr`` also writes both profile tables as AnnData. ``columns``
     (:class:`~morphoprof.profiles.columns.Columns`) maps other metadata names; the files keep
     the input's names. Every file is written into a temporary folder that replaces its
     outputs in ``out_dir`` only when all are written, so a failure leaves nothing partial.
@@ -222,6 +223,12 @@ def build_profiles(features_dir: Path, profiles_cfg: dict, out_dir: Path,
         normalizer.save(tmp / "normalizer.npz")
         write_parquet(tmp / "wells.parquet", cols.from_canonical(wells))
         write_parquet(tmp / "treatments.parquet", cols.from_canonical(treatments))
+        fmt = profiles_cfg.get("format", "parquet")
+        if fmt != "parquet":  # an AnnData copy of each, for scanpy / scverse users
+            from morphoprof.profiles.anndata_io import write_anndata
+
+            write_anndata(tmp / f"wells.{fmt}", cols.from_canonical(wells), fmt)
+            write_anndata(tmp / f"treatments.{fmt}", cols.from_canonical(treatments), fmt)
     return out_dir / "wells.parquet", out_dir / "treatments.parquet"
 
 

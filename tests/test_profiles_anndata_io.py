@@ -1,0 +1,56 @@
+"""Profiles as AnnData: what scanpy / scverse users load."""
+
+from __future__ import annotations
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+
+from morphoprof.cli import main
+from morphoprof.errors import InputError
+from morphoprof.profiles.anndata_io import to_anndata, write_anndata
+from tests.test_profiles_pycytominer_parity import _replicates
+
+
+def _wells() -> pd.DataFrame:
+    df = _replicates().assign(Metadata_plate="P1", Metadata_control=False,
+                              Metadata_moa=lambda d: np.where(
+                                  d["Metadata_compound"] < "c3", "m1", "m2"))
+    df["Metadata_well"] = [f"W{i:02d}" for i in range(len(df))]
+    return df
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_round_trip_keeps_features_and_metadata(tmp_path, fmt):
+    df = _wells()
+    path = write_anndata(tmp_path / f"w.{fmt}", df, fmt)
+    adata = anndata.read_h5ad(path) if fmt == "h5ad" else anndata.read_zarr(path)
+    feats = [c for c in df.columns if not c.startswith("Metadata_")]
+    assert adata.shape == (len(df), len(feats))
+    assert list(adata.var_names) == feats
+    np.testing.assert_array_equal(adata.X, df[feats].to_numpy(np.float32))
+    assert list(adata.obs["Metadata_compound"]) == list(df["Metadata_compound"])
+    assert adata.obs["Metadata_concentration"].dtype.kind == "f"
+    assert adata.obs["Metadata_control"].dtype == bool
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(InputError, match="no feature columns"):
+        to_anndata(pd.DataFrame({"Metadata_plate": ["P1"]}))
+    with pytest.raises(InputError, match="format must be one of"):
+        write_anndata(tmp_path / "x.loom", _wells(), "loom")
+
+
+def test_aggregate_writes_anndata_beside_parquet(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    _wells().to_parquet(src / "wells.parquet")
+    assert main(["aggregate", str(src), "--out", str(tmp_path / "p"), "--format", "h5ad",
+                 "--normalize", "none"]) == 0
+    wells = pd.read_parquet(tmp_path / "p" / "wells.parquet")
+    adata = anndata.read_h5ad(tmp_path / "p" / "wells.h5ad")
+    feats = [c for c in wells.columns if not c.startswith("Metadata_")]
+    np.testing.assert_array_equal(adata.X, wells[feats].to_numpy(np.float32))
+    assert (tmp_path / "p" / "treatments.h5ad").is_file()
+    assert anndata.read_h5ad(tmp_path / "p" / "treatments.h5ad").n_obs == 6
