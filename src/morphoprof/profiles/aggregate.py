@@ -230,6 +230,9 @@ def _streamed_means(files: list[Path], by: list[str], feats: list[str],
     from concurrent.futures import ThreadPoolExecutor
 
     index = _key_index(groups, by)
+    # pandas builds an index's hash engine and its uniqueness flag lazily and not thread-safely:
+    # a thread may see a half-built MultiIndex as "not unique". Build both here, before the threads
+    index.get_indexer(index[:1])
     sums = np.zeros((len(groups), len(feats)))
     counts = np.zeros((len(groups), len(feats)))
     workers = max(1, min(len(files), threads or os.cpu_count() or 1))
