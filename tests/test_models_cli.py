@@ -80,7 +80,8 @@ def test_mil_on_the_synthetic_screen_with_compound_held_out(tmp_path, tiny_scree
 data: {{source: index, path: {folder / 'index.parquet'}}}
 select: {{Metadata_control: ['False']}}
 images: {{size: 64, normalization: percentile}}
-mil: {{pooling: noisy_and, hidden: 16, plan: [[8, 1], [16, 2], [16, 1]], jacobian_images: 2}}
+mil: {{trunk: plan, pooling: noisy_and, hidden: 16, plan: [[8, 1], [16, 2], [16, 1]],
+      jacobian_images: 2}}
 train: {{epochs: 2, batch_size: 8, lr: 0.003}}
 cv: {{folds: 2, alpha: 0.2}}
 output: out
@@ -134,8 +135,21 @@ def test_bad_input_is_named(tmp_path, capsys):
     cfg.write_text(CONFIG_2CLASS.replace("group: Metadata_well", "group: Metadata_compound"))
     assert main(["train", "finetune", str(cfg), "--quiet"]) == 2
     assert "single 'Metadata_compound'" in capsys.readouterr().err
+    # A section only the other trainer reads is an error, not silently ignored.
+    assert main(["train", "mil", str(cfg), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "model: not used by train mil" in err and "mil.trunk" in err
+    cfg.write_text(CONFIG_2CLASS + "mil: {pooling: max}\n")
+    assert main(["train", "finetune", str(cfg), "--quiet"]) == 2
+    assert "mil: not used by train finetune" in capsys.readouterr().err
+    mil_2class = CONFIG_2CLASS.replace(
+        "model: {name: tf_efficientnet_lite0, weights: offline}   # ImageNet, first conv adapted",
+        "mil: {trunk: plan}")
+    cfg.write_text(mil_2class.replace("mil: {trunk: plan}", "mil: {plan: [[8, 1]]}"))
+    assert main(["train", "mil", str(cfg), "--quiet"]) == 2
+    assert "mil.plan: only used with mil.trunk: plan" in capsys.readouterr().err
     # Images smaller than the MIL network's receptive field (45 px by default).
-    cfg.write_text(CONFIG_2CLASS.replace("size: 48", "size: 32"))
+    cfg.write_text(mil_2class.replace("size: 48", "size: 32"))
     assert main(["train", "mil", str(cfg), "--quiet"]) == 2
     assert "receptive field" in capsys.readouterr().err
     # A label file that does not match the images: a listed file is missing.

@@ -168,6 +168,8 @@ def test_multilabel_loss_uses_sigmoids():
     target = torch.tensor([[1, 0, 1], [0, 0, 0]])
     loss = mil_loss(net(x), target, multilabel=True)
     out = net(x)
-    want = (torch.nn.functional.binary_cross_entropy_with_logits(out["logits"], target.float())
-            + torch.nn.functional.binary_cross_entropy(out["pooled"], target.float()))
+    # eq. 2: both terms summed over the 3 classes (mean over the batch), not averaged
+    want = 3 * (torch.nn.functional.binary_cross_entropy_with_logits(out["logits"],
+                                                                      target.float())
+                + torch.nn.functional.binary_cross_entropy(out["pooled"], target.float()))
     assert float(loss) == pytest.approx(float(want), rel=1e-5)

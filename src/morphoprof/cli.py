@@ -359,7 +359,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     if a.kind == "weak":
         return _train_weak(a)
-    cfg, text = load_train_config(a.config)
+    cfg, text = load_train_config(a.config, a.kind)
     check_writable(Path(cfg["output"]) / a.kind, folder=True)
     if a.epochs is not None:
         cfg["train"]["epochs"] = a.epochs

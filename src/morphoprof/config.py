@@ -306,11 +306,22 @@ TRAIN_SCHEMA: dict[str, Any] = {
         "drop_rate": Opt(_FLOAT, 0.2),
     },
     "mil": {
+        # the trunk: any timm model name (cut at feature stage ``stage``), ``kraus`` (the
+        # paper's network, trained from scratch) or ``plan`` (valid 3x3 convolutions by plan)
+        "trunk": Opt(_STR, "tf_efficientnet_lite0"),
+        "stage": Opt(_INT, 3),
+        "weights": Opt(_STR, "auto"),
+        # frozen: train only the MIL head on the trunk's cached feature maps (default: for
+        # pretrained timm trunks); cache: the folder those maps are kept in
+        "frozen": Opt(_BOOL, None),
+        "cache": Opt(_STR, None),
         "pooling": Opt(_STR, "noisy_and",
                        ("max", "mean", "gm", "lse", "noisy_or", "isr", "noisy_and")),
         "r": Opt(_FLOAT, 5.0),
         "a": Opt(_FLOAT, 10.0),
-        "hidden": Opt(_INT, 256),
+        "hidden": Opt(_INT, 1000),
+        "dropout": Opt(_FLOAT, 0.5),
+        "pool_dropout": Opt(_FLOAT, 0.2),
         "plan": Opt(_LIST, None),
         "mil_weight": Opt(_FLOAT, 1.0),
         "jacobian_images": Opt(_INT, 4),
@@ -333,7 +344,8 @@ TRAIN_SCHEMA: dict[str, Any] = {
         "group": Opt(_STR, "Metadata_compound"),
         "folds": Opt(_INT, 3),
         "treatment": Opt(_LIST, ["Metadata_compound", "Metadata_concentration"]),
-        "aggregate": Opt(_STR, "mean", ("mean", "median")),
+        # default: median over wells for mil (Kraus), mean over images for finetune
+        "aggregate": Opt(_STR, None, ("mean", "median")),
         "alpha": Opt(_FLOAT, 0.1),
         "val_fraction": Opt(_FLOAT, 0.0),
     },
@@ -341,19 +353,42 @@ TRAIN_SCHEMA: dict[str, Any] = {
 }
 
 
-def load_train_config(path: str | Path) -> tuple[dict, str]:
-    """Read and validate a training config (:data:`TRAIN_SCHEMA`). Returns (config, its text);
-    relative ``data.path`` and ``output`` are resolved against the config file's folder."""
+# The section of a training config the other trainer reads: written there, it is a mistake.
+_UNUSED_SECTIONS = {
+    "mil": ("model", "train mil builds its network from mil.trunk, mil.stage and mil.weights"),
+    "finetune": ("mil", "train finetune fine-tunes the network named in model"),
+}
+
+
+def load_train_config(path: str | Path, kind: str | None = None) -> tuple[dict, str]:
+    """Read and validate a training config (:data:`TRAIN_SCHEMA`) for trainer ``kind``
+    (``finetune`` | ``mil``; a section only the other one reads is an error). Returns (config,
+    its text); relative ``data.path``, ``mil.cache`` and ``output`` are resolved against the
+    config file's folder."""
     path = Path(path)
     raw, text = _read_yaml(path, "training configuration")
     problems: list[str] = []
+    unused = _UNUSED_SECTIONS.get(kind or "")
+    if unused and isinstance(raw, dict) and raw.get(unused[0]) is not None:
+        problems.append(f"{unused[0]}: not used by train {kind} ({unused[1]}); remove it")
     cfg = _check(raw, TRAIN_SCHEMA, "", problems)
+    m = cfg["mil"]
+    if m["plan"] is not None and m["trunk"] != "plan":
+        problems.append(f"mil.plan: only used with mil.trunk: plan (trunk is {m['trunk']!r})")
+    if m["frozen"] and m["trunk"] in ("plan", "kraus"):
+        problems.append(f"mil.frozen: a {m['trunk']!r} trunk is trained from scratch and "
+                        "cannot be frozen")
+    for key in ("dropout", "pool_dropout"):
+        if isinstance(m[key], (int, float)) and not 0 <= m[key] < 1:
+            problems.append(f"mil.{key}: must be in [0, 1), got {m[key]}")
     _check_data(cfg["data"], problems)
     for section, key in (("train", "epochs"), ("train", "batch_size"), ("cv", "folds")):
         if isinstance(cfg[section][key], int) and cfg[section][key] < 1:
             problems.append(f"{section}.{key}: must be >= 1")
     if problems:
         raise ConfigError(f"invalid training configuration ({path})", problems)
+    if m["cache"]:
+        m["cache"] = str(path.parent / m["cache"])
     return _resolve_paths(cfg, path.parent), text
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from torch.utils.data import Dataset
 
 from morphoprof.errors import InputError
 from morphoprof.evaluation.conformal import conformal_threshold, prediction_sets, set_metrics
@@ -37,7 +38,8 @@ class CVConfig:
         group: the column held out whole (compound by default; a well for control-only tasks).
         folds: number of folds.
         treatment: columns naming a treatment (the unit predictions are aggregated to).
-        aggregate: ``mean`` of image probabilities, or ``median`` over wells of well means.
+        aggregate: ``mean`` of image probabilities, or ``median`` over wells of well means
+            (Kraus's choice for MIL).
         alpha: conformal miscoverage (sets aim at >= 1 - alpha).
         val_fraction: wells of the training side kept for validation / early stopping.
         seed: seeds folds, validation wells and training.
@@ -116,6 +118,7 @@ def cross_validate(
     cv: CVConfig | None = None,
     fit_cfg: FitConfig | None = None,
     log: Callable[[str], None] | None = print,
+    make_dataset: Callable[[np.ndarray, np.ndarray, bool], Dataset] | None = None,
 ) -> dict:
     """Train and test one model per fold; write ``predictions.parquet`` (out-of-fold image
     probabilities), ``treatments.parquet`` and ``cv.json`` in ``out_dir``; return the results.
@@ -124,6 +127,9 @@ def cross_validate(
         index: the images' experiment index (row i <-> ``images[i]``).
         images: ``(N, C, H, W)`` float32, already resized and normalised.
         make_module: builds a fresh, seeded :class:`ImageClassifier` (argument: the fold).
+        make_dataset: ``(rows, targets, train) -> Dataset`` to serve something other than
+            ``images`` (e.g. a frozen trunk's cached feature maps); default: the images with
+            ``cv``'s augmentation, crop and normalisation.
         out_dir: fold folders (checkpoints, metrics) and results go here; a fold whose
             predictions exist is not retrained (resume).
 
@@ -136,7 +142,7 @@ def cross_validate(
     fit_cfg = fit_cfg or FitConfig()
     out_dir = Path(out_dir)
     table = index.table.reset_index(drop=True)
-    if len(images) != len(table):
+    if make_dataset is None and len(images) != len(table):
         raise InputError(f"{len(images)} images for an index of {len(table)} rows")
     need = [c for c in (cv.label, cv.group, *cv.treatment) if c not in table.columns]
     if need:
@@ -150,6 +156,13 @@ def cross_validate(
     y = table[cv.label].astype(str).map(class_index).to_numpy()
     wells = (table[PLATE].astype(str) + "/" + table[WELL].astype(str)).to_numpy()
     folds = group_folds(table, cv.label, cv.group, cv.folds, cv.seed)
+    if make_dataset is None:
+        def make_dataset(rows: np.ndarray, targets: np.ndarray, train: bool) -> Dataset:
+            if train:
+                return ImageTensorDataset(images[rows], targets, augment=cv.augment,
+                                          crop=cv.crop, mean=cv.mean, std=cv.std)
+            return ImageTensorDataset(images[rows], targets, mean=cv.mean, std=cv.std)
+
     probs = np.full((len(table), len(classes)), np.nan)
     fold_of = np.full(len(table), -1)
     fold_results, train_seconds = [], 0.0
@@ -167,11 +180,9 @@ def cross_validate(
                 log(f"fold {f + 1}/{len(folds)}: train {len(train_rows)} images, test "
                     f"{len(test_rows)} ({cv.group} held out: {', '.join(held)})")
             keep, val = split_groups(wells[train_rows], cv.val_fraction, cv.seed + f)
-            ds = dict(crop=cv.crop, mean=cv.mean, std=cv.std)
-            train_ds = ImageTensorDataset(images[train_rows[keep]], y[train_rows[keep]],
-                                          augment=cv.augment, **ds)
-            val_ds = (ImageTensorDataset(images[train_rows[val]], y[train_rows[val]],
-                                         mean=cv.mean, std=cv.std) if len(val) else None)
+            train_ds = make_dataset(train_rows[keep], y[train_rows[keep]], True)
+            val_ds = (make_dataset(train_rows[val], y[train_rows[val]], False) if len(val)
+                      else None)
             module = make_module(f)
             info = fit(module, train_ds, fold_dir, fit_cfg, val_ds, log=log)
             if val_ds is not None:
@@ -180,8 +191,7 @@ def cross_validate(
                 state = torch.load(info["best_checkpoint"], map_location="cpu",
                                    weights_only=False)["state_dict"]
                 module.load_state_dict(state)
-            test_ds = ImageTensorDataset(images[test_rows], y[test_rows], mean=cv.mean,
-                                         std=cv.std)
+            test_ds = make_dataset(test_rows, y[test_rows], False)
             p = predict_proba(module, test_ds, batch_size=fit_cfg.batch_size)
             write_json(fold_dir / "fit.json", info)
             write_npy(done, p)

@@ -1,10 +1,11 @@
 """Jacobian maps (Kraus 2016): where in the input a class's evidence lies, by guided backprop.
 
-The backward pass starts at the class maps with ``P_i * p_ij`` (the image-level probability of
-class i times its map), so positions that drive the image's class speak loudest; every ReLU lets
-through only positive signals where its input was positive (guided backpropagation, Springenberg
-2015). The result is summed over input channels into a ``(H, W)`` map and thresholded (Otsu,
-optionally after Gaussian smoothing) into a segmentation mask.
+The backward pass starts at the class maps with ``P_i * p_ij`` (eq. 4: the image-level
+probability of class i times its map), so positions that drive the image's class speak loudest;
+every activation (ReLU, ReLU6, SiLU: what the trunks use) lets through only the positive part of
+its backward signal (guided backpropagation, Springenberg 2015). The result is summed over input
+channels into a ``(H, W)`` map and thresholded (Otsu, optionally after Gaussian smoothing) into
+a segmentation mask.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from torch import nn
 
 from morphoprof.errors import InputError
 
+# The activations guided backprop passes through; any other would leak negative signals.
+GUIDED_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU)
+
 
 def _guided_relu_hook(module: nn.Module, grad_input, grad_output):
     return tuple(None if g is None else g.clamp_min(0.0) for g in grad_input)
@@ -27,7 +31,9 @@ def jacobian_maps(net: nn.Module, images: torch.Tensor, class_index: int | None 
     """Guided-backprop maps of a :class:`~morphoprof.models.mil.MILNet`.
 
     Args:
-        net: the MIL network (its ReLUs must be ``nn.ReLU`` modules, as MILNet's are).
+        net: the MIL network (its activations must be modules of
+            :data:`GUIDED_ACTIVATIONS`, as every trunk's are; in-place ones are switched off
+            for the pass).
         images: ``(B, C, H, W)`` float tensor, normalised as in training.
         class_index: the class whose evidence is traced; None traces each image's predicted
             class.
@@ -37,8 +43,12 @@ def jacobian_maps(net: nn.Module, images: torch.Tensor, class_index: int | None 
     """
     was_training = net.training
     net.eval()
-    hooks = [m.register_full_backward_hook(_guided_relu_hook)
-             for m in net.modules() if isinstance(m, nn.ReLU)]
+    acts = [m for m in net.modules() if isinstance(m, GUIDED_ACTIVATIONS)]
+    inplace = [getattr(m, "inplace", False) for m in acts]
+    for m in acts:
+        if hasattr(m, "inplace"):
+            m.inplace = False
+    hooks = [m.register_full_backward_hook(_guided_relu_hook) for m in acts]
     try:
         x = images.detach().clone().requires_grad_(True)
         out = net(x)
@@ -57,6 +67,9 @@ def jacobian_maps(net: nn.Module, images: torch.Tensor, class_index: int | None 
     finally:
         for h in hooks:
             h.remove()
+        for m, flag in zip(acts, inplace):
+            if hasattr(m, "inplace"):
+                m.inplace = flag
         net.train(was_training)
     return grad.detach().cpu().numpy().astype(np.float32)
 

@@ -23,6 +23,7 @@ noisy_and     ``[s(a(mean_j p_ij - b_i)) - s(-a b_i)] / [s(a(1 - b_i)) - s(-a b_
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -83,24 +84,44 @@ class MILPool(nn.Module):
 
 @dataclass(frozen=True)
 class MILConfig:
-    """The network: a plan of valid (unpadded) 3x3 convolutions, ReLU (and batch norm), then a
-    1x1 ``hidden`` layer and a 1x1 class layer with sigmoid output (the class maps).
+    """The network: a fully convolutional trunk, then the MIL head (Kraus's conv6 / conv7): a
+    1x1 ``hidden`` layer with ReLU and ``dropout``, a 1x1 layer with K sigmoid class maps, the
+    MIL pooling and an FC layer over the pooled vector.
 
-    ``plan`` lists (channels, stride) per 3x3 convolution. With the default plan the receptive
-    field is 45 px: an input of one cell of that size gives a 1x1 map (Kraus sized the network
-    so one output sees one cell). Larger images give larger maps; smaller ones are refused.
+    Attributes:
+        n_classes: K.
+        in_chans: input channels.
+        trunk: ``plan`` (a stack of valid 3x3 convolutions, see ``plan``), ``kraus`` (the
+            paper's own network, :class:`KrausTrunk`) or any timm model name, cut at ``stage``.
+        stage: the timm model's feature stage the class maps are computed on (``features_only``
+            index; None: the last). EfficientNet-Lite0: stage 3 = 112 channels at 1/16.
+        weights: timm weights (``auto`` | ``offline`` | ``imagenet`` | ``random`` | a path).
+        plan: (channels, stride) per 3x3 convolution of the ``plan`` trunk. With the default
+            the receptive field is 45 px (one cell); smaller images are refused.
+        hidden: channels of the 1x1 hidden layer (Kraus: 1000).
+        dropout: dropout after the hidden layer (Kraus: 0.5).
+        pool_dropout: dropout after each pooling layer of the ``kraus`` trunk (Kraus: 0.2).
+        pooling, r, a: the MIL pooling (:class:`MILPool`).
+        batch_norm: batch norm after the ``plan`` / ``kraus`` convolutions.
+        multilabel: sigmoid FC output (several labels per image) instead of softmax.
     """
 
     n_classes: int
     in_chans: int = 3
+    trunk: str = "plan"
+    stage: int | None = None
+    weights: str = "auto"
     plan: Sequence[tuple[int, int]] = ((32, 1), (32, 2), (64, 1), (64, 2), (128, 1), (128, 2),
                                        (128, 1))
     hidden: int = 256
+    dropout: float = 0.0
+    pool_dropout: float = 0.2
     pooling: str = "noisy_and"
     r: float = 5.0
     a: float = 10.0
     batch_norm: bool = True
     multilabel: bool = False
+    seed: int = 0
 
 
 def receptive_field(plan: Sequence[tuple[int, int]], kernel: int = 3) -> int:
@@ -112,54 +133,196 @@ def receptive_field(plan: Sequence[tuple[int, int]], kernel: int = 3) -> int:
     return rf
 
 
-class MILNet(nn.Module):
-    """Fully convolutional MIL network.
+def _conv(c_in: int, c_out: int, k: int, bn: bool, pad: int = 0, stride: int = 1) -> list:
+    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, k, stride=stride, padding=pad,
+                                         bias=not bn)]
+    if bn:
+        layers.append(nn.BatchNorm2d(c_out))
+    return layers + [nn.ReLU()]
 
-    ``forward(x)`` with ``x`` ``(B, C, H, W)`` (H, W >= the receptive field) returns a dict:
-    ``maps`` ``(B, K, h, w)`` class probabilities p_ij, ``pooled`` ``(B, K)`` P_i, ``logits``
-    ``(B, K)`` the FC layer's output over the pooled vector.
-    """
+
+class PlanTrunk(nn.Module):
+    """Valid 3x3 convolutions (ReLU, batch norm) by plan; ``(B, C, H, W)`` -> ``(B, D, h, w)``.
+    Images smaller than the receptive field are refused with an error."""
 
     def __init__(self, cfg: MILConfig) -> None:
         super().__init__()
-        if cfg.n_classes < 2 and not cfg.multilabel:
-            raise InputError(f"a MIL classifier needs >= 2 classes, got {cfg.n_classes}")
-        self.cfg = cfg
         layers: list[nn.Module] = []
         c_in = cfg.in_chans
         for c_out, stride in cfg.plan:
-            layers.append(nn.Conv2d(c_in, c_out, 3, stride=stride, bias=not cfg.batch_norm))
-            if cfg.batch_norm:
-                layers.append(nn.BatchNorm2d(c_out))
-            layers.append(nn.ReLU())
+            layers += _conv(c_in, c_out, 3, cfg.batch_norm, stride=stride)
             c_in = c_out
-        layers += [nn.Conv2d(c_in, cfg.hidden, 1), nn.ReLU(), nn.Conv2d(cfg.hidden,
-                                                                        cfg.n_classes, 1)]
-        self.features = nn.Sequential(*layers)
-        self.pool = MILPool(cfg.pooling, cfg.n_classes, r=cfg.r, a=cfg.a)
-        self.fc = nn.Linear(cfg.n_classes, cfg.n_classes)
+        self.body = nn.Sequential(*layers)
+        self.out_channels = c_in
         self.min_size = receptive_field(cfg.plan)
+        self.reduction = math.prod(s for _, s in cfg.plan)
+        self.mean = self.std = None
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         if h < self.min_size or w < self.min_size:
             raise InputError(f"image {h}x{w} px is smaller than the MIL network's receptive "
                              f"field ({self.min_size} px): upsample it or use a shorter plan")
-        maps = torch.sigmoid(self.features(x))
+        return self.body(x)
+
+
+class KrausTrunk(nn.Module):
+    """Kraus et al. (2016), Fig. 1, layer for layer up to conv5: ave_pool0 (3x3, stride 2),
+    conv1 3x3x32, conv2 3x3x64, pool1, conv3 5x5x64, pool2, conv4 3x3x128, pool3, conv5
+    3x3x128, pool4 (max pools 2x2 stride 2, "same" padding, ReLU), with ``pool_dropout`` after
+    every pool. Output stride 32; conv6 / conv7 are the :class:`MILHead`."""
+
+    def __init__(self, cfg: MILConfig) -> None:
+        super().__init__()
+        bn, d = cfg.batch_norm, cfg.pool_dropout
+
+        def pool() -> list:
+            return [nn.MaxPool2d(2, 2), nn.Dropout(d)]
+
+        self.body = nn.Sequential(
+            nn.AvgPool2d(3, 2, padding=1), nn.Dropout(d),
+            *_conv(cfg.in_chans, 32, 3, bn, 1), *_conv(32, 64, 3, bn, 1), *pool(),
+            *_conv(64, 64, 5, bn, 2), *pool(),
+            *_conv(64, 128, 3, bn, 1), *pool(),
+            *_conv(128, 128, 3, bn, 1), *pool())
+        self.out_channels, self.reduction, self.min_size = 128, 32, 32
+        self.mean = self.std = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+class TimmTrunk(nn.Module):
+    """A timm model cut at feature stage ``cfg.stage`` (timm ``features_only``), with the
+    weights of :func:`~morphoprof.features.backbones.create_backbone` (offline ImageNet
+    EfficientNet-Lite by default). In-place activations are switched off so guided backprop
+    (:mod:`morphoprof.models.jacobian`) can hook them. ``mean`` / ``std``: the pretrained
+    network's input statistics (None for random weights)."""
+
+    def __init__(self, cfg: MILConfig) -> None:
+        super().__init__()
+        import timm
+
+        from morphoprof.features.backbones import create_backbone
+
+        backbone = create_backbone(cfg.trunk, cfg.weights, in_chans=cfg.in_chans, seed=cfg.seed)
+        full = backbone.model
+        n_stages = len(full.feature_info)
+        stage = n_stages - 1 if cfg.stage is None else cfg.stage
+        if not 0 <= stage < n_stages:
+            raise InputError(f"mil.stage: {backbone.name} has feature stages 0..{n_stages - 1}, "
+                             f"got {cfg.stage}")
+        net = timm.create_model(backbone.name, pretrained=False, features_only=True,
+                                out_indices=(stage,), in_chans=cfg.in_chans)
+        state = {k: v for k, v in full.state_dict().items()}
+        missing, _ = net.load_state_dict(state, strict=False)
+        if missing:
+            raise InputError(f"could not cut {backbone.name} at stage {stage}: weights missing "
+                             f"for {missing[:3]}")
+        for m in net.modules():
+            if hasattr(m, "inplace") and isinstance(m.inplace, bool):
+                m.inplace = False
+        self.body = net
+        self.name, self.stage, self.source = backbone.name, stage, backbone.weights
+        info = net.feature_info.get_dicts()[-1]
+        self.out_channels, self.reduction = int(info["num_chs"]), int(info["reduction"])
+        self.min_size = self.reduction
+        pretrained = backbone.weights != "random"
+        c = cfg.in_chans
+        self.mean = (tuple(backbone.mean) if c == 3 else (float(sum(backbone.mean) / 3),) * c
+                     ) if pretrained else None
+        self.std = (tuple(backbone.std) if c == 3 else (float(sum(backbone.std) / 3),) * c
+                    ) if pretrained else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h < self.min_size or w < self.min_size:
+            raise InputError(f"image {h}x{w} px is smaller than {self.name}'s stage "
+                             f"{self.stage} stride ({self.min_size} px)")
+        return self.body(x)[-1]
+
+
+TRUNKS = {"plan": PlanTrunk, "kraus": KrausTrunk}
+
+
+def make_trunk(cfg: MILConfig) -> nn.Module:
+    """The trunk named by ``cfg.trunk``: ``plan``, ``kraus`` or a timm model name."""
+    return TRUNKS.get(cfg.trunk, TimmTrunk)(cfg)
+
+
+class MILHead(nn.Module):
+    """Feature maps ``(B, D, h, w)`` -> class maps, pooled probabilities and FC logits.
+
+    Kraus's conv6 (1x1, ``hidden``, ReLU, ``dropout``) and conv7 (1x1, K, sigmoid), the MIL
+    pooling and the FC layer. A 5-D input ``(B, T, D, h, w)`` holds T transformed copies of
+    each image (test-time augmentation): pooled probabilities and logits are averaged over
+    them and ``maps`` are the first copy's.
+    """
+
+    def __init__(self, cfg: MILConfig, in_channels: int) -> None:
+        super().__init__()
+        if cfg.n_classes < 2 and not cfg.multilabel:
+            raise InputError(f"a MIL classifier needs >= 2 classes, got {cfg.n_classes}")
+        if not 0 <= cfg.dropout < 1:
+            raise InputError(f"mil.dropout must be in [0, 1), got {cfg.dropout}")
+        self.cfg = cfg
+        self.classes = nn.Sequential(nn.Conv2d(in_channels, cfg.hidden, 1), nn.ReLU(),
+                                     nn.Dropout(cfg.dropout),
+                                     nn.Conv2d(cfg.hidden, cfg.n_classes, 1))
+        self.pool = MILPool(cfg.pooling, cfg.n_classes, r=cfg.r, a=cfg.a)
+        self.fc = nn.Linear(cfg.n_classes, cfg.n_classes)
+
+    def forward(self, f: torch.Tensor) -> dict[str, torch.Tensor]:
+        copies = f.ndim == 5
+        b = f.shape[0]
+        if copies:
+            f = f.flatten(0, 1)
+        maps = torch.sigmoid(self.classes(f.float()))
         pooled = self.pool(maps)
-        return {"maps": maps, "pooled": pooled, "logits": self.fc(pooled)}
+        logits = self.fc(pooled)
+        if copies:
+            maps = maps.unflatten(0, (b, -1))[:, 0]
+            pooled = pooled.unflatten(0, (b, -1)).mean(1)
+            logits = logits.unflatten(0, (b, -1)).mean(1)
+        return {"maps": maps, "pooled": pooled, "logits": logits}
+
+
+class MILNet(nn.Module):
+    """Fully convolutional MIL network: ``head(trunk(x))``.
+
+    ``forward(x)`` with ``x`` ``(B, C, H, W)`` returns a dict: ``maps`` ``(B, K, h, w)`` class
+    probabilities p_ij, ``pooled`` ``(B, K)`` P_i, ``logits`` ``(B, K)`` the FC layer's output
+    over the pooled vector. ``trunk`` overrides the one ``cfg`` names (e.g. a shared frozen one).
+    """
+
+    def __init__(self, cfg: MILConfig, trunk: nn.Module | None = None) -> None:
+        super().__init__()
+        if cfg.n_classes < 2 and not cfg.multilabel:
+            raise InputError(f"a MIL classifier needs >= 2 classes, got {cfg.n_classes}")
+        self.cfg = cfg
+        self.trunk = trunk if trunk is not None else make_trunk(cfg)
+        self.head = MILHead(cfg, self.trunk.out_channels)
+        self.pool = self.head.pool
+        self.min_size = getattr(self.trunk, "min_size", 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.head(self.trunk(x))
 
 
 def mil_loss(out: dict[str, torch.Tensor], target: torch.Tensor, multilabel: bool = False,
              mil_weight: float = 1.0) -> torch.Tensor:
-    """Joint loss: binary MIL loss of each pooled ``P_i`` against the image's class indicator,
-    plus the FC output's softmax cross-entropy (``target`` class indices ``(B,)``) or, for
-    multi-label screens, its sigmoid cross-entropy (``target`` ``(B, K)`` in {0, 1})."""
-    pooled = out["pooled"].clamp(_EPS, 1 - _EPS)
+    """Joint loss (Kraus eq. 2): the binary MIL loss of each pooled ``P_i`` against the image's
+    class indicator, summed over the K classes (times ``mil_weight``) and averaged over the
+    batch, plus the FC output's softmax cross-entropy (``target`` class indices ``(B,)``) or,
+    for multi-label screens, its sigmoid cross-entropy summed over classes (``target``
+    ``(B, K)`` in {0, 1})."""
+    pooled = out["pooled"].float().clamp(_EPS, 1 - _EPS)
+    bce = nn.functional.binary_cross_entropy
     if multilabel:
         onehot = target.float()
-        head = nn.functional.binary_cross_entropy_with_logits(out["logits"], onehot)
+        head = nn.functional.binary_cross_entropy_with_logits(
+            out["logits"].float(), onehot, reduction="none").sum(1).mean()
     else:
         onehot = nn.functional.one_hot(target, pooled.shape[1]).to(pooled.dtype)
-        head = nn.functional.cross_entropy(out["logits"], target)
-    return head + mil_weight * nn.functional.binary_cross_entropy(pooled, onehot)
+        head = nn.functional.cross_entropy(out["logits"].float(), target)
+    return head + mil_weight * bce(pooled, onehot, reduction="none").sum(1).mean()

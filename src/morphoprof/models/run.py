@@ -4,7 +4,9 @@ treatment-level accuracy, conformal sets, and (MIL) Jacobian-map overlays."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,6 +15,9 @@ from morphoprof.index.schema import ExperimentIndex
 from morphoprof.io_utils import read_parquet, write_json
 from morphoprof.models.crossval import CVConfig, cross_validate
 from morphoprof.models.training import FitConfig
+
+if TYPE_CHECKING:
+    from morphoprof.models.mil import MILConfig
 
 KINDS = ("finetune", "mil")
 
@@ -47,7 +52,8 @@ def fit_config(train: dict, progress: bool = True) -> FitConfig:
 
 
 def module_factory(kind: str, cfg: dict, n_classes: int, in_chans: int):
-    """``(make_module(fold), mean, std)`` for a training kind and a validated config."""
+    """``(make_module(fold), mean, std)`` for ``finetune`` and a validated config (``mil``:
+    :func:`mil_setup`)."""
     seed = cfg["train"]["seed"]
     if kind == "finetune":
         from morphoprof.models.finetune import FineTuneConfig, finetune_module
@@ -66,31 +72,143 @@ def module_factory(kind: str, cfg: dict, n_classes: int, in_chans: int):
             return finetune_module(ft, n_classes, in_chans, seed + fold)[0]
 
         return make, mean, std
-    if kind == "mil":
-        import torch
+    raise InputError(f"training kind must be one of {KINDS}, got {kind!r}")
 
-        from morphoprof.models.mil import MILConfig, MILNet
-        from morphoprof.models.training import ImageClassifier
 
-        m = cfg["mil"]
-        extra = {}
-        if m["plan"]:
-            try:
-                extra["plan"] = tuple((int(c), int(s)) for c, s in m["plan"])
-            except (TypeError, ValueError) as exc:
-                raise InputError(f"mil.plan must list [channels, stride] pairs, got "
-                                 f"{m['plan']!r}") from exc
-        mcfg = MILConfig(n_classes=n_classes, in_chans=in_chans, pooling=m["pooling"], r=m["r"],
-                         a=m["a"], hidden=m["hidden"], multilabel=cfg["multilabel"], **extra)
+def mil_config(cfg: dict, n_classes: int, in_chans: int) -> MILConfig:
+    """The ``mil`` section of a validated training config as a :class:`MILConfig`."""
+    from morphoprof.models.mil import MILConfig
+
+    m = cfg["mil"]
+    extra = {}
+    if m["plan"]:
+        try:
+            extra["plan"] = tuple((int(c), int(s)) for c, s in m["plan"])
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"mil.plan must list [channels, stride] pairs, got "
+                             f"{m['plan']!r}") from exc
+    return MILConfig(n_classes=n_classes, in_chans=in_chans, trunk=m["trunk"],
+                     stage=m["stage"], weights=m["weights"], pooling=m["pooling"], r=m["r"],
+                     a=m["a"], hidden=m["hidden"], dropout=m["dropout"],
+                     pool_dropout=m["pool_dropout"], multilabel=cfg["multilabel"],
+                     seed=cfg["train"]["seed"], **extra)
+
+
+def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of ``(N, C, H, W)`` images (Kraus normalised
+    the inputs of networks trained from scratch with these)."""
+    mean = images.mean(axis=(0, 2, 3), dtype=np.float64)
+    std = images.std(axis=(0, 2, 3), dtype=np.float64)
+    return tuple(float(v) for v in mean), tuple(float(v) if v > 0 else 1.0 for v in std)
+
+
+@dataclass
+class MILSetup:
+    """How ``train mil`` trains: fresh seeded modules per fold, the input normalisation, and,
+    for a frozen trunk, the datasets of its cached feature maps.
+
+    Attributes:
+        make: fold -> a fresh :class:`ImageClassifier` (the whole network, or only the MIL
+            head when the trunk is frozen).
+        mean, std: per-channel input normalisation.
+        make_dataset: None (train on the images) or ``(rows, targets, train) -> Dataset`` over
+            the cached maps.
+        full_net: a trained module's state dict -> the whole :class:`MILNet` (trunk and head),
+            for Jacobian maps.
+        info: trunk, stage, weights, frozen, feature map shape, caching seconds.
+    """
+
+    make: Callable
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    make_dataset: Callable | None
+    full_net: Callable
+    info: dict
+
+
+def mil_setup(cfg: dict, images: np.ndarray, n_classes: int, out: Path,
+              progress: bool = True, log: Callable[[str], None] | None = print) -> MILSetup:
+    """Build the MIL trunk named in ``cfg['mil']``, choose the input normalisation (the
+    pretrained trunk's own statistics, else the images' per-channel mean / std) and, when the
+    trunk is frozen (default for pretrained timm trunks), compute or reuse its feature maps of
+    ``images`` under the 8 rotations / reflections (1 without ``images.augment``), cached in
+    ``mil.cache`` (default ``out/mil/trunk_maps``)."""
+    import time
+
+    import torch
+
+    from morphoprof.models.mil import MILHead, MILNet, make_trunk
+    from morphoprof.models.mil_cache import (
+        CachedMapDataset,
+        cache_key,
+        cached_trunk_maps,
+        trunk_maps,
+    )
+    from morphoprof.models.training import ImageClassifier
+
+    m, train, seed = cfg["mil"], cfg["train"], cfg["train"]["seed"]
+    mcfg = mil_config(cfg, n_classes, images.shape[1])
+    torch.manual_seed(seed)
+    trunk = make_trunk(mcfg)
+    if getattr(trunk, "mean", None) is not None:
+        mean, std = tuple(trunk.mean), tuple(trunk.std)
+    else:
+        mean, std = channel_stats(images)
+    pretrained = getattr(trunk, "source", "random") != "random"
+    frozen = m["frozen"] if m["frozen"] is not None else (
+        m["trunk"] not in ("plan", "kraus") and pretrained)
+    info = {"trunk": getattr(trunk, "name", m["trunk"]), "stage": getattr(trunk, "stage", None),
+            "weights": getattr(trunk, "source", "random"), "frozen": bool(frozen),
+            "output_stride": int(trunk.reduction), "input_mean": list(mean),
+            "input_std": list(std)}
+    kw = dict(lr=train["lr"], weight_decay=train["weight_decay"], multilabel=cfg["multilabel"],
+              mil_weight=m["mil_weight"])
+
+    def strip(state: dict) -> dict:
+        return {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+
+    if not frozen:
+        first = {0: trunk}
 
         def make(fold: int):
             torch.manual_seed(seed + fold)
-            return ImageClassifier(MILNet(mcfg), lr=cfg["train"]["lr"],
-                                   weight_decay=cfg["train"]["weight_decay"],
-                                   multilabel=cfg["multilabel"], mil_weight=m["mil_weight"])
+            t = first.pop(fold, None) if fold in first else make_trunk(mcfg)
+            return ImageClassifier(MILNet(mcfg, trunk=t), **kw)
 
-        return make, (0.5,) * in_chans, (0.25,) * in_chans
-    raise InputError(f"training kind must be one of {KINDS}, got {kind!r}")
+        def full_net(state: dict):
+            net = MILNet(mcfg)
+            net.load_state_dict(strip(state))
+            return net
+
+        return MILSetup(make, mean, std, None, full_net, info)
+
+    for p in trunk.parameters():
+        p.requires_grad_(False)
+    n_t = 8 if cfg["images"]["augment"] else 1
+    key = cache_key({k: info[k] for k in ("trunk", "stage", "weights")}, images, mean, std,
+                    n_t)
+    folder = Path(m["cache"]) if m["cache"] else out / "mil" / "trunk_maps"
+    t0 = time.perf_counter()
+    maps = cached_trunk_maps(folder, key, lambda: trunk_maps(trunk, images, mean, std, n_t,
+                                                             progress=progress), log=log)
+    info.update(feature_maps=list(maps.shape[2:]), transforms=n_t,
+                cache_seconds=time.perf_counter() - t0, cache=str(folder))
+    crop_px = cfg["images"]["crop"]
+    crop = None if crop_px is None else max(1, int(crop_px) // int(trunk.reduction))
+
+    def make(fold: int):
+        torch.manual_seed(seed + fold)
+        return ImageClassifier(MILHead(mcfg, trunk.out_channels), **kw)
+
+    def make_dataset(rows, targets, is_train: bool):
+        return CachedMapDataset(maps, rows, targets, train=is_train, crop=crop)
+
+    def full_net(state: dict):
+        net = MILNet(mcfg, trunk=trunk)
+        net.head.load_state_dict(strip(state))
+        return net
+
+    return MILSetup(make, mean, std, make_dataset, full_net, info)
 
 
 def run_training(kind: str, cfg: dict, config_text: str = "", progress: bool = True,
@@ -114,18 +232,28 @@ def run_training(kind: str, cfg: dict, config_text: str = "", progress: bool = T
         raise InputError(f"label column {cfg['label']!r} is not in the index; found "
                          f"{list(index.table.columns)}")
     n_classes = index.table[cfg["label"]].astype(str).nunique()
-    make, mean, std = module_factory(kind, cfg, n_classes, len(channels))
+    setup = None
+    if kind == "mil":
+        setup = mil_setup(cfg, images, n_classes, out, progress=progress, log=log)
+        make, mean, std = setup.make, setup.mean, setup.std
+    else:
+        make, mean, std = module_factory(kind, cfg, n_classes, len(channels))
     c = cfg["cv"]
+    aggregate = c["aggregate"] or ("median" if kind == "mil" else "mean")
     cv = CVConfig(label=cfg["label"], group=c["group"], folds=c["folds"],
-                  treatment=tuple(c["treatment"]), aggregate=c["aggregate"], alpha=c["alpha"],
+                  treatment=tuple(c["treatment"]), aggregate=aggregate, alpha=c["alpha"],
                   val_fraction=c["val_fraction"], seed=cfg["train"]["seed"],
                   augment=im["augment"], crop=im["crop"], mean=mean, std=std)
-    result = cross_validate(index, images, make, out / kind, cv, fit_config(cfg["train"],
-                                                                            progress), log=log)
+    result = cross_validate(index, images, make, out / kind, cv,
+                            fit_config(cfg["train"], progress), log=log,
+                            make_dataset=setup.make_dataset if setup else None)
     result["kind"] = kind
-    if kind == "mil" and cfg["mil"]["jacobian_images"] > 0:
-        result["jacobian_overlays"] = write_jacobian_overlays(
-            out / kind, index, images, make, mean, std, cfg["mil"]["jacobian_images"])
+    if setup is not None:
+        result["trunk"] = setup.info
+        if cfg["mil"]["jacobian_images"] > 0:
+            result["jacobian_overlays"] = write_jacobian_overlays(
+                out / kind, index, images, setup.full_net, mean, std,
+                cfg["mil"]["jacobian_images"])
     write_json(out / kind / "cv.json", result)
     return result
 
@@ -137,7 +265,7 @@ def train_from_yaml(kind: str, text: str, folder: str | Path, fresh: bool = True
     are reused (resume)."""
     from morphoprof.config import load_train_config
 
-    cfg, text = load_train_config(write_config(text, folder, fresh))
+    cfg, text = load_train_config(write_config(text, folder, fresh), kind)
     return run_training(kind, cfg, text, progress=progress)
 
 
@@ -155,17 +283,17 @@ def write_config(text: str, folder: str | Path, fresh: bool = True) -> Path:
     return path
 
 
-def write_jacobian_overlays(folder: Path, index: ExperimentIndex, images: np.ndarray, make,
-                            mean, std, n: int) -> list[str]:
-    """PNG overlays of fold 0's model's Jacobian maps on the first ``n`` of its test images."""
+def write_jacobian_overlays(folder: Path, index: ExperimentIndex, images: np.ndarray,
+                            full_net: Callable, mean, std, n: int) -> list[str]:
+    """PNG overlays of fold 0's model's Jacobian maps on the first ``n`` of its test images
+    (``full_net``: the trained module's state dict -> the whole MIL network)."""
     import torch
 
     from morphoprof.models.jacobian import jacobian_maps, jacobian_mask, save_overlay
 
-    module = make(0)
     state = torch.load(folder / "fold0" / "checkpoints" / "last.ckpt", map_location="cpu",
                        weights_only=False)["state_dict"]
-    module.load_state_dict(state)
+    net = full_net(state)
     pred = read_parquet(folder / "predictions.parquet")
     rows = np.flatnonzero(pred["Metadata_fold"].to_numpy() == 0)[:n]
     m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
@@ -173,7 +301,7 @@ def write_jacobian_overlays(folder: Path, index: ExperimentIndex, images: np.nda
     paths = []
     for i in rows:
         x = (torch.from_numpy(images[i]) - m) / s
-        jmap = jacobian_maps(module.net, x[None])[0]
+        jmap = jacobian_maps(net, x[None])[0]
         path = save_overlay(folder / "jacobian" / f"image_{i}.png", images[i], jmap,
                             jacobian_mask(jmap))
         paths.append(str(path))

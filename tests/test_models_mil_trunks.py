@@ -1,0 +1,171 @@
+"""MIL trunks (timm models cut at a stage, Kraus's network), the frozen-trunk feature-map cache,
+guided Jacobians through every activation the trunks use, and the cluttered-digit canvases."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from morphoprof.cli import main
+from morphoprof.datasets.cluttered_digits import DigitsConfig, cluttered_digits
+from morphoprof.errors import InputError
+from morphoprof.models.jacobian import jacobian_maps
+from morphoprof.models.mil import KrausTrunk, MILConfig, MILNet
+from morphoprof.models.mil_cache import (
+    CachedMapDataset,
+    cache_key,
+    cached_trunk_maps,
+    dihedral,
+    trunk_maps,
+)
+
+
+@pytest.mark.parametrize("name,stage,channels,stride", [
+    ("tf_efficientnet_lite0", 3, 112, 16),  # EfficientNet family, offline ImageNet weights
+    ("resnet18", 2, 128, 8),                # ResNet family, random weights
+])
+def test_timm_trunk_is_cut_at_the_named_stage(name, stage, channels, stride):
+    weights = "offline" if "lite" in name else "random"
+    net = MILNet(MILConfig(4, trunk=name, stage=stage, weights=weights, hidden=8)).eval()
+    assert (net.trunk.out_channels, net.trunk.reduction) == (channels, stride)
+    out = net(torch.rand(2, 3, 96, 64))
+    assert out["maps"].shape == (2, 4, 96 // stride, 64 // stride)
+    assert out["pooled"].shape == out["logits"].shape == (2, 4)
+    assert not any(getattr(m, "inplace", False) for m in net.modules())
+    # pretrained: the trunk's own input statistics; random: none (the data's are used)
+    assert (net.trunk.mean is None) == (weights == "random")
+    with pytest.raises(InputError, match="stage"):
+        MILNet(MILConfig(4, trunk=name, stage=9, weights="random"))
+
+
+def test_kraus_trunk_layer_for_layer():
+    trunk = KrausTrunk(MILConfig(3, batch_norm=False, pool_dropout=0.2))
+    convs = [(m.kernel_size[0], m.out_channels) for m in trunk.modules()
+             if isinstance(m, nn.Conv2d)]
+    assert convs == [(3, 32), (3, 64), (5, 64), (3, 128), (3, 128)]
+    kinds = [type(m).__name__ for m in trunk.body]
+    assert kinds[0] == "AvgPool2d" and kinds.count("MaxPool2d") == 4
+    assert all(kinds[i + 1] == "Dropout" for i, k in enumerate(kinds) if "Pool" in k)
+    net = MILNet(MILConfig(3, trunk="kraus", hidden=1000, dropout=0.5))
+    head = [m for m in net.head.classes if isinstance(m, (nn.Conv2d, nn.Dropout))]
+    assert [(m.kernel_size, m.out_channels) for m in head if isinstance(m, nn.Conv2d)] == [
+        ((1, 1), 1000), ((1, 1), 3)]
+    assert [m.p for m in head if isinstance(m, nn.Dropout)] == [0.5]
+    assert net.eval()(torch.rand(1, 3, 256, 192))["maps"].shape == (1, 3, 8, 6)
+
+
+def test_frozen_cache_equals_the_whole_network(tmp_path):
+    torch.manual_seed(0)
+    cfg = MILConfig(3, trunk="tf_efficientnet_lite0", stage=2, weights="offline", hidden=16)
+    net = MILNet(cfg).eval()
+    images = np.random.default_rng(0).random((5, 3, 64, 64)).astype(np.float32)
+    mean, std = net.trunk.mean, net.trunk.std
+    m = torch.tensor(mean)[:, None, None]
+    s = torch.tensor(std)[:, None, None]
+    key = cache_key({"trunk": "lite0", "stage": 2}, images, mean, std, 8)
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return trunk_maps(net.trunk, images, mean, std, 8, batch_size=2)
+
+    maps = cached_trunk_maps(tmp_path / "cache", key, compute, log=None)
+    again = cached_trunk_maps(tmp_path / "cache", key, compute, log=None)
+    assert len(calls) == 1 and maps.shape == (5, 8, 40, 8, 8)
+    np.testing.assert_array_equal(again, maps)
+    other = cache_key({"trunk": "lite0", "stage": 2}, images[::-1].copy(), mean, std, 8)
+    cached_trunk_maps(tmp_path / "cache", other, compute, log=None)
+    assert len(calls) == 2  # other images: recomputed
+    x = (torch.from_numpy(images) - m) / s
+    with torch.no_grad():
+        whole = net(dihedral(x, 5))
+        head = net.head(torch.from_numpy(np.asarray(maps[:, 5], np.float32)))
+    np.testing.assert_allclose(head["pooled"], whole["pooled"], atol=2e-3)
+    np.testing.assert_allclose(head["logits"], whole["logits"], atol=2e-3)
+    # test items hold all 8 copies; the head averages their predictions
+    ds = CachedMapDataset(maps, np.arange(5), np.zeros(5), train=False)
+    assert ds[0][0].shape == (8, 40, 8, 8)
+    with torch.no_grad():
+        copies = net.head(ds[0][0][None])["logits"][0]
+        each = torch.stack([net.head(torch.from_numpy(np.asarray(maps[0:1, t], np.float32)))[
+            "logits"][0] for t in range(8)])
+    np.testing.assert_allclose(copies, each.mean(0), atol=1e-5)
+    train = CachedMapDataset(maps, np.arange(5), np.zeros(5), train=True, crop=6)
+    a, b = train[(1, 123)][0], train[(1, 123)][0]
+    assert a.shape == (40, 6, 6) and torch.equal(a, b)  # a function of the sampler's seed
+
+
+def test_dihedral_transforms_are_the_eight_symmetries():
+    x = torch.arange(9.0).reshape(1, 3, 3)
+    outs = {tuple(dihedral(x, t).flatten().tolist()) for t in range(8)}
+    assert len(outs) == 8 and torch.equal(dihedral(x, 0), x)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6, nn.SiLU])
+def test_jacobian_through_relu6_and_silu(act):
+    torch.manual_seed(0)
+    net = MILNet(MILConfig(2, in_chans=1, plan=((8, 1), (8, 1)), hidden=8, batch_norm=False))
+    for name, m in list(net.trunk.body.named_children()):
+        if isinstance(m, nn.ReLU):
+            net.trunk.body.add_module(name, act(inplace=True))
+    x = torch.zeros(1, 1, 24, 24)
+    x[0, 0, 10:14, 10:14] = 1.0  # a planted object on a zero background
+    jmap = jacobian_maps(net, x, class_index=0)[0]
+    assert np.isfinite(jmap).all() and (jmap >= 0).all() and jmap.max() > 0
+    assert all(m.inplace for m in net.modules() if isinstance(m, act))  # restored
+
+
+def test_cluttered_digits_hold_the_counts_per_class():
+    # "digits": 3x3 squares whose value names the class, so a canvas can be counted
+    labels = np.repeat(np.arange(10), 4)
+    digits = np.stack([np.full((3, 3), (c + 1) / 10) for c in labels])
+    cfg = DigitsConfig(size=160, n_digits=12, per_class=3, classes=(1, 2, 3, 4),
+                       train_per_class=2, test_per_class=1, seed=1)
+    canvases, table = cluttered_digits(digits, labels, cfg)
+    assert canvases.shape == (12, 1, 160, 160) and len(table) == 12
+    assert (table["Metadata_split"] == "train").sum() == 8
+    for img, (_, row) in zip(canvases, table.iterrows()):
+        d = int(row["Metadata_label"])
+        values = np.round(img[0] * 10).astype(int)
+        # 9 pixels per square: the class's squares and the zeros' (value 1) squares
+        assert (values == d + 1).sum() == 9 * 3 * d
+        assert (values == 1).sum() == 9 * (12 - 3 * d)
+        assert set(np.unique(values)) <= {0, 1, d + 1}
+    with pytest.raises(InputError, match="class"):
+        cluttered_digits(digits[labels != 0], labels[labels != 0], cfg)
+
+
+def test_train_mil_frozen_trunk_caches_its_maps(tmp_path, tiny_screen, capsys):
+    folder, _ = tiny_screen
+    text = f"""\
+data: {{source: index, path: {folder / 'index.parquet'}}}
+select: {{Metadata_control: ['False']}}
+images: {{size: 64, normalization: percentile, crop: 48}}
+mil: {{trunk: tf_efficientnet_lite0, stage: 2, weights: offline, hidden: 16,
+      jacobian_images: 1, cache: maps}}
+train: {{epochs: 1, batch_size: 8, lr: 0.003}}
+cv: {{folds: 2}}
+output: out
+"""
+    (tmp_path / "mil.yaml").write_text(text)
+    assert main(["train", "mil", str(tmp_path / "mil.yaml"), "--quiet"]) == 0
+    res = json.loads((tmp_path / "out" / "mil" / "cv.json").read_text())
+    t = res["trunk"]
+    assert t["frozen"] and t["stage"] == 2 and t["transforms"] == 8
+    assert t["feature_maps"] == [40, 8, 8] and t["input_mean"] == [0.5, 0.5, 0.5]
+    assert res["treatment_aggregation"] == "median"
+    assert (tmp_path / "maps" / "maps.npy").is_file()
+    assert len(res["jacobian_overlays"]) == 1
+    capsys.readouterr()
+    (tmp_path / "mil.yaml").write_text(text.replace("output: out", "output: out2"))
+    assert main(["train", "mil", str(tmp_path / "mil.yaml")]) == 0
+    assert "reusing" in capsys.readouterr().out
+    # a from-scratch trunk cannot be frozen
+    (tmp_path / "mil.yaml").write_text(text.replace("trunk: tf_efficientnet_lite0",
+                                                    "trunk: kraus, frozen: true"))
+    assert main(["train", "mil", str(tmp_path / "mil.yaml"), "--quiet"]) == 2
+    assert "mil.frozen" in capsys.readouterr().err
