@@ -13,7 +13,13 @@ from torch import nn
 from morphoprof.cli import main
 from morphoprof.datasets.cluttered_digits import DigitsConfig, cluttered_digits
 from morphoprof.errors import InputError
-from morphoprof.models.jacobian import jacobian_maps
+from morphoprof.models.jacobian import (
+    jacobian_maps,
+    jacobian_mask,
+    mean_iu,
+    mrf_mask,
+    otsu_foreground,
+)
 from morphoprof.models.mil import KrausTrunk, MILConfig, MILNet
 from morphoprof.models.mil_cache import (
     CachedMapDataset,
@@ -119,6 +125,27 @@ def test_jacobian_through_relu6_and_silu(act):
     assert all(m.inplace for m in net.modules() if isinstance(m, act))  # restored
 
 
+def test_mrf_denoising_recovers_a_noisy_planted_mask():
+    rng = np.random.default_rng(0)
+    truth = np.zeros((64, 64), bool)
+    truth[20:40, 10:50] = True
+    jmap = truth + rng.normal(0, 0.6, truth.shape)
+    plain = mean_iu(jacobian_mask(jmap, sigma=0), truth)
+    denoised = mean_iu(mrf_mask(jmap, sigma=0), truth)
+    assert plain < 0.6 and denoised > 0.95
+    # no pairwise term: the graph cut is the plain threshold
+    np.testing.assert_array_equal(mrf_mask(jmap, smoothness=0, sigma=0),
+                                  jacobian_mask(jmap, sigma=0))
+    assert not mrf_mask(np.zeros((8, 8))).any()
+    # mean IU of foreground and background, by hand: fg 2/4, bg 12/14
+    a, b = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
+    a[0, :3], b[0, 1:4] = True, True
+    assert mean_iu(a, b) == pytest.approx(0.5 * (2 / 4 + 12 / 14))
+    img = np.zeros((2, 16, 16))
+    img[1, 4:8, 4:8] = 5.0
+    assert otsu_foreground(img, [1], sigma=0).sum() == 16
+
+
 def test_cluttered_digits_hold_the_counts_per_class():
     # "digits": 3x3 squares whose value names the class, so a canvas can be counted
     labels = np.repeat(np.arange(10), 4)
@@ -160,6 +187,13 @@ output: out
     assert res["treatment_aggregation"] == "median"
     assert (tmp_path / "maps" / "maps.npy").is_file()
     assert len(res["jacobian_overlays"]) == 1
+    # the trained network of a fold, whole (frozen trunk + trained head), reloaded
+    from morphoprof.models.run import load_trained_mil
+
+    net, mean, std = load_trained_mil(tmp_path / "out", 1)
+    assert mean == (0.5, 0.5, 0.5) and not net.training
+    with torch.no_grad():
+        assert net(torch.zeros(1, 3, 64, 64))["maps"].shape == (1, 3, 8, 8)
     capsys.readouterr()
     (tmp_path / "mil.yaml").write_text(text.replace("output: out", "output: out2"))
     assert main(["train", "mil", str(tmp_path / "mil.yaml")]) == 0

@@ -285,11 +285,12 @@ def write_config(text: str, folder: str | Path, fresh: bool = True) -> Path:
 
 def write_jacobian_overlays(folder: Path, index: ExperimentIndex, images: np.ndarray,
                             full_net: Callable, mean, std, n: int) -> list[str]:
-    """PNG overlays of fold 0's model's Jacobian maps on the first ``n`` of its test images
-    (``full_net``: the trained module's state dict -> the whole MIL network)."""
+    """PNG overlays of fold 0's model's Jacobian maps and their MRF-denoised masks on the first
+    ``n`` of its test images (``full_net``: the trained module's state dict -> the whole MIL
+    network)."""
     import torch
 
-    from morphoprof.models.jacobian import jacobian_maps, jacobian_mask, save_overlay
+    from morphoprof.models.jacobian import jacobian_maps, mrf_mask, save_overlay
 
     state = torch.load(folder / "fold0" / "checkpoints" / "last.ckpt", map_location="cpu",
                        weights_only=False)["state_dict"]
@@ -303,6 +304,36 @@ def write_jacobian_overlays(folder: Path, index: ExperimentIndex, images: np.nda
         x = (torch.from_numpy(images[i]) - m) / s
         jmap = jacobian_maps(net, x[None])[0]
         path = save_overlay(folder / "jacobian" / f"image_{i}.png", images[i], jmap,
-                            jacobian_mask(jmap))
+                            mrf_mask(jmap))
         paths.append(str(path))
     return paths
+
+
+def load_trained_mil(folder: str | Path, fold: int = 0):
+    """The whole trained MIL network (trunk and head, eval mode) of ``fold`` of a finished
+    ``train mil`` run in ``folder`` (the run's ``output``), and its input ``(mean, std)``."""
+    import json
+
+    import torch
+
+    from morphoprof.config import load_train_config
+    from morphoprof.models.mil import MILNet
+
+    folder = Path(folder)
+    cv_file, ckpt = folder / "mil" / "cv.json", folder / "mil" / f"fold{fold}" / "checkpoints" \
+        / "last.ckpt"
+    for f in (cv_file, ckpt):
+        if not f.is_file():
+            raise InputError(f"not a finished train mil run: {f} not found")
+    cfg, _ = load_train_config(folder / "train_mil.yaml", "mil")
+    res = json.loads(cv_file.read_text())
+    trunk = res["trunk"]
+    n_chans = len(trunk["input_mean"])
+    net = MILNet(mil_config(cfg, len(res["classes"]), n_chans))
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+    if trunk["frozen"]:
+        net.head.load_state_dict(state)
+    else:
+        net.load_state_dict(state)
+    return net.eval(), tuple(trunk["input_mean"]), tuple(trunk["input_std"])
