@@ -63,10 +63,10 @@ def run(name: str, text: str, resume: bool) -> dict:
     return train_from_yaml("mil", text, WORK / name, fresh=not resume)
 
 
-def jacobian_scores(every: int = 5) -> dict:
-    """Mean IU of the Noisy-AND models' Jacobian masks (each field under the fold model that
-    never saw its compound; every ``every``-th held-out field) against the Otsu foreground of
-    the summed stains (cells) and of the DAPI channel (nuclei)."""
+def jacobian_scores(name: str = "noisy_and", every: int = 5) -> dict:
+    """Mean IU of run ``name``'s Noisy-AND models' Jacobian masks (each field under the fold
+    model that never saw its compound; every ``every``-th held-out field) against the Otsu
+    foreground of the summed stains (cells) and of the DAPI channel (nuclei)."""
     import numpy as np
     import torch
 
@@ -83,7 +83,7 @@ def jacobian_scores(every: int = 5) -> dict:
     from morphoprof.models.run import load_trained_mil
     from morphoprof.pipeline import build_index_from_config
 
-    folder = WORK / "noisy_and"
+    folder = WORK / name
     cfg, _ = load_train_config(folder / "train_mil.yaml", "mil")
     index = build_index_from_config(cfg["data"], folder, progress=False, log=None)
     images = load_images(index, size=256, normalization="none", scale=255)
@@ -108,7 +108,47 @@ def jacobian_scores(every: int = 5) -> dict:
                 scores["threshold_vs_nuclei"].append(mean_iu(plain, nuclei))
     out = {k: float(np.mean(v)) for k, v in scores.items()}
     out["n_fields"] = len(scores["mrf_vs_cells"])
+    out["cells"] = cell_scores(name, images, fold_of, index.table, every)
     return out
+
+
+def cell_scores(name: str, images, fold_of, table, every: int, crop: int = 32) -> dict:
+    """Kraus Table 2: each fold's Noisy-AND network applied to ``crop``-px windows around the
+    nuclei segmented (morphoprof's own segmentation, on DAPI) in its held-out fields; a cell's
+    class is the argmax of the MIL pooling output; accuracy against the field's MoA."""
+    import numpy as np
+    import torch
+    from scipy.ndimage import center_of_mass
+
+    from morphoprof.models.run import load_trained_mil
+    from morphoprof.preprocess.segmentation import NucleiConfig, segment_nuclei
+
+    classes = sorted(table["Metadata_moa"].astype(str).unique())
+    y = table["Metadata_moa"].astype(str).map({c: k for k, c in enumerate(classes)}).to_numpy()
+    # 256-px fields are 1280x1024 fields shrunk ~4-5x: nuclei of ~3-4 px radius
+    ncfg = NucleiConfig(smoothing=0.5, min_area=6, max_area=400, min_distance=2)
+    right = total = 0
+    fields = 0
+    h = crop // 2
+    for f in sorted(set(fold_of.tolist())):
+        net, mean, std = load_trained_mil(WORK / name, f)
+        m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+        s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+        for i in np.flatnonzero(fold_of == f)[::every]:
+            labels = segment_nuclei(images[i, 2], ncfg)
+            n = int(labels.max())
+            if n == 0:
+                continue
+            centres = np.round(center_of_mass(labels > 0, labels, range(1, n + 1))).astype(int)
+            padded = np.pad(images[i], ((0, 0), (h, h), (h, h)), mode="reflect")
+            crops = np.stack([padded[:, r:r + crop, c:c + crop] for r, c in centres])
+            with torch.no_grad():
+                pooled = net((torch.from_numpy(crops) - m) / s)["pooled"]
+            right += int((pooled.argmax(1).numpy() == y[i]).sum())
+            total += n
+            fields += 1
+    return {"cell_accuracy": right / total if total else None, "n_cells": total,
+            "n_fields": fields, "crop_px": crop, "chance": 1 / len(classes)}
 
 
 def main() -> int:
@@ -143,13 +183,20 @@ def main() -> int:
         print(f"{name:10s} {r['treatment_counts']} treatments, image acc "
               f"{r['image_accuracy']:.3f}, train {r['train_seconds']:.0f} s "
               f"(+ trunk maps {res['trunk'].get('cache_seconds', 0):.0f} s)", flush=True)
-    jac = old.get("jacobian") if only and "noisy_and" not in names else None
-    if "noisy_and" in runs and jac is None:
-        jac = jacobian_scores()
-        print(f"Jacobian masks (MRF): mean IU {jac['mrf_vs_cells']:.3f} vs the Otsu foreground "
-              f"of the stains, {jac['mrf_vs_nuclei']:.3f} vs Otsu nuclei "
-              f"({jac['n_fields']} held-out fields)", flush=True)
-    cache = next((t.get("cache_seconds") for t in trunks.values() if t.get("frozen")), None)
+    jacs = dict(old.get("jacobian_by_trunk", {})) if only else {}
+    for name in ("noisy_and", "kraus"):
+        if name in runs and (name in names or name not in jacs):
+            j = jacs[name] = jacobian_scores(name)
+            print(f"{name}: Jacobian masks (MRF) mean IU {j['mrf_vs_cells']:.3f} vs the Otsu "
+                  f"foreground of the stains, {j['mrf_vs_nuclei']:.3f} vs Otsu nuclei "
+                  f"({j['n_fields']} held-out fields); cell accuracy "
+                  f"{j['cells']['cell_accuracy']:.3f}", flush=True)
+    jac = jacs.get("noisy_and")
+    cache = next((t.get("cache_compute_seconds") for t in trunks.values() if t.get("frozen")
+                  and t.get("cache_compute_seconds")), None)
+    if cache is None:  # maps cached before computed.json was written: the first run's time
+        cache = old.get("trunk_cache_seconds") or next(
+            (t.get("cache_seconds") for t in trunks.values() if t.get("frozen")), None)
     out = {
         "dataset": str(DATA), "image_size": 256, "train_crop": 224, "folds": 3,
         "cv": "compound-grouped, stratified by MoA (as finetune_6moa.py)",
@@ -166,11 +213,15 @@ def main() -> int:
         "train_seconds_per_pooling": {p: r["train_seconds"] for p, r in runs.items()},
         "trunk_cache_seconds": cache,
         "jacobian_iou_vs_otsu": jac["mrf_vs_cells"] if jac else None,
-        "jacobian": {**jac, "method": "guided backprop from P_i * p_ij of the predicted "
-                     "class (eq. 4), channel sum, Gaussian sigma 1, MRF (graph cut, "
-                     "PyMaxflow, Potts 2.0) vs plain Otsu threshold; reference: Otsu "
-                     "foreground of the summed stains (cells) / of DAPI (nuclei); mean IU of "
-                     "foreground and background"} if jac else None,
+        "jacobian_iou_vs_otsu_nuclei": jac["mrf_vs_nuclei"] if jac else None,
+        "cell_accuracy": jac["cells"]["cell_accuracy"] if jac else None,
+        "jacobian_by_trunk": jacs,
+        "jacobian_method": (
+            "guided backprop from P_i * p_ij of the predicted class (eq. 4), channel sum, "
+            "Gaussian sigma 1, MRF (graph cut, PyMaxflow, Potts 2.0) vs plain Otsu threshold; "
+            "reference: Otsu foreground of the summed stains (cells) / of DAPI (nuclei); mean "
+            "IU of foreground and background; cells: 32-px crops around nuclei segmented on "
+            "DAPI, class = argmax of the MIL pooling output"),
         "time_split": "trunk maps computed once for all poolings (trunk_cache_seconds; "
                       "8 transforms x 660 fields), then head-only training per pooling "
                       "(train_seconds_per_pooling, 3 folds)",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -93,8 +94,8 @@ def cache_key(trunk_info: dict, images: np.ndarray, mean: Sequence[float],
 def cached_trunk_maps(folder: str | Path, key: dict, compute: Callable[[], np.ndarray],
                       log: Callable[[str], None] | None = print) -> np.ndarray:
     """Maps from ``folder`` when its ``key.json`` equals ``key``, else ``compute()`` them and
-    store them there (``maps.npy`` and ``key.json``, each written whole). Returns the maps,
-    memory-mapped when read back."""
+    store them there (``maps.npy``, ``computed.json`` with the seconds it took, and
+    ``key.json`` last, each written whole). Returns the maps, memory-mapped when read back."""
     folder = Path(folder)
     key_file, maps_file = folder / "key.json", folder / "maps.npy"
     if key_file.is_file() and maps_file.is_file():
@@ -106,9 +107,12 @@ def cached_trunk_maps(folder: str | Path, key: dict, compute: Callable[[], np.nd
             if log:
                 log(f"trunk feature maps: reusing {maps_file}")
             return np.load(maps_file, mmap_mode="r")
+    t0 = time.perf_counter()
     maps = compute()
+    seconds = time.perf_counter() - t0
     key_file.unlink(missing_ok=True)  # the maps and their key change together
     write_npy(maps_file, maps)
+    write_json(folder / "computed.json", {"seconds": seconds, "shape": list(maps.shape)})
     write_json(key_file, key)
     if log:
         log(f"trunk feature maps {maps.shape[1:]} x {len(maps)} images "
@@ -158,3 +162,11 @@ class CachedMapDataset(Dataset):
                                                                                 + 1))
             x = x[:, y0:y0 + self.crop, x0:x0 + self.crop]
         return torch.from_numpy(np.ascontiguousarray(x)), self.targets[k]
+
+
+def cache_compute_seconds(folder: str | Path) -> float | None:
+    """Seconds the maps cached in ``folder`` took to compute (None if unknown)."""
+    try:
+        return float(json.loads((Path(folder) / "computed.json").read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -192,7 +192,8 @@ def mil_setup(cfg: dict, images: np.ndarray, n_classes: int, out: Path,
     maps = cached_trunk_maps(folder, key, lambda: trunk_maps(trunk, images, mean, std, n_t,
                                                              progress=progress), log=log)
     info.update(feature_maps=list(maps.shape[2:]), transforms=n_t,
-                cache_seconds=time.perf_counter() - t0, cache=str(folder))
+                cache_seconds=time.perf_counter() - t0,
+                cache_compute_seconds=cache_compute_seconds(folder), cache=str(folder))
     crop_px = cfg["images"]["crop"]
     crop = None if crop_px is None else max(1, int(crop_px) // int(trunk.reduction))
 
