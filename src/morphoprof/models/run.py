@@ -140,6 +140,7 @@ def mil_setup(cfg: dict, images: np.ndarray, n_classes: int, out: Path,
     from morphoprof.models.mil import MILHead, MILNet, make_trunk
     from morphoprof.models.mil_cache import (
         CachedMapDataset,
+        cache_compute_seconds,
         cache_key,
         cached_trunk_maps,
         trunk_maps,
