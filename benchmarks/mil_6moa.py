@@ -9,15 +9,18 @@ training). Field labels only.
 - Pretrained trunk: offline ImageNet EfficientNet-Lite0 cut at feature stage 3 (112 channels,
   stride 16: a 16x16 map per 256-px field), frozen. Its maps of every field under the 8
   rotations / reflections are computed once and cached (shared by all poolings); each pooling
-  then trains only the MIL head (1x1 conv 1000 + ReLU + 50% dropout, 1x1 conv 6 sigmoid maps,
-  pooling, FC) for EPOCHS epochs on random 14x14 crops of the maps (224 px of the field).
+  then trains only the MIL head (1x1 conv HIDDEN + ReLU + 50% dropout, 1x1 conv 6 sigmoid maps,
+  pooling, FC) for EPOCHS epochs on random 14x14 crops of the maps (224 px of the field);
+  noisy_and_hidden1000 repeats Noisy-AND with Kraus's 1000 hidden units.
 - ``kraus`` trunk: the paper's network layer for layer, random init, trained end to end on
   224-px random crops with flips / rotations for KRAUS_EPOCHS epochs (the CPU budget).
 - A treatment's MoA: the median over its wells of the well-mean probabilities (Kraus).
 
 Fold 0's Noisy-AND model writes Jacobian-map overlays (PNG, git-ignored: images of real data).
 
-    python benchmarks/mil_6moa.py [--resume] [--no-kraus] [--only POOLING,...]
+    python benchmarks/mil_6moa.py [--resume] [--no-kraus] [--only=NAME,...]
+
+NAME: a pooling, noisy_and_hidden1000 or kraus.
 """
 
 from __future__ import annotations
@@ -35,25 +38,32 @@ WORK = Path(tempfile.gettempdir()) / "morphoprof_bench" / "mil_6moa"
 POOLINGS = ("noisy_and", "max", "mean", "gm", "lse", "noisy_or", "isr")
 EPOCHS = 80
 KRAUS_EPOCHS = 12
+HIDDEN = 256  # the head's 1x1 layer on the pretrained trunk (Kraus's 1000: 4x the CPU time)
+# extra runs: Noisy-AND with Kraus's 1000 hidden units; the kraus trunk (its conv6 is 1000)
+VARIANTS = ("noisy_and_hidden1000", "kraus")
 
 CONFIG = """\
 data: {{source: bbbc021_6moa, path: {data}}}
 label: Metadata_moa
 images: {{size: 256, normalization: none, scale: 255, augment: true, crop: 224}}
 mil: {{trunk: {trunk}, stage: 3, weights: {weights}, frozen: {frozen}, cache: {cache},
-      pooling: {pooling}, r: 5.0, a: 10.0, hidden: 1000, dropout: 0.5,
+      pooling: {pooling}, r: 5.0, a: 10.0, hidden: {hidden}, dropout: 0.5,
       jacobian_images: {jacobian}}}
 train: {{epochs: {epochs}, batch_size: 16, lr: 0.001, seed: 0, accelerator: cpu}}
 cv: {{group: Metadata_compound, folds: 3, aggregate: median, alpha: 0.1}}
 """
 
 
-def config(pooling: str, kraus: bool = False) -> str:
+def config(name: str) -> str:
+    """The training config of a run: a pooling name, or one of :data:`VARIANTS`."""
+    kraus = name == "kraus"
+    pooling = name if name in POOLINGS else "noisy_and"
     return CONFIG.format(
         data=DATA, trunk="kraus" if kraus else "tf_efficientnet_lite0",
         weights="random" if kraus else "offline", frozen="false" if kraus else "true",
         cache=WORK / "trunk_maps", pooling=pooling,
-        jacobian=4 if pooling == "noisy_and" and not kraus else 0,
+        hidden=HIDDEN if name in POOLINGS else 1000,
+        jacobian=4 if name == "noisy_and" else 0,
         epochs=KRAUS_EPOCHS if kraus else EPOCHS)
 
 
@@ -157,6 +167,7 @@ def main() -> int:
 
     if "--show-config" in sys.argv:
         print(config("noisy_and"))
+        print(config("kraus"))
         return 0
     if not DATA.is_dir():
         print(f"skipped: real data not found at {DATA}")
@@ -164,15 +175,14 @@ def main() -> int:
     resume = "--resume" in sys.argv
     only = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--only=")),
                 None)
-    names = [p for p in POOLINGS if only is None or p in only]
-    if "--no-kraus" not in sys.argv and (only is None or "kraus" in only):
-        names.append("kraus")
+    names = [p for p in (*POOLINGS, *VARIANTS) if only is None or p in only]
+    if "--no-kraus" in sys.argv and "kraus" in names:
+        names.remove("kraus")
     old = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     runs = dict(old.get("runs", {})) if only else {}
     trunks = dict(old.get("trunks", {})) if only else {}
     for name in names:
-        kraus = name == "kraus"
-        res = run(name, config("noisy_and" if kraus else name, kraus), resume)
+        res = run(name, config(name), resume)
         r = runs[name] = cv_summary(res)
         trunks[name] = res["trunk"]
         overlays = res.get("jacobian_overlays", [])
@@ -201,11 +211,13 @@ def main() -> int:
         "dataset": str(DATA), "image_size": 256, "train_crop": 224, "folds": 3,
         "cv": "compound-grouped, stratified by MoA (as finetune_6moa.py)",
         "epochs": {"pretrained_head": EPOCHS, "kraus": KRAUS_EPOCHS},
-        "network": {"pretrained": "tf_efficientnet_lite0 (offline ImageNet) stage 3, frozen; "
-                    "MIL head 1x1x1000 + 50% dropout, 1x1x6 sigmoid maps, pooling, FC",
+        "network": {"pretrained": f"tf_efficientnet_lite0 (offline ImageNet) stage 3, frozen; "
+                    f"MIL head 1x1x{HIDDEN} (noisy_and_hidden1000: 1x1x1000) + 50% dropout, "
+                    "1x1x6 sigmoid maps, pooling, FC",
                     "kraus": "Kraus 2016 Fig. 1 from scratch (ave_pool0, conv1-5 with "
                     "pools and 20% dropout, conv6 1x1x1000 50% dropout, conv7 1x1x6)"},
         "treatment_aggregation": "median over wells of well means",
+        "hidden": {n: (HIDDEN if n in POOLINGS else 1000) for n in runs},
         "treatment_accuracy": {p: r["treatment_accuracy"] for p, r in runs.items()},
         "treatment_counts": {p: r["treatment_counts"] for p, r in runs.items()},
         "image_accuracy": {p: r["image_accuracy"] for p, r in runs.items()},

@@ -184,6 +184,7 @@ output: out
     t = res["trunk"]
     assert t["frozen"] and t["stage"] == 2 and t["transforms"] == 8
     assert t["feature_maps"] == [40, 8, 8] and t["input_mean"] == [0.5, 0.5, 0.5]
+    assert t["cache_compute_seconds"] > 0
     assert res["treatment_aggregation"] == "median"
     assert (tmp_path / "maps" / "maps.npy").is_file()
     assert len(res["jacobian_overlays"]) == 1
