@@ -12,7 +12,7 @@ epochs per pooling. Writes the test error per pooling and, for Noisy-AND, overla
 predicted class's map on test canvases (PNG under results/mil_digits/, git-ignored: MNIST
 images).
 
-    python benchmarks/mil_digits.py      # writes benchmarks/results/mil_digits.json
+    python benchmarks/mil_digits.py [--only=POOLING,...]  # writes results/mil_digits.json
 """
 
 from __future__ import annotations
@@ -95,8 +95,10 @@ def main() -> int:
         trunk, canvases, trunk.mean, trunk.std, transforms=1, batch_size=8, progress=True))
     cache_seconds = time.perf_counter() - t0
 
+    only = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--only=")),
+                None)
     errors, seconds, runs = {}, {}, {}
-    for pooling in POOLINGS:
+    for pooling in [p for p in POOLINGS if only is None or p in only]:
         cfg = MILConfig(**{**base.__dict__, "pooling": pooling})
         torch.manual_seed(0)
         module = ImageClassifier(MILHead(cfg, trunk.out_channels), lr=1e-3)

@@ -110,6 +110,11 @@ def test_treatment_probabilities_mean_and_median():
     _, pm = treatment_probabilities(meta, probs, ["Metadata_compound"], "median")
     # wells of a: w1 (0.5, 0.5), w2 (1, 0), w3 (1, 0) -> median (1, 0)
     np.testing.assert_allclose(pm, [[1.0, 0.0], [0.3, 0.7]])
+    # a treatment that is a well (control-only screens): the median of one well mean
+    keys, pw = treatment_probabilities(meta, probs, ["Metadata_plate", "Metadata_well"],
+                                       "median")
+    assert list(keys["Metadata_well"]) == ["w1", "w2", "w3", "w4"]
+    np.testing.assert_allclose(pw[0], [0.5, 0.5])
 
 
 def test_group_conformal_covers_held_out_groups():

@@ -72,8 +72,8 @@ def treatment_probabilities(meta: pd.DataFrame, probs: np.ndarray, keys: Sequenc
     cols = [f"p{j}" for j in range(k)]
     df = pd.concat([meta.reset_index(drop=True), pd.DataFrame(probs, columns=cols)], axis=1)
     if aggregate == "median":
-        wells = [c for c in (PLATE, WELL) if c in df.columns]
-        if not wells:
+        wells = [c for c in (PLATE, WELL) if c in df.columns and c not in keys]
+        if not wells and not {PLATE, WELL} & set(keys):
             raise InputError("median aggregation over wells needs Metadata_plate/Metadata_well")
         df = df.groupby(keys + wells, sort=False, dropna=False)[cols].mean().reset_index()
         agg = df.groupby(keys, sort=False, dropna=False)[cols].median().reset_index()
