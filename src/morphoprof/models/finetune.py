@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from morphoprof.errors import InputError
-from morphoprof.features.backbones import create_backbone
+from morphoprof.features.backbones import create_backbone, input_stats
 from morphoprof.models.training import ImageClassifier
 
 
@@ -46,8 +44,7 @@ def finetune_module(cfg: FineTuneConfig, n_classes: int, in_chans: int = 3, seed
     if hasattr(net, "drop_rate"):
         net.drop_rate = cfg.drop_rate
     net.train()
-    mean = tuple(backbone.mean) if in_chans == 3 else (float(np.mean(backbone.mean)),) * in_chans
-    std = tuple(backbone.std) if in_chans == 3 else (float(np.mean(backbone.std)),) * in_chans
+    mean, std = input_stats(backbone, in_chans)
     module = ImageClassifier(net, lr=cfg.lr, weight_decay=cfg.weight_decay,
                              multilabel=cfg.multilabel)
     return module, mean, std

@@ -203,7 +203,7 @@ class TimmTrunk(nn.Module):
         super().__init__()
         import timm
 
-        from morphoprof.features.backbones import create_backbone
+        from morphoprof.features.backbones import create_backbone, input_stats
 
         backbone = create_backbone(cfg.trunk, cfg.weights, in_chans=cfg.in_chans, seed=cfg.seed)
         full = backbone.model
@@ -214,8 +214,7 @@ class TimmTrunk(nn.Module):
                              f"got {cfg.stage}")
         net = timm.create_model(backbone.name, pretrained=False, features_only=True,
                                 out_indices=(stage,), in_chans=cfg.in_chans)
-        state = {k: v for k, v in full.state_dict().items()}
-        missing, _ = net.load_state_dict(state, strict=False)
+        missing, _ = net.load_state_dict(full.state_dict(), strict=False)
         if missing:
             raise InputError(f"could not cut {backbone.name} at stage {stage}: weights missing "
                              f"for {missing[:3]}")
@@ -227,12 +226,8 @@ class TimmTrunk(nn.Module):
         info = net.feature_info.get_dicts()[-1]
         self.out_channels, self.reduction = int(info["num_chs"]), int(info["reduction"])
         self.min_size = self.reduction
-        pretrained = backbone.weights != "random"
-        c = cfg.in_chans
-        self.mean = (tuple(backbone.mean) if c == 3 else (float(sum(backbone.mean) / 3),) * c
-                     ) if pretrained else None
-        self.std = (tuple(backbone.std) if c == 3 else (float(sum(backbone.std) / 3),) * c
-                    ) if pretrained else None
+        self.mean, self.std = (input_stats(backbone, cfg.in_chans)
+                               if backbone.weights != "random" else (None, None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]

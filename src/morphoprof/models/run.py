@@ -165,21 +165,16 @@ def mil_setup(cfg: dict, images: np.ndarray, n_classes: int, out: Path,
     kw = dict(lr=train["lr"], weight_decay=train["weight_decay"], multilabel=cfg["multilabel"],
               mil_weight=m["mil_weight"])
 
-    def strip(state: dict) -> dict:
-        return {k[4:]: v for k, v in state.items() if k.startswith("net.")}
-
     if not frozen:
         first = {0: trunk}
 
         def make(fold: int):
             torch.manual_seed(seed + fold)
-            t = first.pop(fold, None) if fold in first else make_trunk(mcfg)
+            t = first.pop(fold) if fold in first else make_trunk(mcfg)
             return ImageClassifier(MILNet(mcfg, trunk=t), **kw)
 
         def full_net(state: dict):
-            net = MILNet(mcfg)
-            net.load_state_dict(strip(state))
-            return net
+            return load_mil_state(MILNet(mcfg), state, frozen=False)
 
         return MILSetup(make, mean, std, None, full_net, info)
 
@@ -206,11 +201,18 @@ def mil_setup(cfg: dict, images: np.ndarray, n_classes: int, out: Path,
         return CachedMapDataset(maps, rows, targets, train=is_train, crop=crop)
 
     def full_net(state: dict):
-        net = MILNet(mcfg, trunk=trunk)
-        net.head.load_state_dict(strip(state))
-        return net
+        return load_mil_state(MILNet(mcfg, trunk=trunk), state, frozen=True)
 
     return MILSetup(make, mean, std, make_dataset, full_net, info)
+
+
+def load_mil_state(net, state: dict, frozen: bool):
+    """Load a trained :class:`ImageClassifier`'s ``state_dict`` (keys ``net.*``) into the whole
+    :class:`MILNet` ``net``: into its head alone when the trunk was frozen (the module held only
+    the head), else into all of it. Returns ``net``."""
+    own = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+    (net.head if frozen else net).load_state_dict(own)
+    return net
 
 
 def run_training(kind: str, cfg: dict, config_text: str = "", progress: bool = True,
@@ -333,9 +335,5 @@ def load_trained_mil(folder: str | Path, fold: int = 0):
     n_chans = len(trunk["input_mean"])
     net = MILNet(mil_config(cfg, len(res["classes"]), n_chans))
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    state = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
-    if trunk["frozen"]:
-        net.head.load_state_dict(state)
-    else:
-        net.load_state_dict(state)
+    load_mil_state(net, state, trunk["frozen"])
     return net.eval(), tuple(trunk["input_mean"]), tuple(trunk["input_std"])
