@@ -118,15 +118,23 @@ def cmd_segment(a: argparse.Namespace) -> int:
         NucleiConfig,
         export_deepprofiler_locations,
         segment_index,
+        write_overlays,
     )
 
     index = ExperimentIndex.read_parquet(a.index)
-    cfg = NucleiConfig(smoothing=a.smoothing, min_area=a.min_area, max_area=a.max_area,
+    cfg = NucleiConfig(smoothing=a.smoothing, threshold_scale=a.threshold_scale,
+                       min_area=a.min_area, max_area=a.max_area,
                        min_distance=a.min_distance, clear_border=a.clear_border,
                        downsample=a.downsample)
+    illumination = _illumination(a.illumination)
     summary = segment_index(index, a.out, channel=a.channel, cfg=cfg,
-                            illumination=_illumination(a.illumination), on_error=a.on_error,
-                            n_jobs=a.jobs)
+                            illumination=illumination, on_error=a.on_error, n_jobs=a.jobs)
+    if a.overlays:
+        folder = Path(a.out).with_name(Path(a.out).stem + "_overlays")
+        step = max(len(index) // a.overlays, 1)
+        paths = write_overlays(index, folder, a.channel, cfg, range(0, len(index), step)[
+            :a.overlays], illumination)
+        print(f"{len(paths)} overlay(s) (nucleus outlines in red) -> {folder}")
     write_json(Path(a.out).with_name(Path(a.out).stem + "_summary.json"), summary)
     if a.deepprofiler_locations:
         from morphoprof.io_utils import read_parquet
@@ -159,7 +167,14 @@ def cmd_extract(a: argparse.Namespace) -> int:
     from morphoprof.features.transfer import TransferConfig, TransferExtractor
     from morphoprof.index import ExperimentIndex
 
-    index = ExperimentIndex.read_parquet(a.index)
+    if a.crops and (a.index or a.cells):
+        raise MorphoprofError("--crops takes the crops themselves: give no index and no --cells")
+    if not a.crops and not a.index:
+        raise MorphoprofError("extract needs an index.parquet, or --crops")
+    if a.crops and a.extractor == "classical":
+        raise MorphoprofError("--crops works with the transfer extractor and --checkpoint; "
+                              "classical features need fields and a cell table")
+    index = ExperimentIndex.read_parquet(a.index) if a.index else None
     if a.extractor == "classical":
         from morphoprof.features.classical import ClassicalConfig, ClassicalExtractor
 
@@ -184,6 +199,17 @@ def cmd_extract(a: argparse.Namespace) -> int:
             layer=a.layer, tiles=a.tiles, image_size=a.image_size, batch_size=a.batch_size,
             num_workers=a.workers, device=a.device, channels=a.channels,
             on_error=a.on_error))
+    if a.crops:
+        from morphoprof.models.weak_run import load_crop_array
+
+        crops, table, names = load_crop_array(a.crops, a.crop_table, a.channels,
+                                              a.control_value or ["DMSO"])
+        if a.checkpoint and crops.shape[-1] != hp["crop_size"]:
+            raise MorphoprofError(f"{a.crops}: crops are {crops.shape[-1]} px; {a.checkpoint} "
+                                  f"was trained on {hp['crop_size']} px crops")
+        _print_json(extractor.extract_crops(crops, table, names, a.out,
+                                            normalization or "max", overwrite=a.overwrite))
+        return 0
     illumination = _illumination(a.illumination)
     if a.cells:
         from morphoprof.io_utils import read_parquet
@@ -595,6 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--channel", help="DNA channel (default: DNA / DAPI / Hoechst)")
     s.add_argument("--illumination", help="folder of illumination functions (morphoprof illum)")
     s.add_argument("--smoothing", type=float, default=1.0, help="Gaussian sigma, px")
+    s.add_argument("--threshold-scale", type=float, default=1.0,
+                   help="multiply Otsu's threshold by this (below 1: dimmer nuclei kept)")
     s.add_argument("--min-area", type=int, default=30, help="smaller objects are dropped, px")
     s.add_argument("--max-area", type=int, default=5000, help="larger objects are dropped, px")
     s.add_argument("--min-distance", type=int, default=5, help="px between watershed seeds "
@@ -604,6 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--jobs", type=int, default=1, help="worker processes")
     _on_error(s, "leave it out")
     s.add_argument("--deepprofiler-locations", help="also write DeepProfiler location CSVs here")
+    s.add_argument("--overlays", type=int, default=0, metavar="N",
+                   help="also write N PNGs (image sets spread over the index) with the nucleus "
+                   "outlines, to OUT's name + _overlays/, for a person to check")
     s.set_defaults(func=cmd_segment)
 
     s = _parser(sub, "crops", "export single-cell crops to compressed shards",
@@ -620,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_crops)
 
     s = _parser(sub, "extract", "extract features (resumable)", outputs=[("out", True)])
-    s.add_argument("index", help="index.parquet")
+    s.add_argument("index", nargs="?", help="index.parquet (none with --crops)")
     s.add_argument("--out", required=True, help="feature folder")
     s.add_argument("--extractor", default="transfer", choices=["transfer", "classical"],
                    help="transfer: ImageNet CNN on whole fields; classical: cp_measure per cell")
@@ -644,10 +675,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--illumination", help="folder of illumination functions (morphoprof illum)")
     s.add_argument("--cells", help="cell table (morphoprof segment): features of single-cell "
                    "crops, one row per cell, instead of whole fields")
+    s.add_argument("--crops", help="crops you already have: a crop folder (morphoprof crops) or "
+                   "an .npz holding 'crops' (N, H, W, C) or (N, C, H, W) with --crop-table; "
+                   "one feature row per crop")
+    s.add_argument("--crop-table", help="--crops .npz: its table (CSV / Parquet, one row per "
+                   "crop, plate and well columns; a 'crop' column gives the row in the array)")
+    s.add_argument("--control-value", action="append", metavar="VALUE",
+                   help="--crops: compound value of control cells (default: DMSO)")
     s.add_argument("--crop-size", type=int, help="--cells: crop side, px (default 96, or the "
                    "checkpoint's)")
     s.add_argument("--normalization", choices=["none", "max", "percentile"],
-                   help="--cells: per-crop normalisation (default max, or the checkpoint's)")
+                   help="--cells, --crops: per-crop normalisation (default max, or the "
+                   "checkpoint's)")
     _on_error(s, "leave it out")
     s.add_argument("--scheduler", help="run on Dask distributed: local:N (a LocalCluster of N "
                    "worker processes) or tcp://HOST:PORT (a running cluster); one task per "

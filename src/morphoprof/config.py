@@ -459,9 +459,11 @@ def load_weak_config(path: str | Path) -> tuple[dict, str]:
     data = cfg["data"]
     if data["source"] == "crops":
         if not data["path"]:
-            problems.append("data.path: required for source 'crops' (the .npz of crops)")
-        if not data["table"]:
-            problems.append("data.table: required for source 'crops' (one row per crop)")
+            problems.append("data.path: required for source 'crops' (the .npz of crops, or a "
+                            "crop folder from morphoprof crops)")
+        if not data["table"] and not (path.parent / str(data["path"])).is_dir():
+            problems.append("data.table: required for source 'crops' with an .npz (one row "
+                            "per crop); a crop folder from morphoprof crops needs none")
     else:
         _check_data(data, problems)
     for section, key in (("train", "epochs"), ("train", "batch_size"), ("weak", "gru_hidden"),

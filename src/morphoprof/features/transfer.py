@@ -502,6 +502,59 @@ class TransferExtractor:
                 "cells_per_s": n / seconds if seconds > 0 and n else None,
                 "shards_written": len(todo), "shards_skipped": len(plan) - len(todo)}
 
+    def extract_crops(
+        self,
+        crops: np.ndarray,
+        table: pd.DataFrame,
+        channels: Sequence[str],
+        out: str | Path,
+        normalization: str = "max",
+        overwrite: bool = False,
+        progress: bool = True,
+    ) -> dict:
+        """Features of crops a user already has: ``crops (N, C, S, S)`` raw intensities, one
+        row of ``table`` per crop (Metadata columns kept). Crops are normalised per crop
+        (``normalization``) and fed at ``S`` px unless ``image_size`` is set; one shard per
+        plate, resumable, the same folder :meth:`extract_cells` writes."""
+        import torch
+        from torch.utils.data import TensorDataset
+        from tqdm.auto import tqdm
+
+        from morphoprof.preprocess.crops import normalize_crops
+
+        channels = list(channels)
+        self.check_channels(channels)
+        if len(crops) != len(table):
+            raise InputError(f"{len(crops)} crops but {len(table)} table rows")
+        params = {
+            "extractor": "transfer_crops", "model": self.backbone.name,
+            "weights": self.backbone.weights, "channels": channels,
+            "size": int(crops.shape[-1]), "normalization": normalization,
+            "layer": self.cfg.layer, "strategy": self.cfg.channel_strategy,
+            "image_size": self.cfg.image_size, "n_cells": len(crops),
+        }
+        writer = ShardWriter(out, params, overwrite=overwrite)
+        plan = [(shard_key(p, 0), rows) for p, rows in
+                table.groupby(PLATE, sort=True).indices.items()]
+        todo = [(k, r) for k, r in plan if not writer.done(k)]
+        bar = tqdm(total=int(sum(len(r) for _, r in todo)), desc="crop features", unit="cell",
+                   disable=not progress)
+        keep = [c for c in table.columns if str(c).startswith(("Metadata_", "Nuclei_Loc"))]
+        t0, n = time.perf_counter(), 0
+        for key, rows in todo:
+            x = torch.from_numpy(normalize_crops(crops[rows], normalization))
+            feats, pos = self.features_for_dataset(TensorDataset(x, torch.arange(len(rows))),
+                                                   channels, bar, run_size=bar.total)
+            meta = table.iloc[rows[pos]][keep].reset_index(drop=True)
+            cols = self.column_names(channels, feats.shape[1])
+            writer.write(key, pd.concat([meta, pd.DataFrame(feats, columns=cols)], axis=1))
+            n += len(feats)
+        bar.close()
+        seconds = time.perf_counter() - t0
+        return {"out": str(out), "cells": n, "seconds": seconds,
+                "cells_per_s": n / seconds if seconds > 0 and n else None,
+                "shards_written": len(todo), "shards_skipped": len(plan) - len(todo)}
+
 
 _WORKER_EXTRACTORS: dict[int, TransferExtractor] = {}
 

@@ -29,14 +29,26 @@ def _prefixed(table: pd.DataFrame) -> pd.DataFrame:
                                  else f"Metadata_{c}" for c in table.columns})
 
 
-def load_crop_array(path: str | Path, table_path: str | Path, channels: list[str] | None,
+def load_crop_array(path: str | Path, table_path: str | Path | None, channels: list[str] | None,
                     controls: list[str]) -> tuple[np.ndarray, pd.DataFrame, list[str]]:
-    """Crops ``(N, C, S, S)`` (original dtype) and their table from an ``.npz`` + table.
+    """Crops ``(N, C, S, S)`` (original dtype) and their table from an ``.npz`` + table, or
+    from a crop folder written by ``morphoprof crops`` (``path`` a folder, no ``table_path``).
 
     The table's columns get a ``Metadata_`` prefix (``plate`` -> ``Metadata_plate``); a
     ``crop`` column, when present, is the row of each cell in the array (else rows in order).
     ``Metadata_control`` is added from ``controls`` when missing.
     """
+    if Path(path).is_dir():
+        from morphoprof.preprocess.crops import load_crop_shards
+
+        arr, table, names = load_crop_shards(path)
+        if channels and list(channels) != names:
+            raise InputError(f"{path} holds channels {names}, not {list(channels)}")
+        if CONTROL not in table.columns and COMPOUND in table.columns:
+            table[CONTROL] = table[COMPOUND].astype(str).isin([str(c) for c in controls])
+        return arr, table, names
+    if table_path is None:
+        raise InputError(f"{path}: a crop array needs its table (one row per crop)")
     path, table_path = Path(path), Path(table_path)
     for p in (path, table_path):
         if not p.is_file():
@@ -182,8 +194,9 @@ def run_weak(cfg: dict, config_text: str = "", progress: bool = True,
     if config_text:
         (out / "train_weak.yaml").write_text(config_text)
     if cfg["data"]["source"] == "crops":
-        if not cfg["data"]["table"]:
-            raise InputError("data.table: required for source 'crops' (one row per crop)")
+        if not cfg["data"]["table"] and not Path(cfg["data"]["path"]).is_dir():
+            raise InputError("data.table: required for source 'crops' with an .npz (one row "
+                             "per crop)")
         raw, table, channels = load_crop_array(cfg["data"]["path"], cfg["data"]["table"],
                                                cfg["channels"], cfg["data"]["controls"])
         from morphoprof.models.run import select_mask

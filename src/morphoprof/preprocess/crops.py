@@ -234,3 +234,51 @@ def export_crops(
     return {"cells": len(ds), "written": written, "skipped": len(ds) - written,
             "dropped_at_edge": int(len(cells) - len(ds))}
 
+
+
+def load_crop_shards(folder: str | Path) -> tuple[np.ndarray, pd.DataFrame, list[str]]:
+    """Every crop of an :func:`export_crops` folder, in manifest order.
+
+    Returns:
+        ``(crops (N, C, S, S) float32, table (N rows: the cells' metadata and centres), channel
+        names)``. A shard listed in the manifest but missing or unreadable is an error naming it.
+    """
+    import json
+
+    from morphoprof.io_utils import read_parquet
+
+    folder = Path(folder)
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        raise InputError(f"{folder}: not a crop folder (no manifest.json; write one with "
+                         f"morphoprof crops)")
+    try:
+        meta = json.loads(manifest.read_text())
+        params, shards = meta["params"], meta["shards"]
+    except (ValueError, KeyError) as exc:
+        raise InputError(f"{manifest}: not a morphoprof manifest ({exc})") from exc
+    if params.get("kind") != "crops":
+        raise InputError(f"{folder} holds {params.get('kind', 'features')!r} shards, not crops")
+    arrays, tables = [], []
+    for key in sorted(shards):
+        table_path = folder / shards[key]["file"]
+        npz = table_path.with_suffix(".npz")
+        try:
+            table = read_parquet(table_path)
+            with np.load(npz) as z:
+                arr = z["crops"]
+        except Exception as exc:  # missing file, truncated zip, bad Parquet
+            raise InputError(f"cannot read crop shard {npz if table_path.is_file() else table_path}"
+                             f": {exc}") from exc
+        rows = table["Metadata_crop_index"].to_numpy()
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(arr)):
+            bad = int(np.flatnonzero((rows < 0) | (rows >= len(arr)))[0])
+            raise InputError(f"{table_path} row {bad}: crop {rows[bad]} is outside the "
+                             f"{len(arr)} crops of {npz}")
+        arrays.append(arr[rows].astype(np.float32))
+        tables.append(table.drop(columns=["Metadata_crop_index", "Metadata_crop_file"],
+                                 errors="ignore"))
+    if not arrays:
+        raise InputError(f"{folder}: the crop folder holds no shards")
+    return (np.concatenate(arrays), pd.concat(tables, ignore_index=True),
+            list(params.get("channels") or []))
