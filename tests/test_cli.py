@@ -136,3 +136,46 @@ def test_run_classical_extractor_end_to_end(tmp_path):
     assert wells["Metadata_count"].sum() > len(wells)  # cells, not fields, were aggregated
     result = json.loads((tmp_path / "out" / "evaluation.json").read_text())
     assert result["nsc"]["n"] == 6
+
+
+def test_extract_crops_equals_in_memory_embedding(tmp_path, capsys):
+    import numpy as np
+
+    from morphoprof.features.shards import read_features
+    from morphoprof.features.transfer import TransferConfig, TransferExtractor
+    from morphoprof.preprocess.crops import normalize_crops
+
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 4000, (12, 24, 24, 2)).astype(np.uint16)
+    np.savez(tmp_path / "c.npz", crops=crops)
+    table = pd.DataFrame({"crop": np.arange(12)[::-1], "plate": ["P1"] * 6 + ["P2"] * 6,
+                          "well": ["A01"] * 12, "compound": ["DMSO"] * 12})
+    table.to_csv(tmp_path / "c.csv", index=False)
+    out = tmp_path / "feats"
+    args = ["extract", "--crops", str(tmp_path / "c.npz"), "--crop-table", str(tmp_path / "c.csv"),
+            "--model", "resnet18", "--weights", "random", "--out", str(out)]
+    assert main(args) == 0
+    feats = read_features(out)
+    assert len(feats) == 12 and set(feats["Metadata_plate"]) == {"P1", "P2"}
+    ref = TransferExtractor(TransferConfig(model="resnet18", weights="random"))
+    x = normalize_crops(np.moveaxis(crops, -1, 1)[table["crop"].to_numpy()], "max")
+    want = ref.features_for_dataset(
+        __import__("torch").utils.data.TensorDataset(
+            __import__("torch").from_numpy(x), __import__("torch").arange(12)),
+        ["ch0", "ch1"])[0]
+    cols = [c for c in feats.columns if not c.startswith(("Metadata_", "Nuclei_"))]
+    np.testing.assert_allclose(feats[cols].to_numpy(), want, rtol=1e-4, atol=1e-5)
+    # a table row pointing past the array, and a missing column: one clear error each
+    table.loc[4, "crop"] = 40
+    table.to_csv(tmp_path / "bad.csv", index=False)
+    assert main(["extract", "--crops", str(tmp_path / "c.npz"), "--crop-table",
+                 str(tmp_path / "bad.csv"), "--out", str(tmp_path / "f2")]) == 2
+    assert "bad.csv row 4: crop 40 is outside the 12 crops" in capsys.readouterr().err
+    table.drop(columns=["plate"]).assign(crop=range(12)).to_csv(tmp_path / "np.csv", index=False)
+    assert main(["extract", "--crops", str(tmp_path / "c.npz"), "--crop-table",
+                 str(tmp_path / "np.csv"), "--out", str(tmp_path / "f3")]) == 2
+    assert "np.csv needs a plate column" in capsys.readouterr().err
+    np.savez(tmp_path / "flat.npz", crops=np.zeros((3, 24, 24)))
+    assert main(["extract", "--crops", str(tmp_path / "flat.npz"), "--crop-table",
+                 str(tmp_path / "c.csv"), "--out", str(tmp_path / "f4")]) == 2
+    assert "flat.npz: crops must be 4-D" in capsys.readouterr().err

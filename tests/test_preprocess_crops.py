@@ -113,3 +113,28 @@ def test_dataset_masks_neighbouring_nuclei(tmp_path, tiny_screen):
     assert changed > 0  # some crops contained neighbours, now blanked
     with pytest.raises(InputError, match="Metadata_object"):
         CropDataset(index, cells.drop(columns=["Metadata_object"]), mask_neighbours=cfg)
+
+
+def test_load_crop_shards_round_trip_and_errors(tmp_path, tiny_screen):
+    from morphoprof.preprocess.crops import load_crop_shards
+
+    _, index = tiny_screen
+    segment_index(index, tmp_path / "cells.parquet", progress=False)
+    cells = pd.read_parquet(tmp_path / "cells.parquet")
+    out = tmp_path / "crops"
+    export_crops(index, cells, out, size=16, shard_size=20, progress=False)
+    crops, table, channels = load_crop_shards(out)
+    assert crops.shape == (len(cells), 3, 16, 16) and len(table) == len(cells)
+    assert channels == index.channels and "Metadata_crop_index" not in table.columns
+    ds = CropDataset(index, table.iloc[[27]], 16, normalization="none")  # the 28th row
+    np.testing.assert_allclose(crops[27], ds[0][0].numpy(), rtol=1e-3)
+    part = pd.read_parquet(out / "shards" / "00001.parquet")
+    part.loc[3, "Metadata_crop_index"] = 999
+    part.to_parquet(out / "shards" / "00001.parquet")
+    with pytest.raises(InputError, match=r"00001.parquet row 3: crop 999 is outside"):
+        load_crop_shards(out)
+    (out / "shards" / "00001.npz").unlink()
+    with pytest.raises(InputError, match="00001.npz"):
+        load_crop_shards(out)
+    with pytest.raises(InputError, match="not a crop folder"):
+        load_crop_shards(tmp_path)

@@ -155,3 +155,18 @@ def test_object_table_matches_regionprops(tiny_screen):
     np.testing.assert_array_equal(t[AREA], ref["area"])
     for k, col in enumerate(BBOX):
         np.testing.assert_array_equal(t[col], ref[f"bbox-{k}"])
+
+
+def test_write_overlays_outlines_the_nuclei(tmp_path, tiny_screen):
+    from PIL import Image
+
+    from morphoprof.preprocess.segmentation import write_overlays
+
+    _, index = tiny_screen
+    paths = write_overlays(index, tmp_path / "ov", rows=[0, 1], scale=2)
+    assert len(paths) == 2 and all(p.is_file() for p in paths)
+    img = np.asarray(Image.open(paths[0]))
+    h, w = index.read(0).shape[1:]
+    assert img.shape == (2 * h, 2 * w, 3)
+    red = (img[..., 0] == 255) & (img[..., 1] == 40)
+    assert red.sum() > 20  # outlines drawn
