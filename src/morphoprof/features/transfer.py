@@ -464,7 +464,6 @@ class TransferExtractor:
         CropDataset`), normalised per crop (``max`` by default), fed at ``size`` px unless
         ``image_size`` is set. One shard per plate; resumable like :meth:`extract`.
         """
-        from tqdm.auto import tqdm
 
         from morphoprof.preprocess.crops import CropDataset
 
@@ -481,20 +480,35 @@ class TransferExtractor:
         writer = ShardWriter(out, params, overwrite=overwrite)
         cells = cells.sort_values(["Metadata_plate", "Metadata_well", "Metadata_site"],
                                   kind="stable").reset_index(drop=True)
-        plan = [(shard_key(p, 0), rows) for p, rows in
-                cells.groupby(PLATE, sort=True).indices.items()]
-        todo = [(k, r) for k, r in plan if not writer.done(k)]
-        bar = tqdm(total=int(sum(len(r) for _, r in todo)), desc="cell features", unit="cell",
-                   disable=not progress)
-        t0, n = time.perf_counter(), 0
-        for key, rows in todo:
+
+        def shard(rows, bar):
             ds = CropDataset(index, cells.iloc[rows], size, channels, edge, normalization,
                              illumination)
             x, pos = self.features_for_dataset(ds, channels, bar, run_size=bar.total)
-            meta = ds.cells.iloc[pos].reset_index(drop=True)
-            meta = meta[[c for c in meta.columns if c.startswith(("Metadata_", "Nuclei_Loc"))]]
+            return ds.cells.iloc[pos], x
+
+        return self._plate_shards(cells, channels, out, writer, shard, "cell features", progress)
+
+    def _plate_shards(self, table: pd.DataFrame, channels: list[str], out: str | Path,
+                      writer: ShardWriter, shard, desc: str, progress: bool) -> dict:
+        """One feature shard per plate of ``table`` not already written: ``shard(rows, bar)``
+        returns (the rows' cell table, their features); Metadata and centre columns are kept.
+        Returns the run summary of :meth:`extract_cells` / :meth:`extract_crops`."""
+        from tqdm.auto import tqdm
+
+        plan = [(shard_key(p, 0), rows) for p, rows in
+                table.groupby(PLATE, sort=True).indices.items()]
+        todo = [(k, r) for k, r in plan if not writer.done(k)]
+        bar = tqdm(total=int(sum(len(r) for _, r in todo)), desc=desc, unit="cell",
+                   disable=not progress)
+        t0, n = time.perf_counter(), 0
+        for key, rows in todo:
+            meta, x = shard(rows, bar)
+            meta = meta[[c for c in meta.columns
+                         if str(c).startswith(("Metadata_", "Nuclei_Loc"))]]
             cols = self.column_names(channels, x.shape[1])
-            writer.write(key, pd.concat([meta, pd.DataFrame(x, columns=cols)], axis=1))
+            writer.write(key, pd.concat([meta.reset_index(drop=True),
+                                         pd.DataFrame(x, columns=cols)], axis=1))
             n += len(x)
         bar.close()
         seconds = time.perf_counter() - t0
@@ -518,7 +532,6 @@ class TransferExtractor:
         plate, resumable, the same folder :meth:`extract_cells` writes."""
         import torch
         from torch.utils.data import TensorDataset
-        from tqdm.auto import tqdm
 
         from morphoprof.preprocess.crops import normalize_crops
 
@@ -534,26 +547,14 @@ class TransferExtractor:
             "image_size": self.cfg.image_size, "n_cells": len(crops),
         }
         writer = ShardWriter(out, params, overwrite=overwrite)
-        plan = [(shard_key(p, 0), rows) for p, rows in
-                table.groupby(PLATE, sort=True).indices.items()]
-        todo = [(k, r) for k, r in plan if not writer.done(k)]
-        bar = tqdm(total=int(sum(len(r) for _, r in todo)), desc="crop features", unit="cell",
-                   disable=not progress)
-        keep = [c for c in table.columns if str(c).startswith(("Metadata_", "Nuclei_Loc"))]
-        t0, n = time.perf_counter(), 0
-        for key, rows in todo:
+
+        def shard(rows, bar):
             x = torch.from_numpy(normalize_crops(crops[rows], normalization))
             feats, pos = self.features_for_dataset(TensorDataset(x, torch.arange(len(rows))),
                                                    channels, bar, run_size=bar.total)
-            meta = table.iloc[rows[pos]][keep].reset_index(drop=True)
-            cols = self.column_names(channels, feats.shape[1])
-            writer.write(key, pd.concat([meta, pd.DataFrame(feats, columns=cols)], axis=1))
-            n += len(feats)
-        bar.close()
-        seconds = time.perf_counter() - t0
-        return {"out": str(out), "cells": n, "seconds": seconds,
-                "cells_per_s": n / seconds if seconds > 0 and n else None,
-                "shards_written": len(todo), "shards_skipped": len(plan) - len(todo)}
+            return table.iloc[rows[pos]], feats
+
+        return self._plate_shards(table, channels, out, writer, shard, "crop features", progress)
 
 
 _WORKER_EXTRACTORS: dict[int, TransferExtractor] = {}
