@@ -260,6 +260,7 @@ def cmd_aggregate(a: argparse.Namespace) -> int:
     cfg = {"well_aggregation": a.well_aggregation,
            "treatment_aggregation": a.treatment_aggregation,
            "feature_selection": a.select, "blocklist": a.blocklist, "format": a.format,
+           "cell_tvn": {"reference": a.cell_tvn, "eps": a.cell_tvn_eps},
            "normalization": {"method": a.normalize, "by": a.by, "reference": a.reference,
                              "eps": a.eps, "n_factors": a.factors, "fallback": a.fallback}}
     wells, treatments = build_profiles(Path(a.features), cfg, Path(a.out), _columns(a))
@@ -717,6 +718,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default="parquet", choices=["parquet", "h5ad", "zarr"],
                    help="h5ad / zarr: also write wells and treatments as AnnData (features in "
                    "X, metadata in obs) for scanpy; Parquet is always written")
+    s.add_argument("--cell-tvn", choices=["controls", "all"], default=None,
+                   help="cell-level TVN (Ando 2017): sphere every cell's features with a "
+                   "transform fitted on the control cells (streamed), before aggregating; "
+                   "'controls' uses all cells when there are none, and says so")
+    s.add_argument("--cell-tvn-eps", type=float, default=1e-6,
+                   help="added to the cell covariance's eigenvalues before whitening")
     _normalize_args(s, "--normalize", None)
     _column_args(s)
     s.set_defaults(func=cmd_aggregate)

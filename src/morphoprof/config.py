@@ -18,6 +18,7 @@ A run config has six sections (every key optional except ``data.source`` and ``o
                  clear_border}, on_error (fail | skip)
     features:    extractor settings (see TransferConfig)
     profiles:    well_aggregation, treatment_aggregation, feature_selection,
+                 cell_tvn {reference, eps},
                  normalization {method, by, reference, eps, n_factors, fallback}
     evaluation:  protocols [nsc, nscb], k, alpha (conformal), null_size (mAP p-values)
     output:      folder for every stage's files
@@ -113,6 +114,11 @@ SCHEMA: dict[str, Any] = {
         "feature_selection": Opt(_LIST, ["nonfinite"]),
         "blocklist": Opt(_STR, None),
         "format": Opt(_STR, "parquet", ("parquet", "h5ad", "zarr")),
+        # cell-level TVN before aggregation (null: off); controls falls back to all cells
+        "cell_tvn": {
+            "reference": Opt(_STR, None, ("controls", "all")),
+            "eps": Opt(_FLOAT, 1e-6),
+        },
         "normalization": {
             # default (null): center, or none (with a note) for a screen without controls
             "method": Opt(_STR, None, (*METHODS, *METHOD_ALIASES)),

@@ -199,8 +199,20 @@ def build_profiles(features_dir: Path, profiles_cfg: dict, out_dir: Path,
     from morphoprof.profiles.select import select_features
 
     cols = columns or Columns()
+    tvn = profiles_cfg.get("cell_tvn") or {}
+    sphering = None
+    if tvn.get("reference"):
+        from morphoprof.profiles.cell_tvn import fit_cell_sphering
+
+        sphering = fit_cell_sphering(features_dir, reference=tvn["reference"],
+                                     eps=tvn.get("eps", 1e-6), control_column=cols.control,
+                                     compound_column=cols.compound,
+                                     control_values=cols.control_values)
+        if log:
+            log(sphering.note or f"cell TVN: sphering fitted on {sphering.n_cells} "
+                f"{sphering.reference} cells")
     wells = aggregate_parquet(features_dir, [cols.plate, cols.well],
-                              profiles_cfg["well_aggregation"])
+                              profiles_cfg["well_aggregation"], sphering=sphering)
     wells = cols.to_canonical(wells, ("compound", "concentration", "control"),
                               source=str(features_dir))
     norm, note = resolve_normalization(profiles_cfg["normalization"],
@@ -220,6 +232,9 @@ def build_profiles(features_dir: Path, profiles_cfg: dict, out_dir: Path,
     treatments = treatment_profiles(wells, profiles_cfg["treatment_aggregation"])
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / "dropped_features.json", dropped)
+        if sphering is not None:
+            write_json(tmp / "cell_tvn.json", sphering.summary())
+            sphering.sphering.save(tmp / "cell_tvn.npz")
         normalizer.save(tmp / "normalizer.npz")
         write_parquet(tmp / "wells.parquet", cols.from_canonical(wells))
         write_parquet(tmp / "treatments.parquet", cols.from_canonical(treatments))

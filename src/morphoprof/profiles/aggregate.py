@@ -460,6 +460,7 @@ def aggregate_parquet(
     features: Sequence[str] | None = None,
     threads: int | None = None,
     memory_limit: str | None = None,
+    sphering=None,
 ) -> pd.DataFrame:
     """Out-of-core :func:`aggregate` over Parquet files (streamed, never loaded whole).
 
@@ -480,9 +481,22 @@ def aggregate_parquet(
             cores).
         memory_limit: DuckDB memory limit for ``median``, e.g. ``"4GB"`` (default: DuckDB's,
             80% of RAM).
+        sphering: a fitted :class:`~morphoprof.profiles.cell_tvn.CellSphering` applied to
+            every row before aggregation (cell-level TVN). Sphering is affine, so for ``mean``
+            it is applied to the group means (the same result for rows without NaN, without
+            a second pass); for ``median`` the rows are sphered into temporary Parquet files
+            first.
     """
     if how not in ("mean", "median"):
         raise InputError(f"aggregation must be 'mean' or 'median', got {how!r}")
+    if sphering is not None and how == "median":
+        import tempfile
+
+        from morphoprof.profiles.cell_tvn import sphere_parquet
+
+        with tempfile.TemporaryDirectory(prefix="morphoprof-tvn-") as tmp:
+            return aggregate_parquet(sphere_parquet(source, sphering, tmp), by, how, features,
+                                     threads, memory_limit)
     by = list(by)
     files = parquet_sources(source)
     columns, same_columns = _parquet_columns(files)
@@ -498,6 +512,13 @@ def aggregate_parquet(
     res = _group_metadata(files, by, meta, COUNT in columns)  # raises on a table with no rows
     if how == "mean":
         values = _streamed_means(files, by, feats, res[by], threads)
+        if sphering is not None:
+            sph = list(sphering.features)
+            lacking = [f for f in sph if f not in feats]
+            if lacking:
+                raise InputError(f"{files[0]}: lacks feature(s) {lacking[:3]} the cell "
+                                 "sphering was fitted on")
+            values[sph] = sphering.transform(values[sph].to_numpy())
     else:
         values = _duckdb_medians(files, by, feats, same_columns, res[by], threads,
                                  memory_limit)

@@ -322,8 +322,14 @@ class Spherize:
         x = np.asarray(reference, dtype=np.float64)
         if x.ndim != 2 or len(x) < 2:
             raise InputError(f"spherize needs at least 2 reference profiles, got shape {x.shape}")
-        self.mean_ = x.mean(axis=0)
-        cov = np.cov(x - self.mean_, rowvar=False).reshape(x.shape[1], x.shape[1])
+        mean = x.mean(axis=0)
+        return self.fit_moments(mean, np.cov(x - mean, rowvar=False).reshape(x.shape[1], -1))
+
+    def fit_moments(self, mean: np.ndarray, cov: np.ndarray) -> Spherize:
+        """Fit from the reference's ``(d,)`` mean and ``(d, d)`` covariance (e.g. accumulated
+        over cells streamed from disk)."""
+        cov = np.asarray(cov, dtype=np.float64)
+        self.mean_ = np.asarray(mean, dtype=np.float64)
         vals, vecs = np.linalg.eigh(cov)
         vals = np.clip(vals, 0.0, None)
         w = vecs / np.sqrt(vals + self.eps)  # columns scaled: x @ w whitens (PCA)
