@@ -143,3 +143,40 @@ def test_traced_network_matches_eager(tiny_screen, extractor):
                                eager.features_from_batch(y, index.channels),
                                rtol=1e-3, atol=1e-4)
     assert len(traced._traced) == 2 and not eager._traced
+
+
+def test_layer_cut_computes_only_up_to_the_layer_and_matches_a_hook(extractor):
+    """An intermediate layer is embedded by a graph cut at it: the later stages never run, the
+    pooled output equals the full network's layer output (kept by a hook), traced or not."""
+    mid = TransferExtractor(TransferConfig(layer="blocks.3", jit=False, **FAST),
+                            backbone=extractor.backbone)
+    traced = TransferExtractor(TransferConfig(layer="blocks.3", jit=True, **FAST),
+                               backbone=extractor.backbone)
+    kept = {}
+    model = extractor.backbone.model
+    handle = model.blocks[3].register_forward_hook(lambda m, i, o: kept.update(out=o))
+    blocks5 = model.blocks[5].register_forward_hook(lambda m, i, o: kept.update(late=True))
+    x = torch.rand(4, 1, 64, 64)
+    try:
+        got = mid.features_from_batch(x, ["a"])
+        assert "late" not in kept  # the cut graph stopped before blocks.5
+        with torch.inference_mode():
+            model((x.expand(-1, 3, -1, -1) - mid._mean) / mid._std)
+        want = kept["out"].mean(dim=(2, 3)).numpy()
+    finally:
+        handle.remove()
+        blocks5.remove()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(traced.features_from_batch(x, ["a"]), want, rtol=1e-3, atol=1e-4)
+
+
+def test_bf16_precision_close_to_fp32_and_checked(extractor):
+    fp32 = TransferExtractor(TransferConfig(precision="fp32", **FAST), backbone=extractor.backbone)
+    bf16 = TransferExtractor(TransferConfig(precision="bf16", **FAST), backbone=extractor.backbone)
+    x = torch.rand(4, 1, 64, 64)
+    a, b = fp32.features_from_batch(x, ["a"]), bf16.features_from_batch(x, ["a"])
+    assert b.dtype == np.float32 and not np.array_equal(a, b)  # it really ran in bf16
+    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() > 0.99
+    with pytest.raises(InputError, match="precision must be"):
+        TransferConfig(precision="fp16")

@@ -106,6 +106,7 @@ SCHEMA: dict[str, Any] = {
         "batch_size": Opt(_INT, 16),
         "num_workers": Opt(_INT, 0),
         "device": Opt(_STR, "auto"),
+        "precision": Opt(_STR, "auto", ("auto", "fp32", "bf16")),
         "seed": Opt(_INT, 0),
     },
     "profiles": {

@@ -181,7 +181,8 @@ def checkpoint_hparams(path: str | Path) -> dict:
 
 def extractor_from_checkpoint(path: str | Path, layer: str | None = None,
                               batch_size: int = 64, device: str = "auto",
-                              num_workers: int = 0, label: str = "weak"):
+                              num_workers: int = 0, label: str = "weak",
+                              precision: str = "auto"):
     """A :class:`~morphoprof.features.transfer.TransferExtractor` for a trained weak model:
     the checkpoint's CNN (GRU dropped), its channels, ``native`` strategy, pooled output of
     ``layer`` (default: the layer it was trained to embed with). Returns ``(extractor, hparams)``.
@@ -194,7 +195,8 @@ def extractor_from_checkpoint(path: str | Path, layer: str | None = None,
                          channels=hp["channels"] or None, batch_size=batch_size,
                          image_size=hp["input_size"] if hp["input_size"] != hp["crop_size"]
                          else None,
-                         device=device, num_workers=num_workers, label=label, jit=False)
+                         device=device, num_workers=num_workers, label=label,
+                         precision=precision)
     return TransferExtractor(cfg), hp
 
 
