@@ -91,6 +91,10 @@ def test_cell_tvn_falls_back_to_all_cells_and_controls_from_compound(tmp_path):
     assert skipped.n_cells == 158 and skipped.n_skipped == 2
     with pytest.raises(InputError, match="reference"):
         fit_cell_sphering(tmp_path / "a", reference="dmso")
+    # fewer rows than features (well or field rows, not cells): the covariance is singular
+    few = fit_cell_sphering(write_parts(cells.head(5), tmp_path / "d", parts=1), reference="all")
+    assert "5 all rows for 6 features" in few.note and "singular" in few.note
+    assert "warning" not in fitted.note
 
 
 def test_aggregate_cli_cell_tvn(tmp_path, capsys):

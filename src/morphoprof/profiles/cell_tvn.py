@@ -174,6 +174,12 @@ def fit_cell_sphering(
     if moments.n < 2:
         raise InputError(f"cell TVN needs at least 2 {used} cells with finite features, got "
                          f"{moments.n} in {files[0].parent if len(files) > 1 else files[0]}")
+    if moments.n <= len(feats):
+        warn = (f"warning: cell TVN: {moments.n} {used} rows for {len(feats)} features, so their "
+                "covariance is singular and the sphering scales directions without variance by "
+                f"1/sqrt(eps) = {1 / np.sqrt(eps):.3g}, amplifying noise; fit it on more cells "
+                "(single cells, not well or field rows) or raise eps")
+        note = f"{note}; {warn}" if note else warn
     mean, cov = moments.mean_cov()
     return CellSphering(Spherize(mode, eps).fit_moments(mean, cov), tuple(feats), used,
                         moments.n, skipped, note)
