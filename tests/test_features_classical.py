@@ -48,3 +48,45 @@ def test_extract_per_cell_features_matching_ground_truth(tmp_path, tiny_screen):
     assert r > 0.9
     again = ClassicalExtractor(cfg).extract(index, tmp_path / "cp", progress=False, log=None)
     assert again["shards_written"] == 0  # resumed: nothing left to do
+
+
+def test_classical_features_of_crops_measure_the_central_nucleus(tmp_path, capsys):
+    """extract --extractor classical --crops: the nucleus at each crop's centre is measured (not
+    a neighbour cut by the crop's edge), its area and intensity as planted; a crop with no
+    nucleus is left out and listed; a rerun resumes."""
+    import json
+
+    from morphoprof.cli import main
+    from morphoprof.features.classical import central_nucleus_mask
+
+    rng = np.random.default_rng(0)
+    s, radii = 32, [4, 5, 6, 7, 5, 6]
+    yy, xx = np.mgrid[:s, :s]
+    crops = rng.integers(90, 110, (len(radii) + 1, s, s, 2)).astype(np.uint16)  # (N, S, S, C)
+    for k, r in enumerate(radii):
+        crops[k, ..., 0][(yy - 16) ** 2 + (xx - 16) ** 2 <= r * r] = 3000 + 200 * k
+        crops[k, ..., 0][(yy - 2) ** 2 + (xx - 30) ** 2 <= 16] = 4000  # a neighbour, cut
+        crops[k, ..., 1] = 500 + 100 * k
+    crops[-1] = 100  # no nucleus at all
+    np.savez(tmp_path / "c.npz", crops=crops)
+    pd.DataFrame({"plate": ["P1"] * 4 + ["P2"] * 3, "well": [f"A0{k}" for k in range(7)],
+                  "compound": ["x"] * 7}).to_csv(tmp_path / "c.csv", index=False)
+    args = ["extract", "--extractor", "classical", "--crops", str(tmp_path / "c.npz"),
+            "--crop-table", str(tmp_path / "c.csv"), "--channels", "DNA", "Actin",
+            "--out", str(tmp_path / "f")]
+    assert main(args) == 0
+    assert "skipped crop 6: no nucleus" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "f" / "run_summary.json").read_text())
+    assert summary["cells"] == len(radii) and summary["n_skipped"] == 1
+    assert "crop 6: no nucleus" in summary["skipped"][0]["reason"]
+    feats = read_features(tmp_path / "f").sort_values("Metadata_well")
+    area = feats["classical_Nuclei_Area"].to_numpy()
+    np.testing.assert_allclose(area, np.pi * np.array(radii) ** 2, rtol=0.15)
+    assert feats["Metadata_well"].tolist() == [f"A0{k}" for k in range(6)]
+    # DNA intensity inside the nucleus rises with k as planted; Actin is flat per crop
+    assert np.all(np.diff(feats["classical_DNA_Intensity_MeanIntensity"].to_numpy()) > 0)
+    assert feats["classical_Actin_Intensity_StdIntensity"].max() < 1e-6
+    assert central_nucleus_mask(np.zeros((s, s))).sum() == 0
+    # resumable: a second run finds both plates done
+    assert main(args) == 0
+    assert json.loads((tmp_path / "f" / "run_summary.json").read_text())["shards_skipped"] == 2

@@ -172,8 +172,15 @@ def cmd_extract(a: argparse.Namespace) -> int:
     if not a.crops and not a.index:
         raise MorphoprofError("extract needs an index.parquet, or --crops")
     if a.crops and a.extractor == "classical":
-        raise MorphoprofError("--crops works with the transfer extractor and --checkpoint; "
-                              "classical features need fields and a cell table")
+        from morphoprof.features.classical import ClassicalConfig, ClassicalExtractor
+        from morphoprof.models.weak_run import load_crop_array
+
+        crops, table, names = load_crop_array(a.crops, a.crop_table, a.channels,
+                                              a.control_value or ["DMSO"])
+        ccfg = ClassicalConfig(channels=names, n_jobs=a.workers or 1)
+        _print_json(ClassicalExtractor(ccfg).extract_crops(crops, table, names, a.out,
+                                                           overwrite=a.overwrite))
+        return 0
     index = ExperimentIndex.read_parquet(a.index) if a.index else None
     if a.extractor == "classical":
         from morphoprof.features.classical import ClassicalConfig, ClassicalExtractor

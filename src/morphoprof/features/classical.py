@@ -120,6 +120,44 @@ def _process(index, rows, channels, dna, ranges, cfg: ClassicalConfig, illuminat
     return frames, skipped
 
 
+def central_nucleus_mask(dna: np.ndarray) -> np.ndarray:
+    """The nucleus a crop is centred on: ``(S, S)`` DNA intensities -> ``(S, S)`` int32 mask
+    (1 on the nucleus, 0 elsewhere).
+
+    Otsu threshold of the crop, connected components, and the component under the centre pixel
+    (else the one nearest to it); all zeros when the crop has no intensity range."""
+    from scipy import ndimage as ndi
+    from skimage.filters import threshold_otsu
+
+    dna = np.asarray(dna, np.float32)
+    if not np.isfinite(dna).all() or float(dna.max() - dna.min()) <= 0:
+        return np.zeros(dna.shape, np.int32)
+    comp, n = ndi.label(dna > threshold_otsu(dna))
+    if n == 0:
+        return np.zeros(dna.shape, np.int32)
+    cy, cx = dna.shape[0] // 2, dna.shape[1] // 2
+    pick = comp[cy, cx]
+    if pick == 0:  # the centre fell on background: the nearest foreground pixel's component
+        _, (iy, ix) = ndi.distance_transform_edt(comp == 0, return_indices=True)
+        pick = comp[iy[cy, cx], ix[cy, cx]]
+    return (comp == pick).astype(np.int32)
+
+
+def _crop_rows(crops, rows, channels, dna, lo, span, cfg: ClassicalConfig):
+    """Features of crops ``rows`` (one nucleus each), and the rows without a nucleus."""
+    frames, skipped = [], []
+    for r in rows:
+        x = np.clip((np.asarray(crops[r], np.float32) - lo) / span, 0.0, 1.0)
+        mask = central_nucleus_mask(x[dna])
+        if not mask.any():
+            skipped.append({"row": int(r), "reason": f"crop {int(r)}: no nucleus above the "
+                            f"Otsu threshold of channel {channels[dna]}"})
+            continue
+        f = measure_objects(x, mask, channels, cfg.measurements, cfg.label)
+        frames.append(f.drop(columns=OBJECT).assign(_row=int(r)))
+    return frames, skipped
+
+
 class ClassicalExtractor:
     """Segment nuclei and measure them with cp_measure, plate by plate, into a feature folder."""
 
@@ -174,3 +212,71 @@ class ClassicalExtractor:
                               "cells": n_cells, "seconds": seconds,
                               "cells_per_s": n_cells / seconds if seconds > 0 and n_cells
                               else None}, self.cfg.on_error, log)
+
+    def extract_crops(self, crops: np.ndarray, table: pd.DataFrame, channels: Sequence[str],
+                      out: str | Path, overwrite: bool = False, progress: bool = True,
+                      log=print) -> dict:
+        """Classical features of crops a user already has, one nucleus per crop.
+
+        Args:
+            crops: ``(N, C, S, S)`` raw intensities, one cell centred in each.
+            table: one row per crop (``Metadata_*`` and ``Nuclei_Location*`` columns kept).
+            channels: names of the C channels; the DNA one (:func:`dna_channel`) is segmented.
+
+        The nucleus is the Otsu-thresholded object at each crop's centre
+        (:func:`central_nucleus_mask`); pixels are scaled to [0, 1] with one range per channel
+        over the whole crop set (percentiles 0 and 99.99 of a sample, as for fields), then
+        measured with cp_measure like nuclei of fields. Crops without a nucleus are left out
+        and listed as skipped. One shard per plate, resumable, the folder ``extract`` writes.
+        """
+        from joblib import Parallel, delayed
+        from tqdm.auto import tqdm
+
+        channels = list(channels)
+        if crops.ndim != 4 or crops.shape[1] != len(channels):
+            raise InputError(f"crops must be (N, {len(channels)}, S, S) for channels {channels}, "
+                             f"got {crops.shape}")
+        if len(crops) != len(table):
+            raise InputError(f"{len(crops)} crops but {len(table)} table rows")
+        dna = channels.index(dna_channel(channels))
+        sample = np.asarray(crops[np.linspace(0, len(crops) - 1, min(len(crops), 2000))
+                                  .astype(int)], np.float32)
+        lo = np.array([np.percentile(sample[:, c], 0.0) for c in range(len(channels))],
+                      np.float32)[:, None, None]
+        hi = np.array([np.percentile(sample[:, c], 99.99) for c in range(len(channels))],
+                      np.float32)[:, None, None]
+        span = np.where(hi > lo, hi - lo, 1.0).astype(np.float32)
+        params = {"extractor": "classical_crops", "measurements": list(self.cfg.measurements),
+                  "label": self.cfg.label, "channels": channels, "size": int(crops.shape[-1]),
+                  "n_cells": len(crops), "intensity_ranges": [[float(a), float(b)] for a, b in
+                                                              zip(lo.ravel(), hi.ravel())]}
+        writer = ShardWriter(out, params, overwrite=overwrite)
+        meta_cols = [c for c in table.columns if str(c).startswith(("Metadata_", "Nuclei_Loc"))]
+        plan = [(shard_key(p, 0), np.sort(r)) for p, r in
+                table.groupby(PLATE, sort=True).indices.items()]
+        todo = [(k, r) for k, r in plan if not writer.done(k)]
+        bar = tqdm(total=int(sum(len(r) for _, r in todo)), desc="classical crop features",
+                   unit="cell", disable=not progress)
+        t0, n_cells = time.perf_counter(), 0
+        with Parallel(n_jobs=self.cfg.n_jobs) as pool:
+            for key, rows in todo:
+                chunks = np.array_split(rows, max(1, min(len(rows), 4 * self.cfg.n_jobs)))
+                parts = pool(delayed(_crop_rows)(crops, c, channels, dna, lo, span, self.cfg)
+                             for c in chunks if len(c))
+                frames = [f for part, _ in parts for f in part]
+                skipped = [s for _, part in parts for s in part]
+                if frames:
+                    feats = pd.concat(frames, ignore_index=True)
+                    meta = table.iloc[feats.pop("_row").to_numpy()][meta_cols]
+                    df = pd.concat([meta.reset_index(drop=True), feats], axis=1)
+                else:
+                    df = table.iloc[:0][meta_cols]
+                writer.write(key, df, skipped)
+                n_cells += len(df)
+                bar.update(len(rows))
+        bar.close()
+        seconds = time.perf_counter() - t0
+        return writer.finish({"out": str(out), "cells": n_cells, "seconds": seconds,
+                              "cells_per_s": n_cells / seconds if seconds > 0 and n_cells
+                              else None, "shards_written": len(todo),
+                              "shards_skipped": len(plan) - len(todo)}, "skip", log)
