@@ -276,6 +276,17 @@ def test_bad_weak_inputs(crop_files, tmp_path):
         checkpoint_hparams(tmp_path / "plain.ckpt")
     assert main(["extract", "nowhere.parquet", "--out", str(tmp_path / "x"), "--checkpoint",
                  str(tmp_path / "missing.ckpt")]) == 2
+    # a table without the label column, or with a row without a label: file and row named
+    from morphoprof.models.weak_run import train_weak_from_yaml
+
+    pd.read_csv(csv).drop(columns="label").to_csv(tmp_path / "nolabel.csv", index=False)
+    with pytest.raises(InputError, match=r"nolabel.csv: no label column label"):
+        train_weak_from_yaml(weak_yaml(npz, tmp_path / "nolabel.csv"), tmp_path / "r1")
+    t = pd.read_csv(csv).astype({"label": float})
+    t.loc[11, "label"] = np.nan
+    t.to_csv(tmp_path / "gap.csv", index=False)
+    with pytest.raises(InputError, match=r"gap.csv row 11: no value in label column label"):
+        train_weak_from_yaml(weak_yaml(npz, tmp_path / "gap.csv"), tmp_path / "r2")
 
 
 def test_two_process_ddp_run_on_cpu(crop_files, tmp_path):

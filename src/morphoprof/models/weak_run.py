@@ -132,12 +132,20 @@ def prepare_crops(crops: np.ndarray, size: int | None, normalization: str) -> np
     return x
 
 
-def label_codes(table: pd.DataFrame, columns: list[str]) -> tuple[np.ndarray, list[str]]:
-    """Integer label per cell from the values of ``columns`` (joined with ``@``)."""
+def label_codes(table: pd.DataFrame, columns: list[str], source: str = "the cell table"
+                ) -> tuple[np.ndarray, list[str]]:
+    """Integer label per cell from the values of ``columns`` (joined with ``@``); ``source``
+    names the table in errors (a missing column, a row without a label)."""
     missing = [c for c in columns if c not in table.columns]
     if missing:
-        raise InputError(f"label column(s) {missing} not in the cell table; found "
-                         f"{list(table.columns)}")
+        names = [c.removeprefix("Metadata_") for c in missing]
+        raise InputError(f"{source}: no label column {', '.join(names)} (label: {columns}); "
+                         f"it has {[c.removeprefix('Metadata_') for c in table.columns]}")
+    empty = np.flatnonzero(table[columns].isna().any(axis=1).to_numpy())
+    if len(empty):
+        col = next(c for c in columns if pd.isna(table[c].iloc[empty[0]]))
+        raise InputError(f"{source} row {int(empty[0])}: no value in label column "
+                         f"{col.removeprefix('Metadata_')} ({len(empty)} such rows)")
     text = table[columns].astype(str).agg("@".join, axis=1)
     classes = sorted(text.unique())
     return pd.Categorical(text, categories=classes).codes.astype(np.int64), classes
@@ -203,13 +211,15 @@ def run_weak(cfg: dict, config_text: str = "", progress: bool = True,
 
         keep = select_mask(table, cfg["select"])
         raw, table = raw[keep], table[keep].reset_index(drop=True)
+        source = str(cfg["data"]["table"] or cfg["data"]["path"])
     else:
         raw, table, channels = crops_from_screen(cfg, out, progress, log)
+        source = "the screen's cell table"
+    labels, classes = label_codes(table, cfg["label"], source)
     c = cfg["cells"]
     raw_size = int(raw.shape[-1])
     crops = prepare_crops(raw, c["size"], c["normalization"])
     del raw
-    labels, classes = label_codes(table, cfg["label"])
     batch_col = cfg["batch_column"] or (BATCH if BATCH in table.columns else PLATE)
     if batch_col not in table.columns:
         raise InputError(f"batch_column {batch_col!r} not in the cell table")
