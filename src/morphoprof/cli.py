@@ -44,6 +44,14 @@ def cmd_import(a: argparse.Namespace) -> int:
     from morphoprof.index.schema import summarize_left_out
 
     layout = IMPORTER_ALIASES.get(a.layout, a.layout)
+    if layout == "cellprofiler":
+        from morphoprof.features.cellprofiler import import_cellprofiler
+
+        summary = import_cellprofiler(a.path, a.out, plate=a.plate, platemap=a.platemap,
+                                      platemap_well=a.platemap_well, overwrite=a.overwrite)
+        print(f"{summary['rows']} cells x {summary['features']} features ({summary['kind']}, "
+              f"CytoTable preset {summary['cytotable_preset']}) -> {summary['out']}")
+        return 0
     if a.plates and layout != "bbbc021":
         raise MorphoprofError("--plates applies to 'import bbbc021' only")
     if layout == "bbbc021":
@@ -449,7 +457,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-IMPORTERS = ("bbbc021", "bbbc021-6moa", "csv")
+IMPORTERS = ("bbbc021", "bbbc021-6moa", "csv", "cellprofiler")
 IMPORTER_ALIASES = {"bbbc021_6moa": "bbbc021-6moa"}  # the YAML spelling, accepted here too
 
 
@@ -585,9 +593,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("layout", choices=[*IMPORTERS, *IMPORTER_ALIASES],
                    metavar="{" + ",".join(IMPORTERS) + "}",
                    help="bbbc021: the official layout; bbbc021-6moa: the 6-MoA PNG subset; "
-                   "csv: any CSV with a column mapping")
-    s.add_argument("path", help="BBBC021 root, 6-MoA folder, or CSV file")
-    s.add_argument("--out", required=True, help="index.parquet to write")
+                   "csv: any CSV with a column mapping; cellprofiler: CellProfiler single-cell "
+                   "measurements (a folder of per-object CSVs, or an ExportToDatabase / "
+                   "cytominer-database SQLite) -> OUT/cells.parquet")
+    s.add_argument("path", help="BBBC021 root, 6-MoA folder, CSV file, or CellProfiler output")
+    s.add_argument("--out", required=True, help="index.parquet to write (cellprofiler: a folder)")
+    s.add_argument("--plate", help="cellprofiler: Metadata_plate where the source has no plate "
+                   "metadata (default: its name)")
+    s.add_argument("--platemap", help="cellprofiler: CSV, one row per well, joined to the cells "
+                   "as Metadata_<column> (e.g. compound, concentration, moa)")
+    s.add_argument("--platemap-well", default="well", help="cellprofiler: the plate map's well "
+                   "column")
+    s.add_argument("--overwrite", action="store_true", help="cellprofiler: replace an earlier "
+                   "import in --out")
     s.add_argument("--image-csv", help="bbbc021: BBBC021_v1_image.csv[.gz] (default: found "
                    "under PATH or PATH/metadata)")
     s.add_argument("--moa-csv", help="bbbc021: BBBC021_v1_moa.csv (default: found likewise)")
@@ -795,6 +813,7 @@ def _check_outputs(a: argparse.Namespace) -> None:
 
     for attr, folder in getattr(a, "outputs", ()):
         value = getattr(a, attr, None)
+        folder = folder or getattr(a, "layout", None) == "cellprofiler"  # import's --out
         if value:
             check_writable(value, folder=folder)
 

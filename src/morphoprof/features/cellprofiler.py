@@ -1,0 +1,232 @@
+"""CellProfiler single-cell measurements in: per-object CSVs (ExportToSpreadsheet), ExportToDatabase
+SQLite (``Per_Image`` / ``Per_Cells`` ...) and cytominer-database SQLite (``Image`` / ``Cells`` ...
+with ``TableNumber``), converted to morphoprof's single-cell Parquet.
+
+The engine is CytoTable (the cytomining project's converter): it joins the compartments per object
+as pycytominer's ``SingleCells`` does, in chunks through DuckDB, so a large SQLite never sits in
+memory. DuckDB downloads its ``sqlite_scanner`` / ``httpfs`` extensions at run time; here they come
+from their PyPI wheels (``duckdb-extension-*``, the same version as ``duckdb``), so the import
+works offline. CytoTable's output is then streamed once, in row batches, into ``cells.parquet``:
+image metadata become ``Metadata_plate`` / ``Metadata_well`` / ``Metadata_site`` (+ the other
+``Metadata_*``), file names metadata too, other image-level measurements are dropped, a plate map
+(CSV, joined on the well) adds treatment columns, and compartment features keep CellProfiler's
+names (``Cells_AreaShape_Area``...), so ``aggregate`` / ``evaluate`` run on it unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from morphoprof.errors import InputError
+
+# source kind -> CytoTable preset
+PRESETS = {
+    "csv": "cellprofiler_csv",
+    "sqlite": "cellprofiler_sqlite",
+    "cytominer-database": "cell-health-cellprofiler-to-cytominer-database",
+}
+_CANONICAL = {"plate": "Metadata_plate", "well": "Metadata_well", "site": "Metadata_site"}
+_FILE_COLUMNS = ("FileName_", "PathName_", "URL_")
+
+
+def detect_kind(path: str | Path) -> str:
+    """``csv`` (a folder of ExportToSpreadsheet CSVs), ``sqlite`` (ExportToDatabase: ``Per_*``
+    tables) or ``cytominer-database`` (``Image`` / ``Cells`` ... tables); InputError otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        names = {p.name.lower() for p in path.glob("*.csv")}
+        if "image.csv" in names and names & {"cells.csv", "nuclei.csv", "cytoplasm.csv"}:
+            return "csv"
+        raise InputError(f"{path}: a CellProfiler CSV folder needs Image.csv and Cells.csv / "
+                         f"Nuclei.csv / Cytoplasm.csv; found {sorted(names) or 'no CSV'}")
+    if not path.is_file():
+        raise InputError(f"not found: {path}")
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as con:
+            tables = {r[0].lower() for r in
+                      con.execute("select name from sqlite_master where type='table'")}
+    except sqlite3.DatabaseError as exc:
+        raise InputError(f"{path}: not a CellProfiler CSV folder or SQLite file ({exc})") from exc
+    if "per_image" in tables:
+        return "sqlite"
+    if "image" in tables and tables & {"cells", "nuclei", "cytoplasm"}:
+        return "cytominer-database"
+    raise InputError(f"{path}: a SQLite without CellProfiler tables (Per_Image / Image); it "
+                     f"has {sorted(tables)}")
+
+
+def _offline_duckdb_extensions() -> None:
+    """Install DuckDB's sqlite_scanner and httpfs from their PyPI wheels (no download)."""
+    import importlib
+
+    import duckdb
+
+    con = duckdb.connect()
+    have = {r[0] for r in con.execute(
+        "select extension_name from duckdb_extensions() where installed").fetchall()}
+    for name in ("sqlite_scanner", "httpfs"):
+        if name in have:
+            continue
+        try:
+            module = importlib.import_module(f"duckdb_extension_{name}")
+        except ImportError:
+            continue  # DuckDB will try its own download
+        files = sorted(Path(module.__file__).parent.rglob(f"{name}.duckdb_extension"))
+        if files:
+            try:
+                con.execute(f"INSTALL '{files[0]}'")
+            except duckdb.Error as exc:
+                raise InputError(f"cannot install DuckDB's {name} extension from {files[0]} "
+                                 f"into its extension folder (~/.duckdb): {exc}") from exc
+
+
+def _rename(columns: list[str]) -> tuple[dict[str, str], list[str]]:
+    """CytoTable's column names -> morphoprof's (``{old: new}``), and the dropped columns."""
+    out, dropped = {}, []
+    for c in columns:
+        if c.startswith("Image_Metadata_"):
+            key = c.removeprefix("Image_Metadata_")
+            out[c] = _CANONICAL.get(key.lower(), f"Metadata_{key}")
+        elif c.startswith("Image_") and c.removeprefix("Image_").startswith(_FILE_COLUMNS):
+            out[c] = f"Metadata_{c}"
+        elif c.startswith("Image_"):
+            dropped.append(c)  # image-level measurements (counts, execution times...)
+        else:
+            out[c] = c
+    return out, dropped
+
+
+def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = None,
+                        platemap: str | Path | None = None, platemap_well: str = "well",
+                        chunk_size: int = 1000, overwrite: bool = False,
+                        log=print) -> dict:
+    """Convert CellProfiler single-cell outputs to ``out/cells.parquet`` (+ ``import.json``).
+
+    Args:
+        path: a folder of CellProfiler CSVs, or a SQLite file (see :func:`detect_kind`).
+        out: output folder; refused when it holds an earlier import, unless ``overwrite``.
+        plate: ``Metadata_plate`` for sources without plate metadata (default: the source's
+            name).
+        platemap: CSV with one row per well (``platemap_well`` column) whose other columns
+            are joined to every cell as ``Metadata_<column>`` (pycytominer's annotate).
+        chunk_size: rows per CytoTable / DuckDB chunk (memory stays that of a few chunks).
+
+    Returns:
+        The summary written to ``import.json``: rows, features, source kind, seconds.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path, out = Path(path), Path(out)
+    kind = detect_kind(path)
+    target = out / "cells.parquet"
+    if target.exists() and not overwrite:
+        raise InputError(f"{target} exists; use another --out or --overwrite")
+    pm = None
+    if platemap is not None:
+        platemap = Path(platemap)
+        if not platemap.is_file():
+            raise InputError(f"plate map not found: {platemap}")
+        pm = pd.read_csv(platemap)
+        if platemap_well not in pm.columns:
+            raise InputError(f"{platemap}: no column {platemap_well!r} (the well); it has "
+                             f"{list(pm.columns)}")
+        if pm[platemap_well].duplicated().any():
+            row = int(np.flatnonzero(pm[platemap_well].duplicated().to_numpy())[0])
+            raise InputError(f"{platemap} row {row}: well {pm[platemap_well].iloc[row]} "
+                             "appears twice")
+        pm = pm.rename(columns={c: f"Metadata_{c}" for c in pm.columns if c != platemap_well})
+        pm = pm.rename(columns={platemap_well: "Metadata_well"})
+        pm["Metadata_well"] = pm["Metadata_well"].astype(str)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".cytotable-", dir=out))
+    except OSError as exc:
+        raise InputError(f"cannot write to {out}: {exc}") from exc
+    t0 = time.perf_counter()
+    try:
+        converted = _convert(path, work / "cytotable.parquet", PRESETS[kind], chunk_size)
+        source = pq.ParquetFile(converted)
+        names, dropped = _rename(source.schema_arrow.names)
+        notes = []
+        if "Metadata_plate" not in names.values():
+            notes.append(f"note: {path.name} has no plate metadata; Metadata_plate = "
+                         f"{plate or path.stem!r}")
+        if "Metadata_well" not in names.values():
+            notes.append(f"note: {path.name} has no well metadata; each image is its own well "
+                         "(Metadata_well = image<ImageNumber>)")
+        tmp = work / "cells.parquet"
+        writer, rows, unmatched = None, 0, 0
+        for batch in source.iter_batches(batch_size=max(chunk_size, 1024)):
+            df = batch.to_pandas().rename(columns=names)[list(names.values())]
+            if "Metadata_plate" not in df.columns:
+                df.insert(0, "Metadata_plate", plate or path.stem)
+            if "Metadata_well" not in df.columns:
+                df.insert(1, "Metadata_well", "image" + df["Metadata_ImageNumber"].astype(str))
+            df["Metadata_well"] = df["Metadata_well"].astype(str)
+            if pm is not None:
+                df = df.merge(pm, on="Metadata_well", how="left", validate="many_to_one",
+                              indicator="_matched")
+                unmatched += int((df.pop("_matched") == "left_only").sum())
+            meta = [c for c in df.columns if c.startswith("Metadata_")]
+            df = df[meta + [c for c in df.columns if c not in meta]]
+            table = pa.Table.from_pandas(df, preserve_index=False)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table.cast(writer.schema))
+            rows += len(df)
+        if writer is None:
+            raise InputError(f"{path}: no objects to import")
+        writer.close()
+        os.replace(tmp, target)
+    except OSError as exc:
+        raise InputError(f"cannot write {target}: {exc}") from exc
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if unmatched:
+        notes.append(f"warning: {unmatched} cells in wells missing from {platemap}")
+    seconds = time.perf_counter() - t0
+    feats = [c for c in pq.ParquetFile(target).schema_arrow.names if not c.startswith("Metadata_")]
+    summary = {"source": str(path), "kind": kind, "cytotable_preset": PRESETS[kind],
+               "out": str(target), "rows": rows, "features": len(feats),
+               "dropped_image_columns": len(dropped), "seconds": seconds, "notes": notes}
+    (out / "import.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if log:
+        for n in notes:
+            log(n)
+    return summary
+
+
+def _convert(source: Path, dest: Path, preset: str, chunk_size: int) -> Path:
+    """CytoTable's conversion to one Parquet file, on a thread pool (a process pool costs
+    ~10 s to start for no gain at these sizes); parsl's run records go beside ``dest`` (a
+    temporary folder), not into the working directory."""
+    import uuid
+
+    import cytotable
+    from parsl.config import Config
+    from parsl.executors import ThreadPoolExecutor
+
+    _offline_duckdb_extensions()
+    config = Config(executors=[ThreadPoolExecutor(max_threads=2,
+                                                  label=f"morphoprof-{uuid.uuid4().hex[:8]}")],
+                    run_dir=str(dest.parent / "runinfo"))
+    try:
+        result = cytotable.convert(source_path=str(source), dest_path=str(dest),
+                                   dest_datatype="parquet", preset=preset,
+                                   chunk_size=chunk_size, parsl_config=config)
+    except InputError:
+        raise
+    except Exception as exc:  # CytoTable / DuckDB errors carry their own message
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{source}: CytoTable ({preset}) could not convert it: {first}") from exc
+    return Path(result)

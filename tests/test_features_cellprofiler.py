@@ -1,0 +1,118 @@
+"""import cellprofiler: the three real CellProfiler outputs (per-object CSVs, ExportToDatabase
+SQLite, cytominer-database SQLite) through CytoTable into single-cell Parquet, then aggregate
+(per-well means equal to pycytominer's) and evaluate through the CLI."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from morphoprof.cli import main
+from morphoprof.errors import InputError
+from morphoprof.features.cellprofiler import detect_kind, import_cellprofiler
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cellprofiler_outputs"
+SOURCES = {
+    "csv": DATA / "cytotable_ExampleHuman",
+    "sqlite": DATA / "cytotable_NF1_SchwannCell" / "all_cellprofiler.sqlite",
+    "cytominer-database": DATA / "pycytominer_SQ00014613" / "test_SQ00014613.sqlite",
+}
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real data not found at {DATA}")
+
+
+@needs_data
+@pytest.mark.parametrize("kind", list(SOURCES))
+def test_real_cellprofiler_outputs_import_and_aggregate_like_pycytominer(kind, tmp_path,
+                                                                         capsys):
+    from pycytominer import aggregate as pcm_aggregate
+
+    src = SOURCES[kind]
+    assert detect_kind(src) == kind
+    assert main(["import", "cellprofiler", str(src), "--out", str(tmp_path / "raw")]) == 0
+    cells = pd.read_parquet(tmp_path / "raw" / "cells.parquet")
+    summary = json.loads((tmp_path / "raw" / "import.json").read_text())
+    assert summary["rows"] == len(cells) > 0 and summary["kind"] == kind
+    feats = [c for c in cells.columns if not c.startswith("Metadata_")]
+    assert feats and all(c.split("_")[0] in ("Cells", "Cytoplasm", "Nuclei") for c in feats)
+    assert all(pd.api.types.is_numeric_dtype(cells[c]) for c in feats)
+    # one row per object, as many as CellProfiler's Cells table holds
+    if kind != "csv":
+        table = "Per_Cells" if kind == "sqlite" else "Cells"
+        with sqlite3.connect(src) as con:
+            assert con.execute(f"select count(*) from {table}").fetchone()[0] == len(cells)
+    else:
+        assert len(pd.read_csv(src / "Cells.csv")) == len(cells)
+
+    # a plate map (one row per well) adds treatments; a second import needs --overwrite
+    wells = sorted(cells["Metadata_well"].unique())
+    pm = pd.DataFrame({"well": wells, "compound": [f"c{k % 4}" for k in range(len(wells))],
+                       "concentration": 1.0,
+                       "moa": [f"moa{k % 2}" for k in range(len(wells))]})
+    pm.to_csv(tmp_path / "platemap.csv", index=False)
+    args = ["import", "cellprofiler", str(src), "--out", str(tmp_path / "raw"), "--platemap",
+            str(tmp_path / "platemap.csv")]
+    assert main(args) == 2
+    assert "exists; use another --out or --overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    annotated = pd.read_parquet(tmp_path / "raw" / "cells.parquet")
+    assert {"Metadata_compound", "Metadata_moa"} <= set(annotated.columns)
+    assert annotated["Metadata_compound"].notna().all()
+
+    assert main(["aggregate", str(tmp_path / "raw" / "cells.parquet"), "--out",
+                 str(tmp_path / "prof"), "--normalize", "none"]) == 0
+    ours = pd.read_parquet(tmp_path / "prof" / "wells.parquet").sort_values("Metadata_well")
+    ref = pcm_aggregate(annotated, strata=["Metadata_plate", "Metadata_well"], features=feats,
+                        operation="mean").sort_values("Metadata_well")
+    common = [c for c in feats if c in ours.columns]
+    assert len(common) >= 0.5 * len(feats)  # the rest dropped as non-finite somewhere
+    np.testing.assert_allclose(ours[common].to_numpy(float), ref[common].to_numpy(float),
+                               rtol=1e-6, atol=1e-9)
+    if len(wells) >= 4:  # enough wells for NSC (the NF1 plate: 8 wells)
+        assert main(["evaluate", str(tmp_path / "prof" / "wells.parquet"), "--out",
+                     str(tmp_path / "eval.json")]) == 0
+        result = json.loads((tmp_path / "eval.json").read_text())
+        assert result["nsc"]["n"] == 4
+
+
+def test_bad_cellprofiler_sources_are_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="needs Image.csv"):
+        detect_kind(tmp_path / "empty")
+    (tmp_path / "x.sqlite").write_text("not a database")
+    with pytest.raises(InputError, match="x.sqlite: not a CellProfiler CSV folder or SQLite"):
+        detect_kind(tmp_path / "x.sqlite")
+    with sqlite3.connect(tmp_path / "other.sqlite") as con:
+        con.execute("create table t (a int)")
+    with pytest.raises(InputError, match=r"other.sqlite: a SQLite without CellProfiler tables"):
+        detect_kind(tmp_path / "other.sqlite")
+    with pytest.raises(InputError, match="not found"):
+        import_cellprofiler(tmp_path / "missing.sqlite", tmp_path / "out")
+
+
+@needs_data
+def test_plate_map_problems_and_read_only_output(tmp_path):
+    src = SOURCES["sqlite"]
+    pd.DataFrame({"position": ["C6"]}).to_csv(tmp_path / "nowell.csv", index=False)
+    with pytest.raises(InputError, match="nowell.csv: no column 'well'"):
+        import_cellprofiler(src, tmp_path / "a", platemap=tmp_path / "nowell.csv")
+    pd.DataFrame({"well": ["C6", "C6"], "compound": ["a", "b"]}).to_csv(tmp_path / "dup.csv",
+                                                                       index=False)
+    with pytest.raises(InputError, match="dup.csv row 1: well C6 appears twice"):
+        import_cellprofiler(src, tmp_path / "b", platemap=tmp_path / "dup.csv")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        import os
+
+        if os.access(locked, os.W_OK):  # root ignores permissions
+            pytest.skip("running as root: a read-only folder is still writable")
+        with pytest.raises(InputError, match="cannot write to"):
+            import_cellprofiler(src, locked / "out")
+    finally:
+        locked.chmod(0o700)
