@@ -48,7 +48,8 @@ def cmd_import(a: argparse.Namespace) -> int:
         from morphoprof.features.cellprofiler import import_cellprofiler
 
         summary = import_cellprofiler(a.path, a.out, plate=a.plate, platemap=a.platemap,
-                                      platemap_well=a.platemap_well, overwrite=a.overwrite)
+                                      platemap_well=a.platemap_well, overwrite=a.overwrite,
+                                      chunk_size=a.chunk_size)
         print(f"{summary['rows']} cells x {summary['features']} features ({summary['kind']}, "
               f"CytoTable preset {summary['cytotable_preset']}) -> {summary['out']}")
         return 0
@@ -606,6 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "column")
     s.add_argument("--overwrite", action="store_true", help="cellprofiler: replace an earlier "
                    "import in --out")
+    s.add_argument("--chunk-size", type=int, default=1000, help="cellprofiler: rows per chunk "
+                   "(memory grows with it: ~0.8 GB peak at 1000, ~1.3 GB at 5000, ~2x faster)")
     s.add_argument("--image-csv", help="bbbc021: BBBC021_v1_image.csv[.gz] (default: found "
                    "under PATH or PATH/metadata)")
     s.add_argument("--moa-csv", help="bbbc021: BBBC021_v1_moa.csv (default: found likewise)")

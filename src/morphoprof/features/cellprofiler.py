@@ -213,17 +213,24 @@ def _convert(source: Path, dest: Path, preset: str, chunk_size: int) -> Path:
     import uuid
 
     import cytotable
+    import cytotable.presets
     from parsl.config import Config
     from parsl.executors import ThreadPoolExecutor
 
     _offline_duckdb_extensions()
+    # CytoTable pages the compartment join by the per-image object number, which repeats in
+    # every image: on a real plate one page then holds every object and the join sits in
+    # memory whole (1.2 GB for a 0.34 GB SQLite). Paged by image number it stays a page.
+    page_keys = {**cytotable.presets.config[preset]["CONFIG_PAGE_KEYS"],
+                 "join": "Metadata_ImageNumber"}
     config = Config(executors=[ThreadPoolExecutor(max_threads=2,
                                                   label=f"morphoprof-{uuid.uuid4().hex[:8]}")],
                     run_dir=str(dest.parent / "runinfo"))
     try:
         result = cytotable.convert(source_path=str(source), dest_path=str(dest),
                                    dest_datatype="parquet", preset=preset,
-                                   chunk_size=chunk_size, parsl_config=config)
+                                   chunk_size=chunk_size, page_keys=page_keys,
+                                   parsl_config=config)
     except InputError:
         raise
     except Exception as exc:  # CytoTable / DuckDB errors carry their own message

@@ -1,0 +1,142 @@
+"""Importing a large CellProfiler SQLite: time and peak memory of ``morphoprof import cellprofiler``
+beside pycytominer's ``SingleCells.merge_single_cells`` on the same file, in one run.
+
+The file is written here from the real cytominer-database SQLite in
+../shared/data/cellprofiler_outputs/pycytominer_SQ00014613/ (a Cell Painting plate: tables Image,
+Cells, Cytoplasm, Nuclei, ~1,800 CellProfiler features per cell): its image sets are repeated
+with new TableNumber / ImageNumber and wells spread over a 96-well plate until the file holds
+>= TARGET_GB. Each tool runs in its own process; its peak resident memory is that process's
+``ru_maxrss`` (children included).
+
+    python benchmarks/import_cellprofiler.py   # writes results/import_cellprofiler.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = (HERE.parent.parent / "shared" / "data" / "cellprofiler_outputs" / "pycytominer_SQ00014613"
+        / "test_SQ00014613.sqlite")
+RESULTS = HERE / "results" / "import_cellprofiler.json"
+WORK = Path(os.environ.get("MORPHOPROF_BENCH", tempfile.gettempdir())) / "morphoprof_bench" / \
+    "import_cellprofiler"
+TARGET_GB = 2.0
+TIMEOUT_S = 1500
+
+MEASURE = """
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+proc = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+seconds = time.perf_counter() - t
+peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"rc": proc.returncode, "seconds": seconds, "peak_mb": peak_kb / 1024,
+                  "stderr": proc.stderr[-2000:], "stdout": proc.stdout[-2000:]}))
+"""
+
+PYCYTOMINER = """
+import sys
+from pycytominer.cyto_utils.cells import SingleCells
+sc = SingleCells(sql_file=f"sqlite:///{sys.argv[1]}", strata=["Image_Metadata_Plate",
+                 "Image_Metadata_Well"], image_cols=["TableNumber", "ImageNumber"])
+df = sc.merge_single_cells()
+df.to_parquet(sys.argv[2], index=False)
+print(len(df))
+"""
+
+
+def build(source: Path, target: Path, target_gb: float) -> dict:
+    """Repeat ``source``'s image sets (and their objects) until ``target`` is >= target_gb."""
+    src = sqlite3.connect(source)
+    tables = {t: [r[1] for r in src.execute(f"pragma table_info({t})")]
+              for t in ("Image", "Cells", "Cytoplasm", "Nuclei")}
+    schema = {t: src.execute("select sql from sqlite_master where name = ?", (t,)).fetchone()[0]
+              for t in tables}
+    n_images = src.execute("select count(*) from Image").fetchone()[0]
+    per_copy = sum(len(c) for c in tables.values()) * 9 * n_images  # ~bytes per copy
+    src.close()
+    copies = int(target_gb * 1e9 / per_copy) + 1
+    target.unlink(missing_ok=True)
+    con = sqlite3.connect(target)
+    con.execute("pragma journal_mode = off")
+    con.execute("pragma synchronous = off")
+    con.execute(f"attach database '{source}' as src")
+    for t, cols in tables.items():
+        con.execute(schema[t])
+        select = []
+        for c in cols:
+            if c == "TableNumber":
+                select.append("TableNumber || '-' || r.n")
+            elif c == "ImageNumber":
+                select.append(f"ImageNumber + {n_images} * r.n")
+            elif c == "Image_Metadata_Well":
+                select.append("char(65 + (r.n / 12) % 8) || printf('%02d', r.n % 12 + 1)")
+            else:
+                select.append(f'"{c}"')
+        con.execute(f"with recursive r(n) as (select 0 union all select n + 1 from r where n < "
+                    f"{copies - 1}) insert into main.{t} select {', '.join(select)} "
+                    f"from src.{t}, r")
+        con.commit()
+    con.close()
+    return {"copies": copies, "image_sets": copies * n_images,
+            "size_gb": target.stat().st_size / 1e9}
+
+
+def measure(cmd: list[str]) -> dict:
+    try:
+        out = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True,
+                             text=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"rc": None, "seconds": None, "peak_mb": None,
+                "note": f"did not finish within {TIMEOUT_S} s"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    if not DATA.is_file():
+        print(f"skipped: real data not found at {DATA}")
+        return 0
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    big = WORK / "plate.sqlite"
+    t0 = time.perf_counter()
+    info = build(DATA, big, TARGET_GB)
+    info["build_seconds"] = time.perf_counter() - t0
+    print(f"wrote {big}: {info['size_gb']:.2f} GB, {info['image_sets']} image sets", flush=True)
+    exe = str(Path(sys.executable).parent / "morphoprof")
+    ours = measure([exe, "import", "cellprofiler", str(big), "--out", str(WORK / "ours")])
+    if ours["rc"] == 0:
+        ours["rows"] = json.loads((WORK / "ours" / "import.json").read_text())["rows"]
+    print(f"morphoprof: {ours}", flush=True)
+    ref = measure([sys.executable, "-c", PYCYTOMINER, str(big), str(WORK / "pycytominer.parquet")])
+    if ref.get("rc") == 0:
+        ref["rows"] = int(ref["stdout"].strip().splitlines()[-1])
+    print(f"pycytominer: {ref}", flush=True)
+    result = {"source": str(DATA), "file": info, "seconds": ours["seconds"],
+              "peak_mb": ours["peak_mb"], "rows": ours.get("rows"),
+              "morphoprof": {k: v for k, v in ours.items() if k not in ("stdout", "stderr")},
+              "pycytominer_single_cells": {k: v for k, v in ref.items()
+                                           if k not in ("stdout", "stderr")},
+              "goal_peak_under_1gb": bool(ours["peak_mb"] and ours["peak_mb"] < 1024)}
+    if ref.get("seconds") and ours.get("seconds"):
+        result["time_ratio_pycytominer_over_morphoprof"] = ref["seconds"] / ours["seconds"]
+        result["memory_ratio_pycytominer_over_morphoprof"] = ref["peak_mb"] / ours["peak_mb"]
+    if ours["rc"] != 0:
+        result["morphoprof"]["stderr"] = ours["stderr"]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
+    big.unlink(missing_ok=True)
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
