@@ -155,8 +155,9 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
     t0 = time.perf_counter()
     try:
         converted = _convert(path, work / "cytotable.parquet", PRESETS[kind], chunk_size)
-        source = pq.ParquetFile(converted)
-        names, dropped = _rename(source.schema_arrow.names)
+        schema = pa.unify_schemas([pq.read_schema(f) for f in converted],
+                                  promote_options="permissive")
+        names, dropped = _rename(schema.names)
         notes = []
         if "Metadata_plate" not in names.values():
             notes.append(f"note: {path.name} has no plate metadata; Metadata_plate = "
@@ -166,8 +167,11 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
                          "(Metadata_well = image<ImageNumber>)")
         tmp = work / "cells.parquet"
         writer, rows, unmatched = None, 0, 0
-        for batch in source.iter_batches(batch_size=max(chunk_size, 1024)):
-            df = batch.to_pandas().rename(columns=names)[list(names.values())]
+        batches = (b for f in converted for b in pq.ParquetFile(f).iter_batches(
+            batch_size=max(chunk_size, 1024)))
+        for batch in batches:
+            df = batch.to_pandas().reindex(columns=schema.names).rename(columns=names)[
+                list(names.values())]
             if "Metadata_plate" not in df.columns:
                 df.insert(0, "Metadata_plate", plate or path.stem)
             if "Metadata_well" not in df.columns:
@@ -206,10 +210,12 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
     return summary
 
 
-def _convert(source: Path, dest: Path, preset: str, chunk_size: int) -> Path:
-    """CytoTable's conversion to one Parquet file, on a thread pool (a process pool costs
-    ~10 s to start for no gain at these sizes); parsl's run records go beside ``dest`` (a
-    temporary folder), not into the working directory."""
+def _convert(source: Path, dest: Path, preset: str, chunk_size: int) -> list[Path]:
+    """CytoTable's conversion to joined Parquet chunks (in order), on a thread pool (a process
+    pool costs ~10 s to start for no gain at these sizes); parsl's run records go beside
+    ``dest`` (a temporary folder), not into the working directory. CytoTable's own
+    concatenation is off: it holds the whole table (2.1 GB peak for 90,704 cells x 1,784
+    features); the caller streams the chunks instead."""
     import uuid
 
     import cytotable
@@ -230,10 +236,14 @@ def _convert(source: Path, dest: Path, preset: str, chunk_size: int) -> Path:
         result = cytotable.convert(source_path=str(source), dest_path=str(dest),
                                    dest_datatype="parquet", preset=preset,
                                    chunk_size=chunk_size, page_keys=page_keys,
-                                   parsl_config=config)
+                                   concat=False, parsl_config=config)
     except InputError:
         raise
     except Exception as exc:  # CytoTable / DuckDB errors carry their own message
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{source}: CytoTable ({preset}) could not convert it: {first}") from exc
-    return Path(result)
+    files = [Path(f) for f in (result if isinstance(result, list) else [result])]
+    files = [q for f in files for q in (sorted(f.rglob("*.parquet")) if f.is_dir() else [f])]
+    if not files:
+        raise InputError(f"{source}: CytoTable ({preset}) wrote no joined table")
+    return files
