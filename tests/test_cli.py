@@ -165,6 +165,18 @@ def test_extract_crops_equals_in_memory_embedding(tmp_path, capsys):
         ["ch0", "ch1"])[0]
     cols = [c for c in feats.columns if not c.startswith(("Metadata_", "Nuclei_"))]
     np.testing.assert_allclose(feats[cols].to_numpy(), want, rtol=1e-4, atol=1e-5)
+    # --format h5ad / zarr: the same features as one AnnData (X = the feature columns)
+    import anndata
+
+    capsys.readouterr()
+    for fmt in ("h5ad", "zarr"):
+        assert main([*args, "--format", fmt]) == 0  # the shards are reused, AnnData added
+        assert json.loads(capsys.readouterr().out)["anndata"] == str(out / f"features.{fmt}")
+        adata = (anndata.read_h5ad if fmt == "h5ad" else anndata.read_zarr)(
+            out / f"features.{fmt}")
+        np.testing.assert_allclose(adata.X, feats[cols].to_numpy(np.float32), rtol=1e-6)
+        assert list(adata.obs["Metadata_plate"]) == list(feats["Metadata_plate"])
+        assert list(adata.var_names) == cols
     # a table row pointing past the array, and a missing column: one clear error each
     table.loc[4, "crop"] = 40
     table.to_csv(tmp_path / "bad.csv", index=False)

@@ -172,6 +172,32 @@ def cmd_crops(a: argparse.Namespace) -> int:
     return 0
 
 
+def _extracted(a: argparse.Namespace, summary: dict) -> None:
+    """Print an extraction's summary; with ``--format h5ad|zarr`` also write the feature folder
+    as one AnnData (``OUT/features.h5ad`` or ``.zarr``; written whole, then renamed)."""
+    if a.format != "parquet":
+        import os
+        import shutil
+
+        from morphoprof.features.shards import read_features
+        from morphoprof.profiles.anndata_io import write_anndata
+
+        target = Path(a.out) / f"features.{a.format}"
+        tmp = target.with_name(f".{target.name}.tmp")
+        if tmp.is_dir():  # left by a killed run
+            shutil.rmtree(tmp)
+        tmp.unlink(missing_ok=True)
+        try:
+            write_anndata(tmp, read_features(a.out), a.format)
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise MorphoprofError(f"cannot write {target}: {exc}") from exc
+        summary = {**summary, "anndata": str(target)}
+    _print_json(summary)
+
+
 def cmd_extract(a: argparse.Namespace) -> int:
     from morphoprof.features.transfer import TransferConfig, TransferExtractor
     from morphoprof.index import ExperimentIndex
@@ -187,7 +213,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
         crops, table, names = load_crop_array(a.crops, a.crop_table, a.channels,
                                               a.control_value or ["DMSO"])
         ccfg = ClassicalConfig(channels=names, n_jobs=a.workers or 1)
-        _print_json(ClassicalExtractor(ccfg).extract_crops(crops, table, names, a.out,
+        _extracted(a, ClassicalExtractor(ccfg).extract_crops(crops, table, names, a.out,
                                                            overwrite=a.overwrite))
         return 0
     index = ExperimentIndex.read_parquet(a.index) if a.index else None
@@ -195,7 +221,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
         from morphoprof.features.classical import ClassicalConfig, ClassicalExtractor
 
         ccfg = ClassicalConfig(channels=a.channels, n_jobs=a.workers or 1, on_error=a.on_error)
-        _print_json(ClassicalExtractor(ccfg).extract(
+        _extracted(a, ClassicalExtractor(ccfg).extract(
             index, a.out, illumination=_illumination(a.illumination), overwrite=a.overwrite))
         return 0
     size, normalization = a.crop_size, a.normalization
@@ -226,7 +252,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
         if a.checkpoint and crops.shape[-1] != hp["crop_size"]:
             raise MorphoprofError(f"{a.crops}: crops are {crops.shape[-1]} px; {a.checkpoint} "
                                   f"was trained on {hp['crop_size']} px crops")
-        _print_json(extractor.extract_crops(crops, table, names, a.out,
+        _extracted(a, extractor.extract_crops(crops, table, names, a.out,
                                             normalization or "max", overwrite=a.overwrite))
         return 0
     illumination = _illumination(a.illumination)
@@ -236,12 +262,12 @@ def cmd_extract(a: argparse.Namespace) -> int:
         cells_path = Path(a.cells)
         if not cells_path.is_file():
             raise MorphoprofError(f"cell table not found: {cells_path}")
-        _print_json(extractor.extract_cells(
+        _extracted(a, extractor.extract_cells(
             index, read_parquet(cells_path), a.out, size=size or 96,
             normalization=normalization or "max", illumination=illumination,
             overwrite=a.overwrite))
     else:
-        _print_json(extractor.extract(index, a.out, overwrite=a.overwrite,
+        _extracted(a, extractor.extract(index, a.out, overwrite=a.overwrite,
                                       illumination=illumination, scheduler=a.scheduler))
     return 0
 
@@ -704,6 +730,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=0, help="DataLoader worker processes "
                    "(classical: processes)")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    s.add_argument("--format", default="parquet", choices=["parquet", "h5ad", "zarr"],
+                   help="h5ad / zarr: also write the features as one AnnData, OUT/features.h5ad "
+                   "or .zarr (features in X, metadata in obs; read whole) for scanpy")
     s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="network arithmetic: auto = bf16 on CUDA, fp32 on CPU; bf16 on a CPU "
                    "with AMX / AVX512-BF16 runs dense CNNs (a weak ResNet) 2-3x faster")
