@@ -206,12 +206,14 @@ def cmd_extract(a: argparse.Namespace) -> int:
         raise MorphoprofError("--crops takes the crops themselves: give no index and no --cells")
     if not a.crops and not a.index:
         raise MorphoprofError("extract needs an index.parquet, or --crops")
-    if a.crops and a.extractor == "classical":
-        from morphoprof.features.classical import ClassicalConfig, ClassicalExtractor
+    if a.crops:  # read (and checked) before any model is built
         from morphoprof.models.weak_run import load_crop_array
 
         crops, table, names = load_crop_array(a.crops, a.crop_table, a.channels,
                                               a.control_value or ["DMSO"])
+    if a.crops and a.extractor == "classical":
+        from morphoprof.features.classical import ClassicalConfig, ClassicalExtractor
+
         ccfg = ClassicalConfig(channels=names, n_jobs=a.workers or 1)
         _extracted(a, ClassicalExtractor(ccfg).extract_crops(crops, table, names, a.out,
                                                            overwrite=a.overwrite))
@@ -245,10 +247,6 @@ def cmd_extract(a: argparse.Namespace) -> int:
             precision=a.precision,
             on_error=a.on_error))
     if a.crops:
-        from morphoprof.models.weak_run import load_crop_array
-
-        crops, table, names = load_crop_array(a.crops, a.crop_table, a.channels,
-                                              a.control_value or ["DMSO"])
         if a.checkpoint and crops.shape[-1] != hp["crop_size"]:
             raise MorphoprofError(f"{a.crops}: crops are {crops.shape[-1]} px; {a.checkpoint} "
                                   f"was trained on {hp['crop_size']} px crops")
@@ -503,7 +501,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 def _parser(sub, name: str, help: str, outputs=(), **kw) -> argparse.ArgumentParser:
     """A sub-command whose ``outputs`` ((attribute, is_folder), ...) are checked for
-    writability before it runs."""
+    writability before it runs; ``is_folder`` is a bool or a function of the parsed arguments."""
     s = sub.add_parser(name, help=help, description=kw.pop("description", help[:1].upper()
                        + help[1:] + "."), formatter_class=_HelpFormatter, **kw)
     s.set_defaults(outputs=tuple(outputs))
@@ -616,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_download)
 
     s = _parser(sub, "import", "build an experiment index (index.parquet)",
-                outputs=[("out", False)])
+                outputs=[("out", lambda a: a.layout == "cellprofiler")])  # it writes a folder
     s.add_argument("layout", choices=[*IMPORTERS, *IMPORTER_ALIASES],
                    metavar="{" + ",".join(IMPORTERS) + "}",
                    help="bbbc021: the official layout; bbbc021-6moa: the 6-MoA PNG subset; "
@@ -845,7 +843,8 @@ def _check_outputs(a: argparse.Namespace) -> None:
 
     for attr, folder in getattr(a, "outputs", ()):
         value = getattr(a, attr, None)
-        folder = folder or getattr(a, "layout", None) == "cellprofiler"  # import's --out
+        if callable(folder):
+            folder = folder(a)
         if value:
             check_writable(value, folder=folder)
 

@@ -153,6 +153,7 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
     except OSError as exc:
         raise InputError(f"cannot write to {out}: {exc}") from exc
     t0 = time.perf_counter()
+    writer = None
     try:
         converted = _convert(path, work / "cytotable.parquet", PRESETS[kind], chunk_size)
         schema = pa.unify_schemas([pq.read_schema(f) for f in converted],
@@ -166,7 +167,7 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
             notes.append(f"note: {path.name} has no well metadata; each image is its own well "
                          "(Metadata_well = image<ImageNumber>)")
         tmp = work / "cells.parquet"
-        writer, rows, unmatched = None, 0, 0
+        rows, unmatched = 0, 0
         batches = (b for f in converted for b in pq.ParquetFile(f).iter_batches(
             batch_size=max(chunk_size, 1024)))
         for batch in batches:
@@ -191,15 +192,18 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
         if writer is None:
             raise InputError(f"{path}: no objects to import")
         writer.close()
+        written = writer.schema.names
         os.replace(tmp, target)
     except OSError as exc:
         raise InputError(f"cannot write {target}: {exc}") from exc
     finally:
+        if writer is not None:
+            writer.close()  # a no-op when closed above; releases the file on an error
         shutil.rmtree(work, ignore_errors=True)
     if unmatched:
         notes.append(f"warning: {unmatched} cells in wells missing from {platemap}")
     seconds = time.perf_counter() - t0
-    feats = [c for c in pq.ParquetFile(target).schema_arrow.names if not c.startswith("Metadata_")]
+    feats = [c for c in written if not c.startswith("Metadata_")]
     summary = {"source": str(path), "kind": kind, "cytotable_preset": PRESETS[kind],
                "out": str(target), "rows": rows, "features": len(feats),
                "dropped_image_columns": len(dropped), "seconds": seconds, "notes": notes}
@@ -237,8 +241,6 @@ def _convert(source: Path, dest: Path, preset: str, chunk_size: int) -> list[Pat
                                    dest_datatype="parquet", preset=preset,
                                    chunk_size=chunk_size, page_keys=page_keys,
                                    concat=False, parsl_config=config)
-    except InputError:
-        raise
     except Exception as exc:  # CytoTable / DuckDB errors carry their own message
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{source}: CytoTable ({preset}) could not convert it: {first}") from exc

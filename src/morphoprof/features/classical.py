@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -143,8 +144,9 @@ def central_nucleus_mask(dna: np.ndarray) -> np.ndarray:
     return (comp == pick).astype(np.int32)
 
 
-def _crop_rows(crops, rows, channels, dna, lo, span, cfg: ClassicalConfig):
-    """Features of crops ``rows`` (one nucleus each), and the rows without a nucleus."""
+def _crop_rows(crops, rows, meta, channels, dna, lo, span, cfg: ClassicalConfig):
+    """Features of crops ``rows`` (one nucleus each) after their ``meta`` rows, and the rows
+    without a nucleus."""
     frames, skipped = [], []
     for r in rows:
         x = np.clip((np.asarray(crops[r], np.float32) - lo) / span, 0.0, 1.0)
@@ -154,7 +156,8 @@ def _crop_rows(crops, rows, channels, dna, lo, span, cfg: ClassicalConfig):
                             f"Otsu threshold of channel {channels[dna]}"})
             continue
         f = measure_objects(x, mask, channels, cfg.measurements, cfg.label)
-        frames.append(f.drop(columns=OBJECT).assign(_row=int(r)))
+        frames.append(pd.concat([meta.iloc[[r]].reset_index(drop=True), f.drop(columns=OBJECT)],
+                                axis=1))
     return frames, skipped
 
 
@@ -165,13 +168,39 @@ class ClassicalExtractor:
         self.cfg = cfg or ClassicalConfig()
         _cp_functions(self.cfg.measurements)
 
+    def _plates(self, writer: ShardWriter, groups: dict, job, empty: pd.DataFrame, desc: str,
+                unit: str, progress: bool) -> dict:
+        """One shard per plate not yet in ``writer``: ``job(rows) -> (frames, skipped)`` over
+        chunks of the plate's rows (``groups``: plate -> rows) in ``n_jobs`` processes, the
+        frames concatenated (``empty`` when there are none). Returns the run's counts."""
+        from joblib import Parallel, delayed
+        from tqdm.auto import tqdm
+
+        plan = [(shard_key(p, 0), np.sort(r)) for p, r in groups.items()]
+        todo = [(k, r) for k, r in plan if not writer.done(k)]
+        n_todo = int(sum(len(r) for _, r in todo))
+        bar = tqdm(total=n_todo, desc=desc, unit=unit, disable=not progress)
+        t0, n_cells = time.perf_counter(), 0
+        with Parallel(n_jobs=self.cfg.n_jobs) as pool:
+            for key, rows in todo:
+                chunks = np.array_split(rows, max(1, min(len(rows), 4 * self.cfg.n_jobs)))
+                parts = pool(delayed(job)(c) for c in chunks if len(c))
+                frames = [f for part, _ in parts for f in part]
+                skipped = [s for _, part in parts for s in part]
+                df = pd.concat(frames, ignore_index=True) if frames else empty
+                writer.write(key, df, skipped)
+                n_cells += len(df)
+                bar.update(len(rows))
+        bar.close()
+        seconds = time.perf_counter() - t0
+        return {"rows": n_todo, "cells": n_cells, "seconds": seconds,
+                "cells_per_s": n_cells / seconds if seconds > 0 and n_cells else None,
+                "shards_written": len(todo), "shards_skipped": len(plan) - len(todo)}
+
     def extract(self, index: ExperimentIndex, out: str | Path, illumination=None,
                 overwrite: bool = False, progress: bool = True, log=print) -> dict:
         """Write one shard of per-cell classical features per plate; resumable like
         :meth:`morphoprof.features.transfer.TransferExtractor.extract`."""
-        from joblib import Parallel, delayed
-        from tqdm.auto import tqdm
-
         from morphoprof.features.transfer import estimate_intensity_range
 
         channels = list(self.cfg.channels or index.channels)
@@ -186,32 +215,15 @@ class ClassicalExtractor:
                                           illumination=illumination, on_error=self.cfg.on_error)
         params["intensity_ranges"] = [list(r) for r in ranges]
         writer = ShardWriter(out, params, overwrite=overwrite)
-        groups = index.table.groupby(PLATE, sort=True).indices
-        todo = [(shard_key(p, 0), np.sort(r)) for p, r in groups.items()
-                if not writer.done(shard_key(p, 0))]
-        n_todo = int(sum(len(r) for _, r in todo))
-        bar = tqdm(total=n_todo, desc="classical features", unit="field", disable=not progress)
-        t0, n_cells = time.perf_counter(), 0
-        with Parallel(n_jobs=self.cfg.n_jobs) as pool:
-            for key, rows in todo:
-                chunks = np.array_split(rows, max(1, min(len(rows), 4 * self.cfg.n_jobs)))
-                parts = pool(
-                    delayed(_process)(index, c, channels, dna, ranges, self.cfg, illumination)
-                    for c in chunks if len(c))
-                frames = [f for part, _ in parts for f in part]
-                skipped = [s for _, part in parts for s in part]
-                df = (pd.concat(frames, ignore_index=True) if frames
-                      else pd.DataFrame(columns=[c for c in index.table.columns
-                                                 if c.startswith("Metadata_")]))
-                writer.write(key, df, skipped)
-                n_cells += len(df)
-                bar.update(len(rows))
-        bar.close()
-        seconds = time.perf_counter() - t0
-        return writer.finish({"out": str(out), "shards_written": len(todo), "image_sets": n_todo,
-                              "cells": n_cells, "seconds": seconds,
-                              "cells_per_s": n_cells / seconds if seconds > 0 and n_cells
-                              else None}, self.cfg.on_error, log)
+        job = partial(_process, index, channels=channels, dna=dna, ranges=ranges, cfg=self.cfg,
+                      illumination=illumination)
+        empty = pd.DataFrame(columns=[c for c in index.table.columns if c.startswith("Metadata_")])
+        run = self._plates(writer, index.table.groupby(PLATE, sort=True).indices, job, empty,
+                           "classical features", "field", progress)
+        return writer.finish({"out": str(out), "shards_written": run["shards_written"],
+                              "image_sets": run["rows"], "cells": run["cells"],
+                              "seconds": run["seconds"], "cells_per_s": run["cells_per_s"]},
+                             self.cfg.on_error, log)
 
     def extract_crops(self, crops: np.ndarray, table: pd.DataFrame, channels: Sequence[str],
                       out: str | Path, overwrite: bool = False, progress: bool = True,
@@ -229,9 +241,6 @@ class ClassicalExtractor:
         measured with cp_measure like nuclei of fields. Crops without a nucleus are left out
         and listed as skipped. One shard per plate, resumable, the folder ``extract`` writes.
         """
-        from joblib import Parallel, delayed
-        from tqdm.auto import tqdm
-
         channels = list(channels)
         if crops.ndim != 4 or crops.shape[1] != len(channels):
             raise InputError(f"crops must be (N, {len(channels)}, S, S) for channels {channels}, "
@@ -251,32 +260,11 @@ class ClassicalExtractor:
                   "n_cells": len(crops), "intensity_ranges": [[float(a), float(b)] for a, b in
                                                               zip(lo.ravel(), hi.ravel())]}
         writer = ShardWriter(out, params, overwrite=overwrite)
-        meta_cols = [c for c in table.columns if str(c).startswith(("Metadata_", "Nuclei_Loc"))]
-        plan = [(shard_key(p, 0), np.sort(r)) for p, r in
-                table.groupby(PLATE, sort=True).indices.items()]
-        todo = [(k, r) for k, r in plan if not writer.done(k)]
-        bar = tqdm(total=int(sum(len(r) for _, r in todo)), desc="classical crop features",
-                   unit="cell", disable=not progress)
-        t0, n_cells = time.perf_counter(), 0
-        with Parallel(n_jobs=self.cfg.n_jobs) as pool:
-            for key, rows in todo:
-                chunks = np.array_split(rows, max(1, min(len(rows), 4 * self.cfg.n_jobs)))
-                parts = pool(delayed(_crop_rows)(crops, c, channels, dna, lo, span, self.cfg)
-                             for c in chunks if len(c))
-                frames = [f for part, _ in parts for f in part]
-                skipped = [s for _, part in parts for s in part]
-                if frames:
-                    feats = pd.concat(frames, ignore_index=True)
-                    meta = table.iloc[feats.pop("_row").to_numpy()][meta_cols]
-                    df = pd.concat([meta.reset_index(drop=True), feats], axis=1)
-                else:
-                    df = table.iloc[:0][meta_cols]
-                writer.write(key, df, skipped)
-                n_cells += len(df)
-                bar.update(len(rows))
-        bar.close()
-        seconds = time.perf_counter() - t0
-        return writer.finish({"out": str(out), "cells": n_cells, "seconds": seconds,
-                              "cells_per_s": n_cells / seconds if seconds > 0 and n_cells
-                              else None, "shards_written": len(todo),
-                              "shards_skipped": len(plan) - len(todo)}, "skip", log)
+        meta = table[[c for c in table.columns
+                      if str(c).startswith(("Metadata_", "Nuclei_Loc"))]]
+        job = partial(_crop_rows, crops, meta=meta, channels=channels, dna=dna, lo=lo, span=span,
+                      cfg=self.cfg)
+        run = self._plates(writer, table.groupby(PLATE, sort=True).indices, job, meta.iloc[:0],
+                           "classical crop features", "cell", progress)
+        return writer.finish({"out": str(out), **{k: v for k, v in run.items() if k != "rows"}},
+                             "skip", log)
