@@ -102,7 +102,7 @@ def test_plate_map_problems_and_read_only_output(tmp_path):
         import_cellprofiler(src, tmp_path / "a", platemap=tmp_path / "nowell.csv")
     pd.DataFrame({"well": ["C6", "C6"], "compound": ["a", "b"]}).to_csv(tmp_path / "dup.csv",
                                                                        index=False)
-    with pytest.raises(InputError, match="dup.csv row 1: well C6 appears twice"):
+    with pytest.raises(InputError, match="dup.csv line 3: well C6 appears twice"):
         import_cellprofiler(src, tmp_path / "b", platemap=tmp_path / "dup.csv")
     locked = tmp_path / "locked"
     locked.mkdir()

@@ -53,6 +53,16 @@ def cmd_import(a: argparse.Namespace) -> int:
         print(f"{summary['rows']} cells x {summary['features']} features ({summary['kind']}, "
               f"CytoTable preset {summary['cytotable_preset']}) -> {summary['out']}")
         return 0
+    if layout == "loaddata":
+        return _import_loaddata(a)
+    if layout == "ome-zarr":
+        from morphoprof.index.ome_zarr import import_ome_zarr
+
+        index = import_ome_zarr(a.path, platemap=a.platemap, platemap_well=a.platemap_well,
+                                channels=a.channels, only_present=a.only_present)
+        index.write(a.out)
+        print(f"{len(index)} fields, channels {index.channels} -> {a.out}")
+        return 0
     if a.plates and layout != "bbbc021":
         raise MorphoprofError("--plates applies to 'import bbbc021' only")
     if layout == "bbbc021":
@@ -70,6 +80,33 @@ def cmd_import(a: argparse.Namespace) -> int:
         print(line)
     index.write(a.out)
     print(f"{len(index)} image sets, channels {index.channels} -> {a.out}")
+    return 0
+
+
+def _import_loaddata(a: argparse.Namespace) -> int:
+    from morphoprof.index.loaddata import illumination_files, import_loaddata
+    from morphoprof.index.schema import summarize_left_out
+    from morphoprof.preprocess.illumination import import_illumination
+
+    index = import_loaddata(a.path, root=a.root, mirror=a.mirror, metadata=a.metadata or (),
+                            channels=a.channels, check_shapes=a.check_shapes,
+                            only_present=a.only_present)
+    files = illumination_files(a.path, index.channels, illum_dir=a.illum, root=a.root,
+                               mirror=a.mirror)
+    for line in summarize_left_out(index):
+        print(line)
+    index.write(a.out)
+    print(f"{len(index)} image sets, channels {index.channels} -> {a.out}")
+    plates = set(index.table["Metadata_plate"])
+    if files:
+        folder = Path(a.illum_out or Path(a.out).parent / "illumination")
+        import_illumination(files, folder, index.channels)
+        lacking = sorted(plates - set(files))
+        print(f"illumination functions of {len(files)} plate(s) -> {folder} (give "
+              f"--illumination {folder} to illum-using stages)"
+              + (f"; none for plate(s) {lacking}" if lacking else ""))
+    elif a.illum:
+        print(f"note: no <plate>_Illum<channel>.npy for these plates under {a.illum}")
     return 0
 
 
@@ -482,8 +519,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-IMPORTERS = ("bbbc021", "bbbc021-6moa", "csv", "cellprofiler")
-IMPORTER_ALIASES = {"bbbc021_6moa": "bbbc021-6moa"}  # the YAML spelling, accepted here too
+IMPORTERS = ("bbbc021", "bbbc021-6moa", "csv", "loaddata", "ome-zarr", "cellprofiler")
+# the YAML spellings, accepted here too
+IMPORTER_ALIASES = {"bbbc021_6moa": "bbbc021-6moa", "ome_zarr": "ome-zarr"}
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -618,17 +656,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("layout", choices=[*IMPORTERS, *IMPORTER_ALIASES],
                    metavar="{" + ",".join(IMPORTERS) + "}",
                    help="bbbc021: the official layout; bbbc021-6moa: the 6-MoA PNG subset; "
-                   "csv: any CSV with a column mapping; cellprofiler: CellProfiler single-cell "
+                   "csv: any CSV with a column mapping; loaddata: a CellProfiler LoadData / JUMP "
+                   "load_data.csv; ome-zarr: an OME-Zarr HCS plate; cellprofiler: CellProfiler "
+                   "single-cell "
                    "measurements (a folder of per-object CSVs, or an ExportToDatabase / "
                    "cytominer-database SQLite) -> OUT/cells.parquet")
-    s.add_argument("path", help="BBBC021 root, 6-MoA folder, CSV file, or CellProfiler output")
+    s.add_argument("path", help="BBBC021 root, 6-MoA folder, CSV file, LoadData CSV, OME-Zarr "
+                   "plate, or CellProfiler output")
     s.add_argument("--out", required=True, help="index.parquet to write (cellprofiler: a folder)")
     s.add_argument("--plate", help="cellprofiler: Metadata_plate where the source has no plate "
                    "metadata (default: its name)")
-    s.add_argument("--platemap", help="cellprofiler: CSV, one row per well, joined to the cells "
-                   "as Metadata_<column> (e.g. compound, concentration, moa)")
-    s.add_argument("--platemap-well", default="well", help="cellprofiler: the plate map's well "
-                   "column")
+    s.add_argument("--platemap", help="cellprofiler / ome-zarr: CSV, one row per well, joined as "
+                   "Metadata_<column> (e.g. compound, concentration, moa)")
+    s.add_argument("--platemap-well", default="well", help="cellprofiler / ome-zarr: the plate "
+                   "map's well column")
+    s.add_argument("--metadata", action="append", help="loaddata: a CSV joined onto the image "
+                   "list by the Metadata_ columns both have (JUMP well.csv, plate.csv; repeatable)")
+    s.add_argument("--mirror", help="loaddata: local copy of the images behind s3:// or https:// "
+                   "URL_ columns (the URL's bucket/path under it)")
+    s.add_argument("--illum", help="loaddata: folder of CellProfiler <plate>_Illum<Ch>.npy "
+                   "(in it or in <plate>/), where the CSV has no FileName_Illum columns")
+    s.add_argument("--illum-out", help="loaddata: where the plates' illumination functions are "
+                   "stored for --illumination (default: 'illumination' beside --out)")
+    s.add_argument("--channels", nargs="*", help="loaddata / ome-zarr: keep these channels, in "
+                   "this order (default: all)")
     s.add_argument("--overwrite", action="store_true", help="cellprofiler: replace an earlier "
                    "import in --out")
     s.add_argument("--chunk-size", type=int, default=1000, help="cellprofiler: rows per chunk "
@@ -638,15 +689,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--moa-csv", help="bbbc021: BBBC021_v1_moa.csv (default: found likewise)")
     s.add_argument("--plates", nargs="*", help="bbbc021: keep only these plates (space or comma "
                    "separated), e.g. the ones a 'download --plates' fetched")
-    s.add_argument("--only-present", action="store_true", help="bbbc021 / csv: keep the image "
-                   "sets whose files are all present and list the others, instead of refusing")
+    s.add_argument("--only-present", action="store_true", help="bbbc021 / csv / loaddata / "
+                   "ome-zarr: keep the image sets whose files are all present and list the "
+                   "others, instead of refusing")
     s.add_argument("--preset", help="csv: a column preset (deepprofiler, cytomining)")
     s.add_argument("--field", action="append", help="csv: FIELD=COLUMN, e.g. plate=Plate "
                    "(repeatable)")
     s.add_argument("--channel", action="append", help="csv: CHANNEL=COLUMN, e.g. DNA=FileDNA "
                    "(repeatable)")
-    s.add_argument("--root", help="csv: folder that relative paths start from (default: the "
-                   "CSV's folder)")
+    s.add_argument("--root", help="csv / loaddata: folder that relative paths start from "
+                   "(default: the CSV's folder)")
     s.add_argument("--sep", default=",", help="csv: field separator")
     s.add_argument("--check-shapes", action="store_true", help="read every image header")
     s.set_defaults(func=cmd_import)

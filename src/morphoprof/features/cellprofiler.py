@@ -23,10 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
 from morphoprof.errors import InputError
+from morphoprof.index.platemap import read_platemap
 
 # source kind -> CytoTable preset
 PRESETS = {
@@ -131,22 +129,7 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
     target = out / "cells.parquet"
     if target.exists() and not overwrite:
         raise InputError(f"{target} exists; use another --out or --overwrite")
-    pm = None
-    if platemap is not None:
-        platemap = Path(platemap)
-        if not platemap.is_file():
-            raise InputError(f"plate map not found: {platemap}")
-        pm = pd.read_csv(platemap)
-        if platemap_well not in pm.columns:
-            raise InputError(f"{platemap}: no column {platemap_well!r} (the well); it has "
-                             f"{list(pm.columns)}")
-        if pm[platemap_well].duplicated().any():
-            row = int(np.flatnonzero(pm[platemap_well].duplicated().to_numpy())[0])
-            raise InputError(f"{platemap} row {row}: well {pm[platemap_well].iloc[row]} "
-                             "appears twice")
-        pm = pm.rename(columns={c: f"Metadata_{c}" for c in pm.columns if c != platemap_well})
-        pm = pm.rename(columns={platemap_well: "Metadata_well"})
-        pm["Metadata_well"] = pm["Metadata_well"].astype(str)
+    pm = read_platemap(platemap, platemap_well) if platemap is not None else None
     try:
         out.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".cytotable-", dir=out))

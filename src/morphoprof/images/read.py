@@ -1,8 +1,10 @@
-"""Reading microscopy images: TIFF (tifffile) and PNG/JPEG (Pillow) into float32 arrays.
+"""Reading microscopy images: TIFF (tifffile), PNG/JPEG (Pillow) and OME-Zarr fields (zarr) into
+float32 arrays.
 
 Images are returned as ``(H, W)`` planes or ``(C, H, W)`` stacks of float32 in the file's own
 intensity units (no rescaling: a uint16 TIFF gives values in 0..65535, an 8-bit PNG in 0..255).
-A multi-channel file (an RGB PNG, a multi-page TIFF) holds several channels; ``frame`` picks one.
+A multi-channel file (an RGB PNG, a multi-page TIFF, an OME-Zarr field folder) holds several
+channels; ``frame`` picks one.
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ def encoding_hint(path: Path) -> str:
                         f"{encoding}, not UTF-8: rename it to UTF-8 (e.g. 'convmv -f "
                         f"{encoding} -t utf-8 --notest')")
     return ""
+
+
+def image_exists(path: str | Path) -> bool:
+    """Whether an image the index names is there: a file, or an OME-Zarr field folder."""
+    from morphoprof.images.ome_zarr import is_ome_zarr_image
+
+    path = Path(path)
+    return path.is_file() or is_ome_zarr_image(path)
 
 
 def _suffix(path: Path) -> str:
@@ -108,7 +118,11 @@ def _to_float32(plane: np.ndarray, path: Path) -> np.ndarray:
 
 def image_shape(path: str | Path, frame: int | None = None) -> tuple[int, int]:
     """Return the ``(H, W)`` of one channel of an image file, reading only its header."""
+    from morphoprof.images.ome_zarr import field_shape, is_ome_zarr_image
+
     path = Path(path)
+    if is_ome_zarr_image(path):
+        return field_shape(path)[1:]
     suffix = _suffix(path)
     if not path.is_file():
         raise ImageReadError(path, "file not found" + encoding_hint(path))
@@ -150,12 +164,24 @@ def read_stack(
     Raises:
         InputError: naming the files, when the channels' shapes differ.
     """
+    from morphoprof.images.ome_zarr import is_ome_zarr_image, read_field
+
     frames = list(frames) if frames is not None else [None] * len(paths)
     names = list(channel_names) if channel_names is not None else list(map(str, range(len(paths))))
     decoded: dict[Path, np.ndarray] = {}  # a multi-channel file is decoded once
+    zarr_planes: dict[tuple[Path, int], np.ndarray] = {}  # an OME-Zarr field: only these planes
     planes = []
     for path, frame in zip(paths, frames, strict=True):
         p = Path(path)
+        if is_ome_zarr_image(p):
+            if (p, frame or 0) not in zarr_planes:
+                wanted = sorted({f or 0 for q, f in zip(paths, frames, strict=True)
+                                 if Path(q) == p})
+                zarr_planes.update({(p, c): plane for c, plane in
+                                    zip(wanted, read_field(p, wanted, max_pixels()),
+                                        strict=True)})
+            planes.append(_to_float32(zarr_planes[(p, frame or 0)], p))
+            continue
         if p not in decoded:
             decoded[p] = _read_full(p)
         planes.append(_to_float32(_select_frame(decoded[p], frame, p), p))

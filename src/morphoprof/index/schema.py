@@ -196,7 +196,7 @@ class ExperimentIndex:
         to supply (an RGB file holds several). A file whose folder does not exist (a plate not
         downloaded) is reported as that folder, once per row; with ``absent`` given, the row is
         recorded there under the folder instead, for one problem per folder over the index."""
-        from morphoprof.images.read import encoding_hint
+        from morphoprof.images.read import encoding_hint, image_exists
 
         chans = list(channels or self.channels)
         by_file: dict[Path, list[str]] = {}
@@ -204,7 +204,7 @@ class ExperimentIndex:
             by_file.setdefault(p, []).append(ch)
         out, folders = [], set()
         for p, chs in by_file.items():
-            if p.is_file():
+            if image_exists(p):
                 continue
             if not p.parent.is_dir():
                 if p.parent not in folders:

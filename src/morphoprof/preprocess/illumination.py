@@ -214,3 +214,54 @@ def compute_illumination(
         write_json(record, skipped)
     corr.skipped = json.loads(record.read_text()) if record.is_file() else []
     return corr
+
+
+def import_illumination(
+    files: dict[str, dict[str, Path]],
+    folder: str | Path,
+    channels: Sequence[str],
+) -> IlluminationCorrection:
+    """Store CellProfiler illumination functions (``<plate>_Illum<Ch>.npy``, one ``(H, W)`` array
+    a channel, as JUMP ships them) as morphoprof's per-plate ``(C, H, W)`` functions.
+
+    CellProfiler's ``CorrectIlluminationApply`` divides by the function, as
+    :meth:`IlluminationCorrection.apply` does, so the arrays are stored unchanged (float32).
+
+    Args:
+        files: {plate: {channel: npy file}}, e.g. from
+            :func:`~morphoprof.index.loaddata.illumination_files`.
+        folder: where the ``<plate>.npy`` files and ``illumination.json`` are written.
+        channels: channel order of the stored functions.
+
+    Raises:
+        InputError: a file that is unreadable, not 2-D, of another shape than the plate's other
+            channels, or with values that are not finite and positive (naming the file).
+    """
+    folder = Path(folder)
+    chans = list(channels)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot write illumination functions to {folder}: {exc}") from exc
+    corr = IlluminationCorrection(folder, chans)
+    for plate, per_channel in sorted(files.items()):
+        planes = []
+        for ch in chans:
+            path = Path(per_channel[ch])
+            try:
+                arr = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise InputError(f"cannot read illumination function {path}: {exc}") from exc
+            arr = np.squeeze(arr)
+            if arr.ndim != 2 or (planes and arr.shape != planes[0].shape):
+                want = "a 2-D array" if not planes else f"shape {planes[0].shape}"
+                raise InputError(f"{path}: illumination function of shape {arr.shape}, "
+                                 f"expected {want}")
+            if not (np.isfinite(arr).all() and (arr > 0).all()):
+                raise InputError(f"{path}: illumination function has zero, negative or "
+                                 "non-finite values (images are divided by it)")
+            planes.append(arr.astype(np.float32))
+        write_npy(corr.path(plate), np.stack(planes))
+    write_json(folder / "illumination.json",
+               {"params": {"source": "cellprofiler", "plates": sorted(files)}, "channels": chans})
+    return corr
