@@ -54,3 +54,23 @@ def test_aggregate_writes_anndata_beside_parquet(tmp_path):
     np.testing.assert_array_equal(adata.X, wells[feats].to_numpy(np.float32))
     assert (tmp_path / "p" / "treatments.h5ad").is_file()
     assert anndata.read_h5ad(tmp_path / "p" / "treatments.h5ad").n_obs == 6
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_scanpy_reads_and_analyses_the_profiles(tmp_path, fmt):
+    """What a scverse user does next: scanpy's reader (anndata's for Zarr, which scanpy does not
+    wrap), then PCA and a neighbour graph."""
+    sc = pytest.importorskip("scanpy")
+    src = tmp_path / "in"
+    src.mkdir()
+    _wells().to_parquet(src / "wells.parquet")
+    assert main(["aggregate", str(src), "--out", str(tmp_path / "p"), "--format", fmt]) == 0
+    path = tmp_path / "p" / f"wells.{fmt}"
+    adata = sc.read_h5ad(path) if fmt == "h5ad" else anndata.read_zarr(path)
+    wells = pd.read_parquet(tmp_path / "p" / "wells.parquet")
+    assert adata.n_obs == len(wells)
+    assert list(adata.obs["Metadata_well"]) == list(wells["Metadata_well"])
+    sc.pp.pca(adata, n_comps=2)
+    sc.pp.neighbors(adata, n_neighbors=3, use_rep="X_pca")
+    assert adata.obsm["X_pca"].shape == (adata.n_obs, 2)
+    assert adata.obsp["connectivities"].shape == (adata.n_obs, adata.n_obs)

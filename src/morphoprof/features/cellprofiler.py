@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from morphoprof.errors import InputError
+from morphoprof.extras import require
 from morphoprof.index.platemap import read_platemap
 
 # source kind -> CytoTable preset
@@ -205,6 +206,8 @@ def _convert(source: Path, dest: Path, preset: str, chunk_size: int) -> list[Pat
     features); the caller streams the chunks instead."""
     import uuid
 
+    require("cytotable")
+    require("parsl")
     import cytotable
     import cytotable.presets
     from parsl.config import Config

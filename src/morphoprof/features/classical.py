@@ -53,10 +53,11 @@ class ClassicalConfig:
 
 
 def _cp_functions(names: Sequence[str]) -> dict:
-    try:
-        from cp_measure.bulk import get_core_measurements
-    except ImportError as exc:  # pragma: no cover - a dependency
-        raise InputError("the classical baseline needs cp_measure (pip install it)") from exc
+    from morphoprof.extras import require
+
+    require("cp_measure")
+    from cp_measure.bulk import get_core_measurements
+
     available = get_core_measurements()
     unknown = [n for n in names if n not in available]
     if unknown:

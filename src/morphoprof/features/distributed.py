@@ -41,11 +41,10 @@ def parse_scheduler(spec: str) -> tuple[str, int | str]:
 def dask_client(spec: str) -> Iterator[Any]:
     """A ``distributed.Client`` for ``spec`` (see :func:`parse_scheduler`); a LocalCluster it
     started is closed on exit."""
-    try:
-        from distributed import Client, LocalCluster
-    except ImportError as exc:  # pragma: no cover - a declared dependency
-        raise InputError("--scheduler needs dask distributed: pip install 'dask[distributed]'"
-                         ) from exc
+    from morphoprof.extras import require
+
+    require("distributed")
+    from distributed import Client, LocalCluster
     kind, value = parse_scheduler(spec)
     if kind == "local":
         cluster = LocalCluster(n_workers=int(value), threads_per_worker=1, processes=True,

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from morphoprof.errors import InputError
+from morphoprof.extras import require
 
 # The activations guided backprop passes through; any other would leak negative signals.
 GUIDED_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU)
@@ -103,10 +104,10 @@ def mrf_mask(jmap: np.ndarray, smoothness: float = 2.0, sigma: float = 1.0,
     ``smoothness`` on every 4-connected pair with different labels. ``smoothness=0`` gives the
     plain thresholded mask.
     """
-    import maxflow
     from scipy.ndimage import gaussian_filter
     from skimage.filters import threshold_otsu
 
+    maxflow = require("maxflow")
     m = np.asarray(jmap, dtype=np.float64)
     if m.ndim != 2:
         raise InputError(f"a Jacobian map is 2-D, got shape {m.shape}")

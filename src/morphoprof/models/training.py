@@ -10,16 +10,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from morphoprof.extras import require
 from morphoprof.io_utils import atomic_path
 from morphoprof.models.data import EpochSampler
 from morphoprof.models.mil import mil_loss
+
+L = require("lightning")
 
 
 class ImageClassifier(L.LightningModule):

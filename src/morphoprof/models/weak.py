@@ -18,13 +18,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from torch import nn
 
 from morphoprof.errors import InputError
+from morphoprof.extras import require
 from morphoprof.features.backbones import create_backbone
+
+L = require("lightning")
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
