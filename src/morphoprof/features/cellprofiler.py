@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -139,7 +140,7 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
     t0 = time.perf_counter()
     writer = None
     try:
-        converted = _convert(path, work / "cytotable.parquet", PRESETS[kind], chunk_size)
+        converted = _convert(path, work, PRESETS[kind], chunk_size)
         schema = pa.unify_schemas([pq.read_schema(f) for f in converted],
                                   promote_options="permissive")
         names, dropped = _rename(schema.names)
@@ -199,11 +200,16 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
 
 
 def _convert(source: Path, dest: Path, preset: str, chunk_size: int) -> list[Path]:
-    """CytoTable's conversion to joined Parquet chunks (in order), on a thread pool (a process
-    pool costs ~10 s to start for no gain at these sizes); parsl's run records go beside
-    ``dest`` (a temporary folder), not into the working directory. CytoTable's own
-    concatenation is off: it holds the whole table (2.1 GB peak for 90,704 cells x 1,784
-    features); the caller streams the chunks instead."""
+    """CellProfiler tables -> joined Parquet chunks (in image order) under ``dest``.
+
+    CytoTable converts each table (image, cells, nuclei, cytoplasm) to Parquet chunks, paged by
+    image number, on a thread pool (a process pool costs ~10 s to start for no gain here;
+    parsl's run records go in ``dest``, a temporary folder). The compartments are then joined
+    here with CytoTable's own join SQL for the preset, one page of images at a time, every
+    table filtered to the page (:func:`_paged_join`). CytoTable's own join filters only the
+    cytoplasm to the page, so DuckDB hashed the whole cells / nuclei / image tables for every
+    page (2.2 GB peak on a 2.2 GB SQLite); its concatenation held the whole table too.
+    """
     import uuid
 
     require("cytotable")
@@ -214,24 +220,92 @@ def _convert(source: Path, dest: Path, preset: str, chunk_size: int) -> list[Pat
     from parsl.executors import ThreadPoolExecutor
 
     _offline_duckdb_extensions()
-    # CytoTable pages the compartment join by the per-image object number, which repeats in
-    # every image: on a real plate one page then holds every object and the join sits in
-    # memory whole (1.2 GB for a 0.34 GB SQLite). Paged by image number it stays a page.
-    page_keys = {**cytotable.presets.config[preset]["CONFIG_PAGE_KEYS"],
-                 "join": "Metadata_ImageNumber"}
+    preset_config = cytotable.presets.config[preset]
+    # Page every table by image number (CytoTable pages compartments by the per-image object
+    # number, which repeats in every image), so a page of images is a few chunk files.
+    page_keys = {name: "ImageNumber" for name in preset_config["CONFIG_PAGE_KEYS"]
+                 if name != "join"}
+    page_keys["join"] = "Metadata_ImageNumber"
     config = Config(executors=[ThreadPoolExecutor(max_threads=2,
                                                   label=f"morphoprof-{uuid.uuid4().hex[:8]}")],
-                    run_dir=str(dest.parent / "runinfo"))
+                    run_dir=str(dest / "runinfo"))
+    tables = dest / "tables"
     try:
-        result = cytotable.convert(source_path=str(source), dest_path=str(dest),
-                                   dest_datatype="parquet", preset=preset,
-                                   chunk_size=chunk_size, page_keys=page_keys,
-                                   concat=False, parsl_config=config)
+        cytotable.convert(source_path=str(source), dest_path=str(tables),
+                          dest_datatype="parquet", preset=preset, chunk_size=chunk_size,
+                          page_keys=page_keys, join=False, concat=False, parsl_config=config)
     except Exception as exc:  # CytoTable / DuckDB errors carry their own message
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{source}: CytoTable ({preset}) could not convert it: {first}") from exc
-    files = [Path(f) for f in (result if isinstance(result, list) else [result])]
-    files = [q for f in files for q in (sorted(f.rglob("*.parquet")) if f.is_dir() else [f])]
+    files = _paged_join(preset_config["CONFIG_JOINS"], tables, dest / "joined")
     if not files:
-        raise InputError(f"{source}: CytoTable ({preset}) wrote no joined table")
+        raise InputError(f"{source}: CytoTable ({preset}) found no objects to join")
+    return files
+
+
+_READ_PARQUET = re.compile(r"read_parquet\('([\w.-]+)\.parquet'\)")
+
+
+def _image_range(path: Path) -> tuple[int, int] | None:
+    """(min, max) ``Metadata_ImageNumber`` of a Parquet file, from its statistics."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    col = meta.schema.names.index("Metadata_ImageNumber")
+    lo, hi = None, None
+    for i in range(meta.num_row_groups):
+        st = meta.row_group(i).column(col).statistics
+        if st is None or not st.has_min_max:
+            return None
+        lo = st.min if lo is None else min(lo, st.min)
+        hi = st.max if hi is None else max(hi, st.max)
+    return None if lo is None else (int(lo), int(hi))
+
+
+def _paged_join(sql: str, tables: Path, out: Path) -> list[Path]:
+    """Run a CytoTable join statement page by page, every table filtered to the page.
+
+    Each ``read_parquet('<table>.parquet')`` of ``sql`` becomes that table's chunk files under
+    ``tables/<table>/`` that hold the page's images, filtered to them. The pages are the first
+    table's chunks (the cytoplasm, which the join starts from). Returns the page files, in
+    image order; memory stays that of a page of each table.
+    """
+    import duckdb
+
+    names = list(dict.fromkeys(_READ_PARQUET.findall(sql)))
+    chunks: dict[str, list[tuple[int, int, Path]]] = {}
+    for name in names:
+        found = []
+        for f in sorted((tables / name).rglob("*.parquet")):
+            r = _image_range(f)
+            if r is not None:
+                found.append((*r, f))
+        chunks[name] = sorted(found, key=lambda t: t[:2])
+    if not names or not chunks[names[0]]:
+        return []
+    pages: list[list[int]] = []  # the first table's image ranges, overlaps merged
+    for lo, hi, _ in chunks[names[0]]:
+        if pages and lo <= pages[-1][1]:
+            pages[-1][1] = max(pages[-1][1], hi)
+        else:
+            pages.append([lo, hi])
+    out.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect()
+    con.execute("SET threads TO 2")
+    files = []
+    for k, (lo, hi) in enumerate(pages):
+        def page(m: re.Match, lo: int = lo, hi: int = hi) -> str:
+            hit = [str(f) for a, b, f in chunks[m[1]] if a <= hi and b >= lo]
+            if not hit:  # a table without these images: an empty page of it
+                hit = [str(chunks[m[1]][0][2])] if chunks[m[1]] else []
+            listed = ", ".join("'" + h.replace("'", "''") + "'" for h in hit)
+            return (f"(SELECT * FROM read_parquet([{listed}], union_by_name=true) "
+                    f"WHERE Metadata_ImageNumber BETWEEN {lo} AND {hi})")
+
+        target = out / f"page-{k:06d}.parquet"
+        query = _READ_PARQUET.sub(page, sql)
+        con.execute(f"COPY (SELECT * FROM ({query}) ORDER BY Metadata_ImageNumber) "
+                    f"TO '{target}' (FORMAT parquet)")
+        files.append(target)
+    con.close()
     return files
