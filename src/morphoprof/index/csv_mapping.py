@@ -34,6 +34,7 @@ from morphoprof.index.schema import (
     WELL,
     ExperimentIndex,
     build_index,
+    default_site_and_concentration,
     finish_import,
 )
 
@@ -125,19 +126,8 @@ def import_csv(
     if problems:
         raise ValidationError(f"importing {csv_path}", problems)
 
-    df = pd.DataFrame({FIELDS[k]: table[c].to_numpy() for k, c in fields.items()})
-    if SITE not in df.columns:
-        df[SITE] = df.groupby([PLATE, WELL], sort=False).cumcount() + 1
-    if CONCENTRATION not in df.columns:
-        df[CONCENTRATION] = np.nan
-    bad = pd.to_numeric(df[CONCENTRATION], errors="coerce").isna() & df[CONCENTRATION].notna()
-    bad |= pd.to_numeric(df[SITE], errors="coerce").isna()
-    if bad.any():
-        rows = [int(i) + 2 for i in np.flatnonzero(bad.to_numpy())[:20]]
-        raise ValidationError(
-            f"importing {csv_path}",
-            [f"line {r}: site or concentration is not a number" for r in rows],
-        )
+    df = default_site_and_concentration(
+        pd.DataFrame({FIELDS[k]: table[c].to_numpy() for k, c in fields.items()}), csv_path)
     for ch, col in channels.items():
         df[PATH_PREFIX + ch] = table[col].astype(str).to_numpy()
     index = build_index(df, list(channels), root or csv_path.parent, controls=controls,

@@ -53,6 +53,7 @@ from morphoprof.index.schema import (
     WELL,
     ExperimentIndex,
     build_index,
+    default_site_and_concentration,
     finish_import,
 )
 
@@ -188,10 +189,7 @@ def import_loaddata(
     if COMPOUND not in df.columns:
         df[COMPOUND] = table[PERT_TYPE].to_numpy()
     df[COMPOUND] = df[COMPOUND].fillna("").astype(str)
-    if SITE not in df.columns:
-        df[SITE] = df.groupby([PLATE, WELL], sort=False).cumcount() + 1
-    if CONCENTRATION not in df.columns:
-        df[CONCENTRATION] = np.nan
+    df = default_site_and_concentration(df, csv_path)
     if PERT_TYPE in table.columns:
         df[CONTROL] = table[PERT_TYPE].astype(str).str.lower().eq(NEGCON).to_numpy()
     used = {c for c in source_of.values() if c is not None}
@@ -199,12 +197,6 @@ def import_loaddata(
         if c.startswith("Metadata_") and c not in used and c.lower() not in {
                 x.lower() for x in df.columns}:
             df[c] = table[c].to_numpy()
-    bad = pd.to_numeric(df[CONCENTRATION], errors="coerce").isna() & df[CONCENTRATION].notna()
-    bad |= pd.to_numeric(df[SITE], errors="coerce").isna()
-    if bad.any():
-        raise ValidationError(f"importing {csv_path}", [
-            f"line {int(i) + 2}: site or concentration is not a number"
-            for i in np.flatnonzero(bad.to_numpy())[:20]])
     mirror_path = Path(mirror) if mirror is not None else None
     for ch in chans:
         spec = found[ch]

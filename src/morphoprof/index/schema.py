@@ -407,6 +407,28 @@ def validate_table(table: pd.DataFrame, channels: Sequence[str] | None = None) -
     return problems
 
 
+def default_site_and_concentration(records: pd.DataFrame, source: str | Path) -> pd.DataFrame:
+    """Give a table of image-set records from a CSV (row ``i`` on line ``i + 2`` of
+    ``source``) the site and concentration columns :func:`build_index` needs: a missing site is
+    the row's order within its well, a missing concentration NaN.
+
+    Raises:
+        ValidationError: rows whose site or concentration is not a number, by CSV line.
+    """
+    df = records.copy()
+    if SITE not in df.columns:
+        df[SITE] = df.groupby([PLATE, WELL], sort=False).cumcount() + 1
+    if CONCENTRATION not in df.columns:
+        df[CONCENTRATION] = np.nan
+    bad = pd.to_numeric(df[CONCENTRATION], errors="coerce").isna() & df[CONCENTRATION].notna()
+    bad |= pd.to_numeric(df[SITE], errors="coerce").isna()
+    if bad.any():
+        raise ValidationError(f"importing {source}", [
+            f"line {int(i) + 2}: site or concentration is not a number"
+            for i in np.flatnonzero(bad.to_numpy())[:20]])
+    return df
+
+
 def build_index(
     records: pd.DataFrame,
     channels: Sequence[str],
