@@ -116,3 +116,34 @@ def test_plate_map_problems_and_read_only_output(tmp_path):
             import_cellprofiler(src, locked / "out")
     finally:
         locked.chmod(0o700)
+
+
+@needs_data
+def test_small_chunks_and_join_pages_give_the_same_cells(tmp_path, monkeypatch):
+    """Paging is invisible: CytoTable chunks of 60 rows and joined pages of 5 objects (cut at
+    image boundaries) give the same objects, values and order as one page of everything."""
+    import morphoprof.features.cellprofiler as cp
+
+    src = SOURCES["sqlite"]
+    import_cellprofiler(src, tmp_path / "big", chunk_size=100_000, log=None)
+    calls = []
+    real = cp._subpages
+
+    def spy(files, lo, hi, rows):
+        out = real(files, lo, hi, rows)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(cp, "_JOIN_ROWS", 5)
+    monkeypatch.setattr(cp, "_subpages", spy)
+    import_cellprofiler(src, tmp_path / "small", chunk_size=60, log=None)
+    big = pd.read_parquet(tmp_path / "big" / "cells.parquet")
+    small = pd.read_parquet(tmp_path / "small" / "cells.parquet")
+    pages = [p for c in calls for p in c]
+    assert len(pages) > len(calls) > 1  # chunks were cut into several join pages
+    assert all(a <= b for a, b in pages) and all(
+        b1 < a2 for (_, b1), (a2, _) in zip(pages, pages[1:]))  # disjoint, in image order
+    key = ["Metadata_ImageNumber", "Cytoplasm_Number_Object_Number"]
+    assert len(small) == len(big) > 0 and not big.duplicated(key).any()
+    pd.testing.assert_frame_equal(small.sort_values(key, ignore_index=True),
+                                  big.sort_values(key, ignore_index=True), check_dtype=False)
