@@ -180,3 +180,62 @@ def test_bf16_precision_close_to_fp32_and_checked(extractor):
     assert cosine.min() > 0.99
     with pytest.raises(InputError, match="precision must be"):
         TransferConfig(precision="fp16")
+
+
+def _relative_error(a, b):
+    return np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_onnxruntime_engine_matches_torch(tiny_screen, extractor):
+    """The ONNX Runtime engine gives torch's features (per-row relative error <= 1e-3) for the
+    whole network at two input sizes (one export each) and for a layer cut."""
+    _, index = tiny_screen
+    eager = TransferExtractor(TransferConfig(jit=False, backend="torch", **FAST),
+                              backbone=extractor.backbone)
+    fast = TransferExtractor(TransferConfig(backend="onnxruntime", **FAST),
+                             backbone=extractor.backbone)
+    for shape in ((3, 3, 64, 64), (2, 3, 96, 96)):
+        x = torch.rand(*shape)
+        got = fast.features_from_batch(x, index.channels)
+        assert got.shape == eager.features_from_batch(x, index.channels).shape
+        assert _relative_error(got, eager.features_from_batch(x, index.channels)).max() < 1e-3
+    assert len(fast._sessions) == 2 and not eager._sessions
+    cut = TransferExtractor(TransferConfig(layer="blocks.3", backend="onnxruntime", **FAST),
+                            backbone=extractor.backbone)
+    ref = TransferExtractor(TransferConfig(layer="blocks.3", backend="torch", jit=False, **FAST),
+                            backbone=extractor.backbone)
+    x = torch.rand(4, 1, 64, 64)
+    assert _relative_error(cut.features_from_batch(x, ["a"]),
+                           ref.features_from_batch(x, ["a"])).max() < 1e-3
+
+
+def test_backend_choice_and_fallback(extractor, monkeypatch):
+    """auto picks ONNX Runtime for runs of >= 500 network inputs and torch for smaller ones;
+    a network that does not export falls back to torch under auto and is an error when
+    onnxruntime was asked for; an unknown backend is refused."""
+    from torch.utils.data import TensorDataset
+
+    with pytest.raises(InputError, match="backend must be"):
+        TransferConfig(backend="tensorrt")
+    data = TensorDataset(torch.rand(4, 3, 64, 64), torch.arange(4))
+    auto = TransferExtractor(TransferConfig(**FAST), backbone=extractor.backbone)
+    auto.features_for_dataset(data, ["a", "b", "c"], run_size=100)
+    assert not auto._ort and not auto._sessions  # 300 inputs: torch
+    x_big, _ = auto.features_for_dataset(data, ["a", "b", "c"], run_size=1000)
+    assert auto._ort and auto._sessions
+    x_small, _ = TransferExtractor(TransferConfig(backend="torch", **FAST),
+                                   backbone=extractor.backbone).features_for_dataset(
+        data, ["a", "b", "c"])
+    assert _relative_error(x_big, x_small).max() < 1e-3
+
+    def no_export(*a, **k):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(torch.onnx, "export", no_export)
+    fallback = TransferExtractor(TransferConfig(**FAST), backbone=extractor.backbone)
+    x_fb, _ = fallback.features_for_dataset(data, ["a", "b", "c"], run_size=1000)
+    assert not fallback._ort and _relative_error(x_fb, x_small).max() < 1e-3
+    strict = TransferExtractor(TransferConfig(backend="onnxruntime", **FAST),
+                               backbone=extractor.backbone)
+    with pytest.raises(InputError, match="cannot run on ONNX Runtime.*unsupported operator"):
+        strict.features_from_batch(torch.rand(1, 3, 64, 64), ["a", "b", "c"])
