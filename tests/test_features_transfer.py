@@ -200,6 +200,7 @@ def test_onnxruntime_engine_matches_torch(tiny_screen, extractor):
         assert got.shape == eager.features_from_batch(x, index.channels).shape
         assert _relative_error(got, eager.features_from_batch(x, index.channels)).max() < 1e-3
     assert len(fast._sessions) == 2 and not eager._sessions
+    assert not extractor.backbone.model.training  # exporting left the shared network in eval
     cut = TransferExtractor(TransferConfig(layer="blocks.3", backend="onnxruntime", **FAST),
                             backbone=extractor.backbone)
     ref = TransferExtractor(TransferConfig(layer="blocks.3", backend="torch", jit=False, **FAST),
@@ -239,3 +240,17 @@ def test_backend_choice_and_fallback(extractor, monkeypatch):
                                backbone=extractor.backbone)
     with pytest.raises(InputError, match="cannot run on ONNX Runtime.*unsupported operator"):
         strict.features_from_batch(torch.rand(1, 3, 64, 64), ["a", "b", "c"])
+
+
+def test_onnxruntime_engine_matches_torch_for_native_channels():
+    """Native strategy (2 channels, normalised by 0.5 / 0.5 inside the ONNX graph): the same
+    features as torch."""
+    from morphoprof.features.backbones import create_backbone
+
+    bb = create_backbone("resnet18", "random", in_chans=2)
+    cfg = dict(channel_strategy="native", in_chans=2, batch_size=4)
+    fast = TransferExtractor(TransferConfig(backend="onnxruntime", **cfg), backbone=bb)
+    ref = TransferExtractor(TransferConfig(backend="torch", jit=False, **cfg), backbone=bb)
+    x = torch.rand(6, 2, 48, 48)  # 6 > batch_size: cut into batches of 4 and 2
+    assert _relative_error(fast.features_from_batch(x, ["a", "b"]),
+                           ref.features_from_batch(x, ["a", "b"])).max() < 1e-3

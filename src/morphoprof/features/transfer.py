@@ -201,24 +201,36 @@ class TransferExtractor:
                 self._traced[key] = torch.jit.freeze(torch.jit.trace(self.net.eval(), x))
         return self._traced[key]
 
-    def _session(self, x):
-        """An ONNX Runtime session of the network for inputs of ``x``'s (C, H, W) (batch size
-        free), exported once per shape; ``None`` (and torch from then on) where the network
-        does not export and the backend is ``auto``."""
+    def _input_stats(self, channels: int):
+        """The (mean, std) the network's input is normalised with: ImageNet's for 3 inputs,
+        0.5 / 0.5 for other native channel counts; each ``(1, C or 3, 1, 1)``."""
+        if self.cfg.channel_strategy == "native" and channels != 3:
+            return 0.5, 0.5
+        return self._mean, self._std
+
+    def _session(self, x, grey: bool = False):
+        """An ONNX Runtime session of the normalisation and the network for inputs of ``x``'s
+        (C, H, W) (batch size free; ``grey``: one stain, replicated to 3 inputs in the graph),
+        exported once per shape; ``None`` (and torch from then on) where the network does not
+        export and the backend is ``auto``."""
         import io
         import warnings
 
         import torch
 
-        key = tuple(x.shape[1:])
+        key = (*x.shape[1:], grey)
         if key not in self._sessions:
             try:
                 import onnxruntime as ort
 
+                mean, std = self._input_stats(3 if grey else x.shape[1])
+                graph = _normalised_module()(self.net, mean, std, grey).eval()
                 buf = io.BytesIO()
-                with warnings.catch_warnings(), torch.no_grad():
+                # exported outside inference mode (a graph traced in it comes out wrong), on a
+                # fresh example: only its shape matters
+                with (warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad()):
                     warnings.simplefilter("ignore")
-                    torch.onnx.export(self.net.eval(), x[:1].contiguous(), buf,
+                    torch.onnx.export(graph, torch.rand(1, *x.shape[1:]), buf,
                                       input_names=["x"], output_names=["y"], dynamo=False,
                                       dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
                 opts = ort.SessionOptions()
@@ -281,18 +293,19 @@ class TransferExtractor:
         step = self.cfg.batch_size
         if self.device != "cuda" and x3.shape[0] > step:
             return torch.cat([self._embed(x3[i:i + step]) for i in range(0, len(x3), step)])
-        if self.cfg.channel_strategy == "native" and x3.shape[1] != 3:
-            x3 = (x3 - 0.5) / 0.5
-        else:
-            x3 = (x3 - self._mean) / self._std
-        x3 = x3.contiguous(memory_format=torch.channels_last)
         bf16 = self.cfg.precision == "bf16" or (self.device == "cuda"
                                                   and self.cfg.precision == "auto")
-        session = (self._session(x3) if self._ort and not bf16 and self.device != "cuda"
-                   else None)
-        if session is not None:
-            y = session.run(None, {"x": x3.contiguous().numpy()})[0]
-            return torch.from_numpy(y).reshape(len(y), -1)
+        if self._ort and not bf16 and self.device != "cuda":
+            # the ONNX graph normalises (and, for greyscale, replicates the one stain to three
+            # inputs) itself: the raw batch goes in without a copy
+            grey = x3.shape[1] == 3 and x3.stride(1) == 0
+            inp = x3[:, :1] if grey else x3
+            session = self._session(inp, grey)
+            if session is not None:
+                y = session.run(None, {"x": np.ascontiguousarray(inp.numpy())})[0]
+                return torch.from_numpy(y).reshape(len(y), -1)
+        mean, std = self._input_stats(x3.shape[1])
+        x3 = ((x3 - mean) / std).contiguous(memory_format=torch.channels_last)
         if bf16:
             with torch.autocast(self.device, dtype=torch.bfloat16):
                 out = self.net(x3)
@@ -423,10 +436,20 @@ class TransferExtractor:
                             "context": (channels, transform, illumination, n_todo, str(out))},
                            writer.record, lambda info: bar.update(info["rows"]))
         else:
-            for key, rows in todo:
-                df, skipped = self.field_shard(index, rows, channels, transform, illumination,
-                                               bar, n_todo)
-                writer.write(key, df, skipped)
+            # a shard is written (Parquet encoding, checksum, manifest) in a thread while the
+            # next one is computed; one write at a time, so the manifest grows in order
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                pending = None
+                for key, rows in todo:
+                    df, skipped = self.field_shard(index, rows, channels, transform,
+                                                   illumination, bar, n_todo)
+                    if pending is not None:
+                        pending.result()
+                    pending = pool.submit(writer.write, key, df, skipped)
+                if pending is not None:
+                    pending.result()
         bar.close()
         seconds = time.perf_counter() - t0
         return writer.finish({
@@ -486,7 +509,7 @@ class TransferExtractor:
             self._ort = (big or (run_size or len(dataset)) * passes * self.cfg.tiles**2 >= 500
                          ) and self.cfg.precision != "bf16" and _has_onnxruntime()
         feats, keys = [], []
-        for item in loader:
+        for item in (loader if self.cfg.num_workers else _prefetched(loader)):
             batch, key = item[:2]
             if skipping:
                 self.skipped.extend(item[2])
@@ -615,6 +638,68 @@ class TransferExtractor:
             return table.iloc[rows[pos]], feats
 
         return self._plate_shards(table, channels, out, writer, shard, "crop features", progress)
+
+
+def _normalised_module():
+    """The module class exported to ONNX (defined here, as torch is imported lazily)."""
+    import torch
+
+    class Normalised(torch.nn.Module):
+        """``net((x - mean) / std)``, ``x`` replicated from one stain to 3 inputs if ``grey``:
+        what is exported to ONNX, so ONNX Runtime also runs the input arithmetic."""
+
+        def __init__(self, net, mean, std, grey: bool) -> None:
+            super().__init__()
+            self.net, self.grey = net, grey
+            self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+            self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
+
+        def forward(self, x):
+            if self.grey:
+                x = torch.cat([x, x, x], dim=1)
+            return self.net((x - self.mean) / self.std)
+
+    return Normalised
+
+
+def _prefetched(iterable, depth: int = 2):
+    """``iterable``'s items, produced ``depth`` ahead in a thread: reading and decoding the
+    next batch (which release the GIL in PIL / NumPy / torch) overlap the network."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(depth)
+    done = object()
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in iterable:
+                if stop.is_set():
+                    return
+                q.put((item, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            q.put((None, exc))
+            return
+        q.put((done, None))
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, exc = q.get()
+            if exc is not None:
+                raise exc
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.01)
 
 
 def _has_onnxruntime() -> bool:
