@@ -292,6 +292,9 @@ class TransferExtractor:
 
         step = self.cfg.batch_size
         if self.device != "cuda" and x3.shape[0] > step:
+            # even parts (18 inputs, batch 16: 9 + 9, not 16 + 2: a tiny tail batch leaves
+            # the cores idle)
+            step = -(-len(x3) // -(-len(x3) // step))
             return torch.cat([self._embed(x3[i:i + step]) for i in range(0, len(x3), step)])
         bf16 = self.cfg.precision == "bf16" or (self.device == "cuda"
                                                   and self.cfg.precision == "auto")
