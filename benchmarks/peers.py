@@ -73,9 +73,7 @@ def _forward_ceiling(extractor, shape, n_batches: int = 4, repeats: int = 3) -> 
     import torch
 
     x = torch.rand(*shape)
-    if extractor.cfg.backend == "auto":
-        extractor._ort = extractor.cfg.precision != "bf16"  # as a large run decides
-        extractor._jit = True
+    extractor.choose_engine(10_000)  # as a large run decides
     channels = [f"c{i}" for i in range(shape[1])]
     extractor.features_from_batch(x, channels)
     best = 0.0
@@ -112,8 +110,7 @@ def _crops_run(model: str, out: Path, backend: str = "auto", batch: int = 64) ->
                          ["DAPI", "c1", "c2"], out, progress=False)
     seconds = time.perf_counter() - t0
     n = s["cells"]
-    return {"model": model, "backend": backend, "engine": "onnxruntime" if ex._ort else
-            ("torch-jit" if ex._jit else "torch"), "cells": n, "seconds": seconds,
+    return {"model": model, "backend": backend, "engine": ex.engine, "cells": n, "seconds": seconds,
             "cells_per_s": n / seconds, "ceiling_cells_per_s": ceiling,
             "ceiling_ratio": n / seconds / ceiling, "batch_size": batch}
 
@@ -137,7 +134,7 @@ def _fields_run(out: Path) -> dict:
     s = ex.extract(index, out, log=None, progress=False)
     return {"fields": s["image_sets"], "seconds": s["seconds"], "fields_per_s": s["fields_per_s"],
             "ceiling_fields_per_s": ceiling, "ceiling_ratio": s["fields_per_s"] / ceiling,
-            "engine": "onnxruntime" if ex._ort else ("torch-jit" if ex._jit else "torch")}
+            "engine": ex.engine}
 
 
 def ours() -> dict:

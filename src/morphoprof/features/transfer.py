@@ -201,6 +201,26 @@ class TransferExtractor:
                 self._traced[key] = torch.jit.freeze(torch.jit.trace(self.net.eval(), x))
         return self._traced[key]
 
+    def choose_engine(self, inputs: int) -> str:
+        """Settle the ``auto`` choices for a run of ``inputs`` network inputs: ONNX Runtime
+        from 500 (an export costs ~1 s), torch's traced graph from 4000 (a trace ~10 s).
+        Returns the engine: ``onnxruntime``, ``torch-jit`` or ``torch``."""
+        if self.cfg.jit == "auto":
+            self._jit = inputs >= 4000
+        if self.cfg.backend == "auto":
+            self._ort = (inputs >= 500 and self.cfg.precision != "bf16"
+                         and _has_onnxruntime())
+        return self.engine
+
+    @property
+    def engine(self) -> str:
+        """What runs the network on this device now: onnxruntime, torch-jit or torch."""
+        bf16 = self.cfg.precision == "bf16" or (self.device == "cuda"
+                                                  and self.cfg.precision == "auto")
+        if self._ort and not bf16 and self.device != "cuda":
+            return "onnxruntime"
+        return "torch-jit" if self._jit and not bf16 and self.device != "cuda" else "torch"
+
     def _input_stats(self, channels: int):
         """The (mean, std) the network's input is normalised with: ImageNet's for 3 inputs,
         0.5 / 0.5 for other native channel counts; each ``(1, C or 3, 1, 1)``."""
@@ -505,12 +525,7 @@ class TransferExtractor:
         )
         self.skipped: list[tuple[int, str]] = []
         passes = len(channel_names) if self.cfg.channel_strategy == "greyscale" else 1
-        big = (run_size or len(dataset)) * passes * self.cfg.tiles**2 >= 4000
-        if self.cfg.jit == "auto":
-            self._jit = big
-        if self.cfg.backend == "auto":  # an export costs ~1 s: worth it from ~500 inputs
-            self._ort = (big or (run_size or len(dataset)) * passes * self.cfg.tiles**2 >= 500
-                         ) and self.cfg.precision != "bf16" and _has_onnxruntime()
+        self.choose_engine((run_size or len(dataset)) * passes * self.cfg.tiles**2)
         feats, keys = [], []
         for item in (loader if self.cfg.num_workers else _prefetched(loader)):
             batch, key = item[:2]
