@@ -10,7 +10,10 @@ is reported per stage and overall (goal <= 1.2: memory flat as the screen grows)
 
 Throughput: the 10x screen is extracted in-process (the reference, measured in this run) and on
 Dask LocalClusters of 1 and 2 single-threaded workers (``--scheduler local:N``); fields/s
-includes starting the cluster, as a user sees it.
+includes starting the cluster, as a user sees it. ``projection``: the per-worker rates (fields/s
+and cells/s at the mean cells per real BBBC021 field) projected to the full BBBC021 (13,200
+fields) and to a JUMP-size screen (100 M cells) on 1, 2, 16 and 64 such workers, with the
+memory one worker needs.
 
     python benchmarks/scaling.py               # writes benchmarks/results/scaling.json
 """
@@ -87,6 +90,35 @@ def screens(tmp: Path, smoke: bool) -> tuple[dict[str, tuple[Path, int]], str]:
     return out, "synthetic screen"
 
 
+def cells_per_field() -> float:
+    """Mean cells per real BBBC021 field (the single-cell index: 59-330 per field), or 150."""
+    import pandas as pd
+
+    path = HERE.parent.parent / "shared" / "data" / "bbbc021" / "single_cells" / "index.csv"
+    if not path.is_file():
+        return 150.0
+    return float(pd.read_csv(path).groupby(["plate", "well", "site"]).size().mean())
+
+
+def projection(rates: dict, ten: dict) -> dict:
+    """Per-worker rates measured here, projected to the full BBBC021 (13,200 fields x 3 stains,
+    ~2 M cells) and to a JUMP-size screen (100 M cells) on N such workers (1 core each), with the
+    memory a worker needs (the in-process extract peak, one 2-thread process, as its bound)."""
+    per_field = cells_per_field()
+    per_worker = {"1_worker": rates["1_worker"]["fields_per_s"],
+                  "2_workers": rates["2_workers"]["fields_per_s"] / 2}
+    rate = min(per_worker.values())  # the conservative one (2 workers share the machine)
+    screens = {"bbbc021_full": 13_200, "jump_100M_cells": int(100e6 / per_field)}
+    out = {"cells_per_field": per_field,
+           "fields_per_s_per_worker": per_worker,
+           "cells_per_s_per_worker": {k: v * per_field for k, v in per_worker.items()},
+           "worker_memory_mib": ten["extract_peak_mib"],
+           "fields": screens, "hours": {}}
+    for name, fields in screens.items():
+        out["hours"][name] = {f"{w}_workers": fields / (rate * w) / 3600 for w in (1, 2, 16, 64)}
+    return out
+
+
 def main() -> int:
     from morphoprof.io_utils import write_json
 
@@ -140,6 +172,7 @@ def main() -> int:
                                             / rates["1_worker"]["fields_per_s"])
         result["two_workers_vs_in_process"] = (rates["2_workers"]["fields_per_s"]
                                                / rates["in_process"]["fields_per_s"])
+        result["projection"] = projection(rates, ten)
     print({k: v for k, v in result.items() if k not in ("stages", "throughput")})
     if not smoke:
         write_json(RESULTS, result)
