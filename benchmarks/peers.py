@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from extract_speed import forward_ceiling  # the network alone, same engine, same process
+
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
 DATA = SHARED / "data" / "bbbc021"
@@ -67,24 +69,6 @@ def run_peer(name: str, env: dict[str, str]) -> dict:
 
 # --- morphoprof's side (run in a child process: ``peers.py --ours``) -----------------------
 
-def _forward_ceiling(extractor, shape, n_batches: int = 4, repeats: int = 3) -> float:
-    """Items/s of the extractor's network alone (same engine as its runs) on a batch already
-    in memory, after a warm-up; the best of ``repeats``."""
-    import torch
-
-    x = torch.rand(*shape)
-    extractor.choose_engine(10_000)  # as a large run decides
-    channels = [f"c{i}" for i in range(shape[1])]
-    extractor.features_from_batch(x, channels)
-    best = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n_batches):
-            extractor.features_from_batch(x, channels)
-        best = max(best, n_batches * shape[0] / (time.perf_counter() - t0))
-    return best
-
-
 def _crops_run(model: str, out: Path, backend: str = "auto", batch: int = 64) -> dict:
     """The crops through ``TransferExtractor.extract_crops`` (features to Parquet shards),
     timed from reading the npz to the last shard written."""
@@ -97,7 +81,7 @@ def _crops_run(model: str, out: Path, backend: str = "auto", batch: int = 64) ->
             model=model, weights="random", channel_strategy="native", in_chans=3,
             batch_size=batch, backend=backend))
 
-    ceiling = _forward_ceiling(extractor(), (batch, 3, CROP, CROP))
+    ceiling = forward_ceiling(extractor(), (batch, 3, CROP, CROP))
     ex = extractor()
     t0 = time.perf_counter()
     with np.load(DATA / "single_cells" / "crops.npz") as z:
@@ -129,7 +113,7 @@ def _fields_run(out: Path) -> dict:
 
     index = import_fields_6moa(DATA / "fields_6moa")
     ex = TransferExtractor(TransferConfig(batch_size=16))
-    ceiling = _forward_ceiling(ex, (16, 3, 224, 224), n_batches=3)  # 16 fields x 3 stains
+    ceiling = forward_ceiling(ex, (16, 3, 224, 224), n_batches=3)  # 16 fields x 3 stains
     ex = TransferExtractor(TransferConfig(batch_size=16))
     s = ex.extract(index, out, log=None, progress=False)
     return {"fields": s["image_sets"], "seconds": s["seconds"], "fields_per_s": s["fields_per_s"],
