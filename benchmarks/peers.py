@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from extract_speed import forward_ceiling  # the network alone, same engine, same process
+from scaling import field_cell_counts
 
 HERE = Path(__file__).resolve().parent
 SHARED = HERE.parent.parent / "shared"
@@ -122,8 +123,6 @@ def _fields_run(out: Path) -> dict:
 
 
 def ours() -> dict:
-    import pandas as pd
-
     res: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -134,8 +133,7 @@ def ours() -> dict:
         rel = np.linalg.norm(fast - ref, axis=1) / np.linalg.norm(ref, axis=1)
         res["fast_path_max_relative_error"] = float(rel.max())
         res["whole_fields"] = _fields_run(tmp / "fields")
-    per_field = pd.read_csv(DATA / "single_cells" / "index.csv").groupby(
-        ["plate", "well", "site"]).size()
+    per_field = field_cell_counts()
     res["cells_per_field"] = {"mean": float(per_field.mean()), "fields": int(len(per_field)),
                               "min": int(per_field.min()), "max": int(per_field.max())}
     return res

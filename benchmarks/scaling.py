@@ -90,14 +90,21 @@ def screens(tmp: Path, smoke: bool) -> tuple[dict[str, tuple[Path, int]], str]:
     return out, "synthetic screen"
 
 
-def cells_per_field() -> float:
-    """Mean cells per real BBBC021 field (the single-cell index: 59-330 per field), or 150."""
+def field_cell_counts():
+    """Cells per real BBBC021 field of the single-cell index (a Series, 59-330 per field), or
+    None where the data is absent."""
     import pandas as pd
 
     path = HERE.parent.parent / "shared" / "data" / "bbbc021" / "single_cells" / "index.csv"
     if not path.is_file():
-        return 150.0
-    return float(pd.read_csv(path).groupby(["plate", "well", "site"]).size().mean())
+        return None
+    return pd.read_csv(path).groupby(["plate", "well", "site"]).size()
+
+
+def cells_per_field() -> float:
+    """Mean cells per real BBBC021 field, or 150 without the data."""
+    counts = field_cell_counts()
+    return 150.0 if counts is None else float(counts.mean())
 
 
 def projection(rates: dict, ten: dict) -> dict:

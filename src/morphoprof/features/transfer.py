@@ -207,19 +207,21 @@ class TransferExtractor:
         Returns the engine: ``onnxruntime``, ``torch-jit`` or ``torch``."""
         if self.cfg.jit == "auto":
             self._jit = inputs >= 4000
-        if self.cfg.backend == "auto":
-            self._ort = (inputs >= 500 and self.cfg.precision != "bf16"
-                         and _has_onnxruntime())
+        if self.cfg.backend == "auto":  # a missing onnxruntime falls back in _session
+            self._ort = inputs >= 500 and self.cfg.precision != "bf16"
         return self.engine
+
+    @property
+    def _bf16(self) -> bool:
+        return self.cfg.precision == "bf16" or (self.device == "cuda"
+                                                and self.cfg.precision == "auto")
 
     @property
     def engine(self) -> str:
         """What runs the network on this device now: onnxruntime, torch-jit or torch."""
-        bf16 = self.cfg.precision == "bf16" or (self.device == "cuda"
-                                                  and self.cfg.precision == "auto")
-        if self._ort and not bf16 and self.device != "cuda":
-            return "onnxruntime"
-        return "torch-jit" if self._jit and not bf16 and self.device != "cuda" else "torch"
+        if self._bf16 or self.device == "cuda":
+            return "torch"
+        return "onnxruntime" if self._ort else "torch-jit" if self._jit else "torch"
 
     def _input_stats(self, channels: int):
         """The (mean, std) the network's input is normalised with: ImageNet's for 3 inputs,
@@ -320,9 +322,7 @@ class TransferExtractor:
             # the cores idle)
             step = -(-len(x3) // -(-len(x3) // step))
             return torch.cat([self._embed(x3[i:i + step]) for i in range(0, len(x3), step)])
-        bf16 = self.cfg.precision == "bf16" or (self.device == "cuda"
-                                                  and self.cfg.precision == "auto")
-        if self._ort and not bf16 and self.device != "cuda":
+        if self.engine == "onnxruntime":
             # the ONNX graph normalises (and, for greyscale, replicates the one stain to three
             # inputs) itself: the raw batch goes in without a copy
             grey = x3.shape[1] == 3 and x3.stride(1) == 0
@@ -333,10 +333,10 @@ class TransferExtractor:
                 return torch.from_numpy(y).reshape(len(y), -1)
         mean, std = self._input_stats(x3.shape[1])
         x3 = ((x3 - mean) / std).contiguous(memory_format=torch.channels_last)
-        if bf16:
+        if self._bf16:
             with torch.autocast(self.device, dtype=torch.bfloat16):
                 out = self.net(x3)
-        elif self._jit and self.device != "cuda":
+        elif self.engine == "torch-jit":
             out = self._traced_model(x3)(x3)
         else:
             out = self.net(x3)
@@ -722,12 +722,6 @@ def _prefetched(iterable, depth: int = 2):
                 q.get_nowait()
             except queue.Empty:
                 thread.join(0.01)
-
-
-def _has_onnxruntime() -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
 
 
 def _pooled(h):
