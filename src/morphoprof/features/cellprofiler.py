@@ -268,14 +268,18 @@ def _image_range(path: Path) -> tuple[int, int] | None:
     return None if lo is None else (int(lo), int(hi))
 
 
+def _images(lo: int, hi: int) -> list[tuple]:
+    """A pyarrow filter: ``lo <= Metadata_ImageNumber <= hi``."""
+    return [("Metadata_ImageNumber", ">=", lo), ("Metadata_ImageNumber", "<=", hi)]
+
+
 def _read_page(files: list[Path], lo: int, hi: int):
     """The rows of ``files`` (one table's chunks) with ``lo <= Metadata_ImageNumber <= hi``,
     as one Arrow table (columns unified by name across the chunks)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parts = [pq.read_table(f, filters=[("Metadata_ImageNumber", ">=", lo),
-                                       ("Metadata_ImageNumber", "<=", hi)]) for f in files]
+    parts = [pq.read_table(f, filters=_images(lo, hi)) for f in files]
     return pa.concat_tables(parts, promote_options="permissive")
 
 
@@ -286,9 +290,8 @@ def _subpages(files: list[Path], lo: int, hi: int, rows: int) -> list[tuple[int,
     import pyarrow.parquet as pq
 
     ids = np.sort(np.concatenate([
-        pq.read_table(f, columns=["Metadata_ImageNumber"], filters=[
-            ("Metadata_ImageNumber", ">=", lo), ("Metadata_ImageNumber", "<=", hi)]
-        ).column(0).to_numpy() for f in files]))
+        pq.read_table(f, columns=["Metadata_ImageNumber"], filters=_images(lo, hi)
+                      ).column(0).to_numpy() for f in files]))
     starts = np.unique(ids[::max(rows, 1)]) if len(ids) else np.array([lo])
     starts[0] = lo
     ends = np.append(starts[1:] - 1, hi)
