@@ -159,6 +159,32 @@ def test_aggregate_parquet_matches_in_memory_aggregate(tmp_path):
         aggregate_parquet(tmp_path / "feats", ["Metadata_plate"])
 
 
+def test_aggregate_parquet_groups_across_batches_and_files(tmp_path, monkeypatch):
+    """One read per file, summed over runs of rows: groups that span row batches and files,
+    come back in a later batch (interleaved), have a missing key, or hold an integer or
+    all-NaN feature give pandas' answer on the concatenated table."""
+    from morphoprof.profiles import aggregate as agg
+
+    monkeypatch.setattr(agg, "_ROW_BATCH", 12)  # several batches per file and per group
+    df = pd.concat([_fields()] * 3, ignore_index=True)
+    df["f_int"] = np.arange(len(df)) % 5
+    df["f_nan"] = np.where(df["Metadata_plate"] == "P1", np.nan, 1.5)
+    df.loc[df.index[-4:], "Metadata_well"] = None  # a group with no well
+    df = pd.concat([df.iloc[:30], df.iloc[30:].sample(frac=1, random_state=0)],
+                   ignore_index=True)  # runs first, then groups interleaved within a batch
+    df.iloc[: len(df) // 2].to_parquet(tmp_path / "a.parquet", row_group_size=5)
+    df.iloc[len(df) // 2:].to_parquet(tmp_path / "b.parquet")
+    for threads in (1, 2):
+        got = agg.aggregate_parquet([tmp_path / "a.parquet", tmp_path / "b.parquet"], WELL,
+                                    threads=threads)
+        want = agg.aggregate(df, WELL)
+        pd.testing.assert_frame_equal(got.fillna({"Metadata_well": "-"}),
+                                      want.fillna({"Metadata_well": "-"}), check_dtype=False,
+                                      atol=1e-6)
+    assert got["Metadata_well"].isna().sum() == 1
+    assert got["f_nan"].isna().sum() == (got["Metadata_plate"] == "P1").sum() > 0
+
+
 def test_aggregate_parquet_files_that_differ_and_missing_metadata(tmp_path):
     """Files with different columns (a feature or a metadata column missing from one), a
     concentration missing (NaN) for some rows of a well, dictionary-encoded metadata: the
