@@ -254,3 +254,35 @@ def test_onnxruntime_engine_matches_torch_for_native_channels():
     x = torch.rand(6, 2, 48, 48)  # 6 > batch_size: cut into batches of 4 and 2
     assert _relative_error(fast.features_from_batch(x, ["a", "b"]),
                            ref.features_from_batch(x, ["a", "b"])).max() < 1e-3
+
+
+def test_prefetched_reads_ahead_from_the_start_and_stops_on_close():
+    """The next shard's batches are read before anyone iterates them; close() ends the
+    thread; an error in reading reaches the consumer."""
+    import time
+
+    from morphoprof.features.transfer import _Prefetched
+
+    read = []
+
+    def items():
+        for k in range(10):
+            read.append(k)
+            yield k
+
+    ahead = _Prefetched(items(), depth=2)
+    for _ in range(200):
+        if len(read) >= 3:
+            break
+        time.sleep(0.01)
+    assert read[:3] == [0, 1, 2]  # two queued, one waiting to be put: nothing iterated yet
+    ahead.close()
+    assert not ahead._thread.is_alive() and len(read) < 10
+    assert list(_Prefetched(iter(range(5)))) == [0, 1, 2, 3, 4]
+
+    def broken():
+        yield 1
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(_Prefetched(broken()))

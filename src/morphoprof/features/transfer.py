@@ -467,16 +467,28 @@ class TransferExtractor:
             # next one is computed; one write at a time, so the manifest grows in order
             from concurrent.futures import ThreadPoolExecutor
 
+            # the next shard's first batches are read while this one is computed, so the
+            # network does not wait for a shard's first batch
+            def reader(rows):
+                ds = self.field_dataset(index, rows, channels, transform, illumination)
+                return ds, self.batches(ds)
+
             with ThreadPoolExecutor(max_workers=1) as pool:
-                pending = None
-                for key, rows in todo:
-                    df, skipped = self.field_shard(index, rows, channels, transform,
-                                                   illumination, bar, n_todo)
+                pending, ahead = None, reader(todo[0][1]) if todo else None
+                try:
+                    for k, (key, rows) in enumerate(todo):
+                        current = ahead
+                        ahead = reader(todo[k + 1][1]) if k + 1 < len(todo) else None
+                        df, skipped = self.field_shard(index, rows, channels, transform,
+                                                       illumination, bar, n_todo, current)
+                        if pending is not None:
+                            pending.result()
+                        pending = pool.submit(writer.write, key, df, skipped)
                     if pending is not None:
                         pending.result()
-                    pending = pool.submit(writer.write, key, df, skipped)
-                if pending is not None:
-                    pending.result()
+                finally:
+                    if ahead is not None and hasattr(ahead[1], "close"):
+                        ahead[1].close()
         bar.close()
         seconds = time.perf_counter() - t0
         return writer.finish({
@@ -488,15 +500,25 @@ class TransferExtractor:
             "fields_per_s": n_todo / seconds if seconds > 0 and n_todo else None,
         }, self.cfg.on_error, log)
 
-    def field_shard(self, index: ExperimentIndex, rows, channels: Sequence[str], transform,
-                    illumination=None, bar=None, run_size: int | None = None
-                    ) -> tuple[pd.DataFrame, list[dict]]:
-        """One shard: the ``Metadata_*`` columns and features of index rows ``rows``, and the
-        image sets skipped under ``on_error="skip"`` (``[{"row", "reason"}]``)."""
+    def field_dataset(self, index: ExperimentIndex, rows, channels: Sequence[str], transform,
+                      illumination=None):
+        """The Dataset of whole fields :meth:`field_shard` reads for index rows ``rows``."""
         from morphoprof.images.dataset import ImageSetDataset
 
-        ds = ImageSetDataset(index, channels, rows, transform, illumination, self.cfg.on_error)
-        x, pos = self.features_for_dataset(ds, channels, bar, run_size=run_size)
+        return ImageSetDataset(index, channels, rows, transform, illumination,
+                               self.cfg.on_error)
+
+    def field_shard(self, index: ExperimentIndex, rows, channels: Sequence[str], transform,
+                    illumination=None, bar=None, run_size: int | None = None, reader=None
+                    ) -> tuple[pd.DataFrame, list[dict]]:
+        """One shard: the ``Metadata_*`` columns and features of index rows ``rows``, and the
+        image sets skipped under ``on_error="skip"`` (``[{"row", "reason"}]``). ``reader``:
+        ``(dataset, batches)`` of these rows already started (:meth:`field_dataset`,
+        :meth:`batches`)."""
+        ds, batches = reader or (self.field_dataset(index, rows, channels, transform,
+                                                    illumination), None)
+        x, pos = self.features_for_dataset(ds, channels, bar, run_size=run_size,
+                                           batches=batches)
         skipped = [{"row": r, "reason": m} for r, m in self.skipped]
         meta_cols = [c for c in index.table.columns if c.startswith("Metadata_")]
         meta = index.table.iloc[pos][meta_cols].reset_index(drop=True)
@@ -506,17 +528,10 @@ class TransferExtractor:
                                                                          x.shape[1]))],
                          axis=1), skipped
 
-    def features_for_dataset(self, dataset, channel_names: Sequence[str], bar=None,
-                             run_size: int | None = None):
-        """Run the network over a Dataset of ``(image (C, S, S) in [0, 1], key)`` items.
-
-        Batches come from a DataLoader with ``num_workers`` worker processes (reading and
-        preprocessing overlap the network). Images whose size differs from ``image_size`` (when
-        set) are resized. ``run_size`` (default: the dataset's length) is the number of items of
-        the whole run, for the ``jit="auto"`` decision. Returns ``(features (N, D) float32,
-        keys (N,))`` in dataset order.
-        """
-        import torch.nn.functional as F
+    def batches(self, dataset):
+        """The batches :meth:`features_for_dataset` reads from ``dataset``: a DataLoader with
+        ``num_workers`` worker processes, or (with none) one whose next batches are read in a
+        thread that starts now."""
         from torch.utils.data import DataLoader
 
         from morphoprof.images.dataset import collate_skipping
@@ -527,11 +542,27 @@ class TransferExtractor:
             pin_memory=self.device == "cuda", worker_init_fn=_single_thread_worker,
             persistent_workers=False, collate_fn=collate_skipping if skipping else None,
         )
+        return loader if self.cfg.num_workers else _Prefetched(loader)
+
+    def features_for_dataset(self, dataset, channel_names: Sequence[str], bar=None,
+                             run_size: int | None = None, batches=None):
+        """Run the network over a Dataset of ``(image (C, S, S) in [0, 1], key)`` items.
+
+        Batches come from a DataLoader with ``num_workers`` worker processes (reading and
+        preprocessing overlap the network). Images whose size differs from ``image_size`` (when
+        set) are resized. ``run_size`` (default: the dataset's length) is the number of items of
+        the whole run, for the ``jit="auto"`` decision. ``batches``: the dataset's batches
+        already started with :meth:`batches` (default: started here). Returns ``(features
+        (N, D) float32, keys (N,))`` in dataset order.
+        """
+        import torch.nn.functional as F
+
+        skipping = getattr(dataset, "on_error", "fail") == "skip"
         self.skipped: list[tuple[int, str]] = []
         passes = len(channel_names) if self.cfg.channel_strategy == "greyscale" else 1
         self.choose_engine((run_size or len(dataset)) * passes * self.cfg.tiles**2)
         feats, keys = [], []
-        for item in (loader if self.cfg.num_workers else _prefetched(loader)):
+        for item in batches if batches is not None else self.batches(dataset):
             batch, key = item[:2]
             if skipping:
                 self.skipped.extend(item[2])
@@ -684,44 +715,55 @@ def _normalised_module():
     return Normalised
 
 
-def _prefetched(iterable, depth: int = 2):
-    """``iterable``'s items, produced ``depth`` ahead in a thread: reading and decoding the
-    next batch (which release the GIL in PIL / NumPy / torch) overlap the network."""
-    import queue
-    import threading
+class _Prefetched:
+    """``iterable``'s items, produced ``depth`` ahead in a thread started at once: reading and
+    decoding the next batch (which release the GIL in PIL / NumPy / torch) overlap the network,
+    and a caller can start the next shard's reading before this one is done. ``close()`` (also
+    at the end of iteration) stops the thread."""
 
-    q: queue.Queue = queue.Queue(depth)
-    done = object()
-    stop = threading.Event()
+    def __init__(self, iterable, depth: int = 2) -> None:
+        import queue
+        import threading
 
-    def produce() -> None:
-        try:
-            for item in iterable:
-                if stop.is_set():
-                    return
-                q.put((item, None))
-        except BaseException as exc:  # handed to the consumer, raised there
-            q.put((None, exc))
-            return
-        q.put((done, None))
+        self._q: queue.Queue = queue.Queue(depth)
+        self._done = object()
+        self._stop = threading.Event()
 
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, exc = q.get()
-            if exc is not None:
-                raise exc
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
+        def produce() -> None:
             try:
-                q.get_nowait()
+                for item in iterable:
+                    if self._stop.is_set():
+                        return
+                    self._q.put((item, None))
+            except BaseException as exc:  # handed to the consumer, raised there
+                self._q.put((None, exc))
+                return
+            self._q.put((self._done, None))
+
+        self._thread = threading.Thread(target=produce, daemon=True)
+        self._thread.start()
+
+    def __iter__(self):
+        try:
+            while True:
+                item, exc = self._q.get()
+                if exc is not None:
+                    raise exc
+                if item is self._done:
+                    return
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        import queue
+
+        self._stop.set()
+        while self._thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                self._q.get_nowait()
             except queue.Empty:
-                thread.join(0.01)
+                self._thread.join(0.01)
 
 
 def _pooled(h):
