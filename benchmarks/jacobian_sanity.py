@@ -1,0 +1,147 @@
+"""Sanity check of the MIL Jacobian maps (after Adebayo et al. 2018, "Sanity checks for
+saliency maps"): do the guided-backprop masks of a frozen pretrained trunk depend on what the
+MIL head learned at all?
+
+The same mask pipeline as ``mil_6moa.py`` (guided backprop, channel sum of the positive input
+gradient, Gaussian sigma 1, MRF graph cut; reference: the Otsu foreground of the summed stains)
+is scored with heads that learned nothing:
+
+- ``random_head``: a MIL network on the offline ImageNet EfficientNet-Lite0 trunk (stage 3, as
+  in ``mil_6moa.py``) whose head is freshly initialised (seed 0), seeded from its predicted class
+  as eq. 4;
+- ``uniform_seed``: no head, the trunk's whole stage-3 output summed (every feature, every
+  position) as the seed;
+- ``all_foreground`` / ``all_background``: the constant masks, what mean IU gives for nothing.
+
+On the real 6-MoA fields (every 5th of the 660, 256 px) and on the two complete raw 3-channel
+BBBC021 fields in ``../shared/data/bbbc021/images`` (1024x1280, each stain scaled by its
+99.9th percentile), at full size and at 1/5 (the 6-MoA scale). If ``random_head`` scores as well
+as the trained head of ``mil_6moa.json`` (``jacobian_iou_vs_otsu``), the masks come from the
+frozen trunk, not from the learning.
+
+    python benchmarks/jacobian_sanity.py   # writes benchmarks/results/jacobian_sanity.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data" / "bbbc021"
+RESULTS = HERE / "results" / "jacobian_sanity.json"
+EVERY = 5
+
+
+def raw_fields() -> np.ndarray | None:
+    """The complete raw 3-channel fields (DAPI w1, tubulin w2, actin w4) as ``(N, 3, H, W)``
+    float32 in [0, 1] (each stain over its 99.9th percentile); None when absent."""
+    import tifffile
+
+    folder = DATA / "images" / "Week2" / "Week2_24381"
+    fields = []
+    for site in ("s1", "s2", "s3", "s4"):
+        files = [sorted(folder.glob(f"*_{site}_w{w}*.tif")) for w in (1, 2, 4)]
+        if not all(files):
+            continue
+        im = np.stack([tifffile.imread(f[0]).astype(np.float32) for f in files])
+        im /= np.percentile(im, 99.9, axis=(1, 2), keepdims=True)
+        fields.append(np.clip(im, 0, 1))
+    return np.stack(fields) if fields else None
+
+
+def uniform_maps(net, x) -> np.ndarray:
+    """Guided backprop of the sum of the trunk's whole output (no head), as the masks use it."""
+
+    from morphoprof.models.jacobian import GUIDED_ACTIVATIONS, _guided_relu_hook
+
+    hooks = [m.register_full_backward_hook(_guided_relu_hook)
+             for m in net.modules() if isinstance(m, GUIDED_ACTIVATIONS)]
+    try:
+        xx = x.detach().clone().requires_grad_(True)
+        net.trunk(xx).sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return xx.grad.clamp_min(0.0).sum(1).numpy()
+
+
+def score(images: np.ndarray, net, mean, std, batch: int = 8) -> dict:
+    """Mean IU (vs the Otsu foreground of the summed stains) of each check on ``images``."""
+    import torch
+
+    from morphoprof.models.jacobian import jacobian_maps, mean_iu, mrf_mask, otsu_foreground
+
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    out: dict[str, list[float]] = {k: [] for k in (
+        "random_head", "uniform_seed", "all_foreground", "all_background")}
+    fg = []
+    for start in range(0, len(images), batch):
+        ims = images[start:start + batch]
+        x = (torch.from_numpy(np.ascontiguousarray(ims)) - m) / s
+        for j_head, j_uni, im in zip(jacobian_maps(net, x), uniform_maps(net, x), ims):
+            ref = otsu_foreground(im)
+            fg.append(float(ref.mean()))
+            out["random_head"].append(mean_iu(mrf_mask(j_head), ref))
+            out["uniform_seed"].append(mean_iu(mrf_mask(j_uni), ref))
+            out["all_foreground"].append(mean_iu(np.ones(ref.shape, bool), ref))
+            out["all_background"].append(mean_iu(np.zeros(ref.shape, bool), ref))
+    res = {k: float(np.mean(v)) for k, v in out.items()}
+    res.update(n_fields=len(fg), reference_foreground_fraction=float(np.mean(fg)))
+    return res
+
+
+def main() -> int:
+    import torch
+
+    from morphoprof.index import import_fields_6moa
+    from morphoprof.io_utils import write_json
+    from morphoprof.models.data import load_images
+    from morphoprof.models.mil import MILConfig, MILNet
+
+    if not (DATA / "fields_6moa").is_dir():
+        print(f"skipped: real data not found at {DATA / 'fields_6moa'}")
+        return 0
+    torch.manual_seed(0)
+    net = MILNet(MILConfig(n_classes=6, trunk="tf_efficientnet_lite0", stage=3,
+                           weights="offline", hidden=256, dropout=0.5)).eval()
+    mean, std = net.trunk.mean, net.trunk.std
+    t0 = time.perf_counter()
+    index = import_fields_6moa(DATA / "fields_6moa")
+    rows = np.arange(0, len(index), EVERY)
+    images = load_images(index, rows, size=256, normalization="none", scale=255)
+    result: dict = {"method": "guided backprop, channel sum of the positive input gradient, "
+                              "Gaussian sigma 1, MRF graph cut (Potts 2.0), as mil_6moa.py; "
+                              "reference: Otsu foreground of the summed stains; mean IU of "
+                              "foreground and background",
+                    "trunk": "tf_efficientnet_lite0 stage 3, offline ImageNet, frozen",
+                    "fields_6moa": score(images, net, mean, std)}
+    print("6-MoA fields:", json.dumps(result["fields_6moa"]), flush=True)
+    raw = raw_fields()
+    if raw is None:
+        result["raw_fields"] = {"note": f"raw 3-channel fields not found under {DATA}"}
+    else:
+        x = torch.from_numpy(raw)
+        small = torch.nn.functional.interpolate(x, scale_factor=0.2, mode="bilinear",
+                                                antialias=True).numpy()
+        result["raw_fields"] = score(raw, net, mean, std, batch=1)
+        result["raw_fields_one_fifth"] = score(small, net, mean, std)
+        print("raw fields:", json.dumps(result["raw_fields"]), "1/5:",
+              json.dumps(result["raw_fields_one_fifth"]), flush=True)
+    trained = HERE / "results" / "mil_6moa.json"
+    if trained.is_file():
+        result["trained_noisy_and_mil_6moa"] = json.loads(trained.read_text()).get(
+            "jacobian_iou_vs_otsu")
+    result["seconds"] = time.perf_counter() - t0
+    write_json(RESULTS, result)
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
