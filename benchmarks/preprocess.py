@@ -4,10 +4,15 @@
   on two plates (BBBC021 has 240 per plate, so per-plate costs are, if anything, overstated):
   illumination functions (one streaming pass per plate), then per field: read, correct, segment
   the DNA channel, cut 96-px crops of every nucleus. Reported as fields/s, at full resolution and
-  with ``downsample=2`` segmentation.
+  with ``downsample=2`` and ``downsample=4`` segmentation; on the real raw DAPI fields, each
+  downsampled setting's nuclei against full resolution (``real_fields_vs_full_resolution``).
 - The reference, measured in the same run on the same fields: the default extractor of the
   end-to-end pipeline (EfficientNet-Lite0 transfer features, 3 greyscale passes per field, reading
   included). ``preprocess_fraction`` = preprocessing time / (preprocessing + extraction time).
+- Where the time goes (``breakdown_ms_per_field``): each step's milliseconds per field on one
+  core; and ``reference_reading_seconds``, the default extractor's reader alone (decode,
+  correct, resize; no network), the part of extraction a read shared with preprocessing would
+  serve.
 - The real raw BBBC021 DAPI field (../shared/data/bbbc021/raw): nuclei count, seconds, and an
   overlay PNG (benchmarks/results/preprocess_real_dapi_overlay.png) for a person to look at.
 
@@ -32,13 +37,12 @@ OVERLAY = HERE / "results" / "preprocess_real_dapi_overlay.png"
 
 def _chunk(index, rows, illum, nuclei_cfg, crop_size) -> int:
     from morphoprof.preprocess.crops import crop_cells
-    from morphoprof.preprocess.segmentation import CENTER_X, CENTER_Y, object_table, segment_nuclei
+    from morphoprof.preprocess.segmentation import CENTER_X, CENTER_Y, nuclei_table
 
     n_cells = 0
     for i in rows:
         img = index.read(i, illumination=illum)
-        labels = segment_nuclei(img[0], nuclei_cfg)
-        cells = object_table(labels)
+        cells = nuclei_table(img[0], nuclei_cfg)  # what `segment` computes per field
         crops, _ = crop_cells(img, cells[[CENTER_X, CENTER_Y]].to_numpy(), crop_size,
                               normalization="max")
         n_cells += len(crops)
@@ -58,6 +62,88 @@ def preprocess_fields(index, illum, nuclei_cfg, n_jobs=2, crop_size=96) -> tuple
         n_cells = sum(pool(delayed(_chunk)(index, r, illum, nuclei_cfg, crop_size)
                            for r in chunks))
     return time.perf_counter() - t0, n_cells
+
+
+def breakdown(index, illum, nuclei_cfg, crop_size=96, n=20) -> dict:
+    """Milliseconds per field of each preprocessing step, in this process on one core, over the
+    first ``n`` fields (after one warm-up field): reading + illumination correction of the 3
+    stains, segmentation of the DNA plane with its object table, the crops."""
+    from morphoprof.preprocess.crops import crop_cells
+    from morphoprof.preprocess.segmentation import CENTER_X, CENTER_Y, nuclei_table
+
+    total = dict.fromkeys(("read_and_correct", "segment_and_table", "crops"), 0.0)
+    rows = list(range(min(n + 1, len(index))))
+    for i in rows:
+        t0 = time.perf_counter()
+        img = index.read(i, illumination=illum)
+        t1 = time.perf_counter()
+        cells = nuclei_table(img[0], nuclei_cfg)
+        t2 = time.perf_counter()
+        crop_cells(img, cells[[CENTER_X, CENTER_Y]].to_numpy(), crop_size, normalization="max")
+        t3 = time.perf_counter()
+        if i:  # the first field warms up imports and caches
+            for k, dt in zip(total, (t1 - t0, t2 - t1, t3 - t2)):
+                total[k] += dt
+    return {k: 1000 * v / max(len(rows) - 1, 1) for k, v in total.items()}
+
+
+def extraction_reading(index, illum) -> float:
+    """Seconds the default extractor's reader takes alone (decode, correct, resize every field
+    to the network's input), with no network: the part of extraction a shared read could
+    serve."""
+    from morphoprof.features.transfer import (
+        FieldTransform,
+        TransferConfig,
+        TransferExtractor,
+        estimate_intensity_range,
+    )
+
+    ex = TransferExtractor(TransferConfig())
+    channels = list(index.channels)
+    ranges = estimate_intensity_range(index, channels, ex.cfg.intensity_percentiles,
+                                      illumination=illum)
+    ds = ex.field_dataset(index, np.arange(len(index)), channels,
+                          FieldTransform(ranges, ex.size), illum)
+    t0 = time.perf_counter()
+    for _ in ex.batches(ds):
+        pass
+    return time.perf_counter() - t0
+
+
+SETTINGS = {"full_resolution": 1, "downsample_2": 2, "downsample_4": 4}
+
+
+def real_agreement() -> dict:
+    """Each downsampled setting against full resolution on the real raw BBBC021 DAPI fields
+    (the DMSO field of ``raw/`` and those of ``images/``): nuclei counted, and the fraction of
+    them within 5 px of a full-resolution nucleus (median area ratio beside it)."""
+    import tifffile
+    from scipy.spatial import cKDTree
+
+    from morphoprof.preprocess.segmentation import CENTER_X, CENTER_Y, NucleiConfig, nuclei_table
+
+    files = [RAW] if RAW.is_file() else []
+    files += sorted((RAW.parent.parent / "images").glob("*/*/*_w1*.tif"))
+    if not files:
+        return {"note": "real raw DAPI fields not found"}
+    out: dict = {"fields": len(files)}
+    tables = {name: [] for name in SETTINGS}
+    for f in files:
+        img = tifffile.imread(f).astype(np.float32)
+        for name, d in SETTINGS.items():
+            tables[name].append(nuclei_table(img, NucleiConfig(downsample=d)))
+    xy = [CENTER_X, CENTER_Y]
+    for name in SETTINGS:
+        near, area = [], []
+        for full, t in zip(tables["full_resolution"], tables[name]):
+            dist, _ = cKDTree(full[xy].to_numpy()).query(t[xy].to_numpy())
+            near += (dist < 5).tolist()
+            area.append(t["Nuclei_AreaShape_Area"].median()
+                        / full["Nuclei_AreaShape_Area"].median())
+        out[name] = {"nuclei": int(sum(map(len, tables[name]))),
+                     "within_5px_of_full_resolution": float(np.mean(near)),
+                     "median_area_ratio": float(np.median(area))}
+    return out
 
 
 def real_dapi() -> dict:
@@ -102,6 +188,14 @@ def main() -> int:
     cfg = SynthConfig(n_moas=2, compounds_per_moa=1, concentrations=(1.0,), n_batches=1,
                       plates_per_batch=2, dmso_wells_per_plate=18, sites_per_well=2,
                       height=1024, width=1280, cells_per_field=150, cell_scale=2.5, seed=11)
+    # every stage's libraries imported before any timing (the segmentation workers are warmed
+    # up too), so each stage is timed at its steady cost, not its first import
+    import scipy.ndimage  # noqa: F401
+    import skimage.filters  # noqa: F401
+    import skimage.transform  # noqa: F401
+    import timm  # noqa: F401
+    import torch  # noqa: F401
+
     out: dict = {"machine": "2 CPU cores", "field_shape": [3, 1024, 1280], "crop_size": 96}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -112,9 +206,8 @@ def main() -> int:
         illum = compute_illumination(index, tmp / "illum", window=500, n_jobs=2)
         illum_seconds = time.perf_counter() - t0
         runs = {}
-        for name, ncfg in (("full_resolution", NucleiConfig(min_distance=8, min_area=80)),
-                           ("downsample_2", NucleiConfig(min_distance=8, min_area=80,
-                                                         downsample=2))):
+        for name, d in SETTINGS.items():
+            ncfg = NucleiConfig(min_distance=8, min_area=80, downsample=d)
             seconds, cells = preprocess_fields(index, illum, ncfg)
             total = seconds + illum_seconds
             runs[name] = {"seconds": total, "fields_per_s": n / total, "cells": cells,
@@ -126,6 +219,11 @@ def main() -> int:
         TransferExtractor(TransferConfig()).extract(index, tmp / "features", log=None,
                                                     illumination=illum)
         extract_seconds = time.perf_counter() - t0
+        out["breakdown_ms_per_field"] = {
+            name: breakdown(index, illum, NucleiConfig(min_distance=8, min_area=80,
+                                                       downsample=d))
+            for name, d in SETTINGS.items()}
+        out["reference_reading_seconds"] = extraction_reading(index, illum)
     out["illumination_functions_seconds"] = illum_seconds
     out["preprocess"] = runs
     out["reference_extract_seconds"] = extract_seconds
@@ -138,6 +236,7 @@ def main() -> int:
     out["headline_setting"] = best
     out["goal_preprocess_fraction_at_most"] = 0.20
     out.update(real_dapi())
+    out["real_fields_vs_full_resolution"] = real_agreement()
     print(f"transfer features (reference): {n / extract_seconds:.2f} fields/s; preprocessing "
           f"fraction {out['preprocess_fraction']:.2f} ({best}); real DAPI field: "
           f"{out['real_dapi_nuclei']} nuclei")

@@ -16,6 +16,8 @@ from morphoprof.preprocess.segmentation import (
     export_deepprofiler_locations,
     image_quality,
     import_deepprofiler_locations,
+    nuclei_table,
+    object_table,
     segment_index,
     segment_nuclei,
 )
@@ -63,6 +65,28 @@ def test_parallel_and_downsampled_runs(tmp_path, tiny_screen):
     full = segment_nuclei(img)
     half = segment_nuclei(img, NucleiConfig(downsample=2))
     assert half.shape == full.shape and abs(int(half.max()) - int(full.max())) <= 1
+
+
+def test_nuclei_table_from_blocks_equals_the_upsampled_labels_table(tiny_screen):
+    """The table computed on the downsampled segmentation's blocks (no full-resolution label
+    image) equals object_table of the upsampled labels, also where the image is not a whole
+    number of blocks (the edge blocks stand for fewer pixels) and for a real-screen field."""
+    _, index = tiny_screen
+    img = index.read(0, ["DNA"])[0]
+    for crop, f in (((slice(None), slice(None)), 2), ((slice(0, 61), slice(3, 100)), 2),
+                    ((slice(0, 61), slice(3, 100)), 3)):
+        part = np.ascontiguousarray(img[crop])
+        cfg = NucleiConfig(downsample=f, min_area=8, min_distance=3)
+        want = object_table(segment_nuclei(part, cfg))
+        got = nuclei_table(part, cfg)
+        assert len(want) > 0 and list(got.columns) == list(want.columns)
+        pd.testing.assert_frame_equal(got, want, check_dtype=False, atol=1e-9)
+    # an object in the last, partial block row: 1 full-resolution row, not 3
+    labels = np.zeros((3, 3), np.int32)
+    labels[2, 1] = 1
+    t = object_table(labels, block=3, shape=(7, 9))
+    assert t.iloc[0][["Nuclei_AreaShape_Area", CENTER_X, CENTER_Y]].tolist() == [3, 4.0, 6.0]
+    assert t.iloc[0]["Nuclei_AreaShape_BoundingBoxMaximum_Y"] == 7
 
 
 def test_touching_nuclei_are_split():

@@ -87,19 +87,8 @@ def segment_nuclei(dna: np.ndarray, cfg: NucleiConfig | None = None) -> np.ndarr
     if f > 1:
         # Segment at lower resolution with sizes scaled to match, then upsample the labels.
         h, w = img.shape
-        hs, ws = -(-h // f), -(-w // f)
-        if (hs * f, ws * f) != (h, w):
-            img = np.pad(img, ((0, hs * f - h), (0, ws * f - w)), mode="edge")
-        small = np.zeros((hs, ws), np.float32)
-        for dy in range(f):  # block mean as f*f strided adds (faster than a 4-D reduction)
-            for dx in range(f):
-                small += img[dy::f, dx::f]
-        small /= f * f
-        scaled = replace(cfg, downsample=1, smoothing=cfg.smoothing / f,
-                         min_area=max(int(cfg.min_area / f**2), 1),
-                         max_area=max(int(cfg.max_area / f**2), 1),
-                         min_distance=max(int(round(cfg.min_distance / f)), 1))
-        low = segment_nuclei(small, scaled)
+        low = _segment_downsampled(img, cfg)
+        hs, ws = low.shape
         up = np.broadcast_to(low[:, None, :, None], (hs, f, ws, f)).reshape(hs * f, ws * f)
         return up[:h, :w]
     if img.max() - img.min() <= 0:
@@ -142,6 +131,48 @@ def segment_nuclei(dna: np.ndarray, cfg: NucleiConfig | None = None) -> np.ndarr
     return _relabel(labels)
 
 
+def _segment_downsampled(img: np.ndarray, cfg: NucleiConfig) -> np.ndarray:
+    """Labels of the ``cfg.downsample`` x ``cfg.downsample`` block means of a 2-D float32
+    image (edge-padded to whole blocks), segmented with the sizes scaled to match: one label
+    pixel per block."""
+    f = int(cfg.downsample)
+    h, w = img.shape
+    hs, ws = -(-h // f), -(-w // f)
+    if (hs * f, ws * f) != (h, w):
+        img = np.pad(img, ((0, hs * f - h), (0, ws * f - w)), mode="edge")
+    small = np.zeros((hs, ws), np.float32)
+    for dy in range(f):  # block mean as f*f strided adds (faster than a 4-D reduction)
+        for dx in range(f):
+            small += img[dy::f, dx::f]
+    small /= f * f
+    scaled = replace(cfg, downsample=1, smoothing=cfg.smoothing / f,
+                     min_area=max(int(cfg.min_area / f**2), 1),
+                     max_area=max(int(cfg.max_area / f**2), 1),
+                     min_distance=max(int(round(cfg.min_distance / f)), 1))
+    return segment_nuclei(small, scaled)
+
+
+def nuclei_table(dna: np.ndarray, cfg: NucleiConfig | None = None) -> pd.DataFrame:
+    """``object_table(segment_nuclei(dna, cfg))``, the same numbers, without building the
+    full-resolution label image when ``cfg.downsample`` > 1: the table is computed on the
+    segmentation's own blocks, each weighted by the full-resolution pixels it stands for (4x
+    fewer pixels at ``downsample=2``).
+
+    Args:
+        dna: ``(H, W)`` intensities.
+        cfg: as for :func:`segment_nuclei`.
+
+    Returns:
+        The :func:`object_table` of the nuclei, in full-resolution pixels.
+    """
+    cfg = cfg or NucleiConfig()
+    img = np.asarray(dna, dtype=np.float32)
+    if int(cfg.downsample) <= 1 or img.ndim != 2:
+        return object_table(segment_nuclei(img, cfg))
+    return object_table(_segment_downsampled(img, cfg), block=int(cfg.downsample),
+                        shape=img.shape)
+
+
 def _relabel(labels: np.ndarray) -> np.ndarray:
     """Renumber labels to 1..N, keeping their order."""
     present = np.bincount(labels.ravel()) > 0
@@ -151,22 +182,47 @@ def _relabel(labels: np.ndarray) -> np.ndarray:
     return lut[labels]
 
 
-def object_table(labels: np.ndarray) -> pd.DataFrame:
+def object_table(labels: np.ndarray, block: int = 1,
+                 shape: tuple[int, int] | None = None) -> pd.DataFrame:
     """One row per labelled object: object id, centre x / y, area, bounding box (px).
 
     Works inside each object's bounding box (``find_objects``), so the cost follows the objects'
     area, not the image's.
+
+    Args:
+        labels: ``(h, w)`` label image.
+        block: each label pixel stands for a ``block`` x ``block`` block of a full-resolution
+            image of ``shape`` ``(H, W)`` (the last blocks cut at its edge), as
+            :func:`segment_nuclei` upsamples its labels: the table is that of the upsampled
+            labels, in full-resolution pixels.
     """
     from scipy import ndimage as ndi
 
     labels = np.asarray(labels)
+    objects = ndi.find_objects(labels) if labels.size and labels.max() > 0 else []
+    if block > 1:
+        h, w = shape if shape is not None else (labels.shape[0] * block,
+                                                labels.shape[1] * block)
+        starts_y, starts_x = np.arange(labels.shape[0]) * block, np.arange(labels.shape[1]) * block
+        n_y = np.clip(h - starts_y, 0, block)  # full-resolution rows / columns of each block
+        n_x = np.clip(w - starts_x, 0, block)
+        mid_y, mid_x = starts_y + (n_y - 1) / 2, starts_x + (n_x - 1) / 2
     rows = []
-    for k, sl in enumerate(ndi.find_objects(labels) if labels.size and labels.max() > 0 else []):
+    for k, sl in enumerate(objects):
         if sl is None:
             continue
-        ys, xs = np.nonzero(labels[sl] == k + 1)
-        rows.append((k + 1, xs.mean() + sl[1].start, ys.mean() + sl[0].start, len(ys),
-                     sl[0].start, sl[1].start, sl[0].stop, sl[1].stop))
+        inside = labels[sl] == k + 1
+        if block == 1:
+            ys, xs = np.nonzero(inside)
+            rows.append((k + 1, xs.mean() + sl[1].start, ys.mean() + sl[0].start, len(ys),
+                         sl[0].start, sl[1].start, sl[0].stop, sl[1].stop))
+            continue
+        weight = inside * (n_y[sl[0]][:, None] * n_x[sl[1]][None, :])
+        area = weight.sum()
+        rows.append((k + 1, (weight.sum(0) * mid_x[sl[1]]).sum() / area,
+                     (weight.sum(1) * mid_y[sl[0]]).sum() / area, area,
+                     sl[0].start * block, sl[1].start * block,
+                     min(sl[0].stop * block, h), min(sl[1].stop * block, w)))
     arr = np.array(rows, dtype=np.float64).reshape(-1, 8)
     out = pd.DataFrame({
         OBJECT: arr[:, 0].astype(np.int64),
@@ -193,7 +249,7 @@ def _segment_chunk(index: ExperimentIndex, rows: Sequence[int], channel: str, cf
             if illumination is not None:
                 plate = index.table[PLATE].iloc[int(i)]
                 dna = illumination.apply(dna[None], plate, [channel])[0]
-            out.append((int(i), object_table(segment_nuclei(dna, cfg)), warnings, None))
+            out.append((int(i), nuclei_table(dna, cfg), warnings, None))
         except MorphoprofError as exc:
             out.append((int(i), None, [], str(exc)))
     return out
