@@ -48,6 +48,28 @@ def test_timm_trunk_is_cut_at_the_named_stage(name, stage, channels, stride):
         MILNet(MILConfig(4, trunk=name, stage=9, weights="random"))
 
 
+@pytest.mark.parametrize("name,stage,weights,chain", [
+    ("tf_efficientnet_lite0", 3, "offline", 7),  # conv_stem, bn1, blocks.0-4 (not 5, 6)
+    ("resnet18", 2, "random", 6),                # conv1, bn1, act1, maxpool, layer1, layer2
+])
+def test_timm_trunk_splits_at_its_last_stage(name, stage, weights, chain):
+    """The trunk runs as a chain of modules that stops at the cut stage, and its last stage
+    applied to the prefix's output is the whole trunk (what the cache of
+    mil.unfreeze_last_stage and the trained stage rely on)."""
+    from morphoprof.models.mil import TrunkPrefix
+
+    net = MILNet(MILConfig(4, trunk=name, stage=stage, weights=weights, hidden=8)).eval()
+    trunk = net.trunk
+    assert len(trunk._layers) == chain
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        whole = trunk(x)
+        assert torch.allclose(whole, trunk.body(x)[-1], atol=1e-5)
+        prefix = TrunkPrefix(trunk)(x)
+        assert prefix.shape[1] != whole.shape[1] or prefix.shape[-1] != whole.shape[-1]
+        assert torch.allclose(trunk.last_stage(prefix), whole, atol=1e-5)
+
+
 def test_kraus_trunk_layer_for_layer():
     trunk = KrausTrunk(MILConfig(3, batch_norm=False, pool_dropout=0.2))
     convs = [(m.kernel_size[0], m.out_channels) for m in trunk.modules()
@@ -199,6 +221,29 @@ output: out
     (tmp_path / "mil.yaml").write_text(text.replace("output: out", "output: out2"))
     assert main(["train", "mil", str(tmp_path / "mil.yaml")]) == 0
     assert "reusing" in capsys.readouterr().out
+    # the last stage trained too, on cached maps of its input; each fold starts from the
+    # pretrained stage, and the reloaded network carries the trained one
+    (tmp_path / "mil.yaml").write_text(text.replace("output: out", "output: out3").replace(
+        "cache: maps", "cache: maps3, unfreeze_last_stage: true"))
+    assert main(["train", "mil", str(tmp_path / "mil.yaml"), "--quiet"]) == 0
+    t3 = json.loads((tmp_path / "out3" / "mil" / "cv.json").read_text())["trunk"]
+    assert t3["trained_last_stage"] and t3["feature_maps"] == [24, 16, 16]  # blocks.1: 1/4
+    trained, _, _ = load_trained_mil(tmp_path / "out3", 1)
+    pretrained = MILNet(MILConfig(3, trunk="tf_efficientnet_lite0", stage=2,
+                                  weights="offline", hidden=16)).eval()
+    w_new = trained.trunk.last_stage.state_dict()
+    w_old = pretrained.trunk.last_stage.state_dict()
+    assert any(not torch.equal(w_new[k], w_old[k]) for k in w_old if w_old[k].is_floating_point())
+    for k, v in trained.trunk.state_dict().items():  # the rest of the trunk stays pretrained
+        if not k.startswith("body.blocks.2"):
+            assert torch.equal(v, pretrained.trunk.state_dict()[k]), k
+    with torch.no_grad():
+        assert trained(torch.zeros(1, 3, 64, 64))["maps"].shape == (1, 3, 8, 8)
+    capsys.readouterr()
+    (tmp_path / "mil.yaml").write_text(text.replace("cache: maps", "cache: maps, frozen: false, "
+                                                    "unfreeze_last_stage: true"))
+    assert main(["train", "mil", str(tmp_path / "mil.yaml"), "--quiet"]) == 2
+    assert "mil.unfreeze_last_stage" in capsys.readouterr().err
     # a from-scratch trunk cannot be frozen
     (tmp_path / "mil.yaml").write_text(text.replace("trunk: tf_efficientnet_lite0",
                                                     "trunk: kraus, frozen: true"))

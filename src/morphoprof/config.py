@@ -322,6 +322,8 @@ TRAIN_SCHEMA: dict[str, Any] = {
         # pretrained timm trunks); cache: the folder those maps are kept in
         "frozen": Opt(_BOOL, None),
         "cache": Opt(_STR, None),
+        # with a frozen trunk, also train its last stage (on the cached input of that stage)
+        "unfreeze_last_stage": Opt(_BOOL, False),
         "pooling": Opt(_STR, "noisy_and",
                        ("max", "mean", "gm", "lse", "noisy_or", "isr", "noisy_and")),
         "r": Opt(_FLOAT, 5.0),
@@ -385,6 +387,9 @@ def load_train_config(path: str | Path, kind: str | None = None) -> tuple[dict, 
     if m["frozen"] and m["trunk"] in ("plan", "kraus"):
         problems.append(f"mil.frozen: a {m['trunk']!r} trunk is trained from scratch and "
                         "cannot be frozen")
+    if m["unfreeze_last_stage"] and (m["frozen"] is False or m["trunk"] in ("plan", "kraus")):
+        problems.append("mil.unfreeze_last_stage: trains the last stage of a frozen pretrained "
+                        f"timm trunk (trunk {m['trunk']!r}, frozen {m['frozen']})")
     for key in ("dropout", "pool_dropout"):
         if isinstance(m[key], (int, float)) and not 0 <= m[key] < 1:
             problems.append(f"mil.{key}: must be in [0, 1), got {m[key]}")

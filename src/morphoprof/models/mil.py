@@ -228,13 +228,106 @@ class TimmTrunk(nn.Module):
         self.min_size = self.reduction
         self.mean, self.std = (input_stats(backbone, cfg.in_chans)
                                if backbone.weights != "random" else (None, None))
+        # the modules from the input to the cut stage, in order (a plain list: the modules
+        # stay registered once, under ``body``); None where the model is not such a chain
+        self._layers = _chain_to(net, str(info["module"]), cfg.in_chans, self.min_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_size(self, x: torch.Tensor) -> None:
         h, w = x.shape[-2:]
         if h < self.min_size or w < self.min_size:
             raise InputError(f"image {h}x{w} px is smaller than {self.name}'s stage "
                              f"{self.stage} stride ({self.min_size} px)")
-        return self.body(x)[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_size(x)
+        if self._layers is None:
+            return self.body(x)[-1]
+        for layer in self._layers:  # stops at the cut stage: later blocks never run
+            x = layer(x)
+        return x
+
+    @property
+    def last_stage(self) -> nn.Module:
+        """The module that computes the cut stage (trained when ``mil.unfreeze_last_stage``)."""
+        if self._layers is None:
+            raise InputError(f"mil.unfreeze_last_stage: {self.name} is not a chain of stages "
+                             "this trunk can split")
+        return self._layers[-1]
+
+    def forward_prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of :attr:`last_stage`: ``forward(x) == last_stage(forward_prefix(x))``."""
+        self._check_size(x)
+        self.last_stage  # noqa: B018 (raises where the trunk cannot be split)
+        for layer in self._layers[:-1]:
+            x = layer(x)
+        return x
+
+
+def _chain_to(net: nn.Module, target: str, in_chans: int, size: int) -> list[nn.Module] | None:
+    """The modules of ``net`` from its input to the module named ``target`` (a feature
+    stage), descending into the containers that hold it: for timm's EfficientNet features
+    ``conv_stem, bn1, blocks.0 .. blocks.k``, for a ``FeatureListNet`` its children. Checked
+    once on a small random input against ``net``'s own output; None where they differ (the
+    model is not such a chain)."""
+    chain: list[nn.Module] = []
+
+    def walk(module: nn.Module, prefix: str) -> bool:
+        for name, child in module.named_children():
+            full = f"{prefix}{name}"
+            if full == target:
+                chain.append(child)
+                return True
+            if target.startswith(full + "."):
+                return walk(child, full + ".")
+            chain.append(child)
+        return False
+
+    if not walk(net, ""):
+        return None
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            x = torch.rand(1, in_chans, max(size, 32) * 2, max(size, 32) * 2,
+                           generator=torch.Generator().manual_seed(0))
+            want, y = net(x)[-1], x
+            for layer in chain:
+                y = layer(y)
+        same = y.shape == want.shape and torch.allclose(y, want, atol=1e-5)
+    except (RuntimeError, TypeError):
+        same = False
+    finally:
+        net.train(was_training)
+    return chain if same else None
+
+
+class TrunkPrefix(nn.Module):
+    """A :class:`TimmTrunk` up to the input of its last stage (what is cached when the last
+    stage is trained)."""
+
+    def __init__(self, trunk: TimmTrunk) -> None:
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk.forward_prefix(x)
+
+
+class LastStageHead(nn.Module):
+    """The trunk's last stage (trained) and the MIL head, on the cached input of that stage
+    (``mil.unfreeze_last_stage``): ``(B, D', h', w')`` or ``(B, T, D', h', w')`` maps in, the
+    head's dict out."""
+
+    def __init__(self, last: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.last, self.head = last, head
+
+    def forward(self, f: torch.Tensor) -> dict[str, torch.Tensor]:
+        if f.ndim == 5:
+            b = f.shape[0]
+            g = self.last(f.flatten(0, 1).float())
+            return self.head(g.unflatten(0, (b, -1)))
+        return self.head(self.last(f.float()))
 
 
 TRUNKS = {"plan": PlanTrunk, "kraus": KrausTrunk}

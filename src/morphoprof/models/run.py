@@ -3,6 +3,7 @@ treatment-level accuracy, conformal sets, and (MIL) Jacobian-map overlays."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,7 +138,13 @@ def mil_setup(cfg: dict, images: np.ndarray, n_classes: int, out: Path,
 
     import torch
 
-    from morphoprof.models.mil import MILHead, MILNet, make_trunk
+    from morphoprof.models.mil import (
+        LastStageHead,
+        MILHead,
+        MILNet,
+        TrunkPrefix,
+        make_trunk,
+    )
     from morphoprof.models.mil_cache import (
         CachedMapDataset,
         cache_compute_seconds,
@@ -180,37 +187,59 @@ def mil_setup(cfg: dict, images: np.ndarray, n_classes: int, out: Path,
 
     for p in trunk.parameters():
         p.requires_grad_(False)
+    last = bool(m["unfreeze_last_stage"])
+    if last:
+        trunk.last_stage  # noqa: B018 (an error now, before any caching, if it cannot split)
     n_t = 8 if cfg["images"]["augment"] else 1
-    key = cache_key({k: info[k] for k in ("trunk", "stage", "weights")}, images, mean, std,
-                    n_t)
+    key_info = {k: info[k] for k in ("trunk", "stage", "weights")}
+    if last:
+        key_info["part"] = "input of the last stage"
+    key = cache_key(key_info, images, mean, std, n_t)
     folder = Path(m["cache"]) if m["cache"] else out / "mil" / "trunk_maps"
     t0 = time.perf_counter()
-    maps = cached_trunk_maps(folder, key, lambda: trunk_maps(trunk, images, mean, std, n_t,
+    source = TrunkPrefix(trunk) if last else trunk
+    maps = cached_trunk_maps(folder, key, lambda: trunk_maps(source, images, mean, std, n_t,
                                                              progress=progress), log=log)
-    info.update(feature_maps=list(maps.shape[2:]), transforms=n_t,
+    info.update(feature_maps=list(maps.shape[2:]), transforms=n_t, trained_last_stage=last,
                 cache_seconds=time.perf_counter() - t0,
                 cache_compute_seconds=cache_compute_seconds(folder), cache=str(folder))
     crop_px = cfg["images"]["crop"]
-    crop = None if crop_px is None else max(1, int(crop_px) // int(trunk.reduction))
+    stride = max(1, images.shape[-1] // maps.shape[-1])  # of the cached maps
+    crop = None if crop_px is None else max(1, int(crop_px) // stride)
 
     def make(fold: int):
         torch.manual_seed(seed + fold)
-        return ImageClassifier(MILHead(mcfg, trunk.out_channels), **kw)
+        head = MILHead(mcfg, trunk.out_channels)
+        if not last:
+            return ImageClassifier(head, **kw)
+        stage = copy.deepcopy(trunk.last_stage)  # each fold from the pretrained weights
+        for p in stage.parameters():
+            p.requires_grad_(True)
+        return ImageClassifier(LastStageHead(stage, head), **kw)
 
     def make_dataset(rows, targets, is_train: bool):
         return CachedMapDataset(maps, rows, targets, train=is_train, crop=crop)
 
     def full_net(state: dict):
-        return load_mil_state(MILNet(mcfg, trunk=trunk), state, frozen=True)
+        # a copy of the trunk for a trained last stage: the shared one stays pretrained
+        return load_mil_state(MILNet(mcfg, trunk=copy.deepcopy(trunk) if last else trunk),
+                              state, frozen=True, last_stage=last)
 
     return MILSetup(make, mean, std, make_dataset, full_net, info)
 
 
-def load_mil_state(net, state: dict, frozen: bool):
+def load_mil_state(net, state: dict, frozen: bool, last_stage: bool = False):
     """Load a trained :class:`ImageClassifier`'s ``state_dict`` (keys ``net.*``) into the whole
     :class:`MILNet` ``net``: into its head alone when the trunk was frozen (the module held only
-    the head), else into all of it. Returns ``net``."""
+    the head), into its trunk's last stage and its head when that stage was trained too
+    (``last_stage``; the module was a :class:`~morphoprof.models.mil.LastStageHead`), else
+    into all of it. Returns ``net``."""
     own = {k[4:]: v for k, v in state.items() if k.startswith("net.")}
+    if frozen and last_stage:
+        for part, module in (("last.", net.trunk.last_stage), ("head.", net.head)):
+            module.load_state_dict({k[len(part):]: v for k, v in own.items()
+                                    if k.startswith(part)})
+        return net
     (net.head if frozen else net).load_state_dict(own)
     return net
 
@@ -335,5 +364,5 @@ def load_trained_mil(folder: str | Path, fold: int = 0):
     n_chans = len(trunk["input_mean"])
     net = MILNet(mil_config(cfg, len(res["classes"]), n_chans))
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    load_mil_state(net, state, trunk["frozen"])
+    load_mil_state(net, state, trunk["frozen"], trunk.get("trained_last_stage", False))
     return net.eval(), tuple(trunk["input_mean"]), tuple(trunk["input_std"])
