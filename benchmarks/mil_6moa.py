@@ -11,7 +11,9 @@ training). Field labels only.
   rotations / reflections are computed once and cached (shared by all poolings); each pooling
   then trains only the MIL head (1x1 conv HIDDEN + ReLU + 50% dropout, 1x1 conv 6 sigmoid maps,
   pooling, FC) for EPOCHS epochs on random 14x14 crops of the maps (224 px of the field);
-  noisy_and_hidden1000 repeats Noisy-AND with Kraus's 1000 hidden units.
+  noisy_and_hidden1000 repeats Noisy-AND with Kraus's 1000 hidden units;
+  noisy_and_last_stage trains the trunk's last stage (blocks.4) with the head, on the cached
+  maps of that stage's input (``mil.unfreeze_last_stage``).
 - ``kraus`` trunk: the paper's network layer for layer, random init, trained end to end on
   224-px random crops with flips / rotations for KRAUS_EPOCHS epochs (the CPU budget).
 - A treatment's MoA: the median over its wells of the well-mean probabilities (Kraus).
@@ -20,7 +22,7 @@ Fold 0's Noisy-AND model writes Jacobian-map overlays (PNG, git-ignored: images 
 
     python benchmarks/mil_6moa.py [--resume] [--no-kraus] [--only=NAME,...]
 
-NAME: a pooling, noisy_and_hidden1000 or kraus.
+NAME: a pooling, noisy_and_hidden1000, noisy_and_last_stage or kraus.
 """
 
 from __future__ import annotations
@@ -41,16 +43,18 @@ POOLINGS = ("noisy_and", *(p for p in MIL_POOLINGS if p != "noisy_and"))  # Nois
 EPOCHS = 80
 KRAUS_EPOCHS = 12
 HIDDEN = 256  # the head's 1x1 layer on the pretrained trunk (Kraus's 1000: 4x the CPU time)
-# extra runs: Noisy-AND with Kraus's 1000 hidden units; the kraus trunk (its conv6 is 1000)
-VARIANTS = ("noisy_and_hidden1000", "kraus")
+# extra runs: Noisy-AND with Kraus's 1000 hidden units; Noisy-AND with the trunk's last stage
+# (blocks.4) trained too, on cached maps of its input; the kraus trunk (its conv6 is 1000)
+VARIANTS = ("noisy_and_hidden1000", "noisy_and_last_stage", "kraus")
+WIDE = ("noisy_and_hidden1000", "kraus")  # 1000 hidden units
 
 CONFIG = """\
 data: {{source: bbbc021_6moa, path: {data}}}
 label: Metadata_moa
 images: {{size: 256, normalization: none, scale: 255, augment: true, crop: 224}}
 mil: {{trunk: {trunk}, stage: 3, weights: {weights}, frozen: {frozen}, cache: {cache},
-      pooling: {pooling}, r: 5.0, a: 10.0, hidden: {hidden}, dropout: 0.5,
-      jacobian_images: {jacobian}}}
+      unfreeze_last_stage: {last}, pooling: {pooling}, r: 5.0, a: 10.0, hidden: {hidden},
+      dropout: 0.5, jacobian_images: {jacobian}}}
 train: {{epochs: {epochs}, batch_size: 16, lr: 0.001, seed: 0, accelerator: cpu}}
 cv: {{group: Metadata_compound, folds: 3, aggregate: median, alpha: 0.1}}
 """
@@ -58,14 +62,15 @@ cv: {{group: Metadata_compound, folds: 3, aggregate: median, alpha: 0.1}}
 
 def config(name: str) -> str:
     """The training config of a run: a pooling name, or one of :data:`VARIANTS`."""
-    kraus = name == "kraus"
+    kraus, last = name == "kraus", name == "noisy_and_last_stage"
     pooling = name if name in POOLINGS else "noisy_and"
     return CONFIG.format(
         data=DATA, trunk="kraus" if kraus else "tf_efficientnet_lite0",
         weights="random" if kraus else "offline", frozen="false" if kraus else "true",
-        cache=WORK / "trunk_maps", pooling=pooling,
-        hidden=HIDDEN if name in POOLINGS else 1000,
-        jacobian=4 if name == "noisy_and" else 0,
+        cache=WORK / ("last_stage_input_maps" if last else "trunk_maps"),
+        last="true" if last else "false", pooling=pooling,
+        hidden=1000 if name in WIDE else HIDDEN,
+        jacobian=4 if name in ("noisy_and", "noisy_and_last_stage") else 0,
         epochs=KRAUS_EPOCHS if kraus else EPOCHS)
 
 
@@ -196,7 +201,7 @@ def main() -> int:
               f"{r['image_accuracy']:.3f}, train {r['train_seconds']:.0f} s "
               f"(+ trunk maps {res['trunk'].get('cache_seconds', 0):.0f} s)", flush=True)
     jacs = dict(old.get("jacobian_by_trunk", {})) if only else {}
-    for name in ("noisy_and", "kraus"):
+    for name in ("noisy_and", "noisy_and_last_stage", "kraus"):
         if name in runs and (name in names or name not in jacs):
             j = jacs[name] = jacobian_scores(name)
             print(f"{name}: Jacobian masks (MRF) mean IU {j['mrf_vs_cells']:.3f} vs the Otsu "
@@ -219,7 +224,7 @@ def main() -> int:
                     "kraus": "Kraus 2016 Fig. 1 from scratch (ave_pool0, conv1-5 with "
                     "pools and 20% dropout, conv6 1x1x1000 50% dropout, conv7 1x1x6)"},
         "treatment_aggregation": "median over wells of well means",
-        "hidden": {n: (HIDDEN if n in POOLINGS else 1000) for n in runs},
+        "hidden": {n: (1000 if n in WIDE else HIDDEN) for n in runs},
         "treatment_accuracy": {p: r["treatment_accuracy"] for p, r in runs.items()},
         "treatment_counts": {p: r["treatment_counts"] for p, r in runs.items()},
         "image_accuracy": {p: r["image_accuracy"] for p, r in runs.items()},
