@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -58,11 +59,18 @@ def test_local_cluster_of_two_workers_matches_in_process_run(tiny_screen, tmp_pa
 
 
 def test_unreachable_scheduler_is_a_clear_error(tiny_screen, tmp_path, capsys):
+    import dask
+
     from morphoprof.cli import main
 
     _, index = tiny_screen
     index.write(tmp_path / "index.parquet")
-    rc = main(["extract", str(tmp_path / "index.parquet"), "--image-size", "64", "--weights",
-               "random", "--out", str(tmp_path / "x"), "--scheduler", "tcp://127.0.0.1:9"])
+    t0 = time.perf_counter()
+    # Dask's connect timeout decides how long it keeps trying (30 s by default)
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        rc = main(["extract", str(tmp_path / "index.parquet"), "--image-size", "64",
+                   "--weights", "random", "--out", str(tmp_path / "x"), "--scheduler",
+                   "tcp://127.0.0.1:9"])
     assert rc == 2
     assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in capsys.readouterr().err
+    assert time.perf_counter() - t0 < 20

@@ -15,9 +15,11 @@ from morphoprof.features.shards import read_features
 
 
 @pytest.mark.skipif(os.name != "posix", reason="needs SIGKILL")
-@pytest.mark.parametrize("scheduler", [[], ["--scheduler", "local:2"]], ids=["in_process", "dask"])
+# one worker: each Dask worker process imports torch and builds the network (seconds), and one
+# is enough to show that the cluster's processes go with their killed client
+@pytest.mark.parametrize("scheduler", [[], ["--scheduler", "local:1"]], ids=["in_process", "dask"])
 def test_sigkill_mid_extraction_then_rerun_matches_clean_run(tmp_path, scheduler):
-    """In one process, or as the client of a 2-worker Dask LocalCluster (whose worker
+    """In one process, or as the client of a 1-worker Dask LocalCluster (whose worker
     processes must not outlive it)."""
     cfg = SynthConfig(n_moas=2, compounds_per_moa=2, concentrations=(1.0,), n_batches=2,
                       plates_per_batch=4, dmso_wells_per_plate=2, sites_per_well=2,

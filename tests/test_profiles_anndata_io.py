@@ -71,6 +71,8 @@ def test_scanpy_reads_and_analyses_the_profiles(tmp_path, fmt):
     assert adata.n_obs == len(wells)
     assert list(adata.obs["Metadata_well"]) == list(wells["Metadata_well"])
     sc.pp.pca(adata, n_comps=2)
-    sc.pp.neighbors(adata, n_neighbors=3, use_rep="X_pca")
+    # exact neighbours (scikit-learn) and Gaussian connectivities: no numba compilation
+    sc.pp.neighbors(adata, n_neighbors=3, use_rep="X_pca", method="gauss",
+                    transformer="sklearn")
     assert adata.obsm["X_pca"].shape == (adata.n_obs, 2)
     assert adata.obsp["connectivities"].shape == (adata.n_obs, adata.n_obs)

@@ -40,7 +40,8 @@ def parse_scheduler(spec: str) -> tuple[str, int | str]:
 @contextmanager
 def dask_client(spec: str) -> Iterator[Any]:
     """A ``distributed.Client`` for ``spec`` (see :func:`parse_scheduler`); a LocalCluster it
-    started is closed on exit."""
+    started is closed on exit. A scheduler address that does not answer within Dask's connect
+    timeout (``distributed.comm.timeouts.connect``) is an InputError."""
     from morphoprof.extras import require
 
     require("distributed")
@@ -57,8 +58,12 @@ def dask_client(spec: str) -> Iterator[Any]:
             client.close()
             cluster.close()
         return
+    import dask
+
     try:
-        client = Client(str(value), timeout=30)
+        # Dask's own connect timeout (30 s; DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT sets it)
+        client = Client(str(value),
+                        timeout=dask.config.get("distributed.comm.timeouts.connect", "30s"))
     except OSError as exc:
         raise InputError(f"cannot reach the Dask scheduler at {value}: {exc}") from exc
     try:
