@@ -27,8 +27,8 @@ INTERMEDIATE = "blocks.5"  # the 192-channel stage before the last block (1280 i
 
 def evaluate(features_dir: Path) -> dict:
     from morphoprof.evaluation.moa import evaluate_moa
-    from morphoprof.features.shards import read_features
     from morphoprof.profiles.aggregate import treatment_profiles, well_profiles
+    from morphoprof.shards import read_features
 
     treatments = treatment_profiles(well_profiles(read_features(features_dir), "mean"), "median")
     return evaluate_moa(treatments)

@@ -141,9 +141,9 @@ def test_run_classical_extractor_end_to_end(tmp_path):
 def test_extract_crops_equals_in_memory_embedding(tmp_path, capsys):
     import numpy as np
 
-    from morphoprof.features.shards import read_features
     from morphoprof.features.transfer import TransferConfig, TransferExtractor
     from morphoprof.preprocess.crops import normalize_crops
+    from morphoprof.shards import read_features
 
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 4000, (12, 24, 24, 2)).astype(np.uint16)

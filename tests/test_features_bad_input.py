@@ -13,8 +13,8 @@ import pytest
 import tifffile
 
 from morphoprof.cli import main
-from morphoprof.features.shards import read_features
 from morphoprof.index.schema import ExperimentIndex
+from morphoprof.shards import read_features
 
 
 @pytest.fixture()

@@ -5,7 +5,7 @@ import pytest
 from morphoprof.datasets.synthetic import load_ground_truth
 from morphoprof.errors import InputError
 from morphoprof.features.classical import ClassicalConfig, ClassicalExtractor, measure_objects
-from morphoprof.features.shards import read_features
+from morphoprof.shards import read_features
 
 
 def test_measure_objects_shapes_and_names():

@@ -11,7 +11,7 @@ import torch
 
 from morphoprof.errors import InputError
 from morphoprof.features.distributed import parse_scheduler
-from morphoprof.features.shards import read_features
+from morphoprof.shards import read_features
 
 KEY = ["Metadata_plate", "Metadata_well", "Metadata_site"]
 

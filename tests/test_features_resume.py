@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from morphoprof.datasets.synthetic import SynthConfig, generate_screen
-from morphoprof.features.shards import read_features
+from morphoprof.shards import read_features
 
 
 @pytest.mark.skipif(os.name != "posix", reason="needs SIGKILL")

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from morphoprof.errors import InputError
-from morphoprof.features.shards import read_features
 from morphoprof.features.transfer import TransferConfig, TransferExtractor
+from morphoprof.shards import read_features
 
 FAST = dict(image_size=64, batch_size=8)
 

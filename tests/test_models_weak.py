@@ -190,7 +190,7 @@ def test_resume_continues_from_the_saved_epoch_identically(crop_files, tmp_path)
         assert torch.equal(v, b["state_dict"][k]), k
     m = pd.read_csv(tmp_path / "half" / "weak" / "metrics.csv")
     assert sorted(m["epoch"].dropna().unique()) == [0, 1]
-    from morphoprof.features.shards import read_features
+    from morphoprof.shards import read_features
 
     fa = read_features(tmp_path / "full" / "features")
     fb = read_features(tmp_path / "half" / "features")
@@ -198,8 +198,8 @@ def test_resume_continues_from_the_saved_epoch_identically(crop_files, tmp_path)
 
 
 def test_weak_run_learns_and_writes_embeddings(crop_files, tmp_path):
-    from morphoprof.features.shards import feature_columns, read_features
     from morphoprof.models.weak_run import train_weak_from_yaml
+    from morphoprof.shards import feature_columns, read_features
 
     npz, csv = crop_files
     s = train_weak_from_yaml(weak_yaml(npz, csv, train={"epochs": 4}), tmp_path / "run")
@@ -225,7 +225,7 @@ def test_extract_with_checkpoint_matches_the_training_run(tiny_screen, tmp_path,
     import yaml
 
     from morphoprof.cli import main
-    from morphoprof.features.shards import feature_columns, read_features
+    from morphoprof.shards import feature_columns, read_features
 
     folder, index = tiny_screen
     index.write(tmp_path / "index.parquet")

@@ -5,9 +5,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from morphoprof.errors import InputError
-from morphoprof.features.shards import read_features
 from morphoprof.preprocess.crops import CropDataset, crop_cells, export_crops, normalize_crops
 from morphoprof.preprocess.segmentation import segment_index
+from morphoprof.shards import read_features
 
 
 def test_crop_geometry_and_edge_policies():

@@ -130,8 +130,8 @@ WELL = ["Metadata_plate", "Metadata_well"]
 
 
 def test_aggregate_parquet_matches_in_memory_aggregate(tmp_path):
-    from morphoprof.features.shards import ShardWriter
     from morphoprof.profiles.aggregate import aggregate_parquet
+    from morphoprof.shards import ShardWriter
 
     df = _fields()
     df.loc[4, "f1"] = np.nan  # skipped, as pandas skips it

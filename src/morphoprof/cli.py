@@ -9,6 +9,7 @@ from pathlib import Path
 
 from morphoprof import __version__
 from morphoprof.errors import MorphoprofError, os_reason
+from morphoprof.shards import read_features
 
 
 def _print_json(obj: dict) -> None:
@@ -216,7 +217,6 @@ def _extracted(a: argparse.Namespace, summary: dict) -> None:
         import os
         import shutil
 
-        from morphoprof.features.shards import read_features
         from morphoprof.profiles.anndata_io import write_anndata
 
         target = Path(a.out) / f"features.{a.format}"

@@ -22,9 +22,9 @@ from morphoprof.evaluation.moa import (
     nearest_neighbor_moa,
 )
 from morphoprof.evaluation.retrieval import activity_map, consistency_map, nn_accuracy
-from morphoprof.features.shards import feature_columns
 from morphoprof.index.schema import BATCH, COMPOUND, CONCENTRATION, CONTROL, MOA
 from morphoprof.profiles.aggregate import treatment_profiles
+from morphoprof.shards import feature_columns
 
 TREATMENT = [COMPOUND, CONCENTRATION]
 

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 
 from morphoprof.errors import InputError
-from morphoprof.features.shards import feature_columns
 from morphoprof.index.schema import BATCH, COMPOUND, CONTROL, MOA
+from morphoprof.shards import feature_columns
 
 
 def unit_rows(x: np.ndarray) -> np.ndarray:

@@ -24,7 +24,6 @@ import numpy as np
 import pandas as pd
 
 from morphoprof.errors import InputError
-from morphoprof.features.shards import ShardWriter, shard_key
 from morphoprof.index.schema import PLATE, ExperimentIndex
 from morphoprof.preprocess.segmentation import (
     CENTER_X,
@@ -35,6 +34,7 @@ from morphoprof.preprocess.segmentation import (
     object_table,
     segment_nuclei,
 )
+from morphoprof.shards import ShardWriter, shard_key
 
 SHAPE_MEASUREMENTS = ("sizeshape", "zernike", "feret")
 DEFAULT_MEASUREMENTS = ("sizeshape", "intensity", "texture", "granularity")

@@ -23,8 +23,8 @@ import pandas as pd
 
 from morphoprof.errors import InputError
 from morphoprof.features.backbones import DEFAULT_MODEL, Backbone, create_backbone
-from morphoprof.features.shards import ShardWriter, shard_key
 from morphoprof.index.schema import PLATE, ExperimentIndex
+from morphoprof.shards import ShardWriter, shard_key, write_shard
 
 
 @dataclass
@@ -819,7 +819,6 @@ def _transfer_shard(key: str, rows, spec, index: ExperimentIndex, context) -> di
     """Dask task: one shard of :meth:`TransferExtractor.extract`, written by the worker."""
     import torch
 
-    from morphoprof.features.shards import write_shard
 
     cfg, backbone = spec
     channels, transform, illumination, run_size, out = context

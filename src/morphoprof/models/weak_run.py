@@ -19,6 +19,7 @@ from morphoprof.errors import InputError
 from morphoprof.index.schema import BATCH, COMPOUND, CONTROL, PLATE, WELL
 from morphoprof.io_utils import read_parquet, write_json
 from morphoprof.preprocess.crops import normalize_crops
+from morphoprof.shards import ShardWriter, shard_key
 
 FEATURES = "features"
 
@@ -189,7 +190,6 @@ def run_weak(cfg: dict, config_text: str = "", progress: bool = True,
     import torch
     from torch.utils.data import DataLoader
 
-    from morphoprof.features.shards import ShardWriter, shard_key
     from morphoprof.models.data import ImageTensorDataset
     from morphoprof.models.run import fit_config
     from morphoprof.models.training import fit

@@ -18,6 +18,7 @@ import pandas as pd
 from morphoprof.errors import InputError
 from morphoprof.index.schema import IMAGE_SET_KEY, ExperimentIndex
 from morphoprof.preprocess.segmentation import CENTER_X, CENTER_Y
+from morphoprof.shards import ShardWriter
 
 NORMALIZATIONS = ("none", "max", "percentile")
 EDGE_POLICIES = ("pad", "skip")
@@ -205,7 +206,6 @@ def export_crops(
     inside the npz). Resumable: finished shards are skipped on a re-run with the same settings."""
     from tqdm.auto import tqdm
 
-    from morphoprof.features.shards import ShardWriter
     from morphoprof.io_utils import write_npz
 
     ds = CropDataset(index, cells.sort_values(IMAGE_SET_KEY, kind="stable"), size, channels,

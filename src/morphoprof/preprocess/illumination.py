@@ -23,6 +23,7 @@ import numpy as np
 from morphoprof.errors import InputError
 from morphoprof.index.schema import PLATE, ExperimentIndex
 from morphoprof.io_utils import write_json, write_npy
+from morphoprof.shards import shard_key
 
 DEFAULT_WINDOW = 500  # px; Singh 2014 used windows of this order for 1280x1024 fields
 DEFAULT_PERCENTILE = 2.0
@@ -130,7 +131,6 @@ class IlluminationCorrection:
         self._cache: dict[str, np.ndarray] = {}
 
     def path(self, plate: str) -> Path:
-        from morphoprof.features.shards import shard_key
 
         return self.folder / f"{shard_key(plate)}.npy"
 

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 
 from morphoprof.errors import InputError
-from morphoprof.features.shards import feature_columns
 from morphoprof.index.schema import BATCH, COMPOUND, CONCENTRATION, MOA, PLATE, WELL
 from morphoprof.io_utils import all_utf8, arrow_file
+from morphoprof.shards import MANIFEST, feature_columns, shard_files
 
 COUNT = "Metadata_count"
 WELL_KEY = [PLATE, WELL]
@@ -135,7 +135,6 @@ def parquet_sources(source: str | Path | Sequence[str | Path]) -> list[Path]:
     """Resolve a feature folder (its manifest's shards), a Parquet file, a folder of Parquet files
     or a list of files into the list of Parquet files to read. Raises InputError naming what is
     missing."""
-    from morphoprof.features.shards import MANIFEST, shard_files
 
     if isinstance(source, (str, Path)):
         path = Path(source)

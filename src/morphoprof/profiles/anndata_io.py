@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from morphoprof.errors import InputError
-from morphoprof.features.shards import feature_columns
+from morphoprof.shards import feature_columns
 
 FORMATS = ("h5ad", "zarr")
 

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from morphoprof.errors import InputError
-from morphoprof.features.shards import feature_columns
 from morphoprof.index.schema import CONTROL, PLATE
+from morphoprof.shards import feature_columns
 
 METHODS = ("standardize", "robust", "center", "spherize", "coral", "factor_analysis",
            "inverse_normal", "none")

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 
 from morphoprof.errors import InputError
-from morphoprof.features.shards import feature_columns
 from morphoprof.index.schema import MOA
 from morphoprof.io_utils import atomic_path
+from morphoprof.shards import feature_columns
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}

@@ -1,0 +1,81 @@
+"""The package's layers: data flows one way, so no module imports from a layer above its own.
+
+The test reads every module's imports (``ast``, including imports inside function bodies) and
+fails on an import that runs up the layers, unless it is one of the known ones listed below,
+which are still to be removed (issue 20); a listed edge that no longer exists also fails, so the
+list only shrinks.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import morphoprof
+
+PACKAGE = Path(morphoprof.__file__).parent
+
+# lowest first; a module may import from its own layer and the ones before it
+LAYERS = [
+    {"", "errors", "io_utils", "extras", "shards", "config"},
+    {"index"},
+    {"images"},
+    {"datasets", "preprocess"},
+    {"features", "models"},
+    {"profiles"},
+    {"evaluation"},
+    {"report"},
+    {"pipeline"},
+    {"cli", "__main__"},
+]
+RANK = {name: k for k, layer in enumerate(LAYERS) for name in layer}
+
+# upward imports still in the code (importer layer, imported layer)
+KNOWN = {
+    ("index", "images"),      # ExperimentIndex.read / validate(check_shapes, deep) read pixels
+    ("models", "pipeline"),   # training from a screen builds its index through the pipeline
+    ("models", "evaluation"),  # cross-validation uses the conformal prediction sets
+    ("config", "profiles"),   # the config schema lists normalisation methods
+    ("config", "datasets"),   # the config schema validates the synthetic screen's settings
+}
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _imports() -> set[tuple[str, str, str]]:
+    """(importing file, its layer, imported layer) for every internal import."""
+    found = set()
+    for path in PACKAGE.rglob("*.py"):
+        own = _layer("morphoprof." + ".".join(path.relative_to(PACKAGE).with_suffix("").parts))
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module] if isinstance(node, ast.ImportFrom) and node.module
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            for name in names:
+                if name.startswith("morphoprof"):
+                    found.add((path.relative_to(PACKAGE).as_posix(), own, _layer(name)))
+    return found
+
+
+def test_every_module_belongs_to_a_layer():
+    layers = {own for _, own, _ in _imports()} | {p.stem if p.is_file() else p.name for p in
+                                                  PACKAGE.iterdir() if not p.name.startswith(
+                                                      ("_", ".")) and p.name != "py.typed"}
+    layers.discard("__init__")
+    assert sorted(layers - set(RANK)) == []
+
+
+def test_no_import_runs_up_a_layer():
+    edges = _imports()
+    upward = sorted((f, a, b) for f, a, b in edges if RANK[b] > RANK[a] and (a, b) not in KNOWN)
+    assert upward == [], f"imports from a layer above: {upward}"
+    still = {(a, b) for _, a, b in edges if RANK[b] > RANK[a]}
+    assert sorted(KNOWN - still) == [], "known upward imports that are gone: drop them from KNOWN"
+
+
+def test_stages_do_not_import_shard_storage_from_features():
+    # shard storage sits below every stage (preprocess writes crop shards with it)
+    assert not (PACKAGE / "features" / "shards.py").exists()
+    assert all(b != "features" for f, a, b in _imports() if a == "preprocess")
