@@ -129,6 +129,41 @@ def test_single_cell_crop_features(tmp_path, tiny_screen, extractor):
     assert np.isfinite(df.filter(like="transfer_").to_numpy()).all()
 
 
+def test_single_cell_features_skip_cells_of_unreadable_image_sets(tmp_path, tiny_screen,
+                                                                  extractor):
+    import pandas as pd
+
+    from morphoprof.index.schema import ExperimentIndex
+    from morphoprof.preprocess.segmentation import segment_index
+
+    _, index = tiny_screen
+    segment_index(index, tmp_path / "cells.parquet", progress=False)
+    cells = pd.read_parquet(tmp_path / "cells.parquet").iloc[::-1]  # not in plate order
+    table = index.table.copy()
+    table.loc[0, "Path_DNA"] = "gone/missing.tif"
+    broken = ExperimentIndex(table, index.root)
+    key = ["Metadata_plate", "Metadata_well", "Metadata_site"]
+    lost = (cells[key].astype(str).agg("|".join, axis=1)
+            == "|".join(table.loc[0, key].astype(str))).to_numpy()
+    assert 0 < lost.sum() < len(cells)
+    fail = TransferExtractor(TransferConfig(batch_size=32), backbone=extractor.backbone)
+    with pytest.raises(InputError, match="missing.tif"):
+        fail.extract_cells(broken, cells, tmp_path / "fail", size=32, progress=False, log=None)
+    skip = TransferExtractor(TransferConfig(batch_size=32, on_error="skip"),
+                             backbone=extractor.backbone)
+    s = skip.extract_cells(broken, cells, tmp_path / "cf", size=32, progress=False, log=None)
+    # each skipped cell named by its row of the table given, with the file that was missing
+    assert sorted(r["row"] for r in s["skipped"]) == np.flatnonzero(lost).tolist()
+    assert all("missing.tif" in r["reason"] for r in s["skipped"])
+    df = read_features(tmp_path / "cf")
+    assert s["cells"] == len(df) == len(cells) - lost.sum()
+    saved = json.loads((tmp_path / "cf" / "run_summary.json").read_text())
+    assert saved["n_skipped"] == lost.sum() and saved["on_error"] == "skip"
+    # a re-run finds every shard done and still reports the skipped cells
+    again = skip.extract_cells(broken, cells, tmp_path / "cf", size=32, progress=False, log=None)
+    assert again["shards_written"] == 0 and again["n_skipped"] == lost.sum()
+
+
 def test_traced_network_matches_eager(tiny_screen, extractor):
     _, index = tiny_screen
     eager = TransferExtractor(TransferConfig(jit=False, **FAST), backbone=extractor.backbone)

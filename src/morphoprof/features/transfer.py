@@ -591,12 +591,15 @@ class TransferExtractor:
         illumination=None,
         overwrite: bool = False,
         progress: bool = True,
+        log=print,
     ) -> dict:
         """Transfer features of single-cell crops (one row per cell of ``cells``).
 
         Crops are ``size`` px boxes around each nucleus (:class:`~morphoprof.preprocess.crops.
         CropDataset`), normalised per crop (``max`` by default), fed at ``size`` px unless
-        ``image_size`` is set. One shard per plate; resumable like :meth:`extract`.
+        ``image_size`` is set. One shard per plate; resumable like :meth:`extract`. Under
+        ``on_error="skip"`` the cells of an unreadable image set are left out, each listed as
+        ``{"row" (its position in ``cells``), "reason"}``; ``run_summary.json`` records the run.
         """
 
         from morphoprof.preprocess.crops import CropDataset
@@ -613,22 +616,28 @@ class TransferExtractor:
             "illumination": str(illumination.folder) if illumination is not None else None,
         }
         writer = ShardWriter(out, params, overwrite=overwrite)
-        cells = cells.sort_values(["Metadata_plate", "Metadata_well", "Metadata_site"],
-                                  kind="stable").reset_index(drop=True)
+        cells = cells.reset_index(drop=True)
+        order = cells.sort_values(["Metadata_plate", "Metadata_well", "Metadata_site"],
+                                  kind="stable").index.to_numpy()
+        cells = cells.iloc[order].reset_index(drop=True)
 
         def shard(rows, bar):
             ds = CropDataset(index, cells.iloc[rows], size, channels, edge, normalization,
-                             illumination)
+                             illumination, on_error=self.cfg.on_error)
             x, pos = self.features_for_dataset(ds, channels, bar, run_size=bar.total)
-            return ds.cells.iloc[pos], x
+            skipped = [{"row": int(order[rows[ds.kept[k]]]), "reason": m}
+                       for k, m in self.skipped]
+            return ds.cells.iloc[pos], x, skipped
 
-        return self._plate_shards(cells, channels, out, writer, shard, "cell features", progress)
+        run = self._plate_shards(cells, channels, out, writer, shard, "cell features", progress)
+        return writer.finish(run, self.cfg.on_error, log)
 
     def _plate_shards(self, table: pd.DataFrame, channels: list[str], out: str | Path,
                       writer: ShardWriter, shard, desc: str, progress: bool) -> dict:
         """One feature shard per plate of ``table`` not already written: ``shard(rows, bar)``
-        returns (the rows' cell table, their features); Metadata and centre columns are kept.
-        Returns the run summary of :meth:`extract_cells` / :meth:`extract_crops`."""
+        returns (the rows' cell table, their features, the cells it skipped as
+        ``[{"row", "reason"}]``); Metadata and centre columns are kept. Returns the counts of
+        the run summary of :meth:`extract_cells` / :meth:`extract_crops`."""
         from tqdm.auto import tqdm
 
         plan = [(shard_key(p, 0), rows) for p, rows in
@@ -638,12 +647,16 @@ class TransferExtractor:
                    disable=not progress)
         t0, n = time.perf_counter(), 0
         for key, rows in todo:
-            meta, x = shard(rows, bar)
+            meta, x, skipped = shard(rows, bar)
             meta = meta[[c for c in meta.columns
                          if str(c).startswith(("Metadata_", "Nuclei_Loc"))]]
-            cols = self.column_names(channels, x.shape[1])
-            writer.write(key, pd.concat([meta.reset_index(drop=True),
-                                         pd.DataFrame(x, columns=cols)], axis=1))
+            if len(x):
+                cols = self.column_names(channels, x.shape[1])
+                df = pd.concat([meta.reset_index(drop=True), pd.DataFrame(x, columns=cols)],
+                               axis=1)
+            else:  # every cell of the plate skipped
+                df = meta.reset_index(drop=True)
+            writer.write(key, df, skipped)
             n += len(x)
         bar.close()
         seconds = time.perf_counter() - t0
@@ -660,6 +673,7 @@ class TransferExtractor:
         normalization: str = "max",
         overwrite: bool = False,
         progress: bool = True,
+        log=print,
     ) -> dict:
         """Features of crops a user already has: ``crops (N, C, S, S)`` raw intensities, one
         row of ``table`` per crop (Metadata columns kept). Crops are normalised per crop
@@ -688,9 +702,10 @@ class TransferExtractor:
             x = torch.from_numpy(normalize_crops(crops[rows], normalization))
             feats, pos = self.features_for_dataset(TensorDataset(x, torch.arange(len(rows))),
                                                    channels, bar, run_size=bar.total)
-            return table.iloc[rows[pos]], feats
+            return table.iloc[rows[pos]], feats, []
 
-        return self._plate_shards(table, channels, out, writer, shard, "crop features", progress)
+        run = self._plate_shards(table, channels, out, writer, shard, "crop features", progress)
+        return writer.finish(run, "fail", log)
 
 
 def _normalised_module():

@@ -114,6 +114,12 @@ class CropDataset:
     ``mask_neighbours`` (a :class:`~morphoprof.preprocess.segmentation.NucleiConfig`, the one the
     cell table was made with) re-segments each image set once and blanks the pixels of the other
     nuclei in every crop; the cell table must then carry ``Metadata_object``.
+
+    ``on_error``: ``fail`` raises on an unreadable image set or one with NaN / infinite pixels
+    (naming the row and file); ``skip`` serves ``(None, k, message)`` for each of its cells
+    instead, which :func:`~morphoprof.images.dataset.collate_skipping` drops and reports.
+    ``self.kept``: the positions in ``cells`` of the rows served (all but the ones
+    ``edge="skip"`` drops).
     """
 
     def __init__(
@@ -127,6 +133,7 @@ class CropDataset:
         illumination=None,
         image_shape: tuple[int, int] | None = None,
         mask_neighbours=None,
+        on_error: str = "fail",
     ) -> None:
         from morphoprof.images.read import image_shape as header_shape
         from morphoprof.preprocess.segmentation import OBJECT
@@ -138,6 +145,9 @@ class CropDataset:
         self.normalization = normalization
         self.illumination = illumination
         self.mask_neighbours = mask_neighbours
+        if on_error not in ("fail", "skip"):
+            raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+        self.on_error = on_error
         need = IMAGE_SET_KEY + [CENTER_X, CENTER_Y] + ([OBJECT] if mask_neighbours else [])
         missing = [c for c in need if c not in cells.columns]
         if missing:
@@ -150,12 +160,13 @@ class CropDataset:
             i = int(np.flatnonzero(unknown.to_numpy())[0])
             raise InputError(f"cell table row {i}: image set {ckey.iloc[i]} is not in the index")
         rows = pos[ckey.to_numpy()].to_numpy()
+        self.kept = np.arange(len(cells))
         if edge == "skip":
             h, w = image_shape or header_shape(index.paths(0, self.channels)[0],
                                                index.frames(0, self.channels)[0])
             boxes = crop_boxes(cells[[CENTER_X, CENTER_Y]].to_numpy(), self.size)
             ok = (boxes >= 0).all(1) & (boxes[:, 0] + size <= h) & (boxes[:, 1] + size <= w)
-            cells, rows = cells[ok], rows[ok]
+            cells, rows, self.kept = cells[ok], rows[ok], self.kept[ok]
         self.cells = cells.reset_index(drop=True)
         self.rows = rows
         self.centers = self.cells[[CENTER_X, CENTER_Y]].to_numpy(np.float64)
@@ -169,9 +180,10 @@ class CropDataset:
         """The (illumination-corrected) image set at index row ``row`` and, when masking, its
         nucleus labels; cached."""
         if self._cached is None or self._cached[0] != row:
+            from morphoprof.images.read import read_image_set
             from morphoprof.preprocess.segmentation import dna_channel, segment_nuclei
 
-            img = self.index.read(row, self.channels, self.illumination)
+            img = read_image_set(self.index, row, self.channels, self.illumination)
             labels = None
             if self.mask_neighbours is not None:
                 dna = self.channels.index(dna_channel(self.channels))
@@ -182,7 +194,12 @@ class CropDataset:
     def __getitem__(self, k: int):
         import torch
 
-        img, labels = self.image(int(self.rows[k]))
+        try:
+            img, labels = self.image(int(self.rows[k]))
+        except InputError as exc:
+            if self.on_error == "skip":
+                return None, k, str(exc)
+            raise
         ids = None if labels is None else self.objects[k : k + 1]
         crop, _ = crop_cells(img, self.centers[k : k + 1], self.size, "pad", labels=labels,
                              object_ids=ids, normalization=self.normalization)
