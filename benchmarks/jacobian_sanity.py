@@ -2,9 +2,9 @@
 saliency maps"): do the guided-backprop masks of a frozen pretrained trunk depend on what the
 MIL head learned at all?
 
-The same mask pipeline as ``mil_6moa.py`` (guided backprop, channel sum of the positive input
-gradient, Gaussian sigma 1, MRF graph cut; reference: the Otsu foreground of the summed stains)
-is scored with heads that learned nothing:
+The same mask pipeline as ``mil_6moa.py`` (guided backprop with ReLU6 gated as a ReLU, channel
+sum of the positive input gradient, square root, Gaussian sigma 2, MRF graph cut; reference: the
+Otsu foreground of the summed stains) is scored with heads that learned nothing:
 
 - ``random_head``: a MIL network on the offline ImageNet EfficientNet-Lite0 trunk (stage 3, as
   in ``mil_6moa.py``) whose head is freshly initialised (seed 0), seeded from its predicted class
@@ -54,22 +54,6 @@ def raw_fields() -> np.ndarray | None:
     return np.stack(fields) if fields else None
 
 
-def uniform_maps(net, x) -> np.ndarray:
-    """Guided backprop of the sum of the trunk's whole output (no head), as the masks use it."""
-
-    from morphoprof.models.jacobian import GUIDED_ACTIVATIONS, _guided_relu_hook
-
-    hooks = [m.register_full_backward_hook(_guided_relu_hook)
-             for m in net.modules() if isinstance(m, GUIDED_ACTIVATIONS)]
-    try:
-        xx = x.detach().clone().requires_grad_(True)
-        net.trunk(xx).sum().backward()
-    finally:
-        for h in hooks:
-            h.remove()
-    return xx.grad.clamp_min(0.0).sum(1).numpy()
-
-
 def score(images: np.ndarray, net, mean, std, batch: int = 8) -> dict:
     """Mean IU (vs the Otsu foreground of the summed stains) of each check on ``images``."""
     import torch
@@ -84,7 +68,8 @@ def score(images: np.ndarray, net, mean, std, batch: int = 8) -> dict:
     for start in range(0, len(images), batch):
         ims = images[start:start + batch]
         x = (torch.from_numpy(np.ascontiguousarray(ims)) - m) / s
-        for j_head, j_uni, im in zip(jacobian_maps(net, x), uniform_maps(net, x), ims):
+        for j_head, j_uni, im in zip(jacobian_maps(net, x),
+                                     jacobian_maps(net, x, seed="trunk"), ims):
             ref = otsu_foreground(im)
             fg.append(float(ref.mean()))
             out["random_head"].append(mean_iu(mrf_mask(j_head), ref))
@@ -115,8 +100,9 @@ def main() -> int:
     index = import_fields_6moa(DATA / "fields_6moa")
     rows = np.arange(0, len(index), EVERY)
     images = load_images(index, rows, size=256, normalization="none", scale=255)
-    result: dict = {"method": "guided backprop, channel sum of the positive input gradient, "
-                              "Gaussian sigma 1, MRF graph cut (Potts 2.0), as mil_6moa.py; "
+    result: dict = {"method": "guided backprop (ReLU6 gated as a ReLU), channel sum of the "
+                              "positive input gradient, square root, Gaussian sigma 2, MRF "
+                              "graph cut (Potts 0.5), as mil_6moa.py; "
                               "reference: Otsu foreground of the summed stains; mean IU of "
                               "foreground and background",
                     "trunk": "tf_efficientnet_lite0 stage 3, offline ImageNet, frozen",

@@ -47,6 +47,10 @@ HIDDEN = 256  # the head's 1x1 layer on the pretrained trunk (Kraus's 1000: 4x t
 # (blocks.4) trained too, on cached maps of its input; the kraus trunk (its conv6 is 1000)
 VARIANTS = ("noisy_and_hidden1000", "noisy_and_last_stage", "kraus")
 WIDE = ("noisy_and_hidden1000", "kraus")  # 1000 hidden units
+JACOBIAN_RULE = ("guided backprop, ReLU6 gated as a ReLU; square root of the map, Gaussian "
+                 "sigma 2; Otsu threshold / MRF Potts 0.5")
+OLD_RULE = ("before 2026-12-04: guided backprop with ReLU6's exact derivative (0 above 6); the "
+            "raw map, Gaussian sigma 1; Otsu threshold / MRF Potts 2.0")
 
 CONFIG = """\
 data: {{source: bbbc021_6moa, path: {data}}}
@@ -125,6 +129,7 @@ def jacobian_scores(name: str = "noisy_and", every: int = 5) -> dict:
                 scores["threshold_vs_nuclei"].append(mean_iu(plain, nuclei))
     out = {k: float(np.mean(v)) for k, v in scores.items()}
     out["n_fields"] = len(scores["mrf_vs_cells"])
+    out["rule"] = JACOBIAN_RULE
     out["cells"] = cell_scores(name, images, fold_of, index.table, every)
     return out
 
@@ -208,6 +213,8 @@ def main() -> int:
                   f"foreground of the stains, {j['mrf_vs_nuclei']:.3f} vs Otsu nuclei "
                   f"({j['n_fields']} held-out fields); cell accuracy "
                   f"{j['cells']['cell_accuracy']:.3f}", flush=True)
+    for j in jacs.values():  # scored by an earlier version of the mask pipeline
+        j.setdefault("rule", OLD_RULE)
     jac = jacs.get("noisy_and")
     cache = next((t.get("cache_compute_seconds") for t in trunks.values() if t.get("frozen")
                   and t.get("cache_compute_seconds")), None)
@@ -236,8 +243,9 @@ def main() -> int:
         "cell_accuracy": jac["cells"]["cell_accuracy"] if jac else None,
         "jacobian_by_trunk": jacs,
         "jacobian_method": (
-            "guided backprop from P_i * p_ij of the predicted class (eq. 4), channel sum, "
-            "Gaussian sigma 1, MRF (graph cut, PyMaxflow, Potts 2.0) vs plain Otsu threshold; "
+            "guided backprop from P_i * p_ij of the predicted class (eq. 4; ReLU6 gated as a "
+            "ReLU), channel sum, square root, Gaussian sigma 2, MRF (graph cut, PyMaxflow, "
+            "Potts 0.5) vs plain Otsu threshold (each trunk's own 'rule' in jacobian_by_trunk); "
             "reference: Otsu foreground of the summed stains (cells) / of DAPI (nuclei); mean "
             "IU of foreground and background; cells: 32-px crops around nuclei segmented on "
             "DAPI, class = argmax of the MIL pooling output"),

@@ -147,17 +147,67 @@ def test_jacobian_through_relu6_and_silu(act):
     assert all(m.inplace for m in net.modules() if isinstance(m, act))  # restored
 
 
+def test_jacobian_sees_a_bright_object_that_saturates_relu6():
+    """A bright object drives the first ReLU6 above 6, where its exact derivative is 0: the
+    guided map still covers it (ReLU6 gated as a ReLU), only the object, and the network and
+    its activations come back unchanged."""
+    torch.manual_seed(0)
+    net = MILNet(MILConfig(2, in_chans=1, plan=((8, 1), (8, 1)), hidden=8, batch_norm=False))
+    for name, m in list(net.trunk.body.named_children()):
+        if isinstance(m, nn.ReLU):
+            net.trunk.body.add_module(name, nn.ReLU6(inplace=True))
+    first = next(m for m in net.trunk.body if isinstance(m, nn.Conv2d))
+    with torch.no_grad():
+        first.weight.abs_()
+        first.bias.fill_(0.0)
+    x = torch.zeros(1, 1, 32, 32)
+    x[0, 0, 12:20, 12:20] = 20.0  # every first-layer unit inside the object is > 6
+    relu6 = next(m for m in net.trunk.body if isinstance(m, nn.ReLU6))
+    seen = {}
+    handle = relu6.register_forward_hook(lambda m, i, o: seen.update(x=i[0].detach()))
+    jmap = jacobian_maps(net, x, class_index=0)[0]
+    handle.remove()
+    inside = seen["x"][0, :, 14:18, 14:18]
+    assert (inside > 6).all()  # saturated: the exact gradient there is 0
+    assert (jmap[13:19, 13:19] > 0).all()
+    assert jmap[:4].max() == 0 and jmap[:, :4].max() == 0  # zero background far away
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    seeded = jacobian_maps(net, x, seed="trunk")
+    assert seeded.shape == (1, 32, 32) and seeded[0, 13:19, 13:19].min() > 0
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in before.items())
+    assert relu6.inplace and net.training  # in-place flag and training mode restored
+    with pytest.raises(InputError, match="seed"):
+        jacobian_maps(net, x, seed="head")
+
+
+def test_mask_power_keeps_dim_objects_beside_a_hot_spot():
+    """Jacobian maps are heavy-tailed: Otsu on the raw map keeps only the hottest object; on
+    its square root (the default) the dimmer objects are kept as well."""
+    jmap = np.zeros((64, 64))
+    jmap[5:15, 5:15] = 1.0
+    jmap[30:40, 30:40] = 1.5
+    jmap[50:54, 50:54] = 16.0  # one bright nucleus
+    truth = jmap > 0
+    raw = jacobian_mask(jmap, sigma=0, power=1)
+    assert raw[50:54, 50:54].all() and not raw[5:15, 5:15].any() and not raw[30:40, 30:40].any()
+    root = jacobian_mask(jmap, sigma=0)
+    assert mean_iu(root, truth) == 1.0
+    with pytest.raises(InputError, match="power"):
+        jacobian_mask(jmap, power=0)
+
+
 def test_mrf_denoising_recovers_a_noisy_planted_mask():
     rng = np.random.default_rng(0)
     truth = np.zeros((64, 64), bool)
     truth[20:40, 10:50] = True
     jmap = truth + rng.normal(0, 0.6, truth.shape)
-    plain = mean_iu(jacobian_mask(jmap, sigma=0), truth)
-    denoised = mean_iu(mrf_mask(jmap, sigma=0), truth)
+    # the raw map (power 1: it holds negative noise) and a Potts penalty of 2
+    plain = mean_iu(jacobian_mask(jmap, sigma=0, power=1), truth)
+    denoised = mean_iu(mrf_mask(jmap, smoothness=2.0, sigma=0, power=1), truth)
     assert plain < 0.6 and denoised > 0.95
     # no pairwise term: the graph cut is the plain threshold
-    np.testing.assert_array_equal(mrf_mask(jmap, smoothness=0, sigma=0),
-                                  jacobian_mask(jmap, sigma=0))
+    np.testing.assert_array_equal(mrf_mask(jmap, smoothness=0, sigma=0, power=1),
+                                  jacobian_mask(jmap, sigma=0, power=1))
     assert not mrf_mask(np.zeros((8, 8))).any()
     # mean IU of foreground and background, by hand: fg 2/4, bg 12/14
     a, b = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
