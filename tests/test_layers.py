@@ -17,7 +17,7 @@ PACKAGE = Path(morphoprof.__file__).parent
 
 # lowest first; a module may import from its own layer and the ones before it
 LAYERS = [
-    {"", "errors", "io_utils", "extras", "shards", "config"},
+    {"", "errors", "io_utils", "extras", "shards", "config", "classification"},
     {"index"},
     {"images"},
     {"datasets", "preprocess"},
@@ -34,7 +34,6 @@ RANK = {name: k for k, layer in enumerate(LAYERS) for name in layer}
 KNOWN = {
     ("index", "images"),      # ExperimentIndex.read / validate(check_shapes, deep) read pixels
     ("models", "pipeline"),   # training from a screen builds its index through the pipeline
-    ("models", "evaluation"),  # cross-validation uses the conformal prediction sets
     ("config", "profiles"),   # the config schema lists normalisation methods
     ("config", "datasets"),   # the config schema validates the synthetic screen's settings
 }

@@ -7,8 +7,10 @@ the unit that must be new is the compound, so calibration is leave-one-compound-
 held-out compound's treatments are calibrated on the scores of all *other* compounds' treatments,
 each scored against a reference that excludes both its own compound and the held-out one.
 
-The generic pieces (:func:`conformal_threshold`, :func:`prediction_sets`, :func:`set_metrics`)
-take score matrices, so any classifier (1 - softmax probability) can reuse them.
+The generic pieces (:func:`~morphoprof.classification.conformal_threshold`,
+:func:`~morphoprof.classification.prediction_sets`, :func:`~morphoprof.classification.set_metrics`)
+take score matrices and live in :mod:`morphoprof.classification`, so any classifier
+(1 - softmax probability, in cross-validation) reuses them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from morphoprof.classification import conformal_threshold, prediction_sets, set_metrics
 from morphoprof.errors import InputError
 from morphoprof.evaluation.moa import (
     annotated_treatments,
@@ -26,35 +29,6 @@ from morphoprof.evaluation.moa import (
     single_compound_moas,
 )
 from morphoprof.index.schema import COMPOUND, MOA
-
-
-def conformal_threshold(calibration_scores: np.ndarray, alpha: float) -> float:
-    """The split-conformal threshold: the ceil((n + 1)(1 - alpha)) / n empirical quantile of the
-    ``n`` calibration scores (true-label nonconformity). ``inf`` when n is too small for the
-    requested coverage (every label is then in every set: honest, not a wrong number)."""
-    if not 0 < alpha < 1:
-        raise InputError(f"alpha must be in (0, 1), got {alpha}")
-    s = np.sort(np.asarray(calibration_scores, dtype=np.float64))
-    n = len(s)
-    k = int(np.ceil((n + 1) * (1 - alpha)))
-    return float("inf") if k > n else float(s[k - 1])
-
-
-def prediction_sets(scores: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:
-    """``(m, K)`` nonconformity scores -> ``(m, K)`` boolean sets (score <= threshold; one
-    threshold, or one per row)."""
-    t = np.asarray(threshold, dtype=np.float64)
-    return np.asarray(scores) <= (t[:, None] if t.ndim == 1 else t)
-
-
-def set_metrics(sets: np.ndarray, true_index: np.ndarray) -> dict:
-    """Empirical coverage (true label in set), mean set size, and the fraction of singletons."""
-    sets = np.asarray(sets, bool)
-    true_index = np.asarray(true_index)
-    covered = sets[np.arange(len(sets)), true_index]
-    size = sets.sum(1)
-    return {"coverage": float(covered.mean()), "mean_set_size": float(size.mean()),
-            "singleton_fraction": float((size == 1).mean()), "n": int(len(sets))}
 
 
 def conformal_moa(

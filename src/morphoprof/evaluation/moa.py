@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from morphoprof.classification import ClassificationSummary
 from morphoprof.errors import InputError
 from morphoprof.index.schema import BATCH, COMPOUND, CONTROL, MOA
 from morphoprof.shards import feature_columns
@@ -164,23 +165,15 @@ def nearest_neighbor_moa(
             }
         )
     scored = [(t, p) for t, p in zip(moas, preds, strict=True) if p is not None]
-    correct = sum(t == p for t, p in scored)
-    labels = sorted(set(moas))
-    pos = {m: k for k, m in enumerate(labels)}
-    matrix = np.zeros((len(labels), len(labels)), dtype=int)
-    for t, p in scored:
-        matrix[pos[t], pos[p]] += 1
-    per_moa = {}
-    for m in labels:
-        n_m = int(matrix[pos[m]].sum())
-        c_m = int(matrix[pos[m], pos[m]])
-        per_moa[m] = {"accuracy": c_m / n_m if n_m else None, "correct": c_m, "n": n_m}
+    summary = ClassificationSummary.from_names([t for t, _ in scored], [p for _, p in scored],
+                                               labels=sorted(set(moas)))
+    scores = summary.to_json()
     return {
-        "accuracy": correct / len(scored) if scored else None,
-        "correct": int(correct),
-        "n": len(scored),
-        "per_moa": per_moa,
-        "confusion": {"labels": labels, "matrix": matrix.tolist()},
+        "accuracy": scores["accuracy"],
+        "correct": scores["correct"],
+        "n": scores["n"],
+        "per_moa": scores["per_class"],
+        "confusion": scores["confusion"],
         "predictions": records,
         "dropped_moas": dropped,
         "unmatched": int(sum(p is None for p in preds)),

@@ -20,8 +20,13 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import Dataset
 
+from morphoprof.classification import (
+    ClassificationSummary,
+    conformal_threshold,
+    prediction_sets,
+    set_metrics,
+)
 from morphoprof.errors import InputError
-from morphoprof.evaluation.conformal import conformal_threshold, prediction_sets, set_metrics
 from morphoprof.index.schema import COMPOUND, CONCENTRATION, MOA, PLATE, WELL, ExperimentIndex
 from morphoprof.io_utils import write_json, write_npy, write_parquet
 from morphoprof.models.data import ImageTensorDataset
@@ -98,18 +103,6 @@ def group_conformal(probs: np.ndarray, true: np.ndarray, groups: np.ndarray, alp
     return sets
 
 
-def _accuracy_block(pred: np.ndarray, true: np.ndarray, classes: list[str]) -> dict:
-    per = {}
-    for k, c in enumerate(classes):
-        sel = true == k
-        if sel.any():
-            per[c] = {"accuracy": float((pred[sel] == k).mean()), "n": int(sel.sum())}
-    confusion = np.zeros((len(classes), len(classes)), int)
-    np.add.at(confusion, (true, pred), 1)
-    return {"accuracy": float((pred == true).mean()), "correct": int((pred == true).sum()),
-            "n": int(len(true)), "per_class": per, "confusion": confusion.tolist()}
-
-
 def cross_validate(
     index: ExperimentIndex,
     images: np.ndarray,
@@ -135,8 +128,9 @@ def cross_validate(
 
     Returns:
         ``{"classes", "folds": [...], "image_accuracy", "treatment": {accuracy, correct, n,
-        per_class, confusion}, "conformal": {coverage, mean_set_size, ...}, "train_seconds",
-        "warnings"}``.
+        per_class, confusion: {labels, matrix}}, "conformal": {coverage, mean_set_size, ...},
+        "train_seconds", "warnings"}``; ``treatment`` is a
+        :class:`~morphoprof.classification.ClassificationSummary` as JSON.
     """
     cv = cv or CVConfig()
     fit_cfg = fit_cfg or FitConfig()
@@ -232,7 +226,7 @@ def cross_validate(
         "classes": classes, "label": cv.label, "group": cv.group, "n_images": int(len(table)),
         "folds": fold_results,
         "image_accuracy": float((probs.argmax(1) == y).mean()),
-        "treatment": _accuracy_block(tpred, ttrue, classes),
+        "treatment": ClassificationSummary.from_indices(ttrue, tpred, classes).to_json(),
         "treatment_aggregation": cv.aggregate,
         "conformal": conformal,
         "train_seconds": train_seconds,
@@ -247,7 +241,7 @@ def cv_summary(result: dict) -> dict:
     return {"treatment_accuracy": t["accuracy"], "treatment_counts": f"{t['correct']}/{t['n']}",
             "image_accuracy": result["image_accuracy"],
             "per_class": {m: v["accuracy"] for m, v in t["per_class"].items()},
-            "confusion": t["confusion"], "classes": result["classes"],
+            "confusion": t["confusion"]["matrix"], "classes": result["classes"],
             "folds": [{k: f[k] for k in ("held_out", "image_accuracy", "train_seconds")}
                       for f in result["folds"]],
             "conformal": result["conformal"], "train_seconds": result["train_seconds"]}

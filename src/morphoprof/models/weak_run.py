@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from morphoprof.classification import ClassificationSummary
 from morphoprof.errors import InputError
 from morphoprof.index.schema import BATCH, COMPOUND, CONTROL, PLATE, WELL
 from morphoprof.io_utils import read_parquet, write_json
@@ -284,10 +285,11 @@ def run_weak(cfg: dict, config_text: str = "", progress: bool = True,
     if len(test):
         pred = predict_labels(module, crops[test], mean, std)
         truth = labels[test]
-        summary["heldout_cell_accuracy"] = float(np.mean(pred == truth))
+        scores = ClassificationSummary.from_indices(truth, pred, classes)
+        summary["heldout_cell_accuracy"] = scores.accuracy
         summary["heldout_majority_fraction"] = float(np.bincount(truth).max() / len(truth))
         summary["heldout_per_class_accuracy"] = {
-            classes[k]: float(np.mean(pred[truth == k] == k)) for k in np.unique(truth)}
+            c: v["accuracy"] for c, v in scores.per_class(present_only=True).items()}
     feats, seconds = embed_crops(extractor, crops, channels, progress)
     summary["extract_cells_per_s"] = len(crops) / seconds if seconds > 0 else None
     meta = table[[col for col in table.columns if str(col).startswith(("Metadata_",
