@@ -92,6 +92,7 @@ def jacobian_scores(name: str = "noisy_and", every: int = 5) -> dict:
     import torch
 
     from morphoprof.config import load_train_config
+    from morphoprof.datasets.source import build_index_from_config
     from morphoprof.io_utils import read_parquet
     from morphoprof.models.data import load_images
     from morphoprof.models.jacobian import (
@@ -102,7 +103,6 @@ def jacobian_scores(name: str = "noisy_and", every: int = 5) -> dict:
         otsu_foreground,
     )
     from morphoprof.models.run import load_trained_mil
-    from morphoprof.pipeline import build_index_from_config
 
     folder = WORK / name
     cfg, _ = load_train_config(folder / "train_mil.yaml", "mil")

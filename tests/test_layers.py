@@ -33,7 +33,6 @@ RANK = {name: k for k, layer in enumerate(LAYERS) for name in layer}
 # upward imports still in the code (importer layer, imported layer)
 KNOWN = {
     ("index", "images"),      # ExperimentIndex.read / validate(check_shapes, deep) read pixels
-    ("models", "pipeline"),   # training from a screen builds its index through the pipeline
     ("config", "profiles"),   # the config schema lists normalisation methods
     ("config", "datasets"),   # the config schema validates the synthetic screen's settings
 }

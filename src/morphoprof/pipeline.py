@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from morphoprof.datasets.source import build_index_from_config
 from morphoprof.errors import InputError
 from morphoprof.index.schema import BATCH, PLATE, ExperimentIndex
 from morphoprof.io_utils import (
@@ -36,43 +37,9 @@ from morphoprof.io_utils import (
     write_json,
     write_parquet,
 )
+from morphoprof.preprocess.segmentation import nuclei_config, segment_index
 
 NORMALIZE_BY = {"plate": PLATE, "batch": BATCH, "all": None}
-
-
-def build_index_from_config(data: dict, out: Path, progress: bool = True, log=print):
-    """Create (or import) the experiment index described by the ``data`` section."""
-    from morphoprof.index import import_bbbc021, import_csv, import_fields_6moa
-
-    source = data["source"]
-    if source == "synthetic":
-        from morphoprof.datasets.synthetic import SynthConfig, generate_screen
-
-        params = dict(data["synthetic"] or {})
-        for key in ("concentrations", "channels"):
-            if key in params:
-                params[key] = tuple(params[key])
-        screen = Path(data["path"]) if data["path"] else out / "synthetic_screen"
-        return generate_screen(screen, SynthConfig(**params), progress=progress, log=log)
-    if source == "bbbc021":
-        index = import_bbbc021(data["path"], data["image_csv"], data["moa_csv"],
-                               progress=progress, plates=data.get("plates"),
-                               only_present=data.get("only_present", False))
-    elif source == "bbbc021-6moa":
-        index = import_fields_6moa(data["path"], only_present=data.get("only_present", False))
-    elif source == "csv":
-        index = import_csv(data["path"], data["channel_columns"], data["columns"],
-                           sep=data["sep"], controls=data["controls"],
-                           only_present=data.get("only_present", False))
-    else:
-        index = ExperimentIndex.read_parquet(data["path"])
-        index.validate(check_shapes=False)
-    if log:
-        from morphoprof.index.schema import summarize_left_out
-
-        for line in summarize_left_out(index):
-            log(line)
-    return index
 
 
 def illumination_stage(index: ExperimentIndex, cfg: dict, out: Path, progress: bool = True,
@@ -90,21 +57,11 @@ def illumination_stage(index: ExperimentIndex, cfg: dict, out: Path, progress: b
     return corr
 
 
-def nuclei_config(segmentation: dict):
-    """The :class:`NucleiConfig` of a config's ``preprocess.segmentation`` section."""
-    from morphoprof.preprocess.segmentation import NucleiConfig
-
-    return NucleiConfig(**{k: v for k, v in segmentation.items()
-                           if k not in ("enabled", "channel", "n_jobs")})
-
-
 def segmentation_stage(index: ExperimentIndex, cfg: dict, on_error: str, out: Path,
                        illumination=None, progress: bool = True) -> dict | None:
     """Segment nuclei into ``out`` (cells.parquet) and write its run summary; None if disabled."""
     if not cfg["enabled"]:
         return None
-    from morphoprof.preprocess.segmentation import segment_index
-
     summary = segment_index(index, out, channel=cfg["channel"], cfg=nuclei_config(cfg),
                             illumination=illumination, on_error=on_error, progress=progress,
                             n_jobs=cfg["n_jobs"])

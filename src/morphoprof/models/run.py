@@ -247,8 +247,8 @@ def load_mil_state(net, state: dict, frozen: bool, last_stage: bool = False):
 def run_training(kind: str, cfg: dict, config_text: str = "", progress: bool = True,
                  log: Callable[[str], None] | None = print) -> dict:
     """Run a validated training config end to end; results in ``cfg['output']``."""
+    from morphoprof.datasets.source import build_index_from_config
     from morphoprof.models.data import load_images
-    from morphoprof.pipeline import build_index_from_config
 
     out = Path(cfg["output"])
     out.mkdir(parents=True, exist_ok=True)

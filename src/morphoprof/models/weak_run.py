@@ -95,10 +95,10 @@ def crops_from_screen(cfg: dict, out: Path, progress: bool, log) -> tuple[np.nda
                                                                            pd.DataFrame, list]:
     """Segment the screen's nuclei (``cells.segmentation`` settings) and cut a ``crop_size``
     crop (zero-padded at edges) around each: ``(N, C, S, S)`` float32, raw intensities."""
+    from morphoprof.datasets.source import build_index_from_config
     from morphoprof.models.run import select_rows
-    from morphoprof.pipeline import build_index_from_config, nuclei_config
     from morphoprof.preprocess.crops import CropDataset
-    from morphoprof.preprocess.segmentation import segment_index
+    from morphoprof.preprocess.segmentation import nuclei_config, segment_index
 
     index = select_rows(build_index_from_config(cfg["data"], out, progress, log), cfg["select"])
     channels = cfg["channels"] or index.channels

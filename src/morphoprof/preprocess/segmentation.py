@@ -47,6 +47,12 @@ class NucleiConfig:
     downsample: int = 1  # segment a block-averaged copy (2: 4x fewer pixels), labels upsampled
 
 
+def nuclei_config(segmentation: dict) -> NucleiConfig:
+    """The :class:`NucleiConfig` of a config's ``preprocess.segmentation`` section."""
+    return NucleiConfig(**{k: v for k, v in segmentation.items()
+                           if k not in ("enabled", "channel", "n_jobs")})
+
+
 def image_quality(plane: np.ndarray, path: object = "") -> list[str]:
     """Problems of a DNA plane that make segmentation meaningless; empty when fine.
 
