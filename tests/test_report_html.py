@@ -92,3 +92,21 @@ def test_report_header_how_to_read_and_nscb_note(tmp_path):
     text = write_report(tmp_path / "s.html", evaluation, treatment_profiles(wells),
                         {"plates": 3}).read_text()
     assert "is above NSC" not in text
+
+
+def test_values_are_escaped_by_the_template(tmp_path):
+    wells = make_wells()
+    evaluation = evaluate(wells, k_values=(3,), null_size=200)
+    evaluation["warnings"] = ["plate <script>alert(1)</script> & co"]
+    examples = [{"moa": "A<b>", "label": "field 'x'", "rgb": np.zeros((4, 4, 3), np.uint8),
+                 "channels": "R=actin"}]
+    text = write_report(tmp_path / "r.html", evaluation, treatment_profiles(wells),
+                        {"plates <3": "a&b"}, config_text="x: '<pre>'",
+                        header={"command": "morphoprof report </table>"},
+                        examples=examples).read_text()
+    assert "<script>alert(1)" not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; co" in text
+    assert "morphoprof report &lt;/table&gt;" in text and "<h3>A&lt;b&gt;</h3>" in text
+    assert "plates &lt;3" in text and "x: &#39;&lt;pre&gt;&#39;" in text
+    # the page's own markup is not escaped: one script (the figure counter), 3 figures + 1 field
+    assert text.count("<script>") == 1 and len(re.findall(r"<img ", text)) == 4

@@ -2,17 +2,19 @@
 (NSC / NSCB) with per-MoA accuracy and confusion matrices, and a 2-D map of treatment profiles.
 
 Figures are drawn with matplotlib and embedded as base64 PNG, so the file opens anywhere offline.
+The page itself, its sections and the "how to read this" notes are the Jinja2 template
+``templates/report.html.j2``; this module computes what goes into it.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from markupsafe import Markup
 
 from morphoprof.errors import InputError
 from morphoprof.index.schema import MOA
@@ -31,14 +33,15 @@ figure img{display:block;width:160px;image-rendering:auto}
 """
 
 
-def _fig_to_img(fig, alt: str) -> str:
+def _fig_to_img(fig, alt: str) -> Markup:
+    """A matplotlib figure as an ``<img>`` with the PNG embedded (closes the figure)."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     data = base64.b64encode(buf.getvalue()).decode()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+    return Markup('<img alt="{}" src="data:image/png;base64,{}">').format(alt, data)
 
 
 def _confusion_figure(result: dict, title: str) -> str:
@@ -152,31 +155,20 @@ def _plate_heatmaps(counts: pd.DataFrame, label: str = "cells per well") -> str:
     return _fig_to_img(fig, label)
 
 
-def _examples(examples: list[dict]) -> str:
-    """Thumbnails of example fields, one row per MoA."""
+def _example_groups(examples: list[dict]) -> list[dict]:
+    """Example fields as ``[{"moa", "fields": [{"label", "png"}]}]``, one group per run of the
+    same MoA (PNG as base64 text)."""
     from PIL import Image
 
-    parts, last = [], None
+    groups: list[dict] = []
     for ex in examples:
-        if ex["moa"] != last:
-            if last is not None:
-                parts.append("</div>")
-            parts.append(f"<h3>{html.escape(ex['moa'])}</h3><div class='thumbs'>")
-            last = ex["moa"]
+        if not groups or groups[-1]["moa"] != ex["moa"]:
+            groups.append({"moa": ex["moa"], "fields": []})
         buf = io.BytesIO()
         Image.fromarray(ex["rgb"]).save(buf, format="PNG")
-        data = base64.b64encode(buf.getvalue()).decode()
-        parts.append(f"<figure><img alt='{html.escape(ex['label'])}' "
-                     f"src='data:image/png;base64,{data}'><figcaption>"
-                     f"{html.escape(ex['label'])}</figcaption></figure>")
-    if last is not None:
-        parts.append("</div>")
-    return "".join(parts)
-
-
-def _how(text: str) -> str:
-    """A short 'how to read this' line under a figure or table."""
-    return f"<p class='how'><b>How to read this:</b> {text}</p>"
+        groups[-1]["fields"].append({"label": ex["label"],
+                                     "png": base64.b64encode(buf.getvalue()).decode()})
+    return groups
 
 
 def _nscb_note(evaluation: dict) -> str:
@@ -196,8 +188,9 @@ def _nscb_note(evaluation: dict) -> str:
             "so a wrong same-batch match under NSC can become a right one under NSCB." + fewer)
 
 
-def _table(df: pd.DataFrame) -> str:
-    return df.to_html(index=False, border=0, float_format=lambda v: f"{v:.3f}")
+def _table(df: pd.DataFrame) -> Markup:
+    """A table as HTML (pandas escapes the cells)."""
+    return Markup(df.to_html(index=False, border=0, float_format=lambda v: f"{v:.3f}"))
 
 
 def _pct(v: float | None) -> str:
@@ -257,32 +250,53 @@ def write_report(
         examples: example fields (see :func:`morphoprof.pipeline.example_fields`), drawn as
             thumbnails per MoA.
     """
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-             f"</title><style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
-    if header:
-        parts.append("<table class='header'>" + "".join(
-            f"<tr><th>{html.escape(str(k))}</th><td><code>{html.escape(str(v))}</code></td>"
-            "</tr>" for k, v in header.items()) + "</table>")
-    parts.append("<h2>Dataset</h2>")
-    parts.append(_table(pd.DataFrame({"item": list(summary),
-                                      "value": [str(v) for v in summary.values()]})))
-    if cells_per_well is not None and len(cells_per_well):
-        parts.append(f"<h2>Quality control: {html.escape(qc_title)}</h2>")
-        parts.append(_plate_heatmaps(cells_per_well, qc_title))
-        parts.append(_how(f"one panel per plate, one square per well (rows = well letters, "
-                          f"columns = well numbers), coloured by {html.escape(qc_title)}; "
-                          "white squares are wells not in the screen. A well much darker than "
-                          "its neighbours had few usable fields or cells: check its images."))
-    if examples:
-        parts.append("<h2>Example fields per MoA</h2>" + _examples(examples))
-        parts.append(_how("a few fields of each MoA (and of the controls), each stain scaled "
-                          f"to its own range; colours: {html.escape(examples[0]['channels'])}."
-                          ))
-    warnings = evaluation.get("warnings") or []
-    if warnings:
-        parts.append("<h2>Warnings</h2><ul>" + "".join(
-            f"<li>{html.escape(w)}</li>" for w in warnings) + "</ul>")
-    parts.append("<h2>Mechanism-of-action matching (cosine)</h2>")
+    per = [{"protocol": key.upper(), "MoA": moa, "accuracy": _pct(v["accuracy"]),
+            "correct / n": f"{v['correct']}/{v['n']}"}
+           for key in ("nsc", "nscb")
+           for moa, v in (evaluation.get(key) or {}).get("per_moa", {}).items()]
+    map_rows, nn = _map_rows(evaluation), _nn_rows(evaluation)
+    conf = evaluation.get("conformal")
+    conf = conf if conf and "coverage" in conf else None
+    qc = cells_per_well is not None and len(cells_per_well) > 0
+    page = _template().render(
+        title=title, css=Markup(_CSS), header=header or {},
+        summary_table=_table(pd.DataFrame({"item": list(summary),
+                                           "value": [str(v) for v in summary.values()]})),
+        qc_title=qc_title, qc_figure=_plate_heatmaps(cells_per_well, qc_title) if qc else None,
+        examples=_example_groups(examples) if examples else [],
+        example_channels=examples[0]["channels"] if examples else "",
+        warnings=evaluation.get("warnings") or [],
+        matching_table=_table(pd.DataFrame(_matching_rows(evaluation))),
+        nscb_note=_nscb_note(evaluation),
+        per_moa_table=_table(pd.DataFrame(per)) if per else None,
+        confusion_figures=[_confusion_figure(evaluation[k], k.upper() + " confusion")
+                           for k in ("nsc", "nscb")
+                           if (evaluation.get(k) or {}).get("confusion")],
+        map_table=_table(pd.DataFrame(map_rows)) if map_rows else None,
+        nn_table=_table(pd.DataFrame(nn)) if nn else None,
+        conformal=conf, pct=_pct,
+        conformal_table=_table(pd.DataFrame([
+            {"MoA": m, "coverage": _pct(v["coverage"]), "mean set size": v["mean_set_size"],
+             "n": v["n"]} for m, v in conf["per_moa"].items()])) if conf else None,
+        embedding_figure=_embedding_figure(profiles), config_text=config_text)
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return out
+
+
+def _template():
+    """The report's Jinja2 template (``templates/report.html.j2``), autoescaped."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    env = Environment(loader=PackageLoader("morphoprof.report", "templates"),
+                      autoescape=select_autoescape(["j2", "html"]), trim_blocks=True,
+                      lstrip_blocks=True, keep_trailing_newline=True)
+    return env.get_template("report.html.j2")
+
+
+def _matching_rows(evaluation: dict) -> list[dict]:
+    """One row per protocol (NSC, NSCB): 1-NN accuracy, k-NN votes, dropped MoAs."""
     rows = []
     for key, label in (("nsc", "NSC (not same compound)"),
                        ("nscb", "NSCB (not same compound or batch)")):
@@ -297,38 +311,11 @@ def write_report(
                                            f"/{v.get('n', 0)})") if "accuracy" in v else "n/a"
         row["dropped MoAs"] = ", ".join(r.get("dropped_moas", [])) or "-"
         rows.append(row)
-    parts.append(_table(pd.DataFrame(rows)))
-    parts.append(_how("each treatment's profile is matched to its most similar other "
-                      "treatment (cosine); it counts as correct when that neighbour has the "
-                      "same MoA. NSC ignores every treatment of the same compound, so a "
-                      "compound cannot match itself at another dose; NSCB also ignores "
-                      "treatments imaged in the same batch, so batch effects cannot help. "
-                      "k-NN vote: the majority MoA of the k nearest." + _nscb_note(evaluation)))
-    per = []
-    for key in ("nsc", "nscb"):
-        for moa, v in (evaluation.get(key) or {}).get("per_moa", {}).items():
-            per.append({"protocol": key.upper(), "MoA": moa, "accuracy": _pct(v["accuracy"]),
-                        "correct / n": f"{v['correct']}/{v['n']}"})
-    if per:
-        parts.append("<h3>Per-MoA accuracy</h3>" + _table(pd.DataFrame(per)))
-    figs = [
-        f"<div class='fig'>{_confusion_figure(evaluation[k], k.upper() + ' confusion')}</div>"
-        for k in ("nsc", "nscb") if (evaluation.get(k) or {}).get("confusion")
-    ]
-    if figs:
-        parts.append("<h3>Confusion matrices</h3>" + "".join(figs))
-        parts.append(_how("rows are the true MoA, columns the MoA of the nearest neighbour; "
-                          "counts on the diagonal are correct matches, off-diagonal cells show "
-                          "which MoAs are confused."))
-    map_rows = _map_rows(evaluation)
-    if map_rows:
-        parts.append("<h2>Retrieval: mean average precision (copairs)</h2>"
-                     + _table(pd.DataFrame(map_rows)))
-        parts.append(_how("for each profile, all others are ranked by similarity; average "
-                          "precision is high when the ones that should match (same MoA from "
-                          "another compound, or replicate wells) rank above the rest. "
-                          "'Retrieved' is the fraction whose score beats a permutation null "
-                          "after FDR correction."))
+    return rows
+
+
+def _nn_rows(evaluation: dict) -> list[dict]:
+    """Replicate accuracy and group accuracies, where the evaluation has them."""
     nn = []
     if "replicate_accuracy" in evaluation:
         r = evaluation["replicate_accuracy"]
@@ -339,42 +326,7 @@ def write_report(
         nn.append({"metric": f"group accuracy: {col} (other compounds only)",
                    "accuracy": _pct(r.get("accuracy")),
                    "correct / n": f"{r.get('correct', 0)}/{r.get('n', 0)}"})
-    if nn:
-        parts.append("<h3>Nearest-neighbour accuracy</h3>" + _table(pd.DataFrame(nn)))
-    conf = evaluation.get("conformal")
-    if conf and "coverage" in conf:
-        parts.append("<h2>Conformal MoA prediction (leave one compound out)</h2>")
-        parts.append(f"<p>Target coverage {_pct(conf['target_coverage'])}: empirical coverage "
-                     f"{_pct(conf['coverage'])}, mean set size {conf['mean_set_size']:.2f} of "
-                     f"{len(conf['labels'])} MoAs, singletons {_pct(conf['singleton_fraction'])}"
-                     f" (n = {conf['n']}).</p>")
-        parts.append(_table(pd.DataFrame([
-            {"MoA": m, "coverage": _pct(v["coverage"]), "mean set size": v["mean_set_size"],
-             "n": v["n"]} for m, v in conf["per_moa"].items()])))
-        parts.append(_how("instead of one MoA, each treatment gets a set of plausible MoAs, "
-                          "calibrated on the other compounds so that the set holds the true "
-                          f"MoA for about {_pct(conf['target_coverage'])} of treatments. Small "
-                          "sets at the target coverage mean confident, well-calibrated "
-                          "predictions; a set of 0 means no MoA was similar enough."))
-    parts.append("<h2>Profiles</h2>" + _embedding_figure(profiles))
-    parts.append(_how("each point is a treatment profile, placed so that similar profiles lie "
-                      "close together (t-SNE keeps neighbourhoods, not distances: the size of "
-                      "and gaps between clusters mean little). Points of one colour and marker "
-                      "clustering together is what good MoA matching looks like."))
-    if config_text:
-        parts.append("<h2>Run configuration</h2><p>The settings that applied to this run "
-                     "(defaults filled in; keys of unused stages left out).</p>"
-                     f"<pre>{html.escape(config_text)}</pre>")
-    # a browser marks how many figures it decoded (checked by the test suite in Chromium)
-    parts.append("<script>window.addEventListener('load',function(){var im=document.images,"
-                 "ok=0;for(var i=0;i<im.length;i++){if(im[i].complete&&im[i].naturalWidth>0)"
-                 "ok++;}document.body.setAttribute('data-figures-rendered',ok+'/'+im.length);"
-                 "});</script>")
-    parts.append("</body></html>")
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        tmp.write_text("\n".join(parts), encoding="utf-8")
-    return out
+    return nn
 
 
 def well_counts(wells: pd.DataFrame) -> pd.DataFrame:
