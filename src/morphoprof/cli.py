@@ -9,6 +9,7 @@ from pathlib import Path
 
 from morphoprof import __version__
 from morphoprof.errors import MorphoprofError, os_reason
+from morphoprof.registry import create_extractor, extractor_names
 from morphoprof.shards import read_features
 
 
@@ -236,7 +237,6 @@ def _extracted(a: argparse.Namespace, summary: dict) -> None:
 
 
 def cmd_extract(a: argparse.Namespace) -> int:
-    from morphoprof.features.transfer import TransferConfig, TransferExtractor
     from morphoprof.index import ExperimentIndex
 
     if a.crops and (a.index or a.cells):
@@ -248,24 +248,23 @@ def cmd_extract(a: argparse.Namespace) -> int:
 
         crops, table, names = load_crop_array(a.crops, a.crop_table, a.channels,
                                               a.control_value or ["DMSO"])
-    if a.crops and a.extractor == "classical":
-        from morphoprof.features.classical import ClassicalConfig, ClassicalExtractor
-
-        ccfg = ClassicalConfig(channels=names, n_jobs=a.workers or 1)
-        _extracted(a, ClassicalExtractor(ccfg).extract_crops(crops, table, names, a.out,
-                                                           overwrite=a.overwrite))
-        return 0
-    index = ExperimentIndex.read_parquet(a.index) if a.index else None
-    if a.extractor == "classical":
-        from morphoprof.features.classical import ClassicalConfig, ClassicalExtractor
-
-        ccfg = ClassicalConfig(channels=a.channels, n_jobs=a.workers or 1, on_error=a.on_error)
-        _extracted(a, ClassicalExtractor(ccfg).extract(
-            index, a.out, illumination=_illumination(a.illumination), overwrite=a.overwrite))
-        return 0
+    index = ExperimentIndex.read_parquet(a.index) if a.index else None  # before any model
     size, normalization = a.crop_size, a.normalization
     # a crop is ~50x fewer pixels than a field: batches of 16 would leave the network idle
     batch_size = a.batch_size or (256 if a.crops or a.cells else 16)
+    settings = {"model": a.model, "weights": a.weights, "channel_strategy": a.channel_strategy,
+                "layer": a.layer, "tiles": a.tiles, "image_size": a.image_size,
+                "batch_size": batch_size, "num_workers": a.workers, "n_jobs": a.workers or 1,
+                "device": a.device, "channels": a.channels,
+                "precision": a.precision, "backend": a.backend, "on_error": a.on_error}
+    if a.extractor == "classical":  # measures the nuclei it segments itself: no model, no cells
+        extractor = create_extractor("classical", {**settings, "channels": names} if a.crops
+                                     else settings)
+        _extracted(a, extractor.extract_crops(crops, table, names, a.out, overwrite=a.overwrite)
+                   if a.crops else extractor.extract(
+                       index, a.out, illumination=_illumination(a.illumination),
+                       overwrite=a.overwrite))
+        return 0
     if a.checkpoint:
         from morphoprof.models.weak import extractor_from_checkpoint
 
@@ -276,19 +275,14 @@ def cmd_extract(a: argparse.Namespace) -> int:
                                   f"not {a.channels}")
         size = size or hp["crop_size"]
         normalization = normalization or hp["normalization"]
-    else:
-        extractor = TransferExtractor(TransferConfig(
-            model=a.model, weights=a.weights, channel_strategy=a.channel_strategy,
-            layer=a.layer, tiles=a.tiles, image_size=a.image_size, batch_size=batch_size,
-            num_workers=a.workers, device=a.device, channels=a.channels,
-            precision=a.precision, backend=a.backend,
-            on_error=a.on_error))
-    if a.crops:
-        if a.checkpoint and crops.shape[-1] != hp["crop_size"]:
+        if a.crops and crops.shape[-1] != hp["crop_size"]:
             raise MorphoprofError(f"{a.crops}: crops are {crops.shape[-1]} px; {a.checkpoint} "
                                   f"was trained on {hp['crop_size']} px crops")
+    else:
+        extractor = create_extractor(a.extractor, settings)
+    if a.crops:
         _extracted(a, extractor.extract_crops(crops, table, names, a.out,
-                                            normalization or "max", overwrite=a.overwrite))
+                                              normalization or "max", overwrite=a.overwrite))
         return 0
     illumination = _illumination(a.illumination)
     if a.cells:
@@ -303,7 +297,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
             overwrite=a.overwrite))
     else:
         _extracted(a, extractor.extract(index, a.out, overwrite=a.overwrite,
-                                      illumination=illumination, scheduler=a.scheduler))
+                                        illumination=illumination, scheduler=a.scheduler))
     return 0
 
 
@@ -762,7 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = _parser(sub, "extract", "extract features (resumable)", outputs=[("out", True)])
     s.add_argument("index", nargs="?", help="index.parquet (none with --crops)")
     s.add_argument("--out", required=True, help="feature folder")
-    s.add_argument("--extractor", default="transfer", choices=["transfer", "classical"],
+    s.add_argument("--extractor", default="transfer", choices=extractor_names(),
                    help="transfer: ImageNet CNN on whole fields; classical: cp_measure per cell")
     s.add_argument("--model", default="tf_efficientnet_lite0", help="any timm model name")
     s.add_argument("--weights", default="auto", help="auto | offline | imagenet | random | "

@@ -40,6 +40,7 @@ import yaml
 
 from morphoprof.errors import ConfigError
 from morphoprof.profiles.normalize import METHOD_ALIASES, METHODS
+from morphoprof.registry import extractor_names
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ SCHEMA: dict[str, Any] = {
         "on_error": Opt(_STR, "fail", ("fail", "skip")),
     },
     "features": {
-        "extractor": Opt(_STR, "transfer", ("transfer", "classical")),
+        "extractor": Opt(_STR, "transfer", extractor_names()),
         "measurements": Opt(_LIST, ["sizeshape", "intensity", "texture", "granularity"]),
         "model": Opt(_STR, "tf_efficientnet_lite0"),
         "weights": Opt(_STR, "auto"),

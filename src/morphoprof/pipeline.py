@@ -20,7 +20,6 @@ Each stage reads the previous stage's files and writes its own, so any stage can
 from __future__ import annotations
 
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ from morphoprof.io_utils import (
     write_parquet,
 )
 from morphoprof.preprocess.segmentation import nuclei_config, segment_index
+from morphoprof.registry import create_extractor
 
 NORMALIZE_BY = {"plate": PLATE, "batch": BATCH, "all": None}
 
@@ -79,21 +79,11 @@ def extract_features(index: ExperimentIndex, features: dict, channels, out: Path
     (``preprocess.on_error``): ``skip`` leaves unreadable image sets out of the features (either
     extractor) and lists them in the summary.
     """
-    from morphoprof.features.transfer import TransferConfig, TransferExtractor
-
-    if features["extractor"] == "classical":
-        from morphoprof.features.classical import ClassicalConfig, ClassicalExtractor
-
-        cfg = ClassicalConfig(measurements=tuple(features["measurements"]), channels=channels,
-                              nuclei=nuclei_config(segmentation or {}),
-                              n_jobs=(segmentation or {}).get("n_jobs", 1), on_error=on_error)
-        return ClassicalExtractor(cfg).extract(index, out, illumination=illumination,
-                                               progress=progress, log=log)
-    known = {f.name for f in fields(TransferConfig)}
-    cfg = TransferConfig(**{k: v for k, v in features.items() if k in known}, channels=channels,
-                         on_error=on_error)
-    return TransferExtractor(cfg).extract(index, out, progress=progress, log=log,
-                                          illumination=illumination)
+    seg = segmentation or {}
+    extractor = create_extractor(features["extractor"], {
+        **features, "channels": channels, "on_error": on_error,
+        "nuclei": nuclei_config(seg), "n_jobs": seg.get("n_jobs", 1)})
+    return extractor.extract(index, out, illumination=illumination, progress=progress, log=log)
 
 
 def cells_per_well(cells_path: Path, index: ExperimentIndex) -> pd.DataFrame:

@@ -34,6 +34,7 @@ from morphoprof.preprocess.segmentation import (
     object_table,
     segment_nuclei,
 )
+from morphoprof.registry import register_extractor, settings_for
 from morphoprof.shards import ShardWriter, shard_key
 
 SHAPE_MEASUREMENTS = ("sizeshape", "zernike", "feret")
@@ -269,3 +270,12 @@ class ClassicalExtractor:
                            "classical crop features", "cell", progress)
         return writer.finish({"out": str(out), **{k: v for k, v in run.items() if k != "rows"}},
                              "skip", log)
+
+
+@register_extractor("classical")
+def _build(settings) -> ClassicalExtractor:
+    """``classical``: the :class:`ClassicalConfig` keys of ``settings`` (``measurements`` as a
+    tuple)."""
+    fixed = ({"measurements": tuple(settings["measurements"])}
+             if settings.get("measurements") is not None else {})
+    return ClassicalExtractor(settings_for(ClassicalConfig, settings, **fixed))

@@ -24,6 +24,7 @@ import pandas as pd
 from morphoprof.errors import InputError
 from morphoprof.features.backbones import DEFAULT_MODEL, Backbone, create_backbone
 from morphoprof.index.schema import PLATE, ExperimentIndex
+from morphoprof.registry import register_extractor, settings_for
 from morphoprof.shards import ShardWriter, shard_key, write_shard
 
 
@@ -867,3 +868,9 @@ def _saved_ranges(out: Path, params: dict) -> list[tuple[float, float]] | None:
     if ranges is None or saved != json.loads(json.dumps(params)):
         return None
     return [tuple(r) for r in ranges]
+
+
+@register_extractor("transfer")
+def _build(settings) -> TransferExtractor:
+    """``transfer``: the :class:`TransferConfig` keys of ``settings``."""
+    return TransferExtractor(settings_for(TransferConfig, settings))
