@@ -72,7 +72,8 @@ def segmentation_stage(index: ExperimentIndex, cfg: dict, on_error: str, out: Pa
 def extract_features(index: ExperimentIndex, features: dict, channels, out: Path,
                      progress: bool = True, log=print, illumination=None,
                      segmentation: dict | None = None, on_error: str = "fail") -> dict:
-    """Run the configured extractor over the index into ``out`` (a feature folder).
+    """Run the configured extractor (built by name, :mod:`morphoprof.registry`) over the index
+    into ``out`` (a feature folder).
 
     ``transfer``: whole-field ImageNet features; ``classical``: cp_measure measurements of the
     nuclei segmented with the ``segmentation`` settings (one row per cell). ``on_error``
