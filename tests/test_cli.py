@@ -191,3 +191,21 @@ def test_extract_crops_equals_in_memory_embedding(tmp_path, capsys):
     assert main(["extract", "--crops", str(tmp_path / "flat.npz"), "--crop-table",
                  str(tmp_path / "c.csv"), "--out", str(tmp_path / "f4")]) == 2
     assert "flat.npz: crops must be 4-D" in capsys.readouterr().err
+
+
+def test_segment_writes_overlays_summary_and_locations_beside_the_table(tmp_path, tiny_screen,
+                                                                         capsys):
+    folder, index = tiny_screen
+    out = tmp_path / "nuclei.parquet"
+    assert main(["segment", str(folder / "index.parquet"), "--out", str(out), "--overlays", "2",
+                 "--min-area", "10", "--deepprofiler-locations", str(tmp_path / "loc")]) == 0
+    pngs = sorted((tmp_path / "nuclei_overlays").glob("*.png"))
+    assert len(pngs) == 2
+    summary = json.loads((tmp_path / "nuclei_summary.json").read_text())
+    cells = pd.read_parquet(out)
+    assert summary["cells"] == len(cells) > 0 and summary["image_sets"] == len(index)
+    # one location file per field with cells
+    assert len(list((tmp_path / "loc").rglob("*-Nuclei.csv"))) == cells.groupby(
+        ["Metadata_plate", "Metadata_well", "Metadata_site"]).ngroups
+    printed = capsys.readouterr().out
+    assert "2 overlay(s)" in printed and f"{len(cells)} cells in {len(index)} image sets" in printed

@@ -145,13 +145,11 @@ def _illumination(folder: str | None):
 
 def cmd_illum(a: argparse.Namespace) -> int:
     from morphoprof.index import ExperimentIndex
-    from morphoprof.preprocess.illumination import compute_illumination
+    from morphoprof.pipeline import illumination_stage
 
     index = ExperimentIndex.read_parquet(a.index)
-    corr = compute_illumination(index, a.out, channels=a.channels, window=a.window,
-                                percentile=a.percentile, n_jobs=a.jobs, on_error=a.on_error)
-    for s in corr.skipped:
-        print(f"skipped {s['reason']}")
+    corr = illumination_stage(index, a.out, channels=a.channels, window=a.window,
+                              percentile=a.percentile, n_jobs=a.jobs, on_error=a.on_error)
     print(f"illumination functions of {index.table['Metadata_plate'].nunique()} plate(s) "
           f"-> {a.out}" + (f"; {len(corr.skipped)} image set(s) skipped (listed in "
                            f"{Path(a.out) / 'illumination_skipped.json'})"
@@ -161,33 +159,18 @@ def cmd_illum(a: argparse.Namespace) -> int:
 
 def cmd_segment(a: argparse.Namespace) -> int:
     from morphoprof.index import ExperimentIndex
-    from morphoprof.io_utils import write_json
-    from morphoprof.preprocess.segmentation import (
-        NucleiConfig,
-        export_deepprofiler_locations,
-        segment_index,
-        write_overlays,
-    )
+    from morphoprof.pipeline import segmentation_stage
+    from morphoprof.preprocess.segmentation import NucleiConfig
 
     index = ExperimentIndex.read_parquet(a.index)
     cfg = NucleiConfig(smoothing=a.smoothing, threshold_scale=a.threshold_scale,
                        min_area=a.min_area, max_area=a.max_area,
                        min_distance=a.min_distance, clear_border=a.clear_border,
                        downsample=a.downsample)
-    illumination = _illumination(a.illumination)
-    summary = segment_index(index, a.out, channel=a.channel, cfg=cfg,
-                            illumination=illumination, on_error=a.on_error, n_jobs=a.jobs)
-    if a.overlays:
-        folder = Path(a.out).with_name(Path(a.out).stem + "_overlays")
-        step = max(len(index) // a.overlays, 1)
-        paths = write_overlays(index, folder, a.channel, cfg, range(0, len(index), step)[
-            :a.overlays], illumination)
-        print(f"{len(paths)} overlay(s) (nucleus outlines in red) -> {folder}")
-    write_json(Path(a.out).with_name(Path(a.out).stem + "_summary.json"), summary)
-    if a.deepprofiler_locations:
-        from morphoprof.io_utils import read_parquet
-
-        export_deepprofiler_locations(read_parquet(a.out), a.deepprofiler_locations)
+    summary = segmentation_stage(index, a.out, cfg, a.channel,
+                                 illumination=_illumination(a.illumination),
+                                 on_error=a.on_error, n_jobs=a.jobs, overlays=a.overlays,
+                                 deepprofiler_locations=a.deepprofiler_locations)
     print(f"{summary['cells']} cells in {summary['image_sets']} image sets "
           f"({summary['image_sets_without_cells']} without cells, {len(summary['skipped'])} "
           f"skipped, {len(summary['warnings'])} warnings) -> {a.out}")

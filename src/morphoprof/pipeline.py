@@ -42,31 +42,51 @@ from morphoprof.registry import create_extractor
 NORMALIZE_BY = {"plate": PLATE, "batch": BATCH, "all": None}
 
 
-def illumination_stage(index: ExperimentIndex, cfg: dict, out: Path, progress: bool = True,
-                       on_error: str = "fail", log=print):
-    """Compute (or reuse) per-plate illumination functions; None when disabled."""
-    if not cfg["enabled"]:
-        return None
+def illumination_stage(index: ExperimentIndex, out: str | Path, *, window: int,
+                       percentile: float, n_jobs: int = 1, channels=None,
+                       on_error: str = "fail", progress: bool = True, log=print):
+    """Compute (or reuse) per-plate illumination functions into ``out``; each skipped image
+    set is logged. The one illumination step of ``run`` and ``morphoprof illum``."""
     from morphoprof.preprocess.illumination import compute_illumination
 
-    corr = compute_illumination(index, out, window=cfg["window"], percentile=cfg["percentile"],
-                                n_jobs=cfg["n_jobs"], progress=progress, on_error=on_error)
+    corr = compute_illumination(index, out, channels=channels, window=window,
+                                percentile=percentile, n_jobs=n_jobs, progress=progress,
+                                on_error=on_error)
     if log:
         for s in corr.skipped:
             log(f"skipped {s['reason']}")
     return corr
 
 
-def segmentation_stage(index: ExperimentIndex, cfg: dict, on_error: str, out: Path,
-                       illumination=None, progress: bool = True) -> dict | None:
-    """Segment nuclei into ``out`` (cells.parquet) and write its run summary; None if disabled."""
-    if not cfg["enabled"]:
-        return None
-    summary = segment_index(index, out, channel=cfg["channel"], cfg=nuclei_config(cfg),
-                            illumination=illumination, on_error=on_error, progress=progress,
-                            n_jobs=cfg["n_jobs"])
-    write_json(out.with_name("segmentation_summary.json"), summary)
-    return summary
+def segmentation_stage(index: ExperimentIndex, out: str | Path, nuclei, channel: str | None, *,
+                       illumination=None, on_error: str = "fail", n_jobs: int = 1,
+                       progress: bool = True, summary: str | Path | None = None,
+                       overlays: int = 0, deepprofiler_locations: str | Path | None = None,
+                       log=print) -> dict:
+    """Segment nuclei (``nuclei``: a :class:`NucleiConfig`) on ``channel`` into ``out`` (a
+    cell table) and write its run summary to ``summary`` (default ``<out stem>_summary.json``).
+    ``overlays``: that many evenly spaced fields drawn with their nucleus outlines beside the
+    table; ``deepprofiler_locations``: the cells also as DeepProfiler location files. The one
+    segmentation step of ``run`` and ``morphoprof segment``; returns the summary."""
+    from morphoprof.preprocess.segmentation import (
+        export_deepprofiler_locations,
+        write_overlays,
+    )
+
+    out = Path(out)
+    result = segment_index(index, out, channel=channel, cfg=nuclei, illumination=illumination,
+                           on_error=on_error, progress=progress, n_jobs=n_jobs)
+    if overlays:
+        folder = out.with_name(out.stem + "_overlays")
+        step = max(len(index) // overlays, 1)
+        paths = write_overlays(index, folder, channel, nuclei,
+                               range(0, len(index), step)[:overlays], illumination)
+        if log:
+            log(f"{len(paths)} overlay(s) (nucleus outlines in red) -> {folder}")
+    write_json(Path(summary) if summary else out.with_name(out.stem + "_summary.json"), result)
+    if deepprofiler_locations:
+        export_deepprofiler_locations(read_parquet(out), deepprofiler_locations)
+    return result
 
 
 def extract_features(index: ExperimentIndex, features: dict, channels, out: Path,
@@ -376,11 +396,17 @@ def run_pipeline(cfg: dict, config_text: str, progress: bool = True, log=print,
     pre = cfg["preprocess"]
     t = time.perf_counter()
     log("[2/7] illumination correction" + ("" if pre["illumination"]["enabled"] else ": off"))
-    illumination = illumination_stage(index, pre["illumination"], out / "illumination", progress,
-                                      pre["on_error"], log)
-    log("[3/7] nuclei segmentation" + ("" if pre["segmentation"]["enabled"] else ": off"))
-    seg = segmentation_stage(index, pre["segmentation"], pre["on_error"], out / "cells.parquet",
-                             illumination, progress)
+    ill, segcfg = pre["illumination"], pre["segmentation"]
+    illumination = illumination_stage(
+        index, out / "illumination", window=ill["window"], percentile=ill["percentile"],
+        n_jobs=ill["n_jobs"], on_error=pre["on_error"], progress=progress, log=log,
+    ) if ill["enabled"] else None
+    log("[3/7] nuclei segmentation" + ("" if segcfg["enabled"] else ": off"))
+    seg = segmentation_stage(
+        index, out / "cells.parquet", nuclei_config(segcfg), segcfg["channel"],
+        illumination=illumination, on_error=pre["on_error"], n_jobs=segcfg["n_jobs"],
+        progress=progress, summary=out / "segmentation_summary.json", log=log,
+    ) if segcfg["enabled"] else None
     timings["preprocess_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
