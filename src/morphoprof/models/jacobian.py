@@ -46,13 +46,14 @@ def guided_backprop(net: nn.Module):
     In-place activations are switched off for the block and restored after it."""
     acts = [m for m in net.modules() if isinstance(m, GUIDED_ACTIVATIONS)]
     inplace = [getattr(m, "inplace", False) for m in acts]
-    open_gate: dict[nn.Module, torch.Tensor] = {}
+    # a module called several times in one forward pass is undone in reverse order: a stack
+    open_gate: dict[nn.Module, list[torch.Tensor]] = {}
 
     def remember(module, inputs, output):
-        open_gate[module] = inputs[0].detach() > 0
+        open_gate.setdefault(module, []).append(inputs[0].detach() > 0)
 
     def relu_gate(module, grad_input, grad_output):
-        return ((grad_output[0] * open_gate[module]).clamp_min(0.0),)
+        return ((grad_output[0] * open_gate[module].pop()).clamp_min(0.0),)
 
     hooks = []
     for m in acts:
