@@ -17,8 +17,8 @@ PACKAGE = Path(morphoprof.__file__).parent
 
 # lowest first; a module may import from its own layer and the ones before it
 LAYERS = [
-    {"", "errors", "io_utils", "extras", "shards", "config", "classification",
-     "registry"},
+    {"", "errors", "io_utils", "extras", "shards", "distributed", "config",
+     "classification", "registry"},
     {"index"},
     {"images"},
     {"datasets", "preprocess"},

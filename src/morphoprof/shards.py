@@ -8,7 +8,8 @@ Layout of a feature folder::
 A shard is written to a temporary name and renamed; the manifest is rewritten (atomically) after
 each shard. A re-run with the same parameters skips the shards already in the manifest (when the
 file is there with its recorded SHA-256; otherwise the shard is recomputed); a re-run
-with different parameters is refused unless the folder is cleared.
+with different parameters is refused unless the folder is cleared. :func:`run_shards` is the one
+loop every sharded stage runs, in process or on Dask.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ import hashlib
 import json
 import re
 import shutil
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -65,7 +72,7 @@ class ShardWriter:
                     path = self.out / v["file"]
                     if not path.is_file():
                         self.recomputed.append(f"{path}: missing since the last run")
-                    elif _sha256(path) != v.get("sha256"):
+                    elif file_sha256(path) != v.get("sha256"):
                         self.recomputed.append(f"{path}: changed since the last run (its "
                                                "SHA-256 differs from the manifest's)")
                     else:
@@ -117,7 +124,8 @@ class ShardWriter:
         write_json(self.out / MANIFEST, {"params": self.params, "shards": self.shards})
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, hex, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -130,7 +138,7 @@ def write_shard(out: str | Path, key: str, df: pd.DataFrame) -> dict:
     manifest entry ``{"key", "file", "rows", "sha256"}``; the manifest itself is not touched."""
     rel = f"shards/{key}.parquet"
     path = write_parquet(Path(out) / rel, df)
-    digest = _sha256(path)
+    digest = file_sha256(path)
     return {"key": key, "file": rel, "rows": int(len(df)), "sha256": digest}
 
 
@@ -173,3 +181,160 @@ def read_features(folder: str | Path) -> pd.DataFrame:
 def feature_columns(df: pd.DataFrame) -> list[str]:
     """All non-metadata columns (cytomining convention: metadata columns start ``Metadata_``)."""
     return [c for c in df.columns if not c.startswith("Metadata_")]
+
+
+@dataclass(frozen=True)
+class ShardRun:
+    """What one :func:`run_shards` call did.
+
+    Attributes:
+        shards_written: shards computed and written by this call.
+        shards_skipped: shards of the plan an earlier run had finished (not computed again).
+        items: plan items (image sets, cells...) of the shards written: the sum of
+            ``len(payload)``.
+        rows: table rows written (items minus those skipped or without objects, plus one per
+            object where a shard has several rows per item).
+        seconds: wall time of the loop, s.
+        skipped: this call's skipped inputs, ``{"row", "reason"}`` each.
+    """
+
+    shards_written: int
+    shards_skipped: int
+    items: int
+    rows: int
+    seconds: float
+    skipped: tuple[dict, ...] = ()
+
+    def rate(self, n: int | None = None) -> float | None:
+        """``n`` (default: :attr:`items`) per second of this run; None when nothing ran."""
+        n = self.items if n is None else n
+        return n / self.seconds if self.seconds > 0 and n else None
+
+    def to_json(self) -> dict:
+        """The counts of a run summary (``skipped`` is left to :meth:`ShardWriter.finish`)."""
+        return {"shards_written": self.shards_written, "shards_skipped": self.shards_skipped,
+                "seconds": self.seconds}
+
+
+def run_shards(
+    plan: Sequence[tuple[str, Any]],
+    shard_fn: Callable[..., tuple[pd.DataFrame, list[dict]]],
+    writer: ShardWriter,
+    scheduler: str | None = None,
+    *,
+    shared: dict | None = None,
+    prepare: Callable[[Any], Any] | None = None,
+    desc: str = "shards",
+    unit: str = "item",
+    progress: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> ShardRun:
+    """Compute and write every shard of ``plan`` that ``writer`` has not finished yet.
+
+    Args:
+        plan: ``[(key, payload)]`` in output order; ``len(payload)`` is the shard's size in
+            progress units (e.g. an array of index rows).
+        shard_fn: ``shard_fn(payload, bar, **shared) -> (table, skipped)``: the shard's
+            DataFrame and its skipped inputs (``[{"row", "reason"}]``). ``bar`` is the run's
+            tqdm bar (``None`` on a Dask worker); it may advance it inside a shard, and the loop
+            sets it to the shard's end afterwards. With ``prepare`` it also gets ``ahead=``.
+        writer: the feature folder's :class:`ShardWriter`.
+        scheduler: ``local:N`` or a Dask scheduler address (see :mod:`morphoprof.distributed`):
+            one task per shard, each written by its worker; ``shard_fn`` and ``shared`` must
+            pickle (``shared`` is sent to every worker once).
+        shared: keyword arguments of every ``shard_fn`` call.
+        prepare: in process, ``prepare(payload)`` is called for the next shard before the
+            current one is computed (e.g. to start reading its images) and handed to
+            ``shard_fn`` as ``ahead=``; an unused result with a ``close()`` is closed on error.
+        desc, unit, progress: the progress bar.
+        log: where "resuming" and the Dask dashboard are announced (None: silent).
+
+    In process, a shard is written (Parquet encoding, checksum, manifest) in a thread while the
+    next one is computed, one write at a time, so the manifest grows in plan order; the shards
+    finished before an error stay recorded, and a re-run resumes after them.
+
+    Returns:
+        A :class:`ShardRun`.
+    """
+    from tqdm.auto import tqdm
+
+    shared = shared or {}
+    todo = [(key, payload) for key, payload in plan if not writer.done(key)]
+    if log and len(todo) < len(plan):
+        log(f"resuming: {len(plan) - len(todo)} of {len(plan)} shards already done")
+    items = int(sum(len(payload) for _, payload in todo))
+    bar = tqdm(total=items, desc=desc, unit=unit, disable=not progress)
+    t0 = time.perf_counter()
+    try:
+        if scheduler:
+            rows, skipped = _run_on_dask(todo, shard_fn, writer, scheduler, shared, bar, log)
+        else:
+            rows, skipped = _run_in_process(todo, shard_fn, writer, shared, prepare, bar)
+    finally:
+        bar.close()
+    return ShardRun(len(todo), len(plan) - len(todo), items, rows, time.perf_counter() - t0,
+                    tuple(skipped))
+
+
+def _run_in_process(todo, shard_fn, writer: ShardWriter, shared: dict, prepare, bar
+                    ) -> tuple[int, list[dict]]:
+    rows, skipped, done = 0, [], 0
+    ahead = prepare(todo[0][1]) if prepare and todo else None
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        try:
+            for k, (key, payload) in enumerate(todo):
+                kwargs = dict(shared)
+                if prepare:
+                    kwargs["ahead"], ahead = ahead, (prepare(todo[k + 1][1])
+                                                     if k + 1 < len(todo) else None)
+                df, shard_skipped = shard_fn(payload, bar, **kwargs)
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(writer.write, key, df, shard_skipped)
+                rows += len(df)
+                skipped += shard_skipped
+                done += len(payload)
+                bar.update(done - bar.n)
+            if pending is not None:
+                pending.result()
+        finally:
+            if hasattr(ahead, "close"):
+                ahead.close()
+    return rows, skipped
+
+
+def _remote_shard(key: str, payload, shard_fn, out: str, **shared) -> dict:
+    """Dask task: one shard computed and written (atomically) by the worker."""
+    df, skipped = shard_fn(payload, None, **shared)
+    return {**write_shard(out, key, df), "skipped": list(skipped), "items": len(payload)}
+
+
+def _run_on_dask(todo, shard_fn, writer: ShardWriter, scheduler: str, shared: dict, bar, log
+                 ) -> tuple[int, list[dict]]:
+    from distributed import as_completed
+
+    from morphoprof.distributed import dask_client
+
+    rows, skipped = 0, []
+    with dask_client(scheduler) as client:
+        if log:
+            log(f"Dask: {len(todo)} shards on {client.dashboard_link or scheduler}")
+        if not todo:
+            return rows, skipped
+        scattered = {k: client.scatter(v, broadcast=True, hash=False) for k, v in shared.items()}
+        run = uuid.uuid4().hex[:8]
+        futures = [client.submit(_remote_shard, key, payload, shard_fn, str(writer.out),
+                                 **scattered, key=f"morphoprof-{run}-{key}", pure=False)
+                   for key, payload in todo]
+        try:
+            for fut in as_completed(futures):
+                info = fut.result()
+                writer.record(info["key"], info)
+                rows += info["rows"]
+                skipped += info["skipped"]
+                bar.update(info["items"])
+        except BaseException:  # a failing task stops the run; finished shards stay recorded
+            client.cancel(futures)
+            raise
+    return rows, skipped

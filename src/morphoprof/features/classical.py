@@ -14,7 +14,6 @@ by bit depth), because texture and granularity quantise intensities.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -35,7 +34,7 @@ from morphoprof.preprocess.segmentation import (
     segment_nuclei,
 )
 from morphoprof.registry import register_extractor, settings_for
-from morphoprof.shards import ShardWriter, shard_key
+from morphoprof.shards import ShardRun, ShardWriter, run_shards, shard_key
 
 SHAPE_MEASUREMENTS = ("sizeshape", "zernike", "feret")
 DEFAULT_MEASUREMENTS = ("sizeshape", "intensity", "texture", "granularity")
@@ -171,33 +170,23 @@ class ClassicalExtractor:
         _cp_functions(self.cfg.measurements)
 
     def _plates(self, writer: ShardWriter, groups: dict, job, empty: pd.DataFrame, desc: str,
-                unit: str, progress: bool) -> dict:
+                unit: str, progress: bool, log) -> ShardRun:
         """One shard per plate not yet in ``writer``: ``job(rows) -> (frames, skipped)`` over
         chunks of the plate's rows (``groups``: plate -> rows) in ``n_jobs`` processes, the
-        frames concatenated (``empty`` when there are none). Returns the run's counts."""
+        frames concatenated (``empty`` when there are none)."""
         from joblib import Parallel, delayed
-        from tqdm.auto import tqdm
+
+        def shard(rows, bar, pool):
+            chunks = np.array_split(rows, max(1, min(len(rows), 4 * self.cfg.n_jobs)))
+            parts = pool(delayed(job)(c) for c in chunks if len(c))
+            frames = [f for part, _ in parts for f in part]
+            skipped = [s for _, part in parts for s in part]
+            return (pd.concat(frames, ignore_index=True) if frames else empty), skipped
 
         plan = [(shard_key(p, 0), np.sort(r)) for p, r in groups.items()]
-        todo = [(k, r) for k, r in plan if not writer.done(k)]
-        n_todo = int(sum(len(r) for _, r in todo))
-        bar = tqdm(total=n_todo, desc=desc, unit=unit, disable=not progress)
-        t0, n_cells = time.perf_counter(), 0
         with Parallel(n_jobs=self.cfg.n_jobs) as pool:
-            for key, rows in todo:
-                chunks = np.array_split(rows, max(1, min(len(rows), 4 * self.cfg.n_jobs)))
-                parts = pool(delayed(job)(c) for c in chunks if len(c))
-                frames = [f for part, _ in parts for f in part]
-                skipped = [s for _, part in parts for s in part]
-                df = pd.concat(frames, ignore_index=True) if frames else empty
-                writer.write(key, df, skipped)
-                n_cells += len(df)
-                bar.update(len(rows))
-        bar.close()
-        seconds = time.perf_counter() - t0
-        return {"rows": n_todo, "cells": n_cells, "seconds": seconds,
-                "cells_per_s": n_cells / seconds if seconds > 0 and n_cells else None,
-                "shards_written": len(todo), "shards_skipped": len(plan) - len(todo)}
+            return run_shards(plan, shard, writer, shared={"pool": pool}, desc=desc, unit=unit,
+                              progress=progress, log=log)
 
     def extract(self, index: ExperimentIndex, out: str | Path, illumination=None,
                 overwrite: bool = False, progress: bool = True, log=print) -> dict:
@@ -221,10 +210,9 @@ class ClassicalExtractor:
                       illumination=illumination)
         empty = pd.DataFrame(columns=[c for c in index.table.columns if c.startswith("Metadata_")])
         run = self._plates(writer, index.table.groupby(PLATE, sort=True).indices, job, empty,
-                           "classical features", "field", progress)
-        return writer.finish({"out": str(out), "shards_written": run["shards_written"],
-                              "image_sets": run["rows"], "cells": run["cells"],
-                              "seconds": run["seconds"], "cells_per_s": run["cells_per_s"]},
+                           "classical features", "field", progress, log)
+        return writer.finish({"out": str(out), **run.to_json(), "image_sets": run.items,
+                              "cells": run.rows, "cells_per_s": run.rate(run.rows)},
                              self.cfg.on_error, log)
 
     def extract_crops(self, crops: np.ndarray, table: pd.DataFrame, channels: Sequence[str],
@@ -267,9 +255,9 @@ class ClassicalExtractor:
         job = partial(_crop_rows, crops, meta=meta, channels=channels, dna=dna, lo=lo, span=span,
                       cfg=self.cfg)
         run = self._plates(writer, table.groupby(PLATE, sort=True).indices, job, meta.iloc[:0],
-                           "classical crop features", "cell", progress)
-        return writer.finish({"out": str(out), **{k: v for k, v in run.items() if k != "rows"}},
-                             "skip", log)
+                           "classical crop features", "cell", progress, log)
+        return writer.finish({"out": str(out), **run.to_json(), "cells": run.rows,
+                              "cells_per_s": run.rate(run.rows)}, "skip", log)
 
 
 @register_extractor("classical")

@@ -13,7 +13,6 @@ survive; the range is stored with the features so a resumed run uses the same on
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from morphoprof.errors import InputError
 from morphoprof.features.backbones import DEFAULT_MODEL, Backbone, create_backbone
 from morphoprof.index.schema import PLATE, ExperimentIndex
 from morphoprof.registry import register_extractor, settings_for
-from morphoprof.shards import ShardWriter, shard_key, write_shard
+from morphoprof.shards import ShardWriter, run_shards, shard_key
 
 
 @dataclass
@@ -400,7 +399,7 @@ class TransferExtractor:
         """Extract features for every image set of ``index`` into the feature folder ``out``.
 
         ``scheduler`` (``local:N`` or a Dask scheduler address) runs one Dask task per shard
-        (see :mod:`morphoprof.features.distributed`); the output is the same as in-process.
+        (see :mod:`morphoprof.distributed`); the output is the same as in-process.
 
         ``illumination`` (an :class:`~morphoprof.preprocess.illumination.IlluminationCorrection`)
         divides each field by its plate's illumination function first.
@@ -412,7 +411,6 @@ class TransferExtractor:
             A summary: shards written and skipped, image sets, seconds, fields per second.
         """
         import torch
-        from tqdm.auto import tqdm
 
         channels = list(self.cfg.channels or index.channels)
         index.validate(channels=channels, check_files=False, check_shapes=False)
@@ -446,59 +444,21 @@ class TransferExtractor:
             step = self.cfg.max_shard_rows
             for k in range(0, len(rows), step):
                 plan.append((shard_key(plate, k // step), rows[k : k + step]))
-        todo = [(key, rows) for key, rows in plan if not writer.done(key)]
-        n_todo = int(sum(len(r) for _, r in todo))
-        if log and len(todo) < len(plan):
-            log(f"resuming: {len(plan) - len(todo)} of {len(plan)} shards already done")
-        bar = tqdm(total=n_todo, desc="transfer features", unit="field", disable=not progress)
-        t0 = time.perf_counter()
+        n_todo = int(sum(len(r) for key, r in plan if not writer.done(key)))
         torch.manual_seed(self.cfg.seed)
-        if scheduler:
-            from morphoprof.features.distributed import dask_client, run_shards
-
-            with dask_client(scheduler) as client:
-                if log:
-                    log(f"Dask: {len(todo)} shards on {client.dashboard_link or scheduler}")
-                run_shards(client, _transfer_shard, todo,
-                           {"spec": (self.cfg, self.backbone), "index": index,
-                            "context": (channels, transform, illumination, n_todo, str(out))},
-                           writer.record, lambda info: bar.update(info["rows"]))
-        else:
-            # a shard is written (Parquet encoding, checksum, manifest) in a thread while the
-            # next one is computed; one write at a time, so the manifest grows in order
-            from concurrent.futures import ThreadPoolExecutor
-
-            # the next shard's first batches are read while this one is computed, so the
-            # network does not wait for a shard's first batch
-            def reader(rows):
-                ds = self.field_dataset(index, rows, channels, transform, illumination)
-                return ds, self.batches(ds)
-
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                pending, ahead = None, reader(todo[0][1]) if todo else None
-                try:
-                    for k, (key, rows) in enumerate(todo):
-                        current = ahead
-                        ahead = reader(todo[k + 1][1]) if k + 1 < len(todo) else None
-                        df, skipped = self.field_shard(index, rows, channels, transform,
-                                                       illumination, bar, n_todo, current)
-                        if pending is not None:
-                            pending.result()
-                        pending = pool.submit(writer.write, key, df, skipped)
-                    if pending is not None:
-                        pending.result()
-                finally:
-                    if ahead is not None and hasattr(ahead[1], "close"):
-                        ahead[1].close()
-        bar.close()
-        seconds = time.perf_counter() - t0
+        context = (channels, transform, illumination, n_todo)
+        # on Dask each worker builds its extractor once from (cfg, backbone); in process the
+        # next shard's first batches are read while this one is computed (``prepare``)
+        run = run_shards(
+            plan, _transfer_shard, writer, scheduler,
+            shared={"spec": (self.cfg, self.backbone) if scheduler else self, "index": index,
+                    "context": context},
+            prepare=None if scheduler else
+            (lambda rows: _Reader(self, index, rows, channels, transform, illumination)),
+            desc="transfer features", unit="field", progress=progress, log=log)
         return writer.finish({
-            "out": str(out),
-            "shards_written": len(todo),
-            "shards_skipped": len(plan) - len(todo),
-            "image_sets": n_todo,
-            "seconds": seconds,
-            "fields_per_s": n_todo / seconds if seconds > 0 and n_todo else None,
+            "out": str(out), **run.to_json(), "image_sets": run.items,
+            "fields_per_s": run.rate(),
         }, self.cfg.on_error, log)
 
     def field_dataset(self, index: ExperimentIndex, rows, channels: Sequence[str], transform,
@@ -639,31 +599,23 @@ class TransferExtractor:
         returns (the rows' cell table, their features, the cells it skipped as
         ``[{"row", "reason"}]``); Metadata and centre columns are kept. Returns the counts of
         the run summary of :meth:`extract_cells` / :meth:`extract_crops`."""
-        from tqdm.auto import tqdm
 
-        plan = [(shard_key(p, 0), rows) for p, rows in
-                table.groupby(PLATE, sort=True).indices.items()]
-        todo = [(k, r) for k, r in plan if not writer.done(k)]
-        bar = tqdm(total=int(sum(len(r) for _, r in todo)), desc=desc, unit="cell",
-                   disable=not progress)
-        t0, n = time.perf_counter(), 0
-        for key, rows in todo:
+        def table_shard(rows, bar):
             meta, x, skipped = shard(rows, bar)
             meta = meta[[c for c in meta.columns
                          if str(c).startswith(("Metadata_", "Nuclei_Loc"))]]
-            if len(x):
-                cols = self.column_names(channels, x.shape[1])
-                df = pd.concat([meta.reset_index(drop=True), pd.DataFrame(x, columns=cols)],
-                               axis=1)
-            else:  # every cell of the plate skipped
-                df = meta.reset_index(drop=True)
-            writer.write(key, df, skipped)
-            n += len(x)
-        bar.close()
-        seconds = time.perf_counter() - t0
-        return {"out": str(out), "cells": n, "seconds": seconds,
-                "cells_per_s": n / seconds if seconds > 0 and n else None,
-                "shards_written": len(todo), "shards_skipped": len(plan) - len(todo)}
+            meta = meta.reset_index(drop=True)
+            if not len(x):  # every cell of the plate skipped
+                return meta, skipped
+            cols = self.column_names(channels, x.shape[1])
+            return pd.concat([meta, pd.DataFrame(x, columns=cols)], axis=1), skipped
+
+        plan = [(shard_key(p, 0), rows) for p, rows in
+                table.groupby(PLATE, sort=True).indices.items()]
+        run = run_shards(plan, table_shard, writer, desc=desc, unit="cell", progress=progress,
+                         log=None)
+        return {"out": str(out), "cells": run.rows, **run.to_json(),
+                "cells_per_s": run.rate(run.rows)}
 
     def extract_crops(
         self,
@@ -831,22 +783,41 @@ def _cut_at(model, layer: str):
 _WORKER_EXTRACTORS: dict[int, TransferExtractor] = {}
 
 
-def _transfer_shard(key: str, rows, spec, index: ExperimentIndex, context) -> dict:
-    """Dask task: one shard of :meth:`TransferExtractor.extract`, written by the worker."""
+class _Reader:
+    """A shard's field Dataset and its batches, started now (:meth:`TransferExtractor.batches`)
+    so they are read while the shard before is computed; ``close()`` stops the reading."""
+
+    def __init__(self, extractor: TransferExtractor, index: ExperimentIndex, rows, channels,
+                 transform, illumination) -> None:
+        self.dataset = extractor.field_dataset(index, rows, channels, transform, illumination)
+        self.batches = extractor.batches(self.dataset)
+
+    def close(self) -> None:
+        if hasattr(self.batches, "close"):
+            self.batches.close()
+
+
+def _transfer_shard(rows, bar, spec, index: ExperimentIndex, context, ahead: _Reader | None = None
+                    ) -> tuple[pd.DataFrame, list[dict]]:
+    """One shard of :meth:`TransferExtractor.extract` for :func:`~morphoprof.shards.run_shards`.
+    ``spec``: the extractor (in process) or its ``(cfg, backbone)`` (a Dask task: the worker
+    builds it once per run, with one torch thread)."""
     import torch
 
-
-    cfg, backbone = spec
-    channels, transform, illumination, run_size, out = context
-    torch.set_num_threads(1)
-    extractor = _WORKER_EXTRACTORS.get(id(backbone))
-    if extractor is None:  # once per worker and run (the scattered backbone is one object)
-        _WORKER_EXTRACTORS.clear()
-        extractor = _WORKER_EXTRACTORS[id(backbone)] = TransferExtractor(cfg, backbone)
-    torch.manual_seed(cfg.seed)
-    df, skipped = extractor.field_shard(index, rows, channels, transform, illumination,
-                                        run_size=run_size)
-    return {**write_shard(out, key, df), "skipped": skipped}
+    channels, transform, illumination, run_size = context
+    if isinstance(spec, TransferExtractor):
+        extractor = spec
+    else:
+        cfg, backbone = spec
+        torch.set_num_threads(1)
+        extractor = _WORKER_EXTRACTORS.get(id(backbone))
+        if extractor is None:  # once per worker and run (the scattered backbone is one object)
+            _WORKER_EXTRACTORS.clear()
+            extractor = _WORKER_EXTRACTORS[id(backbone)] = TransferExtractor(cfg, backbone)
+        torch.manual_seed(cfg.seed)
+    reader = (ahead.dataset, ahead.batches) if ahead is not None else None
+    return extractor.field_shard(index, rows, channels, transform, illumination, bar,
+                                 run_size, reader)
 
 
 def _single_thread_worker(_worker_id: int) -> None:

@@ -20,7 +20,7 @@ from morphoprof.errors import InputError
 from morphoprof.index.schema import BATCH, COMPOUND, CONTROL, PLATE, WELL
 from morphoprof.io_utils import read_parquet, write_json
 from morphoprof.preprocess.crops import normalize_crops
-from morphoprof.shards import ShardWriter, shard_key
+from morphoprof.shards import ShardWriter, file_sha256, run_shards, shard_key
 
 FEATURES = "features"
 
@@ -295,14 +295,21 @@ def run_weak(cfg: dict, config_text: str = "", progress: bool = True,
     meta = table[[col for col in table.columns if str(col).startswith(("Metadata_",
                                                                        "Nuclei_Loc"))]].copy()
     meta["Metadata_split"] = part
+    # the checkpoint's checksum is a parameter: a resumed training rewrites last.ckpt under the
+    # same name, and its embeddings must replace the earlier ones, not be taken as done
     writer = ShardWriter(out / FEATURES, {"extractor": "weak", "checkpoint": str(ckpt),
+                                          "checkpoint_sha256": file_sha256(ckpt),
                                           "layer": extractor.cfg.layer, "n_cells": len(crops)},
                          overwrite=True)
     cols = extractor.column_names(channels, feats.shape[1])
-    for plate, rows in meta.groupby(PLATE, sort=True).indices.items():
-        df = pd.concat([meta.iloc[rows].reset_index(drop=True),
-                        pd.DataFrame(feats[rows], columns=cols)], axis=1)
-        writer.write(shard_key(plate, 0), df)
+
+    def shard(rows, bar):  # the embeddings are computed: a shard is a plate's slice of them
+        return pd.concat([meta.iloc[rows].reset_index(drop=True),
+                          pd.DataFrame(feats[rows], columns=cols)], axis=1), []
+
+    run_shards([(shard_key(plate, 0), rows) for plate, rows in
+                meta.groupby(PLATE, sort=True).indices.items()], shard, writer,
+               progress=False, log=None)
     summary["features"] = str(out / FEATURES)
     summary["metrics_csv"] = result["metrics_csv"]
     write_json(folder / "weak.json", summary)

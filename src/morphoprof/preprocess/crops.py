@@ -18,7 +18,7 @@ import pandas as pd
 from morphoprof.errors import InputError
 from morphoprof.index.schema import IMAGE_SET_KEY, ExperimentIndex
 from morphoprof.preprocess.segmentation import CENTER_X, CENTER_Y
-from morphoprof.shards import ShardWriter
+from morphoprof.shards import ShardWriter, run_shards
 
 NORMALIZATIONS = ("none", "max", "percentile")
 EDGE_POLICIES = ("pad", "skip")
@@ -220,9 +220,12 @@ def export_crops(
 ) -> dict:
     """Write crops to ``out/shards/<k>.npz`` (``crops`` (n, C, S, S) float16, compressed) with a
     Parquet table per shard (the cells' metadata, centres, and ``Metadata_crop_index``, the row
-    inside the npz). Resumable: finished shards are skipped on a re-run with the same settings."""
-    from tqdm.auto import tqdm
+    inside the npz). Resumable: finished shards are skipped on a re-run with the same settings.
 
+    Returns:
+        ``{"cells", "written", "skipped" (cells in shards an earlier run wrote),
+        "dropped_at_edge", "seconds"}``; the folder's ``run_summary.json`` records the run.
+    """
     from morphoprof.io_utils import write_npz
 
     ds = CropDataset(index, cells.sort_values(IMAGE_SET_KEY, kind="stable"), size, channels,
@@ -231,26 +234,25 @@ def export_crops(
               "normalization": normalization, "n_cells": len(ds),
               "illumination": illumination is not None}
     writer = ShardWriter(out, params)
-    bar = tqdm(total=len(ds), desc="cropping cells", unit="cell", disable=not progress)
-    written = 0
-    for start in range(0, len(ds), shard_size):
-        key = f"{start // shard_size:05d}"
-        stop = min(start + shard_size, len(ds))
-        if writer.done(key):
-            bar.update(stop - start)
-            continue
-        arr = np.stack([ds[k][0].numpy() for k in range(start, stop)]).astype(np.float16)
+
+    def shard(cells_k: range, bar) -> tuple[pd.DataFrame, list]:
+        key = f"{cells_k.start // shard_size:05d}"
+        arr = np.stack([ds[k][0].numpy() for k in cells_k]).astype(np.float16)
         write_npz(Path(out) / "shards" / f"{key}.npz", compressed=True, crops=arr)
-        table = ds.cells.iloc[start:stop].reset_index(drop=True).copy()
+        table = ds.cells.iloc[cells_k.start:cells_k.stop].reset_index(drop=True).copy()
         table["Metadata_crop_index"] = np.arange(len(table))
         table["Metadata_crop_file"] = f"shards/{key}.npz"
-        writer.write(key, table)
-        written += stop - start
-        bar.update(stop - start)
-    bar.close()
-    return {"cells": len(ds), "written": written, "skipped": len(ds) - written,
-            "dropped_at_edge": int(len(cells) - len(ds))}
+        return table, []
 
+    plan = [(f"{start // shard_size:05d}", range(start, min(start + shard_size, len(ds))))
+            for start in range(0, len(ds), shard_size)]
+    run = run_shards(plan, shard, writer, desc="cropping cells", unit="cell", progress=progress,
+                     log=None)
+    summary = {"cells": len(ds), "written": run.items, "skipped": len(ds) - run.items,
+               "dropped_at_edge": int(len(cells) - len(ds)), "seconds": run.seconds}
+    writer.finish({k: v for k, v in summary.items() if k != "skipped"} | run.to_json(), "fail",
+                  log=None)
+    return summary
 
 
 def load_crop_shards(folder: str | Path) -> tuple[np.ndarray, pd.DataFrame, list[str]]:

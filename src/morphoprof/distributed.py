@@ -1,4 +1,4 @@
-"""Extraction on Dask distributed: one task per shard (a plate, or a chunk of its image sets).
+"""Dask distributed for sharded stages: one task per shard (a plate, or a chunk of its rows).
 
 ``--scheduler local:N`` starts a LocalCluster of N single-threaded worker processes on 127.0.0.1;
 ``--scheduler tcp://HOST:PORT`` (or ``tls://``) uses a running cluster (``dask-scheduler`` +
@@ -11,8 +11,7 @@ same paths (a shared filesystem).
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -70,31 +69,3 @@ def dask_client(spec: str) -> Iterator[Any]:
         yield client
     finally:
         client.close()
-
-
-def run_shards(client, task: Callable, todo: Sequence[tuple[str, Any]], shared: dict,
-               record: Callable[[str, dict], None], on_done: Callable[[dict], None] | None = None
-               ) -> int:
-    """Run ``task(key, payload, **shared)`` for every ``(key, payload)`` of ``todo`` on the
-    cluster; each returns the shard's manifest entry (``{"key", "file", "rows", "sha256"}``),
-    passed to ``record`` as it completes. ``shared`` objects are sent to every worker once.
-    A failing task stops the run: the other tasks are cancelled and its error is raised (the
-    shards finished so far stay recorded). Returns the number of shards run."""
-    from distributed import as_completed
-
-    if not todo:
-        return 0
-    shared_f = {k: client.scatter(v, broadcast=True, hash=False) for k, v in shared.items()}
-    run = uuid.uuid4().hex[:8]
-    futures = [client.submit(task, key, payload, **shared_f, key=f"morphoprof-{run}-{key}",
-                             pure=False) for key, payload in todo]
-    try:
-        for fut in as_completed(futures):
-            info = fut.result()
-            record(info["key"], {k: v for k, v in info.items() if k != "key"})
-            if on_done:
-                on_done(info)
-    except BaseException:
-        client.cancel(futures)
-        raise
-    return len(futures)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from morphoprof.distributed import parse_scheduler
 from morphoprof.errors import InputError
-from morphoprof.features.distributed import parse_scheduler
 from morphoprof.shards import read_features
 
 KEY = ["Metadata_plate", "Metadata_well", "Metadata_site"]

@@ -1,0 +1,132 @@
+"""The one shard loop: resume, write order, read-ahead, errors, Dask; no stage has its own."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import morphoprof
+from morphoprof.shards import ShardWriter, read_features, run_shards
+
+
+def _table_shard(rows, bar, offset=0.0, fail_at=None, seen=None, ahead=None):
+    """Module level, so a Dask worker can unpickle it: one row per payload item, odd items
+    skipped."""
+    if seen is not None:
+        seen.append((int(rows[0]), ahead))
+    if fail_at is not None and int(rows[0]) == fail_at:
+        raise RuntimeError(f"shard at {fail_at} fails")
+    keep = [r for r in rows if r % 2 == 0]
+    skipped = [{"row": int(r), "reason": f"row {r}: odd"} for r in rows if r % 2]
+    return pd.DataFrame({"Metadata_row": keep, "x": np.asarray(keep, float) + offset}), skipped
+
+
+PLAN = [(f"p{k}", np.arange(4 * k, 4 * k + 4)) for k in range(4)]
+
+
+def test_in_process_run_writes_every_shard_in_plan_order_and_resumes(tmp_path):
+    writer = ShardWriter(tmp_path, {"v": 1})
+    run = run_shards(PLAN, _table_shard, writer, shared={"offset": 0.5}, progress=False,
+                     log=None)
+    assert (run.shards_written, run.shards_skipped, run.items, run.rows) == (4, 0, 16, 8)
+    assert [s["row"] for s in run.skipped] == list(range(1, 16, 2))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert list(manifest["shards"]) == ["p0", "p1", "p2", "p3"]
+    table = read_features(tmp_path)
+    assert table["Metadata_row"].tolist() == list(range(0, 16, 2))
+    np.testing.assert_allclose(table["x"], np.arange(0, 16, 2) + 0.5)
+    # the skip records are kept in the manifest, so a later run's summary still lists them
+    assert len(ShardWriter(tmp_path, {"v": 1}).skipped()) == 8
+
+    # a shard lost since is the only one computed again
+    (tmp_path / "shards" / "p2.parquet").unlink()
+    seen, messages = [], []
+    again = run_shards(PLAN, _table_shard, ShardWriter(tmp_path, {"v": 1}),
+                       shared={"seen": seen}, progress=False, log=messages.append)
+    assert [s for s, _ in seen] == [8]
+    assert (again.shards_written, again.shards_skipped, again.items) == (1, 3, 4)
+    assert messages == ["resuming: 3 of 4 shards already done"]
+
+
+def test_a_failing_shard_keeps_the_shards_before_it_and_closes_the_read_ahead(tmp_path):
+    class Ahead:
+        def __init__(self, rows):
+            self.first, self.closed = int(rows[0]), False
+
+        def close(self):
+            self.closed = True
+
+    made, seen = [], []
+
+    def prepare(rows):
+        made.append(Ahead(rows))
+        return made[-1]
+
+    writer = ShardWriter(tmp_path, {"v": 1})
+    with pytest.raises(RuntimeError, match="shard at 8 fails"):
+        run_shards(PLAN, _table_shard, writer, shared={"fail_at": 8, "seen": seen},
+                   prepare=prepare, progress=False, log=None)
+    # each shard got its own read-ahead, made before the shard before it was computed
+    assert [(first, a.first) for first, a in seen] == [(0, 0), (4, 4), (8, 8)]
+    assert [a.first for a in made] == [0, 4, 8, 12]
+    assert made[3].closed  # started for the shard after the failure, then stopped
+    # the two shards finished before the failure were written (the write-behind thread is
+    # waited for) and a re-run resumes after them
+    assert list(json.loads((tmp_path / "manifest.json").read_text())["shards"]) == ["p0", "p1"]
+    run = run_shards(PLAN, _table_shard, ShardWriter(tmp_path, {"v": 1}), progress=False,
+                     log=None)
+    assert (run.shards_written, run.shards_skipped) == (2, 2)
+    assert read_features(tmp_path)["Metadata_row"].tolist() == list(range(0, 16, 2))
+
+
+def test_progress_bar_ends_at_the_plan_size_whatever_the_shard_did(tmp_path, monkeypatch):
+    import tqdm.auto
+
+    bars = []
+    real = tqdm.auto.tqdm
+
+    def spy(*args, **kwargs):
+        bars.append(real(*args, **kwargs))
+        return bars[-1]
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", spy)
+
+    def overshoot(rows, bar):
+        bar.update(10 * len(rows))  # a shard that counts in other units
+        return _table_shard(rows, bar)
+
+    # a disabled bar does not count: this one is shown (on stderr)
+    run_shards(PLAN, overshoot, ShardWriter(tmp_path, {"v": 1}), progress=True, log=None)
+    assert bars[0].total == 16 and bars[0].n == 16
+
+
+def test_dask_run_writes_the_same_folder_as_in_process(tmp_path):
+    a = run_shards(PLAN, _table_shard, ShardWriter(tmp_path / "a", {"v": 1}),
+                   shared={"offset": 2.0}, progress=False, log=None)
+    b = run_shards(PLAN, _table_shard, ShardWriter(tmp_path / "b", {"v": 1}), "local:2",
+                   shared={"offset": 2.0}, progress=False, log=None)
+    assert (b.shards_written, b.items, b.rows) == (a.shards_written, a.items, a.rows)
+    assert sorted(s["row"] for s in b.skipped) == sorted(s["row"] for s in a.skipped)
+    pd.testing.assert_frame_equal(read_features(tmp_path / "a"),
+                                  read_features(tmp_path / "b").sort_values("Metadata_row")
+                                  .reset_index(drop=True))
+    # a worker's failure stops the run with its error; finished shards stay recorded
+    with pytest.raises(RuntimeError, match="shard at 4 fails"):
+        run_shards(PLAN, _table_shard, ShardWriter(tmp_path / "c", {"v": 1}), "local:1",
+                   shared={"fail_at": 4}, progress=False, log=None)
+
+
+def test_no_stage_writes_shards_outside_the_one_loop():
+    """Every sharded stage goes through run_shards: only shards.py writes or records a shard."""
+    package = Path(morphoprof.__file__).parent
+    pattern = re.compile(r"write_shard\(|\.record\(|writer\.write\(|\.write\(key")
+    offenders = [f"{path.relative_to(package)}:{n}"
+                 for path in package.rglob("*.py") if path.name != "shards.py"
+                 for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if pattern.search(line)]
+    assert offenders == []
