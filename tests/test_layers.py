@@ -17,12 +17,13 @@ PACKAGE = Path(morphoprof.__file__).parent
 
 # lowest first; a module may import from its own layer and the ones before it
 LAYERS = [
-    {"", "errors", "io_utils", "extras", "shards", "distributed", "config",
+    {"", "errors", "io_utils", "extras", "shards", "distributed", "settings",
      "classification", "registry"},
     {"index"},
     {"images"},
     {"datasets", "preprocess"},
-    {"features", "models"},
+    # the YAML boundary composes the stages' settings models
+    {"features", "models", "config"},
     {"profiles"},
     {"evaluation"},
     {"report"},
@@ -35,7 +36,6 @@ RANK = {name: k for k, layer in enumerate(LAYERS) for name in layer}
 KNOWN = {
     ("index", "images"),      # ExperimentIndex.read / validate(check_shapes, deep) read pixels
     ("config", "profiles"),   # the config schema lists normalisation methods
-    ("config", "datasets"),   # the config schema validates the synthetic screen's settings
 }
 
 

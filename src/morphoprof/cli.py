@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 from morphoprof import __version__
+from morphoprof.config import NucleiSection
 from morphoprof.errors import MorphoprofError, os_reason
+from morphoprof.preprocess.illumination import IlluminationConfig
 from morphoprof.registry import create_extractor, extractor_names
+from morphoprof.settings import add_options, from_options
 from morphoprof.shards import read_features
 
 
@@ -147,9 +150,9 @@ def cmd_illum(a: argparse.Namespace) -> int:
     from morphoprof.index import ExperimentIndex
     from morphoprof.pipeline import illumination_stage
 
+    settings = from_options(IlluminationConfig, a)
     index = ExperimentIndex.read_parquet(a.index)
-    corr = illumination_stage(index, a.out, channels=a.channels, window=a.window,
-                              percentile=a.percentile, n_jobs=a.jobs, on_error=a.on_error)
+    corr = illumination_stage(index, a.out, settings, channels=a.channels, on_error=a.on_error)
     print(f"illumination functions of {index.table['Metadata_plate'].nunique()} plate(s) "
           f"-> {a.out}" + (f"; {len(corr.skipped)} image set(s) skipped (listed in "
                            f"{Path(a.out) / 'illumination_skipped.json'})"
@@ -160,16 +163,12 @@ def cmd_illum(a: argparse.Namespace) -> int:
 def cmd_segment(a: argparse.Namespace) -> int:
     from morphoprof.index import ExperimentIndex
     from morphoprof.pipeline import segmentation_stage
-    from morphoprof.preprocess.segmentation import NucleiConfig
 
+    settings = from_options(NucleiSection, a)
     index = ExperimentIndex.read_parquet(a.index)
-    cfg = NucleiConfig(smoothing=a.smoothing, threshold_scale=a.threshold_scale,
-                       min_area=a.min_area, max_area=a.max_area,
-                       min_distance=a.min_distance, clear_border=a.clear_border,
-                       downsample=a.downsample)
-    summary = segmentation_stage(index, a.out, cfg, a.channel,
+    summary = segmentation_stage(index, a.out, settings.nuclei(), settings.channel,
                                  illumination=_illumination(a.illumination),
-                                 on_error=a.on_error, n_jobs=a.jobs, overlays=a.overlays,
+                                 on_error=a.on_error, n_jobs=settings.n_jobs, overlays=a.overlays,
                                  deepprofiler_locations=a.deepprofiler_locations)
     print(f"{summary['cells']} cells in {summary['image_sets']} image sets "
           f"({summary['image_sets_without_cells']} without cells, {len(summary['skipped'])} "
@@ -694,9 +693,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("index", help="index.parquet")
     s.add_argument("--out", required=True, help="folder for <plate>.npy functions")
     s.add_argument("--channels", nargs="*", help="channels (default: all)")
-    s.add_argument("--window", type=int, default=500, help="median filter window, px")
-    s.add_argument("--percentile", type=float, default=2.0, help="robust minimum percentile")
-    s.add_argument("--jobs", type=int, default=1, help="plates computed in parallel")
+    add_options(s, IlluminationConfig, flags={"n_jobs": "--jobs"})
     _on_error(s, "leave it out of its plate's mean")
     s.set_defaults(func=cmd_illum)
 
@@ -704,18 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
                 outputs=[("out", False), ("deepprofiler_locations", True)])
     s.add_argument("index", help="index.parquet")
     s.add_argument("--out", required=True, help="cells.parquet to write")
-    s.add_argument("--channel", help="DNA channel (default: DNA / DAPI / Hoechst)")
     s.add_argument("--illumination", help="folder of illumination functions (morphoprof illum)")
-    s.add_argument("--smoothing", type=float, default=1.0, help="Gaussian sigma, px")
-    s.add_argument("--threshold-scale", type=float, default=1.0,
-                   help="multiply Otsu's threshold by this (below 1: dimmer nuclei kept)")
-    s.add_argument("--min-area", type=int, default=30, help="smaller objects are dropped, px")
-    s.add_argument("--max-area", type=int, default=5000, help="larger objects are dropped, px")
-    s.add_argument("--min-distance", type=int, default=5, help="px between watershed seeds "
-                   "(about a nucleus radius)")
-    s.add_argument("--clear-border", action="store_true", help="drop nuclei touching the border")
-    s.add_argument("--downsample", type=int, default=1, help="segment at 1/N resolution")
-    s.add_argument("--jobs", type=int, default=1, help="worker processes")
+    add_options(s, NucleiSection, flags={"n_jobs": "--jobs"})
     _on_error(s, "leave it out")
     s.add_argument("--deepprofiler-locations", help="also write DeepProfiler location CSVs here")
     s.add_argument("--overlays", type=int, default=0, metavar="N",

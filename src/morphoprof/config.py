@@ -13,9 +13,9 @@ A run config has six sections (every key optional except ``data.source`` and ``o
       controls:  [DMSO]
       synthetic: {n_moas: 4, ...}   (synthetic source; see SynthConfig)
     channels:    [DNA, Tubulin, Actin]  stains to use, in order (default: all)
-    preprocess:  illumination {enabled, window, percentile, n_jobs},
-                 segmentation {enabled, channel, smoothing, min_area, max_area, min_distance,
-                 clear_border}, on_error (fail | skip)
+    preprocess:  illumination (:class:`IlluminationSection`: enabled, window, percentile,
+                 n_jobs), segmentation (:class:`SegmentationSection`: enabled, channel, n_jobs and
+                 every :class:`NucleiConfig` key), on_error (fail | skip)
     features:    extractor settings (see TransferConfig)
     profiles:    well_aggregation, treatment_aggregation, feature_selection,
                  cell_tvn {reference, eps},
@@ -37,10 +37,44 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import Field
 
 from morphoprof.errors import ConfigError
+from morphoprof.preprocess.illumination import IlluminationConfig
+from morphoprof.preprocess.segmentation import NucleiConfig
 from morphoprof.profiles.normalize import METHOD_ALIASES, METHODS
 from morphoprof.registry import extractor_names
+from morphoprof.settings import Settings, validate_section
+
+
+class IlluminationSection(IlluminationConfig):
+    """``preprocess.illumination``: the :class:`IlluminationConfig` and whether to apply it."""
+
+    enabled: bool = Field(False, description="compute per-plate illumination functions and "
+                          "divide every image by its plate's")
+
+    def settings(self) -> IlluminationConfig:
+        """The stage's own settings (without ``enabled``)."""
+        return IlluminationConfig.model_validate(self.model_dump(exclude={"enabled"}))
+
+
+class NucleiSection(NucleiConfig):
+    """Nuclei segmentation of a screen: the :class:`NucleiConfig`, the channel segmented and the
+    worker processes (``morphoprof segment``'s options; a weak config's ``cells.segmentation``)."""
+
+    channel: str | None = Field(None, description="DNA channel (default: DNA / DAPI / Hoechst)")
+    n_jobs: int = Field(1, ge=1, description="worker processes")
+
+    def nuclei(self) -> NucleiConfig:
+        """The :class:`NucleiConfig` part (what :func:`segment_nuclei` reads)."""
+        return NucleiConfig.model_validate(self.model_dump(include=set(NucleiConfig.model_fields)))
+
+
+class SegmentationSection(NucleiSection):
+    """``preprocess.segmentation``: :class:`NucleiSection` and whether to segment."""
+
+    enabled: bool = Field(False, description="segment nuclei (cell counts for QC; required by "
+                          "the classical extractor)")
 
 
 @dataclass(frozen=True)
@@ -74,23 +108,9 @@ SCHEMA: dict[str, Any] = {
     },
     "channels": Opt(_LIST, None),
     "preprocess": {
-        "illumination": {
-            "enabled": Opt(_BOOL, False),
-            "window": Opt(_INT, 500),
-            "percentile": Opt(_FLOAT, 2.0),
-            "n_jobs": Opt(_INT, 1),
-        },
-        "segmentation": {
-            "enabled": Opt(_BOOL, False),
-            "channel": Opt(_STR, None),
-            "smoothing": Opt(_FLOAT, 1.0),
-            "min_area": Opt(_INT, 30),
-            "max_area": Opt(_INT, 5000),
-            "min_distance": Opt(_INT, 5),
-            "clear_border": Opt(_BOOL, False),
-            "downsample": Opt(_INT, 1),
-            "n_jobs": Opt(_INT, 1),
-        },
+        # typed sections (:class:`~morphoprof.settings.Settings`): validated by their model
+        "illumination": IlluminationSection,
+        "segmentation": SegmentationSection,
         "on_error": Opt(_STR, "fail", ("fail", "skip")),
     },
     "features": {
@@ -169,6 +189,9 @@ def _check(raw: Any, schema: dict, path: str, problems: list[str]) -> dict:
             problems.append(f"{path}{key}: unknown key{hint}")
     for key, spec in schema.items():
         where = f"{path}{key}"
+        if isinstance(spec, type) and issubclass(spec, Settings):
+            out[key] = validate_section(spec, raw.get(key), where + ".", problems)
+            continue
         if isinstance(spec, dict):
             out[key] = _check(raw.get(key), spec, where + ".", problems)
             continue
@@ -427,7 +450,7 @@ WEAK_SCHEMA: dict[str, Any] = {
         "crop_size": Opt(_INT, 64),  # screens: crop box around each nucleus, px
         "size": Opt(_INT, None),  # resize crops to this (None: as they are)
         "normalization": Opt(_STR, "max", ("none", "max", "percentile")),
-        "segmentation": Opt(_DICT, {}, free_mapping=True),  # screens: NucleiConfig settings
+        "segmentation": NucleiSection,  # screens: how nuclei are found
     },
     "holdout": {
         "column": Opt(_STR, None),  # test cells: rows whose column holds one of the values

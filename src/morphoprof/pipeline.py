@@ -36,22 +36,22 @@ from morphoprof.io_utils import (
     write_json,
     write_parquet,
 )
-from morphoprof.preprocess.segmentation import nuclei_config, segment_index
+from morphoprof.preprocess.segmentation import segment_index
 from morphoprof.registry import create_extractor
 
 NORMALIZE_BY = {"plate": PLATE, "batch": BATCH, "all": None}
 
 
-def illumination_stage(index: ExperimentIndex, out: str | Path, *, window: int,
-                       percentile: float, n_jobs: int = 1, channels=None,
+def illumination_stage(index: ExperimentIndex, out: str | Path, settings, *, channels=None,
                        on_error: str = "fail", progress: bool = True, log=print):
-    """Compute (or reuse) per-plate illumination functions into ``out``; each skipped image
-    set is logged. The one illumination step of ``run`` and ``morphoprof illum``."""
+    """Compute (or reuse) per-plate illumination functions into ``out`` with ``settings`` (an
+    :class:`~morphoprof.preprocess.illumination.IlluminationConfig`); each skipped image set is
+    logged. The one illumination step of ``run`` and ``morphoprof illum``."""
     from morphoprof.preprocess.illumination import compute_illumination
 
-    corr = compute_illumination(index, out, channels=channels, window=window,
-                                percentile=percentile, n_jobs=n_jobs, progress=progress,
-                                on_error=on_error)
+    corr = compute_illumination(index, out, channels=channels, window=settings.window,
+                                percentile=settings.percentile, n_jobs=settings.n_jobs,
+                                progress=progress, on_error=on_error)
     if log:
         for s in corr.skipped:
             log(f"skipped {s['reason']}")
@@ -91,19 +91,22 @@ def segmentation_stage(index: ExperimentIndex, out: str | Path, nuclei, channel:
 
 def extract_features(index: ExperimentIndex, features: dict, channels, out: Path,
                      progress: bool = True, log=print, illumination=None,
-                     segmentation: dict | None = None, on_error: str = "fail") -> dict:
+                     segmentation=None, on_error: str = "fail") -> dict:
     """Run the configured extractor (built by name, :mod:`morphoprof.registry`) over the index
     into ``out`` (a feature folder).
 
     ``transfer``: whole-field ImageNet features; ``classical``: cp_measure measurements of the
-    nuclei segmented with the ``segmentation`` settings (one row per cell). ``on_error``
-    (``preprocess.on_error``): ``skip`` leaves unreadable image sets out of the features (either
-    extractor) and lists them in the summary.
+    nuclei segmented with the ``segmentation`` settings (a
+    :class:`~morphoprof.config.NucleiSection`; default: its defaults), one row per cell.
+    ``on_error`` (``preprocess.on_error``): ``skip`` leaves unreadable image sets out of the
+    features (either extractor) and lists them in the summary.
     """
-    seg = segmentation or {}
+    from morphoprof.config import NucleiSection
+
+    seg = segmentation or NucleiSection()
     extractor = create_extractor(features["extractor"], {
         **features, "channels": channels, "on_error": on_error,
-        "nuclei": nuclei_config(seg), "n_jobs": seg.get("n_jobs", 1)})
+        "nuclei": seg.nuclei(), "n_jobs": seg.n_jobs})
     return extractor.extract(index, out, illumination=illumination, progress=progress, log=log)
 
 
@@ -287,7 +290,7 @@ def applied_config(cfg: dict) -> dict:
     pre = {}
     for stage in ("illumination", "segmentation"):
         section = cfg["preprocess"][stage]
-        pre[stage] = section if section["enabled"] else {"enabled": False}
+        pre[stage] = section.model_dump() if section.enabled else {"enabled": False}
     pre["on_error"] = cfg["preprocess"]["on_error"]
     feats = dict(cfg["features"])
     if feats["extractor"] == "classical":
@@ -395,18 +398,18 @@ def run_pipeline(cfg: dict, config_text: str, progress: bool = True, log=print,
 
     pre = cfg["preprocess"]
     t = time.perf_counter()
-    log("[2/7] illumination correction" + ("" if pre["illumination"]["enabled"] else ": off"))
     ill, segcfg = pre["illumination"], pre["segmentation"]
+    log("[2/7] illumination correction" + ("" if ill.enabled else ": off"))
     illumination = illumination_stage(
-        index, out / "illumination", window=ill["window"], percentile=ill["percentile"],
-        n_jobs=ill["n_jobs"], on_error=pre["on_error"], progress=progress, log=log,
-    ) if ill["enabled"] else None
-    log("[3/7] nuclei segmentation" + ("" if segcfg["enabled"] else ": off"))
+        index, out / "illumination", ill.settings(), on_error=pre["on_error"],
+        progress=progress, log=log,
+    ) if ill.enabled else None
+    log("[3/7] nuclei segmentation" + ("" if segcfg.enabled else ": off"))
     seg = segmentation_stage(
-        index, out / "cells.parquet", nuclei_config(segcfg), segcfg["channel"],
-        illumination=illumination, on_error=pre["on_error"], n_jobs=segcfg["n_jobs"],
+        index, out / "cells.parquet", segcfg.nuclei(), segcfg.channel,
+        illumination=illumination, on_error=pre["on_error"], n_jobs=segcfg.n_jobs,
         progress=progress, summary=out / "segmentation_summary.json", log=log,
-    ) if segcfg["enabled"] else None
+    ) if segcfg.enabled else None
     timings["preprocess_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -197,7 +197,8 @@ class ClassicalExtractor:
         channels = list(self.cfg.channels or index.channels)
         index.validate(channels=channels, check_files=False, check_shapes=False)
         dna = dna_channel(channels)
-        params = {"extractor": "classical", **asdict(self.cfg), "channels": channels,
+        params = {"extractor": "classical", **asdict(self.cfg),
+                  "nuclei": self.cfg.nuclei.model_dump(), "channels": channels,
                   "illumination": str(illumination.folder) if illumination else None,
                   "n_image_sets": len(index)}
         params.pop("n_jobs")

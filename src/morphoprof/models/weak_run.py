@@ -98,16 +98,15 @@ def crops_from_screen(cfg: dict, out: Path, progress: bool, log) -> tuple[np.nda
     from morphoprof.datasets.source import build_index_from_config
     from morphoprof.models.run import select_rows
     from morphoprof.preprocess.crops import CropDataset
-    from morphoprof.preprocess.segmentation import nuclei_config, segment_index
+    from morphoprof.preprocess.segmentation import segment_index
 
     index = select_rows(build_index_from_config(cfg["data"], out, progress, log), cfg["select"])
     channels = cfg["channels"] or index.channels
-    seg = dict(cfg["cells"]["segmentation"])
+    seg = cfg["cells"]["segmentation"]  # a NucleiSection
     cells_path = out / "cells.parquet"
     if not cells_path.is_file():
-        segment_index(index, cells_path, channel=seg.get("channel"),
-                      cfg=nuclei_config({**seg, "enabled": True}), progress=progress,
-                      n_jobs=seg.get("n_jobs", 1))
+        segment_index(index, cells_path, channel=seg.channel, cfg=seg.nuclei(),
+                      progress=progress, n_jobs=seg.n_jobs)
     cells = read_parquet(cells_path)
     ds = CropDataset(index, cells, cfg["cells"]["crop_size"], channels, normalization="none")
     crops = np.stack([ds[k][0].numpy() for k in range(len(ds))]) if len(ds) else None

@@ -19,14 +19,27 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from pydantic import Field
 
 from morphoprof.errors import InputError
 from morphoprof.index.schema import PLATE, ExperimentIndex
 from morphoprof.io_utils import write_json, write_npy
+from morphoprof.settings import Settings
 from morphoprof.shards import shard_key
 
 DEFAULT_WINDOW = 500  # px; Singh 2014 used windows of this order for 1280x1024 fields
 DEFAULT_PERCENTILE = 2.0
+
+
+class IlluminationConfig(Settings):
+    """Settings of :func:`compute_illumination`: the ``preprocess.illumination`` section of a
+    run config, the options of ``morphoprof illum``."""
+
+    window: int = Field(DEFAULT_WINDOW, ge=1, description="median filter window, px (500 suits "
+                        "1280x1024 fields)")
+    percentile: float = Field(DEFAULT_PERCENTILE, ge=0, le=100, description="robust minimum "
+                              "percentile: the function is divided by it and floored at 1")
+    n_jobs: int = Field(1, ge=1, description="plates computed in parallel (threads)")
 
 
 def smooth_illumination(

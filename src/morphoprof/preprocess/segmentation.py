@@ -11,15 +11,16 @@ Maximum}_{X,Y}`` (half-open, px). DeepProfiler's location CSVs are read and writ
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from morphoprof.errors import InputError
 from morphoprof.index.schema import IMAGE_SET_KEY, PLATE, SITE, WELL, ExperimentIndex
 from morphoprof.io_utils import atomic_path, write_parquet
+from morphoprof.settings import Settings
 
 CENTER_X = "Nuclei_Location_Center_X"
 CENTER_Y = "Nuclei_Location_Center_Y"
@@ -33,24 +34,21 @@ BBOX = [
 OBJECT = "Metadata_object"
 
 
-@dataclass
-class NucleiConfig:
-    """Settings of :func:`segment_nuclei` (pixel units)."""
+class NucleiConfig(Settings):
+    """Settings of :func:`segment_nuclei` (pixel units): the ``preprocess.segmentation``
+    section of a run config, the options of ``morphoprof segment``."""
 
-    smoothing: float = 1.0  # Gaussian sigma before thresholding
-    threshold_scale: float = 1.0  # multiply Otsu's threshold by this
-    min_area: int = 30
-    max_area: int = 5000
-    min_distance: int = 5  # between watershed seeds; about a nucleus radius
-    clear_border: bool = False
-    fill_holes: bool = True
-    downsample: int = 1  # segment a block-averaged copy (2: 4x fewer pixels), labels upsampled
-
-
-def nuclei_config(segmentation: dict) -> NucleiConfig:
-    """The :class:`NucleiConfig` of a config's ``preprocess.segmentation`` section."""
-    return NucleiConfig(**{k: v for k, v in segmentation.items()
-                           if k not in ("enabled", "channel", "n_jobs")})
+    smoothing: float = Field(1.0, ge=0, description="Gaussian sigma before thresholding, px")
+    threshold_scale: float = Field(1.0, gt=0, description="multiply Otsu's threshold by this "
+                                   "(below 1: dimmer nuclei kept)")
+    min_area: int = Field(30, ge=0, description="smaller objects are dropped, px")
+    max_area: int = Field(5000, ge=1, description="larger objects are dropped, px")
+    min_distance: int = Field(5, ge=1, description="px between watershed seeds (about a "
+                              "nucleus radius)")
+    clear_border: bool = Field(False, description="drop nuclei touching the border")
+    fill_holes: bool = Field(True, description="fill holes inside each nucleus")
+    downsample: int = Field(1, ge=1, description="segment a block-averaged copy at 1/N "
+                            "resolution (2: 4x fewer pixels); labels upsampled")
 
 
 def image_quality(plane: np.ndarray, path: object = "") -> list[str]:
@@ -151,7 +149,7 @@ def _segment_downsampled(img: np.ndarray, cfg: NucleiConfig) -> np.ndarray:
         for dx in range(f):
             small += img[dy::f, dx::f]
     small /= f * f
-    scaled = replace(cfg, downsample=1, smoothing=cfg.smoothing / f,
+    scaled = cfg.replace(downsample=1, smoothing=cfg.smoothing / f,
                      min_area=max(int(cfg.min_area / f**2), 1),
                      max_area=max(int(cfg.max_area / f**2), 1),
                      min_distance=max(int(round(cfg.min_distance / f)), 1))
@@ -326,7 +324,7 @@ def segment_index(
         "warnings": warnings,
         "skipped": skipped,
         "channel": channel,
-        "config": asdict(cfg),
+        "config": cfg.model_dump(),
     }
 
 

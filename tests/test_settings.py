@@ -1,0 +1,127 @@
+"""Typed settings: one model per stage gives the YAML checks, the CLI options and the defaults."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Literal
+
+import pytest
+from pydantic import Field, ValidationError
+
+from morphoprof.cli import build_parser
+from morphoprof.config import SegmentationSection, validate_config
+from morphoprof.errors import ConfigError, InputError
+from morphoprof.preprocess.illumination import IlluminationConfig
+from morphoprof.preprocess.segmentation import NucleiConfig
+from morphoprof.settings import Settings, add_options, from_options, validate_section
+
+
+class Toy(Settings):
+    size: int = Field(96, ge=1, description="crop side, px")
+    scale: float = Field(1.0, description="a factor")
+    mode: Literal["pad", "skip"] = Field("pad", description="edge handling")
+    name: str | None = Field(None, description="an optional name")
+    flag: bool = Field(False, description="a switch")
+    tags: list[str] = Field(default_factory=list, description="labels")
+
+
+def test_section_problems_name_the_key_in_the_readers_words():
+    problems: list[str] = []
+    got = validate_section(Toy, {"sise": 3, "scale": "big", "mode": "wrap", "flag": 1,
+                                 "size": 0}, "toy.", problems)
+    assert got == Toy()  # the defaults stand in for a section with problems
+    assert "toy.sise: unknown key (did you mean 'size'?)" in problems
+    assert "toy.scale: expected a number, got 'big'" in problems
+    assert "toy.mode: 'wrap' is not one of ['pad', 'skip']" in problems
+    assert "toy.flag: expected true/false, got 1" in problems
+    assert "toy.size: must be >= 1, got 0" in problems
+    assert len(problems) == 5
+    problems = []
+    assert validate_section(Toy, [1], "toy.", problems) == Toy()
+    assert problems == ["toy: expected a mapping, got list"]
+    # an int is a number; null means the default; valid values come through
+    ok = validate_section(Toy, {"scale": 2, "size": None, "name": "a"}, "toy.", problems := [])
+    assert problems == [] and ok.scale == 2.0 and ok.size == 96 and ok.name == "a"
+
+
+def test_options_come_from_the_model_and_build_it_back():
+    parser = argparse.ArgumentParser()
+    add_options(parser, Toy, flags={"size": "--crop-size"})
+    a = parser.parse_args([])
+    assert from_options(Toy, a) == Toy()
+    a = parser.parse_args(["--crop-size", "12", "--mode", "skip", "--flag", "--tags", "x", "y"])
+    assert from_options(Toy, a) == Toy(size=12, mode="skip", flag=True, tags=["x", "y"])
+    with pytest.raises(SystemExit):  # argparse refuses a value outside the Literal
+        parser.parse_args(["--mode", "wrap"])
+    with pytest.raises(InputError, match=r"--size: must be >= 1, got 0"):
+        from_options(Toy, parser.parse_args(["--crop-size", "0"]))
+    assert "crop side, px (default: 96)" in _help(parser)
+
+
+def _help(parser: argparse.ArgumentParser) -> str:
+    from morphoprof.cli import _HelpFormatter
+
+    parser.formatter_class = _HelpFormatter
+    return " ".join(parser.format_help().split())
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_every_settings_model_on_the_cli_has_its_defaults_there():
+    """No default is written twice: each command that shows a settings model exposes every one
+    of its fields with the model's own default, and the YAML sections fill the same ones."""
+    shown = {}
+    for name, parser in _subcommands().items():
+        for model, fields in parser.get_default("settings_models") or ():
+            shown.setdefault(model, []).append(name)
+            dests = {a.dest: a for a in parser._actions}
+            for field in fields:
+                assert field in dests, f"{name}: no option for {model.__name__}.{field}"
+                assert dests[field].default == model.model_fields[field].default, (
+                    f"{name} --{field}: {dests[field].default!r} vs the model's "
+                    f"{model.model_fields[field].default!r}")
+            assert set(fields) == set(model.model_fields), f"{name}: {model.__name__} partly"
+    from morphoprof.config import NucleiSection
+
+    assert shown[NucleiSection] == ["segment"] and shown[IlluminationConfig] == ["illum"]
+    # every NucleiConfig setting reaches segment and the YAML (threshold_scale and fill_holes
+    # could be set from neither before)
+    segment = _subcommands()["segment"]
+    a = segment.parse_args(["i.parquet", "--out", "o", "--threshold-scale", "0.8",
+                            "--no-fill-holes", "--jobs", "3"])
+    got = from_options(NucleiSection, a)
+    assert got.nuclei() == NucleiConfig(threshold_scale=0.8, fill_holes=False)
+    assert got.n_jobs == 3
+    cfg = validate_config({"data": {"source": "synthetic"}, "output": "o", "preprocess": {
+        "segmentation": {"enabled": True, "threshold_scale": 0.8, "fill_holes": False}}})
+    seg = cfg["preprocess"]["segmentation"]
+    assert isinstance(seg, SegmentationSection) and seg.enabled
+    assert seg.nuclei() == got.nuclei()
+    defaults = validate_config({"data": {"source": "synthetic"}, "output": "o"})["preprocess"]
+    assert defaults["segmentation"].nuclei() == NucleiConfig()
+    assert defaults["illumination"].settings() == IlluminationConfig()
+
+
+def test_yaml_sections_of_typed_settings_report_dotted_paths():
+    with pytest.raises(ConfigError) as err:
+        validate_config({"data": {"source": "synthetic"}, "output": "o", "preprocess": {
+            "segmentation": {"min_ares": 3, "downsample": 0},
+            "illumination": {"window": "big", "enabled": "yes"}}})
+    problems = err.value.problems
+    assert "preprocess.segmentation.min_ares: unknown key (did you mean 'min_area'?)" in problems
+    assert "preprocess.segmentation.downsample: must be >= 1, got 0" in problems
+    assert "preprocess.illumination.window: expected an integer, got 'big'" in problems
+    assert "preprocess.illumination.enabled: expected true/false, got 'yes'" in problems
+
+
+def test_settings_are_frozen_and_replace_validates():
+    cfg = NucleiConfig()
+    with pytest.raises(ValidationError, match="frozen"):
+        cfg.min_area = 3
+    assert cfg.replace(min_area=3).min_area == 3 and cfg.min_area == 30
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+        cfg.replace(min_area=-1)
