@@ -13,8 +13,8 @@ def _problems(raw):
 def test_demo_config_is_valid_and_defaults_filled(tmp_path):
     (tmp_path / "c.yaml").write_text(DEMO_CONFIG)
     cfg, text = load_config(tmp_path / "c.yaml")
-    assert cfg["features"]["model"] == "tf_efficientnet_lite0"
-    assert cfg["features"]["num_workers"] == 0  # default filled in
+    assert cfg["features"].model == "tf_efficientnet_lite0"
+    assert cfg["features"].num_workers == 0  # default filled in
     assert cfg["output"] == str(tmp_path / ".")
     assert cfg["data"]["path"] == str(tmp_path / "synthetic_screen")
 

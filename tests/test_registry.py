@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from morphoprof.cli import build_parser
-from morphoprof.config import SCHEMA
-from morphoprof.errors import InputError
+from morphoprof.config import validate_config
+from morphoprof.errors import ConfigError, InputError
 from morphoprof.preprocess.segmentation import NucleiConfig
 from morphoprof.registry import create_extractor, extractor_names, register_extractor
 
@@ -39,6 +39,10 @@ def test_unknown_name_and_a_registered_one():
 
     try:
         assert create_extractor("echo_for_test", {"a": 1}) == {"a": 1}
+        # a run config accepts a name registered after the config module was imported
+        cfg = validate_config({"data": {"source": "synthetic"}, "output": "o",
+                               "features": {"extractor": "echo_for_test"}})
+        assert cfg["features"].extractor == "echo_for_test"
         assert extractor_names()[:2] == ("transfer", "classical")
         assert "echo_for_test" in extractor_names()
     finally:
@@ -48,7 +52,11 @@ def test_unknown_name_and_a_registered_one():
 
 
 def test_config_and_cli_offer_the_registered_names():
-    assert SCHEMA["features"]["extractor"].choices == extractor_names()
+    with pytest.raises(ConfigError) as err:
+        validate_config({"data": {"source": "synthetic"}, "output": "o",
+                         "features": {"extractor": "deep"}})
+    assert err.value.problems == [f"features.extractor: 'deep' is not one of "
+                                  f"{list(extractor_names())}"]
     extract = next(a for a in build_parser()._subparsers._group_actions[0].choices["extract"]
                    ._actions if a.dest == "extractor")
     assert tuple(extract.choices) == extractor_names()

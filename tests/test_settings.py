@@ -11,6 +11,7 @@ from pydantic import Field, ValidationError
 from morphoprof.cli import build_parser
 from morphoprof.config import SegmentationSection, validate_config
 from morphoprof.errors import ConfigError, InputError
+from morphoprof.features.transfer import TransferConfig
 from morphoprof.preprocess.illumination import IlluminationConfig
 from morphoprof.preprocess.segmentation import NucleiConfig
 from morphoprof.settings import Settings, add_options, from_options, validate_section
@@ -84,10 +85,18 @@ def test_every_settings_model_on_the_cli_has_its_defaults_there():
                 assert dests[field].default == model.model_fields[field].default, (
                     f"{name} --{field}: {dests[field].default!r} vs the model's "
                     f"{model.model_fields[field].default!r}")
-            assert set(fields) == set(model.model_fields), f"{name}: {model.__name__} partly"
+            shown.setdefault((model, name), set(fields))
     from morphoprof.config import NucleiSection
 
     assert shown[NucleiSection] == ["segment"] and shown[IlluminationConfig] == ["illum"]
+    assert shown[TransferConfig] == ["extract"]
+    # the stage commands show every setting; extract leaves out what other options carry
+    # (--batch-size and --workers default by input, --channels, --on-error)
+    assert shown[(NucleiSection, "segment")] == set(NucleiSection.model_fields)
+    assert shown[(IlluminationConfig, "illum")] == set(IlluminationConfig.model_fields)
+    assert set(TransferConfig.model_fields) - shown[(TransferConfig, "extract")] == {
+        "rgb_channels", "in_chans", "jit", "intensity_percentiles", "batch_size", "num_workers",
+        "max_shard_rows", "label", "channels", "seed", "on_error"}
     # every NucleiConfig setting reaches segment and the YAML (threshold_scale and fill_holes
     # could be set from neither before)
     segment = _subcommands()["segment"]
@@ -123,5 +132,30 @@ def test_settings_are_frozen_and_replace_validates():
     with pytest.raises(ValidationError, match="frozen"):
         cfg.min_area = 3
     assert cfg.replace(min_area=3).min_area == 3 and cfg.min_area == 30
-    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+    with pytest.raises(InputError, match=r"NucleiConfig: min_area must be >= 0, got -1"):
         cfg.replace(min_area=-1)
+    with pytest.raises(InputError, match=r"min_ares is not a setting \(did you mean 'min_area'"):
+        NucleiConfig(min_ares=3)
+
+
+def test_the_readme_yaml_reference_shows_the_models_defaults():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"## YAML config reference.*?```yaml\n(.*?)```", readme, re.S).group(1)
+    shown = yaml.safe_load(block)
+    cfg = validate_config({"data": {"source": "synthetic"}, "output": "o"})
+    sections = {("preprocess", "illumination"): cfg["preprocess"]["illumination"],
+                ("preprocess", "segmentation"): cfg["preprocess"]["segmentation"],
+                ("features",): cfg["features"]}
+    for where, model in sections.items():
+        doc = shown
+        for part in where:
+            doc = doc[part]
+        defaults = model.model_dump(mode="json")
+        assert set(doc) == set(defaults), f"{'.'.join(where)}: README keys differ"
+        for key, value in doc.items():
+            assert value == defaults[key], f"{'.'.join(where)}.{key}: README shows {value!r}"

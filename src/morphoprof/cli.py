@@ -8,12 +8,17 @@ import sys
 from pathlib import Path
 
 from morphoprof import __version__
-from morphoprof.config import NucleiSection
+from morphoprof.config import FeaturesSection, NucleiSection
 from morphoprof.errors import MorphoprofError, os_reason
+from morphoprof.features.transfer import TransferConfig
 from morphoprof.preprocess.illumination import IlluminationConfig
 from morphoprof.registry import create_extractor, extractor_names
 from morphoprof.settings import add_options, from_options
 from morphoprof.shards import read_features
+
+# the TransferConfig settings that are options of extract, with the model's defaults
+EXTRACT_OPTIONS = ("model", "weights", "channel_strategy", "tiles", "layer", "image_size",
+                   "device", "precision", "backend")
 
 
 def _print_json(obj: dict) -> None:
@@ -234,11 +239,9 @@ def cmd_extract(a: argparse.Namespace) -> int:
     size, normalization = a.crop_size, a.normalization
     # a crop is ~50x fewer pixels than a field: batches of 16 would leave the network idle
     batch_size = a.batch_size or (256 if a.crops or a.cells else 16)
-    settings = {"model": a.model, "weights": a.weights, "channel_strategy": a.channel_strategy,
-                "layer": a.layer, "tiles": a.tiles, "image_size": a.image_size,
-                "batch_size": batch_size, "num_workers": a.workers, "n_jobs": a.workers or 1,
-                "device": a.device, "channels": a.channels,
-                "precision": a.precision, "backend": a.backend, "on_error": a.on_error}
+    settings = {**{k: getattr(a, k) for k in EXTRACT_OPTIONS}, "batch_size": batch_size,
+                "num_workers": a.workers, "n_jobs": a.workers or 1, "channels": a.channels,
+                "on_error": a.on_error}
     if a.extractor == "classical":  # measures the nuclei it segments itself: no model, no cells
         extractor = create_extractor("classical", {**settings, "channels": names} if a.crops
                                      else settings)
@@ -726,34 +729,18 @@ def build_parser() -> argparse.ArgumentParser:
     s = _parser(sub, "extract", "extract features (resumable)", outputs=[("out", True)])
     s.add_argument("index", nargs="?", help="index.parquet (none with --crops)")
     s.add_argument("--out", required=True, help="feature folder")
-    s.add_argument("--extractor", default="transfer", choices=extractor_names(),
+    s.add_argument("--extractor", default=FeaturesSection.model_fields["extractor"].default,
+                   choices=extractor_names(),
                    help="transfer: ImageNet CNN on whole fields; classical: cp_measure per cell")
-    s.add_argument("--model", default="tf_efficientnet_lite0", help="any timm model name")
-    s.add_argument("--weights", default="auto", help="auto | offline | imagenet | random | "
-                   "path to a checkpoint")
-    s.add_argument("--channel-strategy", default="greyscale",
-                   choices=["greyscale", "rgb", "native"],
-                   help="greyscale: each stain alone, features concatenated; rgb: three stains "
-                   "as R, G, B; native: all stains at once")
-    s.add_argument("--tiles", type=int, default=1, help="tiles per side, features averaged")
-    s.add_argument("--layer", help="module to read features from (default: the pooled "
-                   "penultimate layer)")
-    s.add_argument("--image-size", type=int, help="resize fields to this, px (default: the "
-                   "network's input size)")
+    add_options(s, TransferConfig, EXTRACT_OPTIONS)
+    # defaults that depend on the input, so not the TransferConfig's own
     s.add_argument("--batch-size", type=int, help="images per network batch (default: 16 "
                    "fields, 256 cell crops)")
     s.add_argument("--workers", type=int, default=0, help="DataLoader worker processes "
                    "(classical: processes)")
-    s.add_argument("--device", default="auto", help="auto | cpu | cuda")
     s.add_argument("--format", default="parquet", choices=["parquet", "h5ad", "zarr"],
                    help="h5ad / zarr: also write the features as one AnnData, OUT/features.h5ad "
                    "or .zarr (features in X, metadata in obs; read whole) for scanpy")
-    s.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="network arithmetic: auto = bf16 on CUDA, fp32 on CPU; bf16 on a CPU "
-                   "with AMX / AVX512-BF16 runs dense CNNs (a weak ResNet) 2-3x faster")
-    s.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime"],
-                   help="CPU engine: auto = ONNX Runtime for runs of >= 500 network inputs "
-                   "(~1.3x torch's traced graph, same features to ~1e-6), else torch")
     s.add_argument("--channels", nargs="*", help="channels (default: all)")
     s.add_argument("--illumination", help="folder of illumination functions (morphoprof illum)")
     s.add_argument("--cells", help="cell table (morphoprof segment): features of single-cell "

@@ -16,7 +16,8 @@ A run config has six sections (every key optional except ``data.source`` and ``o
     preprocess:  illumination (:class:`IlluminationSection`: enabled, window, percentile,
                  n_jobs), segmentation (:class:`SegmentationSection`: enabled, channel, n_jobs and
                  every :class:`NucleiConfig` key), on_error (fail | skip)
-    features:    extractor settings (see TransferConfig)
+    features:    :class:`FeaturesSection`: the extractor, its measurements (classical) and
+                 the :class:`TransferConfig` settings
     profiles:    well_aggregation, treatment_aggregation, feature_selection,
                  cell_tvn {reference, eps},
                  normalization {method, by, reference, eps, n_factors, fallback}
@@ -37,9 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field
+from pydantic import Field, create_model, field_validator
+from pydantic_core import PydanticCustomError
 
 from morphoprof.errors import ConfigError
+from morphoprof.features.classical import ClassicalConfig
+from morphoprof.features.transfer import TransferConfig
 from morphoprof.preprocess.illumination import IlluminationConfig
 from morphoprof.preprocess.segmentation import NucleiConfig
 from morphoprof.profiles.normalize import METHOD_ALIASES, METHODS
@@ -68,6 +72,39 @@ class NucleiSection(NucleiConfig):
     def nuclei(self) -> NucleiConfig:
         """The :class:`NucleiConfig` part (what :func:`segment_nuclei` reads)."""
         return NucleiConfig.model_validate(self.model_dump(include=set(NucleiConfig.model_fields)))
+
+
+# the TransferConfig settings a run config's ``features`` section sets (``channels`` and
+# ``on_error`` come from the config's ``channels`` and ``preprocess.on_error``)
+_FEATURE_KEYS = ("model", "weights", "channel_strategy", "rgb_channels", "layer", "tiles",
+                 "in_chans", "jit", "backend", "precision", "image_size",
+                 "intensity_percentiles", "batch_size", "num_workers", "device",
+                 "max_shard_rows", "seed")
+
+
+class _Extractor(Settings):
+    extractor: str = Field("transfer", description="the extractor, by registered name "
+                           "(transfer: ImageNet features of whole fields; classical: "
+                           "cp_measure measurements of the segmented nuclei)")
+
+    @field_validator("extractor")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name not in extractor_names():
+            message = f"{name!r} is not one of {list(extractor_names())}"
+            raise PydanticCustomError("extractor", message.replace("{", "{{").replace("}", "}}"))
+        return name
+
+
+FeaturesSection = create_model(
+    "FeaturesSection", __base__=_Extractor, __module__=__name__,
+    measurements=(ClassicalConfig.model_fields["measurements"].annotation,
+                  ClassicalConfig.model_fields["measurements"]),
+    **{k: (TransferConfig.model_fields[k].annotation, TransferConfig.model_fields[k])
+       for k in _FEATURE_KEYS})
+FeaturesSection.__doc__ = """``features``: the extractor by name, the classical extractor's
+``measurements`` and the :class:`TransferConfig` settings (defaults, types and help are
+TransferConfig's own)."""
 
 
 class SegmentationSection(NucleiSection):
@@ -113,23 +150,7 @@ SCHEMA: dict[str, Any] = {
         "segmentation": SegmentationSection,
         "on_error": Opt(_STR, "fail", ("fail", "skip")),
     },
-    "features": {
-        "extractor": Opt(_STR, "transfer", extractor_names()),
-        "measurements": Opt(_LIST, ["sizeshape", "intensity", "texture", "granularity"]),
-        "model": Opt(_STR, "tf_efficientnet_lite0"),
-        "weights": Opt(_STR, "auto"),
-        "channel_strategy": Opt(_STR, "greyscale", ("greyscale", "rgb", "native")),
-        "tiles": Opt(_INT, 1),
-        "in_chans": Opt(_INT, None),
-        "rgb_channels": Opt(_LIST, None),
-        "layer": Opt(_STR, None),
-        "image_size": Opt(_INT, None),
-        "batch_size": Opt(_INT, 16),
-        "num_workers": Opt(_INT, 0),
-        "device": Opt(_STR, "auto"),
-        "precision": Opt(_STR, "auto", ("auto", "fp32", "bf16")),
-        "seed": Opt(_INT, 0),
-    },
+    "features": FeaturesSection,
     "profiles": {
         "well_aggregation": Opt(_STR, "mean", ("mean", "median")),
         "treatment_aggregation": Opt(_STR, "median", ("mean", "median", "modz")),
@@ -270,9 +291,6 @@ def validate_config(raw: Any, source: str = "config") -> dict:
     for k, p in enumerate(cfg["evaluation"]["protocols"]):
         if p not in ("nsc", "nscb"):
             problems.append(f"evaluation.protocols[{k}]: {p!r} is not one of ['nsc', 'nscb']")
-    for key in ("batch_size",):
-        if isinstance(cfg["features"][key], int) and cfg["features"][key] < 1:
-            problems.append(f"features.{key}: must be >= 1")
     if problems:
         raise ConfigError(f"invalid run configuration ({source})", problems)
     return cfg

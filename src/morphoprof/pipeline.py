@@ -89,11 +89,11 @@ def segmentation_stage(index: ExperimentIndex, out: str | Path, nuclei, channel:
     return result
 
 
-def extract_features(index: ExperimentIndex, features: dict, channels, out: Path,
+def extract_features(index: ExperimentIndex, features, channels, out: Path,
                      progress: bool = True, log=print, illumination=None,
                      segmentation=None, on_error: str = "fail") -> dict:
-    """Run the configured extractor (built by name, :mod:`morphoprof.registry`) over the index
-    into ``out`` (a feature folder).
+    """Run the configured extractor (``features``: a :class:`~morphoprof.config.FeaturesSection`;
+    built by name, :mod:`morphoprof.registry`) over the index into ``out`` (a feature folder).
 
     ``transfer``: whole-field ImageNet features; ``classical``: cp_measure measurements of the
     nuclei segmented with the ``segmentation`` settings (a
@@ -104,8 +104,8 @@ def extract_features(index: ExperimentIndex, features: dict, channels, out: Path
     from morphoprof.config import NucleiSection
 
     seg = segmentation or NucleiSection()
-    extractor = create_extractor(features["extractor"], {
-        **features, "channels": channels, "on_error": on_error,
+    extractor = create_extractor(features.extractor, {
+        **features.model_dump(), "channels": channels, "on_error": on_error,
         "nuclei": seg.nuclei(), "n_jobs": seg.n_jobs})
     return extractor.extract(index, out, illumination=illumination, progress=progress, log=log)
 
@@ -290,9 +290,9 @@ def applied_config(cfg: dict) -> dict:
     pre = {}
     for stage in ("illumination", "segmentation"):
         section = cfg["preprocess"][stage]
-        pre[stage] = section.model_dump() if section.enabled else {"enabled": False}
+        pre[stage] = section.model_dump(mode="json") if section.enabled else {"enabled": False}
     pre["on_error"] = cfg["preprocess"]["on_error"]
-    feats = dict(cfg["features"])
+    feats = cfg["features"].model_dump(mode="json")
     if feats["extractor"] == "classical":
         feats = {k: feats[k] for k in ("extractor", "measurements")}
     else:
@@ -413,7 +413,7 @@ def run_pipeline(cfg: dict, config_text: str, progress: bool = True, log=print,
     timings["preprocess_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    log(f"[4/7] features ({cfg['features']['extractor']}, {cfg['features']['model']})")
+    log(f"[4/7] features ({cfg['features'].extractor}, {cfg['features'].model})")
     extraction = extract_features(index, cfg["features"], cfg["channels"], out / "features",
                                   progress=progress, log=log, illumination=illumination,
                                   segmentation=pre["segmentation"], on_error=pre["on_error"])

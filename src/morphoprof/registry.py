@@ -10,7 +10,6 @@ cp_measure for the other.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import importlib
 from collections.abc import Callable, Mapping
@@ -58,7 +57,8 @@ def create_extractor(name: str, settings: Mapping[str, Any]) -> Any:
 
 
 def settings_for(cls: type, settings: Mapping[str, Any], **fixed: Any) -> Any:
-    """An instance of the settings dataclass ``cls`` from the keys of ``settings`` it has
-    (``fixed`` overrides them)."""
-    known = {f.name for f in dataclasses.fields(cls)}
+    """An instance of the settings model ``cls`` (a :class:`~morphoprof.settings.Settings`)
+    from the keys of ``settings`` it has (``fixed`` overrides them); a bad value is an
+    InputError naming it."""
+    known = set(cls.model_fields)
     return cls(**{**{k: v for k, v in settings.items() if k in known}, **fixed})

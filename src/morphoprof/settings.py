@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 _TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true/false", "str": "a string",
-               "list": "a list", "dict": "a mapping", "tuple": "a list"}
+               "string": "a string", "list": "a list", "dict": "a mapping", "tuple": "a list"}
 
 
 class Settings(BaseModel):
@@ -31,40 +31,97 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
+    def __init__(self, **values: Any) -> None:
+        """Build from keyword values; a bad one is an :class:`~morphoprof.errors.InputError`
+        naming each setting at fault (``precision must be one of ['auto', 'fp32', 'bf16'], got
+        'fp16'``)."""
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            from morphoprof.errors import InputError
+
+            raise InputError(f"{type(self).__name__}: " + "; ".join(
+                field_problems(exc, type(self), style="python"))) from exc
+
     def replace(self, **changes: Any) -> Settings:
         """A validated copy with ``changes`` applied."""
-        return type(self).model_validate({**self.model_dump(), **changes})
+        return type(self)(**{**self.model_dump(), **changes})
 
 
-def field_problems(exc: ValidationError, model: type[BaseModel], path: str = "") -> list[str]:
-    """``exc``'s errors as one line each, ``<dotted.path>: <what is wrong>``, in the words the
-    YAML reader uses everywhere (unknown keys get a did-you-mean hint)."""
-    problems = []
+def field_problems(exc: ValidationError, model: type[BaseModel], path: str = "",
+                   style: Literal["yaml", "python"] = "yaml") -> list[str]:
+    """``exc``'s errors as one line each, naming the setting by its dotted path (prefixed with
+    ``path``). ``yaml``: ``a.b: <what is wrong>``, in the words the config reader uses
+    everywhere (unknown keys get a did-you-mean hint); ``python``: ``b must be ..., got ...``.
+    A value that fits no member of a union setting is one line naming every member."""
+    problems, seen = [], set()
     for err in exc.errors():
-        loc = [str(p) for p in err["loc"] if not str(p).startswith(("function-", "lax-"))]
+        loc, union = _setting_loc(model, err["loc"])
         where = path + ".".join(loc) if loc else path.rstrip(".") or "config"
         kind, value = err["type"], err.get("input")
-        if kind == "extra_forbidden":
+        if union is not None:
+            if tuple(loc) in seen:
+                continue
+            seen.add(tuple(loc))
+            want = " or ".join(_describe(a) for a in typing.get_args(union))
+        elif kind == "extra_forbidden":
             known = _field_names(model, loc[:-1])
             close = difflib.get_close_matches(loc[-1], known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {sorted(known)})"
-            problems.append(f"{where}: unknown key{hint}")
+            problems.append(f"{where}: unknown key{hint}" if style == "yaml"
+                            else f"{where} is not a setting{hint}")
+            continue
         elif kind == "missing":
-            problems.append(f"{where}: required")
+            problems.append(f"{where}: required" if style == "yaml" else f"{where} is required")
+            continue
         elif kind == "literal_error":
             choices = list(typing.get_args(_annotation(model, loc)))
-            problems.append(f"{where}: {value!r} is not one of {choices}")
+            problems.append(f"{where}: {value!r} is not one of {choices}" if style == "yaml"
+                            else f"{where} must be one of {choices}, got {value!r}")
+            continue
         elif kind.endswith("_type") or kind.endswith("_parsing"):
             want = _TYPE_NAMES.get(kind.split("_")[0], kind.split("_")[0])
-            problems.append(f"{where}: expected {want}, got {value!r}")
-        elif kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
-            sign = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=",
-                    "less_than": "<"}[kind]
-            bound = next(iter(err["ctx"].values()))
-            problems.append(f"{where}: must be {sign} {bound}, got {value!r}")
-        else:
+        elif kind in _BOUNDS:
+            want = f"{_BOUNDS[kind]} {next(iter(err['ctx'].values()))}"
+            problems.append(f"{where}: must be {want}, got {value!r}" if style == "yaml"
+                            else f"{where} must be {want}, got {value!r}")
+            continue
+        else:  # a validator's own message
             problems.append(f"{where}: {err['msg']}")
+            continue
+        problems.append(f"{where}: expected {want}, got {value!r}" if style == "yaml"
+                        else f"{where} must be {want}, got {value!r}")
     return problems
+
+
+def _setting_loc(model: type[BaseModel], loc: tuple) -> tuple[list[str], Any]:
+    """(the dotted path of the setting an error is about, its union annotation when the error
+    is about one member of a union, else None): pydantic's member tags are left out."""
+    out: list[str] = []
+    annotation: Any = model
+    for part in loc:
+        fields = getattr(annotation, "model_fields", None)
+        if isinstance(annotation, type) and fields is not None:
+            out.append(str(part))
+            annotation = _unwrap(fields[part].annotation) if part in fields else None
+        elif isinstance(part, int):  # an item of a list
+            out[-1] = f"{out[-1]}[{part}]" if out else str(part)
+            args = typing.get_args(annotation)
+            annotation = args[0] if args else None
+        elif typing.get_origin(annotation) in (typing.Union, types.UnionType):
+            return out, annotation
+    return out, None
+
+
+def _describe(annotation: Any) -> str:
+    """How a union member reads in a message: ``true/false``, ``'auto'``, ``an integer``."""
+    if typing.get_origin(annotation) is Literal:
+        return " or ".join(repr(v) for v in typing.get_args(annotation))
+    return _TYPE_NAMES.get(getattr(annotation, "__name__", ""), str(annotation))
+
+
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=",
+           "less_than": "<"}
 
 
 def validate_section(model: type[Settings], raw: Any, path: str, problems: list[str]) -> Settings:
@@ -77,11 +134,11 @@ def validate_section(model: type[Settings], raw: Any, path: str, problems: list[
         problems.append(f"{path.rstrip('.')}: expected a mapping, got {type(raw).__name__}")
         return model()
     raw = {k: v for k, v in raw.items() if v is not None or _optional(model, k)}
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
+    got, exc = _validated(model, raw)
+    if exc is not None:
         problems.extend(field_problems(exc, model, path))
         return model()
+    return got
 
 
 def add_options(parser: argparse.ArgumentParser, model: type[Settings],
@@ -106,7 +163,7 @@ def add_options(parser: argparse.ArgumentParser, model: type[Settings],
             if many:
                 kw["nargs"] = "*"
         flag = flags.get(name, "--" + name.replace("_", "-"))
-        if kind is not bool:
+        if kind is not bool and not choices:
             kw["metavar"] = flag.lstrip("-").upper().replace("-", "_")
         parser.add_argument(flag, **kw)
     shown = parser.get_default("settings_models") or ()
@@ -120,12 +177,27 @@ def from_options(model: type[Settings], args: argparse.Namespace, **fixed: Any) 
     from morphoprof.errors import InputError
 
     values = {name: getattr(args, name) for name in model.model_fields if hasattr(args, name)}
-    try:
-        return model.model_validate({**values, **fixed})
-    except ValidationError as exc:
+    got, exc = _validated(model, {**values, **fixed})
+    if exc is not None:
         lines = [p.replace(p.split(":")[0], "--" + p.split(":")[0].replace("_", "-"), 1)
                  for p in field_problems(exc, model)]
         raise InputError("; ".join(lines)) from exc
+    return got
+
+
+def _validated(model: type[Settings], values: Mapping[str, Any]
+               ) -> tuple[Settings | None, ValidationError | None]:
+    """(the instance, None) or (None, pydantic's errors) for ``values``."""
+    from morphoprof.errors import InputError
+
+    try:
+        return model.model_validate(dict(values)), None
+    except InputError as exc:  # raised by Settings.__init__ from pydantic's errors
+        if isinstance(exc.__cause__, ValidationError):
+            return None, exc.__cause__
+        raise
+    except ValidationError as exc:
+        return None, exc
 
 
 def _annotation(model: type[BaseModel], loc: list[str]) -> Any:

@@ -15,12 +15,13 @@ by bit depth), because texture and granularity quantise intensities.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from morphoprof.errors import InputError
 from morphoprof.index.schema import PLATE, ExperimentIndex
@@ -34,22 +35,26 @@ from morphoprof.preprocess.segmentation import (
     segment_nuclei,
 )
 from morphoprof.registry import register_extractor, settings_for
+from morphoprof.settings import Settings
 from morphoprof.shards import ShardRun, ShardWriter, run_shards, shard_key
 
 SHAPE_MEASUREMENTS = ("sizeshape", "zernike", "feret")
 DEFAULT_MEASUREMENTS = ("sizeshape", "intensity", "texture", "granularity")
 
 
-@dataclass
-class ClassicalConfig:
-    """Settings of the classical extractor."""
+class ClassicalConfig(Settings):
+    """Settings of the classical extractor (the ``features`` section's ``measurements`` with
+    ``extractor: classical``; the nuclei come from ``preprocess.segmentation``)."""
 
-    measurements: tuple[str, ...] = DEFAULT_MEASUREMENTS
-    label: str = "classical"
-    channels: list[str] | None = None
-    nuclei: NucleiConfig = field(default_factory=NucleiConfig)
-    n_jobs: int = 1
-    on_error: str = "fail"  # unreadable / non-finite image sets: fail, or skip (and list them)
+    measurements: tuple[str, ...] = Field(DEFAULT_MEASUREMENTS, strict=False,
+                                          description="cp_measure measurement families")
+    label: str = Field("classical", description="prefix of the feature columns")
+    channels: list[str] | None = Field(None, description="stains to measure (default: all)")
+    nuclei: NucleiConfig = Field(default_factory=NucleiConfig, description="how nuclei are "
+                                 "segmented")
+    n_jobs: int = Field(1, ge=1, description="worker processes")
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="unreadable / non-finite image sets: fail, or skip (and list them)")
 
 
 def _cp_functions(names: Sequence[str]) -> dict:
@@ -197,8 +202,7 @@ class ClassicalExtractor:
         channels = list(self.cfg.channels or index.channels)
         index.validate(channels=channels, check_files=False, check_shapes=False)
         dna = dna_channel(channels)
-        params = {"extractor": "classical", **asdict(self.cfg),
-                  "nuclei": self.cfg.nuclei.model_dump(), "channels": channels,
+        params = {"extractor": "classical", **self.cfg.model_dump(), "channels": channels,
                   "illumination": str(illumination.folder) if illumination else None,
                   "n_image_sets": len(index)}
         params.pop("n_jobs")
@@ -263,8 +267,5 @@ class ClassicalExtractor:
 
 @register_extractor("classical")
 def _build(settings) -> ClassicalExtractor:
-    """``classical``: the :class:`ClassicalConfig` keys of ``settings`` (``measurements`` as a
-    tuple)."""
-    fixed = ({"measurements": tuple(settings["measurements"])}
-             if settings.get("measurements") is not None else {})
-    return ClassicalExtractor(settings_for(ClassicalConfig, settings, **fixed))
+    """``classical``: the :class:`ClassicalConfig` keys of ``settings``."""
+    return ClassicalExtractor(settings_for(ClassicalConfig, settings))

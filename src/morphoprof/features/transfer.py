@@ -14,71 +14,74 @@ survive; the range is stored with the features so a resumed run uses the same on
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from morphoprof.errors import InputError
 from morphoprof.features.backbones import DEFAULT_MODEL, Backbone, create_backbone
 from morphoprof.index.schema import PLATE, ExperimentIndex
 from morphoprof.registry import register_extractor, settings_for
+from morphoprof.settings import Settings
 from morphoprof.shards import ShardWriter, run_shards, shard_key
 
 
-@dataclass
-class TransferConfig:
-    """Settings of the transfer extractor (the ``features`` section of a run config)."""
+class TransferConfig(Settings):
+    """Settings of the transfer extractor: the ``features`` section of a run config and the
+    options of ``morphoprof extract``."""
 
-    model: str = DEFAULT_MODEL
-    weights: str = "auto"
-    channel_strategy: str = "greyscale"  # greyscale | rgb | native
-    rgb_channels: list[str] | None = None  # for rgb: the 3 stains fed as R, G, B
-    layer: str | None = None  # None: pooled penultimate layer
-    tiles: int = 1  # tiles per side: the field is cut into tiles x tiles, features averaged
-    in_chans: int | None = None  # native strategy: input channels (default: len(channels) or 3)
+    model: str = Field(DEFAULT_MODEL, description="any timm model name")
+    weights: str = Field("auto", description="auto | offline | imagenet | random | path to a "
+                         "checkpoint")
+    channel_strategy: Literal["greyscale", "rgb", "native"] = Field(
+        "greyscale", description="greyscale: each stain alone, features concatenated; rgb: "
+        "three stains as R, G, B; native: all stains at once")
+    rgb_channels: list[str] | None = Field(None, description="rgb: the 3 stains fed as R, G, B "
+                                           "(default: the first three)")
+    layer: str | None = Field(None, description="module to read features from (default: the "
+                              "pooled penultimate layer)")
+    tiles: int = Field(1, ge=1, description="tiles per side: the field is cut into tiles x "
+                       "tiles, features averaged")
+    in_chans: int | None = Field(None, ge=1, description="native: input channels (default: "
+                                 "the number of channels, or 3)")
     # CPU: trace + freeze the network per input shape (fuses conv and BN; ~1.4x faster, but a
     # trace costs ~10 s): True, False, or "auto" = only for runs of >= 4000 network inputs.
-    jit: bool | str = "auto"
+    jit: bool | Literal["auto"] = Field("auto", description="CPU: trace and freeze the network "
+                                        "(auto: for runs of >= 4000 network inputs)")
     # CPU inference engine: "torch", "onnxruntime" (the network exported to ONNX once per input
     # shape (~1 s) and run by ONNX Runtime: on 2 cores ~1.3x torch's traced graph for
     # EfficientNet-B0 / Lite0, ~2x torch eager; features equal to torch's to ~1e-6) or
     # "auto" = onnxruntime for runs of >= 500 network inputs, in fp32 on CPU, where the network
     # exports (else torch). CUDA always runs torch.
-    backend: str = "auto"
+    backend: Literal["auto", "torch", "onnxruntime"] = Field(
+        "auto", description="CPU engine: auto = ONNX Runtime for runs of >= 500 network inputs "
+        "(~1.3x torch's traced graph, same features to ~1e-6), else torch")
     # arithmetic of the network: "auto" = bfloat16 on CUDA, float32 on CPU; "bf16" also on CPU,
     # where CPUs with AMX / AVX512-BF16 run dense convolutions (ResNet) 2-3x faster (depthwise
     # ones, EfficientNet, barely); "fp32" everywhere. bf16 features keep a cosine of > 0.99 to
     # the fp32 ones (relative difference ~0.5% for a ResNet18 at layer3, ~7% for Lite0).
-    precision: str = "auto"
-    image_size: int | None = None  # None: the network's own input size
-    intensity_percentiles: tuple[float, float] = (0.1, 99.9)
-    batch_size: int = 16
-    num_workers: int = 0
-    device: str = "auto"
-    max_shard_rows: int = 2000
-    label: str = "transfer"
-    channels: list[str] | None = None  # stains to use (default: all of the index)
-    seed: int = 0
-    # an unreadable image set, or one with NaN / inf pixels: fail (stop, naming it) or skip
-    # (leave it out, listed in the run summary and the manifest)
-    on_error: str = "fail"
-
-    def __post_init__(self) -> None:
-        if self.on_error not in ("fail", "skip"):
-            raise InputError(f"on_error must be 'fail' or 'skip', got {self.on_error!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise InputError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
-        if self.channel_strategy not in ("greyscale", "rgb", "native"):
-            raise InputError(
-                "channel_strategy must be 'greyscale', 'rgb' or 'native', got "
-                f"{self.channel_strategy!r}"
-            )
-        if self.tiles < 1:
-            raise InputError(f"tiles must be >= 1, got {self.tiles}")
-        if self.backend not in ("auto", "torch", "onnxruntime"):
-            raise InputError(f"backend must be auto, torch or onnxruntime, got {self.backend!r}")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="network arithmetic: auto = bf16 on CUDA, fp32 on CPU; bf16 on a "
+        "CPU with AMX / AVX512-BF16 runs dense CNNs (a weak ResNet) 2-3x faster")
+    image_size: int | None = Field(None, ge=1, description="resize fields to this, px "
+                                   "(default: the network's input size)")
+    intensity_percentiles: tuple[float, float] = Field(
+        (0.1, 99.9), strict=False, description="low and high percentiles of a sample of image "
+        "sets that map each channel to [0, 1]")
+    batch_size: int = Field(16, ge=1, description="images per network batch")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    device: str = Field("auto", description="auto | cpu | cuda")
+    max_shard_rows: int = Field(2000, ge=1, description="image sets per feature shard")
+    label: str = Field("transfer", description="prefix of the feature columns")
+    channels: list[str] | None = Field(None, description="stains to use (default: all of the "
+                                       "index)")
+    seed: int = Field(0, description="seed of the intensity sample and of torch")
+    on_error: Literal["fail", "skip"] = Field(
+        "fail", description="an unreadable image set, or one with NaN / inf pixels: fail "
+        "(stop, naming it) or skip (leave it out, listed in the run summary and the manifest)")
 
 
 def pick_device(device: str = "auto") -> str:
@@ -419,7 +422,7 @@ class TransferExtractor:
         params = {
             "extractor": "transfer",
             # run-time settings that do not change the features are left out
-            **{k: v for k, v in asdict(self.cfg).items()
+            **{k: v for k, v in self.cfg.model_dump().items()
                if k not in ("num_workers", "device", "batch_size", "jit", "backend",
                              "on_error")},
             "channels": channels,
