@@ -59,7 +59,7 @@ def test_six_moa_source_has_two_spellings_and_partial_download_keys(tmp_path, sp
     (tmp_path / "run.yaml").write_text(f"data: {{source: {spelling}, path: f}}\noutput: o\n")
     cfg, _ = load_config(tmp_path / "run.yaml")
     assert cfg["data"]["source"] == "bbbc021-6moa"
-    assert cfg["profiles"]["normalization"]["method"] is None  # decided from the controls
+    assert cfg["profiles"].normalization.method is None  # decided from the controls
     (tmp_path / "train.yaml").write_text(f"data: {{source: {spelling}, path: f}}\n"
                                          "label: Metadata_moa\noutput: o\n")
     assert load_train_config(tmp_path / "train.yaml")[0]["data"]["source"] == "bbbc021-6moa"

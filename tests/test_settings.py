@@ -14,6 +14,9 @@ from morphoprof.errors import ConfigError, InputError
 from morphoprof.features.transfer import TransferConfig
 from morphoprof.preprocess.illumination import IlluminationConfig
 from morphoprof.preprocess.segmentation import NucleiConfig
+from morphoprof.profiles.cell_tvn import CellTVNConfig
+from morphoprof.profiles.normalize import NormalizationConfig
+from morphoprof.profiles.settings import ProfilesConfig
 from morphoprof.settings import Settings, add_options, from_options, validate_section
 
 
@@ -77,19 +80,23 @@ def test_every_settings_model_on_the_cli_has_its_defaults_there():
     of its fields with the model's own default, and the YAML sections fill the same ones."""
     shown = {}
     for name, parser in _subcommands().items():
-        for model, fields in parser.get_default("settings_models") or ():
+        for model, fields, prefix in parser.get_default("settings_models") or ():
             shown.setdefault(model, []).append(name)
             dests = {a.dest: a for a in parser._actions}
             for field in fields:
-                assert field in dests, f"{name}: no option for {model.__name__}.{field}"
-                assert dests[field].default == model.model_fields[field].default, (
-                    f"{name} --{field}: {dests[field].default!r} vs the model's "
-                    f"{model.model_fields[field].default!r}")
+                want = model.model_fields[field].get_default(call_default_factory=True)
+                assert prefix + field in dests, f"{name}: no option for {model.__name__}.{field}"
+                assert dests[prefix + field].default == want, (
+                    f"{name} --{field}: {dests[prefix + field].default!r} vs the model's "
+                    f"{want!r}")
             shown.setdefault((model, name), set(fields))
     from morphoprof.config import NucleiSection
 
     assert shown[NucleiSection] == ["segment"] and shown[IlluminationConfig] == ["illum"]
     assert shown[TransferConfig] == ["extract"]
+    assert shown[ProfilesConfig] == ["aggregate", "normalize"]
+    assert shown[NormalizationConfig] == ["aggregate", "normalize"]
+    assert shown[CellTVNConfig] == ["aggregate"]
     # the stage commands show every setting; extract leaves out what other options carry
     # (--batch-size and --workers default by input, --channels, --on-error)
     assert shown[(NucleiSection, "segment")] == set(NucleiSection.model_fields)
@@ -150,7 +157,7 @@ def test_the_readme_yaml_reference_shows_the_models_defaults():
     cfg = validate_config({"data": {"source": "synthetic"}, "output": "o"})
     sections = {("preprocess", "illumination"): cfg["preprocess"]["illumination"],
                 ("preprocess", "segmentation"): cfg["preprocess"]["segmentation"],
-                ("features",): cfg["features"]}
+                ("features",): cfg["features"], ("profiles",): cfg["profiles"]}
     for where, model in sections.items():
         doc = shown
         for part in where:

@@ -12,6 +12,10 @@ from morphoprof.config import FeaturesSection, NucleiSection
 from morphoprof.errors import MorphoprofError, os_reason
 from morphoprof.features.transfer import TransferConfig
 from morphoprof.preprocess.illumination import IlluminationConfig
+from morphoprof.profiles.cell_tvn import CellTVNConfig
+from morphoprof.profiles.normalize import METHOD_ALIASES, METHODS, NormalizationConfig
+from morphoprof.profiles.select import OPERATIONS
+from morphoprof.profiles.settings import ProfilesConfig
 from morphoprof.registry import create_extractor, extractor_names
 from morphoprof.settings import add_options, from_options
 from morphoprof.shards import read_features
@@ -316,13 +320,10 @@ def _by(value: str):
 def cmd_aggregate(a: argparse.Namespace) -> int:
     from morphoprof.pipeline import build_profiles
 
-    cfg = {"well_aggregation": a.well_aggregation,
-           "treatment_aggregation": a.treatment_aggregation,
-           "feature_selection": a.select, "blocklist": a.blocklist, "format": a.format,
-           "cell_tvn": {"reference": a.cell_tvn, "eps": a.cell_tvn_eps},
-           "normalization": {"method": a.normalize, "by": a.by, "reference": a.reference,
-                             "eps": a.eps, "n_factors": a.factors, "fallback": a.fallback}}
-    wells, treatments = build_profiles(Path(a.features), cfg, Path(a.out), _columns(a))
+    settings = from_options(ProfilesConfig, a,
+                            cell_tvn=from_options(CellTVNConfig, a, prefix="cell_tvn_"),
+                            normalization=from_options(NormalizationConfig, a))
+    wells, treatments = build_profiles(Path(a.features), settings, Path(a.out), _columns(a))
     print(f"wrote {wells} and {treatments}")
     return 0
 
@@ -341,8 +342,9 @@ def cmd_normalize(a: argparse.Namespace) -> int:
             df, dropped = select_features(df, a.select, blocklist=a.blocklist)
             for op, feats in dropped.items():
                 print(f"feature selection ({op}): dropped {len(feats)}")
-        normalizer = Normalizer(a.method, _by(a.by), a.reference, a.eps, a.factors,
-                                a.fallback).fit(df)
+        norm = from_options(NormalizationConfig, a)
+        normalizer = Normalizer(norm.method, _by(norm.by), norm.reference, norm.eps,
+                                norm.n_factors, norm.fallback).fit(df)
         for w in normalizer.warnings:
             print(f"warning: {w}")
     result = cols.from_canonical(normalizer.transform(df))
@@ -525,25 +527,6 @@ def _parser(sub, name: str, help: str, outputs=(), **kw) -> argparse.ArgumentPar
     return s
 
 
-def _normalize_args(s: argparse.ArgumentParser, flag: str, default: str | None) -> None:
-    from morphoprof.profiles.normalize import METHOD_ALIASES, METHODS
-
-    s.add_argument(flag, dest="normalize" if flag == "--normalize" else "method",
-                   default=default, choices=[*METHODS, *METHOD_ALIASES],
-                   help="normalisation of the profiles, fitted on the reference rows"
-                   + (" (default: center; none, with a note, when the table has no control "
-                      "rows)" if default is None else ""))
-    s.add_argument("--by", default="plate",
-                   help="fit separately per plate, batch, all (one fit), or any metadata column")
-    s.add_argument("--reference", default="controls", choices=["controls", "all"],
-                   help="rows the normalisation is fitted on")
-    s.add_argument("--eps", type=float, default=1e-6,
-                   help="scale floor; for spherize / coral, the covariance regulariser")
-    s.add_argument("--factors", type=int, default=50, help="factor_analysis: number of factors")
-    s.add_argument("--fallback", default="none", choices=["none", "all"],
-                   help="a plate without controls: error (none) or fit on all its rows (all)")
-
-
 def _column_args(s: argparse.ArgumentParser) -> None:
     g = s.add_argument_group("metadata column names (defaults: morphoprof's)")
     for field, default in (("plate", "Metadata_plate"), ("well", "Metadata_well"),
@@ -556,12 +539,6 @@ def _column_args(s: argparse.ArgumentParser) -> None:
     g.add_argument("--control-value", action="append", metavar="VALUE",
                    help="compound value marking controls when there is no control column "
                    "(default: DMSO; repeatable)")
-
-
-def _blocklist_arg(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--blocklist", metavar="FILE",
-                   help="--select blocklist: features to drop, one per line (default: "
-                   "pycytominer's list of unreliable CellProfiler features)")
 
 
 def _on_error(s: argparse.ArgumentParser, what: str) -> None:
@@ -774,26 +751,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "normalise, and aggregate to treatments.")
     s.add_argument("features", help="feature folder, Parquet file or folder of Parquet files")
     s.add_argument("--out", required=True, help="profiles folder")
-    s.add_argument("--well-aggregation", default="mean", choices=["mean", "median"],
-                   help="rows (cells or fields) -> wells")
-    s.add_argument("--treatment-aggregation", default="median",
-                   choices=["mean", "median", "modz"],
-                   help="wells -> treatments (modz: CMap's moderated z-score consensus, "
-                   "replicates weighted by their agreement)")
-    s.add_argument("--select", nargs="*", default=["nonfinite"],
-                   choices=["blocklist", "nonfinite", "variance", "correlation"],
-                   help="feature selection steps")
-    _blocklist_arg(s)
-    s.add_argument("--format", default="parquet", choices=["parquet", "h5ad", "zarr"],
-                   help="h5ad / zarr: also write wells and treatments as AnnData (features in "
-                   "X, metadata in obs) for scanpy; Parquet is always written")
-    s.add_argument("--cell-tvn", choices=["controls", "all"], default=None,
-                   help="cell-level TVN (Ando 2017): sphere every cell's features with a "
-                   "transform fitted on the control cells (streamed), before aggregating; "
-                   "'controls' uses all cells when there are none, and says so")
-    s.add_argument("--cell-tvn-eps", type=float, default=1e-6,
-                   help="added to the cell covariance's eigenvalues before whitening")
-    _normalize_args(s, "--normalize", None)
+    add_options(s, ProfilesConfig, ("well_aggregation", "treatment_aggregation",
+                                    "feature_selection", "blocklist", "format"),
+                flags={"feature_selection": "--select"})
+    add_options(s, CellTVNConfig, flags={"reference": "--cell-tvn", "eps": "--cell-tvn-eps"},
+                prefix="cell_tvn_")
+    add_options(s, NormalizationConfig, flags={"method": "--normalize",
+                                               "n_factors": "--factors"})
     _column_args(s)
     s.set_defaults(func=cmd_aggregate)
 
@@ -801,11 +765,14 @@ def build_parser() -> argparse.ArgumentParser:
                 "normaliser)", outputs=[("out", False), ("save", False)])
     s.add_argument("profiles", help="profiles Parquet (wells, sites or cells)")
     s.add_argument("--out", required=True, help="normalised profiles Parquet")
-    _normalize_args(s, "--method", "robust")
-    s.add_argument("--select", nargs="*", default=[],
-                   choices=["blocklist", "nonfinite", "variance", "correlation"],
+    # this command's own default method (robust, as pycytominer's normalize), and no selection
+    s.add_argument("--method", default="robust", choices=[*METHODS, *METHOD_ALIASES],
+                   help="normalisation, fitted on the reference rows")
+    add_options(s, NormalizationConfig, ("by", "reference", "eps", "n_factors", "fallback"),
+                flags={"n_factors": "--factors"})
+    s.add_argument("--select", nargs="*", default=[], choices=list(OPERATIONS),
                    help="feature selection before fitting (default: none)")
-    _blocklist_arg(s)
+    add_options(s, ProfilesConfig, ("blocklist",))
     s.add_argument("--save", help="save the fitted normaliser here (.npz)")
     s.add_argument("--apply", help="apply a saved normaliser instead of fitting one")
     _column_args(s)

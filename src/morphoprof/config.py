@@ -18,8 +18,8 @@ A run config has six sections (every key optional except ``data.source`` and ``o
                  every :class:`NucleiConfig` key), on_error (fail | skip)
     features:    :class:`FeaturesSection`: the extractor, its measurements (classical) and
                  the :class:`TransferConfig` settings
-    profiles:    well_aggregation, treatment_aggregation, feature_selection,
-                 cell_tvn {reference, eps},
+    profiles:    :class:`ProfilesConfig`: well_aggregation, treatment_aggregation,
+                 feature_selection, blocklist, format, cell_tvn {reference, eps},
                  normalization {method, by, reference, eps, n_factors, fallback}
     evaluation:  protocols [nsc, nscb], k, alpha (conformal), null_size (mAP p-values)
     output:      folder for every stage's files
@@ -46,7 +46,7 @@ from morphoprof.features.classical import ClassicalConfig
 from morphoprof.features.transfer import TransferConfig
 from morphoprof.preprocess.illumination import IlluminationConfig
 from morphoprof.preprocess.segmentation import NucleiConfig
-from morphoprof.profiles.normalize import METHOD_ALIASES, METHODS
+from morphoprof.profiles.settings import ProfilesConfig
 from morphoprof.registry import extractor_names
 from morphoprof.settings import Settings, validate_section
 
@@ -151,27 +151,7 @@ SCHEMA: dict[str, Any] = {
         "on_error": Opt(_STR, "fail", ("fail", "skip")),
     },
     "features": FeaturesSection,
-    "profiles": {
-        "well_aggregation": Opt(_STR, "mean", ("mean", "median")),
-        "treatment_aggregation": Opt(_STR, "median", ("mean", "median", "modz")),
-        "feature_selection": Opt(_LIST, ["nonfinite"]),
-        "blocklist": Opt(_STR, None),
-        "format": Opt(_STR, "parquet", ("parquet", "h5ad", "zarr")),
-        # cell-level TVN before aggregation (null: off); controls falls back to all cells
-        "cell_tvn": {
-            "reference": Opt(_STR, None, ("controls", "all")),
-            "eps": Opt(_FLOAT, 1e-6),
-        },
-        "normalization": {
-            # default (null): center, or none (with a note) for a screen without controls
-            "method": Opt(_STR, None, (*METHODS, *METHOD_ALIASES)),
-            "eps": Opt(_FLOAT, 1e-6),
-            "by": Opt(_STR, "plate", ("plate", "batch", "all")),
-            "reference": Opt(_STR, "controls", ("controls", "all")),
-            "n_factors": Opt(_INT, 50),
-            "fallback": Opt(_STR, "none", ("none", "all")),
-        },
-    },
+    "profiles": ProfilesConfig,
     "evaluation": {
         "protocols": Opt(_LIST, ["nsc", "nscb"]),
         "k": Opt(_LIST, [3, 5]),
@@ -273,8 +253,9 @@ def _resolve_paths(cfg: dict, base: Path) -> dict:
     for key in ("path", "image_csv", "moa_csv"):
         if cfg["data"][key]:
             cfg["data"][key] = str(base / cfg["data"][key])
-    if cfg.get("profiles", {}).get("blocklist"):
-        cfg["profiles"]["blocklist"] = str(base / cfg["profiles"]["blocklist"])
+    profiles = cfg.get("profiles")
+    if profiles is not None and profiles.blocklist:
+        cfg["profiles"] = profiles.replace(blocklist=str(base / profiles.blocklist))
     cfg["output"] = str(base / cfg["output"])
     return cfg
 

@@ -20,6 +20,7 @@ Each stage reads the previous stage's files and writes its own, so any stage can
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,8 @@ from morphoprof.io_utils import (
     write_parquet,
 )
 from morphoprof.preprocess.segmentation import segment_index
+from morphoprof.profiles.normalize import NormalizationConfig
+from morphoprof.profiles.settings import ProfilesConfig
 from morphoprof.registry import create_extractor
 
 NORMALIZE_BY = {"plate": PLATE, "batch": BATCH, "all": None}
@@ -125,8 +128,8 @@ _NO_CONTROL_FIX = {
 }
 
 
-def resolve_normalization(norm: dict, has_controls: bool, what: str,
-                          style: str = "cli") -> tuple[dict, str]:
+def resolve_normalization(norm: NormalizationConfig, has_controls: bool, what: str,
+                          style: str = "cli") -> tuple[NormalizationConfig, str]:
     """The normalisation settings to run, and a note for the user ("" when none).
 
     ``method: None`` (the default) is ``center``, or ``none`` when ``what`` (the screen or
@@ -134,31 +137,29 @@ def resolve_normalization(norm: dict, has_controls: bool, what: str,
     An explicit method fitted on controls that do not exist is refused up front, naming the
     flag (``style="cli"``) or config key (``"yaml"``) to use.
     """
-    norm = dict(norm)
     all_fix, none_fix = _NO_CONTROL_FIX[style]
-    needs_controls = norm.get("reference", "controls") == "controls" and \
-        norm.get("fallback", "none") != "all"
-    if norm.get("method") is None:
+    needs_controls = norm.reference == "controls" and norm.fallback != "all"
+    if norm.method is None:
         if has_controls or not needs_controls:
-            norm["method"] = "center"
-            return norm, ""
-        norm["method"] = "none"
-        return norm, (f"note: {what} has no control wells (Metadata_control is false "
-                      f"everywhere), so profiles are not normalised; to centre each plate on "
-                      f"all its wells instead, use {all_fix}")
-    if norm["method"] != "none" and needs_controls and not has_controls:
+            return norm.replace(method="center"), ""
+        return norm.replace(method="none"), (
+            f"note: {what} has no control wells (Metadata_control is false everywhere), so "
+            f"profiles are not normalised; to centre each plate on all its wells instead, use "
+            f"{all_fix}")
+    if norm.method != "none" and needs_controls and not has_controls:
         raise InputError(f"{what} has no control wells (Metadata_control is false everywhere) "
-                         f"to fit the {norm['method']!r} normalisation on: use {all_fix} (fit "
+                         f"to fit the {norm.method!r} normalisation on: use {all_fix} (fit "
                          f"on every well), or {none_fix}")
     return norm, ""
 
 
-def build_profiles(features_dir: Path, profiles_cfg: dict, out_dir: Path,
+def build_profiles(features_dir: Path, settings: ProfilesConfig | Mapping, out_dir: Path,
                    columns=None, style: str = "cli", log=print) -> tuple[Path, Path]:
     """Features -> selected, normalised well profiles -> treatment profiles (Parquet files).
 
-    Aggregation to wells streams the feature shards (never loaded whole); the fitted
-    normaliser is saved as ``normalizer.npz`` to apply to new data; ``profiles_cfg["format"]``
+    ``settings``: a :class:`~morphoprof.profiles.settings.ProfilesConfig` (or the mapping of
+    one, validated here). Aggregation to wells streams the feature shards (never loaded whole);
+    the fitted normaliser is saved as ``normalizer.npz`` to apply to new data; ``format``
     ``h5ad`` or ``zarr`` also writes both profile tables as AnnData. ``columns``
     (:class:`~morphoprof.profiles.columns.Columns`) maps other metadata names; the files keep
     the input's names. Every file is written into a temporary folder that replaces its
@@ -169,38 +170,36 @@ def build_profiles(features_dir: Path, profiles_cfg: dict, out_dir: Path,
     from morphoprof.profiles.normalize import Normalizer
     from morphoprof.profiles.select import select_features
 
+    cfg = settings if isinstance(settings, ProfilesConfig) else ProfilesConfig(**settings)
     cols = columns or Columns()
-    tvn = profiles_cfg.get("cell_tvn") or {}
+    tvn = cfg.cell_tvn
     sphering = None
-    if tvn.get("reference"):
+    if tvn.reference:
         from morphoprof.profiles.cell_tvn import fit_cell_sphering
 
-        sphering = fit_cell_sphering(features_dir, reference=tvn["reference"],
-                                     eps=tvn.get("eps", 1e-6), control_column=cols.control,
+        sphering = fit_cell_sphering(features_dir, reference=tvn.reference,
+                                     eps=tvn.eps, control_column=cols.control,
                                      compound_column=cols.compound,
                                      control_values=cols.control_values)
         if log:
             log(sphering.note or f"cell TVN: sphering fitted on {sphering.n_cells} "
                 f"{sphering.reference} cells")
     wells = aggregate_parquet(features_dir, [cols.plate, cols.well],
-                              profiles_cfg["well_aggregation"], sphering=sphering)
+                              cfg.well_aggregation, sphering=sphering)
     wells = cols.to_canonical(wells, ("compound", "concentration", "control"),
                               source=str(features_dir))
-    norm, note = resolve_normalization(profiles_cfg["normalization"],
-                                       bool(wells["Metadata_control"].any()),
+    norm, note = resolve_normalization(cfg.normalization, bool(wells["Metadata_control"].any()),
                                        str(features_dir), style)
     if note and log:
         log(note)
-    wells, dropped = select_features(wells, profiles_cfg.get("feature_selection", ["nonfinite"]),
-                                     blocklist=profiles_cfg.get("blocklist"))
-    normalizer = Normalizer(norm["method"], NORMALIZE_BY.get(norm["by"], norm["by"]),
-                            norm["reference"], norm.get("eps", 1e-6), norm.get("n_factors", 50),
-                            norm.get("fallback", "none")).fit(wells)
+    wells, dropped = select_features(wells, cfg.feature_selection, blocklist=cfg.blocklist)
+    normalizer = Normalizer(norm.method, NORMALIZE_BY.get(norm.by, norm.by), norm.reference,
+                            norm.eps, norm.n_factors, norm.fallback).fit(wells)
     for w in normalizer.warnings:
         if log:
             log(f"warning: {w}")
     wells = normalizer.transform(wells)
-    treatments = treatment_profiles(wells, profiles_cfg["treatment_aggregation"])
+    treatments = treatment_profiles(wells, cfg.treatment_aggregation)
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / "dropped_features.json", dropped)
         if sphering is not None:
@@ -209,7 +208,7 @@ def build_profiles(features_dir: Path, profiles_cfg: dict, out_dir: Path,
         normalizer.save(tmp / "normalizer.npz")
         write_parquet(tmp / "wells.parquet", cols.from_canonical(wells))
         write_parquet(tmp / "treatments.parquet", cols.from_canonical(treatments))
-        fmt = profiles_cfg.get("format", "parquet")
+        fmt = cfg.format
         if fmt != "parquet":  # an AnnData copy of each, for scanpy / scverse users
             from morphoprof.profiles.anndata_io import write_anndata
 
@@ -301,7 +300,7 @@ def applied_config(cfg: dict) -> dict:
             feats.pop("rgb_channels", None)
         if feats["channel_strategy"] != "native":
             feats.pop("in_chans", None)
-    norm = dict(cfg["profiles"]["normalization"])
+    norm = cfg["profiles"].normalization.model_dump(mode="json")
     if norm["method"] == "none":
         norm = {"method": "none"}
     else:
@@ -309,7 +308,7 @@ def applied_config(cfg: dict) -> dict:
             norm.pop("n_factors", None)
         if norm["reference"] == "all":
             norm.pop("fallback", None)
-    profiles = {**cfg["profiles"], "normalization": norm}
+    profiles = {**cfg["profiles"].model_dump(mode="json"), "normalization": norm}
     return {"data": data, "channels": cfg["channels"], "preprocess": pre, "features": feats,
             "profiles": profiles, "evaluation": cfg["evaluation"], "output": cfg["output"]}
 
@@ -387,14 +386,14 @@ def run_pipeline(cfg: dict, config_text: str, progress: bool = True, log=print,
     index.write(out / "index.parquet")
     timings["index_s"] = time.perf_counter() - t0
     # a screen without controls: decided now, not after hours of extraction
-    norm, note = resolve_normalization(cfg["profiles"]["normalization"],
+    norm, note = resolve_normalization(cfg["profiles"].normalization,
                                        bool(index.table["Metadata_control"].any()),
                                        f"the screen ({cfg['data']['source']} "
                                        f"{cfg['data']['path'] or ''})".replace(" )", ")"),
                                        "yaml")
     if note:
         log(note)
-    cfg = {**cfg, "profiles": {**cfg["profiles"], "normalization": norm}}
+    cfg = {**cfg, "profiles": cfg["profiles"].replace(normalization=norm)}
 
     pre = cfg["preprocess"]
     t = time.perf_counter()
@@ -428,7 +427,7 @@ def run_pipeline(cfg: dict, config_text: str, progress: bool = True, log=print,
     log("[6/7] evaluation")
     evaluation = evaluate_profiles(wells, out / "evaluation.json",
                                    cfg["evaluation"]["protocols"], cfg["evaluation"],
-                                   cfg["profiles"]["treatment_aggregation"])
+                                   cfg["profiles"].treatment_aggregation)
     for w in evaluation["warnings"]:
         log(f"warning: {w}")
     log("[7/7] report")

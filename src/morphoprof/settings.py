@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import threading
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -25,6 +26,9 @@ _TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true/false", "
                "string": "a string", "list": "a list", "dict": "a mapping", "tuple": "a list"}
 
 
+_BUILDING = threading.local()  # set while a top-level Settings is being validated
+
+
 class Settings(BaseModel):
     """Base of every stage's settings: unknown keys are errors, values are not coerced from
     other types (``"5"`` is not an integer, ``true`` is not a number), instances are frozen."""
@@ -34,7 +38,12 @@ class Settings(BaseModel):
     def __init__(self, **values: Any) -> None:
         """Build from keyword values; a bad one is an :class:`~morphoprof.errors.InputError`
         naming each setting at fault (``precision must be one of ['auto', 'fp32', 'bf16'], got
-        'fp16'``)."""
+        'fp16'``). Nested settings are validated as part of the outer one, so every problem is
+        reported with its full path."""
+        if getattr(_BUILDING, "active", False):  # a nested model: pydantic collects its errors
+            super().__init__(**values)
+            return
+        _BUILDING.active = True
         try:
             super().__init__(**values)
         except ValidationError as exc:
@@ -42,6 +51,8 @@ class Settings(BaseModel):
 
             raise InputError(f"{type(self).__name__}: " + "; ".join(
                 field_problems(exc, type(self), style="python"))) from exc
+        finally:
+            _BUILDING.active = False
 
     def replace(self, **changes: Any) -> Settings:
         """A validated copy with ``changes`` applied."""
@@ -56,7 +67,7 @@ def field_problems(exc: ValidationError, model: type[BaseModel], path: str = "",
     A value that fits no member of a union setting is one line naming every member."""
     problems, seen = [], set()
     for err in exc.errors():
-        loc, union = _setting_loc(model, err["loc"])
+        loc, union, annotation = _setting_loc(model, err["loc"])
         where = path + ".".join(loc) if loc else path.rstrip(".") or "config"
         kind, value = err["type"], err.get("input")
         if union is not None:
@@ -75,7 +86,7 @@ def field_problems(exc: ValidationError, model: type[BaseModel], path: str = "",
             problems.append(f"{where}: required" if style == "yaml" else f"{where} is required")
             continue
         elif kind == "literal_error":
-            choices = list(typing.get_args(_annotation(model, loc)))
+            choices = list(typing.get_args(_unwrap(annotation)))
             problems.append(f"{where}: {value!r} is not one of {choices}" if style == "yaml"
                             else f"{where} must be one of {choices}, got {value!r}")
             continue
@@ -94,9 +105,10 @@ def field_problems(exc: ValidationError, model: type[BaseModel], path: str = "",
     return problems
 
 
-def _setting_loc(model: type[BaseModel], loc: tuple) -> tuple[list[str], Any]:
+def _setting_loc(model: type[BaseModel], loc: tuple) -> tuple[list[str], Any, Any]:
     """(the dotted path of the setting an error is about, its union annotation when the error
-    is about one member of a union, else None): pydantic's member tags are left out."""
+    is about one member of a union (else None), the annotation of the value at fault):
+    pydantic's member tags are left out."""
     out: list[str] = []
     annotation: Any = model
     for part in loc:
@@ -109,8 +121,8 @@ def _setting_loc(model: type[BaseModel], loc: tuple) -> tuple[list[str], Any]:
             args = typing.get_args(annotation)
             annotation = args[0] if args else None
         elif typing.get_origin(annotation) in (typing.Union, types.UnionType):
-            return out, annotation
-    return out, None
+            return out, annotation, annotation
+    return out, None, annotation
 
 
 def _describe(annotation: Any) -> str:
@@ -143,17 +155,18 @@ def validate_section(model: type[Settings], raw: Any, path: str, problems: list[
 
 def add_options(parser: argparse.ArgumentParser, model: type[Settings],
                 names: Iterable[str] | None = None,
-                flags: Mapping[str, str] | None = None) -> None:
+                flags: Mapping[str, str] | None = None, prefix: str = "") -> None:
     """Add one option per field of ``model`` (``names``: only these) to ``parser``: flag
-    ``--<name-with-dashes>`` (or ``flags[name]``), dest the field name, default, help and
-    choices from the field. Booleans get ``--x / --no-x``. Record the model on the parser, so
-    :func:`from_options` and the CLI's consistency test find it."""
+    ``--<name-with-dashes>`` (or ``flags[name]``), dest ``prefix`` + the field name, default,
+    help and choices from the field. Booleans get ``--x / --no-x``. Record the model on the
+    parser, so :func:`from_options` and the CLI's consistency test find it."""
     flags = flags or {}
-    for name in names or model.model_fields:
+    names = tuple(names or model.model_fields)
+    for name in names:
         info = model.model_fields[name]
         kind, choices, many = _cli_type(info.annotation)
-        kw: dict[str, Any] = {"dest": name, "default": info.default,
-                              "help": info.description or name}
+        kw: dict[str, Any] = {"dest": prefix + name, "default": info.get_default(
+            call_default_factory=True), "help": info.description or name}
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:
@@ -167,16 +180,18 @@ def add_options(parser: argparse.ArgumentParser, model: type[Settings],
             kw["metavar"] = flag.lstrip("-").upper().replace("-", "_")
         parser.add_argument(flag, **kw)
     shown = parser.get_default("settings_models") or ()
-    parser.set_defaults(settings_models=(*shown, (model, tuple(names or model.model_fields))))
+    parser.set_defaults(settings_models=(*shown, (model, names, prefix)))
 
 
-def from_options(model: type[Settings], args: argparse.Namespace, **fixed: Any) -> Settings:
-    """The ``model`` instance of parsed options (the fields :func:`add_options` added; the
-    others keep their defaults), with ``fixed`` values on top; a bad value is a
-    :class:`~morphoprof.errors.InputError` naming its option."""
+def from_options(model: type[Settings], args: argparse.Namespace, prefix: str = "",
+                 **fixed: Any) -> Settings:
+    """The ``model`` instance of parsed options (the fields :func:`add_options` added with
+    ``prefix``; the others keep their defaults), with ``fixed`` values on top; a bad value is
+    a :class:`~morphoprof.errors.InputError` naming its option."""
     from morphoprof.errors import InputError
 
-    values = {name: getattr(args, name) for name in model.model_fields if hasattr(args, name)}
+    values = {name: getattr(args, prefix + name) for name in model.model_fields
+              if hasattr(args, prefix + name)}
     got, exc = _validated(model, {**values, **fixed})
     if exc is not None:
         lines = [p.replace(p.split(":")[0], "--" + p.split(":")[0].replace("_", "-"), 1)
@@ -237,6 +252,6 @@ def _cli_type(annotation: Any) -> tuple[type, list | None, bool]:
         choices = list(typing.get_args(annotation))
         return type(choices[0]), choices, False
     if origin in (list, tuple):
-        inner = typing.get_args(annotation)[0]
-        return inner, None, True
+        inner, choices, _ = _cli_type(typing.get_args(annotation)[0])
+        return inner, choices, True
     return annotation, None, False

@@ -11,14 +11,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
 from morphoprof.errors import InputError
 from morphoprof.index.schema import COMPOUND, CONTROL, DEFAULT_CONTROLS
 from morphoprof.profiles.normalize import Spherize
+from morphoprof.settings import Settings
 
 REFERENCES = ("controls", "all")
+
+
+class CellTVNConfig(Settings):
+    """Cell-level TVN before aggregation (:func:`fit_cell_sphering`): a run config's
+    ``profiles.cell_tvn``, ``morphoprof aggregate --cell-tvn``."""
+
+    reference: Literal["controls", "all"] | None = Field(
+        None, description="cell-level TVN (Ando 2017): sphere every cell's features with a "
+        "transform fitted on the control cells (streamed), before aggregating; 'controls' uses "
+        "all cells when there are none, and says so (default: off)")
+    eps: float = Field(1e-6, ge=0, description="added to the cell covariance's eigenvalues "
+                       "before whitening")
 
 
 @dataclass(frozen=True)

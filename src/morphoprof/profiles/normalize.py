@@ -14,17 +14,40 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from morphoprof.errors import InputError
 from morphoprof.index.schema import CONTROL, PLATE
+from morphoprof.settings import Settings
 from morphoprof.shards import feature_columns
 
 METHODS = ("standardize", "robust", "center", "spherize", "coral", "factor_analysis",
            "inverse_normal", "none")
 METHOD_ALIASES = {"mad_robustize": "robust"}  # pycytominer's name, accepted
+
+
+class NormalizationConfig(Settings):
+    """How profiles are normalised (:class:`Normalizer`'s settings): a run config's
+    ``profiles.normalization``, the normalisation options of ``morphoprof aggregate`` and
+    ``normalize``."""
+
+    method: Literal[METHODS + tuple(METHOD_ALIASES)] | None = Field(
+        None, description="normalisation of the profiles, fitted on the reference rows "
+        "(default: center; none, with a note, when the table has no control rows)")
+    by: str = Field("plate", description="fit separately per plate, batch, all (one fit), or "
+                    "any metadata column")
+    reference: Literal["controls", "all"] = Field("controls", description="rows the "
+                                                  "normalisation is fitted on")
+    eps: float = Field(1e-6, ge=0, description="scale floor; for spherize / coral, the "
+                       "covariance regulariser")
+    n_factors: int = Field(50, ge=1, description="factor_analysis: number of factors")
+    fallback: Literal["none", "all"] = Field(
+        "none", description="a plate without controls: error (none) or fit on all its rows "
+        "(all)")
 FACTOR_PREFIX = "Factor_"
 
 
