@@ -137,7 +137,7 @@ def main() -> int:
     import shutil
 
     from morphoprof.io_utils import write_json
-    from morphoprof.models.run import train_from_yaml
+    from morphoprof.train import train_from_yaml
 
     if not DATA.is_dir():
         print(f"skipped: real data not found at {DATA}")

@@ -38,7 +38,7 @@ cv: {{group: Metadata_compound, folds: 3, aggregate: mean, alpha: 0.1}}
 
 
 def run(weights: str, resume: bool) -> dict:
-    from morphoprof.models.run import train_from_yaml
+    from morphoprof.train import train_from_yaml
 
     text = CONFIG.format(data=DATA, size=SIZE, weights=weights, epochs=EPOCHS)
     return train_from_yaml("finetune", text, WORK / weights, fresh=not resume)

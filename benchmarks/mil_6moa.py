@@ -79,7 +79,7 @@ def config(name: str) -> str:
 
 
 def run(name: str, text: str, resume: bool) -> dict:
-    from morphoprof.models.run import train_from_yaml
+    from morphoprof.train import train_from_yaml
 
     return train_from_yaml("mil", text, WORK / name, fresh=not resume)
 
@@ -102,7 +102,7 @@ def jacobian_scores(name: str = "noisy_and", every: int = 5) -> dict:
         mrf_mask,
         otsu_foreground,
     )
-    from morphoprof.models.run import load_trained_mil
+    from morphoprof.train import load_trained_mil
 
     folder = WORK / name
     cfg, _ = load_train_config(folder / "train_mil.yaml", "mil")
@@ -142,8 +142,8 @@ def cell_scores(name: str, images, fold_of, table, every: int, crop: int = 32) -
     import torch
     from scipy.ndimage import center_of_mass
 
-    from morphoprof.models.run import load_trained_mil
     from morphoprof.preprocess.segmentation import NucleiConfig, segment_nuclei
+    from morphoprof.train import load_trained_mil
 
     classes = sorted(table["Metadata_moa"].astype(str).unique())
     y = table["Metadata_moa"].astype(str).map({c: k for k, c in enumerate(classes)}).to_numpy()

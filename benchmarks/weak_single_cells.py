@@ -141,8 +141,8 @@ def transfer_baseline(npz: Path, csv: Path, weak_features: pd.DataFrame) -> dict
 
 def main() -> int:
     from morphoprof.io_utils import write_json
-    from morphoprof.models.weak_run import train_weak_from_yaml
     from morphoprof.shards import feature_columns, read_features
+    from morphoprof.train import train_weak_from_yaml
 
     npz, csv = DATA / "crops.npz", DATA / "index.csv"
     if not npz.is_file():

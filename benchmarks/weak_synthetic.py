@@ -56,7 +56,7 @@ def main() -> int:
     from morphoprof.datasets.synthetic import SynthConfig, generate_screen
     from morphoprof.features.transfer import TransferConfig, TransferExtractor
     from morphoprof.io_utils import write_json
-    from morphoprof.models.weak_run import train_weak_from_yaml
+    from morphoprof.train import train_weak_from_yaml
 
     smoke = "--smoke" in sys.argv
     epochs = 1 if smoke else EPOCHS

@@ -22,12 +22,13 @@ LAYERS = [
     {"index"},
     {"images"},
     {"datasets", "preprocess"},
-    # the YAML boundary composes the stages' settings models
-    {"features", "models", "config"},
+    {"features", "models"},
     {"profiles"},
     {"evaluation"},
+    # the YAML boundary: composes every stage's settings models
+    {"config"},
     {"report"},
-    {"pipeline"},
+    {"pipeline", "train"},
     {"cli", "__main__"},
 ]
 RANK = {name: k for k, layer in enumerate(LAYERS) for name in layer}
@@ -35,7 +36,6 @@ RANK = {name: k for k, layer in enumerate(LAYERS) for name in layer}
 # upward imports still in the code (importer layer, imported layer)
 KNOWN = {
     ("index", "images"),      # ExperimentIndex.read / validate(check_shapes, deep) read pixels
-    ("config", "profiles"),   # the config schema lists normalisation methods
 }
 
 

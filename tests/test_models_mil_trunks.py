@@ -261,7 +261,7 @@ output: out
     assert (tmp_path / "maps" / "maps.npy").is_file()
     assert len(res["jacobian_overlays"]) == 1
     # the trained network of a fold, whole (frozen trunk + trained head), reloaded
-    from morphoprof.models.run import load_trained_mil
+    from morphoprof.train import load_trained_mil
 
     net, mean, std = load_trained_mil(tmp_path / "out", 1)
     assert mean == (0.5, 0.5, 0.5) and not net.training

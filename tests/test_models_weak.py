@@ -177,7 +177,7 @@ def crop_files(tmp_path_factory):
 
 
 def test_resume_continues_from_the_saved_epoch_identically(crop_files, tmp_path):
-    from morphoprof.models.weak_run import train_weak_from_yaml
+    from morphoprof.train import train_weak_from_yaml
 
     npz, csv = crop_files
     full = train_weak_from_yaml(weak_yaml(npz, csv), tmp_path / "full")
@@ -198,8 +198,8 @@ def test_resume_continues_from_the_saved_epoch_identically(crop_files, tmp_path)
 
 
 def test_weak_run_learns_and_writes_embeddings(crop_files, tmp_path):
-    from morphoprof.models.weak_run import train_weak_from_yaml
     from morphoprof.shards import feature_columns, read_features
+    from morphoprof.train import train_weak_from_yaml
 
     npz, csv = crop_files
     s = train_weak_from_yaml(weak_yaml(npz, csv, train={"epochs": 4}), tmp_path / "run")
@@ -277,7 +277,7 @@ def test_bad_weak_inputs(crop_files, tmp_path):
     assert main(["extract", "nowhere.parquet", "--out", str(tmp_path / "x"), "--checkpoint",
                  str(tmp_path / "missing.ckpt")]) == 2
     # a table without the label column, or with a row without a label: file and row named
-    from morphoprof.models.weak_run import train_weak_from_yaml
+    from morphoprof.train import train_weak_from_yaml
 
     pd.read_csv(csv).drop(columns="label").to_csv(tmp_path / "nolabel.csv", index=False)
     with pytest.raises(InputError, match=r"nolabel.csv: no label column label"):

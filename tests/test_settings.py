@@ -11,6 +11,7 @@ from pydantic import Field, ValidationError
 from morphoprof.cli import build_parser
 from morphoprof.config import SegmentationSection, validate_config
 from morphoprof.errors import ConfigError, InputError
+from morphoprof.evaluation.evaluate import EvaluationConfig
 from morphoprof.features.transfer import TransferConfig
 from morphoprof.preprocess.illumination import IlluminationConfig
 from morphoprof.preprocess.segmentation import NucleiConfig
@@ -94,7 +95,8 @@ def test_every_settings_model_on_the_cli_has_its_defaults_there():
 
     assert shown[NucleiSection] == ["segment"] and shown[IlluminationConfig] == ["illum"]
     assert shown[TransferConfig] == ["extract"]
-    assert shown[ProfilesConfig] == ["aggregate", "normalize"]
+    assert shown[ProfilesConfig] == ["aggregate", "normalize", "evaluate"]
+    assert shown[EvaluationConfig] == ["evaluate"]
     assert shown[NormalizationConfig] == ["aggregate", "normalize"]
     assert shown[CellTVNConfig] == ["aggregate"]
     # the stage commands show every setting; extract leaves out what other options carry
@@ -157,7 +159,8 @@ def test_the_readme_yaml_reference_shows_the_models_defaults():
     cfg = validate_config({"data": {"source": "synthetic"}, "output": "o"})
     sections = {("preprocess", "illumination"): cfg["preprocess"]["illumination"],
                 ("preprocess", "segmentation"): cfg["preprocess"]["segmentation"],
-                ("features",): cfg["features"], ("profiles",): cfg["profiles"]}
+                ("features",): cfg["features"], ("profiles",): cfg["profiles"],
+                ("evaluation",): cfg["evaluation"]}
     for where, model in sections.items():
         doc = shown
         for part in where:

@@ -10,6 +10,7 @@ from pathlib import Path
 from morphoprof import __version__
 from morphoprof.config import FeaturesSection, NucleiSection
 from morphoprof.errors import MorphoprofError, os_reason
+from morphoprof.evaluation.evaluate import EvaluationConfig
 from morphoprof.features.transfer import TransferConfig
 from morphoprof.preprocess.illumination import IlluminationConfig
 from morphoprof.profiles.cell_tvn import CellTVNConfig
@@ -366,7 +367,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from morphoprof.io_utils import write_json
 
     profiles = _read_profiles(a.profiles, _columns(a), ("compound", "moa"))
-    result = evaluate(profiles, k_values=a.k, alpha=a.alpha, null_size=a.null_size,
+    settings = from_options(EvaluationConfig, a)
+    result = evaluate(profiles, k_values=settings.k, alpha=settings.alpha,
+                      null_size=settings.null_size,
                       treatment_aggregation=a.treatment_aggregation, group_columns=a.group)
     write_json(a.out, result)
     for key in ("nsc", "nscb"):
@@ -782,14 +785,8 @@ def build_parser() -> argparse.ArgumentParser:
                 outputs=[("out", False)])
     s.add_argument("profiles", help="wells.parquet or treatments.parquet")
     s.add_argument("--out", required=True, help="evaluation.json")
-    s.add_argument("--k", type=int, nargs="*", default=[3, 5], help="k-NN voting runs")
-    s.add_argument("--alpha", type=float, default=0.1, help="conformal miscoverage (0.1: sets "
-                   "aim at 90%% coverage)")
-    s.add_argument("--null-size", type=int, default=10000, help="mAP null permutations")
-    s.add_argument("--treatment-aggregation", default="median",
-                   choices=["mean", "median", "modz"],
-                   help="well input: wells -> treatments (modz: replicates weighted by their "
-                   "agreement)")
+    add_options(s, EvaluationConfig, ("k", "alpha", "null_size"))
+    add_options(s, ProfilesConfig, ("treatment_aggregation",))
     s.add_argument("--group", nargs="*", default=[],
                    help="metadata columns for nearest-neighbour group accuracy")
     _column_args(s)

@@ -21,7 +21,8 @@ A run config has six sections (every key optional except ``data.source`` and ``o
     profiles:    :class:`ProfilesConfig`: well_aggregation, treatment_aggregation,
                  feature_selection, blocklist, format, cell_tvn {reference, eps},
                  normalization {method, by, reference, eps, n_factors, fallback}
-    evaluation:  protocols [nsc, nscb], k, alpha (conformal), null_size (mAP p-values)
+    evaluation:  :class:`EvaluationConfig`: protocols [nsc, nscb], k, alpha (conformal),
+                 null_size (mAP p-values)
     output:      folder for every stage's files
 
 Every problem is reported with the dotted path of the key at fault, e.g.
@@ -42,6 +43,7 @@ from pydantic import Field, create_model, field_validator
 from pydantic_core import PydanticCustomError
 
 from morphoprof.errors import ConfigError
+from morphoprof.evaluation.evaluate import EvaluationConfig
 from morphoprof.features.classical import ClassicalConfig
 from morphoprof.features.transfer import TransferConfig
 from morphoprof.preprocess.illumination import IlluminationConfig
@@ -152,12 +154,7 @@ SCHEMA: dict[str, Any] = {
     },
     "features": FeaturesSection,
     "profiles": ProfilesConfig,
-    "evaluation": {
-        "protocols": Opt(_LIST, ["nsc", "nscb"]),
-        "k": Opt(_LIST, [3, 5]),
-        "alpha": Opt(_FLOAT, 0.1),
-        "null_size": Opt(_INT, 10000),
-    },
+    "evaluation": EvaluationConfig,
     "output": Opt(_STR, None, required=True),
 }
 
@@ -269,9 +266,6 @@ def validate_config(raw: Any, source: str = "config") -> dict:
     problems: list[str] = []
     cfg = _check(raw, SCHEMA, "", problems)
     _check_data(cfg["data"], problems)
-    for k, p in enumerate(cfg["evaluation"]["protocols"]):
-        if p not in ("nsc", "nscb"):
-            problems.append(f"evaluation.protocols[{k}]: {p!r} is not one of ['nsc', 'nscb']")
     if problems:
         raise ConfigError(f"invalid run configuration ({source})", problems)
     return cfg

@@ -217,19 +217,19 @@ def build_profiles(features_dir: Path, settings: ProfilesConfig | Mapping, out_d
     return out_dir / "wells.parquet", out_dir / "treatments.parquet"
 
 
-def evaluate_profiles(profiles_path: Path, out: Path, protocols=("nsc", "nscb"),
-                      evaluation_cfg: dict | None = None,
+def evaluate_profiles(profiles_path: Path, out: Path, settings=None,
                       treatment_aggregation: str = "median") -> dict:
-    """Well or treatment profiles -> evaluation JSON (NSC / NSCB, k-NN, mAP, conformal)."""
-    from morphoprof.evaluation.evaluate import evaluate
+    """Well or treatment profiles -> evaluation JSON (NSC / NSCB, k-NN, mAP, conformal), as
+    ``settings`` (an :class:`~morphoprof.evaluation.evaluate.EvaluationConfig`; default: its
+    defaults) asks."""
+    from morphoprof.evaluation.evaluate import EvaluationConfig, evaluate
 
-    cfg = evaluation_cfg or {}
+    cfg = settings or EvaluationConfig()
     profiles = read_parquet(profiles_path)
-    result = evaluate(profiles, k_values=cfg.get("k", (3, 5)), alpha=cfg.get("alpha", 0.1),
-                      null_size=cfg.get("null_size", 10000),
+    result = evaluate(profiles, k_values=cfg.k, alpha=cfg.alpha, null_size=cfg.null_size,
                       treatment_aggregation=treatment_aggregation)
     for key in ("nsc", "nscb"):
-        if key not in protocols:
+        if key not in cfg.protocols:
             result.pop(key, None)
     write_json(out, result)
     return result
@@ -310,7 +310,8 @@ def applied_config(cfg: dict) -> dict:
             norm.pop("fallback", None)
     profiles = {**cfg["profiles"].model_dump(mode="json"), "normalization": norm}
     return {"data": data, "channels": cfg["channels"], "preprocess": pre, "features": feats,
-            "profiles": profiles, "evaluation": cfg["evaluation"], "output": cfg["output"]}
+            "profiles": profiles, "evaluation": cfg["evaluation"].model_dump(mode="json"),
+            "output": cfg["output"]}
 
 
 def report_header(inputs: dict[str, str], command: str | None = None) -> dict:
@@ -425,8 +426,7 @@ def run_pipeline(cfg: dict, config_text: str, progress: bool = True, log=print,
     timings["profiles_s"] = time.perf_counter() - t
 
     log("[6/7] evaluation")
-    evaluation = evaluate_profiles(wells, out / "evaluation.json",
-                                   cfg["evaluation"]["protocols"], cfg["evaluation"],
+    evaluation = evaluate_profiles(wells, out / "evaluation.json", cfg["evaluation"],
                                    cfg["profiles"].treatment_aggregation)
     for w in evaluation["warnings"]:
         log(f"warning: {w}")

@@ -10,8 +10,10 @@ profiles (one row per compound x concentration). Well profiles are aggregated to
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import pandas as pd
+from pydantic import Field
 
 from morphoprof.errors import InputError
 from morphoprof.evaluation.conformal import conformal_moa
@@ -24,9 +26,26 @@ from morphoprof.evaluation.moa import (
 from morphoprof.evaluation.retrieval import activity_map, consistency_map, nn_accuracy
 from morphoprof.index.schema import BATCH, COMPOUND, CONCENTRATION, CONTROL, MOA
 from morphoprof.profiles.aggregate import treatment_profiles
+from morphoprof.settings import Settings
 from morphoprof.shards import feature_columns
 
 TREATMENT = [COMPOUND, CONCENTRATION]
+
+
+class EvaluationConfig(Settings):
+    """What :func:`evaluate` reports: a run config's ``evaluation`` section, the options of
+    ``morphoprof evaluate``."""
+
+    protocols: list[Literal["nsc", "nscb"]] = Field(
+        ["nsc", "nscb"], description="1-NN MoA protocols reported: not-same-compound, and also "
+        "not-same-batch")
+    k: list[int] = Field([3, 5], description="k of the extra k-NN voting runs")
+    alpha: float = Field(0.1, gt=0, lt=1, description="conformal miscoverage (0.1: prediction "
+                         "sets aim at 90 percent coverage)")
+    null_size: int = Field(10000, ge=0, description="mAP null permutations")
+
+
+_DEFAULTS = EvaluationConfig()
 
 
 def is_well_level(profiles: pd.DataFrame) -> bool:
@@ -43,9 +62,9 @@ def _records(table: pd.DataFrame) -> list[dict]:
 
 def evaluate(
     profiles: pd.DataFrame,
-    k_values: Sequence[int] = (3, 5),
-    alpha: float = 0.1,
-    null_size: int = 10000,
+    k_values: Sequence[int] = tuple(_DEFAULTS.k),
+    alpha: float = _DEFAULTS.alpha,
+    null_size: int = _DEFAULTS.null_size,
     treatment_aggregation: str = "median",
     group_columns: Sequence[str] = (),
     seed: int = 0,

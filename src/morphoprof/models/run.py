@@ -291,31 +291,6 @@ def run_training(kind: str, cfg: dict, config_text: str = "", progress: bool = T
     return result
 
 
-def train_from_yaml(kind: str, text: str, folder: str | Path, fresh: bool = True,
-                    progress: bool = False) -> dict:
-    """Write a training config's ``text`` to ``folder/config.yaml`` and run it, with
-    ``output`` set to ``folder``. ``fresh`` empties the folder first; otherwise finished folds
-    are reused (resume)."""
-    from morphoprof.config import load_train_config
-
-    cfg, text = load_train_config(write_config(text, folder, fresh), kind)
-    return run_training(kind, cfg, text, progress=progress)
-
-
-def write_config(text: str, folder: str | Path, fresh: bool = True) -> Path:
-    """Write a config's ``text`` to ``folder/config.yaml`` with ``output`` set to ``folder``
-    (emptied first when ``fresh``); returns the file's path."""
-    import shutil
-
-    folder = Path(folder)
-    if fresh and folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.yaml"
-    path.write_text(f"{text.rstrip()}\noutput: {folder.resolve()}\n")
-    return path
-
-
 def write_jacobian_overlays(folder: Path, index: ExperimentIndex, images: np.ndarray,
                             full_net: Callable, mean, std, n: int) -> list[str]:
     """PNG overlays of fold 0's model's Jacobian maps and their MRF-denoised masks on the first
@@ -342,14 +317,14 @@ def write_jacobian_overlays(folder: Path, index: ExperimentIndex, images: np.nda
     return paths
 
 
-def load_trained_mil(folder: str | Path, fold: int = 0):
+def trained_mil(folder: str | Path, cfg: dict, fold: int = 0):
     """The whole trained MIL network (trunk and head, eval mode) of ``fold`` of a finished
-    ``train mil`` run in ``folder`` (the run's ``output``), and its input ``(mean, std)``."""
+    ``train mil`` run in ``folder`` (the run's ``output``) trained with the validated config
+    ``cfg``, and its input ``(mean, std)``."""
     import json
 
     import torch
 
-    from morphoprof.config import load_train_config
     from morphoprof.models.mil import MILNet
 
     folder = Path(folder)
@@ -358,7 +333,6 @@ def load_trained_mil(folder: str | Path, fold: int = 0):
     for f in (cv_file, ckpt):
         if not f.is_file():
             raise InputError(f"not a finished train mil run: {f} not found")
-    cfg, _ = load_train_config(folder / "train_mil.yaml", "mil")
     res = json.loads(cv_file.read_text())
     trunk = res["trunk"]
     n_chans = len(trunk["input_mean"])

@@ -8,7 +8,6 @@ screen (any run-config source): nuclei are segmented and a crop is cut around ea
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -327,17 +326,3 @@ def predict_labels(module, crops: np.ndarray, mean, std, batch_size: int = 256) 
             x = (torch.from_numpy(crops[i:i + batch_size]) - m) / s
             out.append(module(x.to(module.device)).argmax(1).cpu().numpy())
     return np.concatenate(out)
-
-
-def train_weak_from_yaml(text: str, folder: str | Path, fresh: bool = True,
-                         progress: bool = False) -> dict:
-    """Write a weak config's ``text`` to ``folder/config.yaml`` (``output`` = ``folder``) and
-    run it; ``fresh`` empties the folder first."""
-    from morphoprof.config import load_weak_config
-    from morphoprof.models.run import write_config
-
-    cfg, text = load_weak_config(write_config(text, folder, fresh))
-    t0 = time.perf_counter()
-    summary = run_weak(cfg, text, progress=progress)
-    summary["wall_seconds"] = time.perf_counter() - t0
-    return summary
