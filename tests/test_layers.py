@@ -19,8 +19,9 @@ PACKAGE = Path(morphoprof.__file__).parent
 LAYERS = [
     {"", "errors", "io_utils", "extras", "shards", "distributed", "settings",
      "classification", "registry"},
-    {"index"},
+    # image files (TIFF, PNG, OME-Zarr) are read below the index that lists them
     {"images"},
+    {"index"},
     {"datasets", "preprocess"},
     {"features", "models"},
     {"profiles"},
@@ -34,9 +35,7 @@ LAYERS = [
 RANK = {name: k for k, layer in enumerate(LAYERS) for name in layer}
 
 # upward imports still in the code (importer layer, imported layer)
-KNOWN = {
-    ("index", "images"),      # ExperimentIndex.read / validate(check_shapes, deep) read pixels
-}
+KNOWN: set[tuple[str, str]] = set()
 
 
 def _layer(module: str) -> str:

@@ -112,7 +112,7 @@ def _process(index, rows, channels, dna, ranges, cfg: ClassicalConfig, illuminat
     meta_cols = [c for c in index.table.columns if c.startswith("Metadata_")]
     lo = np.array([r[0] for r in ranges], np.float32)[:, None, None]
     span = np.array([r[1] - r[0] for r in ranges], np.float32)[:, None, None]
-    from morphoprof.images.dataset import ImageSetDataset
+    from morphoprof.preprocess.fields import ImageSetDataset
 
     frames, skipped = [], []
     data = ImageSetDataset(index, channels, rows, None, illumination, cfg.on_error)

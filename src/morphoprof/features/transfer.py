@@ -106,7 +106,7 @@ def estimate_intensity_range(
     (after illumination correction when ``illumination`` is given). Unreadable or non-finite
     image sets raise (naming the row and file), or with ``on_error="skip"`` are left out of the
     sample (extraction reports them)."""
-    from morphoprof.images.dataset import ImageSetDataset
+    from morphoprof.preprocess.fields import ImageSetDataset
 
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(len(index), size=min(n_sample, len(index)), replace=False))
@@ -467,7 +467,7 @@ class TransferExtractor:
     def field_dataset(self, index: ExperimentIndex, rows, channels: Sequence[str], transform,
                       illumination=None):
         """The Dataset of whole fields :meth:`field_shard` reads for index rows ``rows``."""
-        from morphoprof.images.dataset import ImageSetDataset
+        from morphoprof.preprocess.fields import ImageSetDataset
 
         return ImageSetDataset(index, channels, rows, transform, illumination,
                                self.cfg.on_error)
@@ -498,7 +498,7 @@ class TransferExtractor:
         thread that starts now."""
         from torch.utils.data import DataLoader
 
-        from morphoprof.images.dataset import collate_skipping
+        from morphoprof.preprocess.fields import collate_skipping
 
         skipping = getattr(dataset, "on_error", "fail") == "skip"
         loader = DataLoader(

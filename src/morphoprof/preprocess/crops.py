@@ -117,7 +117,7 @@ class CropDataset:
 
     ``on_error``: ``fail`` raises on an unreadable image set or one with NaN / infinite pixels
     (naming the row and file); ``skip`` serves ``(None, k, message)`` for each of its cells
-    instead, which :func:`~morphoprof.images.dataset.collate_skipping` drops and reports.
+    instead, which :func:`~morphoprof.preprocess.fields.collate_skipping` drops and reports.
     ``self.kept``: the positions in ``cells`` of the rows served (all but the ones
     ``edge="skip"`` drops).
     """

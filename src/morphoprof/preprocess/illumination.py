@@ -91,7 +91,7 @@ def mean_image(index: ExperimentIndex, rows: Sequence[int], channels: Sequence[s
     An unreadable image set, or one with NaN / inf pixels, raises (naming its row and file), or
     with ``on_error="skip"`` is left out of the mean and appended to ``skipped`` as
     ``{"row", "reason"}``."""
-    from morphoprof.images.dataset import ImageSetDataset
+    from morphoprof.preprocess.fields import ImageSetDataset
 
     data = ImageSetDataset(index, channels, rows, None, None, on_error)
     left_out: list[dict] = []

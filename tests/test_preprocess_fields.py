@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from morphoprof.images.dataset import ImageSetDataset
+from morphoprof.preprocess.fields import ImageSetDataset
 
 
 def test_dataloader_with_worker_processes_reads_every_image_set(tiny_screen):

@@ -1,4 +1,5 @@
-"""A torch Dataset over the image sets of an experiment index.
+"""A torch Dataset over the image sets (whole fields) of an experiment index; crops of cells are
+:class:`~morphoprof.preprocess.crops.CropDataset`.
 
 It holds only the index table and the root (no open files), so it pickles to DataLoader worker
 processes; each worker reads its own files.
