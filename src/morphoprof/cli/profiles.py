@@ -1,0 +1,229 @@
+"""Profiles out: ``aggregate``, ``normalize``, ``evaluate`` and ``report``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from morphoprof.cli.common import (
+    add_column_options,
+    add_command,
+    columns_from,
+)
+from morphoprof.errors import MorphoprofError
+from morphoprof.evaluation.evaluate import EvaluationConfig
+from morphoprof.profiles.cell_tvn import CellTVNConfig
+from morphoprof.profiles.normalize import METHOD_ALIASES, METHODS, NormalizationConfig
+from morphoprof.profiles.select import OPERATIONS
+from morphoprof.profiles.settings import ProfilesConfig
+from morphoprof.settings import add_options, from_options
+
+
+def _read_profiles(path: str, cols, required=()):
+    from morphoprof.io_utils import read_parquet
+
+    p = Path(path)
+    if not p.is_file():
+        raise MorphoprofError(f"profiles file not found: {p}")
+    try:
+        df = read_parquet(p)
+    except Exception as exc:  # pyarrow raises several types for a bad file
+        raise MorphoprofError(f"cannot read {p} as Parquet: {exc}") from exc
+    return cols.to_canonical(df, required, source=str(p))
+
+
+def _by(value: str):
+    from morphoprof.pipeline import NORMALIZE_BY
+
+    return NORMALIZE_BY.get(value, value)
+
+
+def cmd_aggregate(a: argparse.Namespace) -> int:
+    from morphoprof.pipeline import build_profiles
+
+    settings = from_options(ProfilesConfig, a,
+                            cell_tvn=from_options(CellTVNConfig, a, prefix="cell_tvn_"),
+                            normalization=from_options(NormalizationConfig, a))
+    wells, treatments = build_profiles(Path(a.features), settings, Path(a.out), columns_from(a))
+    print(f"wrote {wells} and {treatments}")
+    return 0
+
+
+def cmd_normalize(a: argparse.Namespace) -> int:
+    from morphoprof.io_utils import write_parquet
+    from morphoprof.profiles.normalize import Normalizer
+    from morphoprof.profiles.select import select_features
+
+    cols = columns_from(a)
+    df = _read_profiles(a.profiles, cols)
+    if a.apply:
+        normalizer = Normalizer.load(a.apply)
+    else:
+        if a.select:
+            df, dropped = select_features(df, a.select, blocklist=a.blocklist)
+            for op, feats in dropped.items():
+                print(f"feature selection ({op}): dropped {len(feats)}")
+        norm = from_options(NormalizationConfig, a)
+        normalizer = Normalizer(norm.method, _by(norm.by), norm.reference, norm.eps,
+                                norm.n_factors, norm.fallback).fit(df)
+        for w in normalizer.warnings:
+            print(f"warning: {w}")
+    result = cols.from_canonical(normalizer.transform(df))
+    existed = Path(a.out).exists()
+    out = write_parquet(a.out, result)
+    if a.save and not a.apply:
+        try:
+            print(f"wrote {normalizer.save(a.save)}")
+        except MorphoprofError:
+            if not existed:  # both outputs or neither
+                out.unlink(missing_ok=True)
+            raise
+    print(f"wrote {out} ({len(df)} rows, {len(normalizer.output_features())} features)")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from morphoprof.evaluation.evaluate import evaluate
+    from morphoprof.io_utils import write_json
+
+    profiles = _read_profiles(a.profiles, columns_from(a), ("compound", "moa"))
+    settings = from_options(EvaluationConfig, a)
+    result = evaluate(profiles, k_values=settings.k, alpha=settings.alpha,
+                      null_size=settings.null_size,
+                      treatment_aggregation=a.treatment_aggregation, group_columns=a.group)
+    write_json(a.out, result)
+    for key in ("nsc", "nscb"):
+        r = result.get(key, {})
+        if r.get("accuracy") is not None:
+            print(f"{key.upper()}: {r['correct']}/{r['n']} = {100 * r['accuracy']:.1f}%")
+    for name, r in result["map"].items():
+        if "mean_map" in r:
+            print(f"mAP ({name}): {r['mean_map']:.3f}, retrieved {r['fraction_retrieved']:.0%}")
+    conf = result.get("conformal", {})
+    if "coverage" in conf:
+        print(f"conformal: coverage {conf['coverage']:.0%} (target {conf['target_coverage']:.0%}),"
+              f" mean set size {conf['mean_set_size']:.2f}")
+    for w in result["warnings"]:
+        print(f"warning: {w}")
+    print(f"wrote {a.out}")
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from morphoprof.evaluation.evaluate import is_well_level
+    from morphoprof.pipeline import dataset_summary, example_fields, report_header
+    from morphoprof.profiles.aggregate import treatment_profiles
+    from morphoprof.report.html import profiles_summary, well_counts, write_report
+
+    cols = columns_from(a)
+    ev = Path(a.evaluation)
+    if not ev.is_file():
+        raise MorphoprofError(f"evaluation file not found: {ev}")
+    try:
+        evaluation = json.loads(ev.read_text())
+    except json.JSONDecodeError as exc:
+        raise MorphoprofError(f"{ev} is not JSON: {exc}") from exc
+    profiles = _read_profiles(a.profiles, cols)
+    wells = _read_profiles(a.wells, cols) if a.wells else None
+    if is_well_level(profiles):
+        wells = profiles if wells is None else wells
+        profiles = treatment_profiles(profiles)
+    qc = well_counts(wells) if wells is not None and "Metadata_count" in wells.columns else None
+    index = examples = None
+    if a.index:
+        from morphoprof.index import ExperimentIndex
+
+        index = ExperimentIndex.read_parquet(a.index)
+        examples = example_fields(index)
+    summary = dataset_summary(index) if index is not None else {}
+    summary.update(profiles_summary(profiles, wells))
+    config_text = ""
+    if a.config:
+        try:
+            config_text = Path(a.config).read_text()
+        except OSError as exc:
+            raise MorphoprofError(f"cannot read {a.config}: {exc.strerror}") from exc
+    header = report_header({"profiles": a.profiles, "evaluation": a.evaluation,
+                            "wells": a.wells or "", "index": a.index or "",
+                            "configuration": a.config or ""})
+    write_report(a.out, evaluation, profiles, summary, config_text=config_text,
+                 cells_per_well=qc, header=header, examples=examples,
+                 qc_title="rows per well profile (fields, or cells for per-cell "
+                 "features)")
+    print(f"wrote {a.out}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Add this module's commands to the sub-command parser ``sub``."""
+    _add_aggregate(sub)
+    _add_normalize(sub)
+    _add_evaluate(sub)
+    _add_report(sub)
+
+
+def _add_aggregate(sub) -> None:
+    s = add_command(sub, "aggregate", "features -> normalised well and treatment profiles",
+                outputs=[("out", True)],
+                description="Aggregate cell or field features (a feature folder or "
+                "Parquet files, streamed out of core) to wells, select features, "
+                "normalise, and aggregate to treatments.")
+    s.add_argument("features", help="feature folder, Parquet file or folder of Parquet files")
+    s.add_argument("--out", required=True, help="profiles folder")
+    add_options(s, ProfilesConfig, ("well_aggregation", "treatment_aggregation",
+                                    "feature_selection", "blocklist", "format"),
+                flags={"feature_selection": "--select"})
+    add_options(s, CellTVNConfig, flags={"reference": "--cell-tvn", "eps": "--cell-tvn-eps"},
+                prefix="cell_tvn_")
+    add_options(s, NormalizationConfig, flags={"method": "--normalize",
+                                               "n_factors": "--factors"})
+    add_column_options(s)
+    s.set_defaults(func=cmd_aggregate)
+
+
+def _add_normalize(sub) -> None:
+    s = add_command(sub, "normalize", "normalise profiles against controls (or apply a saved "
+                "normaliser)", outputs=[("out", False), ("save", False)])
+    s.add_argument("profiles", help="profiles Parquet (wells, sites or cells)")
+    s.add_argument("--out", required=True, help="normalised profiles Parquet")
+    # this command's own default method (robust, as pycytominer's normalize), and no selection
+    s.add_argument("--method", default="robust", choices=[*METHODS, *METHOD_ALIASES],
+                   help="normalisation, fitted on the reference rows")
+    add_options(s, NormalizationConfig, ("by", "reference", "eps", "n_factors", "fallback"),
+                flags={"n_factors": "--factors"})
+    s.add_argument("--select", nargs="*", default=[], choices=list(OPERATIONS),
+                   help="feature selection before fitting (default: none)")
+    add_options(s, ProfilesConfig, ("blocklist",))
+    s.add_argument("--save", help="save the fitted normaliser here (.npz)")
+    s.add_argument("--apply", help="apply a saved normaliser instead of fitting one")
+    add_column_options(s)
+    s.set_defaults(func=cmd_normalize)
+
+
+def _add_evaluate(sub) -> None:
+    s = add_command(sub, "evaluate", "NSC / NSCB, k-NN, mAP, conformal MoA sets",
+                outputs=[("out", False)])
+    s.add_argument("profiles", help="wells.parquet or treatments.parquet")
+    s.add_argument("--out", required=True, help="evaluation.json")
+    add_options(s, EvaluationConfig, ("k", "alpha", "null_size"))
+    add_options(s, ProfilesConfig, ("treatment_aggregation",))
+    s.add_argument("--group", nargs="*", default=[],
+                   help="metadata columns for nearest-neighbour group accuracy")
+    add_column_options(s)
+    s.set_defaults(func=cmd_evaluate)
+
+
+def _add_report(sub) -> None:
+    s = add_command(sub, "report", "write a self-contained HTML report", outputs=[("out", False)])
+    s.add_argument("--profiles", required=True, help="wells.parquet (for QC) or "
+                   "treatments.parquet")
+    s.add_argument("--evaluation", required=True, help="evaluation.json")
+    s.add_argument("--out", required=True, help="report.html")
+    s.add_argument("--wells", help="well profiles for the QC heatmaps (Metadata_count), when "
+                   "--profiles holds treatments")
+    s.add_argument("--index", help="the experiment index: dataset summary and example fields "
+                   "per MoA")
+    s.add_argument("--config", help="the run's configuration file, shown in the report")
+    add_column_options(s)
+    s.set_defaults(func=cmd_report)

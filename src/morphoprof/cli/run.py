@@ -1,0 +1,115 @@
+"""The pipeline as a whole: ``demo``, ``run`` (a YAML config) and ``train``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from morphoprof.cli.common import (
+    add_command,
+)
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from morphoprof.config import load_config
+    from morphoprof.pipeline import run_pipeline
+
+    cfg, text = load_config(a.config)
+    run_pipeline(cfg, text, config_path=str(Path(a.config).resolve()))
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from morphoprof.config import load_train_config
+    from morphoprof.io_utils import check_writable
+    from morphoprof.models.run import run_training
+
+    if a.kind == "weak":
+        return _train_weak(a)
+    cfg, text = load_train_config(a.config, a.kind)
+    check_writable(Path(cfg["output"]) / a.kind, folder=True)
+    if a.epochs is not None:
+        cfg["train"]["epochs"] = a.epochs
+    result = run_training(a.kind, cfg, text, progress=not a.quiet)
+    t = result["treatment"]
+    print(f"{a.kind}: treatment accuracy {t['correct']}/{t['n']} = {t['accuracy']:.3f} "
+          f"(image accuracy {result['image_accuracy']:.3f}); conformal coverage "
+          f"{result['conformal']['coverage']:.3f} at target "
+          f"{result['conformal']['target_coverage']:.2f}, mean set size "
+          f"{result['conformal']['mean_set_size']:.2f}; results in "
+          f"{Path(cfg['output']) / a.kind / 'cv.json'}")
+    return 0
+
+
+def _train_weak(a: argparse.Namespace) -> int:
+    from morphoprof.config import load_weak_config
+    from morphoprof.io_utils import check_writable
+    from morphoprof.models.weak_run import run_weak
+
+    cfg, text = load_weak_config(a.config)
+    check_writable(Path(cfg["output"]) / "weak", folder=True)
+    if a.epochs is not None:
+        cfg["train"]["epochs"] = a.epochs
+    s = run_weak(cfg, text, progress=not a.quiet)
+    if "classes" not in s:  # not the first process of a multi-process run
+        return 0
+    acc = s.get("heldout_cell_accuracy")
+    held = (f"held-out cell accuracy {acc:.3f} (chance {s['chance_accuracy']:.3f}); "
+            if acc is not None else "")
+    print(f"weak: {len(s['classes'])} labels, {s['epochs_run']} epochs, {held}"
+          f"{s['train_cells_per_s']:.0f} training cells/s; embeddings ({s['layer']}) in "
+          f"{s['features']}; summary in {Path(cfg['output']) / 'weak' / 'weak.json'}")
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    import yaml
+
+    from morphoprof.config import DEMO_CONFIG, validate_config
+    from morphoprof.pipeline import run_pipeline
+
+    out = Path(a.out).resolve()
+    raw = yaml.safe_load(DEMO_CONFIG)
+    raw["output"] = str(out)
+    raw["data"]["path"] = str(out / "synthetic_screen")
+    cfg = validate_config(raw, "built-in demo")
+    text = yaml.safe_dump(raw, sort_keys=False)
+    print(f"morphoprof demo -> {out}")
+    run_pipeline(cfg, text)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Add this module's commands to the sub-command parser ``sub``."""
+    _add_demo(sub)
+    _add_run(sub)
+    _add_train(sub)
+
+
+def _add_demo(sub) -> None:
+    s = add_command(sub, "demo", "run the whole pipeline on the built-in synthetic screen",
+                outputs=[("out", True)])
+    s.add_argument("--out", default="demo_out", help="output folder")
+    s.set_defaults(func=cmd_demo)
+
+
+def _add_run(sub) -> None:
+    s = add_command(sub, "run", "run the pipeline described by a YAML config (keys: the README's "
+                "'YAML config reference')")
+    s.add_argument("config", help="the run configuration (YAML)")
+    s.set_defaults(func=cmd_run)
+
+
+def _add_train(sub) -> None:
+    s = add_command(sub, "train", "train a network: finetune (Kensert 2019) or mil (Kraus 2016) "
+                "on whole images with group-held-out cross-validation, or weak (Caicedo 2018) "
+                "on single cells, then embeddings")
+    s.add_argument("kind", choices=["finetune", "mil", "weak"],
+                   help="finetune / mil: whole images, cross-validated; weak: single cells on "
+                   "treatment labels, then embeddings")
+    s.add_argument("config", help="training YAML; its keys are described in the README "
+                   "sections 'Training whole-image classifiers' (finetune, mil) and 'Weakly "
+                   "supervised single-cell embeddings' (weak)")
+    s.add_argument("--epochs", type=int, default=None, help="override train.epochs")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_train)

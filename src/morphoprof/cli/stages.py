@@ -1,0 +1,252 @@
+"""Image stages: ``illum``, ``segment``, ``crops`` and ``extract``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from morphoprof.cli.common import (
+    add_command,
+    add_on_error,
+    load_illumination,
+    print_json,
+)
+from morphoprof.config import FeaturesSection, NucleiSection
+from morphoprof.errors import MorphoprofError
+from morphoprof.features.transfer import TransferConfig
+from morphoprof.preprocess.illumination import IlluminationConfig
+from morphoprof.registry import create_extractor, extractor_names
+from morphoprof.settings import add_options, from_options
+from morphoprof.shards import read_features
+
+# the TransferConfig settings that are options of extract, with the model's defaults
+EXTRACT_OPTIONS = ("model", "weights", "channel_strategy", "tiles", "layer", "image_size",
+                   "device", "precision", "backend")
+
+
+def cmd_illum(a: argparse.Namespace) -> int:
+    from morphoprof.index import ExperimentIndex
+    from morphoprof.pipeline import illumination_stage
+
+    settings = from_options(IlluminationConfig, a)
+    index = ExperimentIndex.read_parquet(a.index)
+    corr = illumination_stage(index, a.out, settings, channels=a.channels, on_error=a.on_error)
+    print(f"illumination functions of {index.table['Metadata_plate'].nunique()} plate(s) "
+          f"-> {a.out}" + (f"; {len(corr.skipped)} image set(s) skipped (listed in "
+                           f"{Path(a.out) / 'illumination_skipped.json'})"
+                           if corr.skipped else ""))
+    return 0
+
+
+def cmd_segment(a: argparse.Namespace) -> int:
+    from morphoprof.index import ExperimentIndex
+    from morphoprof.pipeline import segmentation_stage
+
+    settings = from_options(NucleiSection, a)
+    index = ExperimentIndex.read_parquet(a.index)
+    summary = segmentation_stage(index, a.out, settings.nuclei(), settings.channel,
+                                 illumination=load_illumination(a.illumination),
+                                 on_error=a.on_error, n_jobs=settings.n_jobs, overlays=a.overlays,
+                                 deepprofiler_locations=a.deepprofiler_locations)
+    print(f"{summary['cells']} cells in {summary['image_sets']} image sets "
+          f"({summary['image_sets_without_cells']} without cells, {len(summary['skipped'])} "
+          f"skipped, {len(summary['warnings'])} warnings) -> {a.out}")
+    for w in summary["warnings"][:10]:
+        print(f"warning: {w}", file=sys.stderr)
+    for s in summary["skipped"][:10]:
+        print(f"skipped: {s['file']}: {s['reason']}", file=sys.stderr)
+    return 0
+
+
+def cmd_crops(a: argparse.Namespace) -> int:
+    from morphoprof.index import ExperimentIndex
+    from morphoprof.io_utils import read_parquet
+    from morphoprof.preprocess.crops import export_crops
+
+    index = ExperimentIndex.read_parquet(a.index)
+    summary = export_crops(index, read_parquet(a.cells), a.out, size=a.size, edge=a.edge,
+                           normalization=a.normalization,
+                           illumination=load_illumination(a.illumination))
+    print_json(summary)
+    return 0
+
+
+def _extracted(a: argparse.Namespace, summary: dict) -> None:
+    """Print an extraction's summary; with ``--format h5ad|zarr`` also write the feature folder
+    as one AnnData (``OUT/features.h5ad`` or ``.zarr``; written whole, then renamed)."""
+    if a.format != "parquet":
+        import os
+        import shutil
+
+        from morphoprof.profiles.anndata_io import write_anndata
+
+        target = Path(a.out) / f"features.{a.format}"
+        tmp = target.with_name(f".{target.name}.tmp")
+        if tmp.is_dir():  # left by a killed run
+            shutil.rmtree(tmp)
+        tmp.unlink(missing_ok=True)
+        try:
+            write_anndata(tmp, read_features(a.out), a.format)
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except OSError as exc:
+            raise MorphoprofError(f"cannot write {target}: {exc}") from exc
+        summary = {**summary, "anndata": str(target)}
+    print_json(summary)
+
+
+def cmd_extract(a: argparse.Namespace) -> int:
+    from morphoprof.index import ExperimentIndex
+
+    if a.crops and (a.index or a.cells):
+        raise MorphoprofError("--crops takes the crops themselves: give no index and no --cells")
+    if not a.crops and not a.index:
+        raise MorphoprofError("extract needs an index.parquet, or --crops")
+    if a.crops:  # read (and checked) before any model is built
+        from morphoprof.models.weak_run import load_crop_array
+
+        crops, table, names = load_crop_array(a.crops, a.crop_table, a.channels,
+                                              a.control_value or ["DMSO"])
+    index = ExperimentIndex.read_parquet(a.index) if a.index else None  # before any model
+    size, normalization = a.crop_size, a.normalization
+    # a crop is ~50x fewer pixels than a field: batches of 16 would leave the network idle
+    batch_size = a.batch_size or (256 if a.crops or a.cells else 16)
+    settings = {**{k: getattr(a, k) for k in EXTRACT_OPTIONS}, "batch_size": batch_size,
+                "num_workers": a.workers, "n_jobs": a.workers or 1, "channels": a.channels,
+                "on_error": a.on_error}
+    if a.extractor == "classical":  # measures the nuclei it segments itself: no model, no cells
+        extractor = create_extractor("classical", {**settings, "channels": names} if a.crops
+                                     else settings)
+        _extracted(a, extractor.extract_crops(crops, table, names, a.out, overwrite=a.overwrite)
+                   if a.crops else extractor.extract(
+                       index, a.out, illumination=load_illumination(a.illumination),
+                       overwrite=a.overwrite))
+        return 0
+    if a.checkpoint:
+        from morphoprof.models.weak import extractor_from_checkpoint
+
+        extractor, hp = extractor_from_checkpoint(a.checkpoint, a.layer, batch_size, a.device,
+                                                  a.workers, precision=a.precision)
+        if a.channels and list(a.channels) != hp["channels"]:
+            raise MorphoprofError(f"{a.checkpoint} was trained on channels {hp['channels']}, "
+                                  f"not {a.channels}")
+        size = size or hp["crop_size"]
+        normalization = normalization or hp["normalization"]
+        if a.crops and crops.shape[-1] != hp["crop_size"]:
+            raise MorphoprofError(f"{a.crops}: crops are {crops.shape[-1]} px; {a.checkpoint} "
+                                  f"was trained on {hp['crop_size']} px crops")
+    else:
+        extractor = create_extractor(a.extractor, settings)
+    if a.crops:
+        _extracted(a, extractor.extract_crops(crops, table, names, a.out,
+                                              normalization or "max", overwrite=a.overwrite))
+        return 0
+    illumination = load_illumination(a.illumination)
+    if a.cells:
+        from morphoprof.io_utils import read_parquet
+
+        cells_path = Path(a.cells)
+        if not cells_path.is_file():
+            raise MorphoprofError(f"cell table not found: {cells_path}")
+        _extracted(a, extractor.extract_cells(
+            index, read_parquet(cells_path), a.out, size=size or 96,
+            normalization=normalization or "max", illumination=illumination,
+            overwrite=a.overwrite))
+    else:
+        _extracted(a, extractor.extract(index, a.out, overwrite=a.overwrite,
+                                        illumination=illumination, scheduler=a.scheduler))
+    return 0
+
+
+def add_parsers(sub) -> None:
+    """Add this module's commands to the sub-command parser ``sub``."""
+    _add_illum(sub)
+    _add_segment(sub)
+    _add_crops(sub)
+    _add_extract(sub)
+
+
+def _add_illum(sub) -> None:
+    s = add_command(sub, "illum", "per-plate illumination functions (Singh 2014)",
+                outputs=[("out", True)])
+    s.add_argument("index", help="index.parquet")
+    s.add_argument("--out", required=True, help="folder for <plate>.npy functions")
+    s.add_argument("--channels", nargs="*", help="channels (default: all)")
+    add_options(s, IlluminationConfig, flags={"n_jobs": "--jobs"})
+    add_on_error(s, "leave it out of its plate's mean")
+    s.set_defaults(func=cmd_illum)
+
+
+def _add_segment(sub) -> None:
+    s = add_command(sub, "segment", "segment nuclei into a cell table (Parquet)",
+                outputs=[("out", False), ("deepprofiler_locations", True)])
+    s.add_argument("index", help="index.parquet")
+    s.add_argument("--out", required=True, help="cells.parquet to write")
+    s.add_argument("--illumination", help="folder of illumination functions (morphoprof illum)")
+    add_options(s, NucleiSection, flags={"n_jobs": "--jobs"})
+    add_on_error(s, "leave it out")
+    s.add_argument("--deepprofiler-locations", help="also write DeepProfiler location CSVs here")
+    s.add_argument("--overlays", type=int, default=0, metavar="N",
+                   help="also write N PNGs (image sets spread over the index) with the nucleus "
+                   "outlines, to OUT's name + _overlays/, for a person to check")
+    s.set_defaults(func=cmd_segment)
+
+
+def _add_crops(sub) -> None:
+    s = add_command(sub, "crops", "export single-cell crops to compressed shards",
+                outputs=[("out", True)])
+    s.add_argument("index", help="index.parquet")
+    s.add_argument("cells", help="cells.parquet from morphoprof segment")
+    s.add_argument("--out", required=True, help="crop folder")
+    s.add_argument("--size", type=int, default=96, help="crop side, px")
+    s.add_argument("--edge", default="pad", choices=["pad", "skip"],
+                   help="cells near the border: zero-pad the crop, or leave the cell out")
+    s.add_argument("--normalization", default="none", choices=["none", "max", "percentile"],
+                   help="per-crop intensity normalisation")
+    s.add_argument("--illumination", help="folder of illumination functions (morphoprof illum)")
+    s.set_defaults(func=cmd_crops)
+
+
+def _add_extract(sub) -> None:
+    s = add_command(sub, "extract", "extract features (resumable)", outputs=[("out", True)])
+    s.add_argument("index", nargs="?", help="index.parquet (none with --crops)")
+    s.add_argument("--out", required=True, help="feature folder")
+    s.add_argument("--extractor", default=FeaturesSection.model_fields["extractor"].default,
+                   choices=extractor_names(),
+                   help="transfer: ImageNet CNN on whole fields; classical: cp_measure per cell")
+    add_options(s, TransferConfig, EXTRACT_OPTIONS)
+    # defaults that depend on the input, so not the TransferConfig's own
+    s.add_argument("--batch-size", type=int, help="images per network batch (default: 16 "
+                   "fields, 256 cell crops)")
+    s.add_argument("--workers", type=int, default=0, help="DataLoader worker processes "
+                   "(classical: processes)")
+    s.add_argument("--format", default="parquet", choices=["parquet", "h5ad", "zarr"],
+                   help="h5ad / zarr: also write the features as one AnnData, OUT/features.h5ad "
+                   "or .zarr (features in X, metadata in obs; read whole) for scanpy")
+    s.add_argument("--channels", nargs="*", help="channels (default: all)")
+    s.add_argument("--illumination", help="folder of illumination functions (morphoprof illum)")
+    s.add_argument("--cells", help="cell table (morphoprof segment): features of single-cell "
+                   "crops, one row per cell, instead of whole fields")
+    s.add_argument("--crops", help="crops you already have: a crop folder (morphoprof crops) or "
+                   "an .npz holding 'crops' (N, H, W, C) or (N, C, H, W) with --crop-table; "
+                   "one feature row per crop")
+    s.add_argument("--crop-table", help="--crops .npz: its table (CSV / Parquet, one row per "
+                   "crop, plate and well columns; a 'crop' column gives the row in the array)")
+    s.add_argument("--control-value", action="append", metavar="VALUE",
+                   help="--crops: compound value of control cells (default: DMSO)")
+    s.add_argument("--crop-size", type=int, help="--cells: crop side, px (default 96, or the "
+                   "checkpoint's)")
+    s.add_argument("--normalization", choices=["none", "max", "percentile"],
+                   help="--cells, --crops: per-crop normalisation (default max, or the "
+                   "checkpoint's)")
+    add_on_error(s, "leave it out")
+    s.add_argument("--scheduler", help="run on Dask distributed: local:N (a LocalCluster of N "
+                   "worker processes) or tcp://HOST:PORT (a running cluster); one task per "
+                   "shard")
+    s.add_argument("--checkpoint", help="a model trained by 'morphoprof train weak': its CNN, "
+                   "channels, crop settings and embedding layer (--layer overrides)")
+    s.add_argument("--overwrite", action="store_true", help="replace features made with other "
+                   "parameters")
+    s.set_defaults(func=cmd_extract)
