@@ -94,17 +94,8 @@ def evaluate(
     if not feature_columns(profiles):
         raise InputError("profiles have no feature columns")
     warnings: list[str] = []
-    result: dict = {}
-    well_level = is_well_level(profiles)
-    result["level"] = "wells" if well_level else "treatments"
-    if well_level:
-        wells = profiles.reset_index(drop=True)
-        treatments = treatment_profiles(wells, treatment_aggregation)
-    else:
-        wells = None
-        treatments = profiles
-        if CONTROL in treatments.columns:
-            treatments = treatments[~treatments[CONTROL].astype(bool)]
+    wells, treatments = _levels(profiles, treatment_aggregation)
+    result: dict = {"level": "wells" if wells is not None else "treatments"}
     no_moa = treatments[~has_moa(treatments)]
     if len(no_moa):
         names = sorted(no_moa[COMPOUND].astype(str).unique())
@@ -112,62 +103,73 @@ def evaluate(
                         f"{names[:10]}{' ...' if len(names) > 10 else ''}")
     result["n_treatments"] = int(len(treatments))
     result["n_annotated_treatments"] = int(len(treatments) - len(no_moa))
-
     moa = evaluate_moa(treatments)
     result.update(moa)
     for key in ("nsc", "nscb"):
         warnings += [f"{key.upper()}: {w}" for w in moa.get(key, {}).get("warnings", [])]
         if moa.get(key, {}).get("error"):
             warnings.append(f"{key.upper()}: {moa[key]['error']}")
-
-    knn = {}
-    for k in k_values:
-        entry = {}
-        for mode in ("nsc", "nscb"):
-            if mode == "nscb" and BATCH not in treatments.columns:
-                continue
-            try:
-                r = nearest_neighbor_moa(treatments, mode, k=k)
-                entry[mode] = {key: r[key] for key in ("accuracy", "correct", "n", "per_moa")}
-            except InputError as exc:
-                entry[mode] = {"error": str(exc)}
-        knn[f"k{k}"] = entry
-    result["knn"] = knn
-
-    result["map"] = {}
-    metrics = [("moa", lambda: consistency_map(treatments, null_size=null_size, seed=seed))]
-    if wells is not None:
-        metrics.append(("activity", lambda: activity_map(wells, null_size=null_size, seed=seed)))
-    for name, fn in metrics:
-        try:
-            table, summary = fn()
-            result["map"][name] = {**summary, "groups": _records(table)}
-        except InputError as exc:
-            result["map"][name] = {"error": str(exc)}
-            warnings.append(f"mAP ({name}): {exc}")
-
+    result["knn"] = _knn(treatments, k_values)
+    result["map"] = _map(wells, treatments, null_size, seed, warnings)
     if wells is not None:
         treated = wells[~wells[CONTROL].astype(bool)] if CONTROL in wells.columns else wells
-        try:
-            result["replicate_accuracy"] = nn_accuracy(treated, TREATMENT)
-        except InputError as exc:
-            result["replicate_accuracy"] = {"error": str(exc)}
+        result["replicate_accuracy"] = _or_error(lambda: nn_accuracy(treated, TREATMENT))
     annotated = annotated_treatments(treatments)
-    group = {}
     for col in group_columns:
         if col not in annotated.columns:
             raise InputError(f"group accuracy column {col!r} is not in the profiles")
-        try:
-            group[col] = nn_accuracy(annotated, col, exclude_same=[COMPOUND])
-        except InputError as exc:
-            group[col] = {"error": str(exc)}
-    result["group_accuracy"] = group
-
-    try:
-        result["conformal"] = conformal_moa(treatments, alpha)
+    result["group_accuracy"] = {col: _or_error(lambda col=col: nn_accuracy(
+        annotated, col, exclude_same=[COMPOUND])) for col in group_columns}
+    result["conformal"] = _or_error(lambda: conformal_moa(treatments, alpha))
+    if "error" in result["conformal"]:
+        warnings.append(f"conformal: {result['conformal']['error']}")
+    else:
         warnings += [f"conformal: {w}" for w in result["conformal"]["warnings"]]
-    except InputError as exc:
-        result["conformal"] = {"error": str(exc)}
-        warnings.append(f"conformal: {exc}")
     result["warnings"] = warnings
     return result
+
+
+def _levels(profiles: pd.DataFrame, treatment_aggregation: str
+            ) -> tuple[pd.DataFrame | None, pd.DataFrame]:
+    """(well profiles or None, treatment profiles without controls) of an input table."""
+    if is_well_level(profiles):
+        wells = profiles.reset_index(drop=True)
+        return wells, treatment_profiles(wells, treatment_aggregation)
+    if CONTROL in profiles.columns:
+        return None, profiles[~profiles[CONTROL].astype(bool)]
+    return None, profiles
+
+
+def _or_error(fn) -> dict:
+    """``fn()``, or ``{"error": reason}`` when it cannot be computed on this table."""
+    try:
+        return fn()
+    except InputError as exc:
+        return {"error": str(exc)}
+
+
+def _knn(treatments: pd.DataFrame, k_values: Sequence[int]) -> dict:
+    """k-NN voting NSC (and NSCB where batches exist) for each k: ``{"k3": {"nsc": ...}}``."""
+    modes = ("nsc", "nscb") if BATCH in treatments.columns else ("nsc",)
+    keys = ("accuracy", "correct", "n", "per_moa")
+    return {f"k{k}": {mode: _or_error(lambda mode=mode, k=k: {
+        key: v for key, v in nearest_neighbor_moa(treatments, mode, k=k).items() if key in keys})
+        for mode in modes} for k in k_values}
+
+
+def _map(wells: pd.DataFrame | None, treatments: pd.DataFrame, null_size: int, seed: int,
+         warnings: list[str]) -> dict:
+    """mAP of MoA retrieval (treatments) and, on well input, of replicate activity against
+    controls; a metric that cannot be computed is an error entry and a warning."""
+    metrics = [("moa", lambda: consistency_map(treatments, null_size=null_size, seed=seed))]
+    if wells is not None:
+        metrics.append(("activity", lambda: activity_map(wells, null_size=null_size, seed=seed)))
+    out = {}
+    for name, fn in metrics:
+        try:
+            table, summary = fn()
+            out[name] = {**summary, "groups": _records(table)}
+        except InputError as exc:
+            out[name] = {"error": str(exc)}
+            warnings.append(f"mAP ({name}): {exc}")
+    return out

@@ -111,10 +111,9 @@ def nearest_neighbor_moa(
     if not feats:
         raise InputError("profiles have no feature columns")
     dropped: list[str] = []
-    if mode == "nscb":
-        batches = _batches(df[batch_col])
+    if mode == "nscb":  # a MoA seen in a single batch has no other-batch match
         moa_batches: dict[str, set[str]] = {}
-        for moa, b in zip(df[moa_col], batches, strict=True):
+        for moa, b in zip(df[moa_col], _batches(df[batch_col]), strict=True):
             moa_batches.setdefault(moa, set()).update(b)
         dropped = sorted(m for m, b in moa_batches.items() if len(b) < 2)
         df = df[~df[moa_col].isin(dropped)].reset_index(drop=True)
@@ -125,8 +124,7 @@ def nearest_neighbor_moa(
     allowed = compounds[:, None] != compounds[None, :]
     if mode == "nscb":
         batches = _batches(df[batch_col])
-        share = np.array([[bool(a & b) for b in batches] for a in batches])
-        allowed &= ~share
+        allowed &= ~np.array([[bool(a & b) for b in batches] for a in batches])
     moas = df[moa_col].astype(str).to_numpy()
     concs = (df["Metadata_concentration"].to_numpy() if "Metadata_concentration" in df.columns
              else np.full(len(df), np.nan))
@@ -143,27 +141,11 @@ def nearest_neighbor_moa(
             continue
         order = cand[np.argsort(-sim[i, cand], kind="stable")]
         j = order[0]
-        if k == 1:
-            pred = moas[j]
-        else:
-            top = order[:k]
-            votes: dict[str, list[float]] = {}
-            for t in top:
-                v = votes.setdefault(moas[t], [0, 0.0])
-                v[0] += 1
-                v[1] += sim[i, t]
-            pred = max(votes, key=lambda m: (votes[m][0], votes[m][1]))
-        preds.append(pred)
-        records.append(
-            {
-                "compound": compounds[i],
-                "concentration": float(concs[i]),
-                "moa": moas[i],
-                "predicted": pred,
-                "neighbour": f"{compounds[j]}@{concs[j]}",
-                "similarity": float(sim[i, j]),
-            }
-        )
+        preds.append(moas[j] if k == 1 else _vote(moas, sim[i], order[:k]))
+        records.append({"compound": compounds[i], "concentration": float(concs[i]),
+                        "moa": moas[i], "predicted": preds[-1],
+                        "neighbour": f"{compounds[j]}@{concs[j]}",
+                        "similarity": float(sim[i, j])})
     scored = [(t, p) for t, p in zip(moas, preds, strict=True) if p is not None]
     summary = ClassificationSummary.from_names([t for t, _ in scored], [p for _, p in scored],
                                                labels=sorted(set(moas)))
@@ -180,6 +162,16 @@ def nearest_neighbor_moa(
         "k": int(k),
         "warnings": warnings,
     }
+
+
+def _vote(moas: np.ndarray, similarity: np.ndarray, neighbours: np.ndarray) -> str:
+    """The MoA most frequent among ``neighbours``; ties go to the larger summed similarity."""
+    votes: dict[str, list[float]] = {}
+    for t in neighbours:
+        v = votes.setdefault(moas[t], [0, 0.0])
+        v[0] += 1
+        v[1] += similarity[t]
+    return max(votes, key=lambda m: (votes[m][0], votes[m][1]))
 
 
 def evaluate_moa(profiles: pd.DataFrame, features: Sequence[str] | None = None) -> dict:
