@@ -138,16 +138,7 @@ def cross_validate(
     table = index.table.reset_index(drop=True)
     if make_dataset is None and len(images) != len(table):
         raise InputError(f"{len(images)} images for an index of {len(table)} rows")
-    need = [c for c in (cv.label, cv.group, *cv.treatment) if c not in table.columns]
-    if need:
-        raise InputError(f"the index has no column(s) {need}; found {list(table.columns)}")
-    missing = table[cv.label].isna() | (table[cv.label].astype(str).str.strip() == "")
-    if missing.any():
-        raise InputError(f"{int(missing.sum())} image(s) have no {cv.label!r} label, e.g. rows "
-                         f"{list(np.flatnonzero(missing)[:5])}")
-    classes = sorted(table[cv.label].astype(str).unique())
-    class_index = {c: k for k, c in enumerate(classes)}
-    y = table[cv.label].astype(str).map(class_index).to_numpy()
+    classes, y = _labels(table, cv)
     wells = (table[PLATE].astype(str) + "/" + table[WELL].astype(str)).to_numpy()
     folds = group_folds(table, cv.label, cv.group, cv.folds, cv.seed)
     if make_dataset is None:
@@ -161,34 +152,13 @@ def cross_validate(
     fold_of = np.full(len(table), -1)
     fold_results, train_seconds = [], 0.0
     for f, (train_rows, test_rows) in enumerate(folds):
-        fold_dir = out_dir / f"fold{f}"
-        done = fold_dir / "test_probabilities.npy"
         held = sorted(table[cv.group].iloc[test_rows].astype(str).unique())
-        if done.is_file():
-            p = np.load(done)
-            info = json.loads((fold_dir / "fit.json").read_text())
-            if log:
-                log(f"fold {f + 1}/{len(folds)}: reusing {done}")
-        else:
-            if log:
-                log(f"fold {f + 1}/{len(folds)}: train {len(train_rows)} images, test "
-                    f"{len(test_rows)} ({cv.group} held out: {', '.join(held)})")
-            keep, val = split_groups(wells[train_rows], cv.val_fraction, cv.seed + f)
-            train_ds = make_dataset(train_rows[keep], y[train_rows[keep]], True)
-            val_ds = (make_dataset(train_rows[val], y[train_rows[val]], False) if len(val)
-                      else None)
-            module = make_module(f)
-            info = fit(module, train_ds, fold_dir, fit_cfg, val_ds, log=log)
-            if val_ds is not None:
-                import torch
-
-                state = torch.load(info["best_checkpoint"], map_location="cpu",
-                                   weights_only=False)["state_dict"]
-                module.load_state_dict(state)
-            test_ds = make_dataset(test_rows, y[test_rows], False)
-            p = predict_proba(module, test_ds, batch_size=fit_cfg.batch_size)
-            write_json(fold_dir / "fit.json", info)
-            write_npy(done, p)
+        name = f"fold {f + 1}/{len(folds)}"
+        if log and not (out_dir / f"fold{f}" / _DONE).is_file():
+            log(f"{name}: train {len(train_rows)} images, test {len(test_rows)} ({cv.group} "
+                f"held out: {', '.join(held)})")
+        p, info = _fold(out_dir / f"fold{f}", f, train_rows, test_rows, y, wells,
+                        make_module, make_dataset, cv, fit_cfg, log, name)
         probs[test_rows] = p
         fold_of[test_rows] = f
         train_seconds += float(info["seconds"])
@@ -205,23 +175,7 @@ def cross_validate(
         pred_table[f"p_{c}"] = probs[:, k]
     write_parquet(out_dir / "predictions.parquet", pred_table)
 
-    keys, tprobs = treatment_probabilities(table, probs, cv.treatment, cv.aggregate)
-    key_index = pd.MultiIndex.from_frame(keys) if len(cv.treatment) > 1 else keys.iloc[:, 0]
-    first = table.groupby(list(cv.treatment), sort=False, dropna=False)[
-        list(dict.fromkeys([cv.label, cv.group]))].first().loc[key_index]
-    ttrue = first[cv.label].astype(str).map(class_index).to_numpy()
-    tgroups = first[cv.group].astype(str).to_numpy()
-    tpred = tprobs.argmax(1)
-    sets = group_conformal(tprobs, ttrue, tgroups, cv.alpha)
-    conformal = {"alpha": cv.alpha, "target_coverage": 1 - cv.alpha,
-                 **set_metrics(sets, ttrue)}
-    tt = keys.copy()
-    tt["Metadata_label"] = [classes[k] for k in ttrue]
-    tt["Metadata_predicted"] = [classes[k] for k in tpred]
-    tt["Metadata_set"] = [";".join(classes[k] for k in np.flatnonzero(s)) for s in sets]
-    for k, c in enumerate(classes):
-        tt[f"p_{c}"] = tprobs[:, k]
-    write_parquet(out_dir / "treatments.parquet", tt)
+    ttrue, tpred, conformal = _treatments(table, probs, classes, cv, out_dir)
     result = {
         "classes": classes, "label": cv.label, "group": cv.group, "n_images": int(len(table)),
         "folds": fold_results,
@@ -233,6 +187,75 @@ def cross_validate(
     }
     write_json(out_dir / "cv.json", result)
     return result
+
+
+_DONE = "test_probabilities.npy"  # a fold's predictions: written last, so it marks it done
+
+
+def _labels(table: pd.DataFrame, cv: CVConfig) -> tuple[list[str], np.ndarray]:
+    """(the sorted class names, each row's class index); an index without the columns ``cv``
+    names, or a row without a label, is an error."""
+    need = [c for c in (cv.label, cv.group, *cv.treatment) if c not in table.columns]
+    if need:
+        raise InputError(f"the index has no column(s) {need}; found {list(table.columns)}")
+    missing = table[cv.label].isna() | (table[cv.label].astype(str).str.strip() == "")
+    if missing.any():
+        raise InputError(f"{int(missing.sum())} image(s) have no {cv.label!r} label, e.g. rows "
+                         f"{list(np.flatnonzero(missing)[:5])}")
+    classes = sorted(table[cv.label].astype(str).unique())
+    class_index = {c: k for k, c in enumerate(classes)}
+    return classes, table[cv.label].astype(str).map(class_index).to_numpy()
+
+
+def _fold(fold_dir: Path, f: int, train_rows: np.ndarray, test_rows: np.ndarray,
+          y: np.ndarray, wells: np.ndarray, make_module, make_dataset, cv: CVConfig,
+          fit_cfg: FitConfig, log, name: str) -> tuple[np.ndarray, dict]:
+    """Train fold ``f`` (validation wells split off its training rows) and predict its test
+    rows: ``(probabilities (n_test, K), fit info)``. A fold whose predictions exist is reused."""
+    done = fold_dir / _DONE
+    if done.is_file():
+        if log:
+            log(f"{name}: reusing {done}")
+        return np.load(done), json.loads((fold_dir / "fit.json").read_text())
+    keep, val = split_groups(wells[train_rows], cv.val_fraction, cv.seed + f)
+    train_ds = make_dataset(train_rows[keep], y[train_rows[keep]], True)
+    val_ds = make_dataset(train_rows[val], y[train_rows[val]], False) if len(val) else None
+    module = make_module(f)
+    info = fit(module, train_ds, fold_dir, fit_cfg, val_ds, log=log)
+    if val_ds is not None:
+        import torch
+
+        state = torch.load(info["best_checkpoint"], map_location="cpu",
+                           weights_only=False)["state_dict"]
+        module.load_state_dict(state)
+    p = predict_proba(module, make_dataset(test_rows, y[test_rows], False),
+                      batch_size=fit_cfg.batch_size)
+    write_json(fold_dir / "fit.json", info)
+    write_npy(done, p)
+    return p, info
+
+
+def _treatments(table: pd.DataFrame, probs: np.ndarray, classes: list[str], cv: CVConfig,
+                out_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Treatment-level results of out-of-fold image probabilities: (true and predicted class
+    per treatment, the group-conformal summary); ``treatments.parquet`` is written."""
+    class_index = {c: k for k, c in enumerate(classes)}
+    keys, tprobs = treatment_probabilities(table, probs, cv.treatment, cv.aggregate)
+    key_index = pd.MultiIndex.from_frame(keys) if len(cv.treatment) > 1 else keys.iloc[:, 0]
+    first = table.groupby(list(cv.treatment), sort=False, dropna=False)[
+        list(dict.fromkeys([cv.label, cv.group]))].first().loc[key_index]
+    ttrue = first[cv.label].astype(str).map(class_index).to_numpy()
+    tpred = tprobs.argmax(1)
+    sets = group_conformal(tprobs, ttrue, first[cv.group].astype(str).to_numpy(), cv.alpha)
+    tt = keys.copy()
+    tt["Metadata_label"] = [classes[k] for k in ttrue]
+    tt["Metadata_predicted"] = [classes[k] for k in tpred]
+    tt["Metadata_set"] = [";".join(classes[k] for k in np.flatnonzero(s)) for s in sets]
+    for k, c in enumerate(classes):
+        tt[f"p_{c}"] = tprobs[:, k]
+    write_parquet(out_dir / "treatments.parquet", tt)
+    return ttrue, tpred, {"alpha": cv.alpha, "target_coverage": 1 - cv.alpha,
+                          **set_metrics(sets, ttrue)}
 
 
 def cv_summary(result: dict) -> dict:

@@ -192,7 +192,7 @@ def run_weak(cfg: dict, config_text: str = "", progress: bool = True,
     from morphoprof.models.data import ImageTensorDataset
     from morphoprof.models.run import fit_config
     from morphoprof.models.training import fit
-    from morphoprof.models.weak import WeakModule, embed_crops, extractor_from_checkpoint
+    from morphoprof.models.weak import embed_crops, extractor_from_checkpoint
     from morphoprof.models.weak_data import CellGroups, SequenceBatchSampler, WeakTrainSet
 
     out = Path(cfg["output"])
@@ -200,20 +200,7 @@ def run_weak(cfg: dict, config_text: str = "", progress: bool = True,
     folder.mkdir(parents=True, exist_ok=True)
     if config_text:
         (out / "train_weak.yaml").write_text(config_text)
-    if cfg["data"]["source"] == "crops":
-        if not cfg["data"]["table"] and not Path(cfg["data"]["path"]).is_dir():
-            raise InputError("data.table: required for source 'crops' with an .npz (one row "
-                             "per crop)")
-        raw, table, channels = load_crop_array(cfg["data"]["path"], cfg["data"]["table"],
-                                               cfg["channels"], cfg["data"]["controls"])
-        from morphoprof.models.run import select_mask
-
-        keep = select_mask(table, cfg["select"])
-        raw, table = raw[keep], table[keep].reset_index(drop=True)
-        source = str(cfg["data"]["table"] or cfg["data"]["path"])
-    else:
-        raw, table, channels = crops_from_screen(cfg, out, progress, log)
-        source = "the screen's cell table"
+    raw, table, channels, source = _weak_cells(cfg, out, progress, log)
     labels, classes = label_codes(table, cfg["label"], source)
     c = cfg["cells"]
     raw_size = int(raw.shape[-1])
@@ -228,15 +215,8 @@ def run_weak(cfg: dict, config_text: str = "", progress: bool = True,
     if log:
         log(f"{len(crops)} cells {crops.shape[1:]}, {len(classes)} labels; train {len(train)}, "
             f"val {len(val)}, test {len(test)} cells (split by well)")
-    w, m = cfg["weak"], cfg["model"]
-    module = WeakModule(m["name"], m["weights"], len(channels), classes, gru=w["gru"],
-                        gru_hidden=w["gru_hidden"], gru_weight=w["gru_weight"],
-                        lr=cfg["train"]["lr"], weight_decay=cfg["train"]["weight_decay"],
-                        val_length=w["val_length"], layer=m["layer"],
-                        crop_size=int(c["crop_size"] if cfg["data"]["source"] != "crops"
-                                      else raw_size), input_size=int(crops.shape[-1]),
-                        normalization=c["normalization"],
-                        channels=channels, seed=seed, drop_rate=m["drop_rate"])
+    w = cfg["weak"]
+    module = _weak_module(cfg, classes, channels, raw_size, int(crops.shape[-1]))
     mean, std = module.input_mean, module.input_std
     batch_codes = pd.factorize(table[batch_col].astype(str))[0]
     well_codes = pd.factorize(table[PLATE].astype(str) + "/" + table[WELL].astype(str))[0]
@@ -281,25 +261,75 @@ def run_weak(cfg: dict, config_text: str = "", progress: bool = True,
         "chance_accuracy": 1.0 / len(classes),
     }
     if len(test):
-        pred = predict_labels(module, crops[test], mean, std)
-        truth = labels[test]
-        scores = ClassificationSummary.from_indices(truth, pred, classes)
-        summary["heldout_cell_accuracy"] = scores.accuracy
-        summary["heldout_majority_fraction"] = float(np.bincount(truth).max() / len(truth))
-        summary["heldout_per_class_accuracy"] = {
-            c: v["accuracy"] for c, v in scores.per_class(present_only=True).items()}
+        summary.update(_heldout_scores(predict_labels(module, crops[test], mean, std),
+                                       labels[test], classes))
     feats, seconds = embed_crops(extractor, crops, channels, progress)
     summary["extract_cells_per_s"] = len(crops) / seconds if seconds > 0 else None
     meta = table[[col for col in table.columns if str(col).startswith(("Metadata_",
                                                                        "Nuclei_Loc"))]].copy()
     meta["Metadata_split"] = part
-    # the checkpoint's checksum is a parameter: a resumed training rewrites last.ckpt under the
-    # same name, and its embeddings must replace the earlier ones, not be taken as done
-    writer = ShardWriter(out / FEATURES, {"extractor": "weak", "checkpoint": str(ckpt),
-                                          "checkpoint_sha256": file_sha256(ckpt),
-                                          "layer": extractor.cfg.layer, "n_cells": len(crops)},
-                         overwrite=True)
-    cols = extractor.column_names(channels, feats.shape[1])
+    _write_embeddings(out / FEATURES, meta, feats, extractor.column_names(channels,
+                                                                          feats.shape[1]),
+                      {"extractor": "weak", "checkpoint": str(ckpt),
+                       "checkpoint_sha256": file_sha256(ckpt), "layer": extractor.cfg.layer,
+                       "n_cells": len(crops)})
+    summary["features"] = str(out / FEATURES)
+    summary["metrics_csv"] = result["metrics_csv"]
+    write_json(folder / "weak.json", summary)
+    return summary
+
+
+def _weak_cells(cfg: dict, out: Path, progress: bool, log
+                ) -> tuple[np.ndarray, pd.DataFrame, list[str], str]:
+    """(crops ``(N, C, S, S)`` raw, their table, channel names, where the labels come from) of
+    a weak config: a crop array the user gives (``data.source: crops``) or the screen's
+    segmented cells."""
+    data = cfg["data"]
+    if data["source"] != "crops":
+        return (*crops_from_screen(cfg, out, progress, log), "the screen's cell table")
+    if not data["table"] and not Path(data["path"]).is_dir():
+        raise InputError("data.table: required for source 'crops' with an .npz (one row "
+                         "per crop)")
+    from morphoprof.models.run import select_mask
+
+    raw, table, channels = load_crop_array(data["path"], data["table"], cfg["channels"],
+                                           data["controls"])
+    keep = select_mask(table, cfg["select"])
+    return (raw[keep], table[keep].reset_index(drop=True), channels,
+            str(data["table"] or data["path"]))
+
+
+def _weak_module(cfg: dict, classes: list, channels: list[str], raw_size: int,
+                 input_size: int):
+    """The :class:`~morphoprof.models.weak.WeakModule` a weak config describes."""
+    from morphoprof.models.weak import WeakModule
+
+    w, m, c = cfg["weak"], cfg["model"], cfg["cells"]
+    return WeakModule(m["name"], m["weights"], len(channels), classes, gru=w["gru"],
+                      gru_hidden=w["gru_hidden"], gru_weight=w["gru_weight"],
+                      lr=cfg["train"]["lr"], weight_decay=cfg["train"]["weight_decay"],
+                      val_length=w["val_length"], layer=m["layer"],
+                      crop_size=int(c["crop_size"] if cfg["data"]["source"] != "crops"
+                                    else raw_size), input_size=input_size,
+                      normalization=c["normalization"], channels=channels,
+                      seed=cfg["train"]["seed"], drop_rate=m["drop_rate"])
+
+
+def _heldout_scores(pred: np.ndarray, truth: np.ndarray, classes: list) -> dict:
+    """Held-out cell accuracy, the majority class's share and per-class accuracy."""
+    scores = ClassificationSummary.from_indices(truth, pred, classes)
+    return {"heldout_cell_accuracy": scores.accuracy,
+            "heldout_majority_fraction": float(np.bincount(truth).max() / len(truth)),
+            "heldout_per_class_accuracy": {
+                c: v["accuracy"] for c, v in scores.per_class(present_only=True).items()}}
+
+
+def _write_embeddings(folder: Path, meta: pd.DataFrame, feats: np.ndarray, cols: list[str],
+                      params: dict) -> None:
+    """Every cell's embedding, one shard per plate, into the feature folder ``folder``. The
+    checkpoint's checksum is one of the ``params``: a resumed training rewrites last.ckpt under
+    the same name, and its embeddings must replace the earlier ones, not be taken as done."""
+    writer = ShardWriter(folder, params, overwrite=True)
 
     def shard(rows, bar):  # the embeddings are computed: a shard is a plate's slice of them
         return pd.concat([meta.iloc[rows].reset_index(drop=True),
@@ -308,10 +338,6 @@ def run_weak(cfg: dict, config_text: str = "", progress: bool = True,
     run_shards([(shard_key(plate, 0), rows) for plate, rows in
                 meta.groupby(PLATE, sort=True).indices.items()], shard, writer,
                progress=False, log=None)
-    summary["features"] = str(out / FEATURES)
-    summary["metrics_csv"] = result["metrics_csv"]
-    write_json(folder / "weak.json", summary)
-    return summary
 
 
 def predict_labels(module, crops: np.ndarray, mean, std, batch_size: int = 256) -> np.ndarray:
