@@ -324,78 +324,32 @@ def generate_screen(
     from tqdm.auto import tqdm
 
     from morphoprof.index.schema import ExperimentIndex, build_index
-    from morphoprof.io_utils import write_parquet, write_tiff
+    from morphoprof.io_utils import write_parquet
 
     cfg = cfg or SynthConfig()
     out = Path(out)
-    marker = out / "synth.json"
-    if marker.is_file():
-        try:
-            saved = json.loads(marker.read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{marker} is not valid JSON; remove {out} to regenerate") from exc
-        if saved.get("config") == cfg.to_json():
-            if log:
-                log(f"reusing synthetic screen in {out}")
-            return ExperimentIndex.read_parquet(out / "index.parquet")
-        if not overwrite:
-            raise InputError(
-                f"{out} holds a synthetic screen with other parameters; "
-                "pass overwrite=True (--overwrite) or choose another folder"
-            )
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"{out} exists and is not a synthetic screen; choose an empty folder")
-
+    if _reusable(out, cfg, overwrite):
+        if log:
+            log(f"reusing synthetic screen in {out}")
+        return ExperimentIndex.read_parquet(out / "index.parquet")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     treatments = design_treatments(cfg)
     plates = _plate_names(cfg)
-    records, cell_tables = [], []
-    illum_all: dict[str, np.ndarray] = {}
     n_fields = (
         (len(treatments) - 1) * cfg.plates_per_batch + len(plates) * cfg.dmso_wells_per_plate
     ) * cfg.sites_per_well
     bar = tqdm(total=n_fields, desc="synthesising fields", unit="field", disable=not progress)
+    records, cell_tables, illum_all = [], [], {}
     for plate_no, (plate, batch) in enumerate(plates):
-        batch_no = int(batch[4:]) - 1
-        illum = illumination_field(cfg, plate_no)
-        illum_all[plate] = illum
-        gain = batch_gain(cfg, batch_no)
-        layout_rng = np.random.default_rng([cfg.seed, 4, plate_no])
-        wells = [treatments[0]] * cfg.dmso_wells_per_plate + [
-            t for t in treatments[1:] if t.batch == batch_no
-        ]
-        order = layout_rng.permutation(len(wells))  # randomised plate layout
-        for slot, t_idx in enumerate(order):
-            t = wells[t_idx]
-            well = _well_name(slot)
-            rng = np.random.default_rng([cfg.seed, 5, plate_no, slot])
-            density = _well_density(cfg, rng, t.moa, float(np.linalg.norm(t.effect)))
-            for site in range(1, cfg.sites_per_well + 1):
-                signal, nuc, cel, table = render_field(cfg, t.effect, density, rng)
-                img = _to_uint16(signal, illum, gain, rng)
-                stem = f"{plate}_{well}_s{site}"
-                rel = {}
-                for c, ch in enumerate(CHANNELS):
-                    rel[ch] = f"images/{plate}/{stem}_{ch}.tif"
-                    write_tiff(tmp / rel[ch], img[c])
-                write_tiff(tmp / f"masks/{plate}/{stem}_nuclei.tif", nuc, compress=True)
-                write_tiff(tmp / f"masks/{plate}/{stem}_cells.tif", cel, compress=True)
-                meta = {
-                    "Metadata_plate": plate,
-                    "Metadata_well": well,
-                    "Metadata_site": site,
-                    "Metadata_batch": batch,
-                    "Metadata_compound": t.compound,
-                    "Metadata_concentration": t.concentration,
-                    "Metadata_moa": t.moa,
-                }
-                records.append({**meta, **{f"Path_{ch}": p for ch, p in rel.items()}})
-                table = table.assign(**meta)
-                cell_tables.append(table)
-                bar.update(1)
+        illum_all[plate] = illumination_field(cfg, plate_no)
+        for meta, paths, table in _plate_fields(cfg, tmp, treatments, plate_no, plate, batch,
+                                                illum_all[plate]):
+            records.append({**meta, **paths})
+            cell_tables.append(table.assign(**meta))
+            bar.update(1)
     bar.close()
     index = build_index(pd.DataFrame(records), CHANNELS, tmp)
     index.write(tmp / "index.parquet")
@@ -404,24 +358,16 @@ def generate_screen(
     cells = cells[meta_cols + [c for c in cells.columns if c not in meta_cols]]
     cells = cells.rename(columns={"object": "Metadata_object"})
     write_parquet(tmp / "cells.parquet", cells)
-    tdf = pd.DataFrame(
-        [
-            {"compound": t.compound, "concentration": t.concentration, "moa": t.moa,
-             "batch": f"Week{t.batch + 1}" if t.batch >= 0 else "all"}
-            | {f"effect_{p}": float(v) for p, v in zip(PHENOTYPE, t.effect)}
-            for t in treatments
-        ]
-    )
-    tdf.to_csv(tmp / "treatments.csv", index=False)
+    pd.DataFrame([
+        {"compound": t.compound, "concentration": t.concentration, "moa": t.moa,
+         "batch": f"Week{t.batch + 1}" if t.batch >= 0 else "all"}
+        | {f"effect_{p}": float(v) for p, v in zip(PHENOTYPE, t.effect)}
+        for t in treatments
+    ]).to_csv(tmp / "treatments.csv", index=False)
     np.savez_compressed(tmp / "illumination.npz", **illum_all)
-    summary = {
-        "config": cfg.to_json(),
-        "n_fields": len(records),
-        "n_cells": len(cells),
-        "n_treatments": len(treatments) - 1,
-        "plates": [p for p, _ in plates],
-        "channels": list(CHANNELS),
-    }
+    summary = {"config": cfg.to_json(), "n_fields": len(records), "n_cells": len(cells),
+               "n_treatments": len(treatments) - 1, "plates": [p for p, _ in plates],
+               "channels": list(CHANNELS)}
     (tmp / "synth.json").write_text(json.dumps(summary, indent=2))
     if out.exists():
         shutil.rmtree(out)
@@ -430,6 +376,60 @@ def generate_screen(
     if log:
         log(f"synthetic screen: {len(records)} fields, {len(cells)} cells -> {out}")
     return ExperimentIndex.read_parquet(out / "index.parquet")
+
+
+def _reusable(out: Path, cfg: SynthConfig, overwrite: bool) -> bool:
+    """Whether ``out`` already holds this screen; a folder holding something else is an error
+    unless ``overwrite``."""
+    marker = out / "synth.json"
+    if marker.is_file():
+        try:
+            saved = json.loads(marker.read_text())
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{marker} is not valid JSON; remove {out} to regenerate") from exc
+        if saved.get("config") == cfg.to_json():
+            return True
+        if not overwrite:
+            raise InputError(
+                f"{out} holds a synthetic screen with other parameters; "
+                "pass overwrite=True (--overwrite) or choose another folder"
+            )
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"{out} exists and is not a synthetic screen; choose an empty folder")
+    return False
+
+
+def _plate_fields(cfg: SynthConfig, tmp: Path, treatments: list, plate_no: int, plate: str,
+                  batch: str, illum: np.ndarray):
+    """Render and write every field of one plate (randomised layout) into ``tmp``; yields
+    ``(metadata, {"Path_<channel>": file}, the field's cell table)`` per field."""
+    from morphoprof.io_utils import write_tiff
+
+    gain = batch_gain(cfg, int(batch[4:]) - 1)
+    layout_rng = np.random.default_rng([cfg.seed, 4, plate_no])
+    wells = [treatments[0]] * cfg.dmso_wells_per_plate + [
+        t for t in treatments[1:] if t.batch == int(batch[4:]) - 1
+    ]
+    order = layout_rng.permutation(len(wells))  # randomised plate layout
+    for slot, t_idx in enumerate(order):
+        t = wells[t_idx]
+        well = _well_name(slot)
+        rng = np.random.default_rng([cfg.seed, 5, plate_no, slot])
+        density = _well_density(cfg, rng, t.moa, float(np.linalg.norm(t.effect)))
+        for site in range(1, cfg.sites_per_well + 1):
+            signal, nuc, cel, table = render_field(cfg, t.effect, density, rng)
+            img = _to_uint16(signal, illum, gain, rng)
+            stem = f"{plate}_{well}_s{site}"
+            rel = {}
+            for c, ch in enumerate(CHANNELS):
+                rel[f"Path_{ch}"] = f"images/{plate}/{stem}_{ch}.tif"
+                write_tiff(tmp / rel[f"Path_{ch}"], img[c])
+            write_tiff(tmp / f"masks/{plate}/{stem}_nuclei.tif", nuc, compress=True)
+            write_tiff(tmp / f"masks/{plate}/{stem}_cells.tif", cel, compress=True)
+            meta = {"Metadata_plate": plate, "Metadata_well": well, "Metadata_site": site,
+                    "Metadata_batch": batch, "Metadata_compound": t.compound,
+                    "Metadata_concentration": t.concentration, "Metadata_moa": t.moa}
+            yield meta, rel, table
 
 
 def load_ground_truth(screen: str | Path) -> dict:
