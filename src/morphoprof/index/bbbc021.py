@@ -144,6 +144,22 @@ def import_bbbc021(
         table = _keep_plates(table, plates, image_csv)
     moas = moa_lookup(moa_csv)
 
+    df = _bbbc021_table(table, image_csv, moas)
+    index = build_index(df, BBBC021_CHANNELS, root, controls=("DMSO",), source=image_csv,
+                        lines=table["morphoprof_line"].to_numpy())
+    try:
+        return finish_import(index, validate, check_shapes, progress, only_present)
+    except ValidationError as exc:
+        hint = _partial_download_hint(index, root, plates)
+        if hint:
+            raise ValidationError(f"{exc.what} ({hint})", exc.problems) from exc
+        raise
+
+
+def _bbbc021_table(table: pd.DataFrame, image_csv: Path, moas: dict) -> pd.DataFrame:
+    """The index rows (canonical metadata and ``Path_<channel>`` columns) of BBBC021's image
+    table; a file name without a site or a plate without a ``WeekN_`` prefix is a problem
+    naming its line, all raised together."""
     problems: list[str] = []
     sites = np.zeros(len(table), dtype=np.int64)
     batches = []
@@ -192,15 +208,7 @@ def import_bbbc021(
                 strict=True,
             )
         ]
-    index = build_index(df, BBBC021_CHANNELS, root, controls=("DMSO",), source=image_csv,
-                        lines=table["morphoprof_line"].to_numpy())
-    try:
-        return finish_import(index, validate, check_shapes, progress, only_present)
-    except ValidationError as exc:
-        hint = _partial_download_hint(index, root, plates)
-        if hint:
-            raise ValidationError(f"{exc.what} ({hint})", exc.problems) from exc
-        raise
+    return df
 
 
 def _keep_plates(table: pd.DataFrame, plates: Sequence[str], image_csv: Path) -> pd.DataFrame:

@@ -134,24 +134,9 @@ def mil_setup(cfg: dict, images: np.ndarray, n_classes: int, out: Path,
     trunk is frozen (default for pretrained timm trunks), compute or reuse its feature maps of
     ``images`` under the 8 rotations / reflections (1 without ``images.augment``), cached in
     ``mil.cache`` (default ``out/mil/trunk_maps``)."""
-    import time
-
     import torch
 
-    from morphoprof.models.mil import (
-        LastStageHead,
-        MILHead,
-        MILNet,
-        TrunkPrefix,
-        make_trunk,
-    )
-    from morphoprof.models.mil_cache import (
-        CachedMapDataset,
-        cache_compute_seconds,
-        cache_key,
-        cached_trunk_maps,
-        trunk_maps,
-    )
+    from morphoprof.models.mil import MILNet, make_trunk
     from morphoprof.models.training import ImageClassifier
 
     m, train, seed = cfg["mil"], cfg["train"], cfg["train"]["seed"]
@@ -185,6 +170,29 @@ def mil_setup(cfg: dict, images: np.ndarray, n_classes: int, out: Path,
 
         return MILSetup(make, mean, std, None, full_net, info)
 
+    return _frozen_setup(cfg, trunk, mcfg, kw, images, mean, std, info, out, progress, log)
+
+
+def _frozen_setup(cfg: dict, trunk, mcfg, kw: dict, images: np.ndarray, mean, std, info: dict,
+                  out: Path, progress: bool, log) -> MILSetup:
+    """:func:`mil_setup` of a frozen trunk: its feature maps of ``images`` computed once (or
+    read from the cache) and only the MIL head (and, with ``unfreeze_last_stage``, the
+    trunk's last stage) trained on them."""
+    import time
+
+    import torch
+
+    from morphoprof.models.mil import LastStageHead, MILHead, MILNet, TrunkPrefix
+    from morphoprof.models.mil_cache import (
+        CachedMapDataset,
+        cache_compute_seconds,
+        cache_key,
+        cached_trunk_maps,
+        trunk_maps,
+    )
+    from morphoprof.models.training import ImageClassifier
+
+    m, seed = cfg["mil"], cfg["train"]["seed"]
     for p in trunk.parameters():
         p.requires_grad_(False)
     last = bool(m["unfreeze_last_stage"])
