@@ -374,7 +374,6 @@ def run_pipeline(cfg: dict, config_text: str, progress: bool = True, log=print,
                  config_path: str | None = None) -> dict:
     """Run every stage of a validated config; returns the evaluation dict (plus timings)."""
     from morphoprof.io_utils import check_writable
-    from morphoprof.report.html import write_report
 
     out = check_writable(cfg["output"], folder=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -431,24 +430,7 @@ def run_pipeline(cfg: dict, config_text: str, progress: bool = True, log=print,
     for w in evaluation["warnings"]:
         log(f"warning: {w}")
     log("[7/7] report")
-    summary = dataset_summary(index)
-    qc = None
-    if seg is not None:
-        summary["segmented cells"] = seg["cells"]
-        summary["fields without cells"] = seg["image_sets_without_cells"]
-        summary["skipped files"] = len(seg["skipped"])
-        qc = cells_per_well(out / "cells.parquet", index)
-    summary["feature extraction"] = extraction_summary(extraction, len(index))
-    if qc is None:
-        qc = fields_per_well(index)
-    write_report(out / "report.html", evaluation, read_parquet(treatments), summary,
-                 config_text=yaml.safe_dump(applied_config(cfg), sort_keys=False),
-                 cells_per_well=qc, qc_title=("segmented cells per well" if seg is not None
-                                              else "fields (image sets) per well"),
-                 header=report_header(inputs={"configuration": config_path or "(built in)",
-                                              "data": cfg["data"]["path"] or "",
-                                              "output": str(out)}),
-                 examples=example_fields(index, cfg["channels"]))
+    _run_report(out, cfg, index, evaluation, treatments, seg, extraction, config_path)
     timings["total_s"] = time.perf_counter() - t0
     for key in ("nsc", "nscb"):
         r = evaluation.get(key)
@@ -457,3 +439,28 @@ def run_pipeline(cfg: dict, config_text: str, progress: bool = True, log=print,
     log(f"wrote {out / 'evaluation.json'} and {out / 'report.html'} "
         f"in {timings['total_s']:.0f} s")
     return {"evaluation": evaluation, "timings": timings, "extraction": extraction}
+
+
+def _run_report(out: Path, cfg: dict, index: ExperimentIndex, evaluation: dict,
+                treatments: Path, seg: dict | None, extraction: dict,
+                config_path: str | None) -> None:
+    """``out/report.html`` of a run: the dataset (and segmentation) summary, the QC plate map
+    (segmented cells per well, else fields per well), the settings that applied, examples."""
+    from morphoprof.report.html import write_report
+
+    summary = dataset_summary(index)
+    if seg is not None:
+        summary["segmented cells"] = seg["cells"]
+        summary["fields without cells"] = seg["image_sets_without_cells"]
+        summary["skipped files"] = len(seg["skipped"])
+    summary["feature extraction"] = extraction_summary(extraction, len(index))
+    qc = cells_per_well(out / "cells.parquet", index) if seg is not None else \
+        fields_per_well(index)
+    write_report(out / "report.html", evaluation, read_parquet(treatments), summary,
+                 config_text=yaml.safe_dump(applied_config(cfg), sort_keys=False),
+                 cells_per_well=qc, qc_title=("segmented cells per well" if seg is not None
+                                              else "fields (image sets) per well"),
+                 header=report_header(inputs={"configuration": config_path or "(built in)",
+                                              "data": cfg["data"]["path"] or "",
+                                              "output": str(out)}),
+                 examples=example_fields(index, cfg["channels"]))

@@ -104,16 +104,7 @@ def fetch(
             time.sleep(min(2**attempt, 10) * 0.1)
             continue
         with resp:
-            if start and resp.status == 206:
-                m = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.headers.get("Content-Range", ""))
-                if not m or int(m.group(1)) != start:
-                    raise DownloadError(f"{url}: server sent an unexpected Content-Range")
-                total = int(m.group(3)) if m.group(3) != "*" else None
-                mode = "ab"
-            else:  # no partial file, or the server ignored the Range header: start over
-                start, mode = 0, "wb"
-                length = resp.headers.get("Content-Length")
-                total = int(length) if length is not None else None
+            start, mode, total = _range_of(resp, start, url)
             bar = tqdm(
                 total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
                 desc=dest.name, disable=not progress, leave=False,
@@ -132,18 +123,37 @@ def fetch(
         if total is not None and size < total:
             last_error = DownloadError(f"{dest.name}: transfer stopped at {size} of {total} bytes")
             continue
-        if total is not None and size != total:
-            part.unlink()
-            raise DownloadError(f"{dest.name}: got {size} bytes, the server announced {total}")
-        if checksum:
-            try:
-                _check_checksum(part, checksum, dest.name)
-            except DownloadError:
-                part.unlink()
-                raise
+        _verify(part, dest.name, size, total, checksum)
         os.replace(part, dest)
         return dest
     raise DownloadError(f"{url}: download failed after {retries + 1} attempts: {last_error}")
+
+
+def _range_of(resp, start: int, url: str) -> tuple[int, str, int | None]:
+    """(offset, file mode, total bytes or None) of the response to a request for the bytes
+    from ``start`` on: appended after a partial file (206), else written from the start (the
+    server ignored the Range header)."""
+    if start and resp.status == 206:
+        m = re.match(r"bytes (\d+)-(\d+)/(\d+|\*)", resp.headers.get("Content-Range", ""))
+        if not m or int(m.group(1)) != start:
+            raise DownloadError(f"{url}: server sent an unexpected Content-Range")
+        return start, "ab", int(m.group(3)) if m.group(3) != "*" else None
+    length = resp.headers.get("Content-Length")
+    return 0, "wb", int(length) if length is not None else None
+
+
+def _verify(part: Path, name: str, size: int, total: int | None, checksum: str | None) -> None:
+    """A complete download's size against the server's and its checksum; the partial file is
+    removed when either is wrong (DownloadError)."""
+    if total is not None and size != total:
+        part.unlink()
+        raise DownloadError(f"{name}: got {size} bytes, the server announced {total}")
+    if checksum:
+        try:
+            _check_checksum(part, checksum, name)
+        except DownloadError:
+            part.unlink()
+            raise
 
 
 def _verify_zip(path: Path) -> list[str]:
@@ -237,30 +247,10 @@ def download_bbbc021(
         zip_path = dest / "zips" / name
         if log:
             log(f"[{k}/{len(wanted)}] {plate}")
-        for attempt in range(2):
-            fetch(_join(base_url, name), zip_path, checksums.get(name), progress=progress)
-            try:
-                _verify_zip(zip_path)
-                break
-            except DownloadError:
-                zip_path.unlink()  # corrupt: fetch once more from scratch, then give up
-                if attempt == 1:
-                    raise
+        _fetch_zip(_join(base_url, name), zip_path, checksums.get(name), progress)
         digest = file_digest(zip_path)
         n_files = _unpack_plate(zip_path, plate_dir)
-        expected = table.loc[table["Image_Metadata_Plate_DAPI"].astype(str) == plate]
-        missing = [
-            f
-            for col in ("Image_FileName_DAPI", "Image_FileName_Tubulin", "Image_FileName_Actin")
-            if col in expected.columns
-            for f in expected[col].astype(str)
-            if not (plate_dir / f).is_file()
-        ]
-        if missing:
-            raise DownloadError(
-                f"{name}: {len(missing)} image(s) listed in BBBC021_v1_image.csv are not in the "
-                f"archive, e.g. {missing[:3]}"
-            )
+        _check_plate(table, plate, plate_dir, name)
         write_json(done, {"zip": name, "sha256": digest, "files": n_files})
         if not keep_zips:
             zip_path.unlink()
@@ -268,6 +258,37 @@ def download_bbbc021(
     summary = {"dest": str(dest), "fetched": fetched, "skipped": skipped, "plates": wanted}
     write_json(state_dir / "last_download.json", summary)
     return summary
+
+
+def _fetch_zip(url: str, zip_path: Path, checksum: str | None, progress: bool) -> None:
+    """Fetch a plate zip and check the archive; a corrupt one is fetched once more from
+    scratch, then is an error."""
+    for attempt in range(2):
+        fetch(url, zip_path, checksum, progress=progress)
+        try:
+            _verify_zip(zip_path)
+            return
+        except DownloadError:
+            zip_path.unlink()
+            if attempt == 1:
+                raise
+
+
+def _check_plate(table, plate: str, plate_dir: Path, name: str) -> None:
+    """Every image the image table lists for ``plate`` was unpacked into ``plate_dir``."""
+    expected = table.loc[table["Image_Metadata_Plate_DAPI"].astype(str) == plate]
+    missing = [
+        f
+        for col in ("Image_FileName_DAPI", "Image_FileName_Tubulin", "Image_FileName_Actin")
+        if col in expected.columns
+        for f in expected[col].astype(str)
+        if not (plate_dir / f).is_file()
+    ]
+    if missing:
+        raise DownloadError(
+            f"{name}: {len(missing)} image(s) listed in BBBC021_v1_image.csv are not in the "
+            f"archive, e.g. {missing[:3]}"
+        )
 
 
 def load_checksums(path: str | Path) -> dict[str, str]:

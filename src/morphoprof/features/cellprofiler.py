@@ -150,10 +150,8 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
         schema = pa.unify_schemas([pq.read_schema(f) for f in converted],
                                   promote_options="permissive")
         names, dropped = _rename(schema.names)
-        notes = []
-        if "Metadata_plate" not in names.values():
-            notes.append(f"note: {path.name} has no plate metadata; Metadata_plate = "
-                         f"{plate or path.stem!r}")
+        notes = [f"note: {path.name} has no plate metadata; Metadata_plate = "
+                 f"{plate or path.stem!r}"] if "Metadata_plate" not in names.values() else []
         if "Metadata_well" not in names.values():
             notes.append(f"note: {path.name} has no well metadata; each image is its own well "
                          "(Metadata_well = image<ImageNumber>)")
@@ -162,19 +160,9 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
         batches = (b for f in converted for b in pq.ParquetFile(f).iter_batches(
             batch_size=_JOIN_ROWS))
         for batch in batches:
-            df = batch.to_pandas().reindex(columns=schema.names).rename(columns=names)[
-                list(names.values())]
-            if "Metadata_plate" not in df.columns:
-                df.insert(0, "Metadata_plate", plate or path.stem)
-            if "Metadata_well" not in df.columns:
-                df.insert(1, "Metadata_well", "image" + df["Metadata_ImageNumber"].astype(str))
-            df["Metadata_well"] = df["Metadata_well"].astype(str)
+            df = _cells_frame(batch, schema.names, names, plate or path.stem, pm)
             if pm is not None:
-                df = df.merge(pm, on="Metadata_well", how="left", validate="many_to_one",
-                              indicator="_matched")
                 unmatched += int((df.pop("_matched") == "left_only").sum())
-            meta = [c for c in df.columns if c.startswith("Metadata_")]
-            df = df[meta + [c for c in df.columns if c not in meta]]
             table = pa.Table.from_pandas(df, preserve_index=False)
             if writer is None:
                 writer = pq.ParquetWriter(tmp, table.schema)
@@ -203,6 +191,23 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
         for n in notes:
             log(n)
     return summary
+
+
+def _cells_frame(batch, columns: list[str], names: dict, plate: str, platemap):
+    """One joined CytoTable batch as morphoprof's cell rows: renamed columns, plate and well
+    filled in where the source has none, the plate map joined (``_matched`` says which rows
+    found their well), metadata columns first."""
+    df = batch.to_pandas().reindex(columns=columns).rename(columns=names)[list(names.values())]
+    if "Metadata_plate" not in df.columns:
+        df.insert(0, "Metadata_plate", plate)
+    if "Metadata_well" not in df.columns:
+        df.insert(1, "Metadata_well", "image" + df["Metadata_ImageNumber"].astype(str))
+    df["Metadata_well"] = df["Metadata_well"].astype(str)
+    if platemap is not None:
+        df = df.merge(platemap, on="Metadata_well", how="left", validate="many_to_one",
+                      indicator="_matched")
+    meta = [c for c in df.columns if c.startswith("Metadata_")]
+    return df[meta + [c for c in df.columns if c not in meta]]
 
 
 def _convert(source: Path, dest: Path, preset: str, chunk_size: int) -> list[Path]:
