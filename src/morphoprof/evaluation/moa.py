@@ -133,19 +133,7 @@ def nearest_neighbor_moa(
     if lonely:
         warnings.append(f"MoA(s) {lonely} have a single compound: under {mode.upper()} their "
                         "treatments have no same-MoA neighbour and count as errors")
-    preds, records = [], []
-    for i in range(len(df)):
-        cand = np.flatnonzero(allowed[i])
-        if len(cand) == 0:
-            preds.append(None)
-            continue
-        order = cand[np.argsort(-sim[i, cand], kind="stable")]
-        j = order[0]
-        preds.append(moas[j] if k == 1 else _vote(moas, sim[i], order[:k]))
-        records.append({"compound": compounds[i], "concentration": float(concs[i]),
-                        "moa": moas[i], "predicted": preds[-1],
-                        "neighbour": f"{compounds[j]}@{concs[j]}",
-                        "similarity": float(sim[i, j])})
+    preds, records = _predict(sim, allowed, moas, compounds, concs, k)
     scored = [(t, p) for t, p in zip(moas, preds, strict=True) if p is not None]
     summary = ClassificationSummary.from_names([t for t, _ in scored], [p for _, p in scored],
                                                labels=sorted(set(moas)))
@@ -162,6 +150,26 @@ def nearest_neighbor_moa(
         "k": int(k),
         "warnings": warnings,
     }
+
+
+def _predict(sim: np.ndarray, allowed: np.ndarray, moas: np.ndarray, compounds: np.ndarray,
+             concs: np.ndarray, k: int) -> tuple[list, list[dict]]:
+    """Each treatment's predicted MoA from its most similar allowed treatments (None when none
+    is allowed), and one record per prediction (its nearest neighbour and similarity)."""
+    preds, records = [], []
+    for i in range(len(moas)):
+        cand = np.flatnonzero(allowed[i])
+        if len(cand) == 0:
+            preds.append(None)
+            continue
+        order = cand[np.argsort(-sim[i, cand], kind="stable")]
+        j = order[0]
+        preds.append(moas[j] if k == 1 else _vote(moas, sim[i], order[:k]))
+        records.append({"compound": compounds[i], "concentration": float(concs[i]),
+                        "moa": moas[i], "predicted": preds[-1],
+                        "neighbour": f"{compounds[j]}@{concs[j]}",
+                        "similarity": float(sim[i, j])})
+    return preds, records
 
 
 def _vote(moas: np.ndarray, similarity: np.ndarray, neighbours: np.ndarray) -> str:

@@ -144,7 +144,6 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
     except OSError as exc:
         raise InputError(f"cannot write to {out}: {exc}") from exc
     t0 = time.perf_counter()
-    writer = None
     try:
         converted = _convert(path, work, PRESETS[kind], chunk_size)
         schema = pa.unify_schemas([pq.read_schema(f) for f in converted],
@@ -156,28 +155,16 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
             notes.append(f"note: {path.name} has no well metadata; each image is its own well "
                          "(Metadata_well = image<ImageNumber>)")
         tmp = work / "cells.parquet"
-        rows, unmatched = 0, 0
         batches = (b for f in converted for b in pq.ParquetFile(f).iter_batches(
             batch_size=_JOIN_ROWS))
-        for batch in batches:
-            df = _cells_frame(batch, schema.names, names, plate or path.stem, pm)
-            if pm is not None:
-                unmatched += int((df.pop("_matched") == "left_only").sum())
-            table = pa.Table.from_pandas(df, preserve_index=False)
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table.cast(writer.schema))
-            rows += len(df)
-        if writer is None:
+        frames = (_cells_frame(b, schema.names, names, plate or path.stem, pm) for b in batches)
+        rows, unmatched, written = _write_cells(frames, tmp, pm is not None)
+        if rows is None:
             raise InputError(f"{path}: no objects to import")
-        writer.close()
-        written = writer.schema.names
         os.replace(tmp, target)
     except OSError as exc:
         raise InputError(f"cannot write {target}: {exc}") from exc
     finally:
-        if writer is not None:
-            writer.close()  # a no-op when closed above; releases the file on an error
         shutil.rmtree(work, ignore_errors=True)
     if unmatched:
         notes.append(f"warning: {unmatched} cells in wells missing from {platemap}")
@@ -191,6 +178,31 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
         for n in notes:
             log(n)
     return summary
+
+
+def _write_cells(frames, path: Path, joined: bool) -> tuple[int | None, int, list[str]]:
+    """Write cell frames into one Parquet file (the first frame's schema; later ones cast to
+    it): (rows, rows without a plate-map well, column names); rows None when there were no
+    frames. ``joined``: the frames carry ``_matched`` from the plate-map join."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    writer, rows, unmatched = None, 0, 0
+    try:
+        for df in frames:
+            if joined:
+                unmatched += int((df.pop("_matched") == "left_only").sum())
+            table = pa.Table.from_pandas(df, preserve_index=False)
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema)
+            writer.write_table(table.cast(writer.schema))
+            rows += len(df)
+    finally:
+        if writer is not None:
+            writer.close()  # also on an error: releases the file
+    if writer is None:
+        return None, 0, []
+    return rows, unmatched, writer.schema.names
 
 
 def _cells_frame(batch, columns: list[str], names: dict, plate: str, platemap):

@@ -165,15 +165,13 @@ def cross_validate(
         acc = float((p.argmax(1) == y[test_rows]).mean())
         fold_results.append({"fold": f, "held_out": held, "n_train": int(len(train_rows)),
                              "n_test": int(len(test_rows)), "image_accuracy": acc,
-                             "train_seconds": float(info["seconds"]),
-                             "epochs_run": info["epochs_run"]})
+                             "train_seconds": float(info["seconds"]), "epochs_run":
+                             info["epochs_run"]})
         if log:
             log(f"fold {f + 1}/{len(folds)}: image accuracy {acc:.3f} on held-out {cv.group}")
-    pred_table = table[[c for c in table.columns if c.startswith("Metadata_")]].copy()
-    pred_table["Metadata_fold"] = fold_of
-    for k, c in enumerate(classes):
-        pred_table[f"p_{c}"] = probs[:, k]
-    write_parquet(out_dir / "predictions.parquet", pred_table)
+    write_parquet(out_dir / "predictions.parquet", table[[
+        c for c in table.columns if c.startswith("Metadata_")]].assign(
+        Metadata_fold=fold_of, **{f"p_{c}": probs[:, k] for k, c in enumerate(classes)}))
 
     ttrue, tpred, conformal = _treatments(table, probs, classes, cv, out_dir)
     result = {

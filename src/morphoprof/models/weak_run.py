@@ -187,13 +187,11 @@ def run_weak(cfg: dict, config_text: str = "", progress: bool = True,
     (embeddings of every cell, one Parquet shard per plate, with a manifest).
     """
     import torch
-    from torch.utils.data import DataLoader
 
     from morphoprof.models.data import ImageTensorDataset
     from morphoprof.models.run import fit_config
     from morphoprof.models.training import fit
     from morphoprof.models.weak import embed_crops, extractor_from_checkpoint
-    from morphoprof.models.weak_data import CellGroups, SequenceBatchSampler, WeakTrainSet
 
     out = Path(cfg["output"])
     folder = out / "weak"
@@ -218,18 +216,9 @@ def run_weak(cfg: dict, config_text: str = "", progress: bool = True,
     w = cfg["weak"]
     module = _weak_module(cfg, classes, channels, raw_size, int(crops.shape[-1]))
     mean, std = module.input_mean, module.input_std
-    batch_codes = pd.factorize(table[batch_col].astype(str))[0]
-    well_codes = pd.factorize(table[PLATE].astype(str) + "/" + table[WELL].astype(str))[0]
-    groups = CellGroups(labels[train], batch_codes[train], well_codes[train], len(classes))
-    train_set = WeakTrainSet(crops[train], groups, w["mixup_alpha"], w["shift"], w["augment"],
-                             mean, std)
     fcfg = fit_config(cfg["train"], progress)
-    per_epoch = w["cells_per_epoch"] or len(train)
-    lengths = w["lengths"] if w["gru"] else [1]
-    sampler = SequenceBatchSampler(-(-per_epoch // fcfg.batch_size), fcfg.batch_size, lengths,
-                                   seed)
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=fcfg.num_workers,
-                        persistent_workers=fcfg.num_workers > 0)
+    loader, sampler = _weak_loader(cfg, table, batch_col, crops, labels, train, len(classes),
+                                   mean, std, fcfg)
     val_set = (ImageTensorDataset(crops[val], labels[val], mean=mean, std=std)
                if len(val) else None)
     last = folder / "checkpoints" / "last.ckpt"
@@ -255,21 +244,18 @@ def run_weak(cfg: dict, config_text: str = "", progress: bool = True,
         "layer": extractor.cfg.layer, "epochs_run": result["epochs_run"],
         "world_size": result["world_size"],
         "train_batches_per_epoch_per_process": result["train_batches_per_epoch"],
-        "train_batches_per_epoch": sampler.n_batches,
-        "train_seconds": result["seconds"],
+        "train_batches_per_epoch": sampler.n_batches, "train_seconds": result["seconds"],
         "train_cells_per_s": cells_trained / result["seconds"] if cells_trained else None,
-        "chance_accuracy": 1.0 / len(classes),
-    }
+        "chance_accuracy": 1.0 / len(classes)}
     if len(test):
         summary.update(_heldout_scores(predict_labels(module, crops[test], mean, std),
                                        labels[test], classes))
     feats, seconds = embed_crops(extractor, crops, channels, progress)
     summary["extract_cells_per_s"] = len(crops) / seconds if seconds > 0 else None
     meta = table[[col for col in table.columns if str(col).startswith(("Metadata_",
-                                                                       "Nuclei_Loc"))]].copy()
-    meta["Metadata_split"] = part
-    _write_embeddings(out / FEATURES, meta, feats, extractor.column_names(channels,
-                                                                          feats.shape[1]),
+                                                                       "Nuclei_Loc"))]]
+    _write_embeddings(out / FEATURES, meta.assign(Metadata_split=part), feats,
+                      extractor.column_names(channels, feats.shape[1]),
                       {"extractor": "weak", "checkpoint": str(ckpt),
                        "checkpoint_sha256": file_sha256(ckpt), "layer": extractor.cfg.layer,
                        "n_cells": len(crops)})
@@ -297,6 +283,27 @@ def _weak_cells(cfg: dict, out: Path, progress: bool, log
     keep = select_mask(table, cfg["select"])
     return (raw[keep], table[keep].reset_index(drop=True), channels,
             str(data["table"] or data["path"]))
+
+
+def _weak_loader(cfg: dict, table: pd.DataFrame, batch_col: str, crops: np.ndarray,
+                 labels: np.ndarray, train: np.ndarray, n_classes: int, mean, std, fcfg):
+    """(the training DataLoader, its sequence batch sampler): batches of same-label sequences
+    drawn across batches (``batch_col``) and wells, with mixup and augmentation."""
+    from torch.utils.data import DataLoader
+
+    from morphoprof.models.weak_data import CellGroups, SequenceBatchSampler, WeakTrainSet
+
+    w = cfg["weak"]
+    batch_codes = pd.factorize(table[batch_col].astype(str))[0]
+    well_codes = pd.factorize(table[PLATE].astype(str) + "/" + table[WELL].astype(str))[0]
+    groups = CellGroups(labels[train], batch_codes[train], well_codes[train], n_classes)
+    train_set = WeakTrainSet(crops[train], groups, w["mixup_alpha"], w["shift"], w["augment"],
+                             mean, std)
+    per_epoch = w["cells_per_epoch"] or len(train)
+    sampler = SequenceBatchSampler(-(-per_epoch // fcfg.batch_size), fcfg.batch_size,
+                                   w["lengths"] if w["gru"] else [1], cfg["train"]["seed"])
+    return DataLoader(train_set, batch_sampler=sampler, num_workers=fcfg.num_workers,
+                      persistent_workers=fcfg.num_workers > 0), sampler
 
 
 def _weak_module(cfg: dict, classes: list, channels: list[str], raw_size: int,
