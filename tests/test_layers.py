@@ -77,3 +77,15 @@ def test_stages_do_not_import_shard_storage_from_features():
     # shard storage sits below every stage (preprocess writes crop shards with it)
     assert not (PACKAGE / "features" / "shards.py").exists()
     assert all(b != "features" for f, a, b in _imports() if a == "preprocess")
+
+
+def test_every_function_is_shorter_than_80_lines():
+    """Issue 20's bound: a function that grows past it is split into named steps."""
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n >= 80:
+                    long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({n})")
+    assert long == []

@@ -260,8 +260,6 @@ class ExperimentIndex:
             if problems:
                 raise ValidationError("experiment index", problems)
             return
-        from morphoprof.images.read import image_shape
-
         chans = list(channels or self.channels)
         shapes: dict[int, tuple[int, int]] = {}
         rows = range(len(self.table))
@@ -284,21 +282,10 @@ class ExperimentIndex:
                 if reason:
                     problems.append(reason)
                     continue
-            if not check_shapes:
-                continue
-            row_shapes = {}
-            for ch, p, fr in zip(chans, self.paths(i, chans), self.frames(i, chans)):
-                try:
-                    row_shapes[ch] = (image_shape(p, fr), p)
-                except ImageReadError as exc:
-                    problems.append(f"{self.describe(i)}, channel {ch}: unreadable file {p}: "
-                                    f"{exc}")
-            distinct = {s for s, _ in row_shapes.values()}
-            if len(distinct) > 1:
-                desc = ", ".join(f"{ch}={s} ({p})" for ch, (s, p) in row_shapes.items())
-                problems.append(f"{self.describe(i)}: channel shapes differ: {desc}")
-            elif distinct:
-                shapes[i] = distinct.pop()
+            if check_shapes:
+                shape = self._row_shape(i, chans, problems)
+                if shape is not None:
+                    shapes[i] = shape
         for folder, rows_of in absent.items():
             n = len(rows_of)
             problems.append(f"folder not found: {folder} (needed by {n} image set"
@@ -314,6 +301,26 @@ class ExperimentIndex:
                     )
         if problems:
             raise ValidationError("experiment index", problems)
+
+    def _row_shape(self, i: int, chans: list[str], problems: list[str]
+                   ) -> tuple[int, int] | None:
+        """The (H, W) every channel of image set ``i`` shares, read from the file headers;
+        None (and a problem added) when a file is unreadable or the channels differ."""
+        from morphoprof.images.read import image_shape
+
+        row_shapes = {}
+        for ch, p, fr in zip(chans, self.paths(i, chans), self.frames(i, chans)):
+            try:
+                row_shapes[ch] = (image_shape(p, fr), p)
+            except ImageReadError as exc:
+                problems.append(f"{self.describe(i)}, channel {ch}: unreadable file {p}: "
+                                f"{exc}")
+        distinct = {s for s, _ in row_shapes.values()}
+        if len(distinct) > 1:
+            desc = ", ".join(f"{ch}={s} ({p})" for ch, (s, p) in row_shapes.items())
+            problems.append(f"{self.describe(i)}: channel shapes differ: {desc}")
+            return None
+        return distinct.pop() if distinct else None
 
     def _deep_problem(self, i: int, channels: list[str]) -> str:
         """Why image set ``i`` cannot be used as pixels ("" when it can): the same read and

@@ -141,12 +141,7 @@ def cross_validate(
     classes, y = _labels(table, cv)
     wells = (table[PLATE].astype(str) + "/" + table[WELL].astype(str)).to_numpy()
     folds = group_folds(table, cv.label, cv.group, cv.folds, cv.seed)
-    if make_dataset is None:
-        def make_dataset(rows: np.ndarray, targets: np.ndarray, train: bool) -> Dataset:
-            if train:
-                return ImageTensorDataset(images[rows], targets, augment=cv.augment,
-                                          crop=cv.crop, mean=cv.mean, std=cv.std)
-            return ImageTensorDataset(images[rows], targets, mean=cv.mean, std=cv.std)
+    make_dataset = make_dataset or _image_datasets(images, cv)
 
     probs = np.full((len(table), len(classes)), np.nan)
     fold_of = np.full(len(table), -1)
@@ -185,6 +180,18 @@ def cross_validate(
     }
     write_json(out_dir / "cv.json", result)
     return result
+
+
+def _image_datasets(images: np.ndarray, cv: CVConfig):
+    """``(rows, targets, train) -> Dataset`` of ``images``: augmented and cropped as ``cv``
+    says for training, plain for validation and test; normalised either way."""
+    def make_dataset(rows: np.ndarray, targets: np.ndarray, train: bool) -> Dataset:
+        if train:
+            return ImageTensorDataset(images[rows], targets, augment=cv.augment, crop=cv.crop,
+                                      mean=cv.mean, std=cv.std)
+        return ImageTensorDataset(images[rows], targets, mean=cv.mean, std=cv.std)
+
+    return make_dataset
 
 
 _DONE = "test_probabilities.npy"  # a fold's predictions: written last, so it marks it done

@@ -110,6 +110,16 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*exists and is not empty.*")
 
 
+def _keep_earlier_epochs(metrics_csv: Path, earlier: pd.DataFrame) -> None:
+    """Lightning's CSV logger starts a fresh file on resume: put the earlier epochs' rows
+    (those before the first new epoch) back in front."""
+    new = pd.read_csv(metrics_csv) if metrics_csv.is_file() else earlier.iloc[:0]
+    first = new["epoch"].min() if len(new) else np.inf
+    merged = pd.concat([earlier[earlier["epoch"] < first], new], ignore_index=True)
+    with atomic_path(metrics_csv) as tmp:
+        merged.to_csv(tmp, index=False)
+
+
 def fit(
     module: L.LightningModule,
     train: Dataset | DataLoader,
@@ -158,10 +168,8 @@ def fit(
     ]
     if val_loader is not None and cfg.patience > 0:
         callbacks.append(EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min"))
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16-mixed" if torch.cuda.is_available() and cfg.accelerator != "cpu" \
-            else "32-true"
+    precision = cfg.precision if cfg.precision != "auto" else (
+        "bf16-mixed" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "32-true")
     trainer = L.Trainer(
         max_epochs=cfg.epochs, default_root_dir=out_dir, callbacks=callbacks,
         logger=CSVLogger(out_dir, name="", version=""), accelerator=cfg.accelerator,
@@ -180,12 +188,7 @@ def fit(
     trainer.fit(module, train_loader, val_loader, ckpt_path=resumed)
     seconds = time.perf_counter() - t0
     if earlier is not None and trainer.global_rank == 0:
-        # Lightning's CSV logger starts a fresh file on resume: keep the earlier epochs' rows.
-        new = pd.read_csv(metrics_csv) if metrics_csv.is_file() else earlier.iloc[:0]
-        first = new["epoch"].min() if len(new) else np.inf
-        merged = pd.concat([earlier[earlier["epoch"] < first], new], ignore_index=True)
-        with atomic_path(metrics_csv) as tmp:
-            merged.to_csv(tmp, index=False)
+        _keep_earlier_epochs(metrics_csv, earlier)
     best = ckpt_dir / "best.ckpt"
     return {"epochs_run": int(trainer.current_epoch), "best_checkpoint": str(best),
             "last_checkpoint": str(last), "metrics_csv": str(metrics_csv),

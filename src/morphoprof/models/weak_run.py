@@ -221,16 +221,11 @@ def run_weak(cfg: dict, config_text: str = "", progress: bool = True,
                                    mean, std, fcfg)
     val_set = (ImageTensorDataset(crops[val], labels[val], mean=mean, std=std)
                if len(val) else None)
-    last = folder / "checkpoints" / "last.ckpt"
-    start = int(torch.load(last, map_location="cpu", weights_only=False)["epoch"]) + 1 \
-        if last.is_file() else 0
+    start = _resume_epoch(folder / "checkpoints" / "last.ckpt")
     result = fit(module, loader, folder, fcfg, val_set, log=log)
     if result["global_rank"] != 0:
         return result
-    cells_trained = 0
-    for epoch in range(start, result["epochs_run"]):
-        sampler.set_epoch(epoch)
-        cells_trained += sum(len(b) * b[0][1] for b in sampler.batches())
+    cells_trained = _cells_seen(sampler, start, result["epochs_run"])
     ckpt = Path(result["best_checkpoint"] if len(val) else result["last_checkpoint"])
     extractor, _ = extractor_from_checkpoint(ckpt, cfg["features"]["layer"],
                                              cfg["features"]["batch_size"])
@@ -283,6 +278,24 @@ def _weak_cells(cfg: dict, out: Path, progress: bool, log
     keep = select_mask(table, cfg["select"])
     return (raw[keep], table[keep].reset_index(drop=True), channels,
             str(data["table"] or data["path"]))
+
+
+def _resume_epoch(last: Path) -> int:
+    """The epoch a training resumed from checkpoint ``last`` starts at (0 without one)."""
+    import torch
+
+    if not last.is_file():
+        return 0
+    return int(torch.load(last, map_location="cpu", weights_only=False)["epoch"]) + 1
+
+
+def _cells_seen(sampler, start: int, stop: int) -> int:
+    """Cells the sequence batches of epochs ``start`` to ``stop`` served (this run's)."""
+    n = 0
+    for epoch in range(start, stop):
+        sampler.set_epoch(epoch)
+        n += sum(len(b) * b[0][1] for b in sampler.batches())
+    return n
 
 
 def _weak_loader(cfg: dict, table: pd.DataFrame, batch_col: str, crops: np.ndarray,

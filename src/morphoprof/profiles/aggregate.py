@@ -541,6 +541,20 @@ def _duckdb_medians(files: list[Path], by: list[str], feats: list[str], same_col
     return pd.concat(blocks, axis=1) if blocks else pd.DataFrame(index=groups.index)
 
 
+def _group_metadata_columns(res: pd.DataFrame, by: list[str], meta: list[str]) -> pd.DataFrame:
+    """The metadata of each group from the per-group summary ``res``: the ``by`` keys, every
+    other metadata column constant within all groups, ``Metadata_batch`` joined, the count."""
+    out = res[by].copy()
+    for k, c in enumerate(meta):
+        lo, hi, n = res[f"__min{k}"], res[f"__max{k}"], res[f"__n{k}"]
+        if ((n == 0) | ((n == res["__rows"]) & (lo == hi))).all():
+            out[c] = lo
+    if BATCH in meta and BATCH not in out.columns:
+        out[BATCH] = res["__batches"]
+    out[COUNT] = res[COUNT].astype(np.int64)
+    return out
+
+
 def aggregate_parquet(
     source: str | Path | Sequence[str | Path],
     by: Sequence[str],
@@ -601,25 +615,17 @@ def aggregate_parquet(
     # raises on a table with no rows
     res, values = _group_metadata(files, by, meta, COUNT in columns,
                                   feats if how == "mean" else (), threads)
-    if how == "mean":
-        if sphering is not None:
-            sph = list(sphering.features)
-            lacking = [f for f in sph if f not in feats]
-            if lacking:
-                raise InputError(f"{files[0]}: lacks feature(s) {lacking[:3]} the cell "
-                                 "sphering was fitted on")
-            values[sph] = sphering.transform(values[sph].to_numpy())
-    else:
+    if how == "mean" and sphering is not None:
+        sph = list(sphering.features)
+        lacking = [f for f in sph if f not in feats]
+        if lacking:
+            raise InputError(f"{files[0]}: lacks feature(s) {lacking[:3]} the cell "
+                             "sphering was fitted on")
+        values[sph] = sphering.transform(values[sph].to_numpy())
+    elif how == "median":
         values = _duckdb_medians(files, by, feats, same_columns, res[by], threads,
                                  memory_limit)
-    out = res[by].copy()
-    for k, c in enumerate(meta):
-        lo, hi, n = res[f"__min{k}"], res[f"__max{k}"], res[f"__n{k}"]
-        if ((n == 0) | ((n == res["__rows"]) & (lo == hi))).all():
-            out[c] = lo
-    if BATCH in meta and BATCH not in out.columns:
-        out[BATCH] = res["__batches"]
-    out[COUNT] = res[COUNT].astype(np.int64)
+    out = _group_metadata_columns(res, by, meta)
     values = values.astype(np.float32)
     values.index = res.index
     out = pd.concat([out, values], axis=1)
