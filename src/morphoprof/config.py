@@ -42,6 +42,7 @@ import yaml
 from pydantic import Field, create_model, field_validator
 from pydantic_core import PydanticCustomError
 
+from morphoprof.datasets.synthetic import SynthConfig
 from morphoprof.errors import ConfigError
 from morphoprof.evaluation.evaluate import EvaluationConfig
 from morphoprof.features.classical import ClassicalConfig
@@ -220,17 +221,8 @@ def _check_data(data: dict, problems: list[str]) -> None:
             problems.append("data.columns: required for source 'csv' (a mapping or a preset name)")
         if not data["channel_columns"]:
             problems.append("data.channel_columns: required for source 'csv'")
-    if data["synthetic"]:
-        from dataclasses import fields
-
-        from morphoprof.datasets.synthetic import SynthConfig
-
-        known = {f.name for f in fields(SynthConfig)}
-        for key in data["synthetic"]:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), sorted(known), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                problems.append(f"data.synthetic.{key}: unknown key{hint}")
+    if data["synthetic"]:  # kept as a mapping: the screen's SynthConfig is built from it
+        validate_section(SynthConfig, data["synthetic"], "data.synthetic.", problems)
 
 
 def _read_yaml(path: Path, what: str) -> tuple[Any, str]:

@@ -8,7 +8,9 @@ from pathlib import Path
 from morphoprof.cli.common import (
     add_command,
 )
+from morphoprof.datasets.synthetic import SynthConfig
 from morphoprof.errors import MorphoprofError
+from morphoprof.settings import add_options, from_options
 
 IMPORTERS = ("bbbc021", "bbbc021-6moa", "csv", "loaddata", "ome-zarr", "cellprofiler")
 
@@ -18,13 +20,9 @@ IMPORTER_ALIASES = {"bbbc021_6moa": "bbbc021-6moa", "ome_zarr": "ome-zarr"}
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
-    from morphoprof.datasets.synthetic import SynthConfig, generate_screen
+    from morphoprof.datasets.synthetic import generate_screen
 
-    cfg = SynthConfig(
-        n_moas=a.moas, compounds_per_moa=a.compounds_per_moa, n_batches=a.batches,
-        plates_per_batch=a.plates_per_batch, sites_per_well=a.sites, height=a.size[0],
-        width=a.size[1], cells_per_field=a.cells, cell_scale=a.cell_scale, seed=a.seed,
-    )
+    cfg = from_options(SynthConfig, a, height=a.size[0], width=a.size[1])
     generate_screen(a.out, cfg, overwrite=a.overwrite)
     return 0
 
@@ -147,16 +145,13 @@ def _add_synth(sub) -> None:
     s = add_command(sub, "synth", "generate a synthetic screen with ground truth",
                 outputs=[("out", True)])
     s.add_argument("--out", required=True, help="folder for the screen")
-    s.add_argument("--moas", type=int, default=4, help="mechanisms of action")
-    s.add_argument("--compounds-per-moa", type=int, default=3, help="compounds per MoA")
-    s.add_argument("--batches", type=int, default=3, help="batches (weeks)")
-    s.add_argument("--plates-per-batch", type=int, default=3, help="plates per batch")
-    s.add_argument("--sites", type=int, default=2, help="fields of view per well")
-    s.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"),
+    add_options(s, SynthConfig, ("n_moas", "compounds_per_moa", "n_batches", "plates_per_batch",
+                                 "sites_per_well", "cells_per_field", "cell_scale", "seed"),
+                flags={"n_moas": "--moas", "n_batches": "--batches",
+                       "sites_per_well": "--sites", "cells_per_field": "--cells"})
+    s.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=[
+        SynthConfig.model_fields["height"].default, SynthConfig.model_fields["width"].default],
                    help="field size, px")
-    s.add_argument("--cells", type=float, default=24.0, help="mean cells per field")
-    s.add_argument("--cell-scale", type=float, default=1.0, help="cell size multiplier")
-    s.add_argument("--seed", type=int, default=0, help="random seed")
     s.add_argument("--overwrite", action="store_true", help="replace an existing screen")
     s.set_defaults(func=cmd_synth)
 

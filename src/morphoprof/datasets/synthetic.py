@@ -22,18 +22,19 @@ Everything is seeded: the same :class:`SynthConfig` gives byte-identical files.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pydantic import Field, field_validator
 
 from morphoprof.errors import InputError
+from morphoprof.settings import Settings
 
 CHANNELS = ("DNA", "Tubulin", "Actin")
 PHENOTYPE = (
@@ -71,8 +72,7 @@ CYTOTOXIC = {"DNA damage": 0.6, "Protein synthesis": 0.7, "Eg5 inhibitors": 0.8}
 _ROWS = "BCDEFGHIJKLMNO"
 
 
-@dataclass(frozen=True)
-class SynthConfig:
+class SynthConfig(Settings):
     """Parameters of a synthetic screen. Defaults give a small screen (216 fields, 256x256).
 
     As in BBBC021, each compound (all its concentrations) is screened in one batch, on every plate
@@ -80,40 +80,37 @@ class SynthConfig:
     different batches, so that NSCB has neighbours to find. DMSO wells are on every plate.
     """
 
-    n_moas: int = 4
-    compounds_per_moa: int = 3
-    concentrations: tuple[float, ...] = (0.3, 1.0)
-    n_batches: int = 3
-    plates_per_batch: int = 3
-    dmso_wells_per_plate: int = 4
-    sites_per_well: int = 2
-    height: int = 256
-    width: int = 256
-    cells_per_field: float = 24.0
-    cell_scale: float = 1.0
-    compound_twist: float = 0.45
-    cell_noise: float = 0.35
-    batch_gain_spread: float = 0.2
-    illumination_strength: float = 0.35
-    seed: int = 0
-    channels: tuple[str, ...] = field(default=CHANNELS)
+    n_moas: int = Field(4, ge=1, le=len(MOA_EFFECTS), description="mechanisms of action")
+    compounds_per_moa: int = Field(3, ge=1, description="compounds per MoA")
+    concentrations: tuple[float, ...] = Field((0.3, 1.0), strict=False,
+                                              description="concentrations of each compound")
+    n_batches: int = Field(3, ge=1, description="batches (weeks)")
+    plates_per_batch: int = Field(3, ge=1, description="plates per batch")
+    dmso_wells_per_plate: int = Field(4, ge=0, description="DMSO wells per plate")
+    sites_per_well: int = Field(2, ge=1, description="fields of view per well")
+    height: int = Field(256, ge=32, description="field height, px")
+    width: int = Field(256, ge=32, description="field width, px")
+    cells_per_field: float = Field(24.0, gt=0, description="mean cells per field")
+    cell_scale: float = Field(1.0, gt=0, description="cell size multiplier")
+    compound_twist: float = Field(0.45, description="how far a compound's phenotype turns "
+                                  "away from its MoA's")
+    cell_noise: float = Field(0.35, ge=0, description="cell-to-cell variation")
+    batch_gain_spread: float = Field(0.2, ge=0, description="intensity gain spread of batches")
+    illumination_strength: float = Field(0.35, ge=0, description="vignetting of the fields")
+    seed: int = Field(0, description="random seed")
+    channels: tuple[str, ...] = Field(CHANNELS, strict=False, description="fixed: "
+                                      + ", ".join(CHANNELS))
 
-    def __post_init__(self) -> None:
-        if not 1 <= self.n_moas <= len(MOA_EFFECTS):
-            raise ValueError(f"n_moas must be in 1..{len(MOA_EFFECTS)}, got {self.n_moas}")
-        for name in ("compounds_per_moa", "n_batches", "plates_per_batch", "sites_per_well"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.height < 32 or self.width < 32:
-            raise ValueError(f"images must be at least 32x32, got {self.height}x{self.width}")
-        if tuple(self.channels) != CHANNELS:
+    @field_validator("channels")
+    @classmethod
+    def _fixed_channels(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if tuple(value) != CHANNELS:
             raise ValueError(f"channels are fixed to {CHANNELS}")
+        return tuple(value)
 
     def to_json(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["concentrations"] = list(self.concentrations)
-        d["channels"] = list(self.channels)
-        return d
+        """The parameters as JSON types (``synth.json``; lists for the tuples)."""
+        return self.model_dump(mode="json")
 
 
 @dataclass
