@@ -162,6 +162,7 @@ def add_options(parser: argparse.ArgumentParser, model: type[Settings],
     parser, so :func:`from_options` and the CLI's consistency test find it."""
     flags = flags or {}
     names = tuple(names or model.model_fields)
+    shown_flags = dict(parser.get_default("settings_flags") or {})  # dest -> flag, for errors
     for name in names:
         info = model.model_fields[name]
         kind, choices, many = _cli_type(info.annotation)
@@ -179,8 +180,10 @@ def add_options(parser: argparse.ArgumentParser, model: type[Settings],
         if kind is not bool and not choices:
             kw["metavar"] = flag.lstrip("-").upper().replace("-", "_")
         parser.add_argument(flag, **kw)
+        shown_flags[prefix + name] = flag
     shown = parser.get_default("settings_models") or ()
-    parser.set_defaults(settings_models=(*shown, (model, names, prefix)))
+    parser.set_defaults(settings_models=(*shown, (model, names, prefix)),
+                        settings_flags=shown_flags)
 
 
 def from_options(model: type[Settings], args: argparse.Namespace, prefix: str = "",
@@ -194,8 +197,12 @@ def from_options(model: type[Settings], args: argparse.Namespace, prefix: str = 
               if hasattr(args, prefix + name)}
     got, exc = _validated(model, {**values, **fixed})
     if exc is not None:
-        lines = [p.replace(p.split(":")[0], "--" + p.split(":")[0].replace("_", "-"), 1)
-                 for p in field_problems(exc, model)]
+        shown = getattr(args, "settings_flags", None) or {}
+        lines = []
+        for line in field_problems(exc, model):
+            name = line.split(":")[0]
+            flag = shown.get(prefix + name, "--" + name.replace("_", "-"))
+            lines.append(flag + line[len(name):])
         raise InputError("; ".join(lines)) from exc
     return got
 
