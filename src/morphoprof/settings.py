@@ -76,7 +76,7 @@ def field_problems(exc: ValidationError, model: type[BaseModel], path: str = "",
             seen.add(tuple(loc))
             want = " or ".join(_describe(a) for a in typing.get_args(union))
         elif kind == "extra_forbidden":
-            known = _field_names(model, loc[:-1])
+            known = list(getattr(_setting_loc(model, err["loc"][:-1])[2], "model_fields", {}))
             close = difflib.get_close_matches(loc[-1], known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {sorted(known)})"
             problems.append(f"{where}: unknown key{hint}" if style == "yaml"
@@ -220,21 +220,6 @@ def _validated(model: type[Settings], values: Mapping[str, Any]
         raise
     except ValidationError as exc:
         return None, exc
-
-
-def _annotation(model: type[BaseModel], loc: list[str]) -> Any:
-    annotation: Any = model
-    for part in loc:
-        fields = getattr(annotation, "model_fields", None)
-        if fields is None or part not in fields:
-            break
-        annotation = _unwrap(fields[part].annotation)
-    return annotation
-
-
-def _field_names(model: type[BaseModel], loc: list[str]) -> list[str]:
-    inner = _annotation(model, loc) if loc else model
-    return list(getattr(inner, "model_fields", {}))
 
 
 def _optional(model: type[BaseModel], name: str) -> bool:
