@@ -18,12 +18,9 @@ def build_index_from_config(data: dict, out: Path, progress: bool = True, log=pr
     ``log`` receives one line per image set left out of an import (None: silent)."""
     source = data["source"]
     if source == "synthetic":
-        params = dict(data["synthetic"] or {})
-        for key in ("concentrations", "channels"):
-            if key in params:
-                params[key] = tuple(params[key])
         screen = Path(data["path"]) if data["path"] else out / "synthetic_screen"
-        return generate_screen(screen, SynthConfig(**params), progress=progress, log=log)
+        return generate_screen(screen, SynthConfig(**(data["synthetic"] or {})),
+                               progress=progress, log=log)
     if source == "bbbc021":
         index = import_bbbc021(data["path"], data["image_csv"], data["moa_csv"],
                                progress=progress, plates=data.get("plates"),
