@@ -1,8 +1,9 @@
 """The ``morphoprof`` command line: a thin layer over the stage functions.
 
 One module per group of commands (:mod:`.run`, :mod:`.data`, :mod:`.stages`,
-:mod:`.profiles`), each adding its parsers and holding their handlers; options that are a
-stage's settings come from its settings model (:func:`morphoprof.settings.add_options`).
+:mod:`.profiles`), each listing its parser builders (``COMMANDS``) and holding their
+handlers; options that are a stage's settings come from its settings model
+(:func:`morphoprof.settings.add_options`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"morphoprof {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in (run, data, stages, profiles):  # the order of the help's command list
-        group.add_parsers(sub)
+        for add in group.COMMANDS:
+            add(sub)
     return p
 
 

@@ -133,17 +133,9 @@ def cmd_validate(a: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub) -> None:
-    """Add this module's commands to the sub-command parser ``sub``."""
-    _add_synth(sub)
-    _add_download(sub)
-    _add_import(sub)
-    _add_validate(sub)
-
-
 def _add_synth(sub) -> None:
     s = add_command(sub, "synth", "generate a synthetic screen with ground truth",
-                outputs=[("out", True)])
+                    outputs=[("out", True)])
     s.add_argument("--out", required=True, help="folder for the screen")
     add_options(s, SynthConfig, ("n_moas", "compounds_per_moa", "n_batches", "plates_per_batch",
                                  "sites_per_well", "cells_per_field", "cell_scale", "seed"),
@@ -158,7 +150,7 @@ def _add_synth(sub) -> None:
 
 def _add_download(sub) -> None:
     s = add_command(sub, "download", "download a public dataset (resumable, verified)",
-                outputs=[("dest", True)])
+                    outputs=[("dest", True)])
     s.add_argument("dataset", choices=["bbbc021"], help="the dataset")
     s.add_argument("--dest", required=True, help="folder to download into")
     s.add_argument("--plates", nargs="*", help="plate names, space or comma separated "
@@ -172,7 +164,7 @@ def _add_download(sub) -> None:
 
 def _add_import(sub) -> None:
     s = add_command(sub, "import", "build an experiment index (index.parquet)",
-                outputs=[("out", lambda a: a.layout == "cellprofiler")])  # it writes a folder
+                    outputs=[("out", lambda a: a.layout == "cellprofiler")])  # it writes a folder
     s.add_argument("layout", choices=[*IMPORTERS, *IMPORTER_ALIASES],
                    metavar="{" + ",".join(IMPORTERS) + "}",
                    help="bbbc021: the official layout; bbbc021-6moa: the 6-MoA PNG subset; "
@@ -233,3 +225,7 @@ def _add_validate(sub) -> None:
     s.add_argument("--deep", action="store_true", help="read every image as extract will and "
                    "report truncated, unreadable and NaN/inf files with their rows")
     s.set_defaults(func=cmd_validate)
+
+
+# this module's commands, in the order the help lists them
+COMMANDS = (_add_synth, _add_download, _add_import, _add_validate)

@@ -155,20 +155,12 @@ def cmd_report(a: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub) -> None:
-    """Add this module's commands to the sub-command parser ``sub``."""
-    _add_aggregate(sub)
-    _add_normalize(sub)
-    _add_evaluate(sub)
-    _add_report(sub)
-
-
 def _add_aggregate(sub) -> None:
     s = add_command(sub, "aggregate", "features -> normalised well and treatment profiles",
-                outputs=[("out", True)],
-                description="Aggregate cell or field features (a feature folder or "
-                "Parquet files, streamed out of core) to wells, select features, "
-                "normalise, and aggregate to treatments.")
+                    outputs=[("out", True)],
+                    description="Aggregate cell or field features (a feature folder or "
+                    "Parquet files, streamed out of core) to wells, select features, "
+                    "normalise, and aggregate to treatments.")
     s.add_argument("features", help="feature folder, Parquet file or folder of Parquet files")
     s.add_argument("--out", required=True, help="profiles folder")
     add_options(s, ProfilesConfig, ("well_aggregation", "treatment_aggregation",
@@ -184,7 +176,7 @@ def _add_aggregate(sub) -> None:
 
 def _add_normalize(sub) -> None:
     s = add_command(sub, "normalize", "normalise profiles against controls (or apply a saved "
-                "normaliser)", outputs=[("out", False), ("save", False)])
+                    "normaliser)", outputs=[("out", False), ("save", False)])
     s.add_argument("profiles", help="profiles Parquet (wells, sites or cells)")
     s.add_argument("--out", required=True, help="normalised profiles Parquet")
     # this command's own default method (robust, as pycytominer's normalize), and no selection
@@ -203,7 +195,7 @@ def _add_normalize(sub) -> None:
 
 def _add_evaluate(sub) -> None:
     s = add_command(sub, "evaluate", "NSC / NSCB, k-NN, mAP, conformal MoA sets",
-                outputs=[("out", False)])
+                    outputs=[("out", False)])
     s.add_argument("profiles", help="wells.parquet or treatments.parquet")
     s.add_argument("--out", required=True, help="evaluation.json")
     add_options(s, EvaluationConfig, ("k", "alpha", "null_size"))
@@ -227,3 +219,7 @@ def _add_report(sub) -> None:
     s.add_argument("--config", help="the run's configuration file, shown in the report")
     add_column_options(s)
     s.set_defaults(func=cmd_report)
+
+
+# this module's commands, in the order the help lists them
+COMMANDS = (_add_aggregate, _add_normalize, _add_evaluate, _add_report)

@@ -79,31 +79,24 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub) -> None:
-    """Add this module's commands to the sub-command parser ``sub``."""
-    _add_demo(sub)
-    _add_run(sub)
-    _add_train(sub)
-
-
 def _add_demo(sub) -> None:
     s = add_command(sub, "demo", "run the whole pipeline on the built-in synthetic screen",
-                outputs=[("out", True)])
+                    outputs=[("out", True)])
     s.add_argument("--out", default="demo_out", help="output folder")
     s.set_defaults(func=cmd_demo)
 
 
 def _add_run(sub) -> None:
     s = add_command(sub, "run", "run the pipeline described by a YAML config (keys: the README's "
-                "'YAML config reference')")
+                    "'YAML config reference')")
     s.add_argument("config", help="the run configuration (YAML)")
     s.set_defaults(func=cmd_run)
 
 
 def _add_train(sub) -> None:
     s = add_command(sub, "train", "train a network: finetune (Kensert 2019) or mil (Kraus 2016) "
-                "on whole images with group-held-out cross-validation, or weak (Caicedo 2018) "
-                "on single cells, then embeddings")
+                    "on whole images with group-held-out cross-validation, or weak (Caicedo 2018) "
+                    "on single cells, then embeddings")
     s.add_argument("kind", choices=["finetune", "mil", "weak"],
                    help="finetune / mil: whole images, cross-validated; weak: single cells on "
                    "treatment labels, then embeddings")
@@ -113,3 +106,7 @@ def _add_train(sub) -> None:
     s.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_train)
+
+
+# this module's commands, in the order the help lists them
+COMMANDS = (_add_demo, _add_run, _add_train)

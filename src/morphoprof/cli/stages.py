@@ -160,17 +160,9 @@ def cmd_extract(a: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub) -> None:
-    """Add this module's commands to the sub-command parser ``sub``."""
-    _add_illum(sub)
-    _add_segment(sub)
-    _add_crops(sub)
-    _add_extract(sub)
-
-
 def _add_illum(sub) -> None:
     s = add_command(sub, "illum", "per-plate illumination functions (Singh 2014)",
-                outputs=[("out", True)])
+                    outputs=[("out", True)])
     s.add_argument("index", help="index.parquet")
     s.add_argument("--out", required=True, help="folder for <plate>.npy functions")
     s.add_argument("--channels", nargs="*", help="channels (default: all)")
@@ -181,7 +173,7 @@ def _add_illum(sub) -> None:
 
 def _add_segment(sub) -> None:
     s = add_command(sub, "segment", "segment nuclei into a cell table (Parquet)",
-                outputs=[("out", False), ("deepprofiler_locations", True)])
+                    outputs=[("out", False), ("deepprofiler_locations", True)])
     s.add_argument("index", help="index.parquet")
     s.add_argument("--out", required=True, help="cells.parquet to write")
     s.add_argument("--illumination", help="folder of illumination functions (morphoprof illum)")
@@ -196,7 +188,7 @@ def _add_segment(sub) -> None:
 
 def _add_crops(sub) -> None:
     s = add_command(sub, "crops", "export single-cell crops to compressed shards",
-                outputs=[("out", True)])
+                    outputs=[("out", True)])
     s.add_argument("index", help="index.parquet")
     s.add_argument("cells", help="cells.parquet from morphoprof segment")
     s.add_argument("--out", required=True, help="crop folder")
@@ -250,3 +242,7 @@ def _add_extract(sub) -> None:
     s.add_argument("--overwrite", action="store_true", help="replace features made with other "
                    "parameters")
     s.set_defaults(func=cmd_extract)
+
+
+# this module's commands, in the order the help lists them
+COMMANDS = (_add_illum, _add_segment, _add_crops, _add_extract)
