@@ -62,7 +62,7 @@ class IlluminationSection(IlluminationConfig):
 
     def settings(self) -> IlluminationConfig:
         """The stage's own settings (without ``enabled``)."""
-        return IlluminationConfig.model_validate(self.model_dump(exclude={"enabled"}))
+        return self.project(IlluminationConfig)
 
 
 class NucleiSection(NucleiConfig):
@@ -74,7 +74,7 @@ class NucleiSection(NucleiConfig):
 
     def nuclei(self) -> NucleiConfig:
         """The :class:`NucleiConfig` part (what :func:`segment_nuclei` reads)."""
-        return NucleiConfig.model_validate(self.model_dump(include=set(NucleiConfig.model_fields)))
+        return self.project(NucleiConfig)
 
 
 # the TransferConfig settings a run config's ``features`` section sets (``channels`` and

@@ -58,6 +58,11 @@ class Settings(BaseModel):
         """A validated copy with ``changes`` applied."""
         return type(self)(**{**self.model_dump(), **changes})
 
+    def project(self, model: type[Settings]) -> Settings:
+        """This object's values of ``model``'s fields as a ``model`` (e.g. the stage settings
+        inside a config section that adds ``enabled``, ``channel``...)."""
+        return model.model_validate(self.model_dump(include=set(model.model_fields)))
+
 
 def field_problems(exc: ValidationError, model: type[BaseModel], path: str = "",
                    style: Literal["yaml", "python"] = "yaml") -> list[str]:
