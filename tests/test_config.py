@@ -13,10 +13,10 @@ def _problems(raw):
 def test_demo_config_is_valid_and_defaults_filled(tmp_path):
     (tmp_path / "c.yaml").write_text(DEMO_CONFIG)
     cfg, text = load_config(tmp_path / "c.yaml")
-    assert cfg["features"].model == "tf_efficientnet_lite0"
-    assert cfg["features"].num_workers == 0  # default filled in
-    assert cfg["output"] == str(tmp_path / ".")
-    assert cfg["data"]["path"] == str(tmp_path / "synthetic_screen")
+    assert cfg.features.model == "tf_efficientnet_lite0"
+    assert cfg.features.num_workers == 0  # default filled in
+    assert cfg.output == str(tmp_path / ".")
+    assert cfg.data.path == str(tmp_path / "synthetic_screen")
 
 
 def test_bad_keys_types_and_values_are_named():
@@ -58,13 +58,71 @@ def test_six_moa_source_has_two_spellings_and_partial_download_keys(tmp_path, sp
 
     (tmp_path / "run.yaml").write_text(f"data: {{source: {spelling}, path: f}}\noutput: o\n")
     cfg, _ = load_config(tmp_path / "run.yaml")
-    assert cfg["data"]["source"] == "bbbc021-6moa"
-    assert cfg["profiles"].normalization.method is None  # decided from the controls
+    assert cfg.data.source == "bbbc021-6moa"
+    assert cfg.profiles.normalization.method is None  # decided from the controls
     (tmp_path / "train.yaml").write_text(f"data: {{source: {spelling}, path: f}}\n"
                                          "label: Metadata_moa\noutput: o\n")
-    assert load_train_config(tmp_path / "train.yaml")[0]["data"]["source"] == "bbbc021-6moa"
+    assert load_train_config(tmp_path / "train.yaml")[0].data.source == "bbbc021-6moa"
     cfg = validate_config({"data": {"source": "bbbc021", "path": "d", "plates": ["Week1_22123"],
                                     "only_present": True}, "output": "o"})
-    assert cfg["data"]["plates"] == ["Week1_22123"] and cfg["data"]["only_present"] is True
+    assert cfg.data.plates == ["Week1_22123"] and cfg.data.only_present is True
     assert "data.plates" in _problems({"data": {"source": "bbbc021", "path": "d",
                                                 "plates": 3}, "output": "o"})[0]
+
+
+def test_training_configs_are_typed_sections_with_dotted_errors(tmp_path):
+    from morphoprof.config import load_train_config, load_weak_config
+    from morphoprof.models.settings import MilSection, TrainSection, WeakTrainSection
+
+    (tmp_path / "t.yaml").write_text("data: {source: synthetic}\nmil: {pooling: max, "
+                                     "cache: maps}\ntrain: {epochs: 2}\noutput: o\n")
+    cfg, _ = load_train_config(tmp_path / "t.yaml", "mil")
+    assert isinstance(cfg.mil, MilSection) and cfg.mil.pooling == "max"
+    assert cfg.mil.cache == str(tmp_path / "maps") and cfg.output == str(tmp_path / "o")
+    fit = cfg.train.fit_config(progress=False)
+    assert (fit.epochs, fit.batch_size, fit.progress) == (2, TrainSection().batch_size, False)
+    (tmp_path / "bad.yaml").write_text(
+        "data: {source: synthetic}\nmil: {dropout: 1.5, pooling: avg, plan: [[8, 1, 2]]}\n"
+        "train: {epochs: 0, devices: 2}\ncv: {aggregate: max}\noutput: o\n")
+    with pytest.raises(ConfigError) as err:
+        load_train_config(tmp_path / "bad.yaml", "mil")
+    problems = err.value.problems
+    assert "mil.dropout: must be < 1.0, got 1.5" in problems
+    assert any(p.startswith("mil.pooling: 'avg' is not one of ['max',") for p in problems)
+    assert "mil.plan[0]: expected at most 2 item(s), got 3" in problems
+    assert "train.epochs: must be >= 1, got 0" in problems
+    assert any(p.startswith("cv.aggregate: ") and "'max'" in p for p in problems)
+    assert not any(p.startswith("train.devices") for p in problems)  # an integer or a name
+    # a weak config: its own defaults for the shared train section, values of any scalar type
+    (tmp_path / "w.yaml").write_text("data: {source: crops, path: c.npz, table: c.csv}\n"
+                                     "holdout: {column: Metadata_replicate, values: [3]}\n"
+                                     "output: o\n")
+    weak, _ = load_weak_config(tmp_path / "w.yaml")
+    assert isinstance(weak.train, WeakTrainSection) and weak.train.batch_size == 64
+    assert weak.holdout.values == [3] and weak.data.table == str(tmp_path / "c.csv")
+    (tmp_path / "w.yaml").write_text("data: {source: crops, path: c.npz}\noutput: o\n")
+    with pytest.raises(ConfigError, match="data.table: required for source 'crops'"):
+        load_weak_config(tmp_path / "w.yaml")
+
+
+def test_the_readme_training_examples_are_valid_configs():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from morphoprof.models.settings import TrainConfig, WeakConfig
+    from morphoprof.settings import validate_section
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", readme, re.S)]
+    kinds = {"finetune": 0, "mil": 0, "weak": 0}
+    for block in blocks:
+        if not isinstance(block, dict) or "label" not in block:
+            continue  # not a training config
+        kind = "weak" if "weak" in block else "mil" if "mil" in block else "finetune"
+        problems: list[str] = []
+        validate_section(WeakConfig if kind == "weak" else TrainConfig, block, "", problems)
+        assert problems == [], f"README {kind} example: {problems}"
+        kinds[kind] += 1
+    assert all(kinds.values()), kinds

@@ -6,15 +6,15 @@ from __future__ import annotations
 import pytest
 
 from morphoprof.config import load_config
-from morphoprof.datasets.source import build_index_from_config
+from morphoprof.datasets.source import DataSection, build_index_from_config
 from morphoprof.errors import InputError
 from tests.conftest import shared
 
 
-def _data(text: str, tmp_path) -> dict:
+def _data(text: str, tmp_path) -> DataSection:
     path = tmp_path / "run.yaml"
     path.write_text(text + f"\noutput: {tmp_path / 'out'}\n")
-    return load_config(path)[0]["data"]
+    return load_config(path)[0].data
 
 
 def test_synthetic_screen_is_written_under_out_and_an_index_file_is_read_back(tmp_path):
@@ -29,7 +29,8 @@ def test_synthetic_screen_is_written_under_out_and_an_index_file_is_read_back(tm
                                     tmp_path / "out", progress=False, log=None)
     assert again.table.equals(index.table)
     with pytest.raises(InputError, match="nowhere.parquet"):
-        build_index_from_config({"source": "index", "path": str(tmp_path / "nowhere.parquet")},
+        build_index_from_config(DataSection(source="index",
+                                            path=str(tmp_path / "nowhere.parquet")),
                                 tmp_path, log=None)
 
 

@@ -42,7 +42,7 @@ def test_unknown_name_and_a_registered_one():
         # a run config accepts a name registered after the config module was imported
         cfg = validate_config({"data": {"source": "synthetic"}, "output": "o",
                                "features": {"extractor": "echo_for_test"}})
-        assert cfg["features"].extractor == "echo_for_test"
+        assert cfg.features.extractor == "echo_for_test"
         assert extractor_names()[:2] == ("transfer", "classical")
         assert "echo_for_test" in extractor_names()
     finally:

@@ -117,12 +117,12 @@ def test_every_settings_model_on_the_cli_has_its_defaults_there():
     assert got.n_jobs == 3
     cfg = validate_config({"data": {"source": "synthetic"}, "output": "o", "preprocess": {
         "segmentation": {"enabled": True, "threshold_scale": 0.8, "fill_holes": False}}})
-    seg = cfg["preprocess"]["segmentation"]
+    seg = cfg.preprocess.segmentation
     assert isinstance(seg, SegmentationSection) and seg.enabled
     assert seg.nuclei() == got.nuclei()
-    defaults = validate_config({"data": {"source": "synthetic"}, "output": "o"})["preprocess"]
-    assert defaults["segmentation"].nuclei() == NucleiConfig()
-    assert defaults["illumination"].settings() == IlluminationConfig()
+    defaults = validate_config({"data": {"source": "synthetic"}, "output": "o"}).preprocess
+    assert defaults.segmentation.nuclei() == NucleiConfig()
+    assert defaults.illumination.settings() == IlluminationConfig()
 
 
 def test_yaml_sections_of_typed_settings_report_dotted_paths():
@@ -158,10 +158,15 @@ def test_the_readme_yaml_reference_shows_the_models_defaults():
     block = re.search(r"## YAML config reference.*?```yaml\n(.*?)```", readme, re.S).group(1)
     shown = yaml.safe_load(block)
     cfg = validate_config({"data": {"source": "synthetic"}, "output": "o"})
-    sections = {("preprocess", "illumination"): cfg["preprocess"]["illumination"],
-                ("preprocess", "segmentation"): cfg["preprocess"]["segmentation"],
-                ("features",): cfg["features"], ("profiles",): cfg["profiles"],
-                ("evaluation",): cfg["evaluation"]}
+    sections = {("preprocess", "illumination"): cfg.preprocess.illumination,
+                ("preprocess", "segmentation"): cfg.preprocess.segmentation,
+                ("features",): cfg.features, ("profiles",): cfg.profiles,
+                ("evaluation",): cfg.evaluation}
+    # the data section: every key shown, with its default (source and path are examples)
+    data = cfg.data.model_dump(mode="json")
+    assert set(shown["data"]) == set(data)
+    assert {k: v for k, v in shown["data"].items() if k not in ("source", "path")} == {
+        k: v for k, v in data.items() if k not in ("source", "path")}
     for where, model in sections.items():
         doc = shown
         for part in where:

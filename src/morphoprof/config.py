@@ -1,4 +1,10 @@
-"""The YAML run configuration: schema, defaults and up-front validation.
+"""The YAML configurations, read into typed settings and checked up front.
+
+``morphoprof run`` reads a :class:`RunConfig`; ``morphoprof train finetune|mil`` a
+:class:`~morphoprof.models.settings.TrainConfig` and ``train weak`` a
+:class:`~morphoprof.models.settings.WeakConfig`. Every section is a
+:class:`~morphoprof.settings.Settings` model of its stage, so its defaults, types and help are
+written once; no dict passes this boundary.
 
 A run config has six sections (every key optional except ``data.source`` and ``output``)::
 
@@ -32,23 +38,21 @@ mean 'model'?)``.
 
 from __future__ import annotations
 
-import copy
-import difflib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, create_model, field_validator
 from pydantic_core import PydanticCustomError
 
-from morphoprof.datasets.synthetic import SynthConfig
+from morphoprof.datasets.source import DataSection
 from morphoprof.errors import ConfigError
 from morphoprof.evaluation.evaluate import EvaluationConfig
 from morphoprof.features.classical import ClassicalConfig
 from morphoprof.features.transfer import TransferConfig
+from morphoprof.models.settings import TrainConfig, WeakConfig
 from morphoprof.preprocess.illumination import IlluminationConfig
-from morphoprof.preprocess.segmentation import NucleiConfig
+from morphoprof.preprocess.segmentation import NucleiSection
 from morphoprof.profiles.settings import ProfilesConfig
 from morphoprof.registry import extractor_names
 from morphoprof.settings import Settings, validate_section
@@ -63,18 +67,6 @@ class IlluminationSection(IlluminationConfig):
     def settings(self) -> IlluminationConfig:
         """The stage's own settings (without ``enabled``)."""
         return self.project(IlluminationConfig)
-
-
-class NucleiSection(NucleiConfig):
-    """Nuclei segmentation of a screen: the :class:`NucleiConfig`, the channel segmented and the
-    worker processes (``morphoprof segment``'s options; a weak config's ``cells.segmentation``)."""
-
-    channel: str | None = Field(None, description="DNA channel (default: DNA / DAPI / Hoechst)")
-    n_jobs: int = Field(1, ge=1, description="worker processes")
-
-    def nuclei(self) -> NucleiConfig:
-        """The :class:`NucleiConfig` part (what :func:`segment_nuclei` reads)."""
-        return self.project(NucleiConfig)
 
 
 # the TransferConfig settings a run config's ``features`` section sets (``channels`` and
@@ -117,112 +109,26 @@ class SegmentationSection(NucleiSection):
                           "the classical extractor)")
 
 
-@dataclass(frozen=True)
-class Opt:
-    """A leaf of the schema: accepted types, default, allowed values."""
+class PreprocessSection(Settings):
+    """``preprocess``: illumination correction, nuclei segmentation, what a bad file does."""
 
-    types: tuple[type, ...]
-    default: Any = None
-    choices: tuple | None = None
-    required: bool = False
-    free_mapping: bool = False  # a dict whose keys are not checked
+    illumination: IlluminationSection = IlluminationSection()
+    segmentation: SegmentationSection = SegmentationSection()
+    on_error: Literal["fail", "skip"] = Field("fail", description="an unreadable file stops "
+                                              "the run (fail) or is skipped and listed (skip)")
 
 
-_STR, _INT, _FLOAT, _BOOL = (str,), (int,), (int, float), (bool,)
-_LIST, _DICT = (list,), (dict,)
+class RunConfig(Settings):
+    """A ``morphoprof run`` config: every stage's settings, one section each."""
 
-SCHEMA: dict[str, Any] = {
-    "data": {
-        "source": Opt(_STR, None, ("synthetic", "bbbc021", "bbbc021-6moa", "csv", "index"),
-                      required=True),
-        "path": Opt(_STR, None),
-        "image_csv": Opt(_STR, None),
-        "moa_csv": Opt(_STR, None),
-        "plates": Opt(_LIST, None),
-        "only_present": Opt(_BOOL, False),
-        "columns": Opt((dict, str), None, free_mapping=True),
-        "channel_columns": Opt(_DICT, None, free_mapping=True),
-        "sep": Opt(_STR, ","),
-        "controls": Opt(_LIST, ["DMSO"]),
-        "synthetic": Opt(_DICT, {}, free_mapping=True),
-    },
-    "channels": Opt(_LIST, None),
-    "preprocess": {
-        # typed sections (:class:`~morphoprof.settings.Settings`): validated by their model
-        "illumination": IlluminationSection,
-        "segmentation": SegmentationSection,
-        "on_error": Opt(_STR, "fail", ("fail", "skip")),
-    },
-    "features": FeaturesSection,
-    "profiles": ProfilesConfig,
-    "evaluation": EvaluationConfig,
-    "output": Opt(_STR, None, required=True),
-}
-
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true/false",
-               list: "a list", dict: "a mapping"}
-
-
-def _type_ok(value: Any, types: tuple[type, ...]) -> bool:
-    if isinstance(value, bool) and bool not in types:
-        return False  # YAML true/false is not an integer here
-    return isinstance(value, types)
-
-
-SOURCE_ALIASES = {"bbbc021_6moa": "bbbc021-6moa"}  # one spelling printed, both accepted
-
-
-def _check(raw: Any, schema: dict, path: str, problems: list[str]) -> dict:
-    out: dict[str, Any] = {}
-    if raw is None:
-        raw = {}
-    if path == "data." and isinstance(raw, dict) and raw.get("source") in SOURCE_ALIASES:
-        raw = {**raw, "source": SOURCE_ALIASES[raw["source"]]}
-    if not isinstance(raw, dict):
-        problems.append(f"{path or 'config'}: expected a mapping, got {type(raw).__name__}")
-        raw = {}
-    for key in raw:
-        if key not in schema:
-            close = difflib.get_close_matches(str(key), list(schema), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {sorted(schema)})"
-            problems.append(f"{path}{key}: unknown key{hint}")
-    for key, spec in schema.items():
-        where = f"{path}{key}"
-        if isinstance(spec, type) and issubclass(spec, Settings):
-            out[key] = validate_section(spec, raw.get(key), where + ".", problems)
-            continue
-        if isinstance(spec, dict):
-            out[key] = _check(raw.get(key), spec, where + ".", problems)
-            continue
-        if key not in raw or raw[key] is None:
-            if spec.required:
-                problems.append(f"{where}: required")
-            out[key] = copy.deepcopy(spec.default)
-            continue
-        value = raw[key]
-        if not _type_ok(value, spec.types):
-            want = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in spec.types)
-            problems.append(f"{where}: expected {want}, got {value!r}")
-            out[key] = copy.deepcopy(spec.default)
-            continue
-        if spec.choices is not None and value not in spec.choices:
-            problems.append(f"{where}: {value!r} is not one of {list(spec.choices)}")
-        out[key] = value
-    return out
-
-
-def _check_data(data: dict, problems: list[str]) -> None:
-    """Checks of the ``data`` section that the schema cannot express (shared by run and
-    training configs)."""
-    if data["source"] in ("bbbc021", "bbbc021-6moa", "csv", "index") and not data["path"]:
-        problems.append(f"data.path: required for source {data['source']!r}")
-    if data["source"] == "csv":
-        if not data["columns"]:
-            problems.append("data.columns: required for source 'csv' (a mapping or a preset name)")
-        if not data["channel_columns"]:
-            problems.append("data.channel_columns: required for source 'csv'")
-    if data["synthetic"]:  # kept as a mapping: the screen's SynthConfig is built from it
-        validate_section(SynthConfig, data["synthetic"], "data.synthetic.", problems)
+    data: DataSection
+    channels: list[str] | None = Field(None, description="stains to use, in order (default: "
+                                       "all in the index)")
+    preprocess: PreprocessSection = PreprocessSection()
+    features: FeaturesSection = FeaturesSection()
+    profiles: ProfilesConfig = ProfilesConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    output: str = Field(description="folder for every stage's files")
 
 
 def _read_yaml(path: Path, what: str) -> tuple[Any, str]:
@@ -236,38 +142,51 @@ def _read_yaml(path: Path, what: str) -> tuple[Any, str]:
         raise ConfigError(f"{what} {path}", [f"not valid YAML: {exc}"]) from exc
 
 
-def _resolve_paths(cfg: dict, base: Path) -> dict:
-    """Resolve relative ``data.path``, ``data.image_csv``, ``data.moa_csv``,
-    ``profiles.blocklist`` and ``output`` against ``base`` (the config file's folder)."""
-    for key in ("path", "image_csv", "moa_csv"):
-        if cfg["data"][key]:
-            cfg["data"][key] = str(base / cfg["data"][key])
-    profiles = cfg.get("profiles")
-    if profiles is not None and profiles.blocklist:
-        cfg["profiles"] = profiles.replace(blocklist=str(base / profiles.blocklist))
-    cfg["output"] = str(base / cfg["output"])
+def _under(base: Path, value: str | None) -> str | None:
+    """A relative path of a config file, resolved against its folder ``base``."""
+    return str(base / value) if value else value
+
+
+def _resolve_paths(cfg: RunConfig | TrainConfig | WeakConfig, base: Path):
+    """``cfg`` with relative ``data.path``, ``data.image_csv``, ``data.moa_csv``, ``data.table``
+    (weak), ``profiles.blocklist`` (run), ``mil.cache`` (training) and ``output`` resolved
+    against ``base`` (the config file's folder)."""
+    keys = [k for k in ("path", "image_csv", "moa_csv", "table") if hasattr(cfg.data, k)]
+    data = {k: _under(base, getattr(cfg.data, k)) for k in keys}
+    changes: dict[str, Any] = {"data": cfg.data.model_copy(update=data),
+                               "output": _under(base, cfg.output)}
+    if isinstance(cfg, RunConfig) and cfg.profiles.blocklist:
+        changes["profiles"] = cfg.profiles.model_copy(
+            update={"blocklist": _under(base, cfg.profiles.blocklist)})
+    if isinstance(cfg, TrainConfig) and cfg.mil.cache:
+        changes["mil"] = cfg.mil.model_copy(update={"cache": _under(base, cfg.mil.cache)})
+    return cfg.model_copy(update=changes)
+
+
+def _validated(model: type, raw: Any, what: str, problems: list[str] | None = None):
+    """``raw`` as a ``model`` config; ConfigError listing every problem (``problems``: found
+    before, e.g. a section the trainer does not read) by its dotted path otherwise."""
+    problems = list(problems or [])
+    cfg = validate_section(model, raw, "", problems)
+    if problems:
+        raise ConfigError(what, problems)
     return cfg
 
 
-def validate_config(raw: Any, source: str = "config") -> dict:
-    """Check a parsed config against :data:`SCHEMA`; return it with defaults filled in.
+def validate_config(raw: Any, source: str = "config") -> RunConfig:
+    """A parsed run config as a :class:`RunConfig` (defaults filled in).
 
     Raises:
         ConfigError: listing every problem, each with the dotted key path.
     """
-    problems: list[str] = []
-    cfg = _check(raw, SCHEMA, "", problems)
-    _check_data(cfg["data"], problems)
-    if problems:
-        raise ConfigError(f"invalid run configuration ({source})", problems)
-    return cfg
+    return _validated(RunConfig, raw, f"invalid run configuration ({source})")
 
 
-def load_config(path: str | Path) -> tuple[dict, str]:
+def load_config(path: str | Path) -> tuple[RunConfig, str]:
     """Read and validate a YAML run config. Returns (config, its text).
 
-    Relative paths in ``data.path``, ``data.image_csv``, ``data.moa_csv`` and ``output`` are
-    resolved against the config file's folder.
+    Relative paths in ``data.path``, ``data.image_csv``, ``data.moa_csv``,
+    ``profiles.blocklist`` and ``output`` are resolved against the config file's folder.
     """
     path = Path(path)
     raw, text = _read_yaml(path, "run configuration")
@@ -299,78 +218,6 @@ output: .
 """
 
 
-# ---------------------------------------------------------------------------------------------
-# Training configs: ``morphoprof train finetune|mil CONFIG.yaml``
-# ---------------------------------------------------------------------------------------------
-TRAIN_SCHEMA: dict[str, Any] = {
-    "data": SCHEMA["data"],
-    "channels": Opt(_LIST, None),
-    # Keep only rows whose column holds one of the listed values, e.g. {Metadata_compound: [a, b]}
-    "select": Opt(_DICT, {}, free_mapping=True),
-    "label": Opt(_STR, "Metadata_moa"),
-    "multilabel": Opt(_BOOL, False),
-    "images": {
-        "size": Opt(_INT, 128),
-        "normalization": Opt(_STR, "percentile", ("none", "max", "percentile")),
-        "scale": Opt(_FLOAT, 1.0),
-        "crop": Opt(_INT, None),
-        "augment": Opt(_BOOL, True),
-    },
-    "model": {
-        "name": Opt(_STR, "tf_efficientnet_lite0"),
-        "weights": Opt(_STR, "auto"),
-        "drop_rate": Opt(_FLOAT, 0.2),
-    },
-    "mil": {
-        # the trunk: any timm model name (cut at feature stage ``stage``), ``kraus`` (the
-        # paper's network, trained from scratch) or ``plan`` (valid 3x3 convolutions by plan)
-        "trunk": Opt(_STR, "tf_efficientnet_lite0"),
-        "stage": Opt(_INT, 3),
-        "weights": Opt(_STR, "auto"),
-        # frozen: train only the MIL head on the trunk's cached feature maps (default: for
-        # pretrained timm trunks); cache: the folder those maps are kept in
-        "frozen": Opt(_BOOL, None),
-        "cache": Opt(_STR, None),
-        # with a frozen trunk, also train its last stage (on the cached input of that stage)
-        "unfreeze_last_stage": Opt(_BOOL, False),
-        "pooling": Opt(_STR, "noisy_and",
-                       ("max", "mean", "gm", "lse", "noisy_or", "isr", "noisy_and")),
-        "r": Opt(_FLOAT, 5.0),
-        "a": Opt(_FLOAT, 10.0),
-        "hidden": Opt(_INT, 1000),
-        "dropout": Opt(_FLOAT, 0.5),
-        "pool_dropout": Opt(_FLOAT, 0.2),
-        "plan": Opt(_LIST, None),
-        "mil_weight": Opt(_FLOAT, 1.0),
-        "jacobian_images": Opt(_INT, 4),
-    },
-    "train": {
-        "epochs": Opt(_INT, 10),
-        "batch_size": Opt(_INT, 16),
-        "lr": Opt(_FLOAT, 1e-4),
-        "weight_decay": Opt(_FLOAT, 0.0),
-        "patience": Opt(_INT, 5),
-        "seed": Opt(_INT, 0),
-        "num_workers": Opt(_INT, 0),
-        "accelerator": Opt(_STR, "auto"),
-        "devices": Opt((int, str), 1),
-        "num_nodes": Opt(_INT, 1),
-        "strategy": Opt(_STR, "auto"),
-        "precision": Opt(_STR, "auto"),
-    },
-    "cv": {
-        "group": Opt(_STR, "Metadata_compound"),
-        "folds": Opt(_INT, 3),
-        "treatment": Opt(_LIST, ["Metadata_compound", "Metadata_concentration"]),
-        # default: median over wells for mil (Kraus), mean over images for finetune
-        "aggregate": Opt(_STR, None, ("mean", "median")),
-        "alpha": Opt(_FLOAT, 0.1),
-        "val_fraction": Opt(_FLOAT, 0.0),
-    },
-    "output": Opt(_STR, None, required=True),
-}
-
-
 # The section of a training config the other trainer reads: written there, it is a mistake.
 _UNUSED_SECTIONS = {
     "mil": ("model", "train mil builds its network from mil.trunk, mil.stage and mil.weights"),
@@ -378,130 +225,32 @@ _UNUSED_SECTIONS = {
 }
 
 
-def load_train_config(path: str | Path, kind: str | None = None) -> tuple[dict, str]:
-    """Read and validate a training config (:data:`TRAIN_SCHEMA`) for trainer ``kind``
-    (``finetune`` | ``mil``; a section only the other one reads is an error). Returns (config,
-    its text); relative ``data.path``, ``mil.cache`` and ``output`` are resolved against the
-    config file's folder."""
+def load_train_config(path: str | Path, kind: str | None = None) -> tuple[TrainConfig, str]:
+    """Read and validate a :class:`~morphoprof.models.settings.TrainConfig` for trainer
+    ``kind`` (``finetune`` | ``mil``; a section only the other one reads is an error). Returns
+    (config, its text); relative ``data.path``, ``mil.cache`` and ``output`` are resolved
+    against the config file's folder."""
     path = Path(path)
     raw, text = _read_yaml(path, "training configuration")
     problems: list[str] = []
     unused = _UNUSED_SECTIONS.get(kind or "")
     if unused and isinstance(raw, dict) and raw.get(unused[0]) is not None:
         problems.append(f"{unused[0]}: not used by train {kind} ({unused[1]}); remove it")
-    cfg = _check(raw, TRAIN_SCHEMA, "", problems)
-    m = cfg["mil"]
-    if m["plan"] is not None and m["trunk"] != "plan":
-        problems.append(f"mil.plan: only used with mil.trunk: plan (trunk is {m['trunk']!r})")
-    if m["frozen"] and m["trunk"] in ("plan", "kraus"):
-        problems.append(f"mil.frozen: a {m['trunk']!r} trunk is trained from scratch and "
-                        "cannot be frozen")
-    if m["unfreeze_last_stage"] and (m["frozen"] is False or m["trunk"] in ("plan", "kraus")):
-        problems.append("mil.unfreeze_last_stage: trains the last stage of a frozen pretrained "
-                        f"timm trunk (trunk {m['trunk']!r}, frozen {m['frozen']})")
-    for key in ("dropout", "pool_dropout"):
-        if isinstance(m[key], (int, float)) and not 0 <= m[key] < 1:
-            problems.append(f"mil.{key}: must be in [0, 1), got {m[key]}")
-    _check_data(cfg["data"], problems)
-    for section, key in (("train", "epochs"), ("train", "batch_size"), ("cv", "folds")):
-        if isinstance(cfg[section][key], int) and cfg[section][key] < 1:
-            problems.append(f"{section}.{key}: must be >= 1")
-    if problems:
-        raise ConfigError(f"invalid training configuration ({path})", problems)
-    if m["cache"]:
-        m["cache"] = str(path.parent / m["cache"])
+    cfg = _validated(TrainConfig, raw, f"invalid training configuration ({path})", problems)
     return _resolve_paths(cfg, path.parent), text
 
 
-# ---------------------------------------------------------------------------------------------
-# Weak-supervision configs: ``morphoprof train weak CONFIG.yaml``
-# ---------------------------------------------------------------------------------------------
-WEAK_SCHEMA: dict[str, Any] = {
-    "data": {
-        **{k: v for k, v in SCHEMA["data"].items() if k != "source"},
-        # crops: data.path is an .npz holding ``crops`` and data.table its one-row-per-crop table
-        "source": Opt(_STR, None, ("synthetic", "bbbc021", "bbbc021-6moa", "csv", "index",
-                                   "crops"), required=True),
-        "table": Opt(_STR, None),
-    },
-    "channels": Opt(_LIST, None),
-    "select": Opt(_DICT, {}, free_mapping=True),
-    # the weak label: the values of these columns together (default: the treatment)
-    "label": Opt(_LIST, ["Metadata_compound", "Metadata_concentration"]),
-    # batches that GRU sequences and mixup partners are drawn across (default: Metadata_batch
-    # when the table has it, else Metadata_plate)
-    "batch_column": Opt(_STR, None),
-    "cells": {
-        "crop_size": Opt(_INT, 64),  # screens: crop box around each nucleus, px
-        "size": Opt(_INT, None),  # resize crops to this (None: as they are)
-        "normalization": Opt(_STR, "max", ("none", "max", "percentile")),
-        "segmentation": NucleiSection,  # screens: how nuclei are found
-    },
-    "holdout": {
-        "column": Opt(_STR, None),  # test cells: rows whose column holds one of the values
-        "values": Opt(_LIST, []),
-        "val_fraction": Opt(_FLOAT, 0.2),  # of each label's remaining wells
-    },
-    "model": {
-        "name": Opt(_STR, "resnet18"),
-        "weights": Opt(_STR, "random"),
-        "layer": Opt(_STR, None),  # embedding layer (default: second-to-last stage)
-        "drop_rate": Opt(_FLOAT, 0.0),
-    },
-    "weak": {
-        "mixup_alpha": Opt(_FLOAT, 0.2),  # 0 turns mixup off
-        "gru": Opt(_BOOL, True),
-        "gru_hidden": Opt(_INT, 256),
-        "gru_weight": Opt(_FLOAT, 1.0),
-        "lengths": Opt(_LIST, [3, 5, 8]),
-        "val_length": Opt(_INT, 3),
-        "shift": Opt(_INT, 4),
-        "augment": Opt(_BOOL, True),
-        "cells_per_epoch": Opt(_INT, None),  # default: the number of training cells
-    },
-    "train": {**TRAIN_SCHEMA["train"], "batch_size": Opt(_INT, 64), "lr": Opt(_FLOAT, 1e-3),
-              "weight_decay": Opt(_FLOAT, 1e-5)},
-    "features": {
-        "layer": Opt(_STR, None),  # default: the model's embedding layer
-        "batch_size": Opt(_INT, 128),
-    },
-    "output": Opt(_STR, None, required=True),
-}
-
-
-def load_weak_config(path: str | Path) -> tuple[dict, str]:
-    """Read and validate a weak-supervision config (:data:`WEAK_SCHEMA`). Returns (config, its
-    text); relative ``data.path``, ``data.table`` and ``output`` are resolved against the config
-    file's folder."""
+def load_weak_config(path: str | Path) -> tuple[WeakConfig, str]:
+    """Read and validate a :class:`~morphoprof.models.settings.WeakConfig`. Returns (config,
+    its text); relative ``data.path``, ``data.table`` and ``output`` are resolved against the
+    config file's folder."""
     path = Path(path)
     raw, text = _read_yaml(path, "weak-supervision configuration")
-    problems: list[str] = []
-    cfg = _check(raw, WEAK_SCHEMA, "", problems)
-    data = cfg["data"]
-    if data["source"] == "crops":
-        if not data["path"]:
-            problems.append("data.path: required for source 'crops' (the .npz of crops, or a "
-                            "crop folder from morphoprof crops)")
-        if not data["table"] and not (path.parent / str(data["path"])).is_dir():
-            problems.append("data.table: required for source 'crops' with an .npz (one row "
-                            "per crop); a crop folder from morphoprof crops needs none")
-    else:
-        _check_data(data, problems)
-    for section, key in (("train", "epochs"), ("train", "batch_size"), ("weak", "gru_hidden"),
-                         ("weak", "val_length")):
-        if isinstance(cfg[section][key], int) and cfg[section][key] < 1:
-            problems.append(f"{section}.{key}: must be >= 1")
-    lengths = cfg["weak"]["lengths"]
-    if not lengths or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
-                              for v in lengths):
-        problems.append(f"weak.lengths: expected a list of integers >= 1, got {lengths!r}")
-    if cfg["weak"]["mixup_alpha"] < 0:
-        problems.append("weak.mixup_alpha: must be >= 0 (0 turns mixup off)")
-    if not 0 <= cfg["holdout"]["val_fraction"] < 1:
-        problems.append("holdout.val_fraction: must be in [0, 1)")
-    if problems:
-        raise ConfigError(f"invalid weak-supervision configuration ({path})", problems)
-    cfg = _resolve_paths(cfg, path.parent)
-    if data["table"]:
-        cfg["data"]["table"] = str(path.parent / data["table"])
+    what = f"invalid weak-supervision configuration ({path})"
+    cfg = _resolve_paths(_validated(WeakConfig, raw, what), path.parent)
+    data = cfg.data
+    if data.source == "crops" and not data.table and not Path(data.path).is_dir():
+        raise ConfigError(what, ["data.table: required for source 'crops' with an .npz (one "
+                                 "row per crop); a crop folder from morphoprof crops needs "
+                                 "none"])
     return cfg, text

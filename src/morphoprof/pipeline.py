@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from morphoprof.config import RunConfig
 from morphoprof.datasets.source import build_index_from_config
 from morphoprof.errors import InputError
 from morphoprof.index.schema import BATCH, PLATE, ExperimentIndex
@@ -37,7 +38,7 @@ from morphoprof.io_utils import (
     write_json,
     write_parquet,
 )
-from morphoprof.preprocess.segmentation import segment_index
+from morphoprof.preprocess.segmentation import NucleiSection, segment_index
 from morphoprof.profiles.normalize import NormalizationConfig
 from morphoprof.profiles.settings import ProfilesConfig
 from morphoprof.registry import create_extractor
@@ -100,12 +101,11 @@ def extract_features(index: ExperimentIndex, features, channels, out: Path,
 
     ``transfer``: whole-field ImageNet features; ``classical``: cp_measure measurements of the
     nuclei segmented with the ``segmentation`` settings (a
-    :class:`~morphoprof.config.NucleiSection`; default: its defaults), one row per cell.
+    :class:`~morphoprof.preprocess.segmentation.NucleiSection`; default: its defaults), one
+    row per cell.
     ``on_error`` (``preprocess.on_error``): ``skip`` leaves unreadable image sets out of the
     features (either extractor) and lists them in the summary.
     """
-    from morphoprof.config import NucleiSection
-
     seg = segmentation or NucleiSection()
     extractor = create_extractor(features.extractor, {
         **features.model_dump(), "channels": channels, "on_error": on_error,
@@ -282,16 +282,17 @@ def fields_per_well(index: ExperimentIndex) -> pd.DataFrame:
     return (t.groupby([PLATE, "Metadata_well"]).size().rename("cells").reset_index())
 
 
-def applied_config(cfg: dict) -> dict:
+def applied_config(cfg: RunConfig) -> dict:
     """The settings that applied to a run, for the report: keys of other sources, of disabled
     stages and of the other extractor or normalisation methods are left out."""
-    data = {k: v for k, v in cfg["data"].items() if v not in (None, {}, False)}
+    data = {k: v for k, v in cfg.data.model_dump(mode="json").items()
+            if v not in (None, {}, False)}
     pre = {}
     for stage in ("illumination", "segmentation"):
-        section = cfg["preprocess"][stage]
+        section = getattr(cfg.preprocess, stage)
         pre[stage] = section.model_dump(mode="json") if section.enabled else {"enabled": False}
-    pre["on_error"] = cfg["preprocess"]["on_error"]
-    feats = cfg["features"].model_dump(mode="json")
+    pre["on_error"] = cfg.preprocess.on_error
+    feats = cfg.features.model_dump(mode="json")
     if feats["extractor"] == "classical":
         feats = {k: feats[k] for k in ("extractor", "measurements")}
     else:
@@ -300,7 +301,7 @@ def applied_config(cfg: dict) -> dict:
             feats.pop("rgb_channels", None)
         if feats["channel_strategy"] != "native":
             feats.pop("in_chans", None)
-    norm = cfg["profiles"].normalization.model_dump(mode="json")
+    norm = cfg.profiles.normalization.model_dump(mode="json")
     if norm["method"] == "none":
         norm = {"method": "none"}
     else:
@@ -308,10 +309,10 @@ def applied_config(cfg: dict) -> dict:
             norm.pop("n_factors", None)
         if norm["reference"] == "all":
             norm.pop("fallback", None)
-    profiles = {**cfg["profiles"].model_dump(mode="json"), "normalization": norm}
-    return {"data": data, "channels": cfg["channels"], "preprocess": pre, "features": feats,
-            "profiles": profiles, "evaluation": cfg["evaluation"].model_dump(mode="json"),
-            "output": cfg["output"]}
+    profiles = {**cfg.profiles.model_dump(mode="json"), "normalization": norm}
+    return {"data": data, "channels": cfg.channels, "preprocess": pre, "features": feats,
+            "profiles": profiles, "evaluation": cfg.evaluation.model_dump(mode="json"),
+            "output": cfg.output}
 
 
 def report_header(inputs: dict[str, str], command: str | None = None) -> dict:
@@ -370,63 +371,63 @@ def example_fields(index: ExperimentIndex, channels=None, per_moa: int = 2,
     return out
 
 
-def run_pipeline(cfg: dict, config_text: str, progress: bool = True, log=print,
+def run_pipeline(cfg: RunConfig, config_text: str, progress: bool = True, log=print,
                  config_path: str | None = None) -> dict:
     """Run every stage of a validated config; returns the evaluation dict (plus timings)."""
     from morphoprof.io_utils import check_writable
 
-    out = check_writable(cfg["output"], folder=True)
+    out = check_writable(cfg.output, folder=True)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "config.yaml") as tmp:
         tmp.write_text(config_text)
     timings = {}
     t0 = time.perf_counter()
     log("[1/7] experiment index")
-    index = build_index_from_config(cfg["data"], out, progress=progress, log=log)
+    index = build_index_from_config(cfg.data, out, progress=progress, log=log)
     index.write(out / "index.parquet")
     timings["index_s"] = time.perf_counter() - t0
     # a screen without controls: decided now, not after hours of extraction
-    norm, note = resolve_normalization(cfg["profiles"].normalization,
+    norm, note = resolve_normalization(cfg.profiles.normalization,
                                        bool(index.table["Metadata_control"].any()),
-                                       f"the screen ({cfg['data']['source']} "
-                                       f"{cfg['data']['path'] or ''})".replace(" )", ")"),
+                                       f"the screen ({cfg.data.source} "
+                                       f"{cfg.data.path or ''})".replace(" )", ")"),
                                        "yaml")
     if note:
         log(note)
-    cfg = {**cfg, "profiles": cfg["profiles"].replace(normalization=norm)}
+    cfg = cfg.model_copy(update={"profiles": cfg.profiles.replace(normalization=norm)})
 
-    pre = cfg["preprocess"]
+    pre = cfg.preprocess
     t = time.perf_counter()
-    ill, segcfg = pre["illumination"], pre["segmentation"]
+    ill, segcfg = pre.illumination, pre.segmentation
     log("[2/7] illumination correction" + ("" if ill.enabled else ": off"))
     illumination = illumination_stage(
-        index, out / "illumination", ill.settings(), on_error=pre["on_error"],
+        index, out / "illumination", ill.settings(), on_error=pre.on_error,
         progress=progress, log=log,
     ) if ill.enabled else None
     log("[3/7] nuclei segmentation" + ("" if segcfg.enabled else ": off"))
     seg = segmentation_stage(
         index, out / "cells.parquet", segcfg.nuclei(), segcfg.channel,
-        illumination=illumination, on_error=pre["on_error"], n_jobs=segcfg.n_jobs,
+        illumination=illumination, on_error=pre.on_error, n_jobs=segcfg.n_jobs,
         progress=progress, summary=out / "segmentation_summary.json", log=log,
     ) if segcfg.enabled else None
     timings["preprocess_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    log(f"[4/7] features ({cfg['features'].extractor}, {cfg['features'].model})")
-    extraction = extract_features(index, cfg["features"], cfg["channels"], out / "features",
+    log(f"[4/7] features ({cfg.features.extractor}, {cfg.features.model})")
+    extraction = extract_features(index, cfg.features, cfg.channels, out / "features",
                                   progress=progress, log=log, illumination=illumination,
-                                  segmentation=pre["segmentation"], on_error=pre["on_error"])
+                                  segmentation=pre.segmentation, on_error=pre.on_error)
     timings["features_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     log("[5/7] profiles")
-    wells, treatments = build_profiles(out / "features", cfg["profiles"], out / "profiles",
+    wells, treatments = build_profiles(out / "features", cfg.profiles, out / "profiles",
                                        style="yaml", log=log)
     timings["profiles_s"] = time.perf_counter() - t
 
     log("[6/7] evaluation")
-    evaluation = evaluate_profiles(wells, out / "evaluation.json", cfg["evaluation"],
-                                   cfg["profiles"].treatment_aggregation)
+    evaluation = evaluate_profiles(wells, out / "evaluation.json", cfg.evaluation,
+                                   cfg.profiles.treatment_aggregation)
     for w in evaluation["warnings"]:
         log(f"warning: {w}")
     log("[7/7] report")
@@ -441,7 +442,7 @@ def run_pipeline(cfg: dict, config_text: str, progress: bool = True, log=print,
     return {"evaluation": evaluation, "timings": timings, "extraction": extraction}
 
 
-def _run_report(out: Path, cfg: dict, index: ExperimentIndex, evaluation: dict,
+def _run_report(out: Path, cfg: RunConfig, index: ExperimentIndex, evaluation: dict,
                 treatments: Path, seg: dict | None, extraction: dict,
                 config_path: str | None) -> None:
     """``out/report.html`` of a run: the dataset (and segmentation) summary, the QC plate map
@@ -461,6 +462,6 @@ def _run_report(out: Path, cfg: dict, index: ExperimentIndex, evaluation: dict,
                  cells_per_well=qc, qc_title=("segmented cells per well" if seg is not None
                                               else "fields (image sets) per well"),
                  header=report_header(inputs={"configuration": config_path or "(built in)",
-                                              "data": cfg["data"]["path"] or "",
+                                              "data": cfg.data.path or "",
                                               "output": str(out)}),
-                 examples=example_fields(index, cfg["channels"]))
+                 examples=example_fields(index, cfg.channels))

@@ -20,10 +20,12 @@ import typing
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 _TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true/false", "str": "a string",
-               "string": "a string", "list": "a list", "dict": "a mapping", "tuple": "a list"}
+               "string": "a string", "list": "a list", "dict": "a mapping", "tuple": "a list",
+               "model": "a mapping"}
 
 
 _BUILDING = threading.local()  # set while a top-level Settings is being validated
@@ -53,6 +55,19 @@ class Settings(BaseModel):
                 field_problems(exc, type(self), style="python"))) from exc
         finally:
             _BUILDING.active = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        problems = self.check()
+        if problems:  # one error carrying every (setting, problem) pair: see field_problems
+            raise PydanticCustomError("settings", "{problems}", {"problems": problems})
+        return self
+
+    def check(self) -> list[tuple[str, str]]:
+        """Problems between settings that no single field's type can express, as ``(setting
+        name, what is wrong)`` pairs (e.g. ``("path", "required for source 'csv'")``); each is
+        reported under its own dotted path. Subclasses override it; the base has none."""
+        return []
 
     def replace(self, **changes: Any) -> Settings:
         """A validated copy with ``changes`` applied."""
@@ -87,8 +102,20 @@ def field_problems(exc: ValidationError, model: type[BaseModel], path: str = "",
             problems.append(f"{where}: unknown key{hint}" if style == "yaml"
                             else f"{where} is not a setting{hint}")
             continue
+        elif kind == "settings":  # pairs from Settings.check, each under its own path
+            for name, what in err["ctx"]["problems"]:
+                problems.append(f"{path}{'.'.join([*loc, name])}: {what}")
+            continue
         elif kind == "missing":
             problems.append(f"{where}: required" if style == "yaml" else f"{where} is required")
+            continue
+        elif kind in ("too_short", "too_long"):
+            ctx = err["ctx"]
+            bound = (f"at least {ctx['min_length']}" if kind == "too_short"
+                     else f"at most {ctx['max_length']}")
+            problems.append(f"{where}: expected {bound} item(s), got {ctx['actual_length']}"
+                            if style == "yaml" else f"{where} must have {bound} item(s), got "
+                            f"{ctx['actual_length']}")
             continue
         elif kind == "literal_error":
             choices = list(typing.get_args(_unwrap(annotation)))
@@ -141,21 +168,46 @@ _BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "
            "less_than": "<"}
 
 
-def validate_section(model: type[Settings], raw: Any, path: str, problems: list[str]) -> Settings:
+def validate_section(model: type[Settings], raw: Any, path: str, problems: list[str]
+                     ) -> Settings | None:
     """``raw`` (a YAML mapping; None: empty) as a ``model`` instance; its problems are added to
-    ``problems`` (each prefixed with ``path``, e.g. ``preprocess.segmentation.``) and the
-    defaults are returned in their place."""
+    ``problems`` (each prefixed with ``path``, e.g. ``preprocess.segmentation.``, or ``""`` for
+    a whole config) and the defaults are returned in their place (None where ``model`` has
+    required settings). A key left empty in YAML (``window:``) takes its default, at any
+    depth."""
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        problems.append(f"{path.rstrip('.')}: expected a mapping, got {type(raw).__name__}")
-        return model()
-    raw = {k: v for k, v in raw.items() if v is not None or _optional(model, k)}
-    got, exc = _validated(model, raw)
+        problems.append(f"{path.rstrip('.') or 'config'}: expected a mapping, got "
+                        f"{type(raw).__name__}")
+        return _defaults(model)
+    got, exc = _validated(model, _without_empty(model, raw))
     if exc is not None:
         problems.extend(field_problems(exc, model, path))
-        return model()
+        return _defaults(model)
     return got
+
+
+def _without_empty(model: type[BaseModel], raw: Mapping) -> dict:
+    """``raw`` without the keys left empty (None) that ``model`` does not allow to be None, in
+    it and in its nested settings sections: those take their defaults."""
+    out = {}
+    for key, value in raw.items():
+        info = model.model_fields.get(key) if isinstance(key, str) else None
+        if value is None and not _optional(model, key):
+            continue
+        inner = _unwrap(info.annotation) if info is not None else None
+        if isinstance(value, Mapping) and isinstance(inner, type) and issubclass(inner, BaseModel):
+            value = _without_empty(inner, value)
+        out[key] = value
+    return out
+
+
+def _defaults(model: type[Settings]) -> Settings | None:
+    """``model()``, or None where it has required settings."""
+    if any(info.is_required() for info in model.model_fields.values()):
+        return None
+    return model()
 
 
 def add_options(parser: argparse.ArgumentParser, model: type[Settings],

@@ -27,9 +27,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.kind == "weak":
         return _train_weak(a)
     cfg, text = load_train_config(a.config, a.kind)
-    check_writable(Path(cfg["output"]) / a.kind, folder=True)
+    check_writable(Path(cfg.output) / a.kind, folder=True)
     if a.epochs is not None:
-        cfg["train"]["epochs"] = a.epochs
+        cfg = cfg.replace(train=cfg.train.replace(epochs=a.epochs))
     result = run_training(a.kind, cfg, text, progress=not a.quiet)
     t = result["treatment"]
     print(f"{a.kind}: treatment accuracy {t['correct']}/{t['n']} = {t['accuracy']:.3f} "
@@ -37,7 +37,7 @@ def cmd_train(a: argparse.Namespace) -> int:
           f"{result['conformal']['coverage']:.3f} at target "
           f"{result['conformal']['target_coverage']:.2f}, mean set size "
           f"{result['conformal']['mean_set_size']:.2f}; results in "
-          f"{Path(cfg['output']) / a.kind / 'cv.json'}")
+          f"{Path(cfg.output) / a.kind / 'cv.json'}")
     return 0
 
 
@@ -47,9 +47,9 @@ def _train_weak(a: argparse.Namespace) -> int:
     from morphoprof.models.weak_run import run_weak
 
     cfg, text = load_weak_config(a.config)
-    check_writable(Path(cfg["output"]) / "weak", folder=True)
+    check_writable(Path(cfg.output) / "weak", folder=True)
     if a.epochs is not None:
-        cfg["train"]["epochs"] = a.epochs
+        cfg = cfg.replace(train=cfg.train.replace(epochs=a.epochs))
     s = run_weak(cfg, text, progress=not a.quiet)
     if "classes" not in s:  # not the first process of a multi-process run
         return 0
@@ -58,7 +58,7 @@ def _train_weak(a: argparse.Namespace) -> int:
             if acc is not None else "")
     print(f"weak: {len(s['classes'])} labels, {s['epochs_run']} epochs, {held}"
           f"{s['train_cells_per_s']:.0f} training cells/s; embeddings ({s['layer']}) in "
-          f"{s['features']}; summary in {Path(cfg['output']) / 'weak' / 'weak.json'}")
+          f"{s['features']}; summary in {Path(cfg.output) / 'weak' / 'weak.json'}")
     return 0
 
 

@@ -15,7 +15,7 @@ from morphoprof.errors import InputError
 from morphoprof.index.schema import ExperimentIndex
 from morphoprof.io_utils import read_parquet, write_json
 from morphoprof.models.crossval import CVConfig, cross_validate
-from morphoprof.models.training import FitConfig
+from morphoprof.models.settings import TrainConfig
 
 if TYPE_CHECKING:
     from morphoprof.models.mil import MILConfig
@@ -45,23 +45,16 @@ def select_rows(index: ExperimentIndex, select: dict) -> ExperimentIndex:
     return index.subset(mask) if not mask.all() else index
 
 
-def fit_config(train: dict, progress: bool = True) -> FitConfig:
-    """The ``train`` section as a :class:`FitConfig`."""
-    keys = ("epochs", "batch_size", "patience", "seed", "num_workers", "accelerator", "devices",
-            "num_nodes", "strategy", "precision")
-    return FitConfig(**{k: train[k] for k in keys}, progress=progress)
-
-
-def module_factory(kind: str, cfg: dict, n_classes: int, in_chans: int):
+def module_factory(kind: str, cfg: TrainConfig, n_classes: int, in_chans: int):
     """``(make_module(fold), mean, std)`` for ``finetune`` and a validated config (``mil``:
     :func:`mil_setup`)."""
-    seed = cfg["train"]["seed"]
+    seed = cfg.train.seed
     if kind == "finetune":
         from morphoprof.models.finetune import FineTuneConfig, finetune_module
 
-        ft = FineTuneConfig(model=cfg["model"]["name"], weights=cfg["model"]["weights"],
-                            lr=cfg["train"]["lr"], weight_decay=cfg["train"]["weight_decay"],
-                            drop_rate=cfg["model"]["drop_rate"], multilabel=cfg["multilabel"])
+        ft = FineTuneConfig(model=cfg.model.name, weights=cfg.model.weights, lr=cfg.train.lr,
+                            weight_decay=cfg.train.weight_decay, drop_rate=cfg.model.drop_rate,
+                            multilabel=cfg.multilabel)
         # Fold 0's network is built here (checking the settings before any training) and
         # handed out on its first request, so its weights are not loaded twice.
         first, mean, std = finetune_module(ft, n_classes, in_chans, seed)
@@ -76,23 +69,16 @@ def module_factory(kind: str, cfg: dict, n_classes: int, in_chans: int):
     raise InputError(f"training kind must be one of {KINDS}, got {kind!r}")
 
 
-def mil_config(cfg: dict, n_classes: int, in_chans: int) -> MILConfig:
+def mil_config(cfg: TrainConfig, n_classes: int, in_chans: int) -> MILConfig:
     """The ``mil`` section of a validated training config as a :class:`MILConfig`."""
     from morphoprof.models.mil import MILConfig
 
-    m = cfg["mil"]
-    extra = {}
-    if m["plan"]:
-        try:
-            extra["plan"] = tuple((int(c), int(s)) for c, s in m["plan"])
-        except (TypeError, ValueError) as exc:
-            raise InputError(f"mil.plan must list [channels, stride] pairs, got "
-                             f"{m['plan']!r}") from exc
-    return MILConfig(n_classes=n_classes, in_chans=in_chans, trunk=m["trunk"],
-                     stage=m["stage"], weights=m["weights"], pooling=m["pooling"], r=m["r"],
-                     a=m["a"], hidden=m["hidden"], dropout=m["dropout"],
-                     pool_dropout=m["pool_dropout"], multilabel=cfg["multilabel"],
-                     seed=cfg["train"]["seed"], **extra)
+    m = cfg.mil
+    extra = {"plan": tuple((c, s) for c, s in m.plan)} if m.plan else {}
+    return MILConfig(n_classes=n_classes, in_chans=in_chans, trunk=m.trunk, stage=m.stage,
+                     weights=m.weights, pooling=m.pooling, r=m.r, a=m.a, hidden=m.hidden,
+                     dropout=m.dropout, pool_dropout=m.pool_dropout,
+                     multilabel=cfg.multilabel, seed=cfg.train.seed, **extra)
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -127,9 +113,9 @@ class MILSetup:
     info: dict
 
 
-def mil_setup(cfg: dict, images: np.ndarray, n_classes: int, out: Path,
+def mil_setup(cfg: TrainConfig, images: np.ndarray, n_classes: int, out: Path,
               progress: bool = True, log: Callable[[str], None] | None = print) -> MILSetup:
-    """Build the MIL trunk named in ``cfg['mil']``, choose the input normalisation (the
+    """Build the MIL trunk named in ``cfg.mil``, choose the input normalisation (the
     pretrained trunk's own statistics, else the images' per-channel mean / std) and, when the
     trunk is frozen (default for pretrained timm trunks), compute or reuse its feature maps of
     ``images`` under the 8 rotations / reflections (1 without ``images.augment``), cached in
@@ -139,7 +125,7 @@ def mil_setup(cfg: dict, images: np.ndarray, n_classes: int, out: Path,
     from morphoprof.models.mil import MILNet, make_trunk
     from morphoprof.models.training import ImageClassifier
 
-    m, train, seed = cfg["mil"], cfg["train"], cfg["train"]["seed"]
+    m, train, seed = cfg.mil, cfg.train, cfg.train.seed
     mcfg = mil_config(cfg, n_classes, images.shape[1])
     torch.manual_seed(seed)
     trunk = make_trunk(mcfg)
@@ -148,14 +134,14 @@ def mil_setup(cfg: dict, images: np.ndarray, n_classes: int, out: Path,
     else:
         mean, std = channel_stats(images)
     pretrained = getattr(trunk, "source", "random") != "random"
-    frozen = m["frozen"] if m["frozen"] is not None else (
-        m["trunk"] not in ("plan", "kraus") and pretrained)
-    info = {"trunk": getattr(trunk, "name", m["trunk"]), "stage": getattr(trunk, "stage", None),
+    frozen = m.frozen if m.frozen is not None else (
+        m.trunk not in ("plan", "kraus") and pretrained)
+    info = {"trunk": getattr(trunk, "name", m.trunk), "stage": getattr(trunk, "stage", None),
             "weights": getattr(trunk, "source", "random"), "frozen": bool(frozen),
             "output_stride": int(trunk.reduction), "input_mean": list(mean),
             "input_std": list(std)}
-    kw = dict(lr=train["lr"], weight_decay=train["weight_decay"], multilabel=cfg["multilabel"],
-              mil_weight=m["mil_weight"])
+    kw = dict(lr=train.lr, weight_decay=train.weight_decay, multilabel=cfg.multilabel,
+              mil_weight=m.mil_weight)
 
     if not frozen:
         first = {0: trunk}
@@ -173,8 +159,8 @@ def mil_setup(cfg: dict, images: np.ndarray, n_classes: int, out: Path,
     return _frozen_setup(cfg, trunk, mcfg, kw, images, mean, std, info, out, progress, log)
 
 
-def _frozen_setup(cfg: dict, trunk, mcfg, kw: dict, images: np.ndarray, mean, std, info: dict,
-                  out: Path, progress: bool, log) -> MILSetup:
+def _frozen_setup(cfg: TrainConfig, trunk, mcfg, kw: dict, images: np.ndarray, mean, std,
+                  info: dict, out: Path, progress: bool, log) -> MILSetup:
     """:func:`mil_setup` of a frozen trunk: its feature maps of ``images`` computed once (or
     read from the cache) and only the MIL head (and, with ``unfreeze_last_stage``, the
     trunk's last stage) trained on them."""
@@ -192,18 +178,18 @@ def _frozen_setup(cfg: dict, trunk, mcfg, kw: dict, images: np.ndarray, mean, st
     )
     from morphoprof.models.training import ImageClassifier
 
-    m, seed = cfg["mil"], cfg["train"]["seed"]
+    m, seed = cfg.mil, cfg.train.seed
     for p in trunk.parameters():
         p.requires_grad_(False)
-    last = bool(m["unfreeze_last_stage"])
+    last = m.unfreeze_last_stage
     if last:
         trunk.last_stage  # noqa: B018 (an error now, before any caching, if it cannot split)
-    n_t = 8 if cfg["images"]["augment"] else 1
+    n_t = 8 if cfg.images.augment else 1
     key_info = {k: info[k] for k in ("trunk", "stage", "weights")}
     if last:
         key_info["part"] = "input of the last stage"
     key = cache_key(key_info, images, mean, std, n_t)
-    folder = Path(m["cache"]) if m["cache"] else out / "mil" / "trunk_maps"
+    folder = Path(m.cache) if m.cache else out / "mil" / "trunk_maps"
     t0 = time.perf_counter()
     source = TrunkPrefix(trunk) if last else trunk
     maps = cached_trunk_maps(folder, key, lambda: trunk_maps(source, images, mean, std, n_t,
@@ -211,7 +197,7 @@ def _frozen_setup(cfg: dict, trunk, mcfg, kw: dict, images: np.ndarray, mean, st
     info.update(feature_maps=list(maps.shape[2:]), transforms=n_t, trained_last_stage=last,
                 cache_seconds=time.perf_counter() - t0,
                 cache_compute_seconds=cache_compute_seconds(folder), cache=str(folder))
-    crop_px = cfg["images"]["crop"]
+    crop_px = cfg.images.crop
     stride = max(1, images.shape[-1] // maps.shape[-1])  # of the cached maps
     crop = None if crop_px is None else max(1, int(crop_px) // stride)
 
@@ -252,49 +238,47 @@ def load_mil_state(net, state: dict, frozen: bool, last_stage: bool = False):
     return net
 
 
-def run_training(kind: str, cfg: dict, config_text: str = "", progress: bool = True,
+def run_training(kind: str, cfg: TrainConfig, config_text: str = "", progress: bool = True,
                  log: Callable[[str], None] | None = print) -> dict:
-    """Run a validated training config end to end; results in ``cfg['output']``."""
+    """Run a validated training config end to end; results in ``cfg.output``."""
     from morphoprof.datasets.source import build_index_from_config
     from morphoprof.models.data import load_images
 
-    out = Path(cfg["output"])
+    out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     if config_text:
         (out / f"train_{kind}.yaml").write_text(config_text)
-    index = build_index_from_config(cfg["data"], out, progress=progress, log=log)
-    index = select_rows(index, cfg["select"])
-    channels = cfg["channels"] or index.channels
-    im = cfg["images"]
-    images = load_images(index, channels=channels, size=im["size"],
-                         normalization=im["normalization"], scale=im["scale"],
+    index = build_index_from_config(cfg.data, out, progress=progress, log=log)
+    index = select_rows(index, cfg.select)
+    channels = cfg.channels or index.channels
+    im = cfg.images
+    images = load_images(index, channels=channels, size=im.size,
+                         normalization=im.normalization, scale=im.scale,
                          progress=progress, log=log)
-    if cfg["label"] not in index.table.columns:
-        raise InputError(f"label column {cfg['label']!r} is not in the index; found "
+    if cfg.label not in index.table.columns:
+        raise InputError(f"label column {cfg.label!r} is not in the index; found "
                          f"{list(index.table.columns)}")
-    n_classes = index.table[cfg["label"]].astype(str).nunique()
+    n_classes = index.table[cfg.label].astype(str).nunique()
     setup = None
     if kind == "mil":
         setup = mil_setup(cfg, images, n_classes, out, progress=progress, log=log)
         make, mean, std = setup.make, setup.mean, setup.std
     else:
         make, mean, std = module_factory(kind, cfg, n_classes, len(channels))
-    c = cfg["cv"]
-    aggregate = c["aggregate"] or ("median" if kind == "mil" else "mean")
-    cv = CVConfig(label=cfg["label"], group=c["group"], folds=c["folds"],
-                  treatment=tuple(c["treatment"]), aggregate=aggregate, alpha=c["alpha"],
-                  val_fraction=c["val_fraction"], seed=cfg["train"]["seed"],
-                  augment=im["augment"], crop=im["crop"], mean=mean, std=std)
+    c = cfg.cv
+    aggregate = c.aggregate or ("median" if kind == "mil" else "mean")
+    cv = CVConfig(label=cfg.label, group=c.group, folds=c.folds, treatment=tuple(c.treatment),
+                  aggregate=aggregate, alpha=c.alpha, val_fraction=c.val_fraction,
+                  seed=cfg.train.seed, augment=im.augment, crop=im.crop, mean=mean, std=std)
     result = cross_validate(index, images, make, out / kind, cv,
-                            fit_config(cfg["train"], progress), log=log,
+                            cfg.train.fit_config(progress), log=log,
                             make_dataset=setup.make_dataset if setup else None)
     result["kind"] = kind
     if setup is not None:
         result["trunk"] = setup.info
-        if cfg["mil"]["jacobian_images"] > 0:
+        if cfg.mil.jacobian_images > 0:
             result["jacobian_overlays"] = write_jacobian_overlays(
-                out / kind, index, images, setup.full_net, mean, std,
-                cfg["mil"]["jacobian_images"])
+                out / kind, index, images, setup.full_net, mean, std, cfg.mil.jacobian_images)
     write_json(out / kind / "cv.json", result)
     return result
 
@@ -325,7 +309,7 @@ def write_jacobian_overlays(folder: Path, index: ExperimentIndex, images: np.nda
     return paths
 
 
-def trained_mil(folder: str | Path, cfg: dict, fold: int = 0):
+def trained_mil(folder: str | Path, cfg: TrainConfig, fold: int = 0):
     """The whole trained MIL network (trunk and head, eval mode) of ``fold`` of a finished
     ``train mil`` run in ``folder`` (the run's ``output``) trained with the validated config
     ``cfg``, and its input ``(mean, std)``."""

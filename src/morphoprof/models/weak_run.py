@@ -18,6 +18,7 @@ from morphoprof.classification import ClassificationSummary
 from morphoprof.errors import InputError
 from morphoprof.index.schema import BATCH, COMPOUND, CONTROL, PLATE, WELL
 from morphoprof.io_utils import read_parquet, write_json
+from morphoprof.models.settings import HoldoutSection, WeakConfig
 from morphoprof.preprocess.crops import normalize_crops
 from morphoprof.shards import ShardWriter, file_sha256, run_shards, shard_key
 
@@ -90,7 +91,7 @@ def load_crop_array(path: str | Path, table_path: str | Path | None, channels: l
     return arr[rows], table.reset_index(drop=True), names
 
 
-def crops_from_screen(cfg: dict, out: Path, progress: bool, log) -> tuple[np.ndarray,
+def crops_from_screen(cfg: WeakConfig, out: Path, progress: bool, log) -> tuple[np.ndarray,
                                                                            pd.DataFrame, list]:
     """Segment the screen's nuclei (``cells.segmentation`` settings) and cut a ``crop_size``
     crop (zero-padded at edges) around each: ``(N, C, S, S)`` float32, raw intensities."""
@@ -99,15 +100,15 @@ def crops_from_screen(cfg: dict, out: Path, progress: bool, log) -> tuple[np.nda
     from morphoprof.preprocess.crops import CropDataset
     from morphoprof.preprocess.segmentation import segment_index
 
-    index = select_rows(build_index_from_config(cfg["data"], out, progress, log), cfg["select"])
-    channels = cfg["channels"] or index.channels
-    seg = cfg["cells"]["segmentation"]  # a NucleiSection
+    index = select_rows(build_index_from_config(cfg.data, out, progress, log), cfg.select)
+    channels = cfg.channels or index.channels
+    seg = cfg.cells.segmentation
     cells_path = out / "cells.parquet"
     if not cells_path.is_file():
         segment_index(index, cells_path, channel=seg.channel, cfg=seg.nuclei(),
                       progress=progress, n_jobs=seg.n_jobs)
     cells = read_parquet(cells_path)
-    ds = CropDataset(index, cells, cfg["cells"]["crop_size"], channels, normalization="none")
+    ds = CropDataset(index, cells, cfg.cells.crop_size, channels, normalization="none")
     crops = np.stack([ds[k][0].numpy() for k in range(len(ds))]) if len(ds) else None
     if crops is None:
         raise InputError(f"no cells were segmented in {cells_path}")
@@ -151,7 +152,7 @@ def label_codes(table: pd.DataFrame, columns: list[str], source: str = "the cell
     return pd.Categorical(text, categories=classes).codes.astype(np.int64), classes
 
 
-def split_cells(table: pd.DataFrame, labels: np.ndarray, holdout: dict, seed: int
+def split_cells(table: pd.DataFrame, labels: np.ndarray, holdout: HoldoutSection, seed: int
                 ) -> np.ndarray:
     """``"train"`` / ``"val"`` / ``"test"`` per cell, by whole wells.
 
@@ -160,11 +161,11 @@ def split_cells(table: pd.DataFrame, labels: np.ndarray, holdout: dict, seed: in
     wells (rounded, keeping at least one training well per label) are for validation.
     """
     part = np.full(len(table), "train", dtype=object)
-    if holdout.get("column"):
-        col = holdout["column"]
+    if holdout.column:
+        col = holdout.column
         if col not in table.columns:
             raise InputError(f"holdout.column {col!r} not in the cell table")
-        values = [str(v) for v in holdout.get("values") or []]
+        values = [str(v) for v in holdout.values]
         part[table[col].astype(str).isin(values).to_numpy()] = "test"
     wells = (table[PLATE].astype(str) + "/" + table[WELL].astype(str)).to_numpy()
     rng = np.random.default_rng(seed)
@@ -173,15 +174,15 @@ def split_cells(table: pd.DataFrame, labels: np.ndarray, holdout: dict, seed: in
         if not here.any():
             raise InputError(f"label {lab} has no training cells outside the held-out set")
         own = np.unique(wells[here])
-        n_val = min(int(round(holdout.get("val_fraction", 0.0) * len(own))), len(own) - 1)
+        n_val = min(int(round(holdout.val_fraction * len(own))), len(own) - 1)
         for w in rng.permutation(own)[:n_val]:
             part[here & (wells == w)] = "val"
     return part
 
 
-def run_weak(cfg: dict, config_text: str = "", progress: bool = True,
+def run_weak(cfg: WeakConfig, config_text: str = "", progress: bool = True,
              log: Callable[[str], None] | None = print) -> dict:
-    """Run a validated weak-supervision config (:data:`~morphoprof.config.WEAK_SCHEMA`).
+    """Run a validated weak-supervision config (:class:`~morphoprof.models.settings.WeakConfig`).
 
     Writes ``output/weak/`` (checkpoints, metrics.csv, weak.json) and ``output/features/``
     (embeddings of every cell, one Parquet shard per plate, with a manifest).
@@ -189,34 +190,30 @@ def run_weak(cfg: dict, config_text: str = "", progress: bool = True,
     import torch
 
     from morphoprof.models.data import ImageTensorDataset
-    from morphoprof.models.run import fit_config
     from morphoprof.models.training import fit
     from morphoprof.models.weak import embed_crops, extractor_from_checkpoint
 
-    out = Path(cfg["output"])
+    out = Path(cfg.output)
     folder = out / "weak"
     folder.mkdir(parents=True, exist_ok=True)
     if config_text:
         (out / "train_weak.yaml").write_text(config_text)
     raw, table, channels, source = _weak_cells(cfg, out, progress, log)
-    labels, classes = label_codes(table, cfg["label"], source)
-    c = cfg["cells"]
+    labels, classes = label_codes(table, cfg.label, source)
     raw_size = int(raw.shape[-1])
-    crops = prepare_crops(raw, c["size"], c["normalization"])
+    crops = prepare_crops(raw, cfg.cells.size, cfg.cells.normalization)
     del raw
-    batch_col = cfg["batch_column"] or (BATCH if BATCH in table.columns else PLATE)
+    batch_col = cfg.batch_column or (BATCH if BATCH in table.columns else PLATE)
     if batch_col not in table.columns:
         raise InputError(f"batch_column {batch_col!r} not in the cell table")
-    seed = cfg["train"]["seed"]
-    part = split_cells(table, labels, cfg["holdout"], seed)
+    part = split_cells(table, labels, cfg.holdout, cfg.train.seed)
     train, val, test = (np.flatnonzero(part == p) for p in ("train", "val", "test"))
     if log:
         log(f"{len(crops)} cells {crops.shape[1:]}, {len(classes)} labels; train {len(train)}, "
             f"val {len(val)}, test {len(test)} cells (split by well)")
-    w = cfg["weak"]
     module = _weak_module(cfg, classes, channels, raw_size, int(crops.shape[-1]))
     mean, std = module.input_mean, module.input_std
-    fcfg = fit_config(cfg["train"], progress)
+    fcfg = cfg.train.fit_config(progress)
     loader, sampler = _weak_loader(cfg, table, batch_col, crops, labels, train, len(classes),
                                    mean, std, fcfg)
     val_set = (ImageTensorDataset(crops[val], labels[val], mean=mean, std=std)
@@ -227,15 +224,14 @@ def run_weak(cfg: dict, config_text: str = "", progress: bool = True,
         return result
     cells_trained = _cells_seen(sampler, start, result["epochs_run"])
     ckpt = Path(result["best_checkpoint"] if len(val) else result["last_checkpoint"])
-    extractor, _ = extractor_from_checkpoint(ckpt, cfg["features"]["layer"],
-                                             cfg["features"]["batch_size"])
+    extractor, _ = extractor_from_checkpoint(ckpt, cfg.features.layer, cfg.features.batch_size)
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     module.load_state_dict(state)
     module.eval()
     summary: dict = {
         "classes": classes, "channels": channels, "batch_column": batch_col,
         "cells": {"train": len(train), "val": len(val), "test": len(test)},
-        "mixup_alpha": w["mixup_alpha"], "gru": w["gru"], "checkpoint": str(ckpt),
+        "mixup_alpha": cfg.weak.mixup_alpha, "gru": cfg.weak.gru, "checkpoint": str(ckpt),
         "layer": extractor.cfg.layer, "epochs_run": result["epochs_run"],
         "world_size": result["world_size"],
         "train_batches_per_epoch_per_process": result["train_batches_per_epoch"],
@@ -260,24 +256,23 @@ def run_weak(cfg: dict, config_text: str = "", progress: bool = True,
     return summary
 
 
-def _weak_cells(cfg: dict, out: Path, progress: bool, log
+def _weak_cells(cfg: WeakConfig, out: Path, progress: bool, log
                 ) -> tuple[np.ndarray, pd.DataFrame, list[str], str]:
     """(crops ``(N, C, S, S)`` raw, their table, channel names, where the labels come from) of
     a weak config: a crop array the user gives (``data.source: crops``) or the screen's
     segmented cells."""
-    data = cfg["data"]
-    if data["source"] != "crops":
+    data = cfg.data
+    if data.source != "crops":
         return (*crops_from_screen(cfg, out, progress, log), "the screen's cell table")
-    if not data["table"] and not Path(data["path"]).is_dir():
+    if not data.table and not Path(data.path).is_dir():
         raise InputError("data.table: required for source 'crops' with an .npz (one row "
                          "per crop)")
     from morphoprof.models.run import select_mask
 
-    raw, table, channels = load_crop_array(data["path"], data["table"], cfg["channels"],
-                                           data["controls"])
-    keep = select_mask(table, cfg["select"])
+    raw, table, channels = load_crop_array(data.path, data.table, cfg.channels, data.controls)
+    keep = select_mask(table, cfg.select)
     return (raw[keep], table[keep].reset_index(drop=True), channels,
-            str(data["table"] or data["path"]))
+            str(data.table or data.path))
 
 
 def _resume_epoch(last: Path) -> int:
@@ -298,7 +293,7 @@ def _cells_seen(sampler, start: int, stop: int) -> int:
     return n
 
 
-def _weak_loader(cfg: dict, table: pd.DataFrame, batch_col: str, crops: np.ndarray,
+def _weak_loader(cfg: WeakConfig, table: pd.DataFrame, batch_col: str, crops: np.ndarray,
                  labels: np.ndarray, train: np.ndarray, n_classes: int, mean, std, fcfg):
     """(the training DataLoader, its sequence batch sampler): batches of same-label sequences
     drawn across batches (``batch_col``) and wells, with mixup and augmentation."""
@@ -306,33 +301,31 @@ def _weak_loader(cfg: dict, table: pd.DataFrame, batch_col: str, crops: np.ndarr
 
     from morphoprof.models.weak_data import CellGroups, SequenceBatchSampler, WeakTrainSet
 
-    w = cfg["weak"]
+    w = cfg.weak
     batch_codes = pd.factorize(table[batch_col].astype(str))[0]
     well_codes = pd.factorize(table[PLATE].astype(str) + "/" + table[WELL].astype(str))[0]
     groups = CellGroups(labels[train], batch_codes[train], well_codes[train], n_classes)
-    train_set = WeakTrainSet(crops[train], groups, w["mixup_alpha"], w["shift"], w["augment"],
-                             mean, std)
-    per_epoch = w["cells_per_epoch"] or len(train)
+    train_set = WeakTrainSet(crops[train], groups, w.mixup_alpha, w.shift, w.augment, mean, std)
+    per_epoch = w.cells_per_epoch or len(train)
     sampler = SequenceBatchSampler(-(-per_epoch // fcfg.batch_size), fcfg.batch_size,
-                                   w["lengths"] if w["gru"] else [1], cfg["train"]["seed"])
+                                   w.lengths if w.gru else [1], cfg.train.seed)
     return DataLoader(train_set, batch_sampler=sampler, num_workers=fcfg.num_workers,
                       persistent_workers=fcfg.num_workers > 0), sampler
 
 
-def _weak_module(cfg: dict, classes: list, channels: list[str], raw_size: int,
+def _weak_module(cfg: WeakConfig, classes: list, channels: list[str], raw_size: int,
                  input_size: int):
     """The :class:`~morphoprof.models.weak.WeakModule` a weak config describes."""
     from morphoprof.models.weak import WeakModule
 
-    w, m, c = cfg["weak"], cfg["model"], cfg["cells"]
-    return WeakModule(m["name"], m["weights"], len(channels), classes, gru=w["gru"],
-                      gru_hidden=w["gru_hidden"], gru_weight=w["gru_weight"],
-                      lr=cfg["train"]["lr"], weight_decay=cfg["train"]["weight_decay"],
-                      val_length=w["val_length"], layer=m["layer"],
-                      crop_size=int(c["crop_size"] if cfg["data"]["source"] != "crops"
-                                    else raw_size), input_size=input_size,
-                      normalization=c["normalization"], channels=channels,
-                      seed=cfg["train"]["seed"], drop_rate=m["drop_rate"])
+    w, m, c = cfg.weak, cfg.model, cfg.cells
+    return WeakModule(m.name, m.weights, len(channels), classes, gru=w.gru,
+                      gru_hidden=w.gru_hidden, gru_weight=w.gru_weight, lr=cfg.train.lr,
+                      weight_decay=cfg.train.weight_decay, val_length=w.val_length,
+                      layer=m.layer, crop_size=int(c.crop_size if cfg.data.source != "crops"
+                                                   else raw_size), input_size=input_size,
+                      normalization=c.normalization, channels=channels, seed=cfg.train.seed,
+                      drop_rate=m.drop_rate)
 
 
 def _heldout_scores(pred: np.ndarray, truth: np.ndarray, classes: list) -> dict:

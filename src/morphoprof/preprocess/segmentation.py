@@ -51,6 +51,18 @@ class NucleiConfig(Settings):
                             "resolution (2: 4x fewer pixels); labels upsampled")
 
 
+class NucleiSection(NucleiConfig):
+    """Nuclei segmentation of a screen: the :class:`NucleiConfig`, the channel segmented and the
+    worker processes (``morphoprof segment``'s options; a weak config's ``cells.segmentation``)."""
+
+    channel: str | None = Field(None, description="DNA channel (default: DNA / DAPI / Hoechst)")
+    n_jobs: int = Field(1, ge=1, description="worker processes")
+
+    def nuclei(self) -> NucleiConfig:
+        """The :class:`NucleiConfig` part (what :func:`segment_nuclei` reads)."""
+        return self.project(NucleiConfig)
+
+
 def image_quality(plane: np.ndarray, path: object = "") -> list[str]:
     """Problems of a DNA plane that make segmentation meaningless; empty when fine.
 
