@@ -112,7 +112,7 @@ def main() -> int:
 
         shutil.rmtree(folder, ignore_errors=True)
         info = fit(module, CachedMapDataset(maps, train, y[train], train=True), folder,
-                   fit_cfg, log=None)
+                   fit_cfg)
         probs = predict_proba(module, CachedMapDataset(maps, test, y[test]), batch_size=16)
         pred = probs.argmax(1)
         errors[pooling] = float((pred != y[test]).mean())

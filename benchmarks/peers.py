@@ -116,7 +116,7 @@ def _fields_run(out: Path) -> dict:
     ex = TransferExtractor(TransferConfig(batch_size=16))
     ceiling = forward_ceiling(ex, (16, 3, 224, 224), n_batches=3)  # 16 fields x 3 stains
     ex = TransferExtractor(TransferConfig(batch_size=16))
-    s = ex.extract(index, out, log=None, progress=False)
+    s = ex.extract(index, out, progress=False)
     return {"fields": s["image_sets"], "seconds": s["seconds"], "fields_per_s": s["fields_per_s"],
             "ceiling_fields_per_s": ceiling, "ceiling_ratio": s["fields_per_s"] / ceiling,
             "engine": ex.engine}

@@ -199,7 +199,7 @@ def main() -> int:
     out: dict = {"machine": "2 CPU cores", "field_shape": [3, 1024, 1280], "crop_size": 96}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        index = generate_screen(tmp / "screen", cfg, log=None)
+        index = generate_screen(tmp / "screen", cfg)
         n = len(index)
         out["n_fields"] = n
         t0 = time.perf_counter()
@@ -216,8 +216,7 @@ def main() -> int:
                   flush=True)
         # The reference: the default extractor over the same fields (reading included).
         t0 = time.perf_counter()
-        TransferExtractor(TransferConfig()).extract(index, tmp / "features", log=None,
-                                                    illumination=illum)
+        TransferExtractor(TransferConfig()).extract(index, tmp / "features", illumination=illum)
         extract_seconds = time.perf_counter() - t0
         out["breakdown_ms_per_field"] = {
             name: breakdown(index, illum, NucleiConfig(min_distance=8, min_area=80,

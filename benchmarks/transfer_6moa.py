@@ -59,8 +59,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name, (cfg, backbone) in variants.items():
             t0 = time.perf_counter()
-            summary = TransferExtractor(cfg, backbone).extract(index, Path(tmp) / name,
-                                                               log=None)
+            summary = TransferExtractor(cfg, backbone).extract(index, Path(tmp) / name)
             seconds = time.perf_counter() - t0
             res = evaluate(Path(tmp) / name)
             out["variants"][name] = {

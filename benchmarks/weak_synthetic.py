@@ -64,7 +64,7 @@ def main() -> int:
                     "settings": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        index = generate_screen(tmp / "screen", SynthConfig(), progress=False, log=None)
+        index = generate_screen(tmp / "screen", SynthConfig(), progress=False)
         index.write(tmp / "index.parquet")
         cells_table = None
         for name, alpha, gru in (("mixup_gru", 0.2, True), ("mixup", 0.2, False),
@@ -97,7 +97,7 @@ def main() -> int:
                          progress=False)
         result["transfer_crops"] = nsc(tmp / "transfer", tmp / "transfer_profiles")
         fields = TransferExtractor(TransferConfig(weights="offline"))
-        fields.extract(index, tmp / "transfer_fields", progress=False, log=None)
+        fields.extract(index, tmp / "transfer_fields", progress=False)
         result["transfer_fields"] = nsc(tmp / "transfer_fields", tmp / "fields_profiles")
     print({k: v for k, v in result.items() if k != "settings"})
     if not smoke:

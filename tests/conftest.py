@@ -30,5 +30,5 @@ def shared(*parts: str) -> Path:
 def tiny_screen(tmp_path_factory):
     """A tiny synthetic screen (2 batches x 2 plates, 96x96 fields): (folder, index)."""
     out = tmp_path_factory.mktemp("tiny") / "screen"
-    index = generate_screen(out, TINY, progress=False, log=None)
+    index = generate_screen(out, TINY, progress=False)
     return out, index

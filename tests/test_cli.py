@@ -207,5 +207,6 @@ def test_segment_writes_overlays_summary_and_locations_beside_the_table(tmp_path
     # one location file per field with cells
     assert len(list((tmp_path / "loc").rglob("*-Nuclei.csv"))) == cells.groupby(
         ["Metadata_plate", "Metadata_well", "Metadata_site"]).ngroups
-    printed = capsys.readouterr().out
-    assert "2 overlay(s)" in printed and f"{len(cells)} cells in {len(index)} image sets" in printed
+    printed = capsys.readouterr()  # the stage's log on stderr, the command's result on stdout
+    assert "2 overlay(s)" in printed.err
+    assert f"{len(cells)} cells in {len(index)} image sets" in printed.out

@@ -115,7 +115,7 @@ def server():
 
 
 def test_download_all_then_import(tmp_path, server):
-    summary = download_bbbc021(tmp_path, base_url=server.url, progress=False, log=None)
+    summary = download_bbbc021(tmp_path, base_url=server.url, progress=False)
     assert summary["fetched"] == PLATES
     assert not list((tmp_path / "zips").glob("*"))  # zips removed after unpacking
     index = import_bbbc021(tmp_path, check_shapes=True)
@@ -126,21 +126,21 @@ def test_download_all_then_import(tmp_path, server):
     assert img.shape == (3, 6, 8) and img[0, 0, 0] % 10 == 1  # DAPI is w1
     # a re-run skips finished plates and asks the server for no zip
     server.requests.clear()
-    again = download_bbbc021(tmp_path, base_url=server.url, progress=False, log=None)
+    again = download_bbbc021(tmp_path, base_url=server.url, progress=False)
     assert again["skipped"] == PLATES and again["fetched"] == []
     assert not any(name.endswith(".zip") for name, _ in server.requests)
 
 
 def test_plate_subset_and_unknown_plate(tmp_path, server):
     summary = download_bbbc021(tmp_path, plates=["Week2_24121"], base_url=server.url,
-                               keep_zips=True, progress=False, log=None)
+                               keep_zips=True, progress=False)
     assert summary["fetched"] == ["Week2_24121"]
     assert (tmp_path / "Week2" / "Week2_24121").is_dir()
     assert not (tmp_path / "Week1").exists()
     assert (tmp_path / "zips" / "BBBC021_v1_images_Week2_24121.zip").is_file()
     with pytest.raises(DownloadError, match=r"unknown plate\(s\) \['Week9_99999'\]"):
         download_bbbc021(tmp_path, plates=["Week9_99999"], base_url=server.url,
-                         progress=False, log=None)
+                         progress=False)
 
 
 def test_resume_partial_download_with_range(tmp_path, server):
@@ -184,16 +184,16 @@ def test_corrupt_zip_is_refetched_then_reported(tmp_path, server):
     server.files[name] = bytes(bad)
     with pytest.raises(DownloadError, match="fails its CRC check"):
         download_bbbc021(tmp_path, plates=["Week1_22123"], base_url=server.url,
-                         progress=False, log=None)
+                         progress=False)
     assert sum(n == name for n, _ in server.requests) == 2  # fetched twice, then gave up
     assert not (tmp_path / "Week1" / "Week1_22123").exists()  # nothing half-unpacked
     server.files[name] = good
     summary = download_bbbc021(tmp_path, plates=["Week1_22123"], base_url=server.url,
-                               progress=False, log=None)
+                               progress=False)
     assert summary["fetched"] == ["Week1_22123"]
 
 
 def test_missing_file_on_server(tmp_path, server):
     del server.files["BBBC021_v1_moa.csv"]
     with pytest.raises(DownloadError, match="BBBC021_v1_moa.csv: HTTP 404"):
-        download_bbbc021(tmp_path, base_url=server.url, progress=False, log=None)
+        download_bbbc021(tmp_path, base_url=server.url, progress=False)

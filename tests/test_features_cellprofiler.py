@@ -125,7 +125,7 @@ def test_small_chunks_and_join_pages_give_the_same_cells(tmp_path, monkeypatch):
     import morphoprof.features.cellprofiler as cp
 
     src = SOURCES["sqlite"]
-    import_cellprofiler(src, tmp_path / "big", chunk_size=100_000, log=None)
+    import_cellprofiler(src, tmp_path / "big", chunk_size=100_000)
     calls = []
     real = cp._subpages
 
@@ -136,7 +136,7 @@ def test_small_chunks_and_join_pages_give_the_same_cells(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cp, "_JOIN_ROWS", 5)
     monkeypatch.setattr(cp, "_subpages", spy)
-    import_cellprofiler(src, tmp_path / "small", chunk_size=60, log=None)
+    import_cellprofiler(src, tmp_path / "small", chunk_size=60)
     big = pd.read_parquet(tmp_path / "big" / "cells.parquet")
     small = pd.read_parquet(tmp_path / "small" / "cells.parquet")
     pages = [p for c in calls for p in c]

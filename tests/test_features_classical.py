@@ -28,7 +28,7 @@ def test_measure_objects_shapes_and_names():
 def test_extract_per_cell_features_matching_ground_truth(tmp_path, tiny_screen):
     folder, index = tiny_screen
     cfg = ClassicalConfig(measurements=("sizeshape", "intensity", "texture"), n_jobs=1)
-    summary = ClassicalExtractor(cfg).extract(index, tmp_path / "cp", progress=False, log=None)
+    summary = ClassicalExtractor(cfg).extract(index, tmp_path / "cp", progress=False)
     df = read_features(tmp_path / "cp")
     assert summary["cells"] == len(df) > 0
     truth = load_ground_truth(folder)["cells"]
@@ -46,7 +46,7 @@ def test_extract_per_cell_features_matching_ground_truth(tmp_path, tiny_screen):
     assert len(merged) > 0.8 * len(df)
     r = np.corrcoef(merged["classical_Nuclei_Area"], merged["nucleus_area"])[0, 1]
     assert r > 0.9
-    again = ClassicalExtractor(cfg).extract(index, tmp_path / "cp", progress=False, log=None)
+    again = ClassicalExtractor(cfg).extract(index, tmp_path / "cp", progress=False)
     assert again["shards_written"] == 0  # resumed: nothing left to do
 
 
@@ -75,7 +75,7 @@ def test_classical_features_of_crops_measure_the_central_nucleus(tmp_path, capsy
             "--crop-table", str(tmp_path / "c.csv"), "--channels", "DNA", "Actin",
             "--out", str(tmp_path / "f")]
     assert main(args) == 0
-    assert "skipped crop 6: no nucleus" in capsys.readouterr().out
+    assert "skipped crop 6: no nucleus" in capsys.readouterr().err  # the log, not the JSON
     summary = json.loads((tmp_path / "f" / "run_summary.json").read_text())
     assert summary["cells"] == len(radii) and summary["n_skipped"] == 1
     assert "crop 6: no nucleus" in summary["skipped"][0]["reason"]

@@ -101,12 +101,12 @@ def test_frozen_cache_equals_the_whole_network(tmp_path):
         calls.append(1)
         return trunk_maps(net.trunk, images, mean, std, 8, batch_size=2)
 
-    maps = cached_trunk_maps(tmp_path / "cache", key, compute, log=None)
-    again = cached_trunk_maps(tmp_path / "cache", key, compute, log=None)
+    maps = cached_trunk_maps(tmp_path / "cache", key, compute)
+    again = cached_trunk_maps(tmp_path / "cache", key, compute)
     assert len(calls) == 1 and maps.shape == (5, 8, 40, 8, 8)
     np.testing.assert_array_equal(again, maps)
     other = cache_key({"trunk": "lite0", "stage": 2}, images[::-1].copy(), mean, std, 8)
-    cached_trunk_maps(tmp_path / "cache", other, compute, log=None)
+    cached_trunk_maps(tmp_path / "cache", other, compute)
     assert len(calls) == 2  # other images: recomputed
     x = (torch.from_numpy(images) - m) / s
     with torch.no_grad():
@@ -270,7 +270,7 @@ output: out
     capsys.readouterr()
     (tmp_path / "mil.yaml").write_text(text.replace("output: out", "output: out2"))
     assert main(["train", "mil", str(tmp_path / "mil.yaml")]) == 0
-    assert "reusing" in capsys.readouterr().out
+    assert "reusing" in capsys.readouterr().err
     # the last stage trained too, on cached maps of its input; each fold starts from the
     # pretrained stage, and the reloaded network carries the trained one
     (tmp_path / "mil.yaml").write_text(text.replace("output: out", "output: out3").replace(

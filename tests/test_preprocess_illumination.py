@@ -22,7 +22,7 @@ def uneven_screen(tmp_path_factory):
                       height=128, width=128, cells_per_field=30, illumination_strength=0.5,
                       seed=7)
     out = tmp_path_factory.mktemp("illum") / "screen"
-    return out, generate_screen(out, cfg, progress=False, log=None)
+    return out, generate_screen(out, cfg, progress=False)
 
 
 def test_recovers_the_true_illumination_field(tmp_path, uneven_screen):

@@ -103,7 +103,7 @@ def test_aggregate_cli_cell_tvn(tmp_path, capsys):
     out = tmp_path / "profiles"
     assert main(["aggregate", str(folder), "--out", str(out), "--normalize", "none",
                  "--cell-tvn", "controls"]) == 0
-    said = capsys.readouterr().out
+    said = capsys.readouterr().err
     assert "no control cells" in said
     summary = json.loads((out / "cell_tvn.json").read_text())
     assert summary["reference"] == "all" and summary["n_cells"] == len(cells)

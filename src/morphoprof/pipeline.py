@@ -19,6 +19,7 @@ Each stage reads the previous stage's files and writes its own, so any stage can
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -43,11 +44,13 @@ from morphoprof.profiles.normalize import NormalizationConfig
 from morphoprof.profiles.settings import ProfilesConfig
 from morphoprof.registry import create_extractor
 
+logger = logging.getLogger(__name__)
+
 NORMALIZE_BY = {"plate": PLATE, "batch": BATCH, "all": None}
 
 
 def illumination_stage(index: ExperimentIndex, out: str | Path, settings, *, channels=None,
-                       on_error: str = "fail", progress: bool = True, log=print):
+                       on_error: str = "fail", progress: bool = True):
     """Compute (or reuse) per-plate illumination functions into ``out`` with ``settings`` (an
     :class:`~morphoprof.preprocess.illumination.IlluminationConfig`); each skipped image set is
     logged. The one illumination step of ``run`` and ``morphoprof illum``."""
@@ -56,17 +59,15 @@ def illumination_stage(index: ExperimentIndex, out: str | Path, settings, *, cha
     corr = compute_illumination(index, out, channels=channels, window=settings.window,
                                 percentile=settings.percentile, n_jobs=settings.n_jobs,
                                 progress=progress, on_error=on_error)
-    if log:
-        for s in corr.skipped:
-            log(f"skipped {s['reason']}")
+    for s in corr.skipped:
+        logger.warning(f"skipped {s['reason']}")
     return corr
 
 
 def segmentation_stage(index: ExperimentIndex, out: str | Path, nuclei, channel: str | None, *,
                        illumination=None, on_error: str = "fail", n_jobs: int = 1,
                        progress: bool = True, summary: str | Path | None = None,
-                       overlays: int = 0, deepprofiler_locations: str | Path | None = None,
-                       log=print) -> dict:
+                       overlays: int = 0, deepprofiler_locations: str | Path | None = None) -> dict:
     """Segment nuclei (``nuclei``: a :class:`NucleiConfig`) on ``channel`` into ``out`` (a
     cell table) and write its run summary to ``summary`` (default ``<out stem>_summary.json``).
     ``overlays``: that many evenly spaced fields drawn with their nucleus outlines beside the
@@ -85,8 +86,7 @@ def segmentation_stage(index: ExperimentIndex, out: str | Path, nuclei, channel:
         step = max(len(index) // overlays, 1)
         paths = write_overlays(index, folder, channel, nuclei,
                                range(0, len(index), step)[:overlays], illumination)
-        if log:
-            log(f"{len(paths)} overlay(s) (nucleus outlines in red) -> {folder}")
+        logger.info(f"{len(paths)} overlay(s) (nucleus outlines in red) -> {folder}")
     write_json(Path(summary) if summary else out.with_name(out.stem + "_summary.json"), result)
     if deepprofiler_locations:
         export_deepprofiler_locations(read_parquet(out), deepprofiler_locations)
@@ -94,7 +94,7 @@ def segmentation_stage(index: ExperimentIndex, out: str | Path, nuclei, channel:
 
 
 def extract_features(index: ExperimentIndex, features, channels, out: Path,
-                     progress: bool = True, log=print, illumination=None,
+                     progress: bool = True, illumination=None,
                      segmentation=None, on_error: str = "fail") -> dict:
     """Run the configured extractor (``features``: a :class:`~morphoprof.config.FeaturesSection`;
     built by name, :mod:`morphoprof.registry`) over the index into ``out`` (a feature folder).
@@ -110,7 +110,7 @@ def extract_features(index: ExperimentIndex, features, channels, out: Path,
     extractor = create_extractor(features.extractor, {
         **features.model_dump(), "channels": channels, "on_error": on_error,
         "nuclei": seg.nuclei(), "n_jobs": seg.n_jobs})
-    return extractor.extract(index, out, illumination=illumination, progress=progress, log=log)
+    return extractor.extract(index, out, illumination=illumination, progress=progress)
 
 
 def cells_per_well(cells_path: Path, index: ExperimentIndex) -> pd.DataFrame:
@@ -154,7 +154,7 @@ def resolve_normalization(norm: NormalizationConfig, has_controls: bool, what: s
 
 
 def build_profiles(features_dir: Path, settings: ProfilesConfig | Mapping, out_dir: Path,
-                   columns=None, style: str = "cli", log=print) -> tuple[Path, Path]:
+                   columns=None, style: str = "cli") -> tuple[Path, Path]:
     """Features -> selected, normalised well profiles -> treatment profiles (Parquet files).
 
     ``settings``: a :class:`~morphoprof.profiles.settings.ProfilesConfig` (or the mapping of
@@ -181,23 +181,21 @@ def build_profiles(features_dir: Path, settings: ProfilesConfig | Mapping, out_d
                                      eps=tvn.eps, control_column=cols.control,
                                      compound_column=cols.compound,
                                      control_values=cols.control_values)
-        if log:
-            log(sphering.note or f"cell TVN: sphering fitted on {sphering.n_cells} "
-                f"{sphering.reference} cells")
+        logger.info(sphering.note or f"cell TVN: sphering fitted on {sphering.n_cells} "
+                    f"{sphering.reference} cells")
     wells = aggregate_parquet(features_dir, [cols.plate, cols.well],
                               cfg.well_aggregation, sphering=sphering)
     wells = cols.to_canonical(wells, ("compound", "concentration", "control"),
                               source=str(features_dir))
     norm, note = resolve_normalization(cfg.normalization, bool(wells["Metadata_control"].any()),
                                        str(features_dir), style)
-    if note and log:
-        log(note)
+    if note:
+        logger.info(note)
     wells, dropped = select_features(wells, cfg.feature_selection, blocklist=cfg.blocklist)
     normalizer = Normalizer(norm.method, NORMALIZE_BY.get(norm.by, norm.by), norm.reference,
                             norm.eps, norm.n_factors, norm.fallback).fit(wells)
     for w in normalizer.warnings:
-        if log:
-            log(f"warning: {w}")
+        logger.warning(w)
     wells = normalizer.transform(wells)
     treatments = treatment_profiles(wells, cfg.treatment_aggregation)
     with atomic_dir(out_dir) as tmp:
@@ -371,9 +369,11 @@ def example_fields(index: ExperimentIndex, channels=None, per_moa: int = 2,
     return out
 
 
-def run_pipeline(cfg: RunConfig, config_text: str, progress: bool = True, log=print,
+def run_pipeline(cfg: RunConfig, config_text: str, progress: bool = True,
                  config_path: str | None = None) -> dict:
-    """Run every stage of a validated config; returns the evaluation dict (plus timings)."""
+    """Run every stage of a validated config; returns ``{"evaluation", "timings",
+    "extraction", "out"}`` (:func:`run_summary_lines` says it in words). Each stage is announced
+    in this module's log."""
     from morphoprof.io_utils import check_writable
 
     out = check_writable(cfg.output, folder=True)
@@ -382,8 +382,8 @@ def run_pipeline(cfg: RunConfig, config_text: str, progress: bool = True, log=pr
         tmp.write_text(config_text)
     timings = {}
     t0 = time.perf_counter()
-    log("[1/7] experiment index")
-    index = build_index_from_config(cfg.data, out, progress=progress, log=log)
+    logger.info("[1/7] experiment index")
+    index = build_index_from_config(cfg.data, out, progress=progress)
     index.write(out / "index.parquet")
     timings["index_s"] = time.perf_counter() - t0
     # a screen without controls: decided now, not after hours of extraction
@@ -393,53 +393,61 @@ def run_pipeline(cfg: RunConfig, config_text: str, progress: bool = True, log=pr
                                        f"{cfg.data.path or ''})".replace(" )", ")"),
                                        "yaml")
     if note:
-        log(note)
+        logger.info(note)
     cfg = cfg.model_copy(update={"profiles": cfg.profiles.replace(normalization=norm)})
 
     pre = cfg.preprocess
     t = time.perf_counter()
     ill, segcfg = pre.illumination, pre.segmentation
-    log("[2/7] illumination correction" + ("" if ill.enabled else ": off"))
+    logger.info("[2/7] illumination correction" + ("" if ill.enabled else ": off"))
     illumination = illumination_stage(
         index, out / "illumination", ill.settings(), on_error=pre.on_error,
-        progress=progress, log=log,
+        progress=progress,
     ) if ill.enabled else None
-    log("[3/7] nuclei segmentation" + ("" if segcfg.enabled else ": off"))
+    logger.info("[3/7] nuclei segmentation" + ("" if segcfg.enabled else ": off"))
     seg = segmentation_stage(
         index, out / "cells.parquet", segcfg.nuclei(), segcfg.channel,
         illumination=illumination, on_error=pre.on_error, n_jobs=segcfg.n_jobs,
-        progress=progress, summary=out / "segmentation_summary.json", log=log,
+        progress=progress, summary=out / "segmentation_summary.json",
     ) if segcfg.enabled else None
     timings["preprocess_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    log(f"[4/7] features ({cfg.features.extractor}, {cfg.features.model})")
+    logger.info(f"[4/7] features ({cfg.features.extractor}, {cfg.features.model})")
     extraction = extract_features(index, cfg.features, cfg.channels, out / "features",
-                                  progress=progress, log=log, illumination=illumination,
+                                  progress=progress, illumination=illumination,
                                   segmentation=pre.segmentation, on_error=pre.on_error)
     timings["features_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    log("[5/7] profiles")
+    logger.info("[5/7] profiles")
     wells, treatments = build_profiles(out / "features", cfg.profiles, out / "profiles",
-                                       style="yaml", log=log)
+                                       style="yaml")
     timings["profiles_s"] = time.perf_counter() - t
 
-    log("[6/7] evaluation")
+    logger.info("[6/7] evaluation")
     evaluation = evaluate_profiles(wells, out / "evaluation.json", cfg.evaluation,
                                    cfg.profiles.treatment_aggregation)
     for w in evaluation["warnings"]:
-        log(f"warning: {w}")
-    log("[7/7] report")
+        logger.warning(w)
+    logger.info("[7/7] report")
     _run_report(out, cfg, index, evaluation, treatments, seg, extraction, config_path)
     timings["total_s"] = time.perf_counter() - t0
+    return {"evaluation": evaluation, "timings": timings, "extraction": extraction,
+            "out": str(out)}
+
+
+def run_summary_lines(result: dict) -> list[str]:
+    """What a finished :func:`run_pipeline` tells its user: NSC / NSCB and the files written."""
+    lines = []
     for key in ("nsc", "nscb"):
-        r = evaluation.get(key)
+        r = result["evaluation"].get(key)
         if r and r.get("accuracy") is not None:
-            log(f"{key.upper()}: {r['correct']}/{r['n']} = {100 * r['accuracy']:.1f}%")
-    log(f"wrote {out / 'evaluation.json'} and {out / 'report.html'} "
-        f"in {timings['total_s']:.0f} s")
-    return {"evaluation": evaluation, "timings": timings, "extraction": extraction}
+            lines.append(f"{key.upper()}: {r['correct']}/{r['n']} = {100 * r['accuracy']:.1f}%")
+    out = Path(result["out"])
+    lines.append(f"wrote {out / 'evaluation.json'} and {out / 'report.html'} in "
+                 f"{result['timings']['total_s']:.0f} s")
+    return lines
 
 
 def _run_report(out: Path, cfg: RunConfig, index: ExperimentIndex, evaluation: dict,

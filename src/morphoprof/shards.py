@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import shutil
 import time
@@ -30,6 +31,8 @@ import pandas as pd
 
 from morphoprof.errors import InputError
 from morphoprof.io_utils import read_parquet, write_json, write_parquet
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 
@@ -105,16 +108,15 @@ class ShardWriter:
         """Every input skipped by the shards in the manifest (this run's and earlier runs')."""
         return [s for info in self.shards.values() for s in info.get("skipped", [])]
 
-    def finish(self, summary: dict, on_error: str, log=print) -> dict:
+    def finish(self, summary: dict, on_error: str) -> dict:
         """Complete a run's ``summary`` with the on-error policy and every skipped input (this
-        run's and earlier runs'), show each skip through ``log``, and write it as
+        run's and earlier runs'), log each skip as a warning, and write it as
         ``run_summary.json`` in the folder; returns it."""
         skipped = self.skipped()
-        if log:
-            for s in skipped:
-                log(f"skipped {s['reason']}")
-            for r in self.recomputed:
-                log(f"warning: shard {r}: recomputed")
+        for s in skipped:
+            logger.warning("skipped %s", s["reason"])
+        for r in self.recomputed:
+            logger.warning("shard %s: recomputed", r)
         summary = {**summary, "on_error": on_error, "n_skipped": len(skipped),
                    "skipped": skipped, "shards_recomputed": self.recomputed}
         write_json(self.out / "run_summary.json", summary)
@@ -227,7 +229,6 @@ def run_shards(
     desc: str = "shards",
     unit: str = "item",
     progress: bool = True,
-    log: Callable[[str], None] | None = print,
 ) -> ShardRun:
     """Compute and write every shard of ``plan`` that ``writer`` has not finished yet.
 
@@ -247,7 +248,8 @@ def run_shards(
             current one is computed (e.g. to start reading its images) and handed to
             ``shard_fn`` as ``ahead=``; an unused result with a ``close()`` is closed on error.
         desc, unit, progress: the progress bar.
-        log: where "resuming" and the Dask dashboard are announced (None: silent).
+
+    "resuming" and the Dask dashboard are announced in this module's log.
 
     In process, a shard is written (Parquet encoding, checksum, manifest) in a thread while the
     next one is computed, one write at a time, so the manifest grows in plan order; the shards
@@ -260,14 +262,14 @@ def run_shards(
 
     shared = shared or {}
     todo = [(key, payload) for key, payload in plan if not writer.done(key)]
-    if log and len(todo) < len(plan):
-        log(f"resuming: {len(plan) - len(todo)} of {len(plan)} shards already done")
+    if len(todo) < len(plan):
+        logger.info("resuming: %d of %d shards already done", len(plan) - len(todo), len(plan))
     items = int(sum(len(payload) for _, payload in todo))
     bar = tqdm(total=items, desc=desc, unit=unit, disable=not progress)
     t0 = time.perf_counter()
     try:
         if scheduler:
-            rows, skipped = _run_on_dask(todo, shard_fn, writer, scheduler, shared, bar, log)
+            rows, skipped = _run_on_dask(todo, shard_fn, writer, scheduler, shared, bar)
         else:
             rows, skipped = _run_in_process(todo, shard_fn, writer, shared, prepare, bar)
     finally:
@@ -310,7 +312,7 @@ def _remote_shard(key: str, payload, shard_fn, out: str, **shared) -> dict:
     return {**write_shard(out, key, df), "skipped": list(skipped), "items": len(payload)}
 
 
-def _run_on_dask(todo, shard_fn, writer: ShardWriter, scheduler: str, shared: dict, bar, log
+def _run_on_dask(todo, shard_fn, writer: ShardWriter, scheduler: str, shared: dict, bar
                  ) -> tuple[int, list[dict]]:
     from distributed import as_completed
 
@@ -318,8 +320,7 @@ def _run_on_dask(todo, shard_fn, writer: ShardWriter, scheduler: str, shared: di
 
     rows, skipped = 0, []
     with dask_client(scheduler) as client:
-        if log:
-            log(f"Dask: {len(todo)} shards on {client.dashboard_link or scheduler}")
+        logger.info("Dask: %d shards on %s", len(todo), client.dashboard_link or scheduler)
         if not todo:
             return rows, skipped
         scattered = {k: client.scatter(v, broadcast=True, hash=False) for k, v in shared.items()}

@@ -15,6 +15,7 @@ from morphoprof import __version__
 from morphoprof.cli import data, profiles, run, stages
 from morphoprof.cli.common import _HelpFormatter
 from morphoprof.errors import MorphoprofError, os_reason
+from morphoprof.logs import configure as configure_logging
 
 __all__ = ["build_parser", "main", "_HelpFormatter"]
 
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(stream, "reconfigure") and stream.errors == "strict":
             stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
+    configure_logging()  # the stages' log records as plain lines on stderr
     try:
         _check_outputs(args)
         return args.func(args)

@@ -12,10 +12,11 @@ from morphoprof.cli.common import (
 
 def cmd_run(a: argparse.Namespace) -> int:
     from morphoprof.config import load_config
-    from morphoprof.pipeline import run_pipeline
+    from morphoprof.pipeline import run_pipeline, run_summary_lines
 
     cfg, text = load_config(a.config)
-    run_pipeline(cfg, text, config_path=str(Path(a.config).resolve()))
+    result = run_pipeline(cfg, text, config_path=str(Path(a.config).resolve()))
+    print("\n".join(run_summary_lines(result)))
     return 0
 
 
@@ -66,7 +67,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     import yaml
 
     from morphoprof.config import DEMO_CONFIG, validate_config
-    from morphoprof.pipeline import run_pipeline
+    from morphoprof.pipeline import run_pipeline, run_summary_lines
 
     out = Path(a.out).resolve()
     raw = yaml.safe_load(DEMO_CONFIG)
@@ -75,7 +76,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     cfg = validate_config(raw, "built-in demo")
     text = yaml.safe_dump(raw, sort_keys=False)
     print(f"morphoprof demo -> {out}")
-    run_pipeline(cfg, text)
+    print("\n".join(run_summary_lines(run_pipeline(cfg, text))))
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -30,6 +31,8 @@ from pathlib import Path
 
 from morphoprof.errors import DownloadError
 from morphoprof.io_utils import write_json
+
+logger = logging.getLogger(__name__)
 
 BBBC021_BASE_URL = "https://data.broadinstitute.org/bbbc/BBBC021/"
 BBBC021_TABLES = ("BBBC021_v1_image.csv", "BBBC021_v1_compound.csv", "BBBC021_v1_moa.csv")
@@ -202,7 +205,6 @@ def download_bbbc021(
     checksums: Mapping[str, str] | None = None,
     keep_zips: bool = False,
     progress: bool = True,
-    log=print,
 ) -> dict:
     """Fetch BBBC021 (tables and plate zips) into ``dest`` in the importer's layout.
 
@@ -245,8 +247,7 @@ def download_bbbc021(
             continue
         name = f"BBBC021_v1_images_{plate}.zip"
         zip_path = dest / "zips" / name
-        if log:
-            log(f"[{k}/{len(wanted)}] {plate}")
+        logger.info(f"[{k}/{len(wanted)}] {plate}")
         _fetch_zip(_join(base_url, name), zip_path, checksums.get(name), progress)
         digest = file_digest(zip_path)
         n_files = _unpack_plate(zip_path, plate_dir)

@@ -4,6 +4,7 @@ from an index Parquet file. Shared by ``morphoprof run`` and every trainer."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +14,8 @@ from morphoprof.datasets.synthetic import SynthConfig, generate_screen
 from morphoprof.index import import_bbbc021, import_csv, import_fields_6moa
 from morphoprof.index.schema import ExperimentIndex, summarize_left_out
 from morphoprof.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 SOURCES = ("synthetic", "bbbc021", "bbbc021-6moa", "csv", "index")
 SOURCE_ALIASES = {"bbbc021_6moa": "bbbc021-6moa"}  # one spelling printed, both accepted
@@ -62,16 +65,15 @@ class DataSection(Settings):
         return out
 
 
-def build_index_from_config(data: DataSection, out: Path, progress: bool = True, log=print
+def build_index_from_config(data: DataSection, out: Path, progress: bool = True
                             ) -> ExperimentIndex:
     """Create (or import) the experiment index described by a config's ``data`` section; a
-    synthetic screen without a ``path`` is written under ``out``. ``log`` receives one line per
-    image set left out of an import (None: silent)."""
+    synthetic screen without a ``path`` is written under ``out``. The image sets an import
+    left out are logged as one warning."""
     source = data.source
     if source == "synthetic":
         screen = Path(data.path) if data.path else out / "synthetic_screen"
-        return generate_screen(screen, data.synthetic or SynthConfig(), progress=progress,
-                               log=log)
+        return generate_screen(screen, data.synthetic or SynthConfig(), progress=progress)
     if source == "bbbc021":
         index = import_bbbc021(data.path, data.image_csv, data.moa_csv, progress=progress,
                                plates=data.plates, only_present=data.only_present)
@@ -83,7 +85,7 @@ def build_index_from_config(data: DataSection, out: Path, progress: bool = True,
     else:
         index = ExperimentIndex.read_parquet(data.path)
         index.validate(check_shapes=False)
-    if log:
-        for line in summarize_left_out(index):
-            log(line)
+    left_out = summarize_left_out(index)
+    if left_out:
+        logger.warning("\n".join(left_out))
     return index

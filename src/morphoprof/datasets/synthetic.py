@@ -23,9 +23,9 @@ Everything is seeded: the same :class:`SynthConfig` gives byte-identical files.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +35,8 @@ from pydantic import Field, field_validator
 
 from morphoprof.errors import InputError
 from morphoprof.settings import Settings
+
+logger = logging.getLogger(__name__)
 
 CHANNELS = ("DNA", "Tubulin", "Actin")
 PHENOTYPE = (
@@ -307,7 +309,6 @@ def generate_screen(
     cfg: SynthConfig | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    log: Callable[[str], None] | None = print,
 ):
     """Generate (or reuse) a synthetic screen in ``out``.
 
@@ -326,8 +327,7 @@ def generate_screen(
     cfg = cfg or SynthConfig()
     out = Path(out)
     if _reusable(out, cfg, overwrite):
-        if log:
-            log(f"reusing synthetic screen in {out}")
+        logger.info(f"reusing synthetic screen in {out}")
         return ExperimentIndex.read_parquet(out / "index.parquet")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
@@ -370,8 +370,7 @@ def generate_screen(
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
-    if log:
-        log(f"synthetic screen: {len(records)} fields, {len(cells)} cells -> {out}")
+    logger.info(f"synthetic screen: {len(records)} fields, {len(cells)} cells -> {out}")
     return ExperimentIndex.read_parquet(out / "index.parquet")
 
 

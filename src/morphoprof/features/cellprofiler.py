@@ -16,6 +16,7 @@ names (``Cells_AreaShape_Area``...), so ``aggregate`` / ``evaluate`` run on it u
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,6 +28,8 @@ from pathlib import Path
 from morphoprof.errors import InputError
 from morphoprof.extras import require
 from morphoprof.index.platemap import read_platemap
+
+logger = logging.getLogger(__name__)
 
 # source kind -> CytoTable preset
 PRESETS = {
@@ -108,8 +111,7 @@ def _rename(columns: list[str]) -> tuple[dict[str, str], list[str]]:
 
 def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = None,
                         platemap: str | Path | None = None, platemap_well: str = "well",
-                        chunk_size: int = 5000, overwrite: bool = False,
-                        log=print) -> dict:
+                        chunk_size: int = 5000, overwrite: bool = False) -> dict:
     """Convert CellProfiler single-cell outputs to ``out/cells.parquet`` (+ ``import.json``).
 
     Args:
@@ -174,9 +176,11 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
                "out": str(target), "rows": rows, "features": len(feats),
                "dropped_image_columns": len(dropped), "seconds": seconds, "notes": notes}
     (out / "import.json").write_text(json.dumps(summary, indent=1) + "\n")
-    if log:
-        for n in notes:
-            log(n)
+    for n in notes:
+        if n.startswith("warning: "):
+            logger.warning(n.removeprefix("warning: "))
+        else:
+            logger.info(n)
     return summary
 
 

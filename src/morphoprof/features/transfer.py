@@ -395,7 +395,6 @@ class TransferExtractor:
         out: str | Path,
         overwrite: bool = False,
         progress: bool = True,
-        log=print,
         illumination=None,
         scheduler: str | None = None,
     ) -> dict:
@@ -458,11 +457,11 @@ class TransferExtractor:
                     "context": context},
             prepare=None if scheduler else
             (lambda rows: _Reader(self, index, rows, channels, transform, illumination)),
-            desc="transfer features", unit="field", progress=progress, log=log)
+            desc="transfer features", unit="field", progress=progress)
         return writer.finish({
             "out": str(out), **run.to_json(), "image_sets": run.items,
             "fields_per_s": run.rate(),
-        }, self.cfg.on_error, log)
+        }, self.cfg.on_error)
 
     def field_dataset(self, index: ExperimentIndex, rows, channels: Sequence[str], transform,
                       illumination=None):
@@ -555,7 +554,6 @@ class TransferExtractor:
         illumination=None,
         overwrite: bool = False,
         progress: bool = True,
-        log=print,
     ) -> dict:
         """Transfer features of single-cell crops (one row per cell of ``cells``).
 
@@ -594,7 +592,7 @@ class TransferExtractor:
             return ds.cells.iloc[pos], x, skipped
 
         run = self._plate_shards(cells, channels, out, writer, shard, "cell features", progress)
-        return writer.finish(run, self.cfg.on_error, log)
+        return writer.finish(run, self.cfg.on_error)
 
     def _plate_shards(self, table: pd.DataFrame, channels: list[str], out: str | Path,
                       writer: ShardWriter, shard, desc: str, progress: bool) -> dict:
@@ -615,8 +613,7 @@ class TransferExtractor:
 
         plan = [(shard_key(p, 0), rows) for p, rows in
                 table.groupby(PLATE, sort=True).indices.items()]
-        run = run_shards(plan, table_shard, writer, desc=desc, unit="cell", progress=progress,
-                         log=None)
+        run = run_shards(plan, table_shard, writer, desc=desc, unit="cell", progress=progress)
         return {"out": str(out), "cells": run.rows, **run.to_json(),
                 "cells_per_s": run.rate(run.rows)}
 
@@ -629,7 +626,6 @@ class TransferExtractor:
         normalization: str = "max",
         overwrite: bool = False,
         progress: bool = True,
-        log=print,
     ) -> dict:
         """Features of crops a user already has: ``crops (N, C, S, S)`` raw intensities, one
         row of ``table`` per crop (Metadata columns kept). Crops are normalised per crop
@@ -661,7 +657,7 @@ class TransferExtractor:
             return table.iloc[rows[pos]], feats, []
 
         run = self._plate_shards(table, channels, out, writer, shard, "crop features", progress)
-        return writer.finish(run, "fail", log)
+        return writer.finish(run, "fail")
 
 
 def _normalised_module():

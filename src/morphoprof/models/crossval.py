@@ -12,6 +12,7 @@ each produced by a model that never saw that group.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from morphoprof.io_utils import write_json, write_npy, write_parquet
 from morphoprof.models.data import ImageTensorDataset
 from morphoprof.models.splits import group_folds, split_groups
 from morphoprof.models.training import FitConfig, ImageClassifier, fit, predict_proba
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,7 +113,6 @@ def cross_validate(
     out_dir: str | Path,
     cv: CVConfig | None = None,
     fit_cfg: FitConfig | None = None,
-    log: Callable[[str], None] | None = print,
     make_dataset: Callable[[np.ndarray, np.ndarray, bool], Dataset] | None = None,
 ) -> dict:
     """Train and test one model per fold; write ``predictions.parquet`` (out-of-fold image
@@ -149,11 +151,11 @@ def cross_validate(
     for f, (train_rows, test_rows) in enumerate(folds):
         held = sorted(table[cv.group].iloc[test_rows].astype(str).unique())
         name = f"fold {f + 1}/{len(folds)}"
-        if log and not (out_dir / f"fold{f}" / _DONE).is_file():
-            log(f"{name}: train {len(train_rows)} images, test {len(test_rows)} ({cv.group} "
-                f"held out: {', '.join(held)})")
+        if not (out_dir / f"fold{f}" / _DONE).is_file():
+            logger.info(f"{name}: train {len(train_rows)} images, test {len(test_rows)} "
+                        f"({cv.group} held out: {', '.join(held)})")
         p, info = _fold(out_dir / f"fold{f}", f, train_rows, test_rows, y, wells,
-                        make_module, make_dataset, cv, fit_cfg, log, name)
+                        make_module, make_dataset, cv, fit_cfg, name)
         probs[test_rows] = p
         fold_of[test_rows] = f
         train_seconds += float(info["seconds"])
@@ -162,8 +164,7 @@ def cross_validate(
                              "n_test": int(len(test_rows)), "image_accuracy": acc,
                              "train_seconds": float(info["seconds"]), "epochs_run":
                              info["epochs_run"]})
-        if log:
-            log(f"fold {f + 1}/{len(folds)}: image accuracy {acc:.3f} on held-out {cv.group}")
+        logger.info(f"fold {f + 1}/{len(folds)}: image accuracy {acc:.3f} on held-out {cv.group}")
     write_parquet(out_dir / "predictions.parquet", table[[
         c for c in table.columns if c.startswith("Metadata_")]].assign(
         Metadata_fold=fold_of, **{f"p_{c}": probs[:, k] for k, c in enumerate(classes)}))
@@ -214,19 +215,18 @@ def _labels(table: pd.DataFrame, cv: CVConfig) -> tuple[list[str], np.ndarray]:
 
 def _fold(fold_dir: Path, f: int, train_rows: np.ndarray, test_rows: np.ndarray,
           y: np.ndarray, wells: np.ndarray, make_module, make_dataset, cv: CVConfig,
-          fit_cfg: FitConfig, log, name: str) -> tuple[np.ndarray, dict]:
+          fit_cfg: FitConfig, name: str) -> tuple[np.ndarray, dict]:
     """Train fold ``f`` (validation wells split off its training rows) and predict its test
     rows: ``(probabilities (n_test, K), fit info)``. A fold whose predictions exist is reused."""
     done = fold_dir / _DONE
     if done.is_file():
-        if log:
-            log(f"{name}: reusing {done}")
+        logger.info(f"{name}: reusing {done}")
         return np.load(done), json.loads((fold_dir / "fit.json").read_text())
     keep, val = split_groups(wells[train_rows], cv.val_fraction, cv.seed + f)
     train_ds = make_dataset(train_rows[keep], y[train_rows[keep]], True)
     val_ds = make_dataset(train_rows[val], y[train_rows[val]], False) if len(val) else None
     module = make_module(f)
-    info = fit(module, train_ds, fold_dir, fit_cfg, val_ds, log=log)
+    info = fit(module, train_ds, fold_dir, fit_cfg, val_ds)
     if val_ds is not None:
         import torch
 

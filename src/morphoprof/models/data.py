@@ -3,7 +3,8 @@ augmentation (flips, 90-degree rotations, random crops) and labels."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -12,6 +13,8 @@ from torch.utils.data import Dataset
 from morphoprof.errors import InputError
 from morphoprof.index.schema import ExperimentIndex
 from morphoprof.preprocess.crops import normalize_crops
+
+logger = logging.getLogger(__name__)
 
 
 def load_images(
@@ -23,7 +26,6 @@ def load_images(
     scale: float = 1.0,
     illumination=None,
     progress: bool = False,
-    log: Callable[[str], None] | None = None,
 ) -> np.ndarray:
     """Read image sets into one ``(N, C, S, S)`` float32 array (or native ``(N, C, H, W)``).
 
@@ -66,8 +68,7 @@ def load_images(
         out[k] = arr
     if out is None:
         raise InputError("no images to load")
-    if log:
-        log(f"loaded {len(rows)} images as {out.shape[1:]} ({out.nbytes / 2**20:.0f} MiB)")
+    logger.info(f"loaded {len(rows)} images as {out.shape[1:]} ({out.nbytes / 2**20:.0f} MiB)")
     return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,6 +24,8 @@ from torch.utils.data import Dataset
 
 from morphoprof.errors import InputError
 from morphoprof.io_utils import write_json, write_npy
+
+logger = logging.getLogger(__name__)
 
 N_DIHEDRAL = 8
 
@@ -91,8 +94,8 @@ def cache_key(trunk_info: dict, images: np.ndarray, mean: Sequence[float],
             "transforms": int(transforms)}
 
 
-def cached_trunk_maps(folder: str | Path, key: dict, compute: Callable[[], np.ndarray],
-                      log: Callable[[str], None] | None = print) -> np.ndarray:
+def cached_trunk_maps(folder: str | Path, key: dict, compute: Callable[[], np.ndarray]
+                      ) -> np.ndarray:
     """Maps from ``folder`` when its ``key.json`` equals ``key``, else ``compute()`` them and
     store them there (``maps.npy``, ``computed.json`` with the seconds it took, and
     ``key.json`` last, each written whole). Returns the maps, memory-mapped when read back."""
@@ -104,8 +107,7 @@ def cached_trunk_maps(folder: str | Path, key: dict, compute: Callable[[], np.nd
         except (OSError, ValueError):
             same = False
         if same:
-            if log:
-                log(f"trunk feature maps: reusing {maps_file}")
+            logger.info(f"trunk feature maps: reusing {maps_file}")
             return np.load(maps_file, mmap_mode="r")
     t0 = time.perf_counter()
     maps = compute()
@@ -114,9 +116,8 @@ def cached_trunk_maps(folder: str | Path, key: dict, compute: Callable[[], np.nd
     write_npy(maps_file, maps)
     write_json(folder / "computed.json", {"seconds": seconds, "shape": list(maps.shape)})
     write_json(key_file, key)
-    if log:
-        log(f"trunk feature maps {maps.shape[1:]} x {len(maps)} images "
-            f"({maps.nbytes / 2**20:.0f} MiB) cached in {maps_file}")
+    logger.info(f"trunk feature maps {maps.shape[1:]} x {len(maps)} images "
+                f"({maps.nbytes / 2**20:.0f} MiB) cached in {maps_file}")
     return maps
 
 

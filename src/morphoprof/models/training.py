@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,8 @@ from morphoprof.extras import require
 from morphoprof.io_utils import atomic_path
 from morphoprof.models.data import EpochSampler
 from morphoprof.models.mil import mil_loss
+
+logger = logging.getLogger(__name__)
 
 L = require("lightning")
 
@@ -126,7 +127,6 @@ def fit(
     out_dir: str | Path,
     cfg: FitConfig | None = None,
     val: Dataset | None = None,
-    log: Callable[[str], None] | None = print,
 ) -> dict:
     """Train ``module`` on ``train`` (a Dataset, served in epoch-keyed shuffled batches, or a
     ready DataLoader whose sampler is epoch-keyed and rank-aware), validating on ``val`` each
@@ -180,8 +180,8 @@ def fit(
     )
     last = ckpt_dir / "last.ckpt"
     resumed = str(last) if last.is_file() else None
-    if resumed and log:
-        log(f"resuming from {last}")
+    if resumed:
+        logger.info(f"resuming from {last}")
     metrics_csv = out_dir / "metrics.csv"
     earlier = pd.read_csv(metrics_csv) if resumed and metrics_csv.is_file() else None
     t0 = time.perf_counter()

@@ -8,7 +8,7 @@ screen (any run-config source): nuclei are segmented and a crop is cut around ea
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,8 @@ from morphoprof.io_utils import read_parquet, write_json
 from morphoprof.models.settings import HoldoutSection, WeakConfig
 from morphoprof.preprocess.crops import normalize_crops
 from morphoprof.shards import ShardWriter, file_sha256, run_shards, shard_key
+
+logger = logging.getLogger(__name__)
 
 FEATURES = "features"
 
@@ -91,7 +93,7 @@ def load_crop_array(path: str | Path, table_path: str | Path | None, channels: l
     return arr[rows], table.reset_index(drop=True), names
 
 
-def crops_from_screen(cfg: WeakConfig, out: Path, progress: bool, log) -> tuple[np.ndarray,
+def crops_from_screen(cfg: WeakConfig, out: Path, progress: bool) -> tuple[np.ndarray,
                                                                            pd.DataFrame, list]:
     """Segment the screen's nuclei (``cells.segmentation`` settings) and cut a ``crop_size``
     crop (zero-padded at edges) around each: ``(N, C, S, S)`` float32, raw intensities."""
@@ -100,7 +102,7 @@ def crops_from_screen(cfg: WeakConfig, out: Path, progress: bool, log) -> tuple[
     from morphoprof.preprocess.crops import CropDataset
     from morphoprof.preprocess.segmentation import segment_index
 
-    index = select_rows(build_index_from_config(cfg.data, out, progress, log), cfg.select)
+    index = select_rows(build_index_from_config(cfg.data, out, progress), cfg.select)
     channels = cfg.channels or index.channels
     seg = cfg.cells.segmentation
     cells_path = out / "cells.parquet"
@@ -180,8 +182,7 @@ def split_cells(table: pd.DataFrame, labels: np.ndarray, holdout: HoldoutSection
     return part
 
 
-def run_weak(cfg: WeakConfig, config_text: str = "", progress: bool = True,
-             log: Callable[[str], None] | None = print) -> dict:
+def run_weak(cfg: WeakConfig, config_text: str = "", progress: bool = True) -> dict:
     """Run a validated weak-supervision config (:class:`~morphoprof.models.settings.WeakConfig`).
 
     Writes ``output/weak/`` (checkpoints, metrics.csv, weak.json) and ``output/features/``
@@ -198,7 +199,7 @@ def run_weak(cfg: WeakConfig, config_text: str = "", progress: bool = True,
     folder.mkdir(parents=True, exist_ok=True)
     if config_text:
         (out / "train_weak.yaml").write_text(config_text)
-    raw, table, channels, source = _weak_cells(cfg, out, progress, log)
+    raw, table, channels, source = _weak_cells(cfg, out, progress)
     labels, classes = label_codes(table, cfg.label, source)
     raw_size = int(raw.shape[-1])
     crops = prepare_crops(raw, cfg.cells.size, cfg.cells.normalization)
@@ -208,9 +209,8 @@ def run_weak(cfg: WeakConfig, config_text: str = "", progress: bool = True,
         raise InputError(f"batch_column {batch_col!r} not in the cell table")
     part = split_cells(table, labels, cfg.holdout, cfg.train.seed)
     train, val, test = (np.flatnonzero(part == p) for p in ("train", "val", "test"))
-    if log:
-        log(f"{len(crops)} cells {crops.shape[1:]}, {len(classes)} labels; train {len(train)}, "
-            f"val {len(val)}, test {len(test)} cells (split by well)")
+    logger.info(f"{len(crops)} cells {crops.shape[1:]}, {len(classes)} labels; train {len(train)}, "
+                f"val {len(val)}, test {len(test)} cells (split by well)")
     module = _weak_module(cfg, classes, channels, raw_size, int(crops.shape[-1]))
     mean, std = module.input_mean, module.input_std
     fcfg = cfg.train.fit_config(progress)
@@ -219,7 +219,7 @@ def run_weak(cfg: WeakConfig, config_text: str = "", progress: bool = True,
     val_set = (ImageTensorDataset(crops[val], labels[val], mean=mean, std=std)
                if len(val) else None)
     start = _resume_epoch(folder / "checkpoints" / "last.ckpt")
-    result = fit(module, loader, folder, fcfg, val_set, log=log)
+    result = fit(module, loader, folder, fcfg, val_set)
     if result["global_rank"] != 0:
         return result
     cells_trained = _cells_seen(sampler, start, result["epochs_run"])
@@ -256,14 +256,14 @@ def run_weak(cfg: WeakConfig, config_text: str = "", progress: bool = True,
     return summary
 
 
-def _weak_cells(cfg: WeakConfig, out: Path, progress: bool, log
+def _weak_cells(cfg: WeakConfig, out: Path, progress: bool
                 ) -> tuple[np.ndarray, pd.DataFrame, list[str], str]:
     """(crops ``(N, C, S, S)`` raw, their table, channel names, where the labels come from) of
     a weak config: a crop array the user gives (``data.source: crops``) or the screen's
     segmented cells."""
     data = cfg.data
     if data.source != "crops":
-        return (*crops_from_screen(cfg, out, progress, log), "the screen's cell table")
+        return (*crops_from_screen(cfg, out, progress), "the screen's cell table")
     if not data.table and not Path(data.path).is_dir():
         raise InputError("data.table: required for source 'crops' with an .npz (one row "
                          "per crop)")
@@ -350,7 +350,7 @@ def _write_embeddings(folder: Path, meta: pd.DataFrame, feats: np.ndarray, cols:
 
     run_shards([(shard_key(plate, 0), rows) for plate, rows in
                 meta.groupby(PLATE, sort=True).indices.items()], shard, writer,
-               progress=False, log=None)
+               progress=False)
 
 
 def predict_labels(module, crops: np.ndarray, mean, std, batch_size: int = 256) -> np.ndarray:

@@ -246,12 +246,10 @@ def export_crops(
 
     plan = [(f"{start // shard_size:05d}", range(start, min(start + shard_size, len(ds))))
             for start in range(0, len(ds), shard_size)]
-    run = run_shards(plan, shard, writer, desc="cropping cells", unit="cell", progress=progress,
-                     log=None)
+    run = run_shards(plan, shard, writer, desc="cropping cells", unit="cell", progress=progress)
     summary = {"cells": len(ds), "written": run.items, "skipped": len(ds) - run.items,
                "dropped_at_edge": int(len(cells) - len(ds)), "seconds": run.seconds}
-    writer.finish({k: v for k, v in summary.items() if k != "skipped"} | run.to_json(), "fail",
-                  log=None)
+    writer.finish({k: v for k, v in summary.items() if k != "skipped"} | run.to_json(), "fail")
     return summary
 
 
