@@ -114,7 +114,7 @@ def fields_run(tmp: Path) -> dict:
     index = import_fields_6moa(DATA / "fields_6moa")
     ex = TransferExtractor(TransferConfig(batch_size=16, num_workers=0, jit=True))
     ceiling = forward_ceiling(ex, (16, 3, 224, 224), n_batches=3)
-    s = ex.extract(index, tmp / "fields", progress=False)
+    s = ex.extract(index, tmp / "fields")
     rate = s["fields_per_s"]
     print(f"whole fields     {rate:7.2f} fields/s end to end; ceiling {ceiling:7.2f} fields/s "
           f"({rate / ceiling:.2f})", flush=True)

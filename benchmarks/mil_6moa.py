@@ -106,7 +106,7 @@ def jacobian_scores(name: str = "noisy_and", every: int = 5) -> dict:
 
     folder = WORK / name
     cfg, _ = load_train_config(folder / "train_mil.yaml", "mil")
-    index = build_index_from_config(cfg.data, folder, progress=False)
+    index = build_index_from_config(cfg.data, folder)
     images = load_images(index, size=256, normalization="none", scale=255)
     fold_of = read_parquet(folder / "mil" / "predictions.parquet")["Metadata_fold"].to_numpy()
     scores: dict[str, list[float]] = {k: [] for k in (

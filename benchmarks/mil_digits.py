@@ -95,7 +95,7 @@ def main() -> int:
                     canvases, trunk.mean, trunk.std, 1)
     t0 = time.perf_counter()
     maps = cached_trunk_maps(WORK / "trunk_maps", key, lambda: trunk_maps(
-        trunk, canvases, trunk.mean, trunk.std, transforms=1, batch_size=8, progress=True))
+        trunk, canvases, trunk.mean, trunk.std, transforms=1, batch_size=8))
     cache_seconds = time.perf_counter() - t0
 
     only = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--only=")),
@@ -105,8 +105,7 @@ def main() -> int:
         cfg = MILConfig(**{**base.__dict__, "pooling": pooling})
         torch.manual_seed(0)
         module = ImageClassifier(MILHead(cfg, trunk.out_channels), lr=LR)
-        fit_cfg = FitConfig(epochs=EPOCHS, batch_size=16, seed=0, accelerator="cpu",
-                            progress=False)
+        fit_cfg = FitConfig(epochs=EPOCHS, batch_size=16, seed=0, accelerator="cpu")
         folder = WORK / pooling
         import shutil
 

@@ -92,7 +92,7 @@ def _crops_run(model: str, out: Path, backend: str = "auto", batch: int = 64) ->
     o = (CROP - raw.shape[1]) // 2
     crops[:, :, o:o + raw.shape[1], o:o + raw.shape[2]] = raw.transpose(0, 3, 1, 2)
     s = ex.extract_crops(crops, table.rename(columns=lambda c: f"Metadata_{c}"),
-                         ["DAPI", "c1", "c2"], out, progress=False)
+                         ["DAPI", "c1", "c2"], out)
     seconds = time.perf_counter() - t0
     n = s["cells"]
     return {"model": model, "backend": backend, "engine": ex.engine, "cells": n, "seconds": seconds,
@@ -116,7 +116,7 @@ def _fields_run(out: Path) -> dict:
     ex = TransferExtractor(TransferConfig(batch_size=16))
     ceiling = forward_ceiling(ex, (16, 3, 224, 224), n_batches=3)  # 16 fields x 3 stains
     ex = TransferExtractor(TransferConfig(batch_size=16))
-    s = ex.extract(index, out, progress=False)
+    s = ex.extract(index, out)
     return {"fields": s["image_sets"], "seconds": s["seconds"], "fields_per_s": s["fields_per_s"],
             "ceiling_fields_per_s": ceiling, "ceiling_ratio": s["fields_per_s"] / ceiling,
             "engine": ex.engine}

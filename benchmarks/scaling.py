@@ -85,7 +85,7 @@ def screens(tmp: Path, smoke: bool) -> tuple[dict[str, tuple[Path, int]], str]:
 
     for name, (plates, sites) in {"1x": (1, 1), "10x": (5, 2)}.items():
         cfg = SynthConfig(n_batches=3, plates_per_batch=plates, sites_per_well=sites)
-        index = generate_screen(tmp / name, cfg, progress=False)
+        index = generate_screen(tmp / name, cfg)
         out[name] = (tmp / name / "index.parquet", len(index))
     return out, "synthetic screen"
 

@@ -155,7 +155,7 @@ def main() -> int:
         t0 = time.perf_counter()
         s = train_weak_from_yaml(CONFIG.format(npz=npz, csv=csv, epochs=1 if smoke else EPOCHS,
                                                per=256 if smoke else "null"), folder,
-                                 fresh=not resume, progress=False)
+                                 fresh=not resume)
         print(f"trained in {time.perf_counter() - t0:.0f} s: held-out accuracy "
               f"{s['heldout_cell_accuracy']:.3f}", flush=True)
         cells = read_features(folder / "features")

@@ -64,7 +64,7 @@ def main() -> int:
                     "settings": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        index = generate_screen(tmp / "screen", SynthConfig(), progress=False)
+        index = generate_screen(tmp / "screen", SynthConfig())
         index.write(tmp / "index.parquet")
         cells_table = None
         for name, alpha, gru in (("mixup_gru", 0.2, True), ("mixup", 0.2, False),
@@ -93,11 +93,10 @@ def main() -> int:
         cells = pd.read_parquet(cells_table)
         ex = TransferExtractor(TransferConfig(weights="offline", image_size=96, jit=False,
                                               batch_size=64))
-        ex.extract_cells(index, cells, tmp / "transfer", size=48, normalization="max",
-                         progress=False)
+        ex.extract_cells(index, cells, tmp / "transfer", size=48, normalization="max")
         result["transfer_crops"] = nsc(tmp / "transfer", tmp / "transfer_profiles")
         fields = TransferExtractor(TransferConfig(weights="offline"))
-        fields.extract(index, tmp / "transfer_fields", progress=False)
+        fields.extract(index, tmp / "transfer_fields")
         result["transfer_fields"] = nsc(tmp / "transfer_fields", tmp / "fields_profiles")
     print({k: v for k, v in result.items() if k != "settings"})
     if not smoke:

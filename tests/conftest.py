@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from morphoprof.datasets.synthetic import SynthConfig, generate_screen
+from morphoprof.logs import progress
 
 PROJECT = Path(__file__).resolve().parent.parent
 SHARED_DATA = PROJECT.parent / "shared" / "data"
@@ -16,6 +17,14 @@ TINY = SynthConfig(
     n_moas=3, compounds_per_moa=2, concentrations=(1.0,), n_batches=2, plates_per_batch=2,
     dmso_wells_per_plate=2, sites_per_well=1, height=96, width=96, cells_per_field=8, seed=3,
 )
+
+
+@pytest.fixture(autouse=True)
+def _no_progress_bars():
+    """Tests run without progress bars (the one process-wide setting); a test about a bar
+    turns it on for itself."""
+    with progress(False):
+        yield
 
 
 def shared(*parts: str) -> Path:
@@ -30,5 +39,5 @@ def shared(*parts: str) -> Path:
 def tiny_screen(tmp_path_factory):
     """A tiny synthetic screen (2 batches x 2 plates, 96x96 fields): (folder, index)."""
     out = tmp_path_factory.mktemp("tiny") / "screen"
-    index = generate_screen(out, TINY, progress=False)
+    index = generate_screen(out, TINY)
     return out, index

@@ -115,7 +115,7 @@ def server():
 
 
 def test_download_all_then_import(tmp_path, server):
-    summary = download_bbbc021(tmp_path, base_url=server.url, progress=False)
+    summary = download_bbbc021(tmp_path, base_url=server.url)
     assert summary["fetched"] == PLATES
     assert not list((tmp_path / "zips").glob("*"))  # zips removed after unpacking
     index = import_bbbc021(tmp_path, check_shapes=True)
@@ -126,21 +126,20 @@ def test_download_all_then_import(tmp_path, server):
     assert img.shape == (3, 6, 8) and img[0, 0, 0] % 10 == 1  # DAPI is w1
     # a re-run skips finished plates and asks the server for no zip
     server.requests.clear()
-    again = download_bbbc021(tmp_path, base_url=server.url, progress=False)
+    again = download_bbbc021(tmp_path, base_url=server.url)
     assert again["skipped"] == PLATES and again["fetched"] == []
     assert not any(name.endswith(".zip") for name, _ in server.requests)
 
 
 def test_plate_subset_and_unknown_plate(tmp_path, server):
     summary = download_bbbc021(tmp_path, plates=["Week2_24121"], base_url=server.url,
-                               keep_zips=True, progress=False)
+                               keep_zips=True)
     assert summary["fetched"] == ["Week2_24121"]
     assert (tmp_path / "Week2" / "Week2_24121").is_dir()
     assert not (tmp_path / "Week1").exists()
     assert (tmp_path / "zips" / "BBBC021_v1_images_Week2_24121.zip").is_file()
     with pytest.raises(DownloadError, match=r"unknown plate\(s\) \['Week9_99999'\]"):
-        download_bbbc021(tmp_path, plates=["Week9_99999"], base_url=server.url,
-                         progress=False)
+        download_bbbc021(tmp_path, plates=["Week9_99999"], base_url=server.url)
 
 
 def test_resume_partial_download_with_range(tmp_path, server):
@@ -148,7 +147,7 @@ def test_resume_partial_download_with_range(tmp_path, server):
     data = server.files[name]
     part = tmp_path / (name + ".part")
     part.write_bytes(data[:1000])  # what an interrupted run left behind
-    fetch(server.url + name, tmp_path / name, progress=False)
+    fetch(server.url + name, tmp_path / name)
     assert (tmp_path / name).read_bytes() == data
     assert server.requests == [(name, "bytes=1000-")]
     assert not part.exists()
@@ -158,7 +157,7 @@ def test_dropped_connection_is_resumed(tmp_path, server):
     name = "BBBC021_v1_images_Week1_22123.zip"
     server.cut_once.add(name)
     sha = hashlib.sha256(server.files[name]).hexdigest()
-    fetch(server.url + name, tmp_path / name, checksum=f"sha256:{sha}", progress=False)
+    fetch(server.url + name, tmp_path / name, checksum=f"sha256:{sha}")
     assert (tmp_path / name).read_bytes() == server.files[name]
     ranges = [r for n, r in server.requests if n == name]
     assert ranges[0] is None and ranges[1].startswith("bytes=")  # second request resumed
@@ -167,12 +166,12 @@ def test_dropped_connection_is_resumed(tmp_path, server):
 def test_checksum_mismatch_is_rejected(tmp_path, server):
     name = "BBBC021_v1_images_Week1_22123.zip"
     with pytest.raises(DownloadError, match=f"{name}: sha256 checksum mismatch"):
-        fetch(server.url + name, tmp_path / name, checksum="sha256:" + "0" * 64, progress=False)
+        fetch(server.url + name, tmp_path / name, checksum="sha256:" + "0" * 64)
     assert not (tmp_path / name).exists() and not (tmp_path / (name + ".part")).exists()
     md5 = hashlib.md5(server.files[name]).hexdigest()
     (tmp_path / "sums.md5").write_text(f"{md5}  {name}\n")
     assert load_checksums(tmp_path / "sums.md5") == {name: md5}
-    fetch(server.url + name, tmp_path / name, checksum=md5, progress=False)
+    fetch(server.url + name, tmp_path / name, checksum=md5)
 
 
 def test_corrupt_zip_is_refetched_then_reported(tmp_path, server):
@@ -183,17 +182,15 @@ def test_corrupt_zip_is_refetched_then_reported(tmp_path, server):
     bad[i] ^= 0xFF
     server.files[name] = bytes(bad)
     with pytest.raises(DownloadError, match="fails its CRC check"):
-        download_bbbc021(tmp_path, plates=["Week1_22123"], base_url=server.url,
-                         progress=False)
+        download_bbbc021(tmp_path, plates=["Week1_22123"], base_url=server.url)
     assert sum(n == name for n, _ in server.requests) == 2  # fetched twice, then gave up
     assert not (tmp_path / "Week1" / "Week1_22123").exists()  # nothing half-unpacked
     server.files[name] = good
-    summary = download_bbbc021(tmp_path, plates=["Week1_22123"], base_url=server.url,
-                               progress=False)
+    summary = download_bbbc021(tmp_path, plates=["Week1_22123"], base_url=server.url)
     assert summary["fetched"] == ["Week1_22123"]
 
 
 def test_missing_file_on_server(tmp_path, server):
     del server.files["BBBC021_v1_moa.csv"]
     with pytest.raises(DownloadError, match="BBBC021_v1_moa.csv: HTTP 404"):
-        download_bbbc021(tmp_path, base_url=server.url, progress=False)
+        download_bbbc021(tmp_path, base_url=server.url)

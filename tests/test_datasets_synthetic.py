@@ -27,12 +27,11 @@ def _digest(folder):
 def test_deterministic(tmp_path, tiny_screen):
     folder, _ = tiny_screen
     again = tmp_path / "again"
-    generate_screen(again, TINY, progress=False)
+    generate_screen(again, TINY)
     assert _digest(again) == _digest(folder)
     other = tmp_path / "other"
     generate_screen(other, SynthConfig(**{**TINY.to_json(), "seed": 4,
-                                          "concentrations": (1.0,), "channels": TINY.channels}),
-                    progress=False)
+                                          "concentrations": (1.0,), "channels": TINY.channels}))
     assert _digest(other) != _digest(folder)
 
 
@@ -80,7 +79,7 @@ def test_illumination_truth_is_applied(tmp_path):
     cfg = SynthConfig(n_moas=1, compounds_per_moa=1, concentrations=(1.0,), n_batches=1,
                       plates_per_batch=1, dmso_wells_per_plate=12, sites_per_well=2,
                       height=64, width=64, cells_per_field=30, illumination_strength=0.6)
-    index = generate_screen(tmp_path / "s", cfg, progress=False)
+    index = generate_screen(tmp_path / "s", cfg)
     truth = load_ground_truth(tmp_path / "s")["illumination"]
     plate = index.table["Metadata_plate"].iloc[0]
     assert truth[plate].shape == (3, 64, 64) and truth[plate].max() == pytest.approx(1.0)
@@ -107,18 +106,18 @@ def test_reuse_refuse_and_overwrite(tmp_path):
     cfg = SynthConfig(n_moas=1, compounds_per_moa=1, n_batches=1, plates_per_batch=1,
                       sites_per_well=1, height=48, width=48)
     out = tmp_path / "s"
-    generate_screen(out, cfg, progress=False)
+    generate_screen(out, cfg)
     stamp = (out / "synth.json").stat().st_mtime_ns
-    generate_screen(out, cfg, progress=False)  # reused, not rewritten
+    generate_screen(out, cfg)  # reused, not rewritten
     assert (out / "synth.json").stat().st_mtime_ns == stamp
     other = SynthConfig(n_moas=2, compounds_per_moa=1, n_batches=2, plates_per_batch=1,
                         sites_per_well=1, height=48, width=48)
     with pytest.raises(InputError, match="other parameters"):
-        generate_screen(out, other, progress=False)
-    generate_screen(out, other, overwrite=True, progress=False)
+        generate_screen(out, other)
+    generate_screen(out, other, overwrite=True)
     assert json.loads((out / "synth.json").read_text())["config"]["n_moas"] == 2
     assert not list(tmp_path.glob(".s.tmp-*"))  # nothing half-written left behind
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "x.txt").write_text("x")
     with pytest.raises(InputError, match="not a synthetic screen"):
-        generate_screen(tmp_path / "junk", cfg, progress=False)
+        generate_screen(tmp_path / "junk", cfg)

@@ -28,7 +28,7 @@ def test_measure_objects_shapes_and_names():
 def test_extract_per_cell_features_matching_ground_truth(tmp_path, tiny_screen):
     folder, index = tiny_screen
     cfg = ClassicalConfig(measurements=("sizeshape", "intensity", "texture"), n_jobs=1)
-    summary = ClassicalExtractor(cfg).extract(index, tmp_path / "cp", progress=False)
+    summary = ClassicalExtractor(cfg).extract(index, tmp_path / "cp")
     df = read_features(tmp_path / "cp")
     assert summary["cells"] == len(df) > 0
     truth = load_ground_truth(folder)["cells"]
@@ -46,7 +46,7 @@ def test_extract_per_cell_features_matching_ground_truth(tmp_path, tiny_screen):
     assert len(merged) > 0.8 * len(df)
     r = np.corrcoef(merged["classical_Nuclei_Area"], merged["nucleus_area"])[0, 1]
     assert r > 0.9
-    again = ClassicalExtractor(cfg).extract(index, tmp_path / "cp", progress=False)
+    again = ClassicalExtractor(cfg).extract(index, tmp_path / "cp")
     assert again["shards_written"] == 0  # resumed: nothing left to do
 
 

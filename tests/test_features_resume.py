@@ -24,7 +24,7 @@ def test_sigkill_mid_extraction_then_rerun_matches_clean_run(tmp_path, scheduler
     cfg = SynthConfig(n_moas=2, compounds_per_moa=2, concentrations=(1.0,), n_batches=2,
                       plates_per_batch=4, dmso_wells_per_plate=2, sites_per_well=2,
                       height=64, width=64, cells_per_field=5, seed=5)
-    n_fields = len(generate_screen(tmp_path / "s", cfg, progress=False))
+    n_fields = len(generate_screen(tmp_path / "s", cfg))
     index = str(tmp_path / "s" / "index.parquet")
     cmd = [sys.executable, "-m", "morphoprof.cli", "extract", index, "--image-size", "64",
            "--batch-size", "1"]

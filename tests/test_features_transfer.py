@@ -18,7 +18,7 @@ def extractor():
 
 def test_extract_writes_shards_with_metadata_and_named_columns(tmp_path, tiny_screen, extractor):
     _, index = tiny_screen
-    summary = extractor.extract(index, tmp_path / "f", progress=False)
+    summary = extractor.extract(index, tmp_path / "f")
     assert summary["shards_written"] == index.table["Metadata_plate"].nunique()
     df = read_features(tmp_path / "f")
     assert len(df) == len(index)
@@ -44,12 +44,12 @@ def test_extract_writes_shards_with_metadata_and_named_columns(tmp_path, tiny_sc
 def test_rerun_skips_and_resumes_missing_shards(tmp_path, tiny_screen, extractor):
     _, index = tiny_screen
     out = tmp_path / "f"
-    extractor.extract(index, out, progress=False)
+    extractor.extract(index, out)
     first = read_features(out)
     manifest = json.loads((out / "manifest.json").read_text())
     lost = sorted(manifest["shards"])[1]
     (out / manifest["shards"][lost]["file"]).unlink()  # as if killed before this shard
-    summary = extractor.extract(index, out, progress=False)
+    summary = extractor.extract(index, out)
     assert summary["shards_written"] == 1
     assert summary["shards_skipped"] == len(manifest["shards"]) - 1
     again = read_features(out)
@@ -61,11 +61,11 @@ def test_rerun_skips_and_resumes_missing_shards(tmp_path, tiny_screen, extractor
 
 def test_other_parameters_refused(tmp_path, tiny_screen, extractor):
     _, index = tiny_screen
-    extractor.extract(index, tmp_path / "f", progress=False)
+    extractor.extract(index, tmp_path / "f")
     other = TransferExtractor(TransferConfig(image_size=48, batch_size=8),
                               backbone=extractor.backbone)
     with pytest.raises(InputError, match="other parameters"):
-        other.extract(index, tmp_path / "f", progress=False)
+        other.extract(index, tmp_path / "f")
 
 
 def test_rgb_strategy_and_intermediate_layer(tiny_screen, extractor):
@@ -98,7 +98,7 @@ def test_native_strategy_and_channel_count_checked_before_work(tmp_path, tiny_sc
     two = TransferExtractor(TransferConfig(model="resnet18", weights="random",
                                            channel_strategy="native", in_chans=2, **FAST))
     with pytest.raises(InputError, match=r"takes 2 input channels, the images have 3"):
-        two.extract(index, tmp_path / "f", progress=False)
+        two.extract(index, tmp_path / "f")
     assert not (tmp_path / "f").exists()  # refused before any work
     with pytest.raises(InputError, match="rgb strategy needs 3 of the channels"):
         TransferExtractor(TransferConfig(channel_strategy="rgb",
@@ -119,10 +119,10 @@ def test_single_cell_crop_features(tmp_path, tiny_screen, extractor):
     from morphoprof.preprocess.segmentation import segment_index
 
     _, index = tiny_screen
-    segment_index(index, tmp_path / "cells.parquet", progress=False)
+    segment_index(index, tmp_path / "cells.parquet")
     cells = pd.read_parquet(tmp_path / "cells.parquet")
     cellx = TransferExtractor(TransferConfig(batch_size=32), backbone=extractor.backbone)
-    s = cellx.extract_cells(index, cells, tmp_path / "cf", size=32, progress=False)
+    s = cellx.extract_cells(index, cells, tmp_path / "cf", size=32)
     df = read_features(tmp_path / "cf")
     assert s["cells"] == len(df) == len(cells)
     assert "Nuclei_Location_Center_X" in df.columns and "transfer_DNA_0" in df.columns
@@ -137,7 +137,7 @@ def test_single_cell_features_skip_cells_of_unreadable_image_sets(tmp_path, tiny
     from morphoprof.preprocess.segmentation import segment_index
 
     _, index = tiny_screen
-    segment_index(index, tmp_path / "cells.parquet", progress=False)
+    segment_index(index, tmp_path / "cells.parquet")
     cells = pd.read_parquet(tmp_path / "cells.parquet").iloc[::-1]  # not in plate order
     table = index.table.copy()
     table.loc[0, "Path_DNA"] = "gone/missing.tif"
@@ -148,10 +148,10 @@ def test_single_cell_features_skip_cells_of_unreadable_image_sets(tmp_path, tiny
     assert 0 < lost.sum() < len(cells)
     fail = TransferExtractor(TransferConfig(batch_size=32), backbone=extractor.backbone)
     with pytest.raises(InputError, match="missing.tif"):
-        fail.extract_cells(broken, cells, tmp_path / "fail", size=32, progress=False)
+        fail.extract_cells(broken, cells, tmp_path / "fail", size=32)
     skip = TransferExtractor(TransferConfig(batch_size=32, on_error="skip"),
                              backbone=extractor.backbone)
-    s = skip.extract_cells(broken, cells, tmp_path / "cf", size=32, progress=False)
+    s = skip.extract_cells(broken, cells, tmp_path / "cf", size=32)
     # each skipped cell named by its row of the table given, with the file that was missing
     assert sorted(r["row"] for r in s["skipped"]) == np.flatnonzero(lost).tolist()
     assert all("missing.tif" in r["reason"] for r in s["skipped"])
@@ -160,7 +160,7 @@ def test_single_cell_features_skip_cells_of_unreadable_image_sets(tmp_path, tiny
     saved = json.loads((tmp_path / "cf" / "run_summary.json").read_text())
     assert saved["n_skipped"] == lost.sum() and saved["on_error"] == "skip"
     # a re-run finds every shard done and still reports the skipped cells
-    again = skip.extract_cells(broken, cells, tmp_path / "cf", size=32, progress=False)
+    again = skip.extract_cells(broken, cells, tmp_path / "cf", size=32)
     assert again["shards_written"] == 0 and again["n_skipped"] == lost.sum()
 
 

@@ -89,7 +89,7 @@ def test_synthetic_screen_masks_overlap_the_treated_cells(tmp_path):
                       plates_per_batch=2, dmso_wells_per_plate=4, sites_per_well=2, height=96,
                       width=96, cells_per_field=6, seed=5)
     screen = tmp_path / "screen"
-    index = generate_screen(screen, cfg, progress=False)
+    index = generate_screen(screen, cfg)
     moa = "DNA damage"  # larger, textured nuclei and larger cells
     t = index.table
     keep = ((t["Metadata_compound"] == "DMSO") | (t["Metadata_moa"] == moa)).to_numpy()

@@ -49,7 +49,7 @@ def test_normalizations():
 
 def test_dataset_streams_crops_with_workers(tmp_path, tiny_screen):
     _, index = tiny_screen
-    segment_index(index, tmp_path / "cells.parquet", progress=False)
+    segment_index(index, tmp_path / "cells.parquet")
     cells = pd.read_parquet(tmp_path / "cells.parquet")
     ds = CropDataset(index, cells, size=24, normalization="max")
     assert len(ds) == len(cells)
@@ -73,10 +73,10 @@ def test_dataset_streams_crops_with_workers(tmp_path, tiny_screen):
 
 def test_export_crops_shards_and_resume(tmp_path, tiny_screen):
     _, index = tiny_screen
-    segment_index(index, tmp_path / "cells.parquet", progress=False)
+    segment_index(index, tmp_path / "cells.parquet")
     cells = pd.read_parquet(tmp_path / "cells.parquet")
     out = tmp_path / "crops"
-    s = export_crops(index, cells, out, size=16, shard_size=20, progress=False)
+    s = export_crops(index, cells, out, size=16, shard_size=20)
     assert s["written"] == len(cells)
     table = read_features(out)
     assert len(table) == len(cells)
@@ -91,7 +91,7 @@ def test_export_crops_shards_and_resume(tmp_path, tiny_screen):
                         .to_numpy(float)[None], 16)
     np.testing.assert_allclose(arr[int(row["Metadata_crop_index"])], ref[0], rtol=1e-3)
     (out / "shards" / "00001.parquet").unlink()
-    again = export_crops(index, cells, out, size=16, shard_size=20, progress=False)
+    again = export_crops(index, cells, out, size=16, shard_size=20)
     assert again["written"] == 20 and again["skipped"] == len(cells) - 20
 
 
@@ -100,7 +100,7 @@ def test_dataset_masks_neighbouring_nuclei(tmp_path, tiny_screen):
 
     _, index = tiny_screen
     cfg = NucleiConfig()
-    segment_index(index, tmp_path / "cells.parquet", cfg=cfg, progress=False)
+    segment_index(index, tmp_path / "cells.parquet", cfg=cfg)
     cells = pd.read_parquet(tmp_path / "cells.parquet")
     plain = CropDataset(index, cells, size=48, normalization="none")
     masked = CropDataset(index, cells, size=48, normalization="none", mask_neighbours=cfg)
@@ -119,10 +119,10 @@ def test_load_crop_shards_round_trip_and_errors(tmp_path, tiny_screen):
     from morphoprof.preprocess.crops import load_crop_shards
 
     _, index = tiny_screen
-    segment_index(index, tmp_path / "cells.parquet", progress=False)
+    segment_index(index, tmp_path / "cells.parquet")
     cells = pd.read_parquet(tmp_path / "cells.parquet")
     out = tmp_path / "crops"
-    export_crops(index, cells, out, size=16, shard_size=20, progress=False)
+    export_crops(index, cells, out, size=16, shard_size=20)
     crops, table, channels = load_crop_shards(out)
     assert crops.shape == (len(cells), 3, 16, 16) and len(table) == len(cells)
     assert channels == index.channels and "Metadata_crop_index" not in table.columns

@@ -22,12 +22,12 @@ def uneven_screen(tmp_path_factory):
                       height=128, width=128, cells_per_field=30, illumination_strength=0.5,
                       seed=7)
     out = tmp_path_factory.mktemp("illum") / "screen"
-    return out, generate_screen(out, cfg, progress=False)
+    return out, generate_screen(out, cfg)
 
 
 def test_recovers_the_true_illumination_field(tmp_path, uneven_screen):
     folder, index = uneven_screen
-    corr = compute_illumination(index, tmp_path / "illum", window=64, n_jobs=2, progress=False)
+    corr = compute_illumination(index, tmp_path / "illum", window=64, n_jobs=2)
     truth = load_ground_truth(folder)["illumination"]
     for plate, true in truth.items():
         est = corr.function(plate)
@@ -50,15 +50,15 @@ def test_recovers_the_true_illumination_field(tmp_path, uneven_screen):
 def test_functions_are_saved_reused_and_invalidated(tmp_path, uneven_screen):
     _, index = uneven_screen
     folder = tmp_path / "illum"
-    compute_illumination(index, folder, window=64, progress=False)
+    compute_illumination(index, folder, window=64)
     files = sorted(folder.glob("*.npy"))
     assert len(files) == 2
     stamps = [f.stat().st_mtime_ns for f in files]
-    compute_illumination(index, folder, window=64, progress=False)  # reused
+    compute_illumination(index, folder, window=64)  # reused
     assert [f.stat().st_mtime_ns for f in files] == stamps
     loaded = IlluminationCorrection.load(folder)
     assert loaded.channels == index.channels
-    compute_illumination(index, folder, window=32, progress=False)  # other params: recomputed
+    compute_illumination(index, folder, window=32)  # other params: recomputed
     assert json.loads((folder / "illumination.json").read_text())["params"]["window"] == 32
     assert [f.stat().st_mtime_ns for f in files] != stamps
     with pytest.raises(InputError, match="no illumination function for plate 'nope'"):

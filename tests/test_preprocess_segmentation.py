@@ -36,7 +36,7 @@ def detection_f1(pred: np.ndarray, truth: np.ndarray, radius: float = 5.0) -> fl
 
 def test_detection_f1_on_synthetic_screen(tmp_path, tiny_screen):
     folder, index = tiny_screen
-    summary = segment_index(index, tmp_path / "cells.parquet", progress=False)
+    summary = segment_index(index, tmp_path / "cells.parquet")
     assert summary["channel"] == "DNA"
     cells = pd.read_parquet(tmp_path / "cells.parquet")
     truth = load_ground_truth(folder)["cells"]
@@ -57,8 +57,8 @@ def test_detection_f1_on_synthetic_screen(tmp_path, tiny_screen):
 
 def test_parallel_and_downsampled_runs(tmp_path, tiny_screen):
     _, index = tiny_screen
-    segment_index(index, tmp_path / "one.parquet", progress=False)
-    segment_index(index, tmp_path / "two.parquet", progress=False, n_jobs=2, chunk=3)
+    segment_index(index, tmp_path / "one.parquet")
+    segment_index(index, tmp_path / "two.parquet", n_jobs=2, chunk=3)
     one = pd.read_parquet(tmp_path / "one.parquet")
     pd.testing.assert_frame_equal(one, pd.read_parquet(tmp_path / "two.parquet"))
     img = index.read(0, ["DNA"])[0]
@@ -129,9 +129,9 @@ def test_blank_nan_and_no_cells(tmp_path, tiny_screen):
     broken = sub.paths(1, ["DNA"])[0]
     broken.write_bytes(b"II*\x00broken")
     with pytest.raises(InputError, match=broken.name):
-        segment_index(sub, tmp_path / "c.parquet", progress=False)
+        segment_index(sub, tmp_path / "c.parquet")
     assert not (tmp_path / "c.parquet").exists()  # nothing half-written
-    s = segment_index(sub, tmp_path / "c.parquet", on_error="skip", progress=False)
+    s = segment_index(sub, tmp_path / "c.parquet", on_error="skip")
     assert s["skipped"][0]["file"] == str(broken)
     assert s["image_sets_without_cells"] == 1 and "blank image" in s["warnings"][0]
     cells = pd.read_parquet(tmp_path / "c.parquet")
@@ -140,7 +140,7 @@ def test_blank_nan_and_no_cells(tmp_path, tiny_screen):
 
 def test_deepprofiler_locations_roundtrip(tmp_path, tiny_screen):
     _, index = tiny_screen
-    segment_index(index, tmp_path / "cells.parquet", progress=False)
+    segment_index(index, tmp_path / "cells.parquet")
     cells = pd.read_parquet(tmp_path / "cells.parquet")
     n = export_deepprofiler_locations(cells, tmp_path / "locations")
     assert n == cells.groupby(["Metadata_plate", "Metadata_well", "Metadata_site"]).ngroups

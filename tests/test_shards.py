@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 import morphoprof
+from morphoprof.logs import progress
 from morphoprof.shards import ShardWriter, read_features, run_shards
 
 
@@ -32,7 +33,7 @@ PLAN = [(f"p{k}", np.arange(4 * k, 4 * k + 4)) for k in range(4)]
 
 def test_in_process_run_writes_every_shard_in_plan_order_and_resumes(tmp_path, caplog):
     writer = ShardWriter(tmp_path, {"v": 1})
-    run = run_shards(PLAN, _table_shard, writer, shared={"offset": 0.5}, progress=False)
+    run = run_shards(PLAN, _table_shard, writer, shared={"offset": 0.5})
     assert (run.shards_written, run.shards_skipped, run.items, run.rows) == (4, 0, 16, 8)
     assert [s["row"] for s in run.skipped] == list(range(1, 16, 2))
     manifest = json.loads((tmp_path / "manifest.json").read_text())
@@ -48,7 +49,7 @@ def test_in_process_run_writes_every_shard_in_plan_order_and_resumes(tmp_path, c
     seen = []
     caplog.set_level(logging.INFO, logger="morphoprof")
     again = run_shards(PLAN, _table_shard, ShardWriter(tmp_path, {"v": 1}),
-                       shared={"seen": seen}, progress=False)
+                       shared={"seen": seen})
     assert [s for s, _ in seen] == [8]
     assert (again.shards_written, again.shards_skipped, again.items) == (1, 3, 4)
     messages = [r.getMessage() for r in caplog.records if r.name == "morphoprof.shards"]
@@ -72,7 +73,7 @@ def test_a_failing_shard_keeps_the_shards_before_it_and_closes_the_read_ahead(tm
     writer = ShardWriter(tmp_path, {"v": 1})
     with pytest.raises(RuntimeError, match="shard at 8 fails"):
         run_shards(PLAN, _table_shard, writer, shared={"fail_at": 8, "seen": seen},
-                   prepare=prepare, progress=False)
+                   prepare=prepare)
     # each shard got its own read-ahead, made before the shard before it was computed
     assert [(first, a.first) for first, a in seen] == [(0, 0), (4, 4), (8, 8)]
     assert [a.first for a in made] == [0, 4, 8, 12]
@@ -80,7 +81,7 @@ def test_a_failing_shard_keeps_the_shards_before_it_and_closes_the_read_ahead(tm
     # the two shards finished before the failure were written (the write-behind thread is
     # waited for) and a re-run resumes after them
     assert list(json.loads((tmp_path / "manifest.json").read_text())["shards"]) == ["p0", "p1"]
-    run = run_shards(PLAN, _table_shard, ShardWriter(tmp_path, {"v": 1}), progress=False)
+    run = run_shards(PLAN, _table_shard, ShardWriter(tmp_path, {"v": 1}))
     assert (run.shards_written, run.shards_skipped) == (2, 2)
     assert read_features(tmp_path)["Metadata_row"].tolist() == list(range(0, 16, 2))
 
@@ -102,15 +103,16 @@ def test_progress_bar_ends_at_the_plan_size_whatever_the_shard_did(tmp_path, mon
         return _table_shard(rows, bar)
 
     # a disabled bar does not count: this one is shown (on stderr)
-    run_shards(PLAN, overshoot, ShardWriter(tmp_path, {"v": 1}), progress=True)
+    with progress(True):
+        run_shards(PLAN, overshoot, ShardWriter(tmp_path, {"v": 1}))
     assert bars[0].total == 16 and bars[0].n == 16
 
 
 def test_dask_run_writes_the_same_folder_as_in_process(tmp_path):
     a = run_shards(PLAN, _table_shard, ShardWriter(tmp_path / "a", {"v": 1}),
-                   shared={"offset": 2.0}, progress=False)
+                   shared={"offset": 2.0})
     b = run_shards(PLAN, _table_shard, ShardWriter(tmp_path / "b", {"v": 1}), "local:2",
-                   shared={"offset": 2.0}, progress=False)
+                   shared={"offset": 2.0})
     assert (b.shards_written, b.items, b.rows) == (a.shards_written, a.items, a.rows)
     assert sorted(s["row"] for s in b.skipped) == sorted(s["row"] for s in a.skipped)
     pd.testing.assert_frame_equal(read_features(tmp_path / "a"),
@@ -119,7 +121,7 @@ def test_dask_run_writes_the_same_folder_as_in_process(tmp_path):
     # a worker's failure stops the run with its error; finished shards stay recorded
     with pytest.raises(RuntimeError, match="shard at 4 fails"):
         run_shards(PLAN, _table_shard, ShardWriter(tmp_path / "c", {"v": 1}), "local:1",
-                   shared={"fail_at": 4}, progress=False)
+                   shared={"fail_at": 4})
 
 
 def test_no_stage_writes_shards_outside_the_one_loop():

@@ -50,7 +50,7 @@ NORMALIZE_BY = {"plate": PLATE, "batch": BATCH, "all": None}
 
 
 def illumination_stage(index: ExperimentIndex, out: str | Path, settings, *, channels=None,
-                       on_error: str = "fail", progress: bool = True):
+                       on_error: str = "fail"):
     """Compute (or reuse) per-plate illumination functions into ``out`` with ``settings`` (an
     :class:`~morphoprof.preprocess.illumination.IlluminationConfig`); each skipped image set is
     logged. The one illumination step of ``run`` and ``morphoprof illum``."""
@@ -58,7 +58,7 @@ def illumination_stage(index: ExperimentIndex, out: str | Path, settings, *, cha
 
     corr = compute_illumination(index, out, channels=channels, window=settings.window,
                                 percentile=settings.percentile, n_jobs=settings.n_jobs,
-                                progress=progress, on_error=on_error)
+                                on_error=on_error)
     for s in corr.skipped:
         logger.warning(f"skipped {s['reason']}")
     return corr
@@ -66,7 +66,7 @@ def illumination_stage(index: ExperimentIndex, out: str | Path, settings, *, cha
 
 def segmentation_stage(index: ExperimentIndex, out: str | Path, nuclei, channel: str | None, *,
                        illumination=None, on_error: str = "fail", n_jobs: int = 1,
-                       progress: bool = True, summary: str | Path | None = None,
+                       summary: str | Path | None = None,
                        overlays: int = 0, deepprofiler_locations: str | Path | None = None) -> dict:
     """Segment nuclei (``nuclei``: a :class:`NucleiConfig`) on ``channel`` into ``out`` (a
     cell table) and write its run summary to ``summary`` (default ``<out stem>_summary.json``).
@@ -80,7 +80,7 @@ def segmentation_stage(index: ExperimentIndex, out: str | Path, nuclei, channel:
 
     out = Path(out)
     result = segment_index(index, out, channel=channel, cfg=nuclei, illumination=illumination,
-                           on_error=on_error, progress=progress, n_jobs=n_jobs)
+                           on_error=on_error, n_jobs=n_jobs)
     if overlays:
         folder = out.with_name(out.stem + "_overlays")
         step = max(len(index) // overlays, 1)
@@ -93,8 +93,7 @@ def segmentation_stage(index: ExperimentIndex, out: str | Path, nuclei, channel:
     return result
 
 
-def extract_features(index: ExperimentIndex, features, channels, out: Path,
-                     progress: bool = True, illumination=None,
+def extract_features(index: ExperimentIndex, features, channels, out: Path, illumination=None,
                      segmentation=None, on_error: str = "fail") -> dict:
     """Run the configured extractor (``features``: a :class:`~morphoprof.config.FeaturesSection`;
     built by name, :mod:`morphoprof.registry`) over the index into ``out`` (a feature folder).
@@ -110,7 +109,7 @@ def extract_features(index: ExperimentIndex, features, channels, out: Path,
     extractor = create_extractor(features.extractor, {
         **features.model_dump(), "channels": channels, "on_error": on_error,
         "nuclei": seg.nuclei(), "n_jobs": seg.n_jobs})
-    return extractor.extract(index, out, illumination=illumination, progress=progress)
+    return extractor.extract(index, out, illumination=illumination)
 
 
 def cells_per_well(cells_path: Path, index: ExperimentIndex) -> pd.DataFrame:
@@ -369,7 +368,7 @@ def example_fields(index: ExperimentIndex, channels=None, per_moa: int = 2,
     return out
 
 
-def run_pipeline(cfg: RunConfig, config_text: str, progress: bool = True,
+def run_pipeline(cfg: RunConfig, config_text: str,
                  config_path: str | None = None) -> dict:
     """Run every stage of a validated config; returns ``{"evaluation", "timings",
     "extraction", "out"}`` (:func:`run_summary_lines` says it in words). Each stage is announced
@@ -383,7 +382,7 @@ def run_pipeline(cfg: RunConfig, config_text: str, progress: bool = True,
     timings = {}
     t0 = time.perf_counter()
     logger.info("[1/7] experiment index")
-    index = build_index_from_config(cfg.data, out, progress=progress)
+    index = build_index_from_config(cfg.data, out)
     index.write(out / "index.parquet")
     timings["index_s"] = time.perf_counter() - t0
     # a screen without controls: decided now, not after hours of extraction
@@ -402,20 +401,19 @@ def run_pipeline(cfg: RunConfig, config_text: str, progress: bool = True,
     logger.info("[2/7] illumination correction" + ("" if ill.enabled else ": off"))
     illumination = illumination_stage(
         index, out / "illumination", ill.settings(), on_error=pre.on_error,
-        progress=progress,
     ) if ill.enabled else None
     logger.info("[3/7] nuclei segmentation" + ("" if segcfg.enabled else ": off"))
     seg = segmentation_stage(
         index, out / "cells.parquet", segcfg.nuclei(), segcfg.channel,
         illumination=illumination, on_error=pre.on_error, n_jobs=segcfg.n_jobs,
-        progress=progress, summary=out / "segmentation_summary.json",
+        summary=out / "segmentation_summary.json",
     ) if segcfg.enabled else None
     timings["preprocess_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     logger.info(f"[4/7] features ({cfg.features.extractor}, {cfg.features.model})")
     extraction = extract_features(index, cfg.features, cfg.channels, out / "features",
-                                  progress=progress, illumination=illumination,
+                                  illumination=illumination,
                                   segmentation=pre.segmentation, on_error=pre.on_error)
     timings["features_s"] = time.perf_counter() - t
 

@@ -31,6 +31,7 @@ import pandas as pd
 
 from morphoprof.errors import InputError
 from morphoprof.io_utils import read_parquet, write_json, write_parquet
+from morphoprof.logs import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +229,6 @@ def run_shards(
     prepare: Callable[[Any], Any] | None = None,
     desc: str = "shards",
     unit: str = "item",
-    progress: bool = True,
 ) -> ShardRun:
     """Compute and write every shard of ``plan`` that ``writer`` has not finished yet.
 
@@ -247,7 +247,8 @@ def run_shards(
         prepare: in process, ``prepare(payload)`` is called for the next shard before the
             current one is computed (e.g. to start reading its images) and handed to
             ``shard_fn`` as ``ahead=``; an unused result with a ``close()`` is closed on error.
-        desc, unit, progress: the progress bar.
+        desc, unit: the progress bar (shown unless progress is off,
+            :func:`morphoprof.logs.set_progress`).
 
     "resuming" and the Dask dashboard are announced in this module's log.
 
@@ -258,14 +259,13 @@ def run_shards(
     Returns:
         A :class:`ShardRun`.
     """
-    from tqdm.auto import tqdm
 
     shared = shared or {}
     todo = [(key, payload) for key, payload in plan if not writer.done(key)]
     if len(todo) < len(plan):
         logger.info("resuming: %d of %d shards already done", len(plan) - len(todo), len(plan))
     items = int(sum(len(payload) for _, payload in todo))
-    bar = tqdm(total=items, desc=desc, unit=unit, disable=not progress)
+    bar = progress_bar(total=items, desc=desc, unit=unit)
     t0 = time.perf_counter()
     try:
         if scheduler:

@@ -29,22 +29,20 @@ def write_config(text: str, folder: str | Path, fresh: bool = True) -> Path:
     return path
 
 
-def train_from_yaml(kind: str, text: str, folder: str | Path, fresh: bool = True,
-                    progress: bool = False) -> dict:
+def train_from_yaml(kind: str, text: str, folder: str | Path, fresh: bool = True) -> dict:
     """Write a training config's ``text`` to ``folder/config.yaml`` and run it (``kind``:
     ``finetune`` | ``mil``), with ``output`` set to ``folder``. ``fresh`` empties the folder
     first; otherwise finished folds are reused (resume)."""
     cfg, text = load_train_config(write_config(text, folder, fresh), kind)
-    return run_training(kind, cfg, text, progress=progress)
+    return run_training(kind, cfg, text)
 
 
-def train_weak_from_yaml(text: str, folder: str | Path, fresh: bool = True,
-                         progress: bool = False) -> dict:
+def train_weak_from_yaml(text: str, folder: str | Path, fresh: bool = True) -> dict:
     """Write a weak config's ``text`` to ``folder/config.yaml`` (``output`` = ``folder``) and
     run it; ``fresh`` empties the folder first. The summary gets ``wall_seconds``."""
     cfg, text = load_weak_config(write_config(text, folder, fresh))
     t0 = time.perf_counter()
-    summary = run_weak(cfg, text, progress=progress)
+    summary = run_weak(cfg, text)
     summary["wall_seconds"] = time.perf_counter() - t0
     return summary
 

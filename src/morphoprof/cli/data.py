@@ -67,7 +67,7 @@ def cmd_import(a: argparse.Namespace) -> int:
         raise MorphoprofError("--plates applies to 'import bbbc021' only")
     if layout == "bbbc021":
         index = import_bbbc021(a.path, a.image_csv, a.moa_csv, check_shapes=a.check_shapes,
-                               progress=True, plates=a.plates, only_present=a.only_present)
+                               plates=a.plates, only_present=a.only_present)
     elif layout == "bbbc021-6moa":
         index = import_fields_6moa(a.path, only_present=a.only_present)
     else:
@@ -125,7 +125,7 @@ def cmd_validate(a: argparse.Namespace) -> int:
     from morphoprof.index import ExperimentIndex
 
     index = ExperimentIndex.read_parquet(a.index)
-    index.validate(channels=a.channels, check_shapes=not a.no_shapes, progress=True,
+    index.validate(channels=a.channels, check_shapes=not a.no_shapes,
                    deep=a.deep)
     what = "every image read" if a.deep else "files present" + (
         "" if a.no_shapes else ", headers read")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from morphoprof.cli.common import (
-    add_command,
-)
+from morphoprof.cli.common import add_command
+from morphoprof.logs import progress
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -31,7 +30,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     check_writable(Path(cfg.output) / a.kind, folder=True)
     if a.epochs is not None:
         cfg = cfg.replace(train=cfg.train.replace(epochs=a.epochs))
-    result = run_training(a.kind, cfg, text, progress=not a.quiet)
+    with progress(not a.quiet):
+        result = run_training(a.kind, cfg, text)
     t = result["treatment"]
     print(f"{a.kind}: treatment accuracy {t['correct']}/{t['n']} = {t['accuracy']:.3f} "
           f"(image accuracy {result['image_accuracy']:.3f}); conformal coverage "
@@ -51,7 +51,8 @@ def _train_weak(a: argparse.Namespace) -> int:
     check_writable(Path(cfg.output) / "weak", folder=True)
     if a.epochs is not None:
         cfg = cfg.replace(train=cfg.train.replace(epochs=a.epochs))
-    s = run_weak(cfg, text, progress=not a.quiet)
+    with progress(not a.quiet):
+        s = run_weak(cfg, text)
     if "classes" not in s:  # not the first process of a multi-process run
         return 0
     acc = s.get("heldout_cell_accuracy")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from morphoprof.errors import DownloadError
 from morphoprof.io_utils import write_json
+from morphoprof.logs import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,6 @@ def fetch(
     url: str,
     dest: str | Path,
     checksum: str | None = None,
-    progress: bool = True,
     retries: int = 3,
     timeout: float = 60.0,
 ) -> Path:
@@ -75,13 +75,11 @@ def fetch(
         url: http(s) URL.
         dest: final path; it appears only once the download is complete and verified.
         checksum: ``"sha256:<hex>"`` or ``"md5:<hex>"`` (a bare hex string is guessed by length).
-        progress: show a progress bar in bytes.
         retries: attempts after a dropped connection; each resumes where the last stopped.
 
     Raises:
         DownloadError: HTTP errors, a size that differs from the server's, a checksum mismatch.
     """
-    from tqdm.auto import tqdm
 
     dest = Path(dest)
     if dest.is_file():
@@ -108,9 +106,9 @@ def fetch(
             continue
         with resp:
             start, mode, total = _range_of(resp, start, url)
-            bar = tqdm(
+            bar = progress_bar(
                 total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-                desc=dest.name, disable=not progress, leave=False,
+                desc=dest.name, leave=False,
             )
             try:
                 with open(part, mode) as f:
@@ -204,7 +202,6 @@ def download_bbbc021(
     base_url: str = BBBC021_BASE_URL,
     checksums: Mapping[str, str] | None = None,
     keep_zips: bool = False,
-    progress: bool = True,
 ) -> dict:
     """Fetch BBBC021 (tables and plate zips) into ``dest`` in the importer's layout.
 
@@ -226,7 +223,7 @@ def download_bbbc021(
     checksums = dict(checksums or {})
     meta_dir = dest / "metadata"
     for name in BBBC021_TABLES:
-        fetch(_join(base_url, name), meta_dir / name, checksums.get(name), progress=progress)
+        fetch(_join(base_url, name), meta_dir / name, checksums.get(name))
     table = pd.read_csv(meta_dir / "BBBC021_v1_image.csv")
     if "Image_Metadata_Plate_DAPI" not in table.columns:
         raise DownloadError(f"{meta_dir / 'BBBC021_v1_image.csv'} has no Image_Metadata_Plate_DAPI")
@@ -248,7 +245,7 @@ def download_bbbc021(
         name = f"BBBC021_v1_images_{plate}.zip"
         zip_path = dest / "zips" / name
         logger.info(f"[{k}/{len(wanted)}] {plate}")
-        _fetch_zip(_join(base_url, name), zip_path, checksums.get(name), progress)
+        _fetch_zip(_join(base_url, name), zip_path, checksums.get(name))
         digest = file_digest(zip_path)
         n_files = _unpack_plate(zip_path, plate_dir)
         _check_plate(table, plate, plate_dir, name)
@@ -261,11 +258,11 @@ def download_bbbc021(
     return summary
 
 
-def _fetch_zip(url: str, zip_path: Path, checksum: str | None, progress: bool) -> None:
+def _fetch_zip(url: str, zip_path: Path, checksum: str | None) -> None:
     """Fetch a plate zip and check the archive; a corrupt one is fetched once more from
     scratch, then is an error."""
     for attempt in range(2):
-        fetch(url, zip_path, checksum, progress=progress)
+        fetch(url, zip_path, checksum)
         try:
             _verify_zip(zip_path)
             return

@@ -65,17 +65,16 @@ class DataSection(Settings):
         return out
 
 
-def build_index_from_config(data: DataSection, out: Path, progress: bool = True
-                            ) -> ExperimentIndex:
+def build_index_from_config(data: DataSection, out: Path) -> ExperimentIndex:
     """Create (or import) the experiment index described by a config's ``data`` section; a
     synthetic screen without a ``path`` is written under ``out``. The image sets an import
     left out are logged as one warning."""
     source = data.source
     if source == "synthetic":
         screen = Path(data.path) if data.path else out / "synthetic_screen"
-        return generate_screen(screen, data.synthetic or SynthConfig(), progress=progress)
+        return generate_screen(screen, data.synthetic or SynthConfig())
     if source == "bbbc021":
-        index = import_bbbc021(data.path, data.image_csv, data.moa_csv, progress=progress,
+        index = import_bbbc021(data.path, data.image_csv, data.moa_csv,
                                plates=data.plates, only_present=data.only_present)
     elif source == "bbbc021-6moa":
         index = import_fields_6moa(data.path, only_present=data.only_present)

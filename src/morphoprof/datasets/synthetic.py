@@ -34,6 +34,7 @@ import pandas as pd
 from pydantic import Field, field_validator
 
 from morphoprof.errors import InputError
+from morphoprof.logs import progress_bar
 from morphoprof.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -308,7 +309,6 @@ def generate_screen(
     out: str | Path,
     cfg: SynthConfig | None = None,
     overwrite: bool = False,
-    progress: bool = True,
 ):
     """Generate (or reuse) a synthetic screen in ``out``.
 
@@ -319,7 +319,6 @@ def generate_screen(
     Returns:
         The :class:`~morphoprof.index.ExperimentIndex` of the screen.
     """
-    from tqdm.auto import tqdm
 
     from morphoprof.index.schema import ExperimentIndex, build_index
     from morphoprof.io_utils import write_parquet
@@ -338,7 +337,7 @@ def generate_screen(
     n_fields = (
         (len(treatments) - 1) * cfg.plates_per_batch + len(plates) * cfg.dmso_wells_per_plate
     ) * cfg.sites_per_well
-    bar = tqdm(total=n_fields, desc="synthesising fields", unit="field", disable=not progress)
+    bar = progress_bar(total=n_fields, desc="synthesising fields", unit="field")
     records, cell_tables, illum_all = [], [], {}
     for plate_no, (plate, batch) in enumerate(plates):
         illum_all[plate] = illumination_field(cfg, plate_no)

@@ -175,7 +175,7 @@ class ClassicalExtractor:
         _cp_functions(self.cfg.measurements)
 
     def _plates(self, writer: ShardWriter, groups: dict, job, empty: pd.DataFrame, desc: str,
-                unit: str, progress: bool) -> ShardRun:
+                unit: str) -> ShardRun:
         """One shard per plate not yet in ``writer``: ``job(rows) -> (frames, skipped)`` over
         chunks of the plate's rows (``groups``: plate -> rows) in ``n_jobs`` processes, the
         frames concatenated (``empty`` when there are none)."""
@@ -190,11 +190,10 @@ class ClassicalExtractor:
 
         plan = [(shard_key(p, 0), np.sort(r)) for p, r in groups.items()]
         with Parallel(n_jobs=self.cfg.n_jobs) as pool:
-            return run_shards(plan, shard, writer, shared={"pool": pool}, desc=desc, unit=unit,
-                              progress=progress)
+            return run_shards(plan, shard, writer, shared={"pool": pool}, desc=desc, unit=unit)
 
     def extract(self, index: ExperimentIndex, out: str | Path, illumination=None,
-                overwrite: bool = False, progress: bool = True) -> dict:
+                overwrite: bool = False) -> dict:
         """Write one shard of per-cell classical features per plate; resumable like
         :meth:`morphoprof.features.transfer.TransferExtractor.extract`."""
         from morphoprof.features.transfer import estimate_intensity_range
@@ -215,13 +214,13 @@ class ClassicalExtractor:
                       illumination=illumination)
         empty = pd.DataFrame(columns=[c for c in index.table.columns if c.startswith("Metadata_")])
         run = self._plates(writer, index.table.groupby(PLATE, sort=True).indices, job, empty,
-                           "classical features", "field", progress)
+                           "classical features", "field")
         return writer.finish({"out": str(out), **run.to_json(), "image_sets": run.items,
                               "cells": run.rows, "cells_per_s": run.rate(run.rows)},
                              self.cfg.on_error)
 
     def extract_crops(self, crops: np.ndarray, table: pd.DataFrame, channels: Sequence[str],
-                      out: str | Path, overwrite: bool = False, progress: bool = True) -> dict:
+                      out: str | Path, overwrite: bool = False) -> dict:
         """Classical features of crops a user already has, one nucleus per crop.
 
         Args:
@@ -259,7 +258,7 @@ class ClassicalExtractor:
         job = partial(_crop_rows, crops, meta=meta, channels=channels, dna=dna, lo=lo, span=span,
                       cfg=self.cfg)
         run = self._plates(writer, table.groupby(PLATE, sort=True).indices, job, meta.iloc[:0],
-                           "classical crop features", "cell", progress)
+                           "classical crop features", "cell")
         return writer.finish({"out": str(out), **run.to_json(), "cells": run.rows,
                               "cells_per_s": run.rate(run.rows)}, "skip")
 

@@ -394,7 +394,6 @@ class TransferExtractor:
         index: ExperimentIndex,
         out: str | Path,
         overwrite: bool = False,
-        progress: bool = True,
         illumination=None,
         scheduler: str | None = None,
     ) -> dict:
@@ -457,7 +456,7 @@ class TransferExtractor:
                     "context": context},
             prepare=None if scheduler else
             (lambda rows: _Reader(self, index, rows, channels, transform, illumination)),
-            desc="transfer features", unit="field", progress=progress)
+            desc="transfer features", unit="field")
         return writer.finish({
             "out": str(out), **run.to_json(), "image_sets": run.items,
             "fields_per_s": run.rate(),
@@ -553,7 +552,6 @@ class TransferExtractor:
         edge: str = "pad",
         illumination=None,
         overwrite: bool = False,
-        progress: bool = True,
     ) -> dict:
         """Transfer features of single-cell crops (one row per cell of ``cells``).
 
@@ -591,11 +589,11 @@ class TransferExtractor:
                        for k, m in self.skipped]
             return ds.cells.iloc[pos], x, skipped
 
-        run = self._plate_shards(cells, channels, out, writer, shard, "cell features", progress)
+        run = self._plate_shards(cells, channels, out, writer, shard, "cell features")
         return writer.finish(run, self.cfg.on_error)
 
     def _plate_shards(self, table: pd.DataFrame, channels: list[str], out: str | Path,
-                      writer: ShardWriter, shard, desc: str, progress: bool) -> dict:
+                      writer: ShardWriter, shard, desc: str) -> dict:
         """One feature shard per plate of ``table`` not already written: ``shard(rows, bar)``
         returns (the rows' cell table, their features, the cells it skipped as
         ``[{"row", "reason"}]``); Metadata and centre columns are kept. Returns the counts of
@@ -613,7 +611,7 @@ class TransferExtractor:
 
         plan = [(shard_key(p, 0), rows) for p, rows in
                 table.groupby(PLATE, sort=True).indices.items()]
-        run = run_shards(plan, table_shard, writer, desc=desc, unit="cell", progress=progress)
+        run = run_shards(plan, table_shard, writer, desc=desc, unit="cell")
         return {"out": str(out), "cells": run.rows, **run.to_json(),
                 "cells_per_s": run.rate(run.rows)}
 
@@ -625,7 +623,6 @@ class TransferExtractor:
         out: str | Path,
         normalization: str = "max",
         overwrite: bool = False,
-        progress: bool = True,
     ) -> dict:
         """Features of crops a user already has: ``crops (N, C, S, S)`` raw intensities, one
         row of ``table`` per crop (Metadata columns kept). Crops are normalised per crop
@@ -656,7 +653,7 @@ class TransferExtractor:
                                                    channels, bar, run_size=bar.total)
             return table.iloc[rows[pos]], feats, []
 
-        run = self._plate_shards(table, channels, out, writer, shard, "crop features", progress)
+        run = self._plate_shards(table, channels, out, writer, shard, "crop features")
         return writer.finish(run, "fail")
 
 

@@ -103,7 +103,6 @@ def import_bbbc021(
     moa_csv: str | Path | None = None,
     validate: bool = True,
     check_shapes: bool = False,
-    progress: bool = False,
     plates: Sequence[str] | None = None,
     only_present: bool = False,
 ) -> ExperimentIndex:
@@ -148,7 +147,7 @@ def import_bbbc021(
     index = build_index(df, BBBC021_CHANNELS, root, controls=("DMSO",), source=image_csv,
                         lines=table["morphoprof_line"].to_numpy())
     try:
-        return finish_import(index, validate, check_shapes, progress, only_present)
+        return finish_import(index, validate, check_shapes, only_present)
     except ValidationError as exc:
         hint = _partial_download_hint(index, root, plates)
         if hint:

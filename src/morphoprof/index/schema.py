@@ -28,6 +28,7 @@ import pandas as pd
 
 from morphoprof.errors import ImageReadError, InputError, ValidationError
 from morphoprof.io_utils import arrow_file, atomic_path
+from morphoprof.logs import progress_bar
 
 PLATE = "Metadata_plate"
 WELL = "Metadata_well"
@@ -236,7 +237,6 @@ class ExperimentIndex:
         channels: Sequence[str] | None = None,
         check_files: bool = True,
         check_shapes: bool = True,
-        progress: bool = False,
         deep: bool = False,
     ) -> None:
         """Check the index; raise :class:`ValidationError` listing every problem found.
@@ -252,7 +252,6 @@ class ExperimentIndex:
             channels: channels the caller needs; an unknown name is a problem.
             check_files: check that each file exists.
             check_shapes: read each file's header (not its pixels) and compare shapes.
-            progress: show a progress bar while reading headers or pixels.
             deep: decode every image set's pixels (slow: reads the whole screen).
         """
         problems = validate_table(self.table, channels)
@@ -262,12 +261,8 @@ class ExperimentIndex:
             return
         chans = list(channels or self.channels)
         shapes: dict[int, tuple[int, int]] = {}
-        rows = range(len(self.table))
-        if progress:
-            from tqdm.auto import tqdm
-
-            desc = "reading images" if deep else "checking image files"
-            rows = tqdm(rows, desc=desc, unit="set")
+        rows = progress_bar(range(len(self.table)), unit="set",
+                            desc="reading images" if deep else "checking image files")
         absent: dict[Path, list[int]] = {}
         for i in rows:
             missing = self.file_problems(i, chans, absent)
@@ -335,7 +330,7 @@ class ExperimentIndex:
 
 
 def finish_import(index: ExperimentIndex, validate: bool = True, check_shapes: bool = False,
-                  progress: bool = False, only_present: bool = False) -> ExperimentIndex:
+                  only_present: bool = False) -> ExperimentIndex:
     """The last step of every importer. ``validate``: raise every problem of the index (files
     included). ``only_present``: keep the image sets whose files all exist and record the
     others with their missing files in ``left_out`` (a partial download); an index left with
@@ -351,7 +346,7 @@ def finish_import(index: ExperimentIndex, validate: bool = True, check_shapes: b
         kept.left_out = left_out
         index = kept
     if validate:
-        index.validate(check_files=True, check_shapes=check_shapes, progress=progress)
+        index.validate(check_files=True, check_shapes=check_shapes)
     return index
 
 

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 
 from morphoprof.errors import InputError
 from morphoprof.index.schema import ExperimentIndex
+from morphoprof.logs import progress_bar
 from morphoprof.preprocess.crops import normalize_crops
 
 logger = logging.getLogger(__name__)
@@ -25,7 +26,6 @@ def load_images(
     normalization: str = "none",
     scale: float = 1.0,
     illumination=None,
-    progress: bool = False,
 ) -> np.ndarray:
     """Read image sets into one ``(N, C, S, S)`` float32 array (or native ``(N, C, H, W)``).
 
@@ -43,14 +43,13 @@ def load_images(
     Raises:
         InputError: an image cannot be read (names the row) or shapes differ without ``size``.
     """
-    from tqdm.auto import tqdm
 
     rows = np.arange(len(index)) if rows is None else np.asarray(rows, dtype=np.int64)
     channels = list(channels or index.channels)
     if scale <= 0:
         raise InputError(f"intensity scale must be > 0, got {scale}")
     out: np.ndarray | None = None
-    for k, i in enumerate(tqdm(rows, desc="loading images", unit="image", disable=not progress)):
+    for k, i in enumerate(progress_bar(rows, desc="loading images", unit="image")):
         try:
             img = index.read(int(i), channels, illumination)
         except InputError as exc:

@@ -24,6 +24,7 @@ from torch.utils.data import Dataset
 
 from morphoprof.errors import InputError
 from morphoprof.io_utils import write_json, write_npy
+from morphoprof.logs import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +42,8 @@ def dihedral(x: torch.Tensor, t: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def trunk_maps(trunk: torch.nn.Module, images: np.ndarray, mean: Sequence[float],
-               std: Sequence[float], transforms: int = N_DIHEDRAL, batch_size: int = 16,
-               progress: bool = False) -> np.ndarray:
+               std: Sequence[float], transforms: int = N_DIHEDRAL, batch_size: int = 16
+               ) -> np.ndarray:
     """The trunk's feature maps of every image under the first ``transforms`` dihedral
     transforms.
 
@@ -55,7 +56,6 @@ def trunk_maps(trunk: torch.nn.Module, images: np.ndarray, mean: Sequence[float]
     Returns:
         ``(N, T, D, h, w)`` float16.
     """
-    from tqdm.auto import tqdm
 
     if transforms > 1 and images.shape[-1] != images.shape[-2]:
         raise InputError(f"rotated copies need square images, got {images.shape[-2:]}")
@@ -65,8 +65,8 @@ def trunk_maps(trunk: torch.nn.Module, images: np.ndarray, mean: Sequence[float]
     s = torch.tensor(std, dtype=torch.float32)[:, None, None]
     out: np.ndarray | None = None
     try:
-        for start in tqdm(range(0, len(images), batch_size), desc="trunk feature maps",
-                          unit="batch", disable=not progress):
+        for start in progress_bar(range(0, len(images), batch_size), desc="trunk feature maps",
+                          unit="batch"):
             x = (torch.from_numpy(images[start:start + batch_size]) - m) / s
             for t in range(transforms):
                 f = trunk(dihedral(x, t).contiguous())

@@ -113,8 +113,7 @@ class MILSetup:
     info: dict
 
 
-def mil_setup(cfg: TrainConfig, images: np.ndarray, n_classes: int, out: Path,
-              progress: bool = True) -> MILSetup:
+def mil_setup(cfg: TrainConfig, images: np.ndarray, n_classes: int, out: Path) -> MILSetup:
     """Build the MIL trunk named in ``cfg.mil``, choose the input normalisation (the
     pretrained trunk's own statistics, else the images' per-channel mean / std) and, when the
     trunk is frozen (default for pretrained timm trunks), compute or reuse its feature maps of
@@ -156,11 +155,11 @@ def mil_setup(cfg: TrainConfig, images: np.ndarray, n_classes: int, out: Path,
 
         return MILSetup(make, mean, std, None, full_net, info)
 
-    return _frozen_setup(cfg, trunk, mcfg, kw, images, mean, std, info, out, progress)
+    return _frozen_setup(cfg, trunk, mcfg, kw, images, mean, std, info, out)
 
 
 def _frozen_setup(cfg: TrainConfig, trunk, mcfg, kw: dict, images: np.ndarray, mean, std,
-                  info: dict, out: Path, progress: bool) -> MILSetup:
+                  info: dict, out: Path) -> MILSetup:
     """:func:`mil_setup` of a frozen trunk: its feature maps of ``images`` computed once (or
     read from the cache) and only the MIL head (and, with ``unfreeze_last_stage``, the
     trunk's last stage) trained on them."""
@@ -192,8 +191,7 @@ def _frozen_setup(cfg: TrainConfig, trunk, mcfg, kw: dict, images: np.ndarray, m
     folder = Path(m.cache) if m.cache else out / "mil" / "trunk_maps"
     t0 = time.perf_counter()
     source = TrunkPrefix(trunk) if last else trunk
-    maps = cached_trunk_maps(folder, key, lambda: trunk_maps(source, images, mean, std, n_t,
-                                                             progress=progress))
+    maps = cached_trunk_maps(folder, key, lambda: trunk_maps(source, images, mean, std, n_t))
     info.update(feature_maps=list(maps.shape[2:]), transforms=n_t, trained_last_stage=last,
                 cache_seconds=time.perf_counter() - t0,
                 cache_compute_seconds=cache_compute_seconds(folder), cache=str(folder))
@@ -238,7 +236,7 @@ def load_mil_state(net, state: dict, frozen: bool, last_stage: bool = False):
     return net
 
 
-def run_training(kind: str, cfg: TrainConfig, config_text: str = "", progress: bool = True) -> dict:
+def run_training(kind: str, cfg: TrainConfig, config_text: str = "") -> dict:
     """Run a validated training config end to end; results in ``cfg.output``."""
     from morphoprof.datasets.source import build_index_from_config
     from morphoprof.models.data import load_images
@@ -247,20 +245,19 @@ def run_training(kind: str, cfg: TrainConfig, config_text: str = "", progress: b
     out.mkdir(parents=True, exist_ok=True)
     if config_text:
         (out / f"train_{kind}.yaml").write_text(config_text)
-    index = build_index_from_config(cfg.data, out, progress=progress)
+    index = build_index_from_config(cfg.data, out)
     index = select_rows(index, cfg.select)
     channels = cfg.channels or index.channels
     im = cfg.images
     images = load_images(index, channels=channels, size=im.size,
-                         normalization=im.normalization, scale=im.scale,
-                         progress=progress)
+                         normalization=im.normalization, scale=im.scale)
     if cfg.label not in index.table.columns:
         raise InputError(f"label column {cfg.label!r} is not in the index; found "
                          f"{list(index.table.columns)}")
     n_classes = index.table[cfg.label].astype(str).nunique()
     setup = None
     if kind == "mil":
-        setup = mil_setup(cfg, images, n_classes, out, progress=progress)
+        setup = mil_setup(cfg, images, n_classes, out)
         make, mean, std = setup.make, setup.mean, setup.std
     else:
         make, mean, std = module_factory(kind, cfg, n_classes, len(channels))
@@ -270,7 +267,7 @@ def run_training(kind: str, cfg: TrainConfig, config_text: str = "", progress: b
                   aggregate=aggregate, alpha=c.alpha, val_fraction=c.val_fraction,
                   seed=cfg.train.seed, augment=im.augment, crop=im.crop, mean=mean, std=std)
     result = cross_validate(index, images, make, out / kind, cv,
-                            cfg.train.fit_config(progress),
+                            cfg.train.fit_config(),
                             make_dataset=setup.make_dataset if setup else None)
     result["kind"] = kind
     if setup is not None:

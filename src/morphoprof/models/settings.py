@@ -106,13 +106,13 @@ class TrainSection(Settings):
     strategy: str = Field("auto", description="Lightning strategy (auto, ddp, ...)")
     precision: str = Field("auto", description="auto (bf16 on GPUs) or a Lightning precision")
 
-    def fit_config(self, progress: bool = True) -> FitConfig:
+    def fit_config(self) -> FitConfig:
         """These settings as the :class:`FitConfig` of :func:`~morphoprof.models.training.fit`."""
         from morphoprof.models.training import FitConfig  # imports torch and Lightning
 
         keys = ("epochs", "batch_size", "patience", "seed", "num_workers", "accelerator",
                 "devices", "num_nodes", "strategy", "precision")
-        return FitConfig(**{k: getattr(self, k) for k in keys}, progress=progress)
+        return FitConfig(**{k: getattr(self, k) for k in keys})
 
 
 class CVSection(Settings):

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from morphoprof.extras import require
 from morphoprof.io_utils import atomic_path
+from morphoprof.logs import progress_enabled
 from morphoprof.models.data import EpochSampler
 from morphoprof.models.mil import mil_loss
 
@@ -98,7 +99,6 @@ class FitConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     precision: str = "auto"
-    progress: bool = True
 
 
 def _quiet_lightning() -> None:
@@ -174,7 +174,8 @@ def fit(
         max_epochs=cfg.epochs, default_root_dir=out_dir, callbacks=callbacks,
         logger=CSVLogger(out_dir, name="", version=""), accelerator=cfg.accelerator,
         devices=cfg.devices, num_nodes=cfg.num_nodes, strategy=cfg.strategy,
-        precision=precision, enable_progress_bar=cfg.progress, enable_model_summary=False,
+        precision=precision, enable_progress_bar=progress_enabled(),
+        enable_model_summary=False,
         deterministic="warn", num_sanity_val_steps=0, log_every_n_steps=1,
         use_distributed_sampler=False,
     )

@@ -25,6 +25,7 @@ from torch import nn
 from morphoprof.errors import InputError
 from morphoprof.extras import require
 from morphoprof.features.backbones import create_backbone
+from morphoprof.logs import progress_bar
 
 L = require("lightning")
 
@@ -202,18 +203,16 @@ def extractor_from_checkpoint(path: str | Path, layer: str | None = None,
     return TransferExtractor(cfg), hp
 
 
-def embed_crops(extractor, crops: np.ndarray, channels: Sequence[str],
-                progress: bool = False) -> tuple[np.ndarray, float]:
+def embed_crops(extractor, crops: np.ndarray, channels: Sequence[str]) -> tuple[np.ndarray, float]:
     """Embeddings ``(N, D)`` of crops ``(N, C, S, S)`` (intensities already normalised to
     [0, 1]) and the seconds it took."""
     import time
 
     from torch.utils.data import TensorDataset
-    from tqdm.auto import tqdm
 
     data = TensorDataset(torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32)),
                          torch.arange(len(crops)))
-    bar = tqdm(total=len(crops), desc="embeddings", unit="cell", disable=not progress)
+    bar = progress_bar(total=len(crops), desc="embeddings", unit="cell")
     t0 = time.perf_counter()
     feats, keys = extractor.features_for_dataset(data, channels, bar)
     seconds = time.perf_counter() - t0

@@ -93,7 +93,7 @@ def load_crop_array(path: str | Path, table_path: str | Path | None, channels: l
     return arr[rows], table.reset_index(drop=True), names
 
 
-def crops_from_screen(cfg: WeakConfig, out: Path, progress: bool) -> tuple[np.ndarray,
+def crops_from_screen(cfg: WeakConfig, out: Path) -> tuple[np.ndarray,
                                                                            pd.DataFrame, list]:
     """Segment the screen's nuclei (``cells.segmentation`` settings) and cut a ``crop_size``
     crop (zero-padded at edges) around each: ``(N, C, S, S)`` float32, raw intensities."""
@@ -102,13 +102,12 @@ def crops_from_screen(cfg: WeakConfig, out: Path, progress: bool) -> tuple[np.nd
     from morphoprof.preprocess.crops import CropDataset
     from morphoprof.preprocess.segmentation import segment_index
 
-    index = select_rows(build_index_from_config(cfg.data, out, progress), cfg.select)
+    index = select_rows(build_index_from_config(cfg.data, out), cfg.select)
     channels = cfg.channels or index.channels
     seg = cfg.cells.segmentation
     cells_path = out / "cells.parquet"
     if not cells_path.is_file():
-        segment_index(index, cells_path, channel=seg.channel, cfg=seg.nuclei(),
-                      progress=progress, n_jobs=seg.n_jobs)
+        segment_index(index, cells_path, channel=seg.channel, cfg=seg.nuclei(), n_jobs=seg.n_jobs)
     cells = read_parquet(cells_path)
     ds = CropDataset(index, cells, cfg.cells.crop_size, channels, normalization="none")
     crops = np.stack([ds[k][0].numpy() for k in range(len(ds))]) if len(ds) else None
@@ -182,7 +181,7 @@ def split_cells(table: pd.DataFrame, labels: np.ndarray, holdout: HoldoutSection
     return part
 
 
-def run_weak(cfg: WeakConfig, config_text: str = "", progress: bool = True) -> dict:
+def run_weak(cfg: WeakConfig, config_text: str = "") -> dict:
     """Run a validated weak-supervision config (:class:`~morphoprof.models.settings.WeakConfig`).
 
     Writes ``output/weak/`` (checkpoints, metrics.csv, weak.json) and ``output/features/``
@@ -199,7 +198,7 @@ def run_weak(cfg: WeakConfig, config_text: str = "", progress: bool = True) -> d
     folder.mkdir(parents=True, exist_ok=True)
     if config_text:
         (out / "train_weak.yaml").write_text(config_text)
-    raw, table, channels, source = _weak_cells(cfg, out, progress)
+    raw, table, channels, source = _weak_cells(cfg, out)
     labels, classes = label_codes(table, cfg.label, source)
     raw_size = int(raw.shape[-1])
     crops = prepare_crops(raw, cfg.cells.size, cfg.cells.normalization)
@@ -213,7 +212,7 @@ def run_weak(cfg: WeakConfig, config_text: str = "", progress: bool = True) -> d
                 f"val {len(val)}, test {len(test)} cells (split by well)")
     module = _weak_module(cfg, classes, channels, raw_size, int(crops.shape[-1]))
     mean, std = module.input_mean, module.input_std
-    fcfg = cfg.train.fit_config(progress)
+    fcfg = cfg.train.fit_config()
     loader, sampler = _weak_loader(cfg, table, batch_col, crops, labels, train, len(classes),
                                    mean, std, fcfg)
     val_set = (ImageTensorDataset(crops[val], labels[val], mean=mean, std=std)
@@ -241,7 +240,7 @@ def run_weak(cfg: WeakConfig, config_text: str = "", progress: bool = True) -> d
     if len(test):
         summary.update(_heldout_scores(predict_labels(module, crops[test], mean, std),
                                        labels[test], classes))
-    feats, seconds = embed_crops(extractor, crops, channels, progress)
+    feats, seconds = embed_crops(extractor, crops, channels)
     summary["extract_cells_per_s"] = len(crops) / seconds if seconds > 0 else None
     meta = table[[col for col in table.columns if str(col).startswith(("Metadata_",
                                                                        "Nuclei_Loc"))]]
@@ -256,14 +255,14 @@ def run_weak(cfg: WeakConfig, config_text: str = "", progress: bool = True) -> d
     return summary
 
 
-def _weak_cells(cfg: WeakConfig, out: Path, progress: bool
+def _weak_cells(cfg: WeakConfig, out: Path
                 ) -> tuple[np.ndarray, pd.DataFrame, list[str], str]:
     """(crops ``(N, C, S, S)`` raw, their table, channel names, where the labels come from) of
     a weak config: a crop array the user gives (``data.source: crops``) or the screen's
     segmented cells."""
     data = cfg.data
     if data.source != "crops":
-        return (*crops_from_screen(cfg, out, progress), "the screen's cell table")
+        return (*crops_from_screen(cfg, out), "the screen's cell table")
     if not data.table and not Path(data.path).is_dir():
         raise InputError("data.table: required for source 'crops' with an .npz (one row "
                          "per crop)")
@@ -349,8 +348,7 @@ def _write_embeddings(folder: Path, meta: pd.DataFrame, feats: np.ndarray, cols:
                           pd.DataFrame(feats[rows], columns=cols)], axis=1), []
 
     run_shards([(shard_key(plate, 0), rows) for plate, rows in
-                meta.groupby(PLATE, sort=True).indices.items()], shard, writer,
-               progress=False)
+                meta.groupby(PLATE, sort=True).indices.items()], shard, writer)
 
 
 def predict_labels(module, crops: np.ndarray, mean, std, batch_size: int = 256) -> np.ndarray:

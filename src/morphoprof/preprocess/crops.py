@@ -216,7 +216,6 @@ def export_crops(
     normalization: str = "none",
     illumination=None,
     shard_size: int = 5000,
-    progress: bool = True,
 ) -> dict:
     """Write crops to ``out/shards/<k>.npz`` (``crops`` (n, C, S, S) float16, compressed) with a
     Parquet table per shard (the cells' metadata, centres, and ``Metadata_crop_index``, the row
@@ -246,7 +245,7 @@ def export_crops(
 
     plan = [(f"{start // shard_size:05d}", range(start, min(start + shard_size, len(ds))))
             for start in range(0, len(ds), shard_size)]
-    run = run_shards(plan, shard, writer, desc="cropping cells", unit="cell", progress=progress)
+    run = run_shards(plan, shard, writer, desc="cropping cells", unit="cell")
     summary = {"cells": len(ds), "written": run.items, "skipped": len(ds) - run.items,
                "dropped_at_edge": int(len(cells) - len(ds)), "seconds": run.seconds}
     writer.finish({k: v for k, v in summary.items() if k != "skipped"} | run.to_json(), "fail")

@@ -24,6 +24,7 @@ from pydantic import Field
 from morphoprof.errors import InputError
 from morphoprof.index.schema import PLATE, ExperimentIndex
 from morphoprof.io_utils import write_json, write_npy
+from morphoprof.logs import progress_bar
 from morphoprof.settings import Settings
 from morphoprof.shards import shard_key
 
@@ -183,7 +184,6 @@ def compute_illumination(
     window: int = DEFAULT_WINDOW,
     percentile: float = DEFAULT_PERCENTILE,
     n_jobs: int = 1,
-    progress: bool = True,
     on_error: str = "fail",
 ) -> IlluminationCorrection:
     """Compute (or reuse) the illumination function of every plate of ``index``.
@@ -196,7 +196,6 @@ def compute_illumination(
     object's ``skipped`` lists them (also in ``illumination_skipped.json``).
     """
     from joblib import Parallel, delayed
-    from tqdm.auto import tqdm
 
     folder = Path(folder)
     chans = list(channels or index.channels)
@@ -218,7 +217,7 @@ def compute_illumination(
         return skipped
 
     jobs = (delayed(work)(p, rows) for p, rows in todo)
-    bar = tqdm(total=len(todo), desc="illumination functions", unit="plate", disable=not progress)
+    bar = progress_bar(total=len(todo), desc="illumination functions", unit="plate")
     skipped = []
     for part in Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator")(jobs):
         skipped.extend(part)

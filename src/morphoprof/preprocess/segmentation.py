@@ -20,6 +20,7 @@ from pydantic import Field
 from morphoprof.errors import InputError
 from morphoprof.index.schema import IMAGE_SET_KEY, PLATE, SITE, WELL, ExperimentIndex
 from morphoprof.io_utils import atomic_path, write_parquet
+from morphoprof.logs import progress_bar
 from morphoprof.settings import Settings
 
 CENTER_X = "Nuclei_Location_Center_X"
@@ -278,7 +279,6 @@ def segment_index(
     cfg: NucleiConfig | None = None,
     illumination=None,
     on_error: str = "fail",
-    progress: bool = True,
     n_jobs: int = 1,
     chunk: int = 16,
 ) -> dict:
@@ -299,7 +299,6 @@ def segment_index(
         A run summary: image sets, cells, image sets with no cells, warnings, skipped files.
     """
     from joblib import Parallel, delayed
-    from tqdm.auto import tqdm
 
     if on_error not in ("fail", "skip"):
         raise InputError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
@@ -311,7 +310,7 @@ def segment_index(
     tables, warnings, skipped, empty = [], [], [], 0
     chunks = [np.arange(k, min(k + chunk, len(index))) for k in range(0, len(index), chunk)]
     jobs = (delayed(_segment_chunk)(index, rows, channel, cfg, illumination) for rows in chunks)
-    bar = tqdm(total=len(index), desc="segmenting nuclei", unit="field", disable=not progress)
+    bar = progress_bar(total=len(index), desc="segmenting nuclei", unit="field")
     for result in Parallel(n_jobs=n_jobs, return_as="generator")(jobs):
         for i, t, warn, error in result:
             bar.update(1)
