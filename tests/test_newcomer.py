@@ -71,7 +71,7 @@ def test_partial_download_then_import_with_plates(tmp_path, server, capsys):
     capsys.readouterr()
     other = tmp_path / "present.parquet"
     assert main(["import", "bbbc021", str(root), "--only-present", "--out", str(other)]) == 0
-    text = capsys.readouterr().out
+    text = capsys.readouterr().err  # a warning, beside the result on stdout
     assert "left out 4 of 8 image set(s)" in text and PLATES[1] in text
     assert len(pd.read_parquet(other)) == 4
 

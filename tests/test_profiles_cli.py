@@ -99,4 +99,4 @@ def test_profile_commands_name_the_bad_input(tmp_path, capsys):
     assert "Metadata_plate='Week2_P1': no reference" in err and "fallback" in err
     assert main(["normalize", str(tmp_path / "w.parquet"), "--out", str(tmp_path / "o.parquet"),
                  "--fallback", "all"]) == 0
-    assert "warning: Metadata_plate='Week2_P1': no control rows" in capsys.readouterr().out
+    assert "warning: Metadata_plate='Week2_P1': no control rows" in capsys.readouterr().err

@@ -71,8 +71,9 @@ def segmentation_stage(index: ExperimentIndex, out: str | Path, nuclei, channel:
     """Segment nuclei (``nuclei``: a :class:`NucleiConfig`) on ``channel`` into ``out`` (a
     cell table) and write its run summary to ``summary`` (default ``<out stem>_summary.json``).
     ``overlays``: that many evenly spaced fields drawn with their nucleus outlines beside the
-    table; ``deepprofiler_locations``: the cells also as DeepProfiler location files. The one
-    segmentation step of ``run`` and ``morphoprof segment``; returns the summary."""
+    table; ``deepprofiler_locations``: the cells also as DeepProfiler location files. The first
+    10 warnings and skipped files are logged. The one segmentation step of ``run`` and
+    ``morphoprof segment``; returns the summary."""
     from morphoprof.preprocess.segmentation import (
         export_deepprofiler_locations,
         write_overlays,
@@ -81,6 +82,10 @@ def segmentation_stage(index: ExperimentIndex, out: str | Path, nuclei, channel:
     out = Path(out)
     result = segment_index(index, out, channel=channel, cfg=nuclei, illumination=illumination,
                            on_error=on_error, n_jobs=n_jobs)
+    for w in result["warnings"][:10]:  # the rest are in the summary file
+        logger.warning(w)
+    for s in result["skipped"][:10]:
+        logger.warning(f"skipped: {s['file']}: {s['reason']}")
     if overlays:
         folder = out.with_name(out.stem + "_overlays")
         step = max(len(index) // overlays, 1)
@@ -193,8 +198,6 @@ def build_profiles(features_dir: Path, settings: ProfilesConfig | Mapping, out_d
     wells, dropped = select_features(wells, cfg.feature_selection, blocklist=cfg.blocklist)
     normalizer = Normalizer(norm.method, NORMALIZE_BY.get(norm.by, norm.by), norm.reference,
                             norm.eps, norm.n_factors, norm.fallback).fit(wells)
-    for w in normalizer.warnings:
-        logger.warning(w)
     wells = normalizer.transform(wells)
     treatments = treatment_profiles(wells, cfg.treatment_aggregation)
     with atomic_dir(out_dir) as tmp:
@@ -426,8 +429,6 @@ def run_pipeline(cfg: RunConfig, config_text: str,
     logger.info("[6/7] evaluation")
     evaluation = evaluate_profiles(wells, out / "evaluation.json", cfg.evaluation,
                                    cfg.profiles.treatment_aggregation)
-    for w in evaluation["warnings"]:
-        logger.warning(w)
     logger.info("[7/7] report")
     _run_report(out, cfg, index, evaluation, treatments, seg, extraction, config_path)
     timings["total_s"] = time.perf_counter() - t0

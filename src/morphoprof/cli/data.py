@@ -41,7 +41,6 @@ def cmd_download(a: argparse.Namespace) -> int:
 
 def cmd_import(a: argparse.Namespace) -> int:
     from morphoprof.index import import_bbbc021, import_csv, import_fields_6moa
-    from morphoprof.index.schema import summarize_left_out
 
     layout = IMPORTER_ALIASES.get(a.layout, a.layout)
     if layout == "cellprofiler":
@@ -76,8 +75,6 @@ def cmd_import(a: argparse.Namespace) -> int:
             fields = _pairs(a.field, "--field")
         index = import_csv(a.path, _pairs(a.channel, "--channel"), fields, root=a.root,
                            sep=a.sep, check_shapes=a.check_shapes, only_present=a.only_present)
-    for line in summarize_left_out(index):
-        print(line)
     index.write(a.out)
     print(f"{len(index)} image sets, channels {index.channels} -> {a.out}")
     return 0
@@ -85,7 +82,6 @@ def cmd_import(a: argparse.Namespace) -> int:
 
 def _import_loaddata(a: argparse.Namespace) -> int:
     from morphoprof.index.loaddata import illumination_files, import_loaddata
-    from morphoprof.index.schema import summarize_left_out
     from morphoprof.preprocess.illumination import import_illumination
 
     index = import_loaddata(a.path, root=a.root, mirror=a.mirror, metadata=a.metadata or (),
@@ -93,8 +89,6 @@ def _import_loaddata(a: argparse.Namespace) -> int:
                             only_present=a.only_present)
     files = illumination_files(a.path, index.channels, illum_dir=a.illum, root=a.root,
                                mirror=a.mirror)
-    for line in summarize_left_out(index):
-        print(line)
     index.write(a.out)
     print(f"{len(index)} image sets, channels {index.channels} -> {a.out}")
     plates = set(index.table["Metadata_plate"])

@@ -67,8 +67,6 @@ def cmd_normalize(a: argparse.Namespace) -> int:
         norm = from_options(NormalizationConfig, a)
         normalizer = Normalizer(norm.method, _by(norm.by), norm.reference, norm.eps,
                                 norm.n_factors, norm.fallback).fit(df)
-        for w in normalizer.warnings:
-            print(f"warning: {w}")
     result = cols.from_canonical(normalizer.transform(df))
     existed = Path(a.out).exists()
     out = write_parquet(a.out, result)
@@ -104,8 +102,6 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if "coverage" in conf:
         print(f"conformal: coverage {conf['coverage']:.0%} (target {conf['target_coverage']:.0%}),"
               f" mean set size {conf['mean_set_size']:.2f}")
-    for w in result["warnings"]:
-        print(f"warning: {w}")
     print(f"wrote {a.out}")
     return 0
 

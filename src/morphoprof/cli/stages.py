@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from morphoprof.cli.common import (
@@ -52,10 +51,6 @@ def cmd_segment(a: argparse.Namespace) -> int:
     print(f"{summary['cells']} cells in {summary['image_sets']} image sets "
           f"({summary['image_sets_without_cells']} without cells, {len(summary['skipped'])} "
           f"skipped, {len(summary['warnings'])} warnings) -> {a.out}")
-    for w in summary["warnings"][:10]:
-        print(f"warning: {w}", file=sys.stderr)
-    for s in summary["skipped"][:10]:
-        print(f"skipped: {s['file']}: {s['reason']}", file=sys.stderr)
     return 0
 
 

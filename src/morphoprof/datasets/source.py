@@ -12,7 +12,7 @@ from pydantic import Field, field_validator
 
 from morphoprof.datasets.synthetic import SynthConfig, generate_screen
 from morphoprof.index import import_bbbc021, import_csv, import_fields_6moa
-from morphoprof.index.schema import ExperimentIndex, summarize_left_out
+from morphoprof.index.schema import ExperimentIndex
 from morphoprof.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -67,8 +67,7 @@ class DataSection(Settings):
 
 def build_index_from_config(data: DataSection, out: Path) -> ExperimentIndex:
     """Create (or import) the experiment index described by a config's ``data`` section; a
-    synthetic screen without a ``path`` is written under ``out``. The image sets an import
-    left out are logged as one warning."""
+    synthetic screen without a ``path`` is written under ``out``."""
     source = data.source
     if source == "synthetic":
         screen = Path(data.path) if data.path else out / "synthetic_screen"
@@ -84,7 +83,4 @@ def build_index_from_config(data: DataSection, out: Path) -> ExperimentIndex:
     else:
         index = ExperimentIndex.read_parquet(data.path)
         index.validate(check_shapes=False)
-    left_out = summarize_left_out(index)
-    if left_out:
-        logger.warning("\n".join(left_out))
     return index

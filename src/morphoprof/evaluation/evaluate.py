@@ -9,6 +9,7 @@ profiles (one row per compound x concentration). Well profiles are aggregated to
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Literal
 
@@ -28,6 +29,8 @@ from morphoprof.index.schema import BATCH, COMPOUND, CONCENTRATION, CONTROL, MOA
 from morphoprof.profiles.aggregate import treatment_profiles
 from morphoprof.settings import Settings
 from morphoprof.shards import feature_columns
+
+logger = logging.getLogger(__name__)
 
 TREATMENT = [COMPOUND, CONCENTRATION]
 
@@ -126,6 +129,8 @@ def evaluate(
     else:
         warnings += [f"conformal: {w}" for w in result["conformal"]["warnings"]]
     result["warnings"] = warnings
+    for w in warnings:
+        logger.warning(w)
     return result
 
 

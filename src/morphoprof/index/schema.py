@@ -17,6 +17,7 @@ the image root is stored in the file's schema metadata (relative to the Parquet 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ import pandas as pd
 from morphoprof.errors import ImageReadError, InputError, ValidationError
 from morphoprof.io_utils import arrow_file, atomic_path
 from morphoprof.logs import progress_bar
+
+logger = logging.getLogger(__name__)
 
 PLATE = "Metadata_plate"
 WELL = "Metadata_well"
@@ -333,8 +336,8 @@ def finish_import(index: ExperimentIndex, validate: bool = True, check_shapes: b
                   only_present: bool = False) -> ExperimentIndex:
     """The last step of every importer. ``validate``: raise every problem of the index (files
     included). ``only_present``: keep the image sets whose files all exist and record the
-    others with their missing files in ``left_out`` (a partial download); an index left with
-    no image set is still an error."""
+    others with their missing files in ``left_out`` (a partial download, logged as one warning);
+    an index left with no image set is still an error."""
     if only_present:
         structural = validate_table(index.table)
         if structural:
@@ -345,6 +348,8 @@ def finish_import(index: ExperimentIndex, validate: bool = True, check_shapes: b
                                   [m for found in left_out.values() for m in found])
         kept.left_out = left_out
         index = kept
+        if left_out:  # a partial download: the user learns what the index lacks
+            logger.warning("\n".join(summarize_left_out(index)))
     if validate:
         index.validate(check_files=True, check_shapes=check_shapes)
     return index

@@ -12,6 +12,7 @@ the controls cancel out; fitted transforms are saved and re-applied with :class:
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -24,6 +25,8 @@ from morphoprof.errors import InputError
 from morphoprof.index.schema import CONTROL, PLATE
 from morphoprof.settings import Settings
 from morphoprof.shards import feature_columns
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("standardize", "robust", "center", "spherize", "coral", "factor_analysis",
            "inverse_normal", "none")
@@ -162,6 +165,7 @@ class Normalizer:
                     raise InputError(f"{where}: no reference ({self.reference}) rows to normalise "
                                      "against (fallback='all' fits such groups on all their rows)")
                 self.warnings.append(f"{where}: no control rows; fitted on all {len(rows)} rows")
+                logger.warning(self.warnings[-1])
                 ref = x[rows]
             refs[key] = ref
         target_mean = target = None
