@@ -29,7 +29,7 @@ LAYERS = [
     # the YAML boundary: composes every stage's settings models
     {"config"},
     {"report"},
-    {"pipeline", "train"},
+    {"pipeline", "train", "extract"},
     {"cli", "__main__"},
 ]
 RANK = {name: k for k, layer in enumerate(LAYERS) for name in layer}

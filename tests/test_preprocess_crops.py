@@ -5,7 +5,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from morphoprof.errors import InputError
-from morphoprof.preprocess.crops import CropDataset, crop_cells, export_crops, normalize_crops
+from morphoprof.preprocess.crops import (
+    CropConfig,
+    CropDataset,
+    crop_cells,
+    export_crops,
+    normalize_crops,
+)
 from morphoprof.preprocess.segmentation import segment_index
 from morphoprof.shards import read_features
 
@@ -76,7 +82,7 @@ def test_export_crops_shards_and_resume(tmp_path, tiny_screen):
     segment_index(index, tmp_path / "cells.parquet")
     cells = pd.read_parquet(tmp_path / "cells.parquet")
     out = tmp_path / "crops"
-    s = export_crops(index, cells, out, size=16, shard_size=20)
+    s = export_crops(index, cells, out, CropConfig(size=16), shard_size=20)
     assert s["written"] == len(cells)
     table = read_features(out)
     assert len(table) == len(cells)
@@ -91,7 +97,7 @@ def test_export_crops_shards_and_resume(tmp_path, tiny_screen):
                         .to_numpy(float)[None], 16)
     np.testing.assert_allclose(arr[int(row["Metadata_crop_index"])], ref[0], rtol=1e-3)
     (out / "shards" / "00001.parquet").unlink()
-    again = export_crops(index, cells, out, size=16, shard_size=20)
+    again = export_crops(index, cells, out, CropConfig(size=16), shard_size=20)
     assert again["written"] == 20 and again["skipped"] == len(cells) - 20
 
 
@@ -122,7 +128,7 @@ def test_load_crop_shards_round_trip_and_errors(tmp_path, tiny_screen):
     segment_index(index, tmp_path / "cells.parquet")
     cells = pd.read_parquet(tmp_path / "cells.parquet")
     out = tmp_path / "crops"
-    export_crops(index, cells, out, size=16, shard_size=20)
+    export_crops(index, cells, out, CropConfig(size=16), shard_size=20)
     crops, table, channels = load_crop_shards(out)
     assert crops.shape == (len(cells), 3, 16, 16) and len(table) == len(cells)
     assert channels == index.channels and "Metadata_crop_index" not in table.columns

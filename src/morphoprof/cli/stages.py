@@ -14,10 +14,10 @@ from morphoprof.cli.common import (
 from morphoprof.config import FeaturesSection, NucleiSection
 from morphoprof.errors import MorphoprofError
 from morphoprof.features.transfer import TransferConfig
+from morphoprof.preprocess.crops import CropConfig, export_crops
 from morphoprof.preprocess.illumination import IlluminationConfig
-from morphoprof.registry import create_extractor, extractor_names
+from morphoprof.registry import extractor_names
 from morphoprof.settings import add_options, from_options
-from morphoprof.shards import read_features
 
 # the TransferConfig settings that are options of extract, with the model's defaults
 EXTRACT_OPTIONS = ("model", "weights", "channel_strategy", "tiles", "layer", "image_size",
@@ -57,101 +57,34 @@ def cmd_segment(a: argparse.Namespace) -> int:
 def cmd_crops(a: argparse.Namespace) -> int:
     from morphoprof.index import ExperimentIndex
     from morphoprof.io_utils import read_parquet
-    from morphoprof.preprocess.crops import export_crops
 
     index = ExperimentIndex.read_parquet(a.index)
-    summary = export_crops(index, read_parquet(a.cells), a.out, size=a.size, edge=a.edge,
-                           normalization=a.normalization,
+    summary = export_crops(index, read_parquet(a.cells), a.out, from_options(CropConfig, a),
                            illumination=load_illumination(a.illumination))
     print_json(summary)
     return 0
 
 
-def _extracted(a: argparse.Namespace, summary: dict) -> None:
-    """Print an extraction's summary; with ``--format h5ad|zarr`` also write the feature folder
-    as one AnnData (``OUT/features.h5ad`` or ``.zarr``; written whole, then renamed)."""
-    if a.format != "parquet":
-        import os
-        import shutil
-
-        from morphoprof.profiles.anndata_io import write_anndata
-
-        target = Path(a.out) / f"features.{a.format}"
-        tmp = target.with_name(f".{target.name}.tmp")
-        if tmp.is_dir():  # left by a killed run
-            shutil.rmtree(tmp)
-        tmp.unlink(missing_ok=True)
-        try:
-            write_anndata(tmp, read_features(a.out), a.format)
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except OSError as exc:
-            raise MorphoprofError(f"cannot write {target}: {exc}") from exc
-        summary = {**summary, "anndata": str(target)}
-    print_json(summary)
-
-
 def cmd_extract(a: argparse.Namespace) -> int:
+    from morphoprof.extract import extract_stage
     from morphoprof.index import ExperimentIndex
 
     if a.crops and (a.index or a.cells):
         raise MorphoprofError("--crops takes the crops themselves: give no index and no --cells")
     if not a.crops and not a.index:
         raise MorphoprofError("extract needs an index.parquet, or --crops")
-    if a.crops:  # read (and checked) before any model is built
-        from morphoprof.models.weak_run import load_crop_array
-
-        crops, table, names = load_crop_array(a.crops, a.crop_table, a.channels,
-                                              a.control_value or ["DMSO"])
-    index = ExperimentIndex.read_parquet(a.index) if a.index else None  # before any model
-    size, normalization = a.crop_size, a.normalization
     # a crop is ~50x fewer pixels than a field: batches of 16 would leave the network idle
     batch_size = a.batch_size or (256 if a.crops or a.cells else 16)
     settings = {**{k: getattr(a, k) for k in EXTRACT_OPTIONS}, "batch_size": batch_size,
                 "num_workers": a.workers, "n_jobs": a.workers or 1, "channels": a.channels,
                 "on_error": a.on_error}
-    if a.extractor == "classical":  # measures the nuclei it segments itself: no model, no cells
-        extractor = create_extractor("classical", {**settings, "channels": names} if a.crops
-                                     else settings)
-        _extracted(a, extractor.extract_crops(crops, table, names, a.out, overwrite=a.overwrite)
-                   if a.crops else extractor.extract(
-                       index, a.out, illumination=load_illumination(a.illumination),
-                       overwrite=a.overwrite))
-        return 0
-    if a.checkpoint:
-        from morphoprof.models.weak import extractor_from_checkpoint
-
-        extractor, hp = extractor_from_checkpoint(a.checkpoint, a.layer, batch_size, a.device,
-                                                  a.workers, precision=a.precision)
-        if a.channels and list(a.channels) != hp["channels"]:
-            raise MorphoprofError(f"{a.checkpoint} was trained on channels {hp['channels']}, "
-                                  f"not {a.channels}")
-        size = size or hp["crop_size"]
-        normalization = normalization or hp["normalization"]
-        if a.crops and crops.shape[-1] != hp["crop_size"]:
-            raise MorphoprofError(f"{a.crops}: crops are {crops.shape[-1]} px; {a.checkpoint} "
-                                  f"was trained on {hp['crop_size']} px crops")
-    else:
-        extractor = create_extractor(a.extractor, settings)
-    if a.crops:
-        _extracted(a, extractor.extract_crops(crops, table, names, a.out,
-                                              normalization or "max", overwrite=a.overwrite))
-        return 0
-    illumination = load_illumination(a.illumination)
-    if a.cells:
-        from morphoprof.io_utils import read_parquet
-
-        cells_path = Path(a.cells)
-        if not cells_path.is_file():
-            raise MorphoprofError(f"cell table not found: {cells_path}")
-        _extracted(a, extractor.extract_cells(
-            index, read_parquet(cells_path), a.out, size=size or 96,
-            normalization=normalization or "max", illumination=illumination,
-            overwrite=a.overwrite))
-    else:
-        _extracted(a, extractor.extract(index, a.out, overwrite=a.overwrite,
-                                        illumination=illumination, scheduler=a.scheduler))
+    print_json(extract_stage(
+        a.out, index=ExperimentIndex.read_parquet(a.index) if a.index else None,
+        cells=a.cells, crops=a.crops, crop_table=a.crop_table, extractor=a.extractor,
+        settings=settings, checkpoint=a.checkpoint, crop_size=a.crop_size,
+        normalization=a.normalization, controls=a.control_value or ["DMSO"],
+        illumination=load_illumination(a.illumination), scheduler=a.scheduler,
+        overwrite=a.overwrite, fmt=a.format))
     return 0
 
 
@@ -187,11 +120,7 @@ def _add_crops(sub) -> None:
     s.add_argument("index", help="index.parquet")
     s.add_argument("cells", help="cells.parquet from morphoprof segment")
     s.add_argument("--out", required=True, help="crop folder")
-    s.add_argument("--size", type=int, default=96, help="crop side, px")
-    s.add_argument("--edge", default="pad", choices=["pad", "skip"],
-                   help="cells near the border: zero-pad the crop, or leave the cell out")
-    s.add_argument("--normalization", default="none", choices=["none", "max", "percentile"],
-                   help="per-crop intensity normalisation")
+    add_options(s, CropConfig)
     s.add_argument("--illumination", help="folder of illumination functions (morphoprof illum)")
     s.set_defaults(func=cmd_crops)
 

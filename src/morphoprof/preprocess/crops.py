@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from morphoprof.errors import InputError
 from morphoprof.index.schema import IMAGE_SET_KEY, ExperimentIndex
 from morphoprof.preprocess.segmentation import CENTER_X, CENTER_Y
+from morphoprof.settings import Settings
 from morphoprof.shards import ShardWriter, run_shards
 
 NORMALIZATIONS = ("none", "max", "percentile")
@@ -206,20 +209,29 @@ class CropDataset:
         return torch.from_numpy(crop[0]), k
 
 
+class CropConfig(Settings):
+    """Settings of :func:`export_crops` (``morphoprof crops``' options)."""
+
+    size: int = Field(96, ge=1, description="crop side, px")
+    edge: Literal["pad", "skip"] = Field("pad", description="cells near the border: zero-pad "
+                                         "the crop, or leave the cell out")
+    normalization: Literal["none", "max", "percentile"] = Field(
+        "none", description="per-crop intensity normalisation")
+
+
 def export_crops(
     index: ExperimentIndex,
     cells: pd.DataFrame,
     out: str | Path,
-    size: int = 96,
+    settings: CropConfig | None = None,
     channels: Sequence[str] | None = None,
-    edge: str = "pad",
-    normalization: str = "none",
     illumination=None,
     shard_size: int = 5000,
 ) -> dict:
-    """Write crops to ``out/shards/<k>.npz`` (``crops`` (n, C, S, S) float16, compressed) with a
-    Parquet table per shard (the cells' metadata, centres, and ``Metadata_crop_index``, the row
-    inside the npz). Resumable: finished shards are skipped on a re-run with the same settings.
+    """Write crops (``settings``: size, edge, normalization; default :class:`CropConfig`) to
+    ``out/shards/<k>.npz`` (``crops`` (n, C, S, S) float16, compressed) with a Parquet table
+    per shard (the cells' metadata, centres, and ``Metadata_crop_index``, the row inside the
+    npz). Resumable: finished shards are skipped on a re-run with the same settings.
 
     Returns:
         ``{"cells", "written", "skipped" (cells in shards an earlier run wrote),
@@ -227,10 +239,11 @@ def export_crops(
     """
     from morphoprof.io_utils import write_npz
 
-    ds = CropDataset(index, cells.sort_values(IMAGE_SET_KEY, kind="stable"), size, channels,
-                     edge, normalization, illumination)
-    params = {"kind": "crops", "size": size, "channels": ds.channels, "edge": edge,
-              "normalization": normalization, "n_cells": len(ds),
+    s = settings or CropConfig()
+    ds = CropDataset(index, cells.sort_values(IMAGE_SET_KEY, kind="stable"), s.size, channels,
+                     s.edge, s.normalization, illumination)
+    params = {"kind": "crops", "size": s.size, "channels": ds.channels, "edge": s.edge,
+              "normalization": s.normalization, "n_cells": len(ds),
               "illumination": illumination is not None}
     writer = ShardWriter(out, params)
 
