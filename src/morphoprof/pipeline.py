@@ -371,6 +371,46 @@ def example_fields(index: ExperimentIndex, channels=None, per_moa: int = 2,
     return out
 
 
+def report_stage(out: str | Path, evaluation: str | Path, profiles: pd.DataFrame,
+                 wells: pd.DataFrame | None = None, *, index: str | Path | None = None,
+                 config: str | Path | None = None, inputs: Mapping[str, str] | None = None
+                 ) -> Path:
+    """The HTML report (``morphoprof report``) of profiles evaluated elsewhere: the evaluation
+    JSON file ``evaluation``, the ``profiles`` it scored (well profiles are aggregated to
+    treatments, and kept for the QC map when ``wells`` is not given), and, where given, the
+    index (dataset summary, example fields) and the config file shown. ``inputs``: the files
+    named in the header. Returns ``out``."""
+    import json
+
+    from morphoprof.evaluation.evaluate import is_well_level
+    from morphoprof.profiles.aggregate import treatment_profiles
+    from morphoprof.report.html import profiles_summary, well_counts, write_report
+
+    ev = Path(evaluation)
+    if not ev.is_file():
+        raise InputError(f"evaluation file not found: {ev}")
+    try:
+        result = json.loads(ev.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{ev} is not JSON: {exc}") from exc
+    if is_well_level(profiles):
+        wells = profiles if wells is None else wells
+        profiles = treatment_profiles(profiles)
+    qc = well_counts(wells) if wells is not None and "Metadata_count" in wells.columns else None
+    index_ = ExperimentIndex.read_parquet(index) if index else None
+    summary = dataset_summary(index_) if index_ is not None else {}
+    summary.update(profiles_summary(profiles, wells))
+    try:
+        config_text = Path(config).read_text() if config else ""
+    except OSError as exc:
+        raise InputError(f"cannot read {config}: {exc.strerror}") from exc
+    write_report(out, result, profiles, summary, config_text=config_text, cells_per_well=qc,
+                 header=report_header(dict(inputs or {})),
+                 examples=example_fields(index_) if index_ is not None else None,
+                 qc_title="rows per well profile (fields, or cells for per-cell features)")
+    return Path(out)
+
+
 def run_pipeline(cfg: RunConfig, config_text: str,
                  config_path: str | None = None) -> dict:
     """Run every stage of a validated config; returns ``{"evaluation", "timings",

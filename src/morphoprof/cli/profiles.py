@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from morphoprof.cli.common import (
@@ -107,46 +106,15 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    from morphoprof.evaluation.evaluate import is_well_level
-    from morphoprof.pipeline import dataset_summary, example_fields, report_header
-    from morphoprof.profiles.aggregate import treatment_profiles
-    from morphoprof.report.html import profiles_summary, well_counts, write_report
+    from morphoprof.pipeline import report_stage
 
     cols = columns_from(a)
-    ev = Path(a.evaluation)
-    if not ev.is_file():
-        raise MorphoprofError(f"evaluation file not found: {ev}")
-    try:
-        evaluation = json.loads(ev.read_text())
-    except json.JSONDecodeError as exc:
-        raise MorphoprofError(f"{ev} is not JSON: {exc}") from exc
     profiles = _read_profiles(a.profiles, cols)
     wells = _read_profiles(a.wells, cols) if a.wells else None
-    if is_well_level(profiles):
-        wells = profiles if wells is None else wells
-        profiles = treatment_profiles(profiles)
-    qc = well_counts(wells) if wells is not None and "Metadata_count" in wells.columns else None
-    index = examples = None
-    if a.index:
-        from morphoprof.index import ExperimentIndex
-
-        index = ExperimentIndex.read_parquet(a.index)
-        examples = example_fields(index)
-    summary = dataset_summary(index) if index is not None else {}
-    summary.update(profiles_summary(profiles, wells))
-    config_text = ""
-    if a.config:
-        try:
-            config_text = Path(a.config).read_text()
-        except OSError as exc:
-            raise MorphoprofError(f"cannot read {a.config}: {exc.strerror}") from exc
-    header = report_header({"profiles": a.profiles, "evaluation": a.evaluation,
-                            "wells": a.wells or "", "index": a.index or "",
-                            "configuration": a.config or ""})
-    write_report(a.out, evaluation, profiles, summary, config_text=config_text,
-                 cells_per_well=qc, header=header, examples=examples,
-                 qc_title="rows per well profile (fields, or cells for per-cell "
-                 "features)")
+    report_stage(a.out, a.evaluation, profiles, wells, index=a.index, config=a.config,
+                 inputs={"profiles": a.profiles, "evaluation": a.evaluation,
+                         "wells": a.wells or "", "index": a.index or "",
+                         "configuration": a.config or ""})
     print(f"wrote {a.out}")
     return 0
 
