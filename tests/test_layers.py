@@ -89,3 +89,37 @@ def test_every_function_is_shorter_than_80_lines():
                 if n >= 80:
                     long.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {node.name} ({n})")
     assert long == []
+
+
+# modules that import torch (and Lightning) when imported: other modules import them inside the
+# function that needs them, so that the CLI, the profiles and the evaluation start without torch
+TORCH_MODULES = {"models.crossval", "models.data", "models.finetune", "models.jacobian",
+                 "models.mil", "models.mil_cache", "models.run", "models.training",
+                 "models.weak", "models.weak_data", "preprocess.fields", "train"}
+# an import inside a function that breaks an import cycle (importer, imported)
+CYCLES = {("profiles/aggregate.py", "profiles.cell_tvn")}
+
+
+def test_imports_are_at_the_top_except_torch_modules_and_cycles():
+    import sys
+
+    late = []
+    for path in PACKAGE.rglob("*.py"):
+        where = path.relative_to(PACKAGE).as_posix()
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    name = node.module
+                elif isinstance(node, ast.Import):
+                    name = node.names[0].name
+                else:
+                    continue
+                if name.split(".")[0] in sys.stdlib_module_names:
+                    late.append((where, node.lineno, name))
+                elif name.startswith("morphoprof."):
+                    own = name.removeprefix("morphoprof.")
+                    if own not in TORCH_MODULES and (where, own) not in CYCLES:
+                        late.append((where, node.lineno, name))
+    assert late == [], f"imports that belong at the top of their module: {sorted(late)}"

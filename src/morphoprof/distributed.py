@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from morphoprof.errors import InputError
+from morphoprof.extras import require
 
 
 def parse_scheduler(spec: str) -> tuple[str, int | str]:
@@ -41,8 +42,6 @@ def dask_client(spec: str) -> Iterator[Any]:
     """A ``distributed.Client`` for ``spec`` (see :func:`parse_scheduler`); a LocalCluster it
     started is closed on exit. A scheduler address that does not answer within Dask's connect
     timeout (``distributed.comm.timeouts.connect``) is an InputError."""
-    from morphoprof.extras import require
-
     require("distributed")
     from distributed import Client, LocalCluster
     kind, value = parse_scheduler(spec)

@@ -17,6 +17,8 @@ from typing import Literal
 from morphoprof.errors import InputError, MorphoprofError
 from morphoprof.index.schema import ExperimentIndex
 from morphoprof.io_utils import read_parquet
+from morphoprof.models.weak_run import load_crop_array
+from morphoprof.profiles.anndata_io import write_anndata
 from morphoprof.registry import create_extractor
 from morphoprof.shards import read_features
 
@@ -49,8 +51,6 @@ def extract_stage(out: str | Path, *, index: ExperimentIndex | None = None,
     """
     settings = dict(settings or {})
     if crops is not None:  # read (and checked) before any model is built
-        from morphoprof.models.weak_run import load_crop_array
-
         arrays = load_crop_array(crops, crop_table, settings.get("channels"), list(controls))
     elif index is None:
         raise InputError("extraction needs an index (fields, or cells with a cell table) or "
@@ -119,7 +119,6 @@ def write_features_anndata(folder: str | Path, fmt: str, summary: dict) -> dict:
     as ``anndata``; ``parquet``: ``summary`` as it is."""
     if fmt == "parquet":
         return summary
-    from morphoprof.profiles.anndata_io import write_anndata
 
     target = Path(folder) / f"features.{fmt}"
     tmp = target.with_name(f".{target.name}.tmp")

@@ -19,7 +19,10 @@ Each stage reads the previous stage's files and writes its own, so any stage can
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,21 +31,36 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from morphoprof import __version__
 from morphoprof.config import RunConfig
 from morphoprof.datasets.source import build_index_from_config
 from morphoprof.errors import InputError
+from morphoprof.evaluation.evaluate import EvaluationConfig, evaluate, is_well_level
 from morphoprof.index.schema import BATCH, PLATE, ExperimentIndex
 from morphoprof.io_utils import (
     atomic_dir,
     atomic_path,
+    check_writable,
     read_parquet,
     write_json,
     write_parquet,
 )
-from morphoprof.preprocess.segmentation import NucleiSection, segment_index
-from morphoprof.profiles.normalize import NormalizationConfig
+from morphoprof.preprocess.illumination import compute_illumination
+from morphoprof.preprocess.segmentation import (
+    NucleiSection,
+    export_deepprofiler_locations,
+    segment_index,
+    write_overlays,
+)
+from morphoprof.profiles.aggregate import aggregate_parquet, treatment_profiles
+from morphoprof.profiles.anndata_io import write_anndata
+from morphoprof.profiles.cell_tvn import fit_cell_sphering
+from morphoprof.profiles.columns import Columns
+from morphoprof.profiles.normalize import NormalizationConfig, Normalizer
+from morphoprof.profiles.select import select_features
 from morphoprof.profiles.settings import ProfilesConfig
 from morphoprof.registry import create_extractor
+from morphoprof.report.html import profiles_summary, well_counts, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +72,6 @@ def illumination_stage(index: ExperimentIndex, out: str | Path, settings, *, cha
     """Compute (or reuse) per-plate illumination functions into ``out`` with ``settings`` (an
     :class:`~morphoprof.preprocess.illumination.IlluminationConfig`); each skipped image set is
     logged. The one illumination step of ``run`` and ``morphoprof illum``."""
-    from morphoprof.preprocess.illumination import compute_illumination
-
     corr = compute_illumination(index, out, channels=channels, window=settings.window,
                                 percentile=settings.percentile, n_jobs=settings.n_jobs,
                                 on_error=on_error)
@@ -74,11 +90,6 @@ def segmentation_stage(index: ExperimentIndex, out: str | Path, nuclei, channel:
     table; ``deepprofiler_locations``: the cells also as DeepProfiler location files. The first
     10 warnings and skipped files are logged. The one segmentation step of ``run`` and
     ``morphoprof segment``; returns the summary."""
-    from morphoprof.preprocess.segmentation import (
-        export_deepprofiler_locations,
-        write_overlays,
-    )
-
     out = Path(out)
     result = segment_index(index, out, channel=channel, cfg=nuclei, illumination=illumination,
                            on_error=on_error, n_jobs=n_jobs)
@@ -169,18 +180,11 @@ def build_profiles(features_dir: Path, settings: ProfilesConfig | Mapping, out_d
     the input's names. Every file is written into a temporary folder that replaces its
     outputs in ``out_dir`` only when all are written, so a failure leaves nothing partial.
     ``style`` picks how a settings problem names the fix (CLI flags or YAML keys)."""
-    from morphoprof.profiles.aggregate import aggregate_parquet, treatment_profiles
-    from morphoprof.profiles.columns import Columns
-    from morphoprof.profiles.normalize import Normalizer
-    from morphoprof.profiles.select import select_features
-
     cfg = settings if isinstance(settings, ProfilesConfig) else ProfilesConfig(**settings)
     cols = columns or Columns()
     tvn = cfg.cell_tvn
     sphering = None
     if tvn.reference:
-        from morphoprof.profiles.cell_tvn import fit_cell_sphering
-
         sphering = fit_cell_sphering(features_dir, reference=tvn.reference,
                                      eps=tvn.eps, control_column=cols.control,
                                      compound_column=cols.compound,
@@ -210,8 +214,6 @@ def build_profiles(features_dir: Path, settings: ProfilesConfig | Mapping, out_d
         write_parquet(tmp / "treatments.parquet", cols.from_canonical(treatments))
         fmt = cfg.format
         if fmt != "parquet":  # an AnnData copy of each, for scanpy / scverse users
-            from morphoprof.profiles.anndata_io import write_anndata
-
             write_anndata(tmp / f"wells.{fmt}", cols.from_canonical(wells), fmt)
             write_anndata(tmp / f"treatments.{fmt}", cols.from_canonical(treatments), fmt)
     return out_dir / "wells.parquet", out_dir / "treatments.parquet"
@@ -222,8 +224,6 @@ def evaluate_profiles(profiles_path: Path, out: Path, settings=None,
     """Well or treatment profiles -> evaluation JSON (NSC / NSCB, k-NN, mAP, conformal), as
     ``settings`` (an :class:`~morphoprof.evaluation.evaluate.EvaluationConfig`; default: its
     defaults) asks."""
-    from morphoprof.evaluation.evaluate import EvaluationConfig, evaluate
-
     cfg = settings or EvaluationConfig()
     profiles = read_parquet(profiles_path)
     result = evaluate(profiles, k_values=cfg.k, alpha=cfg.alpha, null_size=cfg.null_size,
@@ -317,11 +317,6 @@ def applied_config(cfg: RunConfig) -> dict:
 
 def report_header(inputs: dict[str, str], command: str | None = None) -> dict:
     """The report's header: date, morphoprof version, the command and the inputs."""
-    import datetime
-    import sys
-
-    from morphoprof import __version__
-
     return {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
             "morphoprof": __version__,
             "command": command or " ".join(["morphoprof", *sys.argv[1:]]),
@@ -380,12 +375,6 @@ def report_stage(out: str | Path, evaluation: str | Path, profiles: pd.DataFrame
     treatments, and kept for the QC map when ``wells`` is not given), and, where given, the
     index (dataset summary, example fields) and the config file shown. ``inputs``: the files
     named in the header. Returns ``out``."""
-    import json
-
-    from morphoprof.evaluation.evaluate import is_well_level
-    from morphoprof.profiles.aggregate import treatment_profiles
-    from morphoprof.report.html import profiles_summary, well_counts, write_report
-
     ev = Path(evaluation)
     if not ev.is_file():
         raise InputError(f"evaluation file not found: {ev}")
@@ -416,8 +405,6 @@ def run_pipeline(cfg: RunConfig, config_text: str,
     """Run every stage of a validated config; returns ``{"evaluation", "timings",
     "extraction", "out"}`` (:func:`run_summary_lines` says it in words). Each stage is announced
     in this module's log."""
-    from morphoprof.io_utils import check_writable
-
     out = check_writable(cfg.output, folder=True)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "config.yaml") as tmp:
@@ -494,8 +481,6 @@ def _run_report(out: Path, cfg: RunConfig, index: ExperimentIndex, evaluation: d
                 config_path: str | None) -> None:
     """``out/report.html`` of a run: the dataset (and segmentation) summary, the QC plate map
     (segmented cells per well, else fields per well), the settings that applied, examples."""
-    from morphoprof.report.html import write_report
-
     summary = dataset_summary(index)
     if seg is not None:
         summary["segmented cells"] = seg["cells"]

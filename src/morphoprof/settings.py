@@ -23,6 +23,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
+from morphoprof.errors import InputError
+
 _TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true/false", "str": "a string",
                "string": "a string", "list": "a list", "dict": "a mapping", "tuple": "a list",
                "model": "a mapping"}
@@ -49,8 +51,6 @@ class Settings(BaseModel):
         try:
             super().__init__(**values)
         except ValidationError as exc:
-            from morphoprof.errors import InputError
-
             raise InputError(f"{type(self).__name__}: " + "; ".join(
                 field_problems(exc, type(self), style="python"))) from exc
         finally:
@@ -248,8 +248,6 @@ def from_options(model: type[Settings], args: argparse.Namespace, prefix: str = 
     """The ``model`` instance of parsed options (the fields :func:`add_options` added with
     ``prefix``; the others keep their defaults), with ``fixed`` values on top; a bad value is
     a :class:`~morphoprof.errors.InputError` naming its option."""
-    from morphoprof.errors import InputError
-
     values = {name: getattr(args, prefix + name) for name in model.model_fields
               if hasattr(args, prefix + name)}
     got, exc = _validated(model, {**values, **fixed})
@@ -267,8 +265,6 @@ def from_options(model: type[Settings], args: argparse.Namespace, prefix: str = 
 def _validated(model: type[Settings], values: Mapping[str, Any]
                ) -> tuple[Settings | None, ValidationError | None]:
     """(the instance, None) or (None, pydantic's errors) for ``values``."""
-    from morphoprof.errors import InputError
-
     try:
         return model.model_validate(dict(values)), None
     except InputError as exc:  # raised by Settings.__init__ from pydantic's errors

@@ -29,6 +29,7 @@ from typing import Any
 
 import pandas as pd
 
+from morphoprof.distributed import dask_client
 from morphoprof.errors import InputError
 from morphoprof.io_utils import read_parquet, write_json, write_parquet
 from morphoprof.logs import progress_bar
@@ -315,8 +316,6 @@ def _remote_shard(key: str, payload, shard_fn, out: str, **shared) -> dict:
 def _run_on_dask(todo, shard_fn, writer: ShardWriter, scheduler: str, shared: dict, bar
                  ) -> tuple[int, list[dict]]:
     from distributed import as_completed
-
-    from morphoprof.distributed import dask_client
 
     rows, skipped = 0, []
     with dask_client(scheduler) as client:

@@ -15,6 +15,7 @@ from morphoprof import __version__
 from morphoprof.cli import data, profiles, run, stages
 from morphoprof.cli.common import _HelpFormatter
 from morphoprof.errors import MorphoprofError, os_reason
+from morphoprof.io_utils import check_writable
 from morphoprof.logs import configure as configure_logging
 
 __all__ = ["build_parser", "main", "_HelpFormatter"]
@@ -37,8 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_outputs(a: argparse.Namespace) -> None:
     """Before any work: every output path the command was given can be written (a parent that
     is a file, a read-only folder... is one ``cannot write`` error, not a failure after hours)."""
-    from morphoprof.io_utils import check_writable
-
     for attr, folder in getattr(a, "outputs", ()):
         value = getattr(a, attr, None)
         if callable(folder):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from morphoprof.preprocess.illumination import IlluminationCorrection
+from morphoprof.profiles.columns import Columns
+
 
 def print_json(obj: dict) -> None:
     print(json.dumps(obj, indent=2, default=str))
@@ -13,14 +16,11 @@ def print_json(obj: dict) -> None:
 def load_illumination(folder: str | None):
     if not folder:
         return None
-    from morphoprof.preprocess.illumination import IlluminationCorrection
 
     return IlluminationCorrection.load(folder)
 
 
 def columns_from(a: argparse.Namespace):
-    from morphoprof.profiles.columns import Columns
-
     return Columns(plate=a.plate_col, well=a.well_col, compound=a.compound_col,
                    concentration=a.concentration_col, moa=a.moa_col, batch=a.batch_col,
                    control=a.control_col, control_values=tuple(a.control_value or ["DMSO"]))

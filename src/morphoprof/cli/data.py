@@ -8,8 +8,14 @@ from pathlib import Path
 from morphoprof.cli.common import (
     add_command,
 )
-from morphoprof.datasets.synthetic import SynthConfig
+from morphoprof.datasets.download import BBBC021_BASE_URL, download_bbbc021, load_checksums
+from morphoprof.datasets.synthetic import SynthConfig, generate_screen
 from morphoprof.errors import MorphoprofError
+from morphoprof.features.cellprofiler import import_cellprofiler
+from morphoprof.index import ExperimentIndex, import_bbbc021, import_csv, import_fields_6moa
+from morphoprof.index.loaddata import illumination_files, import_loaddata
+from morphoprof.index.ome_zarr import import_ome_zarr
+from morphoprof.preprocess.illumination import import_illumination
 from morphoprof.settings import add_options, from_options
 
 IMPORTERS = ("bbbc021", "bbbc021-6moa", "csv", "loaddata", "ome-zarr", "cellprofiler")
@@ -20,16 +26,12 @@ IMPORTER_ALIASES = {"bbbc021_6moa": "bbbc021-6moa", "ome_zarr": "ome-zarr"}
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
-    from morphoprof.datasets.synthetic import generate_screen
-
     cfg = from_options(SynthConfig, a, height=a.size[0], width=a.size[1])
     generate_screen(a.out, cfg, overwrite=a.overwrite)
     return 0
 
 
 def cmd_download(a: argparse.Namespace) -> int:
-    from morphoprof.datasets.download import BBBC021_BASE_URL, download_bbbc021, load_checksums
-
     checksums = load_checksums(a.checksums) if a.checksums else None
     plates = [p for item in a.plates or [] for p in item.split(",") if p] or None
     summary = download_bbbc021(a.dest, plates=plates, base_url=a.base_url or BBBC021_BASE_URL,
@@ -40,12 +42,8 @@ def cmd_download(a: argparse.Namespace) -> int:
 
 
 def cmd_import(a: argparse.Namespace) -> int:
-    from morphoprof.index import import_bbbc021, import_csv, import_fields_6moa
-
     layout = IMPORTER_ALIASES.get(a.layout, a.layout)
     if layout == "cellprofiler":
-        from morphoprof.features.cellprofiler import import_cellprofiler
-
         summary = import_cellprofiler(a.path, a.out, plate=a.plate, platemap=a.platemap,
                                       platemap_well=a.platemap_well, overwrite=a.overwrite,
                                       chunk_size=a.chunk_size)
@@ -55,8 +53,6 @@ def cmd_import(a: argparse.Namespace) -> int:
     if layout == "loaddata":
         return _import_loaddata(a)
     if layout == "ome-zarr":
-        from morphoprof.index.ome_zarr import import_ome_zarr
-
         index = import_ome_zarr(a.path, platemap=a.platemap, platemap_well=a.platemap_well,
                                 channels=a.channels, only_present=a.only_present)
         index.write(a.out)
@@ -81,9 +77,6 @@ def cmd_import(a: argparse.Namespace) -> int:
 
 
 def _import_loaddata(a: argparse.Namespace) -> int:
-    from morphoprof.index.loaddata import illumination_files, import_loaddata
-    from morphoprof.preprocess.illumination import import_illumination
-
     index = import_loaddata(a.path, root=a.root, mirror=a.mirror, metadata=a.metadata or (),
                             channels=a.channels, check_shapes=a.check_shapes,
                             only_present=a.only_present)
@@ -116,8 +109,6 @@ def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
 
 
 def cmd_validate(a: argparse.Namespace) -> int:
-    from morphoprof.index import ExperimentIndex
-
     index = ExperimentIndex.read_parquet(a.index)
     index.validate(channels=a.channels, check_shapes=not a.no_shapes,
                    deep=a.deep)

@@ -11,17 +11,17 @@ from morphoprof.cli.common import (
     columns_from,
 )
 from morphoprof.errors import MorphoprofError
-from morphoprof.evaluation.evaluate import EvaluationConfig
+from morphoprof.evaluation.evaluate import EvaluationConfig, evaluate
+from morphoprof.io_utils import read_parquet, write_json, write_parquet
+from morphoprof.pipeline import NORMALIZE_BY, build_profiles, report_stage
 from morphoprof.profiles.cell_tvn import CellTVNConfig
-from morphoprof.profiles.normalize import METHOD_ALIASES, METHODS, NormalizationConfig
-from morphoprof.profiles.select import OPERATIONS
+from morphoprof.profiles.normalize import METHOD_ALIASES, METHODS, NormalizationConfig, Normalizer
+from morphoprof.profiles.select import OPERATIONS, select_features
 from morphoprof.profiles.settings import ProfilesConfig
 from morphoprof.settings import add_options, from_options
 
 
 def _read_profiles(path: str, cols, required=()):
-    from morphoprof.io_utils import read_parquet
-
     p = Path(path)
     if not p.is_file():
         raise MorphoprofError(f"profiles file not found: {p}")
@@ -33,14 +33,10 @@ def _read_profiles(path: str, cols, required=()):
 
 
 def _by(value: str):
-    from morphoprof.pipeline import NORMALIZE_BY
-
     return NORMALIZE_BY.get(value, value)
 
 
 def cmd_aggregate(a: argparse.Namespace) -> int:
-    from morphoprof.pipeline import build_profiles
-
     settings = from_options(ProfilesConfig, a,
                             cell_tvn=from_options(CellTVNConfig, a, prefix="cell_tvn_"),
                             normalization=from_options(NormalizationConfig, a))
@@ -50,10 +46,6 @@ def cmd_aggregate(a: argparse.Namespace) -> int:
 
 
 def cmd_normalize(a: argparse.Namespace) -> int:
-    from morphoprof.io_utils import write_parquet
-    from morphoprof.profiles.normalize import Normalizer
-    from morphoprof.profiles.select import select_features
-
     cols = columns_from(a)
     df = _read_profiles(a.profiles, cols)
     if a.apply:
@@ -81,9 +73,6 @@ def cmd_normalize(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from morphoprof.evaluation.evaluate import evaluate
-    from morphoprof.io_utils import write_json
-
     profiles = _read_profiles(a.profiles, columns_from(a), ("compound", "moa"))
     settings = from_options(EvaluationConfig, a)
     result = evaluate(profiles, k_values=settings.k, alpha=settings.alpha,
@@ -106,8 +95,6 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_report(a: argparse.Namespace) -> int:
-    from morphoprof.pipeline import report_stage
-
     cols = columns_from(a)
     profiles = _read_profiles(a.profiles, cols)
     wells = _read_profiles(a.wells, cols) if a.wells else None

@@ -6,13 +6,20 @@ import argparse
 from pathlib import Path
 
 from morphoprof.cli.common import add_command
+from morphoprof.config import (
+    DEMO_CONFIG,
+    load_config,
+    load_train_config,
+    load_weak_config,
+    validate_config,
+)
+from morphoprof.io_utils import check_writable
 from morphoprof.logs import progress
+from morphoprof.models.weak_run import run_weak
+from morphoprof.pipeline import run_pipeline, run_summary_lines
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from morphoprof.config import load_config
-    from morphoprof.pipeline import run_pipeline, run_summary_lines
-
     cfg, text = load_config(a.config)
     result = run_pipeline(cfg, text, config_path=str(Path(a.config).resolve()))
     print("\n".join(run_summary_lines(result)))
@@ -20,8 +27,6 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from morphoprof.config import load_train_config
-    from morphoprof.io_utils import check_writable
     from morphoprof.models.run import run_training
 
     if a.kind == "weak":
@@ -43,10 +48,6 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def _train_weak(a: argparse.Namespace) -> int:
-    from morphoprof.config import load_weak_config
-    from morphoprof.io_utils import check_writable
-    from morphoprof.models.weak_run import run_weak
-
     cfg, text = load_weak_config(a.config)
     check_writable(Path(cfg.output) / "weak", folder=True)
     if a.epochs is not None:
@@ -66,9 +67,6 @@ def _train_weak(a: argparse.Namespace) -> int:
 
 def cmd_demo(a: argparse.Namespace) -> int:
     import yaml
-
-    from morphoprof.config import DEMO_CONFIG, validate_config
-    from morphoprof.pipeline import run_pipeline, run_summary_lines
 
     out = Path(a.out).resolve()
     raw = yaml.safe_load(DEMO_CONFIG)

@@ -13,7 +13,11 @@ from morphoprof.cli.common import (
 )
 from morphoprof.config import FeaturesSection, NucleiSection
 from morphoprof.errors import MorphoprofError
+from morphoprof.extract import extract_stage
 from morphoprof.features.transfer import TransferConfig
+from morphoprof.index import ExperimentIndex
+from morphoprof.io_utils import read_parquet
+from morphoprof.pipeline import illumination_stage, segmentation_stage
 from morphoprof.preprocess.crops import CropConfig, export_crops
 from morphoprof.preprocess.illumination import IlluminationConfig
 from morphoprof.registry import extractor_names
@@ -25,9 +29,6 @@ EXTRACT_OPTIONS = ("model", "weights", "channel_strategy", "tiles", "layer", "im
 
 
 def cmd_illum(a: argparse.Namespace) -> int:
-    from morphoprof.index import ExperimentIndex
-    from morphoprof.pipeline import illumination_stage
-
     settings = from_options(IlluminationConfig, a)
     index = ExperimentIndex.read_parquet(a.index)
     corr = illumination_stage(index, a.out, settings, channels=a.channels, on_error=a.on_error)
@@ -39,9 +40,6 @@ def cmd_illum(a: argparse.Namespace) -> int:
 
 
 def cmd_segment(a: argparse.Namespace) -> int:
-    from morphoprof.index import ExperimentIndex
-    from morphoprof.pipeline import segmentation_stage
-
     settings = from_options(NucleiSection, a)
     index = ExperimentIndex.read_parquet(a.index)
     summary = segmentation_stage(index, a.out, settings.nuclei(), settings.channel,
@@ -55,9 +53,6 @@ def cmd_segment(a: argparse.Namespace) -> int:
 
 
 def cmd_crops(a: argparse.Namespace) -> int:
-    from morphoprof.index import ExperimentIndex
-    from morphoprof.io_utils import read_parquet
-
     index = ExperimentIndex.read_parquet(a.index)
     summary = export_crops(index, read_parquet(a.cells), a.out, from_options(CropConfig, a),
                            illumination=load_illumination(a.illumination))
@@ -66,9 +61,6 @@ def cmd_crops(a: argparse.Namespace) -> int:
 
 
 def cmd_extract(a: argparse.Namespace) -> int:
-    from morphoprof.extract import extract_stage
-    from morphoprof.index import ExperimentIndex
-
     if a.crops and (a.index or a.cells):
         raise MorphoprofError("--crops takes the crops themselves: give no index and no --cells")
     if not a.crops and not a.index:

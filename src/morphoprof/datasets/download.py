@@ -30,6 +30,7 @@ from http.client import HTTPException
 from pathlib import Path
 
 from morphoprof.errors import DownloadError
+from morphoprof.index.bbbc021 import batch_of_plate
 from morphoprof.io_utils import write_json
 from morphoprof.logs import progress_bar
 
@@ -216,8 +217,6 @@ def download_bbbc021(
         A summary: plates fetched, plates skipped as already complete, and file counts.
     """
     import pandas as pd
-
-    from morphoprof.index.bbbc021 import batch_of_plate
 
     dest = Path(dest)
     checksums = dict(checksums or {})

@@ -34,6 +34,8 @@ import pandas as pd
 from pydantic import Field, field_validator
 
 from morphoprof.errors import InputError
+from morphoprof.index.schema import ExperimentIndex, build_index
+from morphoprof.io_utils import read_parquet, write_parquet, write_tiff
 from morphoprof.logs import progress_bar
 from morphoprof.settings import Settings
 
@@ -320,9 +322,6 @@ def generate_screen(
         The :class:`~morphoprof.index.ExperimentIndex` of the screen.
     """
 
-    from morphoprof.index.schema import ExperimentIndex, build_index
-    from morphoprof.io_utils import write_parquet
-
     cfg = cfg or SynthConfig()
     out = Path(out)
     if _reusable(out, cfg, overwrite):
@@ -398,8 +397,6 @@ def _plate_fields(cfg: SynthConfig, tmp: Path, treatments: list, plate_no: int, 
                   batch: str, illum: np.ndarray):
     """Render and write every field of one plate (randomised layout) into ``tmp``; yields
     ``(metadata, {"Path_<channel>": file}, the field's cell table)`` per field."""
-    from morphoprof.io_utils import write_tiff
-
     gain = batch_gain(cfg, int(batch[4:]) - 1)
     layout_rng = np.random.default_rng([cfg.seed, 4, plate_no])
     wells = [treatments[0]] * cfg.dmso_wells_per_plate + [
@@ -433,8 +430,6 @@ def load_ground_truth(screen: str | Path) -> dict:
     Returns a dict with ``cells`` (DataFrame), ``treatments`` (DataFrame) and ``illumination``
     ({plate: (C, H, W) float32}).
     """
-    from morphoprof.io_utils import read_parquet
-
     screen = Path(screen)
     if not (screen / "synth.json").is_file():
         raise InputError(f"{screen} is not a complete synthetic screen (no synth.json)")

@@ -14,6 +14,7 @@ Weights sources (``weights=``):
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 from dataclasses import dataclass
@@ -201,8 +202,6 @@ def create_backbone(
     name = ALIASES.get(name, name)
     known = set(timm.list_models())
     if name not in known:
-        import difflib
-
         close = difflib.get_close_matches(name, sorted(known | set(ALIASES)), n=5, cutoff=0.6)
         hint = f"; close matches: {', '.join(close)}" if close else ""
         raise InputError(f"unknown model {name!r}: not a timm model name{hint}")

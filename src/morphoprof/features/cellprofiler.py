@@ -15,6 +15,7 @@ names (``Cells_AreaShape_Area``...), so ``aggregate`` / ``evaluate`` run on it u
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import shutil
 import sqlite3
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from morphoprof.errors import InputError
@@ -70,8 +72,6 @@ def detect_kind(path: str | Path) -> str:
 
 def _offline_duckdb_extensions() -> None:
     """Install DuckDB's sqlite_scanner and httpfs from their PyPI wheels (no download)."""
-    import importlib
-
     import duckdb
 
     con = duckdb.connect()
@@ -237,8 +237,6 @@ def _convert(source: Path, dest: Path, preset: str, chunk_size: int) -> list[Pat
     cytoplasm to the page, so DuckDB hashed the whole cells / nuclei / image tables for every
     page (2.2 GB peak on a 2.2 GB SQLite); its concatenation held the whole table too.
     """
-    import uuid
-
     require("cytotable")
     require("parsl")
     import cytotable

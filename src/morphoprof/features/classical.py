@@ -14,6 +14,7 @@ by bit depth), because texture and granularity quantise intensities.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -24,6 +25,8 @@ import pandas as pd
 from pydantic import Field
 
 from morphoprof.errors import InputError
+from morphoprof.extras import require
+from morphoprof.features.transfer import estimate_intensity_range
 from morphoprof.index.schema import PLATE, ExperimentIndex
 from morphoprof.preprocess.segmentation import (
     CENTER_X,
@@ -58,8 +61,6 @@ class ClassicalConfig(Settings):
 
 
 def _cp_functions(names: Sequence[str]) -> dict:
-    from morphoprof.extras import require
-
     require("cp_measure")
     from cp_measure.bulk import get_core_measurements
 
@@ -82,8 +83,6 @@ def measure_objects(
     Returns:
         One row per object (``Metadata_object`` = label id, ascending), float32 features.
     """
-    import warnings
-
     funcs = _cp_functions(measurements)
     labels = np.asarray(labels, dtype=np.int32)
     ids = np.unique(labels)
@@ -196,8 +195,6 @@ class ClassicalExtractor:
                 overwrite: bool = False) -> dict:
         """Write one shard of per-cell classical features per plate; resumable like
         :meth:`morphoprof.features.transfer.TransferExtractor.extract`."""
-        from morphoprof.features.transfer import estimate_intensity_range
-
         channels = list(self.cfg.channels or index.channels)
         index.validate(channels=channels, check_files=False, check_shapes=False)
         dna = dna_channel(channels)

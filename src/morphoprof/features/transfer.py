@@ -13,6 +13,11 @@ survive; the range is stored with the features so a resumed run uses the same on
 
 from __future__ import annotations
 
+import io
+import json
+import queue
+import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -24,6 +29,7 @@ from pydantic import Field
 from morphoprof.errors import InputError
 from morphoprof.features.backbones import DEFAULT_MODEL, Backbone, create_backbone
 from morphoprof.index.schema import PLATE, ExperimentIndex
+from morphoprof.preprocess.crops import CropDataset, normalize_crops
 from morphoprof.registry import register_extractor, settings_for
 from morphoprof.settings import Settings
 from morphoprof.shards import ShardWriter, run_shards, shard_key
@@ -193,8 +199,6 @@ class TransferExtractor:
     def _traced_model(self, x):
         """The network traced and frozen for inputs of ``x``'s (C, H, W); cached per shape, so
         shape-dependent code (TF 'same' padding) is always traced at the size it runs at."""
-        import warnings
-
         import torch
 
         key = tuple(x.shape[1:])
@@ -238,9 +242,6 @@ class TransferExtractor:
         (C, H, W) (batch size free; ``grey``: one stain, replicated to 3 inputs in the graph),
         exported once per shape; ``None`` (and torch from then on) where the network does not
         export and the backend is ``auto``."""
-        import io
-        import warnings
-
         import torch
 
         key = (*x.shape[1:], grey)
@@ -562,8 +563,6 @@ class TransferExtractor:
         ``{"row" (its position in ``cells``), "reason"}``; ``run_summary.json`` records the run.
         """
 
-        from morphoprof.preprocess.crops import CropDataset
-
         channels = list(self.cfg.channels or index.channels)
         self.check_channels(channels)
         params = {
@@ -631,8 +630,6 @@ class TransferExtractor:
         import torch
         from torch.utils.data import TensorDataset
 
-        from morphoprof.preprocess.crops import normalize_crops
-
         channels = list(channels)
         self.check_channels(channels)
         if len(crops) != len(table):
@@ -686,9 +683,6 @@ class _Prefetched:
     at the end of iteration) stops the thread."""
 
     def __init__(self, iterable, depth: int = 2) -> None:
-        import queue
-        import threading
-
         self._q: queue.Queue = queue.Queue(depth)
         self._done = object()
         self._stop = threading.Event()
@@ -720,8 +714,6 @@ class _Prefetched:
             self.close()
 
     def close(self) -> None:
-        import queue
-
         self._stop.set()
         while self._thread.is_alive():  # unblock a producer waiting on a full queue
             try:
@@ -825,8 +817,6 @@ def _single_thread_worker(_worker_id: int) -> None:
 
 def _saved_ranges(out: Path, params: dict) -> list[tuple[float, float]] | None:
     """Intensity ranges of an earlier run with the same params (so a resumed run matches)."""
-    import json
-
     manifest = out / "manifest.json"
     if not manifest.is_file():
         return None

@@ -9,12 +9,15 @@ channels; ``frame`` picks one.
 
 from __future__ import annotations
 
+import os
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from morphoprof.errors import ImageReadError, InputError
+from morphoprof.images.ome_zarr import field_shape, is_ome_zarr_image, read_field
 
 TIFF_SUFFIXES = {".tif", ".tiff"}
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
@@ -25,9 +28,6 @@ def encoding_hint(path: Path) -> str:
     """For a file that is not found: ``"; the folder has ..."`` when its folder holds the same
     name written in another encoding (a file named in cp1252 / Latin-1 on an old share while the
     table names it in UTF-8), else ``""``. Only called on the error path (lists the folder)."""
-    import os
-    import unicodedata
-
     wanted = unicodedata.normalize("NFC", path.name)
     try:
         names = os.listdir(os.fsencode(path.parent))
@@ -53,8 +53,6 @@ def encoding_hint(path: Path) -> str:
 
 def image_exists(path: str | Path) -> bool:
     """Whether an image the index names is there: a file, or an OME-Zarr field folder."""
-    from morphoprof.images.ome_zarr import is_ome_zarr_image
-
     path = Path(path)
     return path.is_file() or is_ome_zarr_image(path)
 
@@ -118,8 +116,6 @@ def _to_float32(plane: np.ndarray, path: Path) -> np.ndarray:
 
 def image_shape(path: str | Path, frame: int | None = None) -> tuple[int, int]:
     """Return the ``(H, W)`` of one channel of an image file, reading only its header."""
-    from morphoprof.images.ome_zarr import field_shape, is_ome_zarr_image
-
     path = Path(path)
     if is_ome_zarr_image(path):
         return field_shape(path)[1:]
@@ -164,8 +160,6 @@ def read_stack(
     Raises:
         InputError: naming the files, when the channels' shapes differ.
     """
-    from morphoprof.images.ome_zarr import is_ome_zarr_image, read_field
-
     frames = list(frames) if frames is not None else [None] * len(paths)
     names = list(channel_names) if channel_names is not None else list(map(str, range(len(paths))))
     decoded: dict[Path, np.ndarray] = {}  # a multi-channel file is decoded once
@@ -197,8 +191,6 @@ def read_stack(
 def max_pixels() -> int:
     """The largest image (pixels x channels of one file) morphoprof decodes: 2**28 (1 GiB as
     float32) unless the ``MORPHOPROF_MAX_PIXELS`` environment variable says otherwise."""
-    import os
-
     value = os.environ.get("MORPHOPROF_MAX_PIXELS", "")
     return int(value) if value.isdigit() else 2**28
 

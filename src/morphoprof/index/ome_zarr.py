@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from morphoprof.errors import InputError, ValidationError
+from morphoprof.images.ome_zarr import field_channels, field_shape, is_ome_zarr_image, ome_attrs
 from morphoprof.index.platemap import read_platemap
 from morphoprof.index.schema import (
     COMPOUND,
@@ -41,8 +42,6 @@ def well_name(row: str, column: str) -> str:
 
 def _attrs(path: Path) -> dict:
     import zarr
-
-    from morphoprof.images.ome_zarr import ome_attrs
 
     try:
         return ome_attrs(zarr.open_group(str(path), mode="r").attrs.asdict())
@@ -113,8 +112,6 @@ def import_ome_zarr(
         InputError / ValidationError: not a plate, fields whose channels differ from the first
             field's (named), a channel asked for that the plate lacks, a bad plate map.
     """
-    from morphoprof.images.ome_zarr import field_channels, field_shape, is_ome_zarr_image
-
     plate_path = Path(plate_path)
     name, fields = plate_fields(plate_path)
     first = next((plate_path / p for p in fields["path"] if is_ome_zarr_image(plate_path / p)),

@@ -28,6 +28,13 @@ import numpy as np
 import pandas as pd
 
 from morphoprof.errors import ImageReadError, InputError, ValidationError
+from morphoprof.images.read import (
+    encoding_hint,
+    image_exists,
+    image_shape,
+    read_image_set,
+    read_stack,
+)
 from morphoprof.io_utils import arrow_file, atomic_path
 from morphoprof.logs import progress_bar
 
@@ -128,8 +135,6 @@ class ExperimentIndex:
         :class:`~morphoprof.preprocess.illumination.IlluminationCorrection`) divides the stack by
         the illumination function of the row's plate.
         """
-        from morphoprof.images.read import read_stack
-
         chans = list(channels or self.channels)
         image = read_stack(self.paths(i, chans), self.frames(i, chans), chans)
         if illumination is not None:
@@ -200,8 +205,6 @@ class ExperimentIndex:
         to supply (an RGB file holds several). A file whose folder does not exist (a plate not
         downloaded) is reported as that folder, once per row; with ``absent`` given, the row is
         recorded there under the folder instead, for one problem per folder over the index."""
-        from morphoprof.images.read import encoding_hint, image_exists
-
         chans = list(channels or self.channels)
         by_file: dict[Path, list[str]] = {}
         for ch, p in zip(chans, self.paths(i, chans)):
@@ -304,8 +307,6 @@ class ExperimentIndex:
                    ) -> tuple[int, int] | None:
         """The (H, W) every channel of image set ``i`` shares, read from the file headers;
         None (and a problem added) when a file is unreadable or the channels differ."""
-        from morphoprof.images.read import image_shape
-
         row_shapes = {}
         for ch, p, fr in zip(chans, self.paths(i, chans), self.frames(i, chans)):
             try:
@@ -323,8 +324,6 @@ class ExperimentIndex:
     def _deep_problem(self, i: int, channels: list[str]) -> str:
         """Why image set ``i`` cannot be used as pixels ("" when it can): the same read and
         finiteness check as the extractors' dataset."""
-        from morphoprof.images.read import read_image_set
-
         try:
             read_image_set(self, i, channels)
         except InputError as exc:

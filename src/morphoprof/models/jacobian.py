@@ -22,6 +22,7 @@ from torch import nn
 
 from morphoprof.errors import InputError
 from morphoprof.extras import require
+from morphoprof.io_utils import atomic_path
 
 # The activations guided backprop passes through; any other would leak negative signals.
 GUIDED_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU)
@@ -222,8 +223,6 @@ def save_overlay(path: str | Path, image: np.ndarray, jmap: np.ndarray,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from skimage.segmentation import find_boundaries
-
-    from morphoprof.io_utils import atomic_path
 
     img = np.asarray(image, dtype=np.float32)
     rgb = np.moveaxis(img[:3], 0, -1) if img.shape[0] >= 3 else np.repeat(img[:1], 3, 0

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from morphoprof.errors import InputError
+from morphoprof.features.backbones import create_backbone, input_stats
 
 POOLINGS = ("max", "mean", "gm", "lse", "noisy_or", "isr", "noisy_and")
 _EPS = 1e-6
@@ -202,8 +203,6 @@ class TimmTrunk(nn.Module):
     def __init__(self, cfg: MILConfig) -> None:
         super().__init__()
         import timm
-
-        from morphoprof.features.backbones import create_backbone, input_stats
 
         backbone = create_backbone(cfg.trunk, cfg.weights, in_chans=cfg.in_chans, seed=cfg.seed)
         full = backbone.model

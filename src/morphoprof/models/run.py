@@ -4,6 +4,8 @@ treatment-level accuracy, conformal sets, and (MIL) Jacobian-map overlays."""
 from __future__ import annotations
 
 import copy
+import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from morphoprof.datasets.source import build_index_from_config
 from morphoprof.errors import InputError
 from morphoprof.index.schema import ExperimentIndex
 from morphoprof.io_utils import read_parquet, write_json
@@ -163,8 +166,6 @@ def _frozen_setup(cfg: TrainConfig, trunk, mcfg, kw: dict, images: np.ndarray, m
     """:func:`mil_setup` of a frozen trunk: its feature maps of ``images`` computed once (or
     read from the cache) and only the MIL head (and, with ``unfreeze_last_stage``, the
     trunk's last stage) trained on them."""
-    import time
-
     import torch
 
     from morphoprof.models.mil import LastStageHead, MILHead, MILNet, TrunkPrefix
@@ -238,7 +239,6 @@ def load_mil_state(net, state: dict, frozen: bool, last_stage: bool = False):
 
 def run_training(kind: str, cfg: TrainConfig, config_text: str = "") -> dict:
     """Run a validated training config end to end; results in ``cfg.output``."""
-    from morphoprof.datasets.source import build_index_from_config
     from morphoprof.models.data import load_images
 
     out = Path(cfg.output)
@@ -309,8 +309,6 @@ def trained_mil(folder: str | Path, cfg: TrainConfig, fold: int = 0):
     """The whole trained MIL network (trunk and head, eval mode) of ``fold`` of a finished
     ``train mil`` run in ``folder`` (the run's ``output``) trained with the validated config
     ``cfg``, and its input ``(mean, std)``."""
-    import json
-
     import torch
 
     from morphoprof.models.mil import MILNet

@@ -5,6 +5,7 @@ CPU or GPU (mixed precision), one or several devices / nodes through Lightning's
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,8 +141,6 @@ def fit(
         "resumed_from", "global_rank", "world_size", "train_batches_per_epoch"}`` (batches
         of this process).
     """
-    import time
-
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 

@@ -15,6 +15,7 @@ so aggregation, normalisation and evaluation apply unchanged.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from torch import nn
 from morphoprof.errors import InputError
 from morphoprof.extras import require
 from morphoprof.features.backbones import create_backbone
+from morphoprof.features.transfer import TransferConfig, TransferExtractor
 from morphoprof.logs import progress_bar
 
 L = require("lightning")
@@ -190,8 +192,6 @@ def extractor_from_checkpoint(path: str | Path, layer: str | None = None,
     the checkpoint's CNN (GRU dropped), its channels, ``native`` strategy, pooled output of
     ``layer`` (default: the layer it was trained to embed with). Returns ``(extractor, hparams)``.
     """
-    from morphoprof.features.transfer import TransferConfig, TransferExtractor
-
     hp = checkpoint_hparams(path)
     cfg = TransferConfig(model=hp["model"], weights=str(path), channel_strategy="native",
                          in_chans=hp["in_chans"], layer=layer or hp["layer"],
@@ -206,8 +206,6 @@ def extractor_from_checkpoint(path: str | Path, layer: str | None = None,
 def embed_crops(extractor, crops: np.ndarray, channels: Sequence[str]) -> tuple[np.ndarray, float]:
     """Embeddings ``(N, D)`` of crops ``(N, C, S, S)`` (intensities already normalised to
     [0, 1]) and the seconds it took."""
-    import time
-
     from torch.utils.data import TensorDataset
 
     data = TensorDataset(torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32)),

@@ -15,11 +15,13 @@ import numpy as np
 import pandas as pd
 
 from morphoprof.classification import ClassificationSummary
+from morphoprof.datasets.source import build_index_from_config
 from morphoprof.errors import InputError
 from morphoprof.index.schema import BATCH, COMPOUND, CONTROL, PLATE, WELL
 from morphoprof.io_utils import read_parquet, write_json
 from morphoprof.models.settings import HoldoutSection, WeakConfig
-from morphoprof.preprocess.crops import normalize_crops
+from morphoprof.preprocess.crops import CropDataset, load_crop_shards, normalize_crops
+from morphoprof.preprocess.segmentation import segment_index
 from morphoprof.shards import ShardWriter, file_sha256, run_shards, shard_key
 
 logger = logging.getLogger(__name__)
@@ -43,8 +45,6 @@ def load_crop_array(path: str | Path, table_path: str | Path | None, channels: l
     ``Metadata_control`` is added from ``controls`` when missing.
     """
     if Path(path).is_dir():
-        from morphoprof.preprocess.crops import load_crop_shards
-
         arr, table, names = load_crop_shards(path)
         if channels and list(channels) != names:
             raise InputError(f"{path} holds channels {names}, not {list(channels)}")
@@ -97,10 +97,7 @@ def crops_from_screen(cfg: WeakConfig, out: Path) -> tuple[np.ndarray,
                                                                            pd.DataFrame, list]:
     """Segment the screen's nuclei (``cells.segmentation`` settings) and cut a ``crop_size``
     crop (zero-padded at edges) around each: ``(N, C, S, S)`` float32, raw intensities."""
-    from morphoprof.datasets.source import build_index_from_config
     from morphoprof.models.run import select_rows
-    from morphoprof.preprocess.crops import CropDataset
-    from morphoprof.preprocess.segmentation import segment_index
 
     index = select_rows(build_index_from_config(cfg.data, out), cfg.select)
     channels = cfg.channels or index.channels

@@ -9,6 +9,7 @@ optional masking of neighbouring cells and per-crop intensity normalisation.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -18,8 +19,17 @@ import pandas as pd
 from pydantic import Field
 
 from morphoprof.errors import InputError
+from morphoprof.images.read import image_shape as header_shape
+from morphoprof.images.read import read_image_set
 from morphoprof.index.schema import IMAGE_SET_KEY, ExperimentIndex
-from morphoprof.preprocess.segmentation import CENTER_X, CENTER_Y
+from morphoprof.io_utils import read_parquet, write_npz
+from morphoprof.preprocess.segmentation import (
+    CENTER_X,
+    CENTER_Y,
+    OBJECT,
+    dna_channel,
+    segment_nuclei,
+)
 from morphoprof.settings import Settings
 from morphoprof.shards import ShardWriter, run_shards
 
@@ -138,9 +148,6 @@ class CropDataset:
         mask_neighbours=None,
         on_error: str = "fail",
     ) -> None:
-        from morphoprof.images.read import image_shape as header_shape
-        from morphoprof.preprocess.segmentation import OBJECT
-
         self.index = index
         self.channels = list(channels or index.channels)
         self.size = int(size)
@@ -183,9 +190,6 @@ class CropDataset:
         """The (illumination-corrected) image set at index row ``row`` and, when masking, its
         nucleus labels; cached."""
         if self._cached is None or self._cached[0] != row:
-            from morphoprof.images.read import read_image_set
-            from morphoprof.preprocess.segmentation import dna_channel, segment_nuclei
-
             img = read_image_set(self.index, row, self.channels, self.illumination)
             labels = None
             if self.mask_neighbours is not None:
@@ -237,8 +241,6 @@ def export_crops(
         ``{"cells", "written", "skipped" (cells in shards an earlier run wrote),
         "dropped_at_edge", "seconds"}``; the folder's ``run_summary.json`` records the run.
     """
-    from morphoprof.io_utils import write_npz
-
     s = settings or CropConfig()
     ds = CropDataset(index, cells.sort_values(IMAGE_SET_KEY, kind="stable"), s.size, channels,
                      s.edge, s.normalization, illumination)
@@ -272,10 +274,6 @@ def load_crop_shards(folder: str | Path) -> tuple[np.ndarray, pd.DataFrame, list
         ``(crops (N, C, S, S) float32, table (N rows: the cells' metadata and centres), channel
         names)``. A shard listed in the manifest but missing or unreadable is an error naming it.
     """
-    import json
-
-    from morphoprof.io_utils import read_parquet
-
     folder = Path(folder)
     manifest = folder / "manifest.json"
     if not manifest.is_file():

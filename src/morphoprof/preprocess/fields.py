@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from morphoprof.errors import InputError
+from morphoprof.images.read import read_image_set
 from morphoprof.index.schema import ExperimentIndex
 
 try:  # torch is a dependency, but keep this module importable for type checks without it
@@ -61,8 +62,6 @@ class ImageSetDataset(Dataset):
         return len(self.rows)
 
     def _read(self, i: int) -> np.ndarray:
-        from morphoprof.images.read import read_image_set
-
         return read_image_set(self.index, i, self.channels, self.illumination)
 
     def _read_or_skip(self, i: int) -> tuple[np.ndarray | None, str]:

@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from morphoprof.errors import InputError
+from morphoprof.errors import InputError, MorphoprofError
 from morphoprof.index.schema import IMAGE_SET_KEY, PLATE, SITE, WELL, ExperimentIndex
-from morphoprof.io_utils import atomic_path, write_parquet
+from morphoprof.io_utils import atomic_path, check_writable, write_parquet
 from morphoprof.logs import progress_bar
 from morphoprof.settings import Settings
 
@@ -255,8 +255,6 @@ def object_table(labels: np.ndarray, block: int = 1,
 def _segment_chunk(index: ExperimentIndex, rows: Sequence[int], channel: str, cfg: NucleiConfig,
                    illumination) -> list[tuple[int, pd.DataFrame | None, list[str], str | None]]:
     """Segment image sets ``rows``: per row (row, object table or None, warnings, error)."""
-    from morphoprof.errors import MorphoprofError
-
     out = []
     for i in rows:
         path = index.paths(int(i), [channel])[0]
@@ -355,8 +353,6 @@ def write_overlays(index: ExperimentIndex, folder: str | Path, channel: str | No
     """
     from PIL import Image
     from skimage.segmentation import find_boundaries
-
-    from morphoprof.io_utils import check_writable
 
     cfg = cfg or NucleiConfig()
     channel = channel or dna_channel(index.channels)

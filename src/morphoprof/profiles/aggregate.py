@@ -8,7 +8,9 @@ of rows it summarises, and the next level sums it (``Metadata_n_sites`` etc. are
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -451,8 +453,6 @@ def _group_metadata(files: list[Path], by: list[str], meta: list[str], has_count
     Files are read in parallel threads (``threads``, default all cores), each in row batches
     of only the columns needed; the per-file summaries are merged as they come, so memory is
     one batch per thread plus the (groups x features) sums, whatever the number of rows."""
-    from concurrent.futures import ThreadPoolExecutor
-
     feats = list(feats)
     summary = _MetadataSummary(by, meta, has_count)
     total = _GroupSums(len(feats))
@@ -592,8 +592,6 @@ def aggregate_parquet(
     if how not in ("mean", "median"):
         raise InputError(f"aggregation must be 'mean' or 'median', got {how!r}")
     if sphering is not None and how == "median":
-        import tempfile
-
         from morphoprof.profiles.cell_tvn import sphere_parquet
 
         with tempfile.TemporaryDirectory(prefix="morphoprof-tvn-") as tmp:

@@ -18,6 +18,13 @@ from pydantic import Field
 
 from morphoprof.errors import InputError
 from morphoprof.index.schema import COMPOUND, CONTROL, DEFAULT_CONTROLS
+from morphoprof.io_utils import arrow_file
+from morphoprof.profiles.aggregate import (
+    _ROW_BATCH,
+    _column_batches,
+    _parquet_columns,
+    parquet_sources,
+)
 from morphoprof.profiles.normalize import Spherize
 from morphoprof.settings import Settings
 
@@ -102,8 +109,6 @@ def _batches(files: list[Path], features: list[str], control: str, compound: str
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from morphoprof.profiles.aggregate import _column_batches
-
     for path in files:
         for batch in _column_batches(path, [], features + [control, compound]):
             names = set(batch.schema.names)
@@ -157,8 +162,6 @@ def fit_cell_sphering(
         and, for ``eps`` small against the eigenvalues, identity covariance. Memory is one row
         batch plus ``2 d^2`` float64 values, whatever the number of cells.
     """
-    from morphoprof.profiles.aggregate import _parquet_columns, parquet_sources
-
     if reference not in REFERENCES:
         raise InputError(f"cell TVN reference must be one of {REFERENCES}, got {reference!r}")
     files = parquet_sources(source)
@@ -208,9 +211,6 @@ def sphere_parquet(source: str | Path | Sequence[str | Path], sphering: CellSphe
     transform to the well means instead, which is the same."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from morphoprof.io_utils import arrow_file
-    from morphoprof.profiles.aggregate import _ROW_BATCH, parquet_sources
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

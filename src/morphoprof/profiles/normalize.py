@@ -23,6 +23,7 @@ from pydantic import Field
 
 from morphoprof.errors import InputError
 from morphoprof.index.schema import CONTROL, PLATE
+from morphoprof.io_utils import write_npz
 from morphoprof.settings import Settings
 from morphoprof.shards import feature_columns
 
@@ -264,8 +265,6 @@ class Normalizer:
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Save the fitted normaliser (one ``.npz``: settings as JSON, arrays per group)."""
-        from morphoprof.io_utils import write_npz
-
         header = {"method": self.method, "by": self.by, "reference": self.reference,
                   "eps": self.eps, "n_factors": self.n_factors, "fallback": self.fallback,
                   "spherize_mode": self.spherize_mode, "features": self.features,
@@ -372,8 +371,6 @@ class Spherize:
 
     def save(self, path: str | Path) -> Path:
         """Save the fitted transform (npz), to apply to new data later."""
-        from morphoprof.io_utils import write_npz
-
         if self.matrix_ is None:
             raise InputError("Spherize is not fitted")
         return write_npz(path, mean=self.mean_, matrix=self.matrix_, mode=self.mode, eps=self.eps)

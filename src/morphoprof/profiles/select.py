@@ -6,6 +6,7 @@ silently.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,6 @@ def read_blocklist(path: str | Path | None = None) -> list[str]:
     ``blocklist``, the header of pycytominer's file, are ignored). ``None``: pycytominer's
     bundled list of CellProfiler features known to be unreliable in Cell Painting (Way 2019)."""
     if path is None:
-        from importlib.resources import files
-
         try:
             path = Path(str(files("pycytominer") / "data" / "blocklist_features.txt"))
         except ModuleNotFoundError:
