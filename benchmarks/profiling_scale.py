@@ -112,10 +112,10 @@ def run_morphoprof(folder: str) -> dict:
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "aggregate_seconds": t_agg, "normalize_seconds": t_norm,
             "evaluate_seconds": seconds - t_agg - t_norm, "wells": len(wells),
-            "nsc": result["nsc"]["accuracy"], "nscb": result["nscb"]["accuracy"],
-            "map_moa": result["map"]["moa"]["mean_map"],
-            "map_activity": result["map"]["activity"]["mean_map"],
-            "conformal_coverage": result["conformal"]["coverage"],
+            "nsc": result.nsc["accuracy"], "nscb": result.nscb["accuracy"],
+            "map_moa": result.map["moa"]["mean_map"],
+            "map_activity": result.map["activity"]["mean_map"],
+            "conformal_coverage": result.conformal["coverage"],
             "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "checksum": float(np.nansum(wells.filter(like="Cells_").to_numpy(np.float64)))}
 

@@ -44,7 +44,8 @@ def nsc(features: Path, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     wells, _ = build_profiles(features, PROFILES, out)
     r = evaluate_profiles(wells, out / "evaluation.json")
-    return {p: {"accuracy": r[p]["accuracy"], "correct": r[p]["correct"], "n": r[p]["n"]}
+    return {p: {"accuracy": r.scores()[p]["accuracy"], "correct": r.scores()[p]["correct"],
+                "n": r.scores()[p]["n"]}
             for p in ("nsc", "nscb")}
 
 

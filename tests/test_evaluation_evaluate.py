@@ -40,19 +40,19 @@ def test_evaluate_wells_gives_every_metric():
     wells = make_wells()
     assert is_well_level(wells)
     r = evaluate(wells, k_values=(3,), null_size=500)
-    assert r["level"] == "wells" and r["n_treatments"] == 18
-    assert set(r["nsc"]) >= {"accuracy", "correct", "n", "per_moa", "confusion"}
-    assert r["nsc"]["n"] == 18 and r["nsc"]["accuracy"] > 0.8  # a strong, clean MoA signal
-    assert r["nscb"]["n"] == 18 and r["knn"]["k3"]["nsc"]["n"] == 18
-    assert r["map"]["moa"]["mean_map"] > 0.7 and r["map"]["activity"]["n_groups"] == 18
-    assert r["replicate_accuracy"]["n"] == 36
-    assert r["conformal"]["n"] == 18 and r["warnings"] == []
+    assert r.level == "wells" and r.n_treatments == 18
+    assert set(r.nsc) >= {"accuracy", "correct", "n", "per_moa", "confusion"}
+    assert r.nsc["n"] == 18 and r.nsc["accuracy"] > 0.8  # a strong, clean MoA signal
+    assert r.nscb["n"] == 18 and r.knn["k3"]["nsc"]["n"] == 18
+    assert r.map["moa"]["mean_map"] > 0.7 and r.map["activity"]["n_groups"] == 18
+    assert r.replicate_accuracy["n"] == 36
+    assert r.conformal["n"] == 18 and r.warnings == ()
     # treatment-level input gives the same NSC and no replicate metrics
     from morphoprof.profiles.aggregate import treatment_profiles
 
     t = evaluate(treatment_profiles(wells), k_values=(), null_size=500)
-    assert t["level"] == "treatments" and t["nsc"]["correct"] == r["nsc"]["correct"]
-    assert "activity" not in t["map"] and "replicate_accuracy" not in t
+    assert t.level == "treatments" and t.nsc["correct"] == r.nsc["correct"]
+    assert "activity" not in t.map and t.replicate_accuracy is None
 
 
 def test_bad_tables_give_clear_messages():
@@ -63,12 +63,35 @@ def test_bad_tables_give_clear_messages():
     w = wells.copy()
     w.loc[w.Metadata_compound == "m0c0", "Metadata_moa"] = ""
     r = evaluate(w, k_values=(), null_size=200)
-    assert r["nsc"]["n"] == 16 and "2 treatment(s) have no MoA" in r["warnings"][0]
+    assert r.nsc["n"] == 16 and "2 treatment(s) have no MoA" in r.warnings[0]
     # a single-compound MoA under NSC is named
     w = wells[~wells.Metadata_compound.isin(["m2c1", "m2c2"])]
     r = evaluate(w, k_values=(), null_size=200)
-    assert any("['M2'] have a single compound" in x for x in r["warnings"])
+    assert any("['M2'] have a single compound" in x for x in r.warnings)
     bad = wells.copy()
     bad.loc[0, "f1"] = np.inf
     with pytest.raises(InputError, match="NaN or infinite"):
         evaluate(bad)
+
+
+def test_evaluation_is_typed_and_round_trips_through_its_json():
+    import dataclasses
+    import json
+
+    from morphoprof.evaluation.evaluate import Evaluation
+
+    r = evaluate(make_wells(), k_values=(3,), null_size=200)
+    assert isinstance(r, Evaluation)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.level = "treatments"
+    data = json.loads(json.dumps(r.to_json()))  # what evaluation.json holds
+    assert list(data)[:4] == ["level", "n_treatments", "n_annotated_treatments", "nsc"]
+    assert Evaluation.from_json(data) == Evaluation.from_json(r.to_json())
+    assert Evaluation.from_json(data).nsc == r.nsc and data["warnings"] == []
+    only = r.protocols(["nsc"])
+    assert only.nscb is None and "nscb" not in only.to_json() and list(only.scores()) == ["nsc"]
+    lines = r.summary_lines()
+    assert lines[0] == f"NSC: {r.nsc['correct']}/{r.nsc['n']} = {100 * r.nsc['accuracy']:.1f}%"
+    assert any(line.startswith("mAP (moa): ") for line in lines)
+    # the NSC / NSCB of evaluate_moa alone is an evaluation too (the report reads either)
+    assert Evaluation.from_json({"nsc": r.nsc}).scores() == {"nsc": r.nsc}

@@ -1,3 +1,4 @@
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -74,8 +75,8 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
 def test_report_header_how_to_read_and_nscb_note(tmp_path):
     wells = make_wells()
     evaluation = evaluate(wells, k_values=(3,), null_size=200)
-    evaluation["nsc"].update(accuracy=0.8, correct=8, n=10)
-    evaluation["nscb"].update(accuracy=1.0, correct=6, n=6)
+    evaluation.nsc.update(accuracy=0.8, correct=8, n=10)
+    evaluation.nscb.update(accuracy=1.0, correct=6, n=6)
     out = write_report(tmp_path / "r.html", evaluation, treatment_profiles(wells), {"plates": 3},
                        cells_per_well=well_counts(wells),
                        header={"command": "morphoprof report --profiles t.parquet",
@@ -88,7 +89,7 @@ def test_report_header_how_to_read_and_nscb_note(tmp_path):
     assert "NSCB (100.0%, 6/6) is above NSC (80.0%, 8/10)" in text
     assert "NSCB also scores fewer queries (6 of 10" in text
     # when NSCB is not above NSC, no note
-    evaluation["nscb"].update(accuracy=0.5, correct=3, n=6)
+    evaluation.nscb.update(accuracy=0.5, correct=3, n=6)
     text = write_report(tmp_path / "s.html", evaluation, treatment_profiles(wells),
                         {"plates": 3}).read_text()
     assert "is above NSC" not in text
@@ -97,7 +98,8 @@ def test_report_header_how_to_read_and_nscb_note(tmp_path):
 def test_values_are_escaped_by_the_template(tmp_path):
     wells = make_wells()
     evaluation = evaluate(wells, k_values=(3,), null_size=200)
-    evaluation["warnings"] = ["plate <script>alert(1)</script> & co"]
+    evaluation = dataclasses.replace(evaluation, warnings=(
+        "plate <script>alert(1)</script> & co",))
     examples = [{"moa": "A<b>", "label": "field 'x'", "rgb": np.zeros((4, 4, 3), np.uint8),
                  "channels": "R=actin"}]
     text = write_report(tmp_path / "r.html", evaluation, treatment_profiles(wells),

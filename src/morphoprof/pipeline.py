@@ -35,7 +35,12 @@ from morphoprof import __version__
 from morphoprof.config import RunConfig
 from morphoprof.datasets.source import build_index_from_config
 from morphoprof.errors import InputError
-from morphoprof.evaluation.evaluate import EvaluationConfig, evaluate, is_well_level
+from morphoprof.evaluation.evaluate import (
+    Evaluation,
+    EvaluationConfig,
+    evaluate,
+    is_well_level,
+)
 from morphoprof.index.schema import BATCH, PLATE, ExperimentIndex
 from morphoprof.io_utils import (
     atomic_dir,
@@ -220,7 +225,7 @@ def build_profiles(features_dir: Path, settings: ProfilesConfig | Mapping, out_d
 
 
 def evaluate_profiles(profiles_path: Path, out: Path, settings=None,
-                      treatment_aggregation: str = "median") -> dict:
+                      treatment_aggregation: str = "median") -> Evaluation:
     """Well or treatment profiles -> evaluation JSON (NSC / NSCB, k-NN, mAP, conformal), as
     ``settings`` (an :class:`~morphoprof.evaluation.evaluate.EvaluationConfig`; default: its
     defaults) asks."""
@@ -228,10 +233,8 @@ def evaluate_profiles(profiles_path: Path, out: Path, settings=None,
     profiles = read_parquet(profiles_path)
     result = evaluate(profiles, k_values=cfg.k, alpha=cfg.alpha, null_size=cfg.null_size,
                       treatment_aggregation=treatment_aggregation)
-    for key in ("nsc", "nscb"):
-        if key not in cfg.protocols:
-            result.pop(key, None)
-    write_json(out, result)
+    result = result.protocols(cfg.protocols)
+    write_json(out, result.to_json())
     return result
 
 
@@ -379,9 +382,12 @@ def report_stage(out: str | Path, evaluation: str | Path, profiles: pd.DataFrame
     if not ev.is_file():
         raise InputError(f"evaluation file not found: {ev}")
     try:
-        result = json.loads(ev.read_text())
+        data = json.loads(ev.read_text())
     except json.JSONDecodeError as exc:
         raise InputError(f"{ev} is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"{ev} is not an evaluation (a JSON object of morphoprof evaluate)")
+    result = Evaluation.from_json(data)
     if is_well_level(profiles):
         wells = profiles if wells is None else wells
         profiles = treatment_profiles(profiles)
@@ -464,19 +470,16 @@ def run_pipeline(cfg: RunConfig, config_text: str,
 
 
 def run_summary_lines(result: dict) -> list[str]:
-    """What a finished :func:`run_pipeline` tells its user: NSC / NSCB and the files written."""
-    lines = []
-    for key in ("nsc", "nscb"):
-        r = result["evaluation"].get(key)
-        if r and r.get("accuracy") is not None:
-            lines.append(f"{key.upper()}: {r['correct']}/{r['n']} = {100 * r['accuracy']:.1f}%")
+    """What a finished :func:`run_pipeline` tells its user: the evaluation's headline figures
+    (:meth:`~morphoprof.evaluation.evaluate.Evaluation.summary_lines`) and the files written."""
+    lines = result["evaluation"].summary_lines()
     out = Path(result["out"])
     lines.append(f"wrote {out / 'evaluation.json'} and {out / 'report.html'} in "
                  f"{result['timings']['total_s']:.0f} s")
     return lines
 
 
-def _run_report(out: Path, cfg: RunConfig, index: ExperimentIndex, evaluation: dict,
+def _run_report(out: Path, cfg: RunConfig, index: ExperimentIndex, evaluation: Evaluation,
                 treatments: Path, seg: dict | None, extraction: dict,
                 config_path: str | None) -> None:
     """``out/report.html`` of a run: the dataset (and segmentation) summary, the QC plate map

@@ -78,19 +78,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     result = evaluate(profiles, k_values=settings.k, alpha=settings.alpha,
                       null_size=settings.null_size,
                       treatment_aggregation=a.treatment_aggregation, group_columns=a.group)
-    write_json(a.out, result)
-    for key in ("nsc", "nscb"):
-        r = result.get(key, {})
-        if r.get("accuracy") is not None:
-            print(f"{key.upper()}: {r['correct']}/{r['n']} = {100 * r['accuracy']:.1f}%")
-    for name, r in result["map"].items():
-        if "mean_map" in r:
-            print(f"mAP ({name}): {r['mean_map']:.3f}, retrieved {r['fraction_retrieved']:.0%}")
-    conf = result.get("conformal", {})
-    if "coverage" in conf:
-        print(f"conformal: coverage {conf['coverage']:.0%} (target {conf['target_coverage']:.0%}),"
-              f" mean set size {conf['mean_set_size']:.2f}")
-    print(f"wrote {a.out}")
+    result = result.protocols(settings.protocols)
+    write_json(a.out, result.to_json())
+    print("\n".join([*result.summary_lines(), f"wrote {a.out}"]))
     return 0
 
 

@@ -9,8 +9,10 @@ profiles (one row per compound x concentration). Well profiles are aggregated to
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import pandas as pd
@@ -59,6 +61,76 @@ def is_well_level(profiles: pd.DataFrame) -> bool:
     return bool(keys) and profiles.duplicated(keys).any()
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """What :func:`evaluate` measured; ``evaluation.json`` is its :meth:`to_json`.
+
+    Attributes:
+        level: ``wells`` (well profiles given: replicate accuracy and mAP over wells) or
+            ``treatments``.
+        n_treatments, n_annotated_treatments: treatments, and those with a MoA (scored).
+        nsc, nscb: 1-NN MoA accuracy not matching the same compound (and batch):
+            ``{"accuracy", "correct", "n", "per_moa", "confusion", "dropped_moas", ...}``
+            (:func:`~morphoprof.evaluation.moa.nearest_neighbor_moa`; ``{"error"}`` where it
+            cannot be computed); None when not evaluated.
+        knn: ``{"k3": {"nsc": ..., "nscb": ...}}``, k-NN voting.
+        map: ``{"moa": ..., "activity": ...}``, copairs mAP with p-values.
+        group_accuracy: ``{column: {"accuracy", "correct", "n"}}``.
+        conformal: split-conformal MoA sets (coverage, mean set size, per MoA).
+        warnings: what could not be computed or scored, in words.
+        replicate_accuracy: nearest treated well is a replicate (well level only).
+    """
+
+    level: Literal["wells", "treatments"] = "treatments"
+    n_treatments: int = 0
+    n_annotated_treatments: int = 0
+    nsc: dict | None = None
+    nscb: dict | None = None
+    knn: dict = field(default_factory=dict)
+    map: dict = field(default_factory=dict)
+    replicate_accuracy: dict | None = None
+    group_accuracy: dict = field(default_factory=dict)
+    conformal: dict = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        """The evaluation as JSON types (the keys of ``evaluation.json``; a metric that was not
+        computed is left out)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["warnings"] = list(self.warnings)
+        return {k: v for k, v in out.items() if v is not None}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> Evaluation:
+        """An evaluation read back from its JSON (an ``evaluation.json``; keys it lacks keep
+        their defaults, so the NSC / NSCB of :func:`~morphoprof.evaluation.moa.evaluate_moa`
+        alone is one too)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        values["warnings"] = tuple(values.get("warnings") or ())
+        return cls(**values)
+
+    def protocols(self, keep: Sequence[str]) -> Evaluation:
+        """This evaluation with only the 1-NN protocols in ``keep`` (``nsc``, ``nscb``)."""
+        return dataclasses.replace(self, **{k: None for k in ("nsc", "nscb") if k not in keep})
+
+    def scores(self) -> dict[str, dict]:
+        """``{"nsc": ..., "nscb": ...}`` of the protocols that were evaluated."""
+        return {k: v for k, v in (("nsc", self.nsc), ("nscb", self.nscb)) if v is not None}
+
+    def summary_lines(self) -> list[str]:
+        """The headline figures in words: NSC / NSCB counts, mAP, conformal coverage."""
+        lines = [f"{key.upper()}: {r['correct']}/{r['n']} = {100 * r['accuracy']:.1f}%"
+                 for key, r in self.scores().items() if r.get("accuracy") is not None]
+        lines += [f"mAP ({name}): {r['mean_map']:.3f}, retrieved {r['fraction_retrieved']:.0%}"
+                  for name, r in self.map.items() if "mean_map" in r]
+        c = self.conformal
+        if "coverage" in c:
+            lines.append(f"conformal: coverage {c['coverage']:.0%} (target "
+                         f"{c['target_coverage']:.0%}), mean set size {c['mean_set_size']:.2f}")
+        return lines
+
+
 def _records(table: pd.DataFrame) -> list[dict]:
     return table.astype(object).where(table.notna(), None).to_dict(orient="records")
 
@@ -71,7 +143,7 @@ def evaluate(
     treatment_aggregation: str = "median",
     group_columns: Sequence[str] = (),
     seed: int = 0,
-) -> dict:
+) -> Evaluation:
     """Evaluate profiles (canonical ``Metadata_`` names; see
     :class:`morphoprof.profiles.columns.Columns` to map others).
 
@@ -84,11 +156,8 @@ def evaluate(
             profiles (neighbours of the same compound excluded), e.g. a compound-family column.
 
     Returns:
-        ``{"nsc": {"accuracy", "correct", "n", "per_moa", "confusion", ...}, "nscb": {...},
-        "knn": {"k3": {"nsc": ..., "nscb": ...}}, "map": {"moa": {...}, "activity": {...}},
-        "replicate_accuracy": {...}, "group_accuracy": {...}, "conformal": {...},
-        "n_treatments", "level", "warnings": [...]}``. A metric that cannot be computed on this
-        table carries ``{"error": reason}`` and a warning instead of a number.
+        An :class:`Evaluation`. A metric that cannot be computed on this table carries
+        ``{"error": reason}`` and a warning instead of a number; every warning is also logged.
     """
     missing = [c for c in (COMPOUND, MOA) if c not in profiles.columns]
     if missing:
@@ -128,10 +197,9 @@ def evaluate(
         warnings.append(f"conformal: {result['conformal']['error']}")
     else:
         warnings += [f"conformal: {w}" for w in result["conformal"]["warnings"]]
-    result["warnings"] = warnings
     for w in warnings:
         logger.warning(w)
-    return result
+    return Evaluation(**result, warnings=tuple(warnings))
 
 
 def _levels(profiles: pd.DataFrame, treatment_aggregation: str

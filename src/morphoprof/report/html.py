@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import pandas as pd
 from markupsafe import Markup
 
 from morphoprof.errors import InputError
+from morphoprof.evaluation.evaluate import Evaluation
 from morphoprof.index.schema import MOA
 from morphoprof.io_utils import atomic_path
 from morphoprof.shards import feature_columns
@@ -171,9 +173,9 @@ def _example_groups(examples: list[dict]) -> list[dict]:
     return groups
 
 
-def _nscb_note(evaluation: dict) -> str:
+def _nscb_note(evaluation: Evaluation) -> str:
     """Why NSCB can read above NSC, when it does in this evaluation."""
-    nsc, nscb = evaluation.get("nsc") or {}, evaluation.get("nscb") or {}
+    nsc, nscb = evaluation.nsc or {}, evaluation.nscb or {}
     a, b = nsc.get("accuracy"), nscb.get("accuracy")
     if a is None or b is None or b <= a:
         return ""
@@ -197,12 +199,12 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
-def _map_rows(evaluation: dict) -> list[dict]:
+def _map_rows(evaluation: Evaluation) -> list[dict]:
     rows = []
     labels = {"moa": "MoA retrieval (same MoA, other compound vs other MoAs)",
               "activity": "Replicate activity (replicate wells vs control wells)"}
     for key, label in labels.items():
-        r = (evaluation.get("map") or {}).get(key)
+        r = evaluation.map.get(key)
         if r is None:
             continue
         if "error" in r:
@@ -218,7 +220,7 @@ def _map_rows(evaluation: dict) -> list[dict]:
 
 def write_report(
     out: str | Path,
-    evaluation: dict,
+    evaluation: Evaluation | Mapping,
     profiles: pd.DataFrame,
     summary: dict,
     config_text: str = "",
@@ -236,8 +238,9 @@ def write_report(
 
     Args:
         out: the HTML file to write (atomically).
-        evaluation: the output of :func:`morphoprof.evaluation.evaluate.evaluate` (or of
-            :func:`morphoprof.evaluation.moa.evaluate_moa`).
+        evaluation: the :class:`~morphoprof.evaluation.evaluate.Evaluation` of
+            :func:`~morphoprof.evaluation.evaluate.evaluate`, or its JSON (a mapping; the
+            output of :func:`morphoprof.evaluation.moa.evaluate_moa` is one too).
         profiles: the treatment profiles that were evaluated.
         summary: dataset summary, {label: value} (plates, wells, image sets, ...).
         config_text: the run configuration as YAML text.
@@ -250,13 +253,14 @@ def write_report(
         examples: example fields (see :func:`morphoprof.pipeline.example_fields`), drawn as
             thumbnails per MoA.
     """
+    if not isinstance(evaluation, Evaluation):
+        evaluation = Evaluation.from_json(evaluation)
+    scores = evaluation.scores()
     per = [{"protocol": key.upper(), "MoA": moa, "accuracy": _pct(v["accuracy"]),
             "correct / n": f"{v['correct']}/{v['n']}"}
-           for key in ("nsc", "nscb")
-           for moa, v in (evaluation.get(key) or {}).get("per_moa", {}).items()]
+           for key, r in scores.items() for moa, v in r.get("per_moa", {}).items()]
     map_rows, nn = _map_rows(evaluation), _nn_rows(evaluation)
-    conf = evaluation.get("conformal")
-    conf = conf if conf and "coverage" in conf else None
+    conf = evaluation.conformal if "coverage" in evaluation.conformal else None
     qc = cells_per_well is not None and len(cells_per_well) > 0
     page = _template().render(
         title=title, css=Markup(_CSS), header=header or {},
@@ -265,13 +269,12 @@ def write_report(
         qc_title=qc_title, qc_figure=_plate_heatmaps(cells_per_well, qc_title) if qc else None,
         examples=_example_groups(examples) if examples else [],
         example_channels=examples[0]["channels"] if examples else "",
-        warnings=evaluation.get("warnings") or [],
+        warnings=list(evaluation.warnings),
         matching_table=_table(pd.DataFrame(_matching_rows(evaluation))),
         nscb_note=_nscb_note(evaluation),
         per_moa_table=_table(pd.DataFrame(per)) if per else None,
-        confusion_figures=[_confusion_figure(evaluation[k], k.upper() + " confusion")
-                           for k in ("nsc", "nscb")
-                           if (evaluation.get(k) or {}).get("confusion")],
+        confusion_figures=[_confusion_figure(r, k.upper() + " confusion")
+                           for k, r in scores.items() if r.get("confusion")],
         map_table=_table(pd.DataFrame(map_rows)) if map_rows else None,
         nn_table=_table(pd.DataFrame(nn)) if nn else None,
         conformal=conf, pct=_pct,
@@ -295,17 +298,15 @@ def _template():
     return env.get_template("report.html.j2")
 
 
-def _matching_rows(evaluation: dict) -> list[dict]:
+def _matching_rows(evaluation: Evaluation) -> list[dict]:
     """One row per protocol (NSC, NSCB): 1-NN accuracy, k-NN votes, dropped MoAs."""
     rows = []
-    for key, label in (("nsc", "NSC (not same compound)"),
-                       ("nscb", "NSCB (not same compound or batch)")):
-        r = evaluation.get(key)
-        if r is None:
-            continue
+    labels = {"nsc": "NSC (not same compound)", "nscb": "NSCB (not same compound or batch)"}
+    for key, r in evaluation.scores().items():
+        label = labels[key]
         row = {"protocol": label, "1-NN accuracy": _pct(r.get("accuracy")),
                "correct / n": f"{r.get('correct', 0)}/{r.get('n', 0)}"}
-        for kname, entry in (evaluation.get("knn") or {}).items():
+        for kname, entry in evaluation.knn.items():
             v = entry.get(key) or {}
             row[f"{kname[1:]}-NN vote"] = (_pct(v.get("accuracy")) + f" ({v.get('correct', 0)}"
                                            f"/{v.get('n', 0)})") if "accuracy" in v else "n/a"
@@ -314,15 +315,15 @@ def _matching_rows(evaluation: dict) -> list[dict]:
     return rows
 
 
-def _nn_rows(evaluation: dict) -> list[dict]:
+def _nn_rows(evaluation: Evaluation) -> list[dict]:
     """Replicate accuracy and group accuracies, where the evaluation has them."""
     nn = []
-    if "replicate_accuracy" in evaluation:
-        r = evaluation["replicate_accuracy"]
+    if evaluation.replicate_accuracy is not None:
+        r = evaluation.replicate_accuracy
         nn.append({"metric": "replicate accuracy (nearest treated well is a replicate)",
                    "accuracy": _pct(r.get("accuracy")),
                    "correct / n": f"{r.get('correct', 0)}/{r.get('n', 0)}"})
-    for col, r in (evaluation.get("group_accuracy") or {}).items():
+    for col, r in evaluation.group_accuracy.items():
         nn.append({"metric": f"group accuracy: {col} (other compounds only)",
                    "accuracy": _pct(r.get("accuracy")),
                    "correct / n": f"{r.get('correct', 0)}/{r.get('n', 0)}"})
