@@ -249,6 +249,22 @@ def test_extract_with_checkpoint_matches_the_training_run(tiny_screen, tmp_path,
     cols = feature_columns(a)
     assert len(a) == len(b) > 20 and cols == feature_columns(b)
     np.testing.assert_allclose(a[cols].to_numpy(), b[cols].to_numpy(), rtol=1e-4, atol=1e-5)
+    # `morphoprof run` with the checkpoint: the same cells segmented, the same embeddings,
+    # profiles and an evaluation made of them (a relative checkpoint path is the config's)
+    run = {"data": cfg["data"], "output": "run",
+           "preprocess": {"segmentation": {"enabled": True, "min_distance": 3}},
+           "features": {"checkpoint": "weak/weak/checkpoints/last.ckpt"}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    assert main(["run", str(tmp_path / "run.yaml")]) == 0
+    c = read_features(tmp_path / "run" / "features").sort_values(key).reset_index(drop=True)
+    assert feature_columns(c) == cols and len(c) == len(a)
+    np.testing.assert_allclose(a[cols].to_numpy(), c[cols].to_numpy(), rtol=1e-4, atol=1e-5)
+    assert "NSC:" in capsys.readouterr().out
+    assert (tmp_path / "run" / "report.html").is_file()
+    del run["preprocess"]
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    assert main(["run", str(tmp_path / "run.yaml")]) == 2
+    assert "features.checkpoint: embeds the segmented cells" in capsys.readouterr().err
 
 
 def test_bad_weak_inputs(crop_files, tmp_path):

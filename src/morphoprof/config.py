@@ -82,6 +82,10 @@ class _Extractor(Settings):
                            "(transfer: ImageNet features of whole fields; classical: "
                            "cp_measure measurements of the segmented nuclei)")
 
+    checkpoint: str | None = Field(None, description="a model trained by 'morphoprof train "
+                                   "weak': every segmented cell embedded with it, crops as in "
+                                   "training (needs preprocess.segmentation.enabled)")
+
     @field_validator("extractor")
     @classmethod
     def _registered(cls, name: str) -> str:
@@ -130,6 +134,19 @@ class RunConfig(Settings):
     evaluation: EvaluationConfig = EvaluationConfig()
     output: str = Field(description="folder for every stage's files")
 
+    def check(self) -> list[tuple[str, str]]:
+        """A weak checkpoint embeds the cells segmentation finds; classical embeds nothing."""
+        if not self.features.checkpoint:
+            return []
+        out = []
+        if not self.preprocess.segmentation.enabled:
+            out.append(("features.checkpoint", "embeds the segmented cells: set "
+                        "preprocess.segmentation.enabled: true"))
+        if self.features.extractor == "classical":
+            out.append(("features.checkpoint", "the classical extractor measures cells and "
+                        "embeds nothing: give one of the two"))
+        return out
+
 
 def _read_yaml(path: Path, what: str) -> tuple[Any, str]:
     """(parsed YAML, its text) of a config file; ConfigError naming the file otherwise."""
@@ -149,7 +166,8 @@ def _under(base: Path, value: str | None) -> str | None:
 
 def _resolve_paths(cfg: RunConfig | TrainConfig | WeakConfig, base: Path):
     """``cfg`` with relative ``data.path``, ``data.image_csv``, ``data.moa_csv``, ``data.table``
-    (weak), ``profiles.blocklist`` (run), ``mil.cache`` (training) and ``output`` resolved
+    (weak), ``profiles.blocklist`` and ``features.checkpoint`` (run), ``mil.cache`` (training)
+    and ``output`` resolved
     against ``base`` (the config file's folder)."""
     keys = [k for k in ("path", "image_csv", "moa_csv", "table") if hasattr(cfg.data, k)]
     data = {k: _under(base, getattr(cfg.data, k)) for k in keys}
@@ -158,6 +176,9 @@ def _resolve_paths(cfg: RunConfig | TrainConfig | WeakConfig, base: Path):
     if isinstance(cfg, RunConfig) and cfg.profiles.blocklist:
         changes["profiles"] = cfg.profiles.model_copy(
             update={"blocklist": _under(base, cfg.profiles.blocklist)})
+    if isinstance(cfg, RunConfig) and cfg.features.checkpoint:
+        changes["features"] = cfg.features.model_copy(
+            update={"checkpoint": _under(base, cfg.features.checkpoint)})
     if isinstance(cfg, TrainConfig) and cfg.mil.cache:
         changes["mil"] = cfg.mil.model_copy(update={"cache": _under(base, cfg.mil.cache)})
     return cfg.model_copy(update=changes)

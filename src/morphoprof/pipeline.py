@@ -41,6 +41,7 @@ from morphoprof.evaluation.evaluate import (
     evaluate,
     is_well_level,
 )
+from morphoprof.extract import extract_stage
 from morphoprof.index.schema import BATCH, PLATE, ExperimentIndex
 from morphoprof.io_utils import (
     atomic_dir,
@@ -296,6 +297,8 @@ def applied_config(cfg: RunConfig) -> dict:
         pre[stage] = section.model_dump(mode="json") if section.enabled else {"enabled": False}
     pre["on_error"] = cfg.preprocess.on_error
     feats = cfg.features.model_dump(mode="json")
+    if not feats["checkpoint"]:
+        feats.pop("checkpoint")
     if feats["extractor"] == "classical":
         feats = {k: feats[k] for k in ("extractor", "measurements")}
     else:
@@ -447,10 +450,19 @@ def run_pipeline(cfg: RunConfig, config_text: str,
     timings["preprocess_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    logger.info(f"[4/7] features ({cfg.features.extractor}, {cfg.features.model})")
-    extraction = extract_features(index, cfg.features, cfg.channels, out / "features",
-                                  illumination=illumination,
-                                  segmentation=pre.segmentation, on_error=pre.on_error)
+    feats = cfg.features
+    logger.info("[4/7] features (" + (f"weak model {feats.checkpoint}" if feats.checkpoint else
+                                      f"{feats.extractor}, {feats.model}") + ")")
+    if feats.checkpoint:  # each segmented cell, cropped as in training
+        extraction = extract_stage(out / "features", index=index, cells=out / "cells.parquet",
+                                   checkpoint=feats.checkpoint, illumination=illumination,
+                                   settings={**feats.model_dump(), "channels": cfg.channels,
+                                             "batch_size": feats.batch_size if "batch_size"
+                                             in feats.model_fields_set else 256})
+    else:
+        extraction = extract_features(index, feats, cfg.channels, out / "features",
+                                      illumination=illumination,
+                                      segmentation=pre.segmentation, on_error=pre.on_error)
     timings["features_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
