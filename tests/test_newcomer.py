@@ -407,3 +407,14 @@ def test_readme_report_command_shows_dataset_qc_and_examples(stages, tmp_path):
     assert "<td>compounds</td>" not in dataset  # one label for one count
     assert "Example fields per MoA" in text and "How to read this:" in text
     assert str(d / "screen" / "index.parquet") in text[:text.index("<h2>Dataset")]
+
+
+def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    import re
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"## From Python.*?```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert re.search(r"^NSC: \d+/\d+ = ", out, re.M) and (tmp_path / "evaluation.json").is_file()

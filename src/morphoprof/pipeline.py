@@ -174,8 +174,8 @@ def resolve_normalization(norm: NormalizationConfig, has_controls: bool, what: s
     return norm, ""
 
 
-def build_profiles(features_dir: Path, settings: ProfilesConfig | Mapping, out_dir: Path,
-                   columns=None, style: str = "cli") -> tuple[Path, Path]:
+def build_profiles(features_dir: str | Path, settings: ProfilesConfig | Mapping,
+                   out_dir: str | Path, columns=None, style: str = "cli") -> tuple[Path, Path]:
     """Features -> selected, normalised well profiles -> treatment profiles (Parquet files).
 
     ``settings``: a :class:`~morphoprof.profiles.settings.ProfilesConfig` (or the mapping of
@@ -186,6 +186,7 @@ def build_profiles(features_dir: Path, settings: ProfilesConfig | Mapping, out_d
     the input's names. Every file is written into a temporary folder that replaces its
     outputs in ``out_dir`` only when all are written, so a failure leaves nothing partial.
     ``style`` picks how a settings problem names the fix (CLI flags or YAML keys)."""
+    features_dir, out_dir = Path(features_dir), Path(out_dir)
     cfg = settings if isinstance(settings, ProfilesConfig) else ProfilesConfig(**settings)
     cols = columns or Columns()
     tvn = cfg.cell_tvn
@@ -225,7 +226,7 @@ def build_profiles(features_dir: Path, settings: ProfilesConfig | Mapping, out_d
     return out_dir / "wells.parquet", out_dir / "treatments.parquet"
 
 
-def evaluate_profiles(profiles_path: Path, out: Path, settings=None,
+def evaluate_profiles(profiles_path: str | Path, out: str | Path, settings=None,
                       treatment_aggregation: str = "median") -> Evaluation:
     """Well or treatment profiles -> evaluation JSON (NSC / NSCB, k-NN, mAP, conformal), as
     ``settings`` (an :class:`~morphoprof.evaluation.evaluate.EvaluationConfig`; default: its
