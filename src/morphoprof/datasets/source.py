@@ -17,7 +17,6 @@ from morphoprof.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("synthetic", "bbbc021", "bbbc021-6moa", "csv", "index")
 SOURCE_ALIASES = {"bbbc021_6moa": "bbbc021-6moa"}  # one spelling printed, both accepted
 
 

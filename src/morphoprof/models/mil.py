@@ -32,8 +32,8 @@ from torch import nn
 
 from morphoprof.errors import InputError
 from morphoprof.features.backbones import create_backbone, input_stats
+from morphoprof.models.settings import POOLINGS
 
-POOLINGS = ("max", "mean", "gm", "lse", "noisy_or", "isr", "noisy_and")
 _EPS = 1e-6
 
 

@@ -8,6 +8,7 @@ written once, here; :mod:`morphoprof.config` reads the YAML into them and the tr
 
 from __future__ import annotations
 
+import typing
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field
@@ -19,7 +20,9 @@ from morphoprof.settings import Settings
 if TYPE_CHECKING:
     from morphoprof.models.training import FitConfig
 
-POOLINGS = ("max", "mean", "gm", "lse", "noisy_or", "isr", "noisy_and")
+# Kraus 2016's MIL poolings (:class:`~morphoprof.models.mil.MILPool`)
+Pooling = Literal["max", "mean", "gm", "lse", "noisy_or", "isr", "noisy_and"]
+POOLINGS: tuple[str, ...] = typing.get_args(Pooling)
 _Normalization = Literal["none", "max", "percentile"]
 _Positive = Annotated[int, Field(ge=1)]
 
@@ -59,8 +62,7 @@ class MilSection(Settings):
                               "output/mil/trunk_maps)")
     unfreeze_last_stage: bool = Field(False, description="with a frozen trunk, also train its "
                                       "last stage (on the cached input of that stage)")
-    pooling: Literal["max", "mean", "gm", "lse", "noisy_or", "isr", "noisy_and"] = Field(
-        "noisy_and", description="the MIL pooling")
+    pooling: Pooling = Field("noisy_and", description="the MIL pooling")
     r: float = Field(5.0, description="lse / gm sharpness")
     a: float = Field(10.0, description="Noisy-AND slope")
     hidden: int = Field(1000, ge=1, description="channels of the 1x1 hidden layer (conv6)")
