@@ -69,7 +69,8 @@ def main() -> int:
         cached_trunk_maps,
         trunk_maps,
     )
-    from morphoprof.models.training import FitConfig, ImageClassifier, fit, predict_proba
+    from morphoprof.models.settings import TrainSection
+    from morphoprof.models.training import ImageClassifier, fit, predict_proba
 
     if not DATA.is_file():
         print(f"skipped: real data not found at {DATA}")
@@ -105,7 +106,7 @@ def main() -> int:
         cfg = MILConfig(**{**base.__dict__, "pooling": pooling})
         torch.manual_seed(0)
         module = ImageClassifier(MILHead(cfg, trunk.out_channels), lr=LR)
-        fit_cfg = FitConfig(epochs=EPOCHS, batch_size=16, seed=0, accelerator="cpu")
+        fit_cfg = TrainSection(epochs=EPOCHS, batch_size=16, seed=0, accelerator="cpu")
         folder = WORK / pooling
         import shutil
 

@@ -79,8 +79,7 @@ def test_training_configs_are_typed_sections_with_dotted_errors(tmp_path):
     cfg, _ = load_train_config(tmp_path / "t.yaml", "mil")
     assert isinstance(cfg.mil, MilSection) and cfg.mil.pooling == "max"
     assert cfg.mil.cache == str(tmp_path / "maps") and cfg.output == str(tmp_path / "o")
-    fit = cfg.train.fit_config()
-    assert (fit.epochs, fit.batch_size) == (2, TrainSection().batch_size)
+    assert (cfg.train.epochs, cfg.train.batch_size) == (2, TrainSection().batch_size)
     (tmp_path / "bad.yaml").write_text(
         "data: {source: synthetic}\nmil: {dropout: 1.5, pooling: avg, plan: [[8, 1, 2]]}\n"
         "train: {epochs: 0, devices: 2}\ncv: {aggregate: max}\noutput: o\n")

@@ -10,7 +10,8 @@ import torch
 from morphoprof.models.data import ImageTensorDataset
 from morphoprof.models.finetune import FineTuneConfig, finetune_module
 from morphoprof.models.mil import MILConfig, MILNet
-from morphoprof.models.training import FitConfig, ImageClassifier, fit, predict_proba
+from morphoprof.models.settings import TrainSection
+from morphoprof.models.training import ImageClassifier, fit, predict_proba
 from tests.test_models_mil import adam_steps, toy_batch
 
 PLAN = ((8, 1), (16, 2), (16, 1))
@@ -33,7 +34,7 @@ def state(module: ImageClassifier) -> dict:
 
 def test_fit_writes_metrics_checkpoints_and_resumes_identically(tmp_path):
     x, y = toy_data()
-    cfg = FitConfig(epochs=3, batch_size=16, seed=3)
+    cfg = TrainSection(epochs=3, batch_size=16, seed=3)
     full = mil_module()
     info = fit(full, ImageTensorDataset(x, y, augment=True), tmp_path / "full", cfg)
     assert info["epochs_run"] == 3 and info["resumed_from"] is None
@@ -45,7 +46,7 @@ def test_fit_writes_metrics_checkpoints_and_resumes_identically(tmp_path):
     # Interrupted after 1 epoch, then the same command with 3 epochs resumes from epoch 1.
     part = mil_module()
     fit(part, ImageTensorDataset(x, y, augment=True), tmp_path / "part",
-        FitConfig(epochs=1, batch_size=16, seed=3))
+        TrainSection(epochs=1, batch_size=16, seed=3))
     resumed = mil_module()
     info2 = fit(resumed, ImageTensorDataset(x, y, augment=True), tmp_path / "part", cfg)
     assert info2["resumed_from"].endswith("last.ckpt") and info2["epochs_run"] == 3
@@ -63,7 +64,7 @@ def test_early_stopping_on_validation_loss(tmp_path):
     xv, yv = toy_data(16, seed=1)
     module = mil_module()
     module.lr = 0.0  # nothing improves: stops after `patience` epochs without improvement
-    info = fit(module, ImageTensorDataset(x, y), tmp_path, FitConfig(
+    info = fit(module, ImageTensorDataset(x, y), tmp_path, TrainSection(
         epochs=20, batch_size=16, patience=2), ImageTensorDataset(xv, yv))
     assert info["epochs_run"] < 20
     metrics = pd.read_csv(info["metrics_csv"])

@@ -31,8 +31,9 @@ from morphoprof.errors import InputError
 from morphoprof.index.schema import COMPOUND, CONCENTRATION, MOA, PLATE, WELL, ExperimentIndex
 from morphoprof.io_utils import write_json, write_npy, write_parquet
 from morphoprof.models.data import ImageTensorDataset
+from morphoprof.models.settings import TrainSection
 from morphoprof.models.splits import group_folds, split_groups
-from morphoprof.models.training import FitConfig, ImageClassifier, fit, predict_proba
+from morphoprof.models.training import ImageClassifier, fit, predict_proba
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def cross_validate(
     make_module: Callable[[int], ImageClassifier],
     out_dir: str | Path,
     cv: CVConfig | None = None,
-    fit_cfg: FitConfig | None = None,
+    fit_cfg: TrainSection | None = None,
     make_dataset: Callable[[np.ndarray, np.ndarray, bool], Dataset] | None = None,
 ) -> dict:
     """Train and test one model per fold; write ``predictions.parquet`` (out-of-fold image
@@ -135,7 +136,7 @@ def cross_validate(
         :class:`~morphoprof.classification.ClassificationSummary` as JSON.
     """
     cv = cv or CVConfig()
-    fit_cfg = fit_cfg or FitConfig()
+    fit_cfg = fit_cfg or TrainSection()
     out_dir = Path(out_dir)
     table = index.table.reset_index(drop=True)
     if make_dataset is None and len(images) != len(table):
@@ -215,7 +216,7 @@ def _labels(table: pd.DataFrame, cv: CVConfig) -> tuple[list[str], np.ndarray]:
 
 def _fold(fold_dir: Path, f: int, train_rows: np.ndarray, test_rows: np.ndarray,
           y: np.ndarray, wells: np.ndarray, make_module, make_dataset, cv: CVConfig,
-          fit_cfg: FitConfig, name: str) -> tuple[np.ndarray, dict]:
+          fit_cfg: TrainSection, name: str) -> tuple[np.ndarray, dict]:
     """Train fold ``f`` (validation wells split off its training rows) and predict its test
     rows: ``(probabilities (n_test, K), fit info)``. A fold whose predictions exist is reused."""
     done = fold_dir / _DONE

@@ -267,7 +267,7 @@ def run_training(kind: str, cfg: TrainConfig, config_text: str = "") -> dict:
                   aggregate=aggregate, alpha=c.alpha, val_fraction=c.val_fraction,
                   seed=cfg.train.seed, augment=im.augment, crop=im.crop, mean=mean, std=std)
     result = cross_validate(index, images, make, out / kind, cv,
-                            cfg.train.fit_config(),
+                            cfg.train,
                             make_dataset=setup.make_dataset if setup else None)
     result["kind"] = kind
     if setup is not None:

@@ -9,16 +9,13 @@ written once, here; :mod:`morphoprof.config` reads the YAML into them and the tr
 from __future__ import annotations
 
 import typing
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
 from morphoprof.datasets.source import DataSection
 from morphoprof.preprocess.segmentation import NucleiSection
 from morphoprof.settings import Settings
-
-if TYPE_CHECKING:
-    from morphoprof.models.training import FitConfig
 
 # Kraus 2016's MIL poolings (:class:`~morphoprof.models.mil.MILPool`)
 Pooling = Literal["max", "mean", "gm", "lse", "noisy_or", "isr", "noisy_and"]
@@ -92,7 +89,8 @@ class MilSection(Settings):
 
 
 class TrainSection(Settings):
-    """``train``: the optimiser and PyTorch Lightning's trainer."""
+    """``train``: the optimiser and PyTorch Lightning's trainer; what
+    :func:`~morphoprof.models.training.fit` reads."""
 
     epochs: int = Field(10, ge=1, description="training epochs")
     batch_size: int = Field(16, ge=1, description="images per batch")
@@ -107,14 +105,6 @@ class TrainSection(Settings):
     num_nodes: int = Field(1, ge=1, description="Lightning nodes")
     strategy: str = Field("auto", description="Lightning strategy (auto, ddp, ...)")
     precision: str = Field("auto", description="auto (bf16 on GPUs) or a Lightning precision")
-
-    def fit_config(self) -> FitConfig:
-        """These settings as the :class:`FitConfig` of :func:`~morphoprof.models.training.fit`."""
-        from morphoprof.models.training import FitConfig  # imports torch and Lightning
-
-        keys = ("epochs", "batch_size", "patience", "seed", "num_workers", "accelerator",
-                "devices", "num_nodes", "strategy", "precision")
-        return FitConfig(**{k: getattr(self, k) for k in keys})
 
 
 class CVSection(Settings):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +20,7 @@ from morphoprof.io_utils import atomic_path
 from morphoprof.logs import progress_enabled
 from morphoprof.models.data import EpochSampler
 from morphoprof.models.mil import mil_loss
+from morphoprof.models.settings import TrainSection
 
 logger = logging.getLogger(__name__)
 
@@ -84,24 +84,6 @@ class EpochSeed(L.Callback):
                               .integers(0, 2**62)))
 
 
-@dataclass
-class FitConfig:
-    """How to train: epochs, batch size, early stopping (on validation loss, when there is a
-    validation set), seed, hardware (``accelerator`` auto | cpu | gpu; ``devices``; ``num_nodes``;
-    ``strategy`` auto | ddp | ...; ``precision`` auto = bf16 mixed on GPU, 32 on CPU)."""
-
-    epochs: int = 10
-    batch_size: int = 16
-    patience: int = 5
-    seed: int = 0
-    num_workers: int = 0
-    accelerator: str = "auto"
-    devices: int | str = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "auto"
-
-
 def _quiet_lightning() -> None:
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -126,7 +108,7 @@ def fit(
     module: L.LightningModule,
     train: Dataset | DataLoader,
     out_dir: str | Path,
-    cfg: FitConfig | None = None,
+    cfg: TrainSection | None = None,
     val: Dataset | None = None,
 ) -> dict:
     """Train ``module`` on ``train`` (a Dataset, served in epoch-keyed shuffled batches, or a
@@ -144,7 +126,7 @@ def fit(
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    cfg = cfg or FitConfig()
+    cfg = cfg or TrainSection()
     _quiet_lightning()
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoints"

@@ -209,7 +209,7 @@ def run_weak(cfg: WeakConfig, config_text: str = "") -> dict:
                 f"val {len(val)}, test {len(test)} cells (split by well)")
     module = _weak_module(cfg, classes, channels, raw_size, int(crops.shape[-1]))
     mean, std = module.input_mean, module.input_std
-    fcfg = cfg.train.fit_config()
+    fcfg = cfg.train
     loader, sampler = _weak_loader(cfg, table, batch_col, crops, labels, train, len(classes),
                                    mean, std, fcfg)
     val_set = (ImageTensorDataset(crops[val], labels[val], mean=mean, std=std)
