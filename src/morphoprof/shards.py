@@ -260,7 +260,6 @@ def run_shards(
     Returns:
         A :class:`ShardRun`.
     """
-
     shared = shared or {}
     todo = [(key, payload) for key, payload in plan if not writer.done(key)]
     if len(todo) < len(plan):

@@ -81,7 +81,6 @@ def fetch(
     Raises:
         DownloadError: HTTP errors, a size that differs from the server's, a checksum mismatch.
     """
-
     dest = Path(dest)
     if dest.is_file():
         return dest

@@ -321,7 +321,6 @@ def generate_screen(
     Returns:
         The :class:`~morphoprof.index.ExperimentIndex` of the screen.
     """
-
     cfg = cfg or SynthConfig()
     out = Path(out)
     if _reusable(out, cfg, overwrite):

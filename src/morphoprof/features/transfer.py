@@ -562,7 +562,6 @@ class TransferExtractor:
         ``on_error="skip"`` the cells of an unreadable image set are left out, each listed as
         ``{"row" (its position in ``cells``), "reason"}``; ``run_summary.json`` records the run.
         """
-
         channels = list(self.cfg.channels or index.channels)
         self.check_channels(channels)
         params = {

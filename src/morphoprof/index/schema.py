@@ -481,3 +481,26 @@ def build_index(
         lines = np.asarray(lines, dtype=np.int64)[order]
     return ExperimentIndex(df, Path(root), str(source) if lines is not None else None, lines)
 
+
+def select_mask(table: pd.DataFrame, select: dict) -> np.ndarray:
+    """Rows of ``table`` whose column holds one of the listed values (``{column: [values]}``,
+    a config's ``select``), as a boolean mask ``(n_rows,)``; a column or value not in the table
+    is an error naming it."""
+    mask = np.ones(len(table), bool)
+    for col, values in (select or {}).items():
+        if col not in table.columns:
+            raise InputError(f"select: the table has no column {col!r}; found "
+                             f"{list(table.columns)}")
+        values = values if isinstance(values, list) else [values]
+        have = table[col].astype(str)
+        absent = [v for v in values if str(v) not in set(have)]
+        if absent:
+            raise InputError(f"select: {col} has no rows with value(s) {absent}")
+        mask &= have.isin([str(v) for v in values]).to_numpy()
+    return mask
+
+
+def select_rows(index: ExperimentIndex, select: dict) -> ExperimentIndex:
+    """Keep the index rows chosen by :func:`select_mask`."""
+    mask = select_mask(index.table, select)
+    return index.subset(mask) if not mask.all() else index

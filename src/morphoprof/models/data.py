@@ -43,7 +43,6 @@ def load_images(
     Raises:
         InputError: an image cannot be read (names the row) or shapes differ without ``size``.
     """
-
     rows = np.arange(len(index)) if rows is None else np.asarray(rows, dtype=np.int64)
     channels = list(channels or index.channels)
     if scale <= 0:

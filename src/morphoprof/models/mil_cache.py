@@ -56,7 +56,6 @@ def trunk_maps(trunk: torch.nn.Module, images: np.ndarray, mean: Sequence[float]
     Returns:
         ``(N, T, D, h, w)`` float16.
     """
-
     if transforms > 1 and images.shape[-1] != images.shape[-2]:
         raise InputError(f"rotated copies need square images, got {images.shape[-2:]}")
     was_training = trunk.training

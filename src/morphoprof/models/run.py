@@ -15,7 +15,7 @@ import numpy as np
 
 from morphoprof.datasets.source import build_index_from_config
 from morphoprof.errors import InputError
-from morphoprof.index.schema import ExperimentIndex
+from morphoprof.index.schema import ExperimentIndex, select_rows
 from morphoprof.io_utils import read_parquet, write_json
 from morphoprof.models.crossval import CVConfig, cross_validate
 from morphoprof.models.settings import TrainConfig
@@ -24,28 +24,6 @@ if TYPE_CHECKING:
     from morphoprof.models.mil import MILConfig
 
 KINDS = ("finetune", "mil")
-
-
-def select_mask(table, select: dict) -> np.ndarray:
-    """Rows whose column holds one of the listed values (``{column: [values]}``), as a mask."""
-    mask = np.ones(len(table), bool)
-    for col, values in (select or {}).items():
-        if col not in table.columns:
-            raise InputError(f"select: the table has no column {col!r}; found "
-                             f"{list(table.columns)}")
-        values = values if isinstance(values, list) else [values]
-        have = table[col].astype(str)
-        absent = [v for v in values if str(v) not in set(have)]
-        if absent:
-            raise InputError(f"select: {col} has no rows with value(s) {absent}")
-        mask &= have.isin([str(v) for v in values]).to_numpy()
-    return mask
-
-
-def select_rows(index: ExperimentIndex, select: dict) -> ExperimentIndex:
-    """Keep the index rows chosen by :func:`select_mask`."""
-    mask = select_mask(index.table, select)
-    return index.subset(mask) if not mask.all() else index
 
 
 def module_factory(kind: str, cfg: TrainConfig, n_classes: int, in_chans: int):

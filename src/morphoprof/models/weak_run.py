@@ -17,7 +17,15 @@ import pandas as pd
 from morphoprof.classification import ClassificationSummary
 from morphoprof.datasets.source import build_index_from_config
 from morphoprof.errors import InputError
-from morphoprof.index.schema import BATCH, COMPOUND, CONTROL, PLATE, WELL
+from morphoprof.index.schema import (
+    BATCH,
+    COMPOUND,
+    CONTROL,
+    PLATE,
+    WELL,
+    select_mask,
+    select_rows,
+)
 from morphoprof.io_utils import read_parquet, write_json
 from morphoprof.models.settings import HoldoutSection, WeakConfig
 from morphoprof.preprocess.crops import CropDataset, load_crop_shards, normalize_crops
@@ -97,8 +105,6 @@ def crops_from_screen(cfg: WeakConfig, out: Path) -> tuple[np.ndarray,
                                                                            pd.DataFrame, list]:
     """Segment the screen's nuclei (``cells.segmentation`` settings) and cut a ``crop_size``
     crop (zero-padded at edges) around each: ``(N, C, S, S)`` float32, raw intensities."""
-    from morphoprof.models.run import select_rows
-
     index = select_rows(build_index_from_config(cfg.data, out), cfg.select)
     channels = cfg.channels or index.channels
     seg = cfg.cells.segmentation
@@ -263,8 +269,6 @@ def _weak_cells(cfg: WeakConfig, out: Path
     if not data.table and not Path(data.path).is_dir():
         raise InputError("data.table: required for source 'crops' with an .npz (one row "
                          "per crop)")
-    from morphoprof.models.run import select_mask
-
     raw, table, channels = load_crop_array(data.path, data.table, cfg.channels, data.controls)
     keep = select_mask(table, cfg.select)
     return (raw[keep], table[keep].reset_index(drop=True), channels,

@@ -137,7 +137,6 @@ def parquet_sources(source: str | Path | Sequence[str | Path]) -> list[Path]:
     """Resolve a feature folder (its manifest's shards), a Parquet file, a folder of Parquet files
     or a list of files into the list of Parquet files to read. Raises InputError naming what is
     missing."""
-
     if isinstance(source, (str, Path)):
         path = Path(source)
         if path.is_file():
