@@ -3,6 +3,7 @@ half-written file behind (write to a temporary name in the same folder, then ren
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -128,6 +129,16 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         if not ok:
             _remove_dirs(created)
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest (``algorithm``: any :mod:`hashlib` name) of a file's bytes, read in 1 MiB
+    blocks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _is_utf8(text: str) -> bool:

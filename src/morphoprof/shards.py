@@ -14,7 +14,6 @@ loop every sharded stage runs, in process or on Dask.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -31,7 +30,7 @@ import pandas as pd
 
 from morphoprof.distributed import dask_client
 from morphoprof.errors import InputError
-from morphoprof.io_utils import read_parquet, write_json, write_parquet
+from morphoprof.io_utils import file_digest, read_parquet, write_json, write_parquet
 from morphoprof.logs import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -77,7 +76,7 @@ class ShardWriter:
                     path = self.out / v["file"]
                     if not path.is_file():
                         self.recomputed.append(f"{path}: missing since the last run")
-                    elif file_sha256(path) != v.get("sha256"):
+                    elif file_digest(path) != v.get("sha256"):
                         self.recomputed.append(f"{path}: changed since the last run (its "
                                                "SHA-256 differs from the manifest's)")
                     else:
@@ -128,21 +127,12 @@ class ShardWriter:
         write_json(self.out / MANIFEST, {"params": self.params, "shards": self.shards})
 
 
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes, hex, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_shard(out: str | Path, key: str, df: pd.DataFrame) -> dict:
     """Write ``df`` as shard ``key`` of the feature folder ``out`` (atomically) and return its
     manifest entry ``{"key", "file", "rows", "sha256"}``; the manifest itself is not touched."""
     rel = f"shards/{key}.parquet"
     path = write_parquet(Path(out) / rel, df)
-    digest = file_sha256(path)
+    digest = file_digest(path)
     return {"key": key, "file": rel, "rows": int(len(df)), "sha256": digest}
 
 

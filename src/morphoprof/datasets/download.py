@@ -15,7 +15,6 @@ interrupted run never leaves a half-unpacked plate. A re-run skips finished plat
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from pathlib import Path
 
 from morphoprof.errors import DownloadError
 from morphoprof.index.bbbc021 import batch_of_plate
-from morphoprof.io_utils import write_json
+from morphoprof.io_utils import file_digest, write_json
 from morphoprof.logs import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -43,15 +42,6 @@ _CHUNK = 1 << 20
 
 def _join(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
-
-
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    """Hex digest of a file, read in 1 MiB chunks."""
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_checksum(path: Path, expected: str, name: str) -> None:

@@ -26,11 +26,11 @@ from morphoprof.index.schema import (
     select_mask,
     select_rows,
 )
-from morphoprof.io_utils import read_parquet, write_json
+from morphoprof.io_utils import file_digest, read_parquet, write_json
 from morphoprof.models.settings import HoldoutSection, WeakConfig
 from morphoprof.preprocess.crops import CropDataset, load_crop_shards, normalize_crops
 from morphoprof.preprocess.segmentation import segment_index
-from morphoprof.shards import ShardWriter, file_sha256, run_shards, shard_key
+from morphoprof.shards import ShardWriter, run_shards, shard_key
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def run_weak(cfg: WeakConfig, config_text: str = "") -> dict:
     _write_embeddings(out / FEATURES, meta.assign(Metadata_split=part), feats,
                       extractor.column_names(channels, feats.shape[1]),
                       {"extractor": "weak", "checkpoint": str(ckpt),
-                       "checkpoint_sha256": file_sha256(ckpt), "layer": extractor.cfg.layer,
+                       "checkpoint_sha256": file_digest(ckpt), "layer": extractor.cfg.layer,
                        "n_cells": len(crops)})
     summary["features"] = str(out / FEATURES)
     summary["metrics_csv"] = result["metrics_csv"]
