@@ -22,6 +22,10 @@ from morphoprof.profiles.anndata_io import write_anndata
 from morphoprof.registry import create_extractor
 from morphoprof.shards import read_features
 
+# batch size of cells and crops: a crop is ~50x fewer pixels than a field, so the fields'
+# batches of 16 would leave the network idle
+CROP_BATCH_SIZE = 256
+
 
 def extract_stage(out: str | Path, *, index: ExperimentIndex | None = None,
                   cells: str | Path | None = None, crops: str | Path | None = None,
@@ -37,7 +41,7 @@ def extract_stage(out: str | Path, *, index: ExperimentIndex | None = None,
 
     - ``index``: whole fields, one row per image set (``classical``: per segmented cell);
     - ``index`` and ``cells`` (a cell table from ``segment``): a ``crop_size`` px crop around
-      each cell (default 96, or the checkpoint's), one row per cell;
+      each cell (default: the extractor's, or the checkpoint's), one row per cell;
     - ``crops``: a crop folder from ``morphoprof crops``, or an ``.npz`` holding ``crops``
       with its ``crop_table`` (``controls``: compounds that mark control cells), one row per
       crop.
@@ -46,10 +50,16 @@ def extract_stage(out: str | Path, *, index: ExperimentIndex | None = None,
     ``settings`` (its settings' keys); ``checkpoint`` instead embeds with a ``train weak``
     model (its channels, crop size, normalisation and embedding layer; ``settings`` keys
     ``layer``, ``batch_size``, ``device``, ``num_workers``, ``precision`` apply).
-    ``normalization``: per-crop (default ``max``, or the checkpoint's). ``fmt`` ``h5ad`` /
-    ``zarr`` also writes the folder as one AnnData (``out/features.<fmt>``).
+    ``batch_size`` absent or None: :data:`CROP_BATCH_SIZE` for cells and crops, the
+    extractor's own for fields. ``normalization``: per-crop (default ``max``, or the
+    checkpoint's). ``fmt`` ``h5ad`` / ``zarr`` also writes the folder as one AnnData
+    (``out/features.<fmt>``).
     """
     settings = dict(settings or {})
+    if settings.get("batch_size") is None:  # by input
+        settings.pop("batch_size", None)
+        if cells is not None or crops is not None:
+            settings["batch_size"] = CROP_BATCH_SIZE
     if crops is not None:  # read (and checked) before any model is built
         arrays = load_crop_array(crops, crop_table, settings.get("channels"), list(controls))
     elif index is None:
@@ -65,16 +75,17 @@ def extract_stage(out: str | Path, *, index: ExperimentIndex | None = None,
     model, crop_size, normalization = _model(extractor, settings, checkpoint, crop_size,
                                              normalization,
                                              arrays[0] if crops is not None else None, crops)
+    # crop settings given (or the checkpoint's); the others are the extractor's own defaults
+    given = {k: v for k, v in (("size", crop_size), ("normalization", normalization)) if v}
     if crops is not None:
         x, table, names = arrays
-        summary = model.extract_crops(x, table, names, out, normalization or "max",
-                                      overwrite=overwrite)
+        summary = model.extract_crops(x, table, names, out, overwrite=overwrite,
+                                      **{k: v for k, v in given.items() if k != "size"})
     elif cells is not None:
         if not Path(cells).is_file():
             raise InputError(f"cell table not found: {cells}")
-        summary = model.extract_cells(index, read_parquet(cells), out, size=crop_size or 96,
-                                      normalization=normalization or "max",
-                                      illumination=illumination, overwrite=overwrite)
+        summary = model.extract_cells(index, read_parquet(cells), out,
+                                      illumination=illumination, overwrite=overwrite, **given)
     else:
         summary = model.extract(index, out, overwrite=overwrite, illumination=illumination,
                                 scheduler=scheduler)
@@ -100,8 +111,8 @@ def _model(extractor: str, settings: dict, checkpoint, crop_size, normalization,
     from morphoprof.models.weak import extractor_from_checkpoint
 
     model, hp = extractor_from_checkpoint(checkpoint, settings.get("layer"),
-                                          settings.get("batch_size", 256), settings.get("device"),
-                                          settings.get("num_workers", 0),
+                                          settings.get("batch_size", CROP_BATCH_SIZE),
+                                          settings.get("device"), settings.get("num_workers", 0),
                                           precision=settings.get("precision", "auto"))
     channels = settings.get("channels")
     if channels and list(channels) != hp["channels"]:

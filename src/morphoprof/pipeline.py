@@ -459,7 +459,7 @@ def run_pipeline(cfg: RunConfig, config_text: str,
                                    checkpoint=feats.checkpoint, illumination=illumination,
                                    settings={**feats.model_dump(), "channels": cfg.channels,
                                              "batch_size": feats.batch_size if "batch_size"
-                                             in feats.model_fields_set else 256})
+                                             in feats.model_fields_set else None})
     else:
         extraction = extract_features(index, feats, cfg.channels, out / "features",
                                       illumination=illumination,

@@ -13,7 +13,7 @@ from morphoprof.cli.common import (
 )
 from morphoprof.config import FeaturesSection, NucleiSection
 from morphoprof.errors import MorphoprofError
-from morphoprof.extract import extract_stage
+from morphoprof.extract import CROP_BATCH_SIZE, extract_stage
 from morphoprof.features.transfer import TransferConfig
 from morphoprof.index import ExperimentIndex
 from morphoprof.io_utils import read_parquet
@@ -65,9 +65,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
         raise MorphoprofError("--crops takes the crops themselves: give no index and no --cells")
     if not a.crops and not a.index:
         raise MorphoprofError("extract needs an index.parquet, or --crops")
-    # a crop is ~50x fewer pixels than a field: batches of 16 would leave the network idle
-    batch_size = a.batch_size or (256 if a.crops or a.cells else 16)
-    settings = {**{k: getattr(a, k) for k in EXTRACT_OPTIONS}, "batch_size": batch_size,
+    settings = {**{k: getattr(a, k) for k in EXTRACT_OPTIONS}, "batch_size": a.batch_size,
                 "num_workers": a.workers, "n_jobs": a.workers or 1, "channels": a.channels,
                 "on_error": a.on_error}
     print_json(extract_stage(
@@ -126,8 +124,9 @@ def _add_extract(sub) -> None:
                    help="transfer: ImageNet CNN on whole fields; classical: cp_measure per cell")
     add_options(s, TransferConfig, EXTRACT_OPTIONS)
     # defaults that depend on the input, so not the TransferConfig's own
-    s.add_argument("--batch-size", type=int, help="images per network batch (default: 16 "
-                   "fields, 256 cell crops)")
+    s.add_argument("--batch-size", type=int, help="images per network batch (default: "
+                   f"{TransferConfig.model_fields['batch_size'].default} fields, "
+                   f"{CROP_BATCH_SIZE} cells and crops)")
     s.add_argument("--workers", type=int, default=0, help="DataLoader worker processes "
                    "(classical: processes)")
     s.add_argument("--format", default="parquet", choices=["parquet", "h5ad", "zarr"],
