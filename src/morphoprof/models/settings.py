@@ -123,13 +123,19 @@ class CVSection(Settings):
     val_fraction: float = Field(0.0, ge=0, lt=1, description="validation wells per fold")
 
 
-class TrainConfig(Settings):
-    """A ``train finetune`` / ``train mil`` config."""
+class _TrainerConfig(Settings):
+    """What every trainer's config holds: the screen, its stains and rows, the run's folder."""
 
     data: DataSection
     channels: list[str] | None = Field(None, description="stains to use, in order")
     select: dict[str, Any] = Field({}, description="keep only rows whose column holds one of "
                                    "the listed values, e.g. {Metadata_compound: [a, b]}")
+    output: str = Field(description="the run's folder")
+
+
+class TrainConfig(_TrainerConfig):
+    """A ``train finetune`` / ``train mil`` config."""
+
     label: str = Field("Metadata_moa", description="the column the networks learn")
     multilabel: bool = Field(False, description="sigmoid outputs (several labels per image)")
     images: ImagesSection = ImagesSection()
@@ -137,7 +143,6 @@ class TrainConfig(Settings):
     mil: MilSection = MilSection()
     train: TrainSection = TrainSection()
     cv: CVSection = CVSection()
-    output: str = Field(description="the run's folder")
 
 
 class CellsSection(Settings):
@@ -217,13 +222,10 @@ class WeakDataSection(DataSection):
         return []
 
 
-class WeakConfig(Settings):
+class WeakConfig(_TrainerConfig):
     """A ``train weak`` config."""
 
     data: WeakDataSection
-    channels: list[str] | None = Field(None, description="stains to use, in order")
-    select: dict[str, Any] = Field({}, description="keep only rows whose column holds one of "
-                                   "the listed values")
     label: list[str] = Field(["Metadata_compound", "Metadata_concentration"],
                              description="the weak label: these columns' values together")
     batch_column: str | None = Field(None, description="batches that sequences and mixup "
@@ -235,4 +237,3 @@ class WeakConfig(Settings):
     weak: WeakSection = WeakSection()
     train: WeakTrainSection = WeakTrainSection()
     features: WeakFeaturesSection = WeakFeaturesSection()
-    output: str = Field(description="the run's folder")
