@@ -266,9 +266,6 @@ def _weak_cells(cfg: WeakConfig, out: Path
     data = cfg.data
     if data.source != "crops":
         return (*crops_from_screen(cfg, out), "the screen's cell table")
-    if not data.table and not Path(data.path).is_dir():
-        raise InputError("data.table: required for source 'crops' with an .npz (one row "
-                         "per crop)")
     raw, table, channels = load_crop_array(data.path, data.table, cfg.channels, data.controls)
     keep = select_mask(table, cfg.select)
     return (raw[keep], table[keep].reset_index(drop=True), channels,
