@@ -6,10 +6,13 @@ import tifffile
 
 from morphoprof.datasets.synthetic import SynthConfig, generate_screen, load_ground_truth
 from morphoprof.errors import InputError
+from morphoprof.preprocess import illumination
 from morphoprof.preprocess.illumination import (
     IlluminationCorrection,
     compute_illumination,
+    mean_image,
     smooth_illumination,
+    upsample_linear,
 )
 from tests.conftest import shared
 
@@ -81,3 +84,25 @@ def test_real_raw_field_gives_a_smooth_function_at_least_one():
     assert f.shape == (1024, 1280) and f.min() >= 1.0 and np.isfinite(f).all()
     # smooth: neighbouring pixels differ by far less than the raw nuclei edges do
     assert np.abs(np.diff(f, axis=1)).max() < 0.05 * f.max()
+
+
+@pytest.mark.parametrize("small, shape", [((51, 64), (1024, 1280)), ((7, 9), (30, 50)),
+                                          ((3, 4), (10, 13)), ((40, 50), (40, 50))])
+def test_upsample_linear_is_skimage_bilinear_resize(small, shape):
+    from skimage.transform import resize
+
+    img = np.random.default_rng(0).random(small) * 100 + 1
+    want = resize(img, shape, order=1, mode="edge", anti_aliasing=False)
+    got = upsample_linear(img, shape)
+    assert got.shape == shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_mean_image_folds_float32_partial_sums_exactly_enough(monkeypatch, uneven_screen):
+    _, index = uneven_screen
+    rows = np.arange(23)
+    exact = np.mean([index.read(int(i)).astype(np.float64) for i in rows], axis=0)
+    monkeypatch.setattr(illumination, "_PARTIAL", 5)  # 4 folds and a remainder of 3 images
+    got = mean_image(index, rows, index.channels)
+    assert got.dtype == np.float64 and got.shape == exact.shape
+    np.testing.assert_allclose(got, exact, rtol=1e-6)

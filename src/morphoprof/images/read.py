@@ -108,10 +108,15 @@ def read_plane(path: str | Path, frame: int | None = None) -> np.ndarray:
     return _to_float32(_select_frame(_read_full(path), frame, path), path)
 
 
-def _to_float32(plane: np.ndarray, path: Path) -> np.ndarray:
+def _checked_pixels(plane: np.ndarray, path: Path) -> np.ndarray:
+    """``plane`` itself, refused (naming the file) unless its pixels are numbers."""
     if plane.dtype.kind not in "uifb":
         raise ImageReadError(path, f"unsupported pixel type {plane.dtype}")
-    return plane.astype(np.float32, copy=False)
+    return plane
+
+
+def _to_float32(plane: np.ndarray, path: Path) -> np.ndarray:
+    return _checked_pixels(plane, path).astype(np.float32, copy=False)
 
 
 def image_shape(path: str | Path, frame: int | None = None) -> tuple[int, int]:
@@ -174,18 +179,22 @@ def read_stack(
                 zarr_planes.update({(p, c): plane for c, plane in
                                     zip(wanted, read_field(p, wanted, max_pixels()),
                                         strict=True)})
-            planes.append(_to_float32(zarr_planes[(p, frame or 0)], p))
+            planes.append(_checked_pixels(zarr_planes[(p, frame or 0)], p))
             continue
         if p not in decoded:
             decoded[p] = _read_full(p)
-        planes.append(_to_float32(_select_frame(decoded[p], frame, p), p))
+        planes.append(_checked_pixels(_select_frame(decoded[p], frame, p), p))
     shapes = {plane.shape for plane in planes}
     if len(shapes) > 1:
         desc = ", ".join(
             f"{n}={pl.shape} ({p})" for n, pl, p in zip(names, planes, paths, strict=True)
         )
         raise InputError(f"channels of one image set have different shapes: {desc}")
-    return np.stack(planes, axis=0)
+    # each plane converted straight into the stack: one float32 copy, not two
+    stack = np.empty((len(planes), *planes[0].shape) if planes else (0,), np.float32)
+    for k, plane in enumerate(planes):
+        stack[k] = plane
+    return stack
 
 
 def max_pixels() -> int:

@@ -138,7 +138,7 @@ class ExperimentIndex:
         chans = list(channels or self.channels)
         image = read_stack(self.paths(i, chans), self.frames(i, chans), chans)
         if illumination is not None:
-            image = illumination.apply(image, self.table[PLATE].iloc[i], chans)
+            image = illumination.apply(image, self.table[PLATE].iloc[i], chans, out=image)
         return image
 
     def subset(self, mask: Sequence[bool] | pd.Series | np.ndarray) -> ExperimentIndex:

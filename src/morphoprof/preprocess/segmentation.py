@@ -54,10 +54,11 @@ class NucleiConfig(Settings):
 
 class NucleiSection(NucleiConfig):
     """Nuclei segmentation of a screen: the :class:`NucleiConfig`, the channel segmented and the
-    worker processes (``morphoprof segment``'s options; a weak config's ``cells.segmentation``)."""
+    threads (``morphoprof segment``'s options; a weak config's ``cells.segmentation``)."""
 
     channel: str | None = Field(None, description="DNA channel (default: DNA / DAPI / Hoechst)")
-    n_jobs: int = Field(1, ge=1, description="worker processes")
+    n_jobs: int = Field(1, ge=1, description="parallel jobs: threads for segmentation, "
+                        "processes for the classical extractor's measurements")
 
     def nuclei(self) -> NucleiConfig:
         """The :class:`NucleiConfig` part (what :func:`segment_nuclei` reads)."""
@@ -263,7 +264,7 @@ def _segment_chunk(index: ExperimentIndex, rows: Sequence[int], channel: str, cf
             warnings = image_quality(dna, path)
             if illumination is not None:
                 plate = index.table[PLATE].iloc[int(i)]
-                dna = illumination.apply(dna[None], plate, [channel])[0]
+                illumination.apply(dna[None], plate, [channel], out=dna[None])
             out.append((int(i), nuclei_table(dna, cfg), warnings, None))
         except MorphoprofError as exc:
             out.append((int(i), None, [], str(exc)))
@@ -278,7 +279,7 @@ def segment_index(
     illumination=None,
     on_error: str = "fail",
     n_jobs: int = 1,
-    chunk: int = 16,
+    chunk: int = 4,
 ) -> dict:
     """Segment the nuclei of every image set and write one cell table (Parquet).
 
@@ -291,7 +292,10 @@ def segment_index(
             applied before segmenting, or None.
         on_error: ``fail`` (raise, naming the file) or ``skip`` (log and go on) for unreadable or
             NaN images.
-        n_jobs: worker processes (joblib), each segmenting ``chunk`` image sets at a time.
+        n_jobs: threads (joblib), each segmenting ``chunk`` image sets at a time: reading,
+            filtering and the watershed release the GIL, and threads start at once where
+            worker processes would import the libraries again (80 BBBC021-size fields at 1/4
+            resolution: 0.9 s on 2 threads, 1.6 s on 2 processes).
 
     Returns:
         A run summary: image sets, cells, image sets with no cells, warnings, skipped files.
@@ -305,11 +309,11 @@ def segment_index(
     if channel not in index.channels:
         raise InputError(f"unknown channel {channel!r}; the index has {index.channels}")
     meta_cols = [c for c in index.table.columns if c.startswith("Metadata_")]
-    tables, warnings, skipped, empty = [], [], [], 0
+    tables, rows_of, warnings, skipped, empty = [], [], [], [], 0
     chunks = [np.arange(k, min(k + chunk, len(index))) for k in range(0, len(index), chunk)]
     jobs = (delayed(_segment_chunk)(index, rows, channel, cfg, illumination) for rows in chunks)
     bar = progress_bar(total=len(index), desc="segmenting nuclei", unit="field")
-    for result in Parallel(n_jobs=n_jobs, return_as="generator")(jobs):
+    for result in Parallel(n_jobs=n_jobs, return_as="generator", prefer="threads")(jobs):
         for i, t, warn, error in result:
             bar.update(1)
             warnings += warn
@@ -319,12 +323,17 @@ def segment_index(
                 skipped.append({"file": str(index.paths(i, [channel])[0]), "reason": error})
                 continue
             empty += len(t) == 0
-            meta = index.table.iloc[[i] * len(t)][meta_cols].reset_index(drop=True)
-            tables.append(pd.concat([meta, t], axis=1))
+            if len(t):
+                tables.append(t)
+                rows_of.append(np.full(len(t), i))
     bar.close()
-    cells = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(
-        columns=meta_cols + list(object_table(np.zeros((1, 1), np.int32)).columns)
-    )
+    if tables:  # each cell's image-set metadata, joined once for the whole table
+        rows = np.concatenate(rows_of)
+        meta = index.table[meta_cols].iloc[rows].reset_index(drop=True)
+        cells = pd.concat([meta, pd.concat(tables, ignore_index=True)], axis=1)
+    else:
+        cells = pd.DataFrame(
+            columns=meta_cols + list(object_table(np.zeros((1, 1), np.int32)).columns))
     write_parquet(out, cells)
     return {
         "image_sets": len(index),
