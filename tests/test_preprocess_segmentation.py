@@ -16,6 +16,7 @@ from morphoprof.preprocess.segmentation import (
     export_deepprofiler_locations,
     image_quality,
     import_deepprofiler_locations,
+    local_maxima,
     nuclei_table,
     object_table,
     segment_index,
@@ -222,3 +223,33 @@ def test_segmentation_at_the_256px_scale_finds_planted_nuclei():
     rows, cols = linear_sum_assignment(d)
     hits = int(np.sum(d[rows, cols] < 2.0))
     assert hits >= 57 and len(found) <= 63  # >= 95 % found, few spurious
+
+
+def _distance_map(img: np.ndarray, block: int) -> np.ndarray:
+    """The smoothed distance map segment_nuclei seeds from, at 1/``block`` resolution."""
+    from scipy import ndimage as ndi
+
+    h, w = img.shape[0] // block * block, img.shape[1] // block * block
+    small = img[:h, :w].reshape(h // block, block, w // block, block).mean((1, 3))
+    mask = small > np.percentile(small, 70)
+    dist = 0.5 * (ndi.distance_transform_cdt(mask, metric="chessboard")
+                  + ndi.distance_transform_cdt(mask, metric="taxicab"))
+    return ndi.gaussian_filter(dist.astype(np.float32), 1.0)
+
+
+def test_local_maxima_are_skimage_peak_local_max_in_its_order():
+    from skimage.feature import peak_local_max
+
+    raw = shared("bbbc021", "raw", "Week1_150607_C02_s3_w1E54F0108-F44A-4F6E-9637-6A9DE80F0823.tif")
+    dna = tifffile.imread(raw).astype(np.float32)
+    rng = np.random.default_rng(3)
+    images = [_distance_map(dna, b) for b in (1, 2, 4)]
+    # small integer images: plateaus, ties and peaks at exactly min_distance
+    images += [rng.integers(0, 4, (40, 50)).astype(np.float32) for _ in range(40)]
+    images.append(np.full((20, 20), 2.0, np.float32))  # flat: no peak
+    for k, image in enumerate(images):
+        for md in (1, 2, 3, 5):
+            want = peak_local_max(image, min_distance=md, threshold_abs=1.0,
+                                  exclude_border=False)
+            got = local_maxima(image, md, threshold=1.0)
+            assert np.array_equal(got, want), (k, md, len(got), len(want))
