@@ -1,5 +1,6 @@
 """Extraction speed on 2 CPU cores, each as a ratio to the pure forward-pass ceiling measured in
-the same run (same model, same batch, tensors already in memory).
+the same run (same model, same batch, tensors already in memory), timed over as many items as
+the run right before and right after it (the ceiling is their mean time; ``sandwiched``).
 
 On 2 cores the network's two threads take both cores, so reading and preprocessing run in the
 main process (num_workers=0): they cost a few ms per batch, less than a DataLoader worker process
@@ -63,22 +64,33 @@ class NpzCrops:
         return [(x[j], k) for j, k in enumerate(ks)]
 
 
-def forward_ceiling(extractor, shape, n_batches: int = 4, repeats: int = 3) -> float:
-    """Items/s of the network alone on a batch already in memory (after one warm-up batch);
-    the best of ``repeats`` timings, as the machine is shared and noisy."""
+def forward_ceiling(extractor, shape, items: int) -> float:
+    """Items/s of the network alone on a batch already in memory (after one warm-up batch),
+    over as many batches as a run of ``items`` items feeds it."""
     import torch
 
     x = torch.rand(*shape)
     extractor.choose_engine(10_000)  # the engine a large run uses
     channels = [f"c{i}" for i in range(shape[1])]
     extractor.features_from_batch(x, channels)
-    best = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n_batches):
-            extractor.features_from_batch(x, channels)
-        best = max(best, n_batches * shape[0] / (time.perf_counter() - t0))
-    return best
+    n_batches = -(-items // shape[0])
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        extractor.features_from_batch(x, channels)
+    return n_batches * shape[0] / (time.perf_counter() - t0)
+
+
+def sandwiched(extractor, shape, items: int, run) -> tuple[dict, dict]:
+    """``run()``'s result, and the forward-pass ceiling timed over the same number of items
+    right before and right after it: this machine's speed drifts by up to 1.5x over minutes
+    (the best of three 3-batch bursts, as measured until stop 33, gave ratios of 0.76 to 1.00
+    for one code), so the ceiling is the mean time of the two full-length passes around the
+    run."""
+    before = forward_ceiling(extractor, shape, items)
+    result = run()
+    after = forward_ceiling(extractor, shape, items)
+    return result, {"ceiling_before_per_s": before, "ceiling_after_per_s": after,
+                    "ceiling_per_s": 2 / (1 / before + 1 / after)}
 
 
 def cells_run(model: str, path: Path, out: Path, batch: int = 64, workers: int = 0) -> dict:
@@ -89,21 +101,28 @@ def cells_run(model: str, path: Path, out: Path, batch: int = 64, workers: int =
     ex = TransferExtractor(TransferConfig(model=model, weights="random", channel_strategy="native",
                                           jit=True,
                                           in_chans=3, batch_size=batch, num_workers=workers))
-    ceiling = forward_ceiling(ex, (batch, 3, CROP, CROP))
-    t0 = time.perf_counter()
+    def run() -> tuple[int, float]:
+        t0 = time.perf_counter()
+        with np.load(path) as z:
+            crops = z["crops"]
+        index = pd.read_csv(path.with_name("index.csv"))
+        x, keys = ex.features_for_dataset(NpzCrops(crops), ["DAPI", "c1", "c2"])
+        meta = index.iloc[keys].reset_index(drop=True).add_prefix("Metadata_")
+        df = pd.concat([meta, pd.DataFrame(x, columns=ex.column_names(["all"], x.shape[1]))],
+                       axis=1)
+        df.to_parquet(out, index=False)
+        return len(x), time.perf_counter() - t0
+
     with np.load(path) as z:
-        crops = z["crops"]
-    index = pd.read_csv(path.with_name("index.csv"))
-    x, keys = ex.features_for_dataset(NpzCrops(crops), ["DAPI", "c1", "c2"])
-    meta = index.iloc[keys].reset_index(drop=True).add_prefix("Metadata_")
-    df = pd.concat([meta, pd.DataFrame(x, columns=ex.column_names(["all"], x.shape[1]))], axis=1)
-    df.to_parquet(out, index=False)
-    seconds = time.perf_counter() - t0
-    rate = len(x) / seconds
+        n_crops = len(z["crops"])
+    (cells, seconds), ceil = sandwiched(ex, (batch, 3, CROP, CROP), n_crops, run)
+    rate, ceiling = cells / seconds, ceil["ceiling_per_s"]
     print(f"{model:16s} {rate:7.1f} cells/s end to end; ceiling {ceiling:7.1f} cells/s "
           f"({rate / ceiling:.2f})", flush=True)
-    return {"cells": len(x), "seconds": seconds, "cells_per_s": rate,
+    return {"cells": cells, "seconds": seconds, "cells_per_s": rate,
             "ceiling_cells_per_s": ceiling, "ceiling_ratio": rate / ceiling,
+            "ceiling_before_cells_per_s": ceil["ceiling_before_per_s"],
+            "ceiling_after_cells_per_s": ceil["ceiling_after_per_s"],
             "batch_size": batch, "num_workers": workers}
 
 
@@ -113,13 +132,16 @@ def fields_run(tmp: Path) -> dict:
 
     index = import_fields_6moa(DATA / "fields_6moa")
     ex = TransferExtractor(TransferConfig(batch_size=16, num_workers=0, jit=True))
-    ceiling = forward_ceiling(ex, (16, 3, 224, 224), n_batches=3)
-    s = ex.extract(index, tmp / "fields")
-    rate = s["fields_per_s"]
+    # a batch of 16 fields x 3 stains: 48 greyscale passes, as the run feeds the network
+    s, ceil = sandwiched(ex, (16, 3, 224, 224), len(index),
+                         lambda: ex.extract(index, tmp / "fields"))
+    rate, ceiling = s["fields_per_s"], ceil["ceiling_per_s"]
     print(f"whole fields     {rate:7.2f} fields/s end to end; ceiling {ceiling:7.2f} fields/s "
           f"({rate / ceiling:.2f})", flush=True)
     return {"fields": s["image_sets"], "fields_per_s": rate, "ceiling_fields_per_s": ceiling,
-            "ceiling_ratio": rate / ceiling}
+            "ceiling_ratio": rate / ceiling,
+            "ceiling_before_fields_per_s": ceil["ceiling_before_per_s"],
+            "ceiling_after_fields_per_s": ceil["ceiling_after_per_s"]}
 
 
 def classical_run(path: Path, measurements, n_cells: int = 400, n_jobs: int = 2) -> dict:

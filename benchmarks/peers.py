@@ -12,7 +12,8 @@ process. Every ratio in ``results/peers.json`` comes from this one run.
 - ``fields_ceiling_ratio``: morphoprof EfficientNet-Lite0 (offline ImageNet weights) on the 660
   fields x 3 stains (greyscale, 224 px), end to end through ``extract`` (PNG decoding, resizing,
   the network, Parquet shards) / the same network on a batch already in memory, measured in the
-  same process with the same engine. ``fields_vs_timm``: the end-to-end rate / plain timm's best
+  same process with the same engine, over as many fields right before and after the run (mean
+  time). ``fields_vs_timm``: the end-to-end rate / plain timm's best
   forward pass (NCHW or channels_last).
 - ``cp_measure_ratio``: deep whole-field cells/s (fields/s x the mean cells per BBBC021 field of
   the single-cell index, as a 6-MoA field is a whole BBBC021 field downsized) / cp_measure's
@@ -39,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from extract_speed import forward_ceiling  # the network alone, same engine, same process
+from extract_speed import sandwiched  # the network alone around the run, same engine
 from scaling import field_cell_counts
 
 HERE = Path(__file__).resolve().parent
@@ -82,22 +83,28 @@ def _crops_run(model: str, out: Path, backend: str = "auto", batch: int = 64) ->
             model=model, weights="random", channel_strategy="native", in_chans=3,
             batch_size=batch, backend=backend))
 
-    ceiling = forward_ceiling(extractor(), (batch, 3, CROP, CROP))
     ex = extractor()
-    t0 = time.perf_counter()
-    with np.load(DATA / "single_cells" / "crops.npz") as z:
-        raw = z["crops"]  # (N, 68, 68, 3) uint16
-    table = pd.read_csv(DATA / "single_cells" / "index.csv")
-    crops = np.zeros((len(raw), 3, CROP, CROP), raw.dtype)
-    o = (CROP - raw.shape[1]) // 2
-    crops[:, :, o:o + raw.shape[1], o:o + raw.shape[2]] = raw.transpose(0, 3, 1, 2)
-    s = ex.extract_crops(crops, table.rename(columns=lambda c: f"Metadata_{c}"),
-                         ["DAPI", "c1", "c2"], out)
-    seconds = time.perf_counter() - t0
-    n = s["cells"]
+
+    def run() -> tuple[dict, float]:
+        t0 = time.perf_counter()
+        with np.load(DATA / "single_cells" / "crops.npz") as z:
+            raw = z["crops"]  # (N, 68, 68, 3) uint16
+        table = pd.read_csv(DATA / "single_cells" / "index.csv")
+        crops = np.zeros((len(raw), 3, CROP, CROP), raw.dtype)
+        o = (CROP - raw.shape[1]) // 2
+        crops[:, :, o:o + raw.shape[1], o:o + raw.shape[2]] = raw.transpose(0, 3, 1, 2)
+        s = ex.extract_crops(crops, table.rename(columns=lambda c: f"Metadata_{c}"),
+                             ["DAPI", "c1", "c2"], out)
+        return s, time.perf_counter() - t0
+
+    n_crops = len(pd.read_csv(DATA / "single_cells" / "index.csv"))
+    (s, seconds), ceil = sandwiched(extractor(), (batch, 3, CROP, CROP), n_crops, run)
+    n, ceiling = s["cells"], ceil["ceiling_per_s"]
     return {"model": model, "backend": backend, "engine": ex.engine, "cells": n, "seconds": seconds,
             "cells_per_s": n / seconds, "ceiling_cells_per_s": ceiling,
-            "ceiling_ratio": n / seconds / ceiling, "batch_size": batch}
+            "ceiling_ratio": n / seconds / ceiling, "batch_size": batch,
+            "ceiling_before_cells_per_s": ceil["ceiling_before_per_s"],
+            "ceiling_after_cells_per_s": ceil["ceiling_after_per_s"]}
 
 
 def _features(folder: Path) -> np.ndarray:
@@ -114,12 +121,14 @@ def _fields_run(out: Path) -> dict:
 
     index = import_fields_6moa(DATA / "fields_6moa")
     ex = TransferExtractor(TransferConfig(batch_size=16))
-    ceiling = forward_ceiling(ex, (16, 3, 224, 224), n_batches=3)  # 16 fields x 3 stains
-    ex = TransferExtractor(TransferConfig(batch_size=16))
-    s = ex.extract(index, out)
+    s, ceil = sandwiched(TransferExtractor(TransferConfig(batch_size=16)),
+                         (16, 3, 224, 224), len(index),  # 16 fields x 3 stains a batch
+                         lambda: ex.extract(index, out))
+    ceiling = ceil["ceiling_per_s"]
     return {"fields": s["image_sets"], "seconds": s["seconds"], "fields_per_s": s["fields_per_s"],
             "ceiling_fields_per_s": ceiling, "ceiling_ratio": s["fields_per_s"] / ceiling,
-            "engine": ex.engine}
+            "ceiling_before_fields_per_s": ceil["ceiling_before_per_s"],
+            "ceiling_after_fields_per_s": ceil["ceiling_after_per_s"], "engine": ex.engine}
 
 
 def ours() -> dict:

@@ -19,6 +19,21 @@ TINY = SynthConfig(
 )
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_onnx_cache(tmp_path_factory):
+    """Exported ONNX graphs go to a cache of this session (also for the CLI's subprocesses),
+    not the user's ~/.cache/morphoprof."""
+    import os
+
+    old = os.environ.get("MORPHOPROF_CACHE")
+    os.environ["MORPHOPROF_CACHE"] = str(tmp_path_factory.mktemp("morphoprof_cache"))
+    yield
+    if old is None:
+        del os.environ["MORPHOPROF_CACHE"]
+    else:
+        os.environ["MORPHOPROF_CACHE"] = old
+
+
 @pytest.fixture(autouse=True)
 def _no_progress_bars():
     """Tests run without progress bars (the one process-wide setting); a test about a bar

@@ -268,6 +268,7 @@ def test_backend_choice_and_fallback(extractor, monkeypatch):
         raise RuntimeError("unsupported operator")
 
     monkeypatch.setattr(torch.onnx, "export", no_export)
+    monkeypatch.setenv("MORPHOPROF_CACHE", "off")  # a cached graph would need no export
     fallback = TransferExtractor(TransferConfig(**FAST), backbone=extractor.backbone)
     x_fb, _ = fallback.features_for_dataset(data, ["a", "b", "c"], run_size=1000)
     assert not fallback._ort and _relative_error(x_fb, x_small).max() < 1e-3
@@ -321,3 +322,46 @@ def test_prefetched_reads_ahead_from_the_start_and_stops_on_close():
 
     with pytest.raises(OSError, match="disk gone"):
         list(_Prefetched(broken()))
+
+
+def test_exported_graphs_are_cached_on_disk_and_reused(tmp_path, extractor, monkeypatch):
+    """The first ONNX session of a network and input shape writes its graph to
+    $MORPHOPROF_CACHE/onnx; another extractor loads it without exporting and gives the same
+    features; another layer, shape or stain count is another graph; a damaged file is
+    exported again; an unwritable cache only costs the export."""
+    from morphoprof.features import transfer
+
+    monkeypatch.setenv("MORPHOPROF_CACHE", str(tmp_path / "cache"))
+    x = torch.rand(3, 3, 64, 64)
+    first = TransferExtractor(TransferConfig(backend="onnxruntime", **FAST),
+                              backbone=extractor.backbone)
+    want = first.features_from_batch(x, ["a", "b", "c"])
+    graphs = sorted((tmp_path / "cache" / "onnx").glob("*.onnx"))
+    assert len(graphs) == 1 and graphs[0].stat().st_size > 1e6
+
+    exports = []
+    real_export = transfer._export_onnx
+    monkeypatch.setattr(transfer, "_export_onnx",
+                        lambda *a: exports.append(a) or real_export(*a))
+    again = TransferExtractor(TransferConfig(backend="onnxruntime", **FAST),
+                              backbone=extractor.backbone)
+    np.testing.assert_allclose(again.features_from_batch(x, ["a", "b", "c"]), want, rtol=1e-6)
+    assert not exports  # loaded, not exported
+    cut = TransferExtractor(TransferConfig(layer="blocks.3", backend="onnxruntime", **FAST),
+                            backbone=extractor.backbone)
+    cut.features_from_batch(x, ["a", "b", "c"])
+    cut.features_from_batch(torch.rand(2, 3, 96, 96), ["a", "b", "c"])
+    assert len(exports) == 2 and len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 3
+
+    graphs[0].write_bytes(b"not an onnx graph")
+    damaged = TransferExtractor(TransferConfig(backend="onnxruntime", **FAST),
+                                backbone=extractor.backbone)
+    np.testing.assert_allclose(damaged.features_from_batch(x, ["a", "b", "c"]), want, rtol=1e-6)
+    assert len(exports) == 3 and graphs[0].stat().st_size > 1e6  # exported and replaced
+
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    monkeypatch.setenv("MORPHOPROF_CACHE", str(blocked))  # onnx/ cannot be made under a file
+    nowhere = TransferExtractor(TransferConfig(backend="onnxruntime", **FAST),
+                                backbone=extractor.backbone)
+    np.testing.assert_allclose(nowhere.features_from_batch(x, ["a", "b", "c"]), want, rtol=1e-6)

@@ -27,6 +27,7 @@ import pandas as pd
 from pydantic import Field
 
 from morphoprof.errors import InputError
+from morphoprof.features import onnx_cache
 from morphoprof.features.backbones import DEFAULT_MODEL, Backbone, create_backbone
 from morphoprof.index.schema import PLATE, ExperimentIndex
 from morphoprof.preprocess.crops import CropDataset, normalize_crops
@@ -251,14 +252,9 @@ class TransferExtractor:
 
                 mean, std = self._input_stats(3 if grey else x.shape[1])
                 graph = _normalised_module()(self.net, mean, std, grey).eval()
-                buf = io.BytesIO()
-                # exported outside inference mode (a graph traced in it comes out wrong), on a
-                # fresh example: only its shape matters
-                with (warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad()):
-                    warnings.simplefilter("ignore")
-                    torch.onnx.export(graph, torch.rand(1, *x.shape[1:]), buf,
-                                      input_names=["x"], output_names=["y"], dynamo=False,
-                                      dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+                cache_key = onnx_cache.graph_key(graph, tuple(x.shape[1:]), grey,
+                                                   extra=f"layer={self.cfg.layer}")
+                exported = onnx_cache.load(cache_key)
                 opts = ort.SessionOptions()
                 opts.intra_op_num_threads = torch.get_num_threads()
                 opts.inter_op_num_threads = 1
@@ -267,8 +263,19 @@ class TransferExtractor:
                 # shards: with them, extraction's peak grew with the screen (1.22 GB at 60
                 # fields, 1.44 GB at 660); without, 1.20 / 1.29 GB at ~8% of the speed
                 opts.enable_mem_pattern = False
-                self._sessions[key] = ort.InferenceSession(
-                    buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+                session = None
+                if exported is not None:
+                    try:
+                        session = ort.InferenceSession(exported, opts,
+                                                       providers=["CPUExecutionProvider"])
+                    except Exception:  # a damaged cache file: exported again below
+                        onnx_cache.discard(cache_key)
+                if session is None:
+                    exported = _export_onnx(graph, tuple(x.shape[1:]))
+                    session = ort.InferenceSession(exported, opts,
+                                                   providers=["CPUExecutionProvider"])
+                    onnx_cache.store(cache_key, exported)
+                self._sessions[key] = session
             except Exception as exc:
                 if self.cfg.backend == "onnxruntime":
                     raise InputError(f"{self.backbone.name} cannot run on ONNX Runtime "
@@ -719,6 +726,21 @@ class _Prefetched:
                 self._q.get_nowait()
             except queue.Empty:
                 self._thread.join(0.01)
+
+
+def _export_onnx(graph, input_shape: tuple[int, ...]) -> bytes:
+    """``graph`` exported to ONNX for inputs ``(n, *input_shape)``, any batch size ``n``."""
+    import torch
+
+    buf = io.BytesIO()
+    # exported outside inference mode (a graph traced in it comes out wrong), on a fresh
+    # example: only its shape matters
+    with (warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, torch.rand(1, *input_shape), buf,
+                          input_names=["x"], output_names=["y"], dynamo=False,
+                          dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    return buf.getvalue()
 
 
 def _pooled(h):
