@@ -39,7 +39,7 @@ mean 'model'?)``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import Field, create_model, field_validator
@@ -55,7 +55,7 @@ from morphoprof.preprocess.illumination import IlluminationConfig
 from morphoprof.preprocess.segmentation import NucleiSection
 from morphoprof.profiles.settings import ProfilesConfig
 from morphoprof.registry import extractor_names
-from morphoprof.settings import Settings, validate_section
+from morphoprof.settings import ON_ERROR_DEFAULT, OnError, Settings, validate_section
 
 
 class IlluminationSection(IlluminationConfig):
@@ -118,7 +118,7 @@ class PreprocessSection(Settings):
 
     illumination: IlluminationSection = IlluminationSection()
     segmentation: SegmentationSection = SegmentationSection()
-    on_error: Literal["fail", "skip"] = Field("fail", description="an unreadable file stops "
+    on_error: OnError = Field(ON_ERROR_DEFAULT, description="an unreadable file stops "
                                               "the run (fail) or is skipped and listed (skip)")
 
 

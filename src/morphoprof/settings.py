@@ -30,6 +30,20 @@ _TYPE_NAMES = {"int": "an integer", "float": "a number", "bool": "true/false", "
                "model": "a mapping"}
 
 
+OnError = Literal["fail", "skip"]
+"""What an unreadable image set (or one with NaN / inf pixels) does to a stage: ``fail`` stops
+it, naming the file; ``skip`` leaves the image set out and lists it with its reason."""
+ON_ERROR_CHOICES: tuple[str, ...] = typing.get_args(OnError)
+ON_ERROR_DEFAULT: OnError = "fail"
+
+
+def check_on_error(value: str) -> str:
+    """``value`` if it is one of :data:`ON_ERROR_CHOICES`, else an InputError."""
+    if value not in ON_ERROR_CHOICES:
+        raise InputError(f"on_error must be one of {', '.join(ON_ERROR_CHOICES)}, got {value!r}")
+    return value
+
+
 _BUILDING = threading.local()  # set while a top-level Settings is being validated
 
 

@@ -7,6 +7,7 @@ import json
 
 from morphoprof.preprocess.illumination import IlluminationCorrection
 from morphoprof.profiles.columns import Columns
+from morphoprof.settings import ON_ERROR_CHOICES, ON_ERROR_DEFAULT
 
 
 def print_json(obj: dict) -> None:
@@ -63,6 +64,6 @@ def add_column_options(s: argparse.ArgumentParser) -> None:
 
 
 def add_on_error(s: argparse.ArgumentParser, what: str) -> None:
-    s.add_argument("--on-error", default="fail", choices=["fail", "skip"],
+    s.add_argument("--on-error", default=ON_ERROR_DEFAULT, choices=ON_ERROR_CHOICES,
                    help="an unreadable image set or one with NaN/inf pixels: stop (fail), or "
                    f"{what} and list it with its reason (skip)")

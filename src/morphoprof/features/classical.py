@@ -18,7 +18,6 @@ import warnings
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -38,7 +37,7 @@ from morphoprof.preprocess.segmentation import (
     segment_nuclei,
 )
 from morphoprof.registry import register_extractor, settings_for
-from morphoprof.settings import Settings
+from morphoprof.settings import ON_ERROR_DEFAULT, OnError, Settings
 from morphoprof.shards import ShardRun, ShardWriter, run_shards, shard_key
 
 SHAPE_MEASUREMENTS = ("sizeshape", "zernike", "feret")
@@ -56,8 +55,9 @@ class ClassicalConfig(Settings):
     nuclei: NucleiConfig = Field(default_factory=NucleiConfig, description="how nuclei are "
                                  "segmented")
     n_jobs: int = Field(1, ge=1, description="worker processes")
-    on_error: Literal["fail", "skip"] = Field(
-        "fail", description="unreadable / non-finite image sets: fail, or skip (and list them)")
+    on_error: OnError = Field(
+        ON_ERROR_DEFAULT,
+        description="unreadable / non-finite image sets: fail, or skip (and list them)")
 
 
 def _cp_functions(names: Sequence[str]) -> dict:

@@ -32,7 +32,7 @@ from morphoprof.features.backbones import DEFAULT_MODEL, Backbone, create_backbo
 from morphoprof.index.schema import PLATE, ExperimentIndex
 from morphoprof.preprocess.crops import CropDataset, normalize_crops
 from morphoprof.registry import register_extractor, settings_for
-from morphoprof.settings import Settings
+from morphoprof.settings import ON_ERROR_DEFAULT, OnError, Settings
 from morphoprof.shards import ShardWriter, run_shards, shard_key
 
 
@@ -86,8 +86,8 @@ class TransferConfig(Settings):
     channels: list[str] | None = Field(None, description="stains to use (default: all of the "
                                        "index)")
     seed: int = Field(0, description="seed of the intensity sample and of torch")
-    on_error: Literal["fail", "skip"] = Field(
-        "fail", description="an unreadable image set, or one with NaN / inf pixels: fail "
+    on_error: OnError = Field(
+        ON_ERROR_DEFAULT, description="an unreadable image set, or one with NaN / inf pixels: fail "
         "(stop, naming it) or skip (leave it out, listed in the run summary and the manifest)")
 
 

@@ -30,7 +30,7 @@ from morphoprof.preprocess.segmentation import (
     dna_channel,
     segment_nuclei,
 )
-from morphoprof.settings import Settings
+from morphoprof.settings import Settings, check_on_error
 from morphoprof.shards import ShardWriter, run_shards
 
 NORMALIZATIONS = ("none", "max", "percentile")
@@ -160,8 +160,7 @@ class CropDataset:
         self.normalization = normalization
         self.illumination = illumination
         self.mask_neighbours = mask_neighbours
-        if on_error not in ("fail", "skip"):
-            raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+        check_on_error(on_error)
         self.on_error = on_error
         need = IMAGE_SET_KEY + [CENTER_X, CENTER_Y] + ([OBJECT] if mask_neighbours else [])
         missing = [c for c in need if c not in cells.columns]

@@ -14,6 +14,7 @@ import numpy as np
 from morphoprof.errors import InputError
 from morphoprof.images.read import read_image_set
 from morphoprof.index.schema import ExperimentIndex
+from morphoprof.settings import check_on_error
 
 try:  # torch is a dependency, but keep this module importable for type checks without it
     from torch.utils.data import Dataset
@@ -46,8 +47,7 @@ class ImageSetDataset(Dataset):
         illumination=None,
         on_error: str = "fail",
     ) -> None:
-        if on_error not in ("fail", "skip"):
-            raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+        check_on_error(on_error)
         self.on_error = on_error
         self.index = index
         self.channels = list(channels or index.channels)

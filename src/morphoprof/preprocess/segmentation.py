@@ -21,7 +21,7 @@ from morphoprof.errors import InputError, MorphoprofError
 from morphoprof.index.schema import IMAGE_SET_KEY, PLATE, SITE, WELL, ExperimentIndex
 from morphoprof.io_utils import atomic_path, check_writable, write_parquet
 from morphoprof.logs import progress_bar
-from morphoprof.settings import Settings
+from morphoprof.settings import Settings, check_on_error
 
 CENTER_X = "Nuclei_Location_Center_X"
 CENTER_Y = "Nuclei_Location_Center_Y"
@@ -350,8 +350,7 @@ def segment_index(
     """
     from joblib import Parallel, delayed
 
-    if on_error not in ("fail", "skip"):
-        raise InputError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+    check_on_error(on_error)
     cfg = cfg or NucleiConfig()
     channel = channel or dna_channel(index.channels)
     if channel not in index.channels:
