@@ -155,10 +155,11 @@ def main() -> int:
           flush=True)
     tiles = write_tiles(fields, WORK)
     common = COMMON.format(index=tiles)
-    ft = train_from_yaml("finetune", common + FINETUNE.format(epochs=1), WORK / "finetune")
+    ft = train_from_yaml("finetune", common + FINETUNE.format(epochs=1),
+                         WORK / "finetune").to_json()
     print(f"finetune, 1 epoch: test-tile accuracy {ft['image_accuracy']:.3f} "
           f"({ft['n_images']} tiles, {ft['train_seconds']:.0f} s)", flush=True)
-    mil = train_from_yaml("mil", common + MIL.format(epochs=10), WORK / "mil")
+    mil = train_from_yaml("mil", common + MIL.format(epochs=10), WORK / "mil").to_json()
     print(f"mil (frozen Lite0 + Noisy-AND), 10 epochs: test-tile accuracy "
           f"{mil['image_accuracy']:.3f} ({mil['train_seconds']:.0f} s)", flush=True)
     write_json(RESULTS, {

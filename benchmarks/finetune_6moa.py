@@ -37,7 +37,7 @@ cv: {{group: Metadata_compound, folds: 3, aggregate: mean, alpha: 0.1}}
 """
 
 
-def run(weights: str, resume: bool) -> dict:
+def run(weights: str, resume: bool):
     from morphoprof.train import train_from_yaml
 
     text = CONFIG.format(data=DATA, size=SIZE, weights=weights, epochs=EPOCHS)
@@ -46,16 +46,15 @@ def run(weights: str, resume: bool) -> dict:
 
 def main() -> int:
     from morphoprof.io_utils import write_json
-    from morphoprof.models.crossval import cv_summary as summary
 
     if not DATA.is_dir():
         print(f"skipped: real data not found at {DATA}")
         return 0
     resume = "--resume" in sys.argv
-    pre = summary(run("offline", resume))
+    pre = run("offline", resume).summary()
     print(f"pretrained: {pre['treatment_counts']} treatments, image acc "
           f"{pre['image_accuracy']:.3f}, {pre['train_seconds']:.0f} s", flush=True)
-    rnd = summary(run("random", resume))
+    rnd = run("random", resume).summary()
     print(f"random init: {rnd['treatment_counts']} treatments, image acc "
           f"{rnd['image_accuracy']:.3f}, {rnd['train_seconds']:.0f} s", flush=True)
     transfer = HERE / "results" / "transfer_6moa.json"

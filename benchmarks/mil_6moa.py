@@ -78,7 +78,7 @@ def config(name: str) -> str:
         epochs=KRAUS_EPOCHS if kraus else EPOCHS)
 
 
-def run(name: str, text: str, resume: bool) -> dict:
+def run(name: str, text: str, resume: bool):
     from morphoprof.train import train_from_yaml
 
     return train_from_yaml("mil", text, WORK / name, fresh=not resume)
@@ -175,7 +175,6 @@ def cell_scores(name: str, images, fold_of, table, every: int, crop: int = 32) -
 
 def main() -> int:
     from morphoprof.io_utils import write_json
-    from morphoprof.models.crossval import cv_summary
 
     if "--show-config" in sys.argv:
         print(config("noisy_and"))
@@ -195,16 +194,16 @@ def main() -> int:
     trunks = dict(old.get("trunks", {})) if only else {}
     for name in names:
         res = run(name, config(name), resume)
-        r = runs[name] = cv_summary(res)
-        trunks[name] = res["trunk"]
-        overlays = res.get("jacobian_overlays", [])
+        r = runs[name] = res.summary()
+        trunks[name] = res.trunk
+        overlays = res.jacobian_overlays or ()
         if overlays:
             r["jacobian_overlays"] = len(overlays)
             shutil.rmtree(HERE / "results" / "mil_jacobian", ignore_errors=True)
             shutil.copytree(Path(overlays[0]).parent, HERE / "results" / "mil_jacobian")
         print(f"{name:10s} {r['treatment_counts']} treatments, image acc "
               f"{r['image_accuracy']:.3f}, train {r['train_seconds']:.0f} s "
-              f"(+ trunk maps {res['trunk'].get('cache_seconds', 0):.0f} s)", flush=True)
+              f"(+ trunk maps {res.trunk.get('cache_seconds', 0):.0f} s)", flush=True)
     jacs = dict(old.get("jacobian_by_trunk", {})) if only else {}
     for name in ("noisy_and", "noisy_and_last_stage", "kraus"):
         if name in runs and (name in names or name not in jacs):

@@ -87,7 +87,7 @@ def main() -> int:
     print(f"{len(train)} training and {len(test)} test canvases of {dcfg.size} px "
           f"({gen_seconds:.0f} s)", flush=True)
 
-    base = MILConfig(len(classes), in_chans=1, trunk="tf_efficientnet_lite0", stage=3,
+    base = MILConfig(n_classes=len(classes), in_chans=1, trunk="tf_efficientnet_lite0", stage=3,
                      weights="offline", hidden=HIDDEN, dropout=0.5)
     trunk = TimmTrunk(base)
     for p in trunk.parameters():
@@ -103,7 +103,7 @@ def main() -> int:
                 None)
     errors, seconds, runs = {}, {}, {}
     for pooling in [p for p in POOLINGS if only is None or p in only]:
-        cfg = MILConfig(**{**base.__dict__, "pooling": pooling})
+        cfg = base.replace(pooling=pooling)
         torch.manual_seed(0)
         module = ImageClassifier(MILHead(cfg, trunk.out_channels), lr=LR)
         fit_cfg = TrainSection(epochs=EPOCHS, batch_size=16, seed=0, accelerator="cpu")

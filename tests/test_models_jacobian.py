@@ -21,8 +21,9 @@ def toy_model():
     torch.manual_seed(0)
     rng = np.random.default_rng(1)
     x, y, _ = toy_batch(128, rng)
-    module = ImageClassifier(MILNet(MILConfig(2, in_chans=2, plan=((8, 1), (16, 2), (16, 1)),
-                                              hidden=16, pooling="max")), lr=3e-3)
+    module = ImageClassifier(MILNet(MILConfig(n_classes=2, in_chans=2, trunk="plan",
+                                              plan=((8, 1), (16, 2), (16, 1)), hidden=16,
+                                              dropout=0.0, pooling="max")), lr=3e-3)
     # Max pooling: the class maps must be low everywhere but on the square (a noisy-AND
     # network can instead keep every background position near its threshold b_i, since the
     # squares cover 4% of the image, far below the fraction Noisy-AND is built for).
@@ -98,7 +99,8 @@ def test_synthetic_screen_masks_overlap_the_treated_cells(tmp_path):
     y = torch.from_numpy((sub.table["Metadata_moa"] == moa).to_numpy().astype(np.int64))
     x = (torch.from_numpy(images) - 0.5) / 0.25
     torch.manual_seed(0)
-    module = ImageClassifier(MILNet(MILConfig(2, in_chans=3, plan=((16, 1), (16, 2), (32, 1),
+    module = ImageClassifier(MILNet(MILConfig(n_classes=2, in_chans=3, trunk="plan",
+                                              dropout=0.0, plan=((16, 1), (16, 2), (32, 1),
                                                                    (32, 1)), hidden=32,
                                               pooling="max")), lr=2e-3)
     adam_steps(module, x, y, 120, batch=16)

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from morphoprof.errors import InputError
-from morphoprof.models.mil import MILConfig, MILNet, MILPool, mil_loss, receptive_field
+from morphoprof.models.mil import (
+    DEFAULT_PLAN,
+    MILConfig,
+    MILNet,
+    MILPool,
+    mil_loss,
+    receptive_field,
+)
 from morphoprof.models.training import ImageClassifier
 
 # Two classes, a 2x2 map each.
@@ -93,7 +100,8 @@ def test_lse_and_gm_move_from_mean_to_max_with_r():
 
 def test_gradients_reach_noisy_and_thresholds():
     torch.manual_seed(0)
-    net = MILNet(MILConfig(n_classes=3, in_chans=2, plan=((4, 1), (4, 2)), hidden=8))
+    net = MILNet(MILConfig(n_classes=3, in_chans=2, trunk="plan", plan=((4, 1), (4, 2)),
+                           hidden=8, dropout=0.0))
     x = torch.randn(4, 2, 24, 24)
     y = torch.tensor([0, 1, 2, 1])
     mil_loss(net(x), y).backward()
@@ -103,8 +111,9 @@ def test_gradients_reach_noisy_and_thresholds():
 
 
 def test_receptive_field_gives_one_output_for_one_cell():
-    cfg = MILConfig(n_classes=2)
-    rf = receptive_field(cfg.plan)
+    cfg = MILConfig(n_classes=2, trunk="plan")
+    assert cfg.plan_layers() == DEFAULT_PLAN  # no plan given: the default one
+    rf = receptive_field(cfg.plan_layers())
     assert rf == 45
     net = MILNet(cfg).eval()
     out = net(torch.zeros(1, 3, rf, rf))
@@ -154,8 +163,9 @@ def adam_steps(module: ImageClassifier, x: torch.Tensor, y: torch.Tensor, steps:
 def test_a_few_training_steps_reduce_the_loss(pooling):
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    module = ImageClassifier(MILNet(MILConfig(2, in_chans=2, plan=((8, 1), (16, 2), (16, 1)),
-                                              hidden=16, pooling=pooling)), lr=3e-3)
+    module = ImageClassifier(MILNet(MILConfig(n_classes=2, in_chans=2, trunk="plan",
+                                              plan=((8, 1), (16, 2), (16, 1)), hidden=16,
+                                              dropout=0.0, pooling=pooling)), lr=3e-3)
     x, y, _ = toy_batch(32, rng)
     losses = adam_steps(module, x, y, 40)
     assert losses[-1] < 0.7 * losses[0], losses
@@ -163,7 +173,8 @@ def test_a_few_training_steps_reduce_the_loss(pooling):
 
 def test_multilabel_loss_uses_sigmoids():
     torch.manual_seed(0)
-    net = MILNet(MILConfig(3, in_chans=1, plan=((4, 1),), hidden=4, multilabel=True))
+    net = MILNet(MILConfig(n_classes=3, in_chans=1, trunk="plan", plan=((4, 1),), hidden=4,
+                           dropout=0.0, multilabel=True))
     x = torch.rand(2, 1, 8, 8)
     target = torch.tensor([[1, 0, 1], [0, 0, 0]])
     loss = mil_loss(net(x), target, multilabel=True)

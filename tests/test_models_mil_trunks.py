@@ -36,7 +36,8 @@ from morphoprof.models.mil_cache import (
 ])
 def test_timm_trunk_is_cut_at_the_named_stage(name, stage, channels, stride):
     weights = "offline" if "lite" in name else "random"
-    net = MILNet(MILConfig(4, trunk=name, stage=stage, weights=weights, hidden=8)).eval()
+    net = MILNet(MILConfig(n_classes=4, trunk=name, stage=stage, weights=weights, hidden=8,
+                           dropout=0.0)).eval()
     assert (net.trunk.out_channels, net.trunk.reduction) == (channels, stride)
     out = net(torch.rand(2, 3, 96, 64))
     assert out["maps"].shape == (2, 4, 96 // stride, 64 // stride)
@@ -45,7 +46,7 @@ def test_timm_trunk_is_cut_at_the_named_stage(name, stage, channels, stride):
     # pretrained: the trunk's own input statistics; random: none (the data's are used)
     assert (net.trunk.mean is None) == (weights == "random")
     with pytest.raises(InputError, match="stage"):
-        MILNet(MILConfig(4, trunk=name, stage=9, weights="random"))
+        MILNet(MILConfig(n_classes=4, trunk=name, stage=9, weights="random"))
 
 
 @pytest.mark.parametrize("name,stage,weights,chain", [
@@ -58,7 +59,8 @@ def test_timm_trunk_splits_at_its_last_stage(name, stage, weights, chain):
     mil.unfreeze_last_stage and the trained stage rely on)."""
     from morphoprof.models.mil import TrunkPrefix
 
-    net = MILNet(MILConfig(4, trunk=name, stage=stage, weights=weights, hidden=8)).eval()
+    net = MILNet(MILConfig(n_classes=4, trunk=name, stage=stage, weights=weights, hidden=8,
+                           dropout=0.0)).eval()
     trunk = net.trunk
     assert len(trunk._layers) == chain
     x = torch.rand(2, 3, 64, 96)
@@ -71,14 +73,14 @@ def test_timm_trunk_splits_at_its_last_stage(name, stage, weights, chain):
 
 
 def test_kraus_trunk_layer_for_layer():
-    trunk = KrausTrunk(MILConfig(3, batch_norm=False, pool_dropout=0.2))
+    trunk = KrausTrunk(MILConfig(n_classes=3, batch_norm=False, pool_dropout=0.2))
     convs = [(m.kernel_size[0], m.out_channels) for m in trunk.modules()
              if isinstance(m, nn.Conv2d)]
     assert convs == [(3, 32), (3, 64), (5, 64), (3, 128), (3, 128)]
     kinds = [type(m).__name__ for m in trunk.body]
     assert kinds[0] == "AvgPool2d" and kinds.count("MaxPool2d") == 4
     assert all(kinds[i + 1] == "Dropout" for i, k in enumerate(kinds) if "Pool" in k)
-    net = MILNet(MILConfig(3, trunk="kraus", hidden=1000, dropout=0.5))
+    net = MILNet(MILConfig(n_classes=3, trunk="kraus", hidden=1000, dropout=0.5))
     head = [m for m in net.head.classes if isinstance(m, (nn.Conv2d, nn.Dropout))]
     assert [(m.kernel_size, m.out_channels) for m in head if isinstance(m, nn.Conv2d)] == [
         ((1, 1), 1000), ((1, 1), 3)]
@@ -88,7 +90,8 @@ def test_kraus_trunk_layer_for_layer():
 
 def test_frozen_cache_equals_the_whole_network(tmp_path):
     torch.manual_seed(0)
-    cfg = MILConfig(3, trunk="tf_efficientnet_lite0", stage=2, weights="offline", hidden=16)
+    cfg = MILConfig(n_classes=3, trunk="tf_efficientnet_lite0", stage=2, weights="offline",
+                    hidden=16, dropout=0.0)
     net = MILNet(cfg).eval()
     images = np.random.default_rng(0).random((5, 3, 64, 64)).astype(np.float32)
     mean, std = net.trunk.mean, net.trunk.std
@@ -136,7 +139,8 @@ def test_dihedral_transforms_are_the_eight_symmetries():
 @pytest.mark.parametrize("act", [nn.ReLU6, nn.SiLU])
 def test_jacobian_through_relu6_and_silu(act):
     torch.manual_seed(0)
-    net = MILNet(MILConfig(2, in_chans=1, plan=((8, 1), (8, 1)), hidden=8, batch_norm=False))
+    net = MILNet(MILConfig(n_classes=2, in_chans=1, trunk="plan", plan=((8, 1), (8, 1)),
+                           hidden=8, dropout=0.0, batch_norm=False))
     for name, m in list(net.trunk.body.named_children()):
         if isinstance(m, nn.ReLU):
             net.trunk.body.add_module(name, act(inplace=True))
@@ -152,7 +156,8 @@ def test_jacobian_sees_a_bright_object_that_saturates_relu6():
     guided map still covers it (ReLU6 gated as a ReLU), only the object, and the network and
     its activations come back unchanged."""
     torch.manual_seed(0)
-    net = MILNet(MILConfig(2, in_chans=1, plan=((8, 1), (8, 1)), hidden=8, batch_norm=False))
+    net = MILNet(MILConfig(n_classes=2, in_chans=1, trunk="plan", plan=((8, 1), (8, 1)),
+                           hidden=8, dropout=0.0, batch_norm=False))
     for name, m in list(net.trunk.body.named_children()):
         if isinstance(m, nn.ReLU):
             net.trunk.body.add_module(name, nn.ReLU6(inplace=True))
@@ -279,8 +284,8 @@ output: out
     t3 = json.loads((tmp_path / "out3" / "mil" / "cv.json").read_text())["trunk"]
     assert t3["trained_last_stage"] and t3["feature_maps"] == [24, 16, 16]  # blocks.1: 1/4
     trained, _, _ = load_trained_mil(tmp_path / "out3", 1)
-    pretrained = MILNet(MILConfig(3, trunk="tf_efficientnet_lite0", stage=2,
-                                  weights="offline", hidden=16)).eval()
+    pretrained = MILNet(MILConfig(n_classes=3, trunk="tf_efficientnet_lite0", stage=2,
+                                  weights="offline", hidden=16, dropout=0.0)).eval()
     w_new = trained.trunk.last_stage.state_dict()
     w_old = pretrained.trunk.last_stage.state_dict()
     assert any(not torch.equal(w_new[k], w_old[k]) for k in w_old if w_old[k].is_floating_point())

@@ -24,8 +24,9 @@ def toy_data(n: int = 64, seed: int = 0):
 
 def mil_module(seed: int = 0) -> ImageClassifier:
     torch.manual_seed(seed)
-    return ImageClassifier(MILNet(MILConfig(2, in_chans=2, plan=PLAN, hidden=16,
-                                            pooling="noisy_and")), lr=3e-3)
+    return ImageClassifier(MILNet(MILConfig(n_classes=2, in_chans=2, trunk="plan", plan=PLAN,
+                                            hidden=16, dropout=0.0, pooling="noisy_and")),
+                           lr=3e-3)
 
 
 def state(module: ImageClassifier) -> dict:

@@ -10,9 +10,22 @@ from pydantic import Field, ValidationError
 
 from morphoprof.cli import build_parser
 from morphoprof.config import SegmentationSection, validate_config
+from morphoprof.datasets.source import DataSection
 from morphoprof.errors import ConfigError, InputError
 from morphoprof.evaluation.evaluate import EvaluationConfig
 from morphoprof.features.transfer import TransferConfig
+from morphoprof.models.crossval import CVConfig
+from morphoprof.models.finetune import FineTuneConfig
+from morphoprof.models.mil import MILConfig
+from morphoprof.models.run import mil_config
+from morphoprof.models.settings import (
+    CVSection,
+    ImagesSection,
+    MilNetwork,
+    ModelSection,
+    TrainConfig,
+    TrainSection,
+)
 from morphoprof.preprocess.illumination import IlluminationConfig
 from morphoprof.preprocess.segmentation import NucleiConfig
 from morphoprof.profiles.cell_tvn import CellTVNConfig
@@ -175,3 +188,38 @@ def test_the_readme_yaml_reference_shows_the_models_defaults():
         assert set(doc) == set(defaults), f"{'.'.join(where)}: README keys differ"
         for key, value in doc.items():
             assert value == defaults[key], f"{'.'.join(where)}.{key}: README shows {value!r}"
+
+
+def _trainer_api_pairs():
+    return [(MILConfig, (MilNetwork, TrainSection, TrainConfig)),
+            (FineTuneConfig, (ModelSection, TrainSection, TrainConfig)),
+            (CVConfig, (CVSection, ImagesSection, TrainSection, TrainConfig))]
+
+
+def test_the_trainers_python_configs_share_the_sections_settings():
+    """MILConfig, FineTuneConfig and CVConfig (the Python API of the trainers) hold no copy of
+    a training config's setting: each shared field is the section's own (default and help)."""
+    resolved = {("CVConfig", "aggregate")}  # the section leaves it to the kind; here resolved
+    for api, sections in _trainer_api_pairs():
+        shared = 0
+        for section in sections:
+            for name, field in section.model_fields.items():
+                if name not in api.model_fields or (api.__name__, name) in resolved:
+                    continue
+                if section is TrainConfig and name in TrainSection.model_fields:
+                    continue
+                mine = api.model_fields[name]
+                assert (mine.default, mine.description) == (field.default, field.description), (
+                    f"{api.__name__}.{name} differs from {section.__name__}.{name}")
+                shared += 1
+        assert shared >= 3, api.__name__
+
+
+def test_a_default_training_config_builds_the_default_python_configs():
+    cfg = TrainConfig(data=DataSection(source="index", path="index.parquet"), output="out")
+    assert mil_config(cfg, 6, 3) == MILConfig(n_classes=6)
+    assert MILConfig(n_classes=6).trunk == "tf_efficientnet_lite0"  # the paper's head on it
+    assert (MILConfig(n_classes=6).hidden, MILConfig(n_classes=6).dropout) == (1000, 0.5)
+    assert FineTuneConfig(**cfg.model.model_dump()) == FineTuneConfig()
+    with pytest.raises(InputError, match="plan"):
+        MILConfig(n_classes=2, plan=[[8, 1]])  # a plan with a timm trunk

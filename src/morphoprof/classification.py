@@ -85,6 +85,12 @@ class ClassificationSummary:
                 "per_class": self.per_class(),
                 "confusion": {"labels": list(self.labels), "matrix": self.matrix.tolist()}}
 
+    @classmethod
+    def from_json(cls, d: dict) -> ClassificationSummary:
+        """Back from :meth:`to_json` (its confusion matrix)."""
+        return cls(tuple(d["confusion"]["labels"]), np.asarray(d["confusion"]["matrix"],
+                                                                dtype=np.int64))
+
 
 def conformal_threshold(calibration_scores: np.ndarray, alpha: float) -> float:
     """The split-conformal threshold: the ceil((n + 1)(1 - alpha)) / n empirical quantile of the

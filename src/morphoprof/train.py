@@ -13,6 +13,7 @@ from pathlib import Path
 
 from morphoprof.config import load_train_config, load_weak_config
 from morphoprof.errors import InputError
+from morphoprof.models.cv_result import CVResult
 from morphoprof.models.run import run_training, trained_mil
 from morphoprof.models.weak_run import run_weak
 
@@ -29,7 +30,8 @@ def write_config(text: str, folder: str | Path, fresh: bool = True) -> Path:
     return path
 
 
-def train_from_yaml(kind: str, text: str, folder: str | Path, fresh: bool = True) -> dict:
+def train_from_yaml(kind: str, text: str, folder: str | Path, fresh: bool = True
+                    ) -> CVResult:
     """Write a training config's ``text`` to ``folder/config.yaml`` and run it (``kind``:
     ``finetune`` | ``mil``), with ``output`` set to ``folder``. ``fresh`` empties the folder
     first; otherwise finished folds are reused (resume)."""

@@ -37,13 +37,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         cfg = cfg.replace(train=cfg.train.replace(epochs=a.epochs))
     with progress(not a.quiet):
         result = run_training(a.kind, cfg, text)
-    t = result["treatment"]
-    print(f"{a.kind}: treatment accuracy {t['correct']}/{t['n']} = {t['accuracy']:.3f} "
-          f"(image accuracy {result['image_accuracy']:.3f}); conformal coverage "
-          f"{result['conformal']['coverage']:.3f} at target "
-          f"{result['conformal']['target_coverage']:.2f}, mean set size "
-          f"{result['conformal']['mean_set_size']:.2f}; results in "
-          f"{Path(cfg.output) / a.kind / 'cv.json'}")
+    print(f"{result.summary_line()}; results in {Path(cfg.output) / a.kind / 'cv.json'}")
     return 0
 
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 from torch.utils.data import Dataset
 
 from morphoprof.classification import (
@@ -28,45 +29,40 @@ from morphoprof.classification import (
     set_metrics,
 )
 from morphoprof.errors import InputError
-from morphoprof.index.schema import COMPOUND, CONCENTRATION, MOA, PLATE, WELL, ExperimentIndex
+from morphoprof.index.schema import PLATE, WELL, ExperimentIndex
 from morphoprof.io_utils import write_json, write_npy, write_parquet
+from morphoprof.models.cv_result import CVResult, FoldResult
 from morphoprof.models.data import ImageTensorDataset
-from morphoprof.models.settings import TrainSection
+from morphoprof.models.settings import CVSection, ImagesSection, TrainConfig, TrainSection
 from morphoprof.models.splits import group_folds, split_groups
 from morphoprof.models.training import ImageClassifier, fit, predict_proba
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class CVConfig:
-    """Cross-validation settings.
+class CVConfig(CVSection):
+    """Cross-validation settings: the ``cv`` section's (``group`` held out whole, ``folds``,
+    the ``treatment`` columns predictions are aggregated to, conformal ``alpha``,
+    ``val_fraction``), with the config's ``label`` and ``train.seed`` (seeding folds,
+    validation wells and training), the ``images`` section's training ``augment`` and ``crop``
+    and the input normalisation; every default is the training config's.
 
     Attributes:
-        label: the class column.
-        group: the column held out whole (compound by default; a well for control-only tasks).
-        folds: number of folds.
-        treatment: columns naming a treatment (the unit predictions are aggregated to).
         aggregate: ``mean`` of image probabilities, or ``median`` over wells of well means
-            (Kraus's choice for MIL).
-        alpha: conformal miscoverage (sets aim at >= 1 - alpha).
-        val_fraction: wells of the training side kept for validation / early stopping.
-        seed: seeds folds, validation wells and training.
-        augment, crop, mean, std: passed to :class:`ImageTensorDataset` for training.
+            (Kraus's choice for MIL); here resolved, where the section leaves it to the kind.
+        mean, std: per-channel input normalisation, passed with ``augment`` and ``crop`` to
+            :class:`ImageTensorDataset`.
     """
 
-    label: str = MOA
-    group: str = COMPOUND
-    folds: int = 3
-    treatment: Sequence[str] = (COMPOUND, CONCENTRATION)
-    aggregate: str = "mean"
-    alpha: float = 0.1
-    val_fraction: float = 0.0
-    seed: int = 0
-    augment: bool = True
-    crop: int | None = None
-    mean: Sequence[float] = (0.0,)
-    std: Sequence[float] = (1.0,)
+    label: str = TrainConfig.model_fields["label"]
+    aggregate: Literal["mean", "median"] = Field("mean", description="image probabilities to "
+                                                 "treatments")
+    seed: int = TrainSection.model_fields["seed"]
+    augment: bool = ImagesSection.model_fields["augment"]
+    crop: int | None = ImagesSection.model_fields["crop"]
+    mean: tuple[float, ...] = Field((0.0,), strict=False, description="per-channel input mean")
+    std: tuple[float, ...] = Field((1.0,), strict=False, description="per-channel input "
+                                   "standard deviation")
 
 
 def treatment_probabilities(meta: pd.DataFrame, probs: np.ndarray, keys: Sequence[str],
@@ -115,7 +111,7 @@ def cross_validate(
     cv: CVConfig | None = None,
     fit_cfg: TrainSection | None = None,
     make_dataset: Callable[[np.ndarray, np.ndarray, bool], Dataset] | None = None,
-) -> dict:
+) -> CVResult:
     """Train and test one model per fold; write ``predictions.parquet`` (out-of-fold image
     probabilities), ``treatments.parquet`` and ``cv.json`` in ``out_dir``; return the results.
 
@@ -130,10 +126,7 @@ def cross_validate(
             predictions exist is not retrained (resume).
 
     Returns:
-        ``{"classes", "folds": [...], "image_accuracy", "treatment": {accuracy, correct, n,
-        per_class, confusion: {labels, matrix}}, "conformal": {coverage, mean_set_size, ...},
-        "train_seconds", "warnings"}``; ``treatment`` is a
-        :class:`~morphoprof.classification.ClassificationSummary` as JSON.
+        The :class:`~morphoprof.models.cv_result.CVResult` (also written as ``cv.json``).
     """
     cv = cv or CVConfig()
     fit_cfg = fit_cfg or TrainSection()
@@ -161,26 +154,21 @@ def cross_validate(
         fold_of[test_rows] = f
         train_seconds += float(info["seconds"])
         acc = float((p.argmax(1) == y[test_rows]).mean())
-        fold_results.append({"fold": f, "held_out": held, "n_train": int(len(train_rows)),
-                             "n_test": int(len(test_rows)), "image_accuracy": acc,
-                             "train_seconds": float(info["seconds"]), "epochs_run":
-                             info["epochs_run"]})
+        fold_results.append(FoldResult(f, tuple(held), int(len(train_rows)),
+                                       int(len(test_rows)), acc, float(info["seconds"]),
+                                       info["epochs_run"]))
         logger.info(f"fold {f + 1}/{len(folds)}: image accuracy {acc:.3f} on held-out {cv.group}")
     write_parquet(out_dir / "predictions.parquet", table[[
         c for c in table.columns if c.startswith("Metadata_")]].assign(
         Metadata_fold=fold_of, **{f"p_{c}": probs[:, k] for k, c in enumerate(classes)}))
 
     ttrue, tpred, conformal = _treatments(table, probs, classes, cv, out_dir)
-    result = {
-        "classes": classes, "label": cv.label, "group": cv.group, "n_images": int(len(table)),
-        "folds": fold_results,
-        "image_accuracy": float((probs.argmax(1) == y).mean()),
-        "treatment": ClassificationSummary.from_indices(ttrue, tpred, classes).to_json(),
-        "treatment_aggregation": cv.aggregate,
-        "conformal": conformal,
-        "train_seconds": train_seconds,
-    }
-    write_json(out_dir / "cv.json", result)
+    result = CVResult(
+        classes=tuple(classes), label=cv.label, group=cv.group, n_images=int(len(table)),
+        folds=tuple(fold_results), image_accuracy=float((probs.argmax(1) == y).mean()),
+        treatment=ClassificationSummary.from_indices(ttrue, tpred, classes),
+        treatment_aggregation=cv.aggregate, conformal=conformal, train_seconds=train_seconds)
+    write_json(out_dir / "cv.json", result.to_json())
     return result
 
 
@@ -262,15 +250,3 @@ def _treatments(table: pd.DataFrame, probs: np.ndarray, classes: list[str], cv: 
     write_parquet(out_dir / "treatments.parquet", tt)
     return ttrue, tpred, {"alpha": cv.alpha, "target_coverage": 1 - cv.alpha,
                           **set_metrics(sets, ttrue)}
-
-
-def cv_summary(result: dict) -> dict:
-    """The headline numbers of a :func:`cross_validate` result (for benchmarks and reports)."""
-    t = result["treatment"]
-    return {"treatment_accuracy": t["accuracy"], "treatment_counts": f"{t['correct']}/{t['n']}",
-            "image_accuracy": result["image_accuracy"],
-            "per_class": {m: v["accuracy"] for m, v in t["per_class"].items()},
-            "confusion": t["confusion"]["matrix"], "classes": result["classes"],
-            "folds": [{k: f[k] for k in ("held_out", "image_accuracy", "train_seconds")}
-                      for f in result["folds"]],
-            "conformal": result["conformal"], "train_seconds": result["train_seconds"]}

@@ -8,24 +8,21 @@ with flips and rotations. The same settings with random initialisation are the c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from morphoprof.errors import InputError
 from morphoprof.features.backbones import create_backbone, input_stats
+from morphoprof.models.settings import ModelSection, TrainConfig, TrainSection
 from morphoprof.models.training import ImageClassifier
 
 
-@dataclass
-class FineTuneConfig:
-    """Network and optimiser: timm ``model`` name, ``weights`` (auto | offline | imagenet |
-    random | checkpoint path), Adam ``lr`` and ``weight_decay``, dropout before the head."""
+class FineTuneConfig(ModelSection):
+    """Network and optimiser: the ``model`` section's timm ``name``, ``weights`` (auto |
+    offline | imagenet | random | checkpoint path) and dropout before the head, with the
+    ``train`` section's AdamW ``lr`` and ``weight_decay`` and the config's ``multilabel``;
+    every default is the training config's."""
 
-    model: str = "tf_efficientnet_lite0"
-    weights: str = "auto"
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    drop_rate: float = 0.2
-    multilabel: bool = False
+    lr: float = TrainSection.model_fields["lr"]
+    weight_decay: float = TrainSection.model_fields["weight_decay"]
+    multilabel: bool = TrainConfig.model_fields["multilabel"]
 
 
 def finetune_module(cfg: FineTuneConfig, n_classes: int, in_chans: int = 3, seed: int = 0
@@ -38,7 +35,7 @@ def finetune_module(cfg: FineTuneConfig, n_classes: int, in_chans: int = 3, seed
     """
     if n_classes < 2 and not cfg.multilabel:
         raise InputError(f"fine-tuning needs >= 2 classes, got {n_classes}")
-    backbone = create_backbone(cfg.model, cfg.weights, in_chans=in_chans, seed=seed,
+    backbone = create_backbone(cfg.name, cfg.weights, in_chans=in_chans, seed=seed,
                                num_classes=n_classes)
     net = backbone.model
     if hasattr(net, "drop_rate"):

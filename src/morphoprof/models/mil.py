@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from morphoprof.errors import InputError
 from morphoprof.features.backbones import create_backbone, input_stats
-from morphoprof.models.settings import POOLINGS
+from morphoprof.models.settings import POOLINGS, MilNetwork, TrainConfig, TrainSection
 
 _EPS = 1e-6
 
@@ -83,46 +83,42 @@ class MILPool(nn.Module):
         return (s(self.a * (mean - b)) - low) / (s(self.a * (1.0 - b)) - low)
 
 
-@dataclass(frozen=True)
-class MILConfig:
+# the ``plan`` trunk's default: (channels, stride) per valid 3x3 convolution; receptive field
+# 45 px (one cell at BBBC021's 20x), output stride 8
+DEFAULT_PLAN: tuple[tuple[int, int], ...] = ((32, 1), (32, 2), (64, 1), (64, 2), (128, 1),
+                                             (128, 2), (128, 1))
+
+
+class MILConfig(MilNetwork):
     """The network: a fully convolutional trunk, then the MIL head (Kraus's conv6 / conv7): a
     1x1 ``hidden`` layer with ReLU and ``dropout``, a 1x1 layer with K sigmoid class maps, the
     MIL pooling and an FC layer over the pooled vector.
 
+    The trunk, head and pooling settings (``trunk``, ``stage``, ``weights``, ``plan``,
+    ``hidden``, ``dropout``, ``pool_dropout``, ``pooling``, ``r``, ``a``) and their defaults
+    are :class:`~morphoprof.models.settings.MilNetwork`'s, the ``mil`` section of a training
+    config: ``trunk`` is ``plan`` (valid 3x3 convolutions, :data:`DEFAULT_PLAN` unless
+    ``plan`` is given), ``kraus`` (the paper's own network, :class:`KrausTrunk`) or any timm
+    model name cut at feature ``stage`` (EfficientNet-Lite0: stage 3 = 112 channels at 1/16).
+    This class adds what the data and the run decide:
+
     Attributes:
         n_classes: K.
         in_chans: input channels.
-        trunk: ``plan`` (a stack of valid 3x3 convolutions, see ``plan``), ``kraus`` (the
-            paper's own network, :class:`KrausTrunk`) or any timm model name, cut at ``stage``.
-        stage: the timm model's feature stage the class maps are computed on (``features_only``
-            index; None: the last). EfficientNet-Lite0: stage 3 = 112 channels at 1/16.
-        weights: timm weights (``auto`` | ``offline`` | ``imagenet`` | ``random`` | a path).
-        plan: (channels, stride) per 3x3 convolution of the ``plan`` trunk. With the default
-            the receptive field is 45 px (one cell); smaller images are refused.
-        hidden: channels of the 1x1 hidden layer (Kraus: 1000).
-        dropout: dropout after the hidden layer (Kraus: 0.5).
-        pool_dropout: dropout after each pooling layer of the ``kraus`` trunk (Kraus: 0.2).
-        pooling, r, a: the MIL pooling (:class:`MILPool`).
         batch_norm: batch norm after the ``plan`` / ``kraus`` convolutions.
         multilabel: sigmoid FC output (several labels per image) instead of softmax.
+        seed: seeds a random timm trunk's weights.
     """
 
-    n_classes: int
-    in_chans: int = 3
-    trunk: str = "plan"
-    stage: int | None = None
-    weights: str = "auto"
-    plan: Sequence[tuple[int, int]] = ((32, 1), (32, 2), (64, 1), (64, 2), (128, 1), (128, 2),
-                                       (128, 1))
-    hidden: int = 256
-    dropout: float = 0.0
-    pool_dropout: float = 0.2
-    pooling: str = "noisy_and"
-    r: float = 5.0
-    a: float = 10.0
-    batch_norm: bool = True
-    multilabel: bool = False
-    seed: int = 0
+    n_classes: int = Field(description="K, the classes")
+    in_chans: int = Field(3, ge=1, description="input channels")
+    batch_norm: bool = Field(True, description="batch norm after the plan / kraus convolutions")
+    multilabel: bool = TrainConfig.model_fields["multilabel"]
+    seed: int = TrainSection.model_fields["seed"]
+
+    def plan_layers(self) -> tuple[tuple[int, int], ...]:
+        """The ``plan`` trunk's (channels, stride) pairs: ``plan``, or :data:`DEFAULT_PLAN`."""
+        return tuple((c, s) for c, s in self.plan) if self.plan else DEFAULT_PLAN
 
 
 def receptive_field(plan: Sequence[tuple[int, int]], kernel: int = 3) -> int:
@@ -150,13 +146,14 @@ class PlanTrunk(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         c_in = cfg.in_chans
-        for c_out, stride in cfg.plan:
+        plan = cfg.plan_layers()
+        for c_out, stride in plan:
             layers += _conv(c_in, c_out, 3, cfg.batch_norm, stride=stride)
             c_in = c_out
         self.body = nn.Sequential(*layers)
         self.out_channels = c_in
-        self.min_size = receptive_field(cfg.plan)
-        self.reduction = math.prod(s for _, s in cfg.plan)
+        self.min_size = receptive_field(plan)
+        self.reduction = math.prod(s for _, s in plan)
         self.mean = self.std = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -350,8 +347,6 @@ class MILHead(nn.Module):
         super().__init__()
         if cfg.n_classes < 2 and not cfg.multilabel:
             raise InputError(f"a MIL classifier needs >= 2 classes, got {cfg.n_classes}")
-        if not 0 <= cfg.dropout < 1:
-            raise InputError(f"mil.dropout must be in [0, 1), got {cfg.dropout}")
         self.cfg = cfg
         self.classes = nn.Sequential(nn.Conv2d(in_channels, cfg.hidden, 1), nn.ReLU(),
                                      nn.Dropout(cfg.dropout),

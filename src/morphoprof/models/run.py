@@ -18,6 +18,7 @@ from morphoprof.errors import InputError
 from morphoprof.index.schema import ExperimentIndex, select_rows
 from morphoprof.io_utils import read_parquet, write_json
 from morphoprof.models.crossval import CVConfig, cross_validate
+from morphoprof.models.cv_result import CVResult
 from morphoprof.models.settings import TrainConfig
 
 if TYPE_CHECKING:
@@ -33,9 +34,8 @@ def module_factory(kind: str, cfg: TrainConfig, n_classes: int, in_chans: int):
     if kind == "finetune":
         from morphoprof.models.finetune import FineTuneConfig, finetune_module
 
-        ft = FineTuneConfig(model=cfg.model.name, weights=cfg.model.weights, lr=cfg.train.lr,
-                            weight_decay=cfg.train.weight_decay, drop_rate=cfg.model.drop_rate,
-                            multilabel=cfg.multilabel)
+        ft = FineTuneConfig(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                            multilabel=cfg.multilabel, **cfg.model.model_dump())
         # Fold 0's network is built here (checking the settings before any training) and
         # handed out on its first request, so its weights are not loaded twice.
         first, mean, std = finetune_module(ft, n_classes, in_chans, seed)
@@ -54,12 +54,8 @@ def mil_config(cfg: TrainConfig, n_classes: int, in_chans: int) -> MILConfig:
     """The ``mil`` section of a validated training config as a :class:`MILConfig`."""
     from morphoprof.models.mil import MILConfig
 
-    m = cfg.mil
-    extra = {"plan": tuple((c, s) for c, s in m.plan)} if m.plan else {}
-    return MILConfig(n_classes=n_classes, in_chans=in_chans, trunk=m.trunk, stage=m.stage,
-                     weights=m.weights, pooling=m.pooling, r=m.r, a=m.a, hidden=m.hidden,
-                     dropout=m.dropout, pool_dropout=m.pool_dropout,
-                     multilabel=cfg.multilabel, seed=cfg.train.seed, **extra)
+    return MILConfig(n_classes=n_classes, in_chans=in_chans, multilabel=cfg.multilabel,
+                     seed=cfg.train.seed, **cfg.mil.network().model_dump())
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -215,8 +211,9 @@ def load_mil_state(net, state: dict, frozen: bool, last_stage: bool = False):
     return net
 
 
-def run_training(kind: str, cfg: TrainConfig, config_text: str = "") -> dict:
-    """Run a validated training config end to end; results in ``cfg.output``."""
+def run_training(kind: str, cfg: TrainConfig, config_text: str = "") -> CVResult:
+    """Run a validated training config end to end; results in ``cfg.output`` (``KIND/cv.json``
+    is the returned :class:`~morphoprof.models.cv_result.CVResult`)."""
     from morphoprof.models.data import load_images
 
     out = Path(cfg.output)
@@ -241,19 +238,18 @@ def run_training(kind: str, cfg: TrainConfig, config_text: str = "") -> dict:
         make, mean, std = module_factory(kind, cfg, n_classes, len(channels))
     c = cfg.cv
     aggregate = c.aggregate or ("median" if kind == "mil" else "mean")
-    cv = CVConfig(label=cfg.label, group=c.group, folds=c.folds, treatment=tuple(c.treatment),
-                  aggregate=aggregate, alpha=c.alpha, val_fraction=c.val_fraction,
+    cv = CVConfig(**{**c.model_dump(), "aggregate": aggregate}, label=cfg.label,
                   seed=cfg.train.seed, augment=im.augment, crop=im.crop, mean=mean, std=std)
     result = cross_validate(index, images, make, out / kind, cv,
                             cfg.train,
                             make_dataset=setup.make_dataset if setup else None)
-    result["kind"] = kind
+    result = result.with_run(kind=kind)
     if setup is not None:
-        result["trunk"] = setup.info
+        result = result.with_run(trunk=setup.info)
         if cfg.mil.jacobian_images > 0:
-            result["jacobian_overlays"] = write_jacobian_overlays(
-                out / kind, index, images, setup.full_net, mean, std, cfg.mil.jacobian_images)
-    write_json(out / kind / "cv.json", result)
+            result = result.with_run(jacobian_overlays=tuple(write_jacobian_overlays(
+                out / kind, index, images, setup.full_net, mean, std, cfg.mil.jacobian_images)))
+    write_json(out / kind / "cv.json", result.to_json())
     return result
 
 
@@ -297,10 +293,10 @@ def trained_mil(folder: str | Path, cfg: TrainConfig, fold: int = 0):
     for f in (cv_file, ckpt):
         if not f.is_file():
             raise InputError(f"not a finished train mil run: {f} not found")
-    res = json.loads(cv_file.read_text())
-    trunk = res["trunk"]
+    res = CVResult.from_json(json.loads(cv_file.read_text()))
+    trunk = res.trunk
     n_chans = len(trunk["input_mean"])
-    net = MILNet(mil_config(cfg, len(res["classes"]), n_chans))
+    net = MILNet(mil_config(cfg, len(res.classes), n_chans))
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     load_mil_state(net, state, trunk["frozen"], trunk.get("trained_last_stage", False))
     return net.eval(), tuple(trunk["input_mean"]), tuple(trunk["input_std"])

@@ -44,21 +44,23 @@ class ModelSection(Settings):
     drop_rate: float = Field(0.2, ge=0, lt=1, description="dropout before the new head")
 
 
-class MilSection(Settings):
-    """``mil`` (train mil): the trunk, the MIL head and its pooling (Kraus 2016)."""
+_Pair = Annotated[list[Annotated[int, Field(strict=True, ge=1)]],
+                  Field(strict=False, min_length=2, max_length=2)]
+
+
+class MilNetwork(Settings):
+    """The MIL network's own settings (Kraus 2016): the trunk, the head (conv6: a 1x1
+    ``hidden`` layer with ReLU and ``dropout``; conv7: K sigmoid class maps) and the pooling.
+    ``mil`` sections (:class:`MilSection`) and :class:`~morphoprof.models.mil.MILConfig` both
+    extend it, so each default is written here once."""
 
     trunk: str = Field("tf_efficientnet_lite0", description="any timm model name (cut at "
                        "stage), kraus (the paper's network, from scratch) or plan (valid 3x3 "
                        "convolutions by plan)")
-    stage: int = Field(3, ge=0, description="the timm trunk's feature stage")
+    stage: int | None = Field(3, ge=0, description="the timm trunk's feature stage (None: the "
+                              "last)")
     weights: str = Field("auto", description="timm weights: auto | offline | imagenet | random "
                          "| a path")
-    frozen: bool | None = Field(None, description="train only the head on the trunk's cached "
-                                "feature maps (default: for pretrained timm trunks)")
-    cache: str | None = Field(None, description="folder of the cached feature maps (default: "
-                              "output/mil/trunk_maps)")
-    unfreeze_last_stage: bool = Field(False, description="with a frozen trunk, also train its "
-                                      "last stage (on the cached input of that stage)")
     pooling: Pooling = Field("noisy_and", description="the MIL pooling")
     r: float = Field(5.0, description="lse / gm sharpness")
     a: float = Field(10.0, description="Noisy-AND slope")
@@ -66,19 +68,38 @@ class MilSection(Settings):
     dropout: float = Field(0.5, ge=0, lt=1, description="dropout after the hidden layer")
     pool_dropout: float = Field(0.2, ge=0, lt=1, description="dropout after each pooling of "
                                 "the kraus trunk")
-    plan: list[Annotated[list[int], Field(min_length=2, max_length=2)]] | None = Field(
-        None, description="plan trunk: [channels, stride] per 3x3 convolution")
+    plan: list[_Pair] | None = Field(None, strict=False, description="plan trunk: [channels, "
+                                     "stride] per 3x3 convolution (None: 7 layers, a 45-px "
+                                     "receptive field)")
+
+    def check(self) -> list[tuple[str, str]]:
+        """A plan only for the ``plan`` trunk."""
+        if self.plan is not None and self.trunk != "plan":
+            return [("plan", f"only used with mil.trunk: plan (trunk is {self.trunk!r})")]
+        return []
+
+
+class MilSection(MilNetwork):
+    """``mil`` (train mil): the network (:class:`MilNetwork`) and how it is trained."""
+
+    frozen: bool | None = Field(None, description="train only the head on the trunk's cached "
+                                "feature maps (default: for pretrained timm trunks)")
+    cache: str | None = Field(None, description="folder of the cached feature maps (default: "
+                              "output/mil/trunk_maps)")
+    unfreeze_last_stage: bool = Field(False, description="with a frozen trunk, also train its "
+                                      "last stage (on the cached input of that stage)")
     mil_weight: float = Field(1.0, ge=0, description="weight of the MIL term of the loss")
     jacobian_images: int = Field(4, ge=0, description="fold 0's test fields given Jacobian "
                                  "map overlays")
 
+    def network(self) -> MilNetwork:
+        """The network's settings alone."""
+        return self.project(MilNetwork)
+
     def check(self) -> list[tuple[str, str]]:
-        """The trunk's own settings: a plan only for ``plan``, freezing only pretrained timm
-        trunks."""
-        out = []
+        """The network's own checks, then freezing only pretrained timm trunks."""
+        out = super().check()
         scratch = self.trunk in ("plan", "kraus")
-        if self.plan is not None and self.trunk != "plan":
-            out.append(("plan", f"only used with mil.trunk: plan (trunk is {self.trunk!r})"))
         if self.frozen and scratch:
             out.append(("frozen", f"a {self.trunk!r} trunk is trained from scratch and cannot "
                                   "be frozen"))
