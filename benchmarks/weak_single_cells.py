@@ -157,31 +157,31 @@ def main() -> int:
                                                per=256 if smoke else "null"), folder,
                                  fresh=not resume)
         print(f"trained in {time.perf_counter() - t0:.0f} s: held-out accuracy "
-              f"{s['heldout_cell_accuracy']:.3f}", flush=True)
+              f"{s.heldout_cell_accuracy:.3f}", flush=True)
         cells = read_features(folder / "features")
         weak = profile_metrics(cells, feature_columns(cells))
         transfer = transfer_baseline(npz, csv, cells)
         metrics = pd.read_csv(folder / "weak" / "metrics.csv")
     result = {
-        "dataset": str(DATA), "n_cells": int(sum(s["cells"].values())),
+        "dataset": str(DATA), "n_cells": int(sum(s.cells.values())),
         "split": "train on replicates 1-2, test on replicate 3 (whole wells)",
-        "cells": s["cells"], "classes": s["classes"], "model": "resnet18 (random init)",
-        "epochs": s["epochs_run"], "layer": s["layer"], "mixup_alpha": s["mixup_alpha"],
-        "gru": s["gru"],
-        "heldout_cell_accuracy": s["heldout_cell_accuracy"],
-        "heldout_per_class_accuracy": s["heldout_per_class_accuracy"],
+        "cells": s.cells, "classes": list(s.classes), "model": "resnet18 (random init)",
+        "epochs": s.epochs_run, "layer": s.layer, "mixup_alpha": s.mixup_alpha,
+        "gru": s.gru,
+        "heldout_cell_accuracy": s.heldout_cell_accuracy,
+        "heldout_per_class_accuracy": s.heldout_per_class_accuracy,
         "heldout_balanced_accuracy": float(np.mean(list(
-            s["heldout_per_class_accuracy"].values()))),
-        "chance_accuracy": s["chance_accuracy"],
-        "heldout_majority_fraction": s["heldout_majority_fraction"],
+            s.heldout_per_class_accuracy.values()))),
+        "chance_accuracy": s.chance_accuracy,
+        "heldout_majority_fraction": s.heldout_majority_fraction,
         **weak,
         "transfer_treated_vs_dmso_map": transfer["treated_vs_dmso_map"],
         "transfer": transfer,
-        "train_cells_per_s": s["train_cells_per_s"],
-        "extract_cells_per_s": s["extract_cells_per_s"],
-        "extract_vs_transfer_extract_ratio": s["extract_cells_per_s"]
+        "train_cells_per_s": s.train_cells_per_s,
+        "extract_cells_per_s": s.extract_cells_per_s,
+        "extract_vs_transfer_extract_ratio": s.extract_cells_per_s
         / transfer["extract_cells_per_s"],
-        "train_seconds": s["train_seconds"],
+        "train_seconds": s.train_seconds,
         "per_epoch": metrics.dropna(subset=["train_loss"]).to_dict("records"),
         "machine": "2 CPU cores (shared)",
     }

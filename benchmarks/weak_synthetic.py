@@ -84,10 +84,10 @@ def main() -> int:
                                                                folder / "profiles"),
                      "final_train_loss": float(metrics["train_cell_loss"].iloc[-1]),
                      "final_train_acc": float(metrics["train_acc"].iloc[-1]),
-                     "train_cells_per_s": s["train_cells_per_s"],
+                     "train_cells_per_s": s.train_cells_per_s,
                      "wall_seconds": time.perf_counter() - t0}
             result["settings"][name] = entry
-            result["n_cells"] = s["cells"]["train"]
+            result["n_cells"] = s.cells["train"]
             print(name, entry, flush=True)
             if smoke:
                 break

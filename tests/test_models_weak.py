@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -183,8 +185,8 @@ def test_resume_continues_from_the_saved_epoch_identically(crop_files, tmp_path)
     full = train_weak_from_yaml(weak_yaml(npz, csv), tmp_path / "full")
     train_weak_from_yaml(weak_yaml(npz, csv, train={"epochs": 1}), tmp_path / "half")
     resumed = train_weak_from_yaml(weak_yaml(npz, csv), tmp_path / "half", fresh=False)
-    a = torch.load(full["checkpoint"], map_location="cpu", weights_only=False)
-    b = torch.load(resumed["checkpoint"], map_location="cpu", weights_only=False)
+    a = torch.load(full.checkpoint, map_location="cpu", weights_only=False)
+    b = torch.load(resumed.checkpoint, map_location="cpu", weights_only=False)
     assert a["epoch"] == b["epoch"] == 1
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
@@ -203,9 +205,13 @@ def test_weak_run_learns_and_writes_embeddings(crop_files, tmp_path):
 
     npz, csv = crop_files
     s = train_weak_from_yaml(weak_yaml(npz, csv, train={"epochs": 4}), tmp_path / "run")
-    assert s["cells"] == {"train": 60, "val": 0, "test": 30}
-    assert s["heldout_cell_accuracy"] >= 0.8, s  # chance is 1/3
-    assert s["layer"] == "layer3" and s["train_cells_per_s"] > 0
+    assert s.cells == {"train": 60, "val": 0, "test": 30}
+    assert s.heldout_cell_accuracy >= 0.8, s  # chance is 1/3
+    assert s.layer == "layer3" and s.train_cells_per_s > 0
+    assert s.heldout.n == 30 and s.wall_seconds > s.train_seconds
+    written = json.loads((tmp_path / "run" / "weak" / "weak.json").read_text())
+    assert written == {k: v for k, v in s.to_json().items() if k != "wall_seconds"}
+    assert written["heldout_cell_accuracy"] == s.heldout_cell_accuracy
     feats = read_features(tmp_path / "run" / "features")
     assert len(feats) == 90 and set(feats["Metadata_split"]) == {"train", "test"}
     cols = feature_columns(feats)
@@ -307,7 +313,6 @@ def test_bad_weak_inputs(crop_files, tmp_path):
 
 def test_two_process_ddp_run_on_cpu(crop_files, tmp_path):
     """Lightning DDP with the gloo backend: two CPU processes, each taking half the batches."""
-    import json
     import os
     import subprocess
     import sys

@@ -15,6 +15,7 @@ from morphoprof.config import load_train_config, load_weak_config
 from morphoprof.errors import InputError
 from morphoprof.models.cv_result import CVResult
 from morphoprof.models.run import run_training, trained_mil
+from morphoprof.models.weak_result import WeakResult
 from morphoprof.models.weak_run import run_weak
 
 
@@ -39,14 +40,17 @@ def train_from_yaml(kind: str, text: str, folder: str | Path, fresh: bool = True
     return run_training(kind, cfg, text)
 
 
-def train_weak_from_yaml(text: str, folder: str | Path, fresh: bool = True) -> dict:
+def train_weak_from_yaml(text: str, folder: str | Path, fresh: bool = True
+                         ) -> WeakResult | None:
     """Write a weak config's ``text`` to ``folder/config.yaml`` (``output`` = ``folder``) and
-    run it; ``fresh`` empties the folder first. The summary gets ``wall_seconds``."""
+    run it; ``fresh`` empties the folder first. The result gets ``wall_seconds``; None in
+    every process of a multi-process run but the first."""
     cfg, text = load_weak_config(write_config(text, folder, fresh))
     t0 = time.perf_counter()
     summary = run_weak(cfg, text)
-    summary["wall_seconds"] = time.perf_counter() - t0
-    return summary
+    if summary is None:
+        return None
+    return summary.with_wall_seconds(time.perf_counter() - t0)
 
 
 def load_trained_mil(folder: str | Path, fold: int = 0):

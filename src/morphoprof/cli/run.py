@@ -48,14 +48,8 @@ def _train_weak(a: argparse.Namespace) -> int:
         cfg = cfg.replace(train=cfg.train.replace(epochs=a.epochs))
     with progress(not a.quiet):
         s = run_weak(cfg, text)
-    if "classes" not in s:  # not the first process of a multi-process run
-        return 0
-    acc = s.get("heldout_cell_accuracy")
-    held = (f"held-out cell accuracy {acc:.3f} (chance {s['chance_accuracy']:.3f}); "
-            if acc is not None else "")
-    print(f"weak: {len(s['classes'])} labels, {s['epochs_run']} epochs, {held}"
-          f"{s['train_cells_per_s']:.0f} training cells/s; embeddings ({s['layer']}) in "
-          f"{s['features']}; summary in {Path(cfg.output) / 'weak' / 'weak.json'}")
+    if s is not None:  # None: not the first process of a multi-process run
+        print(s.summary_line(str(Path(cfg.output) / "weak" / "weak.json")))
     return 0
 
 

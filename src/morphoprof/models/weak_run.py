@@ -28,6 +28,7 @@ from morphoprof.index.schema import (
 )
 from morphoprof.io_utils import file_digest, read_parquet, write_json
 from morphoprof.models.settings import HoldoutSection, WeakConfig
+from morphoprof.models.weak_result import WeakResult
 from morphoprof.preprocess.crops import CropDataset, load_crop_shards, normalize_crops
 from morphoprof.preprocess.segmentation import segment_index
 from morphoprof.shards import ShardWriter, run_shards, shard_key
@@ -184,11 +185,13 @@ def split_cells(table: pd.DataFrame, labels: np.ndarray, holdout: HoldoutSection
     return part
 
 
-def run_weak(cfg: WeakConfig, config_text: str = "") -> dict:
+def run_weak(cfg: WeakConfig, config_text: str = "") -> WeakResult | None:
     """Run a validated weak-supervision config (:class:`~morphoprof.models.settings.WeakConfig`).
 
     Writes ``output/weak/`` (checkpoints, metrics.csv, weak.json) and ``output/features/``
-    (embeddings of every cell, one Parquet shard per plate, with a manifest).
+    (embeddings of every cell, one Parquet shard per plate, with a manifest). Returns the
+    :class:`~morphoprof.models.weak_result.WeakResult` (``weak.json``); None in every process
+    of a multi-process run but the first.
     """
     import torch
 
@@ -222,29 +225,17 @@ def run_weak(cfg: WeakConfig, config_text: str = "") -> dict:
                if len(val) else None)
     start = _resume_epoch(folder / "checkpoints" / "last.ckpt")
     result = fit(module, loader, folder, fcfg, val_set)
-    if result["global_rank"] != 0:
-        return result
+    if result["global_rank"] != 0:  # not the first process of a multi-process run
+        return None
     cells_trained = _cells_seen(sampler, start, result["epochs_run"])
     ckpt = Path(result["best_checkpoint"] if len(val) else result["last_checkpoint"])
     extractor, _ = extractor_from_checkpoint(ckpt, cfg.features.layer, cfg.features.batch_size)
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     module.load_state_dict(state)
     module.eval()
-    summary: dict = {
-        "classes": classes, "channels": channels, "batch_column": batch_col,
-        "cells": {"train": len(train), "val": len(val), "test": len(test)},
-        "mixup_alpha": cfg.weak.mixup_alpha, "gru": cfg.weak.gru, "checkpoint": str(ckpt),
-        "layer": extractor.cfg.layer, "epochs_run": result["epochs_run"],
-        "world_size": result["world_size"],
-        "train_batches_per_epoch_per_process": result["train_batches_per_epoch"],
-        "train_batches_per_epoch": sampler.n_batches, "train_seconds": result["seconds"],
-        "train_cells_per_s": cells_trained / result["seconds"] if cells_trained else None,
-        "chance_accuracy": 1.0 / len(classes)}
-    if len(test):
-        summary.update(_heldout_scores(predict_labels(module, crops[test], mean, std),
-                                       labels[test], classes))
+    heldout = (ClassificationSummary.from_indices(labels[test], predict_labels(
+        module, crops[test], mean, std), classes) if len(test) else None)
     feats, seconds = embed_crops(extractor, crops, channels)
-    summary["extract_cells_per_s"] = len(crops) / seconds if seconds > 0 else None
     meta = table[[col for col in table.columns if str(col).startswith(("Metadata_",
                                                                        "Nuclei_Loc"))]]
     _write_embeddings(out / FEATURES, meta.assign(Metadata_split=part), feats,
@@ -252,9 +243,21 @@ def run_weak(cfg: WeakConfig, config_text: str = "") -> dict:
                       {"extractor": "weak", "checkpoint": str(ckpt),
                        "checkpoint_sha256": file_digest(ckpt), "layer": extractor.cfg.layer,
                        "n_cells": len(crops)})
-    summary["features"] = str(out / FEATURES)
-    summary["metrics_csv"] = result["metrics_csv"]
-    write_json(folder / "weak.json", summary)
+    summary = WeakResult(
+        classes=tuple(classes), channels=tuple(channels), batch_column=batch_col,
+        cells={"train": len(train), "val": len(val), "test": len(test)},
+        mixup_alpha=cfg.weak.mixup_alpha, gru=cfg.weak.gru, checkpoint=str(ckpt),
+        layer=extractor.cfg.layer, epochs_run=result["epochs_run"],
+        world_size=result["world_size"],
+        train_batches_per_epoch_per_process=result["train_batches_per_epoch"],
+        train_batches_per_epoch=sampler.n_batches, train_seconds=result["seconds"],
+        train_cells_per_s=cells_trained / result["seconds"] if cells_trained else None,
+        chance_accuracy=1.0 / len(classes), heldout=heldout,
+        heldout_majority_fraction=(float(np.bincount(labels[test]).max() / len(test))
+                                   if len(test) else None),
+        extract_cells_per_s=len(crops) / seconds if seconds > 0 else None,
+        features=str(out / FEATURES), metrics_csv=result["metrics_csv"])
+    write_json(folder / "weak.json", summary.to_json())
     return summary
 
 
@@ -323,15 +326,6 @@ def _weak_module(cfg: WeakConfig, classes: list, channels: list[str], raw_size: 
                                                    else raw_size), input_size=input_size,
                       normalization=c.normalization, channels=channels, seed=cfg.train.seed,
                       drop_rate=m.drop_rate)
-
-
-def _heldout_scores(pred: np.ndarray, truth: np.ndarray, classes: list) -> dict:
-    """Held-out cell accuracy, the majority class's share and per-class accuracy."""
-    scores = ClassificationSummary.from_indices(truth, pred, classes)
-    return {"heldout_cell_accuracy": scores.accuracy,
-            "heldout_majority_fraction": float(np.bincount(truth).max() / len(truth)),
-            "heldout_per_class_accuracy": {
-                c: v["accuracy"] for c, v in scores.per_class(present_only=True).items()}}
 
 
 def _write_embeddings(folder: Path, meta: pd.DataFrame, feats: np.ndarray, cols: list[str],
