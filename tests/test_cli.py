@@ -59,7 +59,7 @@ def test_errors_are_clear_and_exit_2(tmp_path, capsys):
     assert "output: required" in err
 
 
-def test_run_config_end_to_end(tmp_path):
+def test_run_config_end_to_end(tmp_path, capsys):
     cfg = {
         "data": {"source": "synthetic", "path": "screen",
                  "synthetic": {**{k: v for k, v in TINY.to_json().items() if k != "channels"}}},
@@ -69,6 +69,9 @@ def test_run_config_end_to_end(tmp_path):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["run", str(tmp_path / "run.yaml")]) == 0
     out = tmp_path / "out"
+    said = capsys.readouterr().out.splitlines()
+    assert said[0].startswith("NSC") and said[-1].startswith(
+        f"wrote {out / 'evaluation.json'} and {out / 'report.html'} in ")
     for name in ("index.parquet", "features/manifest.json", "profiles/treatments.parquet",
                  "evaluation.json", "report.html", "config.yaml"):
         assert (out / name).exists(), name

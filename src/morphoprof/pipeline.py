@@ -25,6 +25,7 @@ import logging
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -410,11 +411,36 @@ def report_stage(out: str | Path, evaluation: str | Path, profiles: pd.DataFrame
     return Path(out)
 
 
+@dataclass(frozen=True)
+class RunResult:
+    """What :func:`run_pipeline` did.
+
+    Attributes:
+        evaluation: the profiles' evaluation (also ``out/evaluation.json``).
+        timings: seconds per stage (``index_s``, ``preprocess_s``, ``features_s``,
+            ``profiles_s``, ``total_s``).
+        extraction: the feature extraction's run summary (``out/features/run_summary.json``).
+        out: the run's folder.
+    """
+
+    evaluation: Evaluation
+    timings: dict[str, float]
+    extraction: dict
+    out: Path
+
+    def summary_lines(self) -> list[str]:
+        """What a finished run tells its user: the evaluation's headline figures
+        (:meth:`~morphoprof.evaluation.evaluate.Evaluation.summary_lines`) and the files
+        written."""
+        return [*self.evaluation.summary_lines(),
+                f"wrote {self.out / 'evaluation.json'} and {self.out / 'report.html'} in "
+                f"{self.timings['total_s']:.0f} s"]
+
+
 def run_pipeline(cfg: RunConfig, config_text: str,
-                 config_path: str | None = None) -> dict:
-    """Run every stage of a validated config; returns ``{"evaluation", "timings",
-    "extraction", "out"}`` (:func:`run_summary_lines` says it in words). Each stage is announced
-    in this module's log."""
+                 config_path: str | None = None) -> RunResult:
+    """Run every stage of a validated config (each announced in this module's log); the
+    :class:`RunResult` says what was done."""
     out = check_writable(cfg.output, folder=True)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "config.yaml") as tmp:
@@ -478,18 +504,7 @@ def run_pipeline(cfg: RunConfig, config_text: str,
     logger.info("[7/7] report")
     _run_report(out, cfg, index, evaluation, treatments, seg, extraction, config_path)
     timings["total_s"] = time.perf_counter() - t0
-    return {"evaluation": evaluation, "timings": timings, "extraction": extraction,
-            "out": str(out)}
-
-
-def run_summary_lines(result: dict) -> list[str]:
-    """What a finished :func:`run_pipeline` tells its user: the evaluation's headline figures
-    (:meth:`~morphoprof.evaluation.evaluate.Evaluation.summary_lines`) and the files written."""
-    lines = result["evaluation"].summary_lines()
-    out = Path(result["out"])
-    lines.append(f"wrote {out / 'evaluation.json'} and {out / 'report.html'} in "
-                 f"{result['timings']['total_s']:.0f} s")
-    return lines
+    return RunResult(evaluation, timings, extraction, out)
 
 
 def _run_report(out: Path, cfg: RunConfig, index: ExperimentIndex, evaluation: Evaluation,

@@ -16,13 +16,13 @@ from morphoprof.config import (
 from morphoprof.io_utils import check_writable
 from morphoprof.logs import progress
 from morphoprof.models.weak_run import run_weak
-from morphoprof.pipeline import run_pipeline, run_summary_lines
+from morphoprof.pipeline import run_pipeline
 
 
 def cmd_run(a: argparse.Namespace) -> int:
     cfg, text = load_config(a.config)
     result = run_pipeline(cfg, text, config_path=str(Path(a.config).resolve()))
-    print("\n".join(run_summary_lines(result)))
+    print("\n".join(result.summary_lines()))
     return 0
 
 
@@ -63,7 +63,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
     cfg = validate_config(raw, "built-in demo")
     text = yaml.safe_dump(raw, sort_keys=False)
     print(f"morphoprof demo -> {out}")
-    print("\n".join(run_summary_lines(run_pipeline(cfg, text))))
+    print("\n".join(run_pipeline(cfg, text).summary_lines()))
     return 0
 
 
