@@ -43,7 +43,8 @@ def test_source_specific_requirements_and_yaml_errors(tmp_path):
     assert "data.path: required for source 'csv'" in problems
     assert any(p.startswith("data.columns: required") for p in problems)
     assert _problems({"data": {"source": "ftp"}, "output": "o"}) == [
-        "data.source: 'ftp' is not one of ['synthetic', 'bbbc021', 'bbbc021-6moa', 'csv', 'index']"
+        "data.source: 'ftp' is not one of ['synthetic', 'bbbc021', 'bbbc021-6moa', 'csv', "
+        "'loaddata', 'ome-zarr', 'index']"
     ]
     (tmp_path / "bad.yaml").write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

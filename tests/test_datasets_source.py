@@ -45,3 +45,15 @@ def test_partial_bbbc021_download_announces_what_it_leaves_out(tmp_path, caplog)
     index = build_index_from_config(data, tmp_path)
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(index) == 2 and lines  # s1, s2 complete; s3 (no actin file) and s4 left out
+
+
+def test_every_source_has_one_importer_and_import_offers_the_importing_ones():
+    import typing
+
+    from morphoprof.cli.data import IMPORTERS
+    from morphoprof.datasets.source import SOURCES, SourceName
+
+    assert tuple(SOURCES) == typing.get_args(SourceName)
+    assert set(IMPORTERS) == set(SOURCES) - {"synthetic", "index"} | {"cellprofiler"}
+    with pytest.raises(InputError, match="path: required for source 'loaddata'"):
+        DataSection(source="loaddata")

@@ -8,6 +8,8 @@ import pytest
 import tifffile
 
 from morphoprof.cli import main
+from morphoprof.config import load_config
+from morphoprof.datasets.source import build_index_from_config
 from morphoprof.errors import InputError, ValidationError
 from morphoprof.index import ExperimentIndex
 from morphoprof.index.loaddata import illumination_files, import_loaddata
@@ -102,6 +104,22 @@ def test_cli_import_loaddata_stores_the_illumination_functions(tmp_path, capsys)
     assert main(["segment", str(out), "--out", str(seg), "--illumination",
                  str(tmp_path / "run" / "illumination"), "--channel", "DNA",
                  "--min-area", "1"]) == 0
+
+
+def test_a_run_config_reads_the_same_loaddata_index_as_the_import(tmp_path):
+    mirror = _jump_layout(tmp_path)
+    out = tmp_path / "imported.parquet"
+    assert main(["import", "loaddata", str(tmp_path / "load_data.csv"), "--out", str(out),
+                 "--mirror", str(mirror), "--metadata", str(tmp_path / "well.csv"),
+                 "--channels", "Mito", "DNA"]) == 0
+    (tmp_path / "run.yaml").write_text(
+        f"data: {{source: loaddata, path: load_data.csv, mirror: {mirror.name}, "
+        "metadata: [well.csv], channels: [Mito, DNA]}\noutput: out\n")
+    cfg, _ = load_config(tmp_path / "run.yaml")
+    index = build_index_from_config(cfg.data, tmp_path / "out")
+    imported = ExperimentIndex.read_parquet(out)
+    assert index.channels == imported.channels == ["Mito", "DNA"]
+    pd.testing.assert_frame_equal(index.table, imported.table)
 
 
 def test_illum_columns_in_the_table_and_partial_functions(tmp_path):

@@ -12,6 +12,7 @@ from ome_zarr.format import FormatV04
 from ome_zarr.writer import write_image, write_plate_metadata, write_well_metadata
 
 from morphoprof.cli import main
+from morphoprof.datasets.source import DataSection, build_index_from_config
 from morphoprof.errors import ImageReadError, InputError, ValidationError
 from morphoprof.index import ExperimentIndex
 from morphoprof.index.ome_zarr import import_ome_zarr
@@ -93,6 +94,16 @@ def test_cli_import_then_segment_and_crop(tmp_path):
     assert main(["crops", str(out), str(cells), "--out", str(tmp_path / "crops"),
                  "--size", "16"]) == 0
     assert (tmp_path / "crops" / "manifest.json").is_file()
+
+
+def test_a_config_data_section_imports_the_plate_as_the_cli_does(tmp_path):
+    plate = _plate(tmp_path / "plate.zarr")
+    out = tmp_path / "index.parquet"
+    assert main(["import", "ome_zarr", str(plate), "--out", str(out), "--channels", "RNA"]) == 0
+    data = DataSection(source="ome_zarr", path=str(plate), channels=["RNA"])
+    index = build_index_from_config(data, tmp_path)
+    assert index.channels == ["RNA"] and len(index) == 6
+    pd.testing.assert_frame_equal(index.table, ExperimentIndex.read_parquet(out).table)
 
 
 def test_bad_plates_are_named(tmp_path):

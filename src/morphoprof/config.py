@@ -9,13 +9,15 @@ written once; no dict passes this boundary.
 A run config has six sections (every key optional except ``data.source`` and ``output``)::
 
     data:        where the screen comes from
-      source:    synthetic | bbbc021 | bbbc021-6moa | csv | index
+      source:    synthetic | bbbc021 | bbbc021-6moa | csv | loaddata | ome-zarr | index
       path:      screen folder (synthetic: where to generate it), BBBC021 root, 6-MoA folder,
-                 CSV file, or index.parquet
+                 CSV file, LoadData CSV, OME-Zarr plate or index.parquet
       image_csv, moa_csv:            BBBC021 tables (default: found under path)
       columns:   {plate: ..., well: ..., ...} or a preset name (csv source)
       channel_columns: {DNA: col, ...}  (csv source)
       sep:       "," (csv source)
+      root, mirror, metadata, channels, platemap, platemap_well: loaddata / ome-zarr
+                 (:class:`~morphoprof.datasets.source.DataSection`)
       controls:  [DMSO]
       synthetic: {n_moas: 4, ...}   (synthetic source; see SynthConfig)
     channels:    [DNA, Tubulin, Actin]  stains to use, in order (default: all)
@@ -166,11 +168,14 @@ def _under(base: Path, value: str | None) -> str | None:
 
 def _resolve_paths(cfg: RunConfig | TrainConfig | WeakConfig, base: Path):
     """``cfg`` with relative ``data.path``, ``data.image_csv``, ``data.moa_csv``, ``data.table``
-    (weak), ``profiles.blocklist`` and ``features.checkpoint`` (run), ``mil.cache`` (training)
+    (weak), ``data.root``, ``data.mirror``, ``data.platemap``, ``data.metadata``,
+    ``profiles.blocklist`` and ``features.checkpoint`` (run), ``mil.cache`` (training)
     and ``output`` resolved
     against ``base`` (the config file's folder)."""
-    keys = [k for k in ("path", "image_csv", "moa_csv", "table") if hasattr(cfg.data, k)]
-    data = {k: _under(base, getattr(cfg.data, k)) for k in keys}
+    keys = [k for k in ("path", "image_csv", "moa_csv", "table", "root", "mirror", "platemap")
+            if hasattr(cfg.data, k)]
+    data: dict[str, Any] = {k: _under(base, getattr(cfg.data, k)) for k in keys}
+    data["metadata"] = [_under(base, m) for m in cfg.data.metadata]
     changes: dict[str, Any] = {"data": cfg.data.model_copy(update=data),
                                "output": _under(base, cfg.output)}
     if isinstance(cfg, RunConfig) and cfg.profiles.blocklist:
@@ -206,7 +211,7 @@ def validate_config(raw: Any, source: str = "config") -> RunConfig:
 def load_config(path: str | Path) -> tuple[RunConfig, str]:
     """Read and validate a YAML run config. Returns (config, its text).
 
-    Relative paths in ``data.path``, ``data.image_csv``, ``data.moa_csv``,
+    Relative paths in ``data`` (path, image_csv, moa_csv, root, mirror, platemap, metadata),
     ``profiles.blocklist`` and ``output`` are resolved against the config file's folder.
     """
     path = Path(path)

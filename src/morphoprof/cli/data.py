@@ -9,20 +9,18 @@ from morphoprof.cli.common import (
     add_command,
 )
 from morphoprof.datasets.download import BBBC021_BASE_URL, download_bbbc021, load_checksums
+from morphoprof.datasets.source import SOURCE_ALIASES, SOURCES, DataSection, build_index_from_config
 from morphoprof.datasets.synthetic import SynthConfig, generate_screen
 from morphoprof.errors import MorphoprofError
 from morphoprof.features.cellprofiler import import_cellprofiler
-from morphoprof.index import ExperimentIndex, import_bbbc021, import_csv, import_fields_6moa
-from morphoprof.index.loaddata import illumination_files, import_loaddata
-from morphoprof.index.ome_zarr import import_ome_zarr
+from morphoprof.index import ExperimentIndex
+from morphoprof.index.loaddata import illumination_files
 from morphoprof.preprocess.illumination import import_illumination
 from morphoprof.settings import add_options, from_options
 
-IMPORTERS = ("bbbc021", "bbbc021-6moa", "csv", "loaddata", "ome-zarr", "cellprofiler")
-
-
-# the YAML spellings, accepted here too
-IMPORTER_ALIASES = {"bbbc021_6moa": "bbbc021-6moa", "ome_zarr": "ome-zarr"}
+# every screen source a config's data section takes, but the ones that do not import (a
+# generated screen, an index), and CellProfiler's single-cell measurements
+IMPORTERS = (*(s for s in SOURCES if s not in ("synthetic", "index")), "cellprofiler")
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
@@ -42,48 +40,40 @@ def cmd_download(a: argparse.Namespace) -> int:
 
 
 def cmd_import(a: argparse.Namespace) -> int:
-    layout = IMPORTER_ALIASES.get(a.layout, a.layout)
-    if layout == "cellprofiler":
+    layout = SOURCE_ALIASES.get(a.layout, a.layout)
+    if layout == "cellprofiler":  # single-cell measurements, not an index
         summary = import_cellprofiler(a.path, a.out, plate=a.plate, platemap=a.platemap,
                                       platemap_well=a.platemap_well, overwrite=a.overwrite,
                                       chunk_size=a.chunk_size)
         print(f"{summary['rows']} cells x {summary['features']} features ({summary['kind']}, "
               f"CytoTable preset {summary['cytotable_preset']}) -> {summary['out']}")
         return 0
-    if layout == "loaddata":
-        return _import_loaddata(a)
-    if layout == "ome-zarr":
-        index = import_ome_zarr(a.path, platemap=a.platemap, platemap_well=a.platemap_well,
-                                channels=a.channels, only_present=a.only_present)
-        index.write(a.out)
-        print(f"{len(index)} fields, channels {index.channels} -> {a.out}")
-        return 0
     if a.plates and layout != "bbbc021":
         raise MorphoprofError("--plates applies to 'import bbbc021' only")
-    if layout == "bbbc021":
-        index = import_bbbc021(a.path, a.image_csv, a.moa_csv, check_shapes=a.check_shapes,
-                               plates=a.plates, only_present=a.only_present)
-    elif layout == "bbbc021-6moa":
-        index = import_fields_6moa(a.path, only_present=a.only_present)
-    else:
-        fields: dict | str = a.preset or {}
-        if not a.preset:
-            fields = _pairs(a.field, "--field")
-        index = import_csv(a.path, _pairs(a.channel, "--channel"), fields, root=a.root,
-                           sep=a.sep, check_shapes=a.check_shapes, only_present=a.only_present)
+    if layout == "csv" and not (a.channel and (a.field or a.preset)):
+        raise MorphoprofError("import csv needs --channel CHANNEL=COLUMN and --field "
+                              "FIELD=COLUMN (each repeatable) or --preset NAME")
+    data = DataSection(
+        source=layout, path=a.path, image_csv=a.image_csv, moa_csv=a.moa_csv, plates=a.plates,
+        only_present=a.only_present, check_shapes=a.check_shapes,
+        columns=a.preset or _pairs(a.field, "--field") or None,
+        channel_columns=_pairs(a.channel, "--channel") or None, sep=a.sep, root=a.root,
+        mirror=a.mirror, metadata=a.metadata or [], channels=a.channels,
+        platemap=a.platemap, platemap_well=a.platemap_well)
+    index = build_index_from_config(data, Path(a.out).parent)
     index.write(a.out)
-    print(f"{len(index)} image sets, channels {index.channels} -> {a.out}")
+    what = "fields" if layout == "ome-zarr" else "image sets"
+    print(f"{len(index)} {what}, channels {index.channels} -> {a.out}")
+    if layout == "loaddata":
+        _import_loaddata_illumination(a, index)
     return 0
 
 
-def _import_loaddata(a: argparse.Namespace) -> int:
-    index = import_loaddata(a.path, root=a.root, mirror=a.mirror, metadata=a.metadata or (),
-                            channels=a.channels, check_shapes=a.check_shapes,
-                            only_present=a.only_present)
+def _import_loaddata_illumination(a: argparse.Namespace, index: ExperimentIndex) -> None:
+    """The plates' CellProfiler illumination functions named by a LoadData CSV (or found
+    under ``--illum``), stored for ``--illumination``."""
     files = illumination_files(a.path, index.channels, illum_dir=a.illum, root=a.root,
                                mirror=a.mirror)
-    index.write(a.out)
-    print(f"{len(index)} image sets, channels {index.channels} -> {a.out}")
     plates = set(index.table["Metadata_plate"])
     if files:
         folder = Path(a.illum_out or Path(a.out).parent / "illumination")
@@ -94,7 +84,6 @@ def _import_loaddata(a: argparse.Namespace) -> int:
               + (f"; none for plate(s) {lacking}" if lacking else ""))
     elif a.illum:
         print(f"note: no <plate>_Illum<channel>.npy for these plates under {a.illum}")
-    return 0
 
 
 def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
@@ -150,7 +139,7 @@ def _add_download(sub) -> None:
 def _add_import(sub) -> None:
     s = add_command(sub, "import", "build an experiment index (index.parquet)",
                     outputs=[("out", lambda a: a.layout == "cellprofiler")])  # it writes a folder
-    s.add_argument("layout", choices=[*IMPORTERS, *IMPORTER_ALIASES],
+    s.add_argument("layout", choices=[*IMPORTERS, *SOURCE_ALIASES],
                    metavar="{" + ",".join(IMPORTERS) + "}",
                    help="bbbc021: the official layout; bbbc021-6moa: the 6-MoA PNG subset; "
                    "csv: any CSV with a column mapping; loaddata: a CellProfiler LoadData / JUMP "

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from morphoprof.datasets.source import DataSection
+from morphoprof.datasets.source import DataSection, SourceName
 from morphoprof.preprocess.segmentation import NucleiSection
 from morphoprof.settings import Settings
 
@@ -229,7 +229,7 @@ class WeakDataSection(DataSection):
     """``data`` of a weak config: any screen source, or ``crops`` (``path`` an ``.npz`` holding
     ``crops`` and ``table`` its one-row-per-crop table, or a crop folder)."""
 
-    source: Literal["synthetic", "bbbc021", "bbbc021-6moa", "csv", "index", "crops"] = Field(
+    source: Literal[(*typing.get_args(SourceName), "crops")] = Field(  # type: ignore[valid-type]
         description="a screen's source, or crops")
     table: str | None = Field(None, description="crops: the table of an .npz, one row per crop")
 
