@@ -154,40 +154,27 @@ def _add_import(sub) -> None:
                    "metadata (default: its name)")
     s.add_argument("--platemap", help="cellprofiler / ome-zarr: CSV, one row per well, joined as "
                    "Metadata_<column> (e.g. compound, concentration, moa)")
-    s.add_argument("--platemap-well", default="well", help="cellprofiler / ome-zarr: the plate "
-                   "map's well column")
+    s.add_argument("--platemap-well", default=DataSection.model_fields["platemap_well"].default,
+                   help="cellprofiler / ome-zarr: the plate map's well column")
     s.add_argument("--metadata", action="append", help="loaddata: a CSV joined onto the image "
                    "list by the Metadata_ columns both have (JUMP well.csv, plate.csv; repeatable)")
-    s.add_argument("--mirror", help="loaddata: local copy of the images behind s3:// or https:// "
-                   "URL_ columns (the URL's bucket/path under it)")
     s.add_argument("--illum", help="loaddata: folder of CellProfiler <plate>_Illum<Ch>.npy "
                    "(in it or in <plate>/), where the CSV has no FileName_Illum columns")
     s.add_argument("--illum-out", help="loaddata: where the plates' illumination functions are "
                    "stored for --illumination (default: 'illumination' beside --out)")
-    s.add_argument("--channels", nargs="*", help="loaddata / ome-zarr: keep these channels, in "
-                   "this order (default: all)")
     s.add_argument("--overwrite", action="store_true", help="cellprofiler: replace an earlier "
                    "import in --out")
     s.add_argument("--chunk-size", type=int, default=5000, help="cellprofiler: rows per "
                    "CytoTable chunk; memory grows with it, time falls (2.2 GB SQLite: 0.74 GB "
                    "peak and 227 s at 5000, 0.93 GB and 149 s at 10000)")
-    s.add_argument("--image-csv", help="bbbc021: BBBC021_v1_image.csv[.gz] (default: found "
-                   "under PATH or PATH/metadata)")
-    s.add_argument("--moa-csv", help="bbbc021: BBBC021_v1_moa.csv (default: found likewise)")
-    s.add_argument("--plates", nargs="*", help="bbbc021: keep only these plates (space or comma "
-                   "separated), e.g. the ones a 'download --plates' fetched")
-    s.add_argument("--only-present", action="store_true", help="bbbc021 / csv / loaddata / "
-                   "ome-zarr: keep the image sets whose files are all present and list the "
-                   "others, instead of refusing")
     s.add_argument("--preset", help="csv: a column preset (deepprofiler, cytomining)")
     s.add_argument("--field", action="append", help="csv: FIELD=COLUMN, e.g. plate=Plate "
                    "(repeatable)")
     s.add_argument("--channel", action="append", help="csv: CHANNEL=COLUMN, e.g. DNA=FileDNA "
                    "(repeatable)")
-    s.add_argument("--root", help="csv / loaddata: folder that relative paths start from "
-                   "(default: the CSV's folder)")
-    s.add_argument("--sep", default=",", help="csv: field separator")
-    s.add_argument("--check-shapes", action="store_true", help="read every image header")
+    # the data section's own settings, as run and the trainers read them
+    add_options(s, DataSection, ("image_csv", "moa_csv", "plates", "only_present",
+                                 "check_shapes", "sep", "root", "mirror", "channels"))
     s.set_defaults(func=cmd_import)
 
 
