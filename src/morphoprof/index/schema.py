@@ -109,23 +109,20 @@ class ExperimentIndex:
 
     def paths(self, i: int, channels: Sequence[str] | None = None) -> list[Path]:
         """Absolute file paths of row ``i`` (position), one per channel."""
-        row = self.table.iloc[i]
         out = []
-        for ch in channels or self.channels:
-            p = Path(str(row[PATH_PREFIX + ch]))
+        for ch in channels or self.channels:  # one cell per column: no whole-row Series
+            p = Path(str(self.table[PATH_PREFIX + ch].iat[i]))
             out.append(p if p.is_absolute() else self.root / p)
         return out
 
     def frames(self, i: int, channels: Sequence[str] | None = None) -> list[int | None]:
         """Per channel, the frame inside a multi-channel file, or None."""
-        row = self.table.iloc[i]
         out: list[int | None] = []
         for ch in channels or self.channels:
             col = FRAME_PREFIX + ch
-            if col in self.table.columns and pd.notna(row[col]) and int(row[col]) >= 0:
-                out.append(int(row[col]))
-            else:
-                out.append(None)
+            value = self.table[col].iat[i] if col in self.table.columns else None
+            out.append(int(value) if value is not None and pd.notna(value) and int(value) >= 0
+                       else None)
         return out
 
     def read(self, i: int, channels: Sequence[str] | None = None, illumination=None) -> np.ndarray:
@@ -138,7 +135,7 @@ class ExperimentIndex:
         chans = list(channels or self.channels)
         image = read_stack(self.paths(i, chans), self.frames(i, chans), chans)
         if illumination is not None:
-            image = illumination.apply(image, self.table[PLATE].iloc[i], chans, out=image)
+            image = illumination.apply(image, self.table[PLATE].iat[i], chans, out=image)
         return image
 
     def subset(self, mask: Sequence[bool] | pd.Series | np.ndarray) -> ExperimentIndex:
