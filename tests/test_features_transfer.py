@@ -245,6 +245,35 @@ def test_onnxruntime_engine_matches_torch(tiny_screen, extractor):
                            ref.features_from_batch(x, ["a"])).max() < 1e-3
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_onnx_sessions_side_by_side_give_the_batch_in_order(tiny_screen, extractor, monkeypatch,
+                                                            workers):
+    """Each batch is split between the pool's sessions (uneven parts, fewer inputs than
+    sessions) and comes back in order, equal to torch's features."""
+    from morphoprof.features import transfer
+
+    _, index = tiny_screen
+    monkeypatch.setattr(transfer, "ort_layout", lambda threads: (workers, 1))
+    fast = TransferExtractor(TransferConfig(backend="onnxruntime", **FAST),
+                             backbone=extractor.backbone)
+    eager = TransferExtractor(TransferConfig(jit=False, backend="torch", **FAST),
+                              backbone=extractor.backbone)
+    for n in (5, 1):  # 15 greyscale inputs (uneven parts), then 3 (one each for 3 sessions)
+        x = torch.rand(n, 3, 64, 64)
+        assert _relative_error(fast.features_from_batch(x, index.channels),
+                               eager.features_from_batch(x, index.channels)).max() < 1e-3
+    (pool,) = fast._sessions.values()
+    assert len(pool.sessions) == workers
+
+
+def test_onnx_layout_splits_the_threads_between_two_sessions():
+    from morphoprof.features.transfer import ort_layout
+
+    assert ort_layout(1) == (1, 1)
+    assert ort_layout(2) == (2, 1)
+    assert ort_layout(16) == (2, 8)
+
+
 def test_backend_choice_and_fallback(extractor, monkeypatch):
     """auto picks ONNX Runtime for runs of >= 500 network inputs and torch for smaller ones;
     a network that does not export falls back to torch under auto and is an error when

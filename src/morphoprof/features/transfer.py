@@ -136,6 +136,39 @@ def estimate_intensity_range(
     return out
 
 
+def ort_layout(threads: int) -> tuple[int, int]:
+    """How ONNX Runtime uses ``threads`` CPU threads: ``(sessions, threads per session)``. Two
+    sessions run the two halves of each batch side by side: with one multi-threaded session,
+    every operator waits at a barrier for all its threads, so a reader thread that takes a
+    core stalls them all (measured on 2 cores with a reader beside the network: 132 vs 112
+    Lite0 inputs/s; alone, 162 vs 160)."""
+    workers = 2 if threads >= 2 else 1
+    return workers, max(1, threads // workers)
+
+
+class _SessionPool:
+    """ONNX Runtime sessions of one graph; :meth:`run` splits a batch between them and runs
+    the parts at once (ONNX Runtime releases the GIL), results in batch order."""
+
+    def __init__(self, sessions: list) -> None:
+        self.sessions = sessions
+        self._pool = None
+        if len(sessions) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(len(sessions), thread_name_prefix="onnxruntime")
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """The graph's first output for the batch ``x``."""
+        parts = min(len(self.sessions), len(x))
+        if parts <= 1 or self._pool is None:
+            return self.sessions[0].run(None, {"x": x})[0]
+        chunks = np.array_split(x, parts)
+        outs = self._pool.map(lambda sc: sc[0].run(None, {"x": sc[1]})[0],
+                              zip(self.sessions, chunks, strict=False))
+        return np.concatenate(list(outs))
+
+
 class FieldTransform:
     """Scale intensities to [0, 1] with fixed per-channel ranges and resize to ``size``.
 
@@ -255,8 +288,9 @@ class TransferExtractor:
                 cache_key = onnx_cache.graph_key(graph, tuple(x.shape[1:]), grey,
                                                    extra=f"layer={self.cfg.layer}")
                 exported = onnx_cache.load(cache_key)
+                workers, threads = ort_layout(torch.get_num_threads())
                 opts = ort.SessionOptions()
-                opts.intra_op_num_threads = torch.get_num_threads()
+                opts.intra_op_num_threads = threads
                 opts.inter_op_num_threads = 1
                 opts.log_severity_level = 3
                 # memory patterns are kept per input shape, and the batch sizes vary with the
@@ -275,7 +309,9 @@ class TransferExtractor:
                     session = ort.InferenceSession(exported, opts,
                                                    providers=["CPUExecutionProvider"])
                     onnx_cache.store(cache_key, exported)
-                self._sessions[key] = session
+                self._sessions[key] = _SessionPool([session] + [
+                    ort.InferenceSession(exported, opts, providers=["CPUExecutionProvider"])
+                    for _ in range(workers - 1)])
             except Exception as exc:
                 if self.cfg.backend == "onnxruntime":
                     raise InputError(f"{self.backbone.name} cannot run on ONNX Runtime "
@@ -338,9 +374,9 @@ class TransferExtractor:
             # inputs) itself: the raw batch goes in without a copy
             grey = x3.shape[1] == 3 and x3.stride(1) == 0
             inp = x3[:, :1] if grey else x3
-            session = self._session(inp, grey)
-            if session is not None:
-                y = session.run(None, {"x": np.ascontiguousarray(inp.numpy())})[0]
+            sessions = self._session(inp, grey)
+            if sessions is not None:
+                y = sessions.run(np.ascontiguousarray(inp.numpy()))
                 return torch.from_numpy(y).reshape(len(y), -1)
         mean, std = self._input_stats(x3.shape[1])
         x3 = ((x3 - mean) / std).contiguous(memory_format=torch.channels_last)
