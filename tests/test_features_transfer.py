@@ -394,3 +394,24 @@ def test_exported_graphs_are_cached_on_disk_and_reused(tmp_path, extractor, monk
     nowhere = TransferExtractor(TransferConfig(backend="onnxruntime", **FAST),
                                 backbone=extractor.backbone)
     np.testing.assert_allclose(nowhere.features_from_batch(x, ["a", "b", "c"]), want, rtol=1e-6)
+
+
+def test_the_reader_thread_runs_torch_on_one_thread_and_leaves_the_caller_alone():
+    from morphoprof.features.transfer import _Prefetched
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+
+        def items():
+            for k in range(3):
+                seen.append(torch.get_num_threads())
+                yield k
+
+        assert list(_Prefetched(items())) == [0, 1, 2]
+        assert torch.get_num_threads() == 2  # the caller's (the network's) threads
+        if "parallel backend: OpenMP" in torch.__config__.parallel_info():
+            assert seen == [1, 1, 1]
+    finally:
+        torch.set_num_threads(before)
