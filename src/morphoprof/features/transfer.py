@@ -19,6 +19,7 @@ import queue
 import threading
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -154,8 +155,6 @@ class _SessionPool:
         self.sessions = sessions
         self._pool = None
         if len(sessions) > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
             self._pool = ThreadPoolExecutor(len(sessions), thread_name_prefix="onnxruntime")
 
     def run(self, x: np.ndarray) -> np.ndarray:
