@@ -12,8 +12,7 @@ def _result(heldout: ClassificationSummary | None, cells_per_s: float | None) ->
         cells={"train": 8, "val": 2, "test": 4 if heldout else 0}, mixup_alpha=0.2, gru=True,
         checkpoint="last.ckpt", layer="layer3", epochs_run=2, world_size=1,
         train_batches_per_epoch_per_process=3, train_batches_per_epoch=3, train_seconds=4.0,
-        train_cells_per_s=cells_per_s, chance_accuracy=0.5, heldout=heldout,
-        heldout_majority_fraction=0.75 if heldout else None, extract_cells_per_s=100.0,
+        train_cells_per_s=cells_per_s, heldout=heldout, extract_cells_per_s=100.0,
         features="out/features", metrics_csv="out/weak/metrics.csv")
 
 
@@ -23,6 +22,7 @@ def test_held_out_scores_come_from_the_summary_and_only_with_test_cells():
     d = r.to_json()
     assert d["heldout_cell_accuracy"] == 0.75
     assert d["heldout_per_class_accuracy"] == {"a": 2 / 3, "b": 1.0}
+    assert (d["chance_accuracy"], d["heldout_majority_fraction"]) == (0.5, 0.75)  # 3 of 4 "a"
     assert list(d)[14:18] == ["chance_accuracy", "heldout_cell_accuracy",
                               "heldout_majority_fraction", "heldout_per_class_accuracy"]
     assert "wall_seconds" not in d and r.with_wall_seconds(5.0).to_json()["wall_seconds"] == 5.0

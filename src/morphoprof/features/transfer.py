@@ -296,21 +296,23 @@ class TransferExtractor:
                 # shards: with them, extraction's peak grew with the screen (1.22 GB at 60
                 # fields, 1.44 GB at 660); without, 1.20 / 1.29 GB at ~8% of the speed
                 opts.enable_mem_pattern = False
+
+                def open_session(graph_bytes: bytes):
+                    return ort.InferenceSession(graph_bytes, opts,
+                                                providers=["CPUExecutionProvider"])
+
                 session = None
                 if exported is not None:
                     try:
-                        session = ort.InferenceSession(exported, opts,
-                                                       providers=["CPUExecutionProvider"])
+                        session = open_session(exported)
                     except Exception:  # a damaged cache file: exported again below
                         onnx_cache.discard(cache_key)
                 if session is None:
                     exported = _export_onnx(graph, tuple(x.shape[1:]))
-                    session = ort.InferenceSession(exported, opts,
-                                                   providers=["CPUExecutionProvider"])
+                    session = open_session(exported)
                     onnx_cache.store(cache_key, exported)
-                self._sessions[key] = _SessionPool([session] + [
-                    ort.InferenceSession(exported, opts, providers=["CPUExecutionProvider"])
-                    for _ in range(workers - 1)])
+                self._sessions[key] = _SessionPool(
+                    [session] + [open_session(exported) for _ in range(workers - 1)])
             except Exception as exc:
                 if self.cfg.backend == "onnxruntime":
                     raise InputError(f"{self.backbone.name} cannot run on ONNX Runtime "

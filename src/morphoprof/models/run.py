@@ -243,12 +243,12 @@ def run_training(kind: str, cfg: TrainConfig, config_text: str = "") -> CVResult
     result = cross_validate(index, images, make, out / kind, cv,
                             cfg.train,
                             make_dataset=setup.make_dataset if setup else None)
-    result = result.with_run(kind=kind)
-    if setup is not None:
-        result = result.with_run(trunk=setup.info)
-        if cfg.mil.jacobian_images > 0:
-            result = result.with_run(jacobian_overlays=tuple(write_jacobian_overlays(
-                out / kind, index, images, setup.full_net, mean, std, cfg.mil.jacobian_images)))
+    overlays = None
+    if setup is not None and cfg.mil.jacobian_images > 0:
+        overlays = tuple(write_jacobian_overlays(out / kind, index, images, setup.full_net,
+                                                 mean, std, cfg.mil.jacobian_images))
+    result = result.with_run(kind=kind, trunk=setup.info if setup else None,
+                             jacobian_overlays=overlays)
     write_json(out / kind / "cv.json", result.to_json())
     return result
 

@@ -24,9 +24,7 @@ class WeakResult:
         epochs_run, world_size: epochs trained; processes that trained.
         train_batches_per_epoch_per_process, train_batches_per_epoch: batches per epoch.
         train_seconds: training wall time, s; train_cells_per_s: cells seen per second.
-        chance_accuracy: 1 / number of labels.
         heldout: the held-out cells' predictions against their labels (None: no test cells).
-        heldout_majority_fraction: the most common held-out label's share.
         extract_cells_per_s: embedding speed over every cell.
         features: the feature folder of every cell's embedding; metrics_csv: per-epoch losses.
         wall_seconds: the whole call, s (set by :func:`~morphoprof.train.train_weak_from_yaml`;
@@ -47,13 +45,23 @@ class WeakResult:
     train_batches_per_epoch: int
     train_seconds: float
     train_cells_per_s: float | None
-    chance_accuracy: float
     heldout: ClassificationSummary | None
-    heldout_majority_fraction: float | None
     extract_cells_per_s: float | None
     features: str
     metrics_csv: str
     wall_seconds: float | None = None
+
+    @property
+    def chance_accuracy(self) -> float:
+        """1 / the number of labels."""
+        return 1.0 / len(self.classes)
+
+    @property
+    def heldout_majority_fraction(self) -> float | None:
+        """The most common held-out label's share of the test cells."""
+        if self.heldout is None:
+            return None
+        return float(self.heldout.matrix.sum(axis=1).max() / self.heldout.n)
 
     @property
     def heldout_cell_accuracy(self) -> float | None:

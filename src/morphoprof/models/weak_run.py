@@ -252,9 +252,7 @@ def run_weak(cfg: WeakConfig, config_text: str = "") -> WeakResult | None:
         train_batches_per_epoch_per_process=result["train_batches_per_epoch"],
         train_batches_per_epoch=sampler.n_batches, train_seconds=result["seconds"],
         train_cells_per_s=cells_trained / result["seconds"] if cells_trained else None,
-        chance_accuracy=1.0 / len(classes), heldout=heldout,
-        heldout_majority_fraction=(float(np.bincount(labels[test]).max() / len(test))
-                                   if len(test) else None),
+        heldout=heldout,
         extract_cells_per_s=len(crops) / seconds if seconds > 0 else None,
         features=str(out / FEATURES), metrics_csv=result["metrics_csv"])
     write_json(folder / "weak.json", summary.to_json())
