@@ -31,7 +31,7 @@ def test_local_cluster_of_two_workers_matches_in_process_run(tiny_screen, tmp_pa
     _, index = tiny_screen
     index.write(tmp_path / "index.parquet")
     args = ["extract", str(tmp_path / "index.parquet"), "--image-size", "64", "--weights",
-            "random"]
+            "random", "--min-shard-rows", "1"]  # a shard (Dask task) per plate: 4
     # Dask workers run one torch thread each: with one thread here too, the float reductions
     # are split the same way and the output is bit-identical (with more threads it differs by
     # float32 rounding, ~1e-6).

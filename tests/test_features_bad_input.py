@@ -132,12 +132,13 @@ def test_damaged_shard_is_recomputed_on_resume(tiny_screen, tmp_path):
     _, index = tiny_screen
     index.write(tmp_path / "index.parquet")
     out = tmp_path / "f"
-    assert extract(tmp_path / "index.parquet", out) == 0
+    per_plate = ("--min-shard-rows", "1")  # 4 shards, one per plate
+    assert extract(tmp_path / "index.parquet", out, *per_plate) == 0
     clean = read_features(out)
     manifest = json.loads((out / "manifest.json").read_text())
     victim = out / next(iter(manifest["shards"].values()))["file"]
     victim.write_bytes(victim.read_bytes()[:-40])                    # damaged after the run
-    assert extract(tmp_path / "index.parquet", out) == 0
+    assert extract(tmp_path / "index.parquet", out, *per_plate) == 0
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["shards_written"] == 1 and summary["shards_skipped"] == 3
     # the user is told which shard was recomputed and why

@@ -27,7 +27,7 @@ def test_sigkill_mid_extraction_then_rerun_matches_clean_run(tmp_path, scheduler
     n_fields = len(generate_screen(tmp_path / "s", cfg))
     index = str(tmp_path / "s" / "index.parquet")
     cmd = [sys.executable, "-m", "morphoprof.cli", "extract", index, "--image-size", "64",
-           "--batch-size", "1"]
+           "--batch-size", "1", "--min-shard-rows", "1"]  # a shard per plate: 8
     out = tmp_path / "killed"
     proc = subprocess.Popen(cmd + scheduler + ["--out", str(out)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

@@ -8,7 +8,8 @@ from morphoprof.errors import InputError
 from morphoprof.features.transfer import TransferConfig, TransferExtractor
 from morphoprof.shards import read_features
 
-FAST = dict(image_size=64, batch_size=8)
+# one shard per plate (the tiny screen's plates are smaller than the default min_shard_rows)
+FAST = dict(image_size=64, batch_size=8, min_shard_rows=1)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,28 @@ def test_rerun_skips_and_resumes_missing_shards(tmp_path, tiny_screen, extractor
         again.sort_values(list(again.columns[:3])).iloc[:, 10:].to_numpy(),
         first.sort_values(list(first.columns[:3])).iloc[:, 10:].to_numpy(),
     )
+
+
+def test_small_plates_are_packed_into_one_shard_with_the_same_features(tmp_path, tiny_screen,
+                                                                      extractor):
+    _, index = tiny_screen
+    per_plate = extractor.extract(index, tmp_path / "p")
+    packed = TransferExtractor(TransferConfig(**{**FAST, "min_shard_rows": 128}))
+    packed.backbone, packed.model = extractor.backbone, extractor.model  # the same network
+    summary = packed.extract(index, tmp_path / "f")
+    assert per_plate["shards_written"] == 4 and summary["shards_written"] == 1
+    manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
+    assert list(manifest["shards"]) == ["Week1_P101-to-Week2_P202"]
+    assert manifest["params"]["min_shard_rows"] == 128
+    key = ["Metadata_plate", "Metadata_well", "Metadata_site"]
+    a = read_features(tmp_path / "p").sort_values(key).reset_index(drop=True)
+    b = read_features(tmp_path / "f").sort_values(key).reset_index(drop=True)
+    assert len(b) == len(index)
+    np.testing.assert_allclose(b.iloc[:, 10:].to_numpy(), a.iloc[:, 10:].to_numpy(),
+                               rtol=1e-5, atol=1e-5)
+    # another packing is other parameters: refused, as a re-run would mix two plans
+    with pytest.raises(InputError, match="min_shard_rows"):
+        extractor.extract(index, tmp_path / "f")
 
 
 def test_other_parameters_refused(tmp_path, tiny_screen, extractor):

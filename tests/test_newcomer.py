@@ -290,7 +290,7 @@ def test_full_disk_leaves_nothing_half_written(world, command):
 def test_full_disk_during_extract_then_resume(world):
     out = world / "features_new"
     argv = ["extract", str(world / "screen" / "index.parquet"), "--out", str(out),
-            "--image-size", "32"]
+            "--image-size", "32", "--min-shard-rows", "1"]  # a shard per plate: 2
     done = _morphoprof(argv, world, limit=4096)
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]

@@ -119,7 +119,7 @@ def test_every_settings_model_on_the_cli_has_its_defaults_there():
     assert shown[(IlluminationConfig, "illum")] == set(IlluminationConfig.model_fields)
     assert set(TransferConfig.model_fields) - shown[(TransferConfig, "extract")] == {
         "rgb_channels", "in_chans", "jit", "intensity_percentiles", "batch_size", "num_workers",
-        "max_shard_rows", "label", "channels", "seed", "on_error"}
+        "label", "channels", "seed", "on_error"}
     # every NucleiConfig setting reaches segment and the YAML (threshold_scale and fill_holes
     # could be set from neither before)
     segment = _subcommands()["segment"]

@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 
 import morphoprof
+from morphoprof.errors import InputError
 from morphoprof.logs import progress
-from morphoprof.shards import ShardWriter, read_features, run_shards
+from morphoprof.shards import ShardWriter, plate_shards, read_features, run_shards
 
 
 def _table_shard(rows, bar, offset=0.0, fail_at=None, seen=None, ahead=None):
@@ -54,6 +55,31 @@ def test_in_process_run_writes_every_shard_in_plan_order_and_resumes(tmp_path, c
     assert (again.shards_written, again.shards_skipped, again.items) == (1, 3, 4)
     messages = [r.getMessage() for r in caplog.records if r.name == "morphoprof.shards"]
     assert messages == ["resuming: 3 of 4 shards already done"]
+
+
+def test_plate_plan_packs_small_plates_and_splits_large_ones():
+    # rows of plates given out of order: C 5 rows, A 2, B 2, D 12, E 1
+    plates = pd.Series(list("CAABCCDBCD") + ["D"] * 10 + ["E", "C"])
+    plan = plate_shards(plates, min_rows=4, max_rows=5)
+    keys = [k for k, _ in plan]
+    # A + B packed (4 rows), C alone (5 >= 4), D split by 5, E (1 row) left alone at the end
+    assert keys == ["A-to-B", "C-0", "D-0", "D-1", "D-2", "E-0"]
+    rows = dict(plan)
+    assert rows["A-to-B"].tolist() == [1, 2, 3, 7]
+    assert rows["C-0"].tolist() == [0, 4, 5, 8, 21]
+    assert [len(rows[k]) for k in ("D-0", "D-1", "D-2")] == [5, 5, 2]
+    got = np.sort(np.concatenate([r for _, r in plan]))
+    assert got.tolist() == list(range(len(plates)))  # every row once
+    for key, r in plan:
+        assert len(r) <= 5 and (np.diff(r) > 0).all()
+        assert plates.iloc[r].nunique() == (2 if key == "A-to-B" else 1)
+    # the default: one shard per plate, in sorted order
+    assert [k for k, _ in plate_shards(plates)] == ["A-0", "B-0", "C-0", "D-0", "E-0"]
+    # a pack never grows past max_rows
+    small = pd.Series(["a"] * 3 + ["b"] * 3 + ["c"] * 3)
+    assert [len(r) for _, r in plate_shards(small, min_rows=8, max_rows=6)] == [6, 3]
+    with pytest.raises(InputError, match="shard sizes"):
+        plate_shards(small, min_rows=0)
 
 
 def test_a_failing_shard_keeps_the_shards_before_it_and_closes_the_read_ahead(tmp_path):

@@ -76,7 +76,7 @@ class IlluminationSection(IlluminationConfig):
 _FEATURE_KEYS = ("model", "weights", "channel_strategy", "rgb_channels", "layer", "tiles",
                  "in_chans", "jit", "backend", "precision", "image_size",
                  "intensity_percentiles", "batch_size", "num_workers", "device",
-                 "max_shard_rows", "seed")
+                 "max_shard_rows", "min_shard_rows", "seed")
 
 
 class _Extractor(Settings):

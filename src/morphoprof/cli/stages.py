@@ -25,7 +25,7 @@ from morphoprof.settings import add_options, from_options
 
 # the TransferConfig settings that are options of extract, with the model's defaults
 EXTRACT_OPTIONS = ("model", "weights", "channel_strategy", "tiles", "layer", "image_size",
-                   "device", "precision", "backend")
+                   "device", "precision", "backend", "max_shard_rows", "min_shard_rows")
 
 
 def cmd_illum(a: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ from morphoprof.index.schema import PLATE, ExperimentIndex
 from morphoprof.preprocess.crops import CropDataset, normalize_crops
 from morphoprof.registry import register_extractor, settings_for
 from morphoprof.settings import ON_ERROR_DEFAULT, OnError, Settings
-from morphoprof.shards import ShardWriter, run_shards, shard_key
+from morphoprof.shards import ShardWriter, plate_shards, run_shards, shard_key
 
 
 class TransferConfig(Settings):
@@ -82,7 +82,10 @@ class TransferConfig(Settings):
     batch_size: int = Field(16, ge=1, description="images per network batch")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
     device: str = Field("auto", description="auto | cpu | cuda")
-    max_shard_rows: int = Field(2000, ge=1, description="image sets per feature shard")
+    max_shard_rows: int = Field(2000, ge=1, description="image sets per feature shard, at most "
+                                "(a larger plate is split)")
+    min_shard_rows: int = Field(128, ge=1, description="plates of fewer image sets are packed "
+                                "into one shard up to this many (a shard file has a fixed cost)")
     label: str = Field("transfer", description="prefix of the feature columns")
     channels: list[str] | None = Field(None, description="stains to use (default: all of the "
                                        "index)")
@@ -450,8 +453,9 @@ class TransferExtractor:
         ``illumination`` (an :class:`~morphoprof.preprocess.illumination.IlluminationCorrection`)
         divides each field by its plate's illumination function first.
 
-        One Parquet shard per plate (split every ``max_shard_rows`` image sets); shards finished
-        by an earlier run with the same parameters are skipped.
+        One Parquet shard per plate (split every ``max_shard_rows`` image sets; plates of fewer
+        than ``min_shard_rows`` packed together, see :func:`morphoprof.shards.plate_shards`);
+        shards finished by an earlier run with the same parameters are skipped.
 
         Returns:
             A summary: shards written and skipped, image sets, seconds, fields per second.
@@ -484,12 +488,7 @@ class TransferExtractor:
         writer = ShardWriter(out, params, overwrite=overwrite)
         t = self.cfg.tiles
         transform = FieldTransform(ranges, (self.size[0] * t, self.size[1] * t))
-        plan = []
-        for plate, rows in index.table.groupby(PLATE, sort=True).indices.items():
-            rows = np.sort(rows)
-            step = self.cfg.max_shard_rows
-            for k in range(0, len(rows), step):
-                plan.append((shard_key(plate, k // step), rows[k : k + step]))
+        plan = plate_shards(index.table[PLATE], self.cfg.min_shard_rows, self.cfg.max_shard_rows)
         n_todo = int(sum(len(r) for key, r in plan if not writer.done(key)))
         torch.manual_seed(self.cfg.seed)
         context = (channels, transform, illumination, n_todo)
