@@ -194,3 +194,26 @@ def test_missing_file_on_server(tmp_path, server):
     del server.files["BBBC021_v1_moa.csv"]
     with pytest.raises(DownloadError, match="BBBC021_v1_moa.csv: HTTP 404"):
         download_bbbc021(tmp_path, base_url=server.url)
+
+
+def test_a_present_file_is_kept_unless_its_checksum_differs(tmp_path, server):
+    """pooch's rule: a file already there is not fetched again, unless an expected checksum
+    says it is not the right one (then it is replaced, verified)."""
+    name = "BBBC021_v1_moa.csv"
+    data = server.files[name]
+    (tmp_path / name).write_bytes(b"an older table\n")
+    fetch(server.url + name, tmp_path / name)
+    assert server.requests == [] and (tmp_path / name).read_bytes() == b"an older table\n"
+    fetch(server.url + name, tmp_path / name, checksum=hashlib.sha256(data).hexdigest())
+    assert server.requests == [(name, None)] and (tmp_path / name).read_bytes() == data
+
+
+def test_a_killed_runs_empty_temporary_is_cleared_and_the_user_file_kept(tmp_path, server):
+    name = "BBBC021_v1_moa.csv"
+    (tmp_path / "tmpab12cd_9").write_bytes(b"")  # pooch's temporary, left by a killed run
+    (tmp_path / "tmpnotes123").write_bytes(b"x")  # pooch's pattern, but it holds data
+    (tmp_path / "tmp_keepme.txt").write_bytes(b"")  # not pooch's name pattern
+    fetch(server.url + name, tmp_path / name)
+    assert (tmp_path / name).read_bytes() == server.files[name]
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [name, "tmp_keepme.txt", "tmpnotes123"]

@@ -6,11 +6,14 @@ The collection serves the metadata tables and one zip per plate::
     <base>/BBBC021_v1_images_<plate>.zip     (unpacks to <plate>/<files>.tif)
 
 :func:`download_bbbc021` fetches them into the layout :func:`morphoprof.index.import_bbbc021`
-reads (``DEST/metadata/*.csv`` and ``DEST/<WeekN>/<plate>/*.tif``). Partial downloads are kept as
-``*.part`` and resumed with HTTP Range requests; every file's size is checked against the server's
-length, zips are checked member by member (CRC32), optional expected checksums (sha256 or md5) are
-enforced, and plates are unpacked into a temporary folder and renamed into place, so an
-interrupted run never leaves a half-unpacked plate. A re-run skips finished plates.
+reads (``DEST/metadata/*.csv`` and ``DEST/<WeekN>/<plate>/*.tif``). Each file is fetched by
+pooch (the field's data fetcher, scikit-image's among others): it skips a file already there
+(unless its checksum differs from an expected one), checks optional expected checksums (sha256 or
+md5) and moves a download into place only once verified. The transfer is our pooch downloader's:
+partial downloads are kept as ``*.part`` and resumed with HTTP Range requests, and every file's
+size is checked against the server's length. Zips are checked member by member (CRC32), and plates
+are unpacked into a temporary folder and renamed into place, so an interrupted run never leaves a
+half-unpacked plate. A re-run skips finished plates.
 """
 
 from __future__ import annotations
@@ -25,8 +28,11 @@ import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from http.client import HTTPException
 from pathlib import Path
+
+import pooch
 
 from morphoprof.errors import DownloadError
 from morphoprof.index.bbbc021 import batch_of_plate
@@ -44,13 +50,27 @@ def _join(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
-def _check_checksum(path: Path, expected: str, name: str) -> None:
-    algo, _, value = expected.partition(":")
-    if not value:
-        algo, value = ("md5" if len(expected) == 32 else "sha256"), expected
-    got = file_digest(path, algo)
-    if got.lower() != value.lower():
-        raise DownloadError(f"{name}: {algo} checksum mismatch (expected {value}, got {got})")
+def _known_hash(checksum: str | None) -> str | None:
+    """``"algo:hex"`` (pooch's form) of a checksum given as ``"sha256:<hex>"``, ``"md5:<hex>"``
+    or a bare hex string (md5 if 32 digits long, else sha256); None for none."""
+    if not checksum:
+        return None
+    algo, sep, value = checksum.partition(":")
+    if not sep:
+        algo, value = ("md5" if len(checksum) == 32 else "sha256"), checksum
+    return f"{algo.strip().lower()}:{value.strip().lower()}"
+
+
+@contextmanager
+def _quiet(logger_: logging.Logger):
+    """pooch's own log lines (one per file, and the SHA-256 of a download without a known
+    hash, addressed to pooch users) are left out; ours say what is fetched."""
+    level = logger_.level
+    logger_.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger_.setLevel(level)
 
 
 def fetch(
@@ -60,7 +80,13 @@ def fetch(
     retries: int = 3,
     timeout: float = 60.0,
 ) -> Path:
-    """Download ``url`` to ``dest``, resuming a partial ``dest.part`` if present.
+    """Download ``url`` to ``dest`` with pooch (:func:`pooch.retrieve`), resuming a partial
+    ``dest.part`` if present.
+
+    pooch decides whether the file is needed (absent, or present with another checksum than
+    ``checksum``), checks the download's checksum and moves it into place only if it matches;
+    the transfer itself is :class:`RangeResumeDownloader`'s (pooch's own downloaders start
+    every attempt from byte 0, a plate zip is ~1 GB).
 
     Args:
         url: http(s) URL.
@@ -69,55 +95,107 @@ def fetch(
         retries: attempts after a dropped connection; each resumes where the last stopped.
 
     Raises:
-        DownloadError: HTTP errors, a size that differs from the server's, a checksum mismatch.
+        DownloadError: HTTP errors, a size that differs from the server's, a checksum mismatch,
+            a folder that cannot be written.
     """
     dest = Path(dest)
-    if dest.is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    last_error: Exception | None = None
-    for attempt in range(retries + 1):
-        start = part.stat().st_size if part.is_file() else 0
-        headers = {"User-Agent": "morphoprof", "Range": f"bytes={start}-"} if start else {
-            "User-Agent": "morphoprof"
-        }
+    known = _known_hash(checksum)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(dest.parent)
+        with _quiet(pooch.get_logger()):
+            got = pooch.retrieve(
+                url, known_hash=known, fname=dest.name, path=dest.parent,
+                downloader=RangeResumeDownloader(dest.with_name(dest.name + ".part"), retries,
+                                                 timeout))
+    except ValueError as exc:  # pooch: the download's hash is not the known one (it removed it)
+        raise DownloadError(f"{dest.name}: {known.partition(':')[0]} checksum mismatch, the "
+                            f"download was removed ({exc})") from exc
+    except PermissionError as exc:
+        raise DownloadError(f"cannot write to {dest.parent}: permission denied") from exc
+    return Path(got)
+
+
+# pooch.retrieve streams into tempfile.NamedTemporaryFile(dir=<dest folder>): a run killed
+# mid-transfer leaves that empty file behind (the bytes received are in the .part file)
+_POOCH_TEMPORARY = re.compile(r"tmp[a-z0-9_]{8}")
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    for f in folder.iterdir():
+        if _POOCH_TEMPORARY.fullmatch(f.name) and f.is_file() and f.stat().st_size == 0:
+            f.unlink(missing_ok=True)
+
+
+class RangeResumeDownloader:
+    """A pooch downloader (``downloader(url, output_file, pooch)``) that resumes: the bytes
+    received are kept in ``part`` across attempts and runs, a later request asks for the
+    rest with an HTTP Range header, and the complete file (its size checked against the
+    server's length) is moved to pooch's ``output_file``.
+
+    Args:
+        part: where the partial download lives (``<dest>.part``).
+        retries: attempts after a dropped connection.
+        timeout: seconds to wait for the server, per request.
+    """
+
+    def __init__(self, part: Path, retries: int = 3, timeout: float = 60.0) -> None:
+        self.part, self.retries, self.timeout = Path(part), retries, timeout
+        self.name = self.part.name.removesuffix(".part")
+
+    def __call__(self, url: str, output_file, pooch=None, check_only: bool = False):
+        if check_only:  # pooch's is_available: is the file on the server?
+            try:
+                request = urllib.request.Request(url, method="HEAD",
+                                                 headers={"User-Agent": "morphoprof"})
+                with urllib.request.urlopen(request, timeout=self.timeout) as resp:
+                    return 200 <= resp.status < 300
+            except (urllib.error.URLError, OSError):
+                return False
+        last_error: Exception | None = None
+        for attempt in range(self.retries + 1):
+            try:
+                if self._attempt(url):
+                    os.replace(self.part, output_file)
+                    return None
+            except (urllib.error.URLError, OSError, HTTPException) as exc:
+                last_error = exc
+                time.sleep(min(2**attempt, 10) * 0.1)
+        raise DownloadError(f"{url}: download failed after {self.retries + 1} attempts: "
+                            f"{last_error}")
+
+    def _attempt(self, url: str) -> bool:
+        """One request for the bytes not yet in ``part``: True once it holds the whole file."""
+        start = self.part.stat().st_size if self.part.is_file() else 0
+        headers = {"User-Agent": "morphoprof"}
+        if start:
+            headers["Range"] = f"bytes={start}-"
         try:
-            request = urllib.request.Request(url, headers=headers)
-            resp = urllib.request.urlopen(request, timeout=timeout)
+            resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                          timeout=self.timeout)
         except urllib.error.HTTPError as exc:
             if exc.code == 416 and start:  # the partial file is already complete (or too long)
-                part.unlink()
-                continue
+                self.part.unlink()
+                return False
             raise DownloadError(f"{url}: HTTP {exc.code} {exc.reason}") from exc
-        except (urllib.error.URLError, OSError) as exc:
-            last_error = exc
-            time.sleep(min(2**attempt, 10) * 0.1)
-            continue
         with resp:
             start, mode, total = _range_of(resp, start, url)
-            bar = progress_bar(
-                total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-                desc=dest.name, leave=False,
-            )
+            bar = progress_bar(total=total, initial=start, unit="B", unit_scale=True,
+                               unit_divisor=1024, desc=self.name, leave=False)
             try:
-                with open(part, mode) as f:
+                with open(self.part, mode) as f:
                     while block := resp.read(_CHUNK):
                         f.write(block)
                         bar.update(len(block))
-            except (OSError, HTTPException) as exc:
-                last_error = exc
-                continue
             finally:
                 bar.close()
-        size = part.stat().st_size
+        size = self.part.stat().st_size
         if total is not None and size < total:
-            last_error = DownloadError(f"{dest.name}: transfer stopped at {size} of {total} bytes")
-            continue
-        _verify(part, dest.name, size, total, checksum)
-        os.replace(part, dest)
-        return dest
-    raise DownloadError(f"{url}: download failed after {retries + 1} attempts: {last_error}")
+            raise OSError(f"{self.name}: transfer stopped at {size} of {total} bytes")
+        if total is not None and size != total:
+            self.part.unlink()
+            raise DownloadError(f"{self.name}: got {size} bytes, the server announced {total}")
+        return True
 
 
 def _range_of(resp, start: int, url: str) -> tuple[int, str, int | None]:
@@ -131,20 +209,6 @@ def _range_of(resp, start: int, url: str) -> tuple[int, str, int | None]:
         return start, "ab", int(m.group(3)) if m.group(3) != "*" else None
     length = resp.headers.get("Content-Length")
     return 0, "wb", int(length) if length is not None else None
-
-
-def _verify(part: Path, name: str, size: int, total: int | None, checksum: str | None) -> None:
-    """A complete download's size against the server's and its checksum; the partial file is
-    removed when either is wrong (DownloadError)."""
-    if total is not None and size != total:
-        part.unlink()
-        raise DownloadError(f"{name}: got {size} bytes, the server announced {total}")
-    if checksum:
-        try:
-            _check_checksum(part, checksum, name)
-        except DownloadError:
-            part.unlink()
-            raise
 
 
 def _verify_zip(path: Path) -> list[str]:
