@@ -1,11 +1,13 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from morphoprof.errors import InputError
 from morphoprof.features.transfer import TransferConfig, TransferExtractor
+from morphoprof.index.schema import ExperimentIndex
 from morphoprof.shards import read_features
 
 # one shard per plate (the tiny screen's plates are smaller than the default min_shard_rows)
@@ -60,21 +62,27 @@ def test_rerun_skips_and_resumes_missing_shards(tmp_path, tiny_screen, extractor
     )
 
 
-def test_small_plates_are_packed_into_one_shard_with_the_same_features(tmp_path, tiny_screen,
-                                                                      extractor):
-    _, index = tiny_screen
+def test_small_plates_are_packed_into_fewer_shards_with_the_same_features(tmp_path,
+                                                                         tiny_screen, extractor):
+    _, tiny = tiny_screen
+    # 40 plates of 5 fields (the tiny screen's 4 plates, 10 times over, renamed)
+    table = pd.concat([tiny.table.assign(Metadata_plate=tiny.table["Metadata_plate"] + f"_{k}")
+                       for k in range(10)], ignore_index=True)
+    index = ExperimentIndex(table, tiny.root)
     per_plate = extractor.extract(index, tmp_path / "p")
     packed = TransferExtractor(TransferConfig(**{**FAST, "min_shard_rows": 128}))
     packed.backbone, packed.model = extractor.backbone, extractor.model  # the same network
     summary = packed.extract(index, tmp_path / "f")
-    assert per_plate["shards_written"] == 4 and summary["shards_written"] == 1
+    # packs stop at 200 / 8 = 25 fields: 8 shards of 5 plates (a cluster keeps work for 8)
+    assert per_plate["shards_written"] == 40 and summary["shards_written"] == 8
     manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
-    assert list(manifest["shards"]) == ["Week1_P101-to-Week2_P202"]
+    assert [v["rows"] for v in manifest["shards"].values()] == [25] * 8
+    assert next(iter(manifest["shards"])) == "Week1_P101_0-to-Week1_P101_4"
     assert manifest["params"]["min_shard_rows"] == 128
     key = ["Metadata_plate", "Metadata_well", "Metadata_site"]
     a = read_features(tmp_path / "p").sort_values(key).reset_index(drop=True)
     b = read_features(tmp_path / "f").sort_values(key).reset_index(drop=True)
-    assert len(b) == len(index)
+    assert len(b) == len(index) and not b.duplicated(key).any()
     np.testing.assert_allclose(b.iloc[:, 10:].to_numpy(), a.iloc[:, 10:].to_numpy(),
                                rtol=1e-5, atol=1e-5)
     # another packing is other parameters: refused, as a re-run would mix two plans

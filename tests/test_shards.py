@@ -60,7 +60,7 @@ def test_in_process_run_writes_every_shard_in_plan_order_and_resumes(tmp_path, c
 def test_plate_plan_packs_small_plates_and_splits_large_ones():
     # rows of plates given out of order: C 5 rows, A 2, B 2, D 12, E 1
     plates = pd.Series(list("CAABCCDBCD") + ["D"] * 10 + ["E", "C"])
-    plan = plate_shards(plates, min_rows=4, max_rows=5)
+    plan = plate_shards(plates, min_rows=4, max_rows=5, min_shards=1)
     keys = [k for k, _ in plan]
     # A + B packed (4 rows), C alone (5 >= 4), D split by 5, E (1 row) left alone at the end
     assert keys == ["A-to-B", "C-0", "D-0", "D-1", "D-2", "E-0"]
@@ -77,7 +77,11 @@ def test_plate_plan_packs_small_plates_and_splits_large_ones():
     assert [k for k, _ in plate_shards(plates)] == ["A-0", "B-0", "C-0", "D-0", "E-0"]
     # a pack never grows past max_rows
     small = pd.Series(["a"] * 3 + ["b"] * 3 + ["c"] * 3)
-    assert [len(r) for _, r in plate_shards(small, min_rows=8, max_rows=6)] == [6, 3]
+    assert [len(r) for _, r in plate_shards(small, 8, 6, min_shards=1)] == [6, 3]
+    # packs stop at len / min_shards rows: 9 / 3 -> 3, each plate alone
+    assert [len(r) for _, r in plate_shards(small, 8, 6, min_shards=3)] == [3, 3, 3]
+    many = pd.Series(np.repeat([f"p{k:02d}" for k in range(20)], 2))  # 20 plates of 2
+    assert [len(r) for _, r in plate_shards(many, 128)] == [6] * 6 + [4]  # 40 / 8 -> 5: 3 each
     with pytest.raises(InputError, match="shard sizes"):
         plate_shards(small, min_rows=0)
 

@@ -44,8 +44,8 @@ def shard_key(*parts: object) -> str:
     return "-".join(re.sub(r"[^A-Za-z0-9_.]+", "_", str(p)) for p in parts)
 
 
-def plate_shards(plates: pd.Series, min_rows: int = 1, max_rows: int | None = None
-                 ) -> list[tuple[str, np.ndarray]]:
+def plate_shards(plates: pd.Series, min_rows: int = 1, max_rows: int | None = None,
+                 min_shards: int = 8) -> list[tuple[str, np.ndarray]]:
     """The shard plan of a stage that writes a shard per plate: ``[(key, rows)]``.
 
     Args:
@@ -57,13 +57,18 @@ def plate_shards(plates: pd.Series, min_rows: int = 1, max_rows: int | None = No
             for it, as much as reading the field, beside ~35 core-ms of network.
         max_rows: a plate of more rows is split into shards of this many (keys
             ``<plate>-0``, ``<plate>-1``...); None: never split.
+        min_shards: packing stops at ``len(plates) / min_shards`` rows, so a small screen
+            still makes about this many shards: work for every worker of a cluster (one Dask
+            task per shard) and a resume that does not start over.
 
     Returns:
         Shards in plate order, each ``(key, sorted row positions (int64))``; a plate of
         ``min_rows`` or more, not split, has the key ``<plate>-0``.
     """
-    if min_rows < 1 or (max_rows is not None and max_rows < 1):
-        raise InputError(f"shard sizes must be >= 1, got min {min_rows}, max {max_rows}")
+    if min_rows < 1 or min_shards < 1 or (max_rows is not None and max_rows < 1):
+        raise InputError(f"shard sizes must be >= 1, got min {min_rows}, max {max_rows}, "
+                         f"min_shards {min_shards}")
+    min_rows = min(min_rows, max(1, -(-len(plates) // min_shards)))
     plan: list[tuple[str, np.ndarray]] = []
     pack: list[tuple[object, np.ndarray]] = []
 
