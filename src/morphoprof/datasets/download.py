@@ -143,15 +143,7 @@ class RangeResumeDownloader:
         self.part, self.retries, self.timeout = Path(part), retries, timeout
         self.name = self.part.name.removesuffix(".part")
 
-    def __call__(self, url: str, output_file, pooch=None, check_only: bool = False):
-        if check_only:  # pooch's is_available: is the file on the server?
-            try:
-                request = urllib.request.Request(url, method="HEAD",
-                                                 headers={"User-Agent": "morphoprof"})
-                with urllib.request.urlopen(request, timeout=self.timeout) as resp:
-                    return 200 <= resp.status < 300
-            except (urllib.error.URLError, OSError):
-                return False
+    def __call__(self, url: str, output_file, pooch=None) -> None:
         last_error: Exception | None = None
         for attempt in range(self.retries + 1):
             try:

@@ -85,7 +85,8 @@ class TransferConfig(Settings):
     max_shard_rows: int = Field(2000, ge=1, description="image sets per feature shard, at most "
                                 "(a larger plate is split)")
     min_shard_rows: int = Field(128, ge=1, description="plates of fewer image sets are packed "
-                                "into one shard up to this many (a shard file has a fixed cost)")
+                                "into one shard up to this many (a shard file has a fixed cost; "
+                                "a screen keeps about 8 shards or more)")
     label: str = Field("transfer", description="prefix of the feature columns")
     channels: list[str] | None = Field(None, description="stains to use (default: all of the "
                                        "index)")
