@@ -38,7 +38,7 @@ from morphoprof.preprocess.segmentation import (
 )
 from morphoprof.registry import register_extractor, settings_for
 from morphoprof.settings import ON_ERROR_DEFAULT, OnError, Settings
-from morphoprof.shards import ShardRun, ShardWriter, run_shards, shard_key
+from morphoprof.shards import ShardRun, ShardWriter, plate_shards, run_shards
 
 SHAPE_MEASUREMENTS = ("sizeshape", "zernike", "feret")
 DEFAULT_MEASUREMENTS = ("sizeshape", "intensity", "texture", "granularity")
@@ -173,11 +173,11 @@ class ClassicalExtractor:
         self.cfg = cfg or ClassicalConfig()
         _cp_functions(self.cfg.measurements)
 
-    def _plates(self, writer: ShardWriter, groups: dict, job, empty: pd.DataFrame, desc: str,
-                unit: str) -> ShardRun:
+    def _plates(self, writer: ShardWriter, plates: pd.Series, job, empty: pd.DataFrame,
+                desc: str, unit: str) -> ShardRun:
         """One shard per plate not yet in ``writer``: ``job(rows) -> (frames, skipped)`` over
-        chunks of the plate's rows (``groups``: plate -> rows) in ``n_jobs`` processes, the
-        frames concatenated (``empty`` when there are none)."""
+        chunks of the plate's rows (``plates``: the plate of each row) in ``n_jobs``
+        processes, the frames concatenated (``empty`` when there are none)."""
         from joblib import Parallel, delayed
 
         def shard(rows, bar, pool):
@@ -187,9 +187,9 @@ class ClassicalExtractor:
             skipped = [s for _, part in parts for s in part]
             return (pd.concat(frames, ignore_index=True) if frames else empty), skipped
 
-        plan = [(shard_key(p, 0), np.sort(r)) for p, r in groups.items()]
         with Parallel(n_jobs=self.cfg.n_jobs) as pool:
-            return run_shards(plan, shard, writer, shared={"pool": pool}, desc=desc, unit=unit)
+            return run_shards(plate_shards(plates), shard, writer, shared={"pool": pool},
+                              desc=desc, unit=unit)
 
     def extract(self, index: ExperimentIndex, out: str | Path, illumination=None,
                 overwrite: bool = False) -> dict:
@@ -210,7 +210,7 @@ class ClassicalExtractor:
         job = partial(_process, index, channels=channels, dna=dna, ranges=ranges, cfg=self.cfg,
                       illumination=illumination)
         empty = pd.DataFrame(columns=[c for c in index.table.columns if c.startswith("Metadata_")])
-        run = self._plates(writer, index.table.groupby(PLATE, sort=True).indices, job, empty,
+        run = self._plates(writer, index.table[PLATE], job, empty,
                            "classical features", "field")
         return writer.finish({"out": str(out), **run.to_json(), "image_sets": run.items,
                               "cells": run.rows, "cells_per_s": run.rate(run.rows)},
@@ -254,7 +254,7 @@ class ClassicalExtractor:
                       if str(c).startswith(("Metadata_", "Nuclei_Loc"))]]
         job = partial(_crop_rows, crops, meta=meta, channels=channels, dna=dna, lo=lo, span=span,
                       cfg=self.cfg)
-        run = self._plates(writer, table.groupby(PLATE, sort=True).indices, job, meta.iloc[:0],
+        run = self._plates(writer, table[PLATE], job, meta.iloc[:0],
                            "classical crop features", "cell")
         return writer.finish({"out": str(out), **run.to_json(), "cells": run.rows,
                               "cells_per_s": run.rate(run.rows)}, "skip")

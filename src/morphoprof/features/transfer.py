@@ -34,7 +34,7 @@ from morphoprof.index.schema import PLATE, ExperimentIndex
 from morphoprof.preprocess.crops import CropDataset, normalize_crops
 from morphoprof.registry import register_extractor, settings_for
 from morphoprof.settings import ON_ERROR_DEFAULT, OnError, Settings
-from morphoprof.shards import ShardWriter, plate_shards, run_shards, shard_key
+from morphoprof.shards import ShardWriter, plate_shards, run_shards
 
 
 class TransferConfig(Settings):
@@ -651,9 +651,7 @@ class TransferExtractor:
             cols = self.column_names(channels, x.shape[1])
             return pd.concat([meta, pd.DataFrame(x, columns=cols)], axis=1), skipped
 
-        plan = [(shard_key(p, 0), rows) for p, rows in
-                table.groupby(PLATE, sort=True).indices.items()]
-        run = run_shards(plan, table_shard, writer, desc=desc, unit="cell")
+        run = run_shards(plate_shards(table[PLATE]), table_shard, writer, desc=desc, unit="cell")
         return {"out": str(out), "cells": run.rows, **run.to_json(),
                 "cells_per_s": run.rate(run.rows)}
 

@@ -31,7 +31,7 @@ from morphoprof.models.settings import HoldoutSection, WeakConfig
 from morphoprof.models.weak_result import WeakResult
 from morphoprof.preprocess.crops import CropDataset, load_crop_shards, normalize_crops
 from morphoprof.preprocess.segmentation import segment_index
-from morphoprof.shards import ShardWriter, run_shards, shard_key
+from morphoprof.shards import ShardWriter, plate_shards, run_shards
 
 logger = logging.getLogger(__name__)
 
@@ -337,8 +337,7 @@ def _write_embeddings(folder: Path, meta: pd.DataFrame, feats: np.ndarray, cols:
         return pd.concat([meta.iloc[rows].reset_index(drop=True),
                           pd.DataFrame(feats[rows], columns=cols)], axis=1), []
 
-    run_shards([(shard_key(plate, 0), rows) for plate, rows in
-                meta.groupby(PLATE, sort=True).indices.items()], shard, writer)
+    run_shards(plate_shards(meta[PLATE]), shard, writer)
 
 
 def predict_labels(module, crops: np.ndarray, mean, std, batch_size: int = 256) -> np.ndarray:
