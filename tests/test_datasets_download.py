@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import json
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -140,6 +141,19 @@ def test_plate_subset_and_unknown_plate(tmp_path, server):
     assert (tmp_path / "zips" / "BBBC021_v1_images_Week2_24121.zip").is_file()
     with pytest.raises(DownloadError, match=r"unknown plate\(s\) \['Week9_99999'\]"):
         download_bbbc021(tmp_path, plates=["Week9_99999"], base_url=server.url)
+
+
+def test_done_record_holds_the_zip_sha256_with_or_without_a_checksum(tmp_path, server):
+    # a sha256 checksum is recorded as given (pooch checked the bytes against it); an md5 one,
+    # or none, leaves the record to be read from the file: the same digest either way
+    a, b = "BBBC021_v1_images_Week1_22123.zip", "BBBC021_v1_images_Week2_24121.zip"
+    sha = {n: hashlib.sha256(server.files[n]).hexdigest() for n in (a, b)}
+    download_bbbc021(tmp_path, plates=["Week1_22123", "Week2_24121"], base_url=server.url,
+                     checksums={a: f"SHA256:{sha[a].upper()}",
+                                b: "md5:" + hashlib.md5(server.files[b]).hexdigest()})
+    for name, plate in ((a, "Week1_22123"), (b, "Week2_24121")):
+        done = json.loads((tmp_path / ".morphoprof" / f"{plate}.done.json").read_text())
+        assert done["sha256"] == sha[name] and done["zip"] == name
 
 
 def test_resume_partial_download_with_range(tmp_path, server):
