@@ -1,7 +1,7 @@
 """Does a trunk trained end to end draw better Jacobian masks? A probe of issue 15's miss.
 
 ``mil_6moa.py`` trains the Noisy-AND head on a frozen ImageNet EfficientNet-Lite0 trunk; its
-Jacobian masks score mean IU ~0.54 against the Otsu foreground (goal 0.70), and
+Jacobian masks score mean IU ~0.58 against the Otsu foreground (goal 0.70), and
 ``jacobian_sanity.py`` shows the maps come from the frozen trunk. Kraus trained his network end
 to end, so the open question was whether training the trunk on the screen moves the maps
 towards the cells.
@@ -12,8 +12,8 @@ trunk and goes on training it with the head on fold 0's training fields (the sam
 ``mil_loss``; random 224-px crops, flips and quarter turns; AdamW; batch norm statistics kept),
 for EPOCHS epochs at each of LRS. After every epoch it scores, on fold 0's held-out fields (its
 compounds never seen): the Jacobian masks as ``mil_6moa.py`` makes them (guided backprop from
-eq. 4's seed, square root, Gaussian sigma 2, MRF Potts 0.5; mean IU vs the Otsu foreground of
-the summed stains, every EVERY-th field) and the image accuracy (all held-out fields).
+eq. 4's seed, the mask defaults of ``morphoprof.models.jacobian``; mean IU vs the Otsu
+foreground of the summed stains, every EVERY-th field) and the image accuracy (all held-out fields).
 
 A head-free restart of the same network (``mil.frozen: false`` from a random head) stayed at
 chance for 14 epochs on 2 CPU cores (Noisy-AND's pooled outputs sink to 0 before the FC layer
@@ -115,6 +115,7 @@ def main() -> int:
     from morphoprof.datasets.source import build_index_from_config
     from morphoprof.io_utils import read_parquet, write_json
     from morphoprof.models.data import load_images
+    from morphoprof.models.jacobian import mask_rule
 
     if not DATA.is_dir():
         print(f"skipped: real data not found at {DATA}")
@@ -141,9 +142,9 @@ def main() -> int:
                        f"{CROP}-px crops, flips, quarter turns; batch norm statistics kept",
         "scored_on": f"fold {FOLD}'s held-out fields ({len(test)}; Jacobian on every "
                      f"{EVERY}th)",
-        "jacobian_rule": "as mil_6moa.py: guided backprop from P_i * p_ij of the predicted "
-                         "class, square root, Gaussian sigma 2, MRF Potts 0.5; mean IU vs "
-                         "the Otsu foreground of the summed stains",
+        "jacobian_rule": f"as mil_6moa.py: seed P_i * p_ij of the predicted class; "
+                         f"{mask_rule()} (the MRF mask); mean IU vs the Otsu foreground of "
+                         "the summed stains",
         "runs": runs, "seconds": time.perf_counter() - t0, "hardware": "2 CPU cores"})
     print(f"wrote {RESULTS}")
     return 0

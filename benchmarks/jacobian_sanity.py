@@ -3,8 +3,9 @@ saliency maps"): do the guided-backprop masks of a frozen pretrained trunk depen
 MIL head learned at all?
 
 The same mask pipeline as ``mil_6moa.py`` (guided backprop with ReLU6 gated as a ReLU, channel
-sum of the positive input gradient, square root, Gaussian sigma 2, MRF graph cut; reference: the
-Otsu foreground of the summed stains) is scored with heads that learned nothing:
+sum of the positive input gradient, then the mask defaults of ``morphoprof.models.jacobian``:
+a power of the map, Gaussian smoothing, MRF graph cut; reference: the Otsu foreground of the
+summed stains) is scored with heads that learned nothing:
 
 - ``random_head``: a MIL network on the offline ImageNet EfficientNet-Lite0 trunk (stage 3, as
   in ``mil_6moa.py``) whose head is freshly initialised (seed 0), seeded from its predicted class
@@ -12,10 +13,10 @@ Otsu foreground of the summed stains) is scored with heads that learned nothing:
 - ``uniform_seed``: no head, the trunk's whole stage-3 output summed (every feature, every
   position) as the seed;
 - ``all_foreground`` / ``all_background``: the constant masks, what mean IU gives for nothing;
-- ``random_head_best_threshold``: the random head's prepared map (square root, sigma 2) cut at
+- ``random_head_best_threshold``: the random head's prepared map (power and sigma as above) cut at
   the best of 49 fractions (2%..98%) of its maximum for each field, chosen with the reference:
-  about what no threshold can beat, so a gap to the goal there lies in the maps, not in the
-  thresholding.
+  what no single threshold can beat, so a gap to the goal there lies in the maps, not in the
+  thresholding (the MRF, which also weighs each pixel's neighbours, can do a little better).
 
 On the real 6-MoA fields (every 5th of the 660, 256 px) and on the two complete raw 3-channel
 BBBC021 fields in ``../shared/data/bbbc021/images`` (1024x1280, each stain scaled by its
@@ -102,6 +103,7 @@ def main() -> int:
     from morphoprof.index import import_fields_6moa
     from morphoprof.io_utils import write_json
     from morphoprof.models.data import load_images
+    from morphoprof.models.jacobian import mask_rule
     from morphoprof.models.mil import MILConfig, MILNet
 
     if not (DATA / "fields_6moa").is_dir():
@@ -115,11 +117,9 @@ def main() -> int:
     index = import_fields_6moa(DATA / "fields_6moa")
     rows = np.arange(0, len(index), EVERY)
     images = load_images(index, rows, size=256, normalization="none", scale=255)
-    result: dict = {"method": "guided backprop (ReLU6 gated as a ReLU), channel sum of the "
-                              "positive input gradient, square root, Gaussian sigma 2, MRF "
-                              "graph cut (Potts 0.5), as mil_6moa.py; "
-                              "reference: Otsu foreground of the summed stains; mean IU of "
-                              "foreground and background",
+    result: dict = {"method": f"channel sum of the positive input gradient; {mask_rule()} "
+                              "(the MRF mask), as mil_6moa.py; reference: Otsu foreground of "
+                              "the summed stains; mean IU of foreground and background",
                     "trunk": "tf_efficientnet_lite0 stage 3, offline ImageNet, frozen",
                     "fields_6moa": score(images, net, mean, std)}
     print("6-MoA fields:", json.dumps(result["fields_6moa"]), flush=True)

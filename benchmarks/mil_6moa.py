@@ -33,6 +33,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from morphoprof.models.jacobian import mask_rule
 from morphoprof.models.mil import POOLINGS as MIL_POOLINGS
 
 HERE = Path(__file__).resolve().parent
@@ -47,8 +48,7 @@ HIDDEN = 256  # the head's 1x1 layer on the pretrained trunk (Kraus's 1000: 4x t
 # (blocks.4) trained too, on cached maps of its input; the kraus trunk (its conv6 is 1000)
 VARIANTS = ("noisy_and_hidden1000", "noisy_and_last_stage", "kraus")
 WIDE = ("noisy_and_hidden1000", "kraus")  # 1000 hidden units
-JACOBIAN_RULE = ("guided backprop, ReLU6 gated as a ReLU; square root of the map, Gaussian "
-                 "sigma 2; Otsu threshold / MRF Potts 0.5")
+JACOBIAN_RULE = mask_rule()
 OLD_RULE = ("before 2026-12-04: guided backprop with ReLU6's exact derivative (0 above 6); the "
             "raw map, Gaussian sigma 1; Otsu threshold / MRF Potts 2.0")
 
@@ -242,9 +242,9 @@ def main() -> int:
         "cell_accuracy": jac["cells"]["cell_accuracy"] if jac else None,
         "jacobian_by_trunk": jacs,
         "jacobian_method": (
-            "guided backprop from P_i * p_ij of the predicted class (eq. 4; ReLU6 gated as a "
-            "ReLU), channel sum, square root, Gaussian sigma 2, MRF (graph cut, PyMaxflow, "
-            "Potts 0.5) vs plain Otsu threshold (each trunk's own 'rule' in jacobian_by_trunk); "
+            "guided backprop from P_i * p_ij of the predicted class (eq. 4), channel sum, "
+            f"then each trunk's own 'rule' in jacobian_by_trunk (now: {JACOBIAN_RULE}; the "
+            "MRF a graph cut, PyMaxflow); "
             "reference: Otsu foreground of the summed stains (cells) / of DAPI (nuclei); mean "
             "IU of foreground and background; cells: 32-px crops around nuclei segmented on "
             "DAPI, class = argmax of the MIL pooling output"),

@@ -50,8 +50,10 @@ def test_toy_maps_concentrate_where_the_input_matters(toy_model):
         # The signal is on the square and within one receptive field of it ...
         assert m[near].sum() / m.sum() > 0.999
         assert m[square].mean() > 1000 * m[~near].mean()
-        # ... and the thresholded mask is the square (Otsu also takes part of its rim).
-        ious.append(iou(jacobian_mask(m, sigma=0.5), square))
+        # ... and the thresholded mask is the square (Otsu also takes part of its rim). The
+        # map itself is thresholded (power 1): the default fourth root is for the heavy-tailed
+        # maps of real fields, and on this clean map it widens the mask over the rim.
+        ious.append(iou(jacobian_mask(m, sigma=0.5, power=1), square))
     assert min(ious) > 0.3 and np.mean(ious) > 0.5, ious
 
 

@@ -187,7 +187,7 @@ def test_jacobian_sees_a_bright_object_that_saturates_relu6():
 
 def test_mask_power_keeps_dim_objects_beside_a_hot_spot():
     """Jacobian maps are heavy-tailed: Otsu on the raw map keeps only the hottest object; on
-    its square root (the default) the dimmer objects are kept as well."""
+    its fourth root (the default) the dimmer objects are kept as well."""
     jmap = np.zeros((64, 64))
     jmap[5:15, 5:15] = 1.0
     jmap[30:40, 30:40] = 1.5
