@@ -8,12 +8,13 @@ towards the cells.
 
 This takes fold 0's trained Noisy-AND network of ``mil_6moa.py`` (its run folder under the temp
 directory: run ``python benchmarks/mil_6moa.py --only=noisy_and`` first), unfreezes the whole
-trunk and goes on training it with the head on fold 0's training fields (the same joint loss,
-``mil_loss``; random 224-px crops, flips and quarter turns; AdamW; batch norm statistics kept),
-for EPOCHS epochs at each of LRS. After every epoch it scores, on fold 0's held-out fields (its
-compounds never seen): the Jacobian masks as ``mil_6moa.py`` makes them (guided backprop from
-eq. 4's seed, the mask defaults of ``morphoprof.models.jacobian``; mean IU vs the Otsu
-foreground of the summed stains, every EVERY-th field) and the image accuracy (all held-out fields).
+trunk and goes on training it with the head on fold 0's training fields, by the trainer ``train
+mil`` uses (``ImageClassifier`` + ``fit``: the joint MIL loss, Adam, random 224-px crops, flips
+and quarter turns), for EPOCHS epochs at each of LRS. After every epoch it scores, on fold 0's
+held-out fields (its compounds never seen): the Jacobian masks as ``mil_6moa.py`` makes them
+(guided backprop from eq. 4's seed, the mask defaults of ``morphoprof.models.jacobian``; mean IU
+vs the Otsu foreground of the summed stains, every EVERY-th field) and the image accuracy (all
+held-out fields).
 
 A head-free restart of the same network (``mil.frozen: false`` from a random head) stayed at
 chance for 14 epochs on 2 CPU cores (Noisy-AND's pooled outputs sink to 0 before the FC layer
@@ -66,45 +67,26 @@ def score(net, images, labels, rows, mean, std) -> dict:
             "image_accuracy": right / len(rows), "n_fields": len(rows)}
 
 
-def fine_tune(images, labels, train, test, lr: float, seed: int = 0) -> list[dict]:
-    """Fold FOLD's trained network, whole trunk unfrozen, trained EPOCHS more epochs at ``lr``;
-    the scores before and after each epoch."""
-    import torch
-
-    from morphoprof.models.mil import mil_loss
+def fine_tune(images, labels, train, test, lr: float, work: Path, seed: int = 0) -> list[dict]:
+    """Fold FOLD's trained network, whole trunk unfrozen, trained EPOCHS more epochs at ``lr``
+    by the project's own trainer (``ImageClassifier`` + ``fit``, extended one epoch at a time
+    from its last checkpoint in ``work``); the scores before and after each epoch."""
+    from morphoprof.models.data import ImageTensorDataset
+    from morphoprof.models.settings import TrainSection
+    from morphoprof.models.training import ImageClassifier, fit
     from morphoprof.train import load_trained_mil
 
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     net, mean, std = load_trained_mil(RUN, FOLD)
-    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
     steps = [{"epoch": 0, **score(net, images, labels, test, mean, std)}]
     for p in net.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr)
-    size = images.shape[-1]
+    module = ImageClassifier(net, lr=lr)
+    data = ImageTensorDataset(images[train], labels[train], augment=True, crop=CROP,
+                              mean=mean, std=std)
     for epoch in range(1, EPOCHS + 1):
-        t0, losses = time.perf_counter(), []
-        net.train()
-        for mod in net.modules():  # batches of 16 crops: keep ImageNet's statistics
-            if isinstance(mod, torch.nn.BatchNorm2d):
-                mod.eval()
-        order = rng.permutation(train)
-        for start in range(0, len(order), 16):
-            batch = order[start:start + 16]
-            oy, ox = rng.integers(0, size - CROP + 1, 2)
-            x = torch.from_numpy(images[batch][:, :, oy:oy + CROP, ox:ox + CROP].copy())
-            if rng.random() < 0.5:
-                x = x.flip(3)
-            x = torch.rot90(x, int(rng.integers(4)), (2, 3))
-            loss = mil_loss(net((x - m) / s), torch.from_numpy(labels[batch]))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        steps.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
-                      "train_seconds": time.perf_counter() - t0,
+        run = fit(module, data, work, TrainSection(epochs=epoch, batch_size=16, lr=lr,
+                                                   seed=seed, accelerator="cpu"))
+        steps.append({"epoch": epoch, "train_seconds": run["seconds"],
                       **score(net, images, labels, test, mean, std)})
         print(f"lr {lr:g} epoch {epoch}: {steps[-1]}", flush=True)
     return steps
@@ -134,12 +116,15 @@ def main() -> int:
                                                   ).to_numpy()
     fold_of = pred["Metadata_fold"].to_numpy()
     test, train = np.flatnonzero(fold_of == FOLD), np.flatnonzero(fold_of != FOLD)
-    runs = {f"lr_{lr:g}": fine_tune(images, labels, train, test, lr) for lr in LRS}
+    with tempfile.TemporaryDirectory() as work:
+        runs = {f"lr_{lr:g}": fine_tune(images, labels, train, test, lr, Path(work) / f"{lr:g}")
+                for lr in LRS}
     write_json(RESULTS, {
         "start": f"{RUN.name} fold {FOLD} of mil_6moa.py (frozen Lite0 stage 3 + trained "
                  "Noisy-AND head)",
-        "fine_tuning": f"whole trunk + head, {EPOCHS} epochs, AdamW, batch 16, random "
-                       f"{CROP}-px crops, flips, quarter turns; batch norm statistics kept",
+        "fine_tuning": f"whole trunk + head, {EPOCHS} epochs by the project's trainer "
+                       f"(ImageClassifier + fit: Adam, batch 16, random {CROP}-px crops, "
+                       "flips, quarter turns, batch norm in training mode)",
         "scored_on": f"fold {FOLD}'s held-out fields ({len(test)}; Jacobian on every "
                      f"{EVERY}th)",
         "jacobian_rule": f"as mil_6moa.py: seed P_i * p_ij of the predicted class; "
