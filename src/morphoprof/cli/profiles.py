@@ -15,7 +15,13 @@ from morphoprof.evaluation.evaluate import EvaluationConfig, evaluate
 from morphoprof.io_utils import read_parquet, write_json, write_parquet
 from morphoprof.pipeline import NORMALIZE_BY, build_profiles, report_stage
 from morphoprof.profiles.cell_tvn import CellTVNConfig
-from morphoprof.profiles.normalize import METHOD_ALIASES, METHODS, NormalizationConfig, Normalizer
+from morphoprof.profiles.normalize import (
+    DEFAULT_METHOD,
+    METHOD_ALIASES,
+    METHODS,
+    NormalizationConfig,
+    Normalizer,
+)
 from morphoprof.profiles.select import OPERATIONS, select_features
 from morphoprof.profiles.settings import ProfilesConfig
 from morphoprof.settings import add_options, from_options
@@ -120,8 +126,8 @@ def _add_normalize(sub) -> None:
                     "normaliser)", outputs=[("out", False), ("save", False)])
     s.add_argument("profiles", help="profiles Parquet (wells, sites or cells)")
     s.add_argument("--out", required=True, help="normalised profiles Parquet")
-    # this command's own default method (robust, as pycytominer's normalize), and no selection
-    s.add_argument("--method", default="robust", choices=[*METHODS, *METHOD_ALIASES],
+    # this command's own default method (DEFAULT_METHOD), and no selection
+    s.add_argument("--method", default=DEFAULT_METHOD, choices=[*METHODS, *METHOD_ALIASES],
                    help="normalisation, fitted on the reference rows")
     add_options(s, NormalizationConfig, ("by", "reference", "eps", "n_factors", "fallback"),
                 flags={"n_factors": "--factors"})

@@ -41,6 +41,8 @@ PRESETS = {
 }
 _CANONICAL = {"plate": "Metadata_plate", "well": "Metadata_well", "site": "Metadata_site"}
 _FILE_COLUMNS = ("FileName_", "PathName_", "URL_")
+# rows per CytoTable chunk by default (import_cellprofiler and import --chunk-size)
+CHUNK_SIZE = 5000
 _JOIN_ROWS = 1000  # objects per joined page and per written batch (~15 MB at 1,800 columns)
 
 
@@ -111,7 +113,7 @@ def _rename(columns: list[str]) -> tuple[dict[str, str], list[str]]:
 
 def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = None,
                         platemap: str | Path | None = None, platemap_well: str = "well",
-                        chunk_size: int = 5000, overwrite: bool = False) -> dict:
+                        chunk_size: int = CHUNK_SIZE, overwrite: bool = False) -> dict:
     """Convert CellProfiler single-cell outputs to ``out/cells.parquet`` (+ ``import.json``).
 
     Args:

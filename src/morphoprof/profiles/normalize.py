@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 METHODS = ("standardize", "robust", "center", "spherize", "coral", "factor_analysis",
            "inverse_normal", "none")
 METHOD_ALIASES = {"mad_robustize": "robust"}  # pycytominer's name, accepted
+# the default of normalize() and the normalize command (as pycytominer's normalize)
+DEFAULT_METHOD = "robust"
 
 
 class NormalizationConfig(Settings):
@@ -112,7 +114,7 @@ class Normalizer:
             group on all its rows, and say so in :attr:`warnings`).
     """
 
-    def __init__(self, method: str = "robust", by: str | None = PLATE,
+    def __init__(self, method: str = DEFAULT_METHOD, by: str | None = PLATE,
                  reference: str = "controls", eps: float = 1e-6, n_factors: int = 50,
                  fallback: str = "none", spherize_mode: str = "pca") -> None:
         method = METHOD_ALIASES.get(method, method)
@@ -296,7 +298,7 @@ class Normalizer:
 
 def normalize(
     df: pd.DataFrame,
-    method: str = "robust",
+    method: str = DEFAULT_METHOD,
     by: str | None = PLATE,
     reference: str = "controls",
     features: Sequence[str] | None = None,
