@@ -24,6 +24,13 @@ BBBC021 fields in ``../shared/data/bbbc021/images`` (1024x1280, each stain scale
 as the trained head of ``mil_6moa.json`` (``jacobian_iou_vs_otsu``), the masks come from the
 frozen trunk, not from the learning.
 
+``variants`` (every 4th of those 6-MoA fields, random heads): is it the backward rule, the stage
+or the noise of one pass? Each backward rule of ``morphoprof.models.jacobian`` (guided,
+deconvnet, plain gradient) x trunk stage 2 / 3 / 4 x seed (the head's class, the whole trunk),
+masked with the default rule and with the square root instead of the fourth root; and the
+stage-3 class map averaged over the 8 rotations / reflections of the input (each map turned
+back, scaled to mean 1) to see whether averaging out one pass's noise helps.
+
     python benchmarks/jacobian_sanity.py   # writes benchmarks/results/jacobian_sanity.json
 """
 
@@ -97,6 +104,69 @@ def score(images: np.ndarray, net, mean, std, batch: int = 8) -> dict:
     return res
 
 
+def dihedral_mean_maps(net, x) -> np.ndarray:
+    """``(B, H, W)`` mean of the class maps of the 8 rotations / reflections of ``x``
+    (``(B, C, H, W)``, square), each turned back onto the field and scaled to mean 1."""
+    import torch
+
+    from morphoprof.models.jacobian import jacobian_maps
+
+    total = np.zeros((len(x), *x.shape[2:]), np.float64)
+    for k in range(4):
+        for flip in (False, True):
+            xt = torch.rot90(x, k, (2, 3))
+            xt = torch.flip(xt, (3,)) if flip else xt
+            maps = torch.from_numpy(jacobian_maps(net, xt))
+            maps = torch.flip(maps, (2,)) if flip else maps
+            maps = torch.rot90(maps, -k, (1, 2)).numpy().astype(np.float64)
+            total += maps / np.maximum(maps.mean(axis=(1, 2), keepdims=True), 1e-30)
+    return (total / 8).astype(np.float32)
+
+
+def variants(images: np.ndarray, batch: int = 8) -> dict:
+    """Mean IU of each backward rule x stage x seed (power 0.25 and 0.5), and of the dihedral
+    mean, on ``images`` (``(N, 3, H, W)`` in [0, 1]) with random heads (seed 0)."""
+    import torch
+
+    from morphoprof.models.jacobian import (
+        BACKWARD_RULES,
+        jacobian_maps,
+        mean_iu,
+        mrf_mask,
+        otsu_foreground,
+    )
+    from morphoprof.models.mil import MILConfig, MILNet
+
+    refs = [otsu_foreground(im) for im in images]
+
+    def scored(maps) -> dict:
+        return {f"power_{p:g}": float(np.mean([mean_iu(mrf_mask(j, power=p), r)
+                                               for j, r in zip(maps, refs)]))
+                for p in (0.25, 0.5)}
+
+    out: dict = {"n_fields": len(images)}
+    for stage in (2, 3, 4):
+        torch.manual_seed(0)
+        net = MILNet(MILConfig(n_classes=6, trunk="tf_efficientnet_lite0", stage=stage,
+                               weights="offline", hidden=256, dropout=0.5)).eval()
+        m = torch.tensor(net.trunk.mean, dtype=torch.float32)[:, None, None]
+        s = torch.tensor(net.trunk.std, dtype=torch.float32)[:, None, None]
+        x = (torch.from_numpy(np.ascontiguousarray(images)) - m) / s
+        for rule in BACKWARD_RULES:
+            for seed in ("class", "trunk"):
+                maps = np.concatenate([jacobian_maps(net, x[i:i + batch], seed=seed,
+                                                     backward=rule)
+                                       for i in range(0, len(x), batch)])
+                out[f"stage{stage}_{rule}_{seed}"] = scored(maps)
+                print(f"stage {stage} {rule} {seed}:", out[f"stage{stage}_{rule}_{seed}"],
+                      flush=True)
+        if stage == 3:
+            out["stage3_guided_class_dihedral_mean"] = scored(np.concatenate(
+                [dihedral_mean_maps(net, x[i:i + batch]) for i in range(0, len(x), batch)]))
+            print("dihedral mean:", out["stage3_guided_class_dihedral_mean"], flush=True)
+    return out
+
+
 def main() -> int:
     import torch
 
@@ -123,6 +193,7 @@ def main() -> int:
                     "trunk": "tf_efficientnet_lite0 stage 3, offline ImageNet, frozen",
                     "fields_6moa": score(images, net, mean, std)}
     print("6-MoA fields:", json.dumps(result["fields_6moa"]), flush=True)
+    result["variants"] = variants(images[::4])
     raw = raw_fields()
     if raw is None:
         result["raw_fields"] = {"note": f"raw 3-channel fields not found under {DATA}"}

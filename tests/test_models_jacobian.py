@@ -57,6 +57,38 @@ def test_toy_maps_concentrate_where_the_input_matters(toy_model):
     assert min(ious) > 0.3 and np.mean(ious) > 0.5, ious
 
 
+def test_backward_rules_gradient_is_autograd_and_rules_differ(toy_model):
+    """``gradient`` is the plain Jacobian of eq. 4's seed (checked against autograd);
+    ``deconvnet`` and ``guided`` change it, and an unknown rule is refused."""
+    x, _, _ = toy_batch(2, np.random.default_rng(5))
+    net = toy_model.net.eval()
+    xx = x.clone().requires_grad_(True)
+    out = net(xx)
+    maps, pooled = out["maps"], out["pooled"]
+    seed = torch.zeros_like(maps)
+    seed[:, 0] = (pooled[:, 0][:, None, None] * maps[:, 0]).detach()
+    maps.backward(seed)
+    expected = xx.grad.clamp_min(0).sum(1).numpy()
+    plain = jacobian_maps(net, x, class_index=0, backward="gradient")
+    assert expected.max() > 0
+    tol = 1e-5 * expected.max()  # the maps are tiny (a sigmoid's tails): compare to their scale
+    np.testing.assert_allclose(plain, expected, rtol=1e-4, atol=tol)
+    guided = jacobian_maps(net, x, class_index=0)
+    deconv = jacobian_maps(net, x, class_index=0, backward="deconvnet")
+
+    def unit(m):
+        return m / m.max()
+
+    assert np.abs(unit(guided) - unit(plain)).max() > 0.1
+    assert np.abs(unit(deconv) - unit(guided)).max() > 0.1
+    assert (deconv >= 0).all() and deconv.sum() > 0
+    with pytest.raises(InputError, match="backward rule"):
+        jacobian_maps(net, x, backward="smooth")
+    # the deconvnet hooks are removed afterwards: the plain map is the same again
+    np.testing.assert_allclose(jacobian_maps(net, x, class_index=0, backward="gradient"),
+                               plain, rtol=1e-6, atol=1e-6 * plain.max())
+
+
 def test_maps_trace_the_requested_class_and_check_it(toy_model):
     x, _, _ = toy_batch(2, np.random.default_rng(3))
     a = jacobian_maps(toy_model.net, x, class_index=0)

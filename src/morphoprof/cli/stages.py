@@ -127,8 +127,9 @@ def _add_extract(sub) -> None:
     s.add_argument("--batch-size", type=int, help="images per network batch (default: "
                    f"{TransferConfig.model_fields['batch_size'].default} fields, "
                    f"{CROP_BATCH_SIZE} cells and crops)")
-    s.add_argument("--workers", type=int, default=0, help="DataLoader worker processes "
-                   "(classical: processes)")
+    s.add_argument("--workers", type=int,
+                   default=TransferConfig.model_fields["num_workers"].default,
+                   help="DataLoader worker processes (classical: processes)")
     s.add_argument("--format", default="parquet", choices=["parquet", "h5ad", "zarr"],
                    help="h5ad / zarr: also write the features as one AnnData, OUT/features.h5ad "
                    "or .zarr (features in X, metadata in obs; read whole) for scanpy")

@@ -13,7 +13,7 @@ segmentation mask.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,12 @@ from morphoprof.io_utils import atomic_path
 # The activations guided backprop passes through; any other would leak negative signals.
 GUIDED_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.SiLU)
 SEEDS = ("class", "trunk")
+# How the backward signal crosses an activation: ``guided`` (the default: gated by the forward
+# input and ReLU on the signal, Springenberg 2015), ``deconvnet`` (ReLU on the signal only,
+# Zeiler & Fergus 2014) or ``gradient`` (the plain Jacobian, Simonyan 2014). The last two are
+# there to compare against (benchmarks/jacobian_sanity.py): on the real fields their masks
+# score far below guided backprop's.
+BACKWARD_RULES = ("guided", "deconvnet", "gradient")
 # The mask defaults, chosen on the random-head sanity check of benchmarks/jacobian_sanity.py
 # (132 real 6-MoA fields; mean IU vs the Otsu foreground of the MRF masks), never on a trained
 # model's scores: at stop 31 sigma 1 / 2 / 3 x power 1 / 0.5 x Potts 0.5 / 1 / 2 (raw map 0.51,
@@ -83,8 +89,30 @@ def guided_backprop(net: nn.Module):
         open_gate.clear()
 
 
+@contextmanager
+def _deconvnet(net: nn.Module):
+    """Within the block, every activation of :data:`GUIDED_ACTIVATIONS` passes the positive
+    part of its backward signal whatever its input was (the deconvnet rule)."""
+    acts = [m for m in net.modules() if isinstance(m, GUIDED_ACTIVATIONS)]
+    inplace = [getattr(m, "inplace", False) for m in acts]
+    hooks = []
+    for m in acts:
+        if hasattr(m, "inplace"):
+            m.inplace = False
+        hooks.append(m.register_full_backward_hook(
+            lambda module, grad_input, grad_output: (grad_output[0].clamp_min(0.0),)))
+    try:
+        yield net
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, flag in zip(acts, inplace):
+            if hasattr(m, "inplace"):
+                m.inplace = flag
+
+
 def jacobian_maps(net: nn.Module, images: torch.Tensor, class_index: int | None = None,
-                  seed: str = "class") -> np.ndarray:
+                  seed: str = "class", backward: str = "guided") -> np.ndarray:
     """Guided-backprop maps of a :class:`~morphoprof.models.mil.MILNet`.
 
     Args:
@@ -97,16 +125,22 @@ def jacobian_maps(net: nn.Module, images: torch.Tensor, class_index: int | None 
         seed: ``class``: eq. 4, ``P_i * p_ij`` of that class; ``trunk``: the sum of the trunk's
             whole output, no head (what a map owes to the trunk alone: the sanity check of
             Adebayo et al. 2018).
+        backward: how the signal crosses each activation, one of :data:`BACKWARD_RULES`.
 
     Returns:
         ``(B, H, W)`` float32 maps, >= 0 (the channel sum of the positive input gradient).
     """
     if seed not in SEEDS:
         raise InputError(f"Jacobian seed must be one of {SEEDS}, got {seed!r}")
+    if backward not in BACKWARD_RULES:
+        raise InputError(f"Jacobian backward rule must be one of {BACKWARD_RULES}, "
+                         f"got {backward!r}")
+    rule = {"guided": guided_backprop, "deconvnet": _deconvnet,
+            "gradient": nullcontext}[backward]
     was_training = net.training
     net.eval()
     try:
-        with guided_backprop(net):
+        with rule(net):
             x = images.detach().clone().requires_grad_(True)
             if seed == "trunk":
                 net.trunk(x).sum().backward()
