@@ -18,6 +18,13 @@ summed stains) is scored with heads that learned nothing:
   what no single threshold can beat, so a gap to the goal there lies in the maps, not in the
   thresholding (the MRF, which also weighs each pixel's neighbours, can do a little better).
 
+Each head is scored with the plain Potts MRF (``random_head``, ``uniform_seed``) and with the
+contrast-sensitive MRF, the field's image as its pairwise term (``*_contrast``); its control,
+``noise_map_contrast``, puts a smooth random map (Gaussian sigma 8 px) under the same MRF: what
+the image's edges give without a Jacobian map. ``contrast_grid`` scores the contrast MRF's
+settings (Potts x power x sigma, :data:`CONTRAST_GRID`) on the random head, the grid its
+defaults in ``morphoprof.models.jacobian`` are chosen from (``contrast_grid_best``).
+
 On the real 6-MoA fields (every 5th of the 660, 256 px) and on the two complete raw 3-channel
 BBBC021 fields in ``../shared/data/bbbc021/images`` (1024x1280, each stain scaled by its
 99.9th percentile), at full size and at 1/5 (the 6-MoA scale). If ``random_head`` scores as well
@@ -47,6 +54,9 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "bbbc021"
 RESULTS = HERE / "results" / "jacobian_sanity.json"
 EVERY = 5
+# the contrast-sensitive MRF's settings scored on the random head (Potts x power x sigma)
+CONTRAST_GRID = [(lam, power, sigma) for lam in (2, 4, 8, 16, 32) for power in (0.25, 0.5)
+                 for sigma in (1.0, 2.0)]
 
 
 def raw_fields() -> np.ndarray | None:
@@ -75,17 +85,22 @@ def best_threshold_iu(jmap: np.ndarray, ref: np.ndarray) -> float:
                for q in np.linspace(0.02, 0.98, 49))
 
 
-def score(images: np.ndarray, net, mean, std, batch: int = 8) -> dict:
-    """Mean IU (vs the Otsu foreground of the summed stains) of each check on ``images``."""
+def score(images: np.ndarray, net, mean, std, batch: int = 8, grid: bool = False) -> dict:
+    """Mean IU (vs the Otsu foreground of the summed stains) of each check on ``images``; with
+    ``grid``, also the contrast-sensitive MRF's grid (:data:`CONTRAST_GRID`)."""
     import torch
+    from scipy.ndimage import gaussian_filter
 
     from morphoprof.models.jacobian import jacobian_maps, mean_iu, mrf_mask, otsu_foreground
 
     m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
     s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    rng = np.random.default_rng(0)
     out: dict[str, list[float]] = {k: [] for k in (
         "random_head", "uniform_seed", "all_foreground", "all_background",
-        "random_head_best_threshold")}
+        "random_head_best_threshold", "random_head_contrast", "uniform_seed_contrast",
+        "noise_map_contrast")}
+    grid_scores: dict[str, list[float]] = {}
     fg = []
     for start in range(0, len(images), batch):
         ims = images[start:start + batch]
@@ -99,8 +114,20 @@ def score(images: np.ndarray, net, mean, std, batch: int = 8) -> dict:
             out["uniform_seed"].append(mean_iu(mrf_mask(j_uni), ref))
             out["all_foreground"].append(mean_iu(np.ones(ref.shape, bool), ref))
             out["all_background"].append(mean_iu(np.zeros(ref.shape, bool), ref))
-    res = {k: float(np.mean(v)) for k, v in out.items()}
+            out["random_head_contrast"].append(mean_iu(mrf_mask(j_head, image=im), ref))
+            out["uniform_seed_contrast"].append(mean_iu(mrf_mask(j_uni, image=im), ref))
+            # what the image's edges give alone: a smooth random map as the unary term
+            noise = gaussian_filter(rng.random(ref.shape), 8)
+            out["noise_map_contrast"].append(mean_iu(mrf_mask(noise, image=im), ref))
+            for lam, power, sigma in CONTRAST_GRID if grid else ():
+                key = f"potts_{lam:g}_power_{power:g}_sigma_{sigma:g}"
+                grid_scores.setdefault(key, []).append(mean_iu(
+                    mrf_mask(j_head, lam, sigma, power=power, image=im), ref))
+    res: dict = {k: float(np.mean(v)) for k, v in out.items()}
     res.update(n_fields=len(fg), reference_foreground_fraction=float(np.mean(fg)))
+    if grid:
+        res["contrast_grid"] = {k: float(np.mean(v)) for k, v in grid_scores.items()}
+        res["contrast_grid_best"] = max(res["contrast_grid"], key=res["contrast_grid"].get)
     return res
 
 
@@ -191,7 +218,7 @@ def main() -> int:
                               "(the MRF mask), as mil_6moa.py; reference: Otsu foreground of "
                               "the summed stains; mean IU of foreground and background",
                     "trunk": "tf_efficientnet_lite0 stage 3, offline ImageNet, frozen",
-                    "fields_6moa": score(images, net, mean, std)}
+                    "fields_6moa": score(images, net, mean, std, grid=True)}
     print("6-MoA fields:", json.dumps(result["fields_6moa"]), flush=True)
     result["variants"] = variants(images[::4])
     raw = raw_fields()
@@ -207,8 +234,10 @@ def main() -> int:
               json.dumps(result["raw_fields_one_fifth"]), flush=True)
     trained = HERE / "results" / "mil_6moa.json"
     if trained.is_file():
-        result["trained_noisy_and_mil_6moa"] = json.loads(trained.read_text()).get(
-            "jacobian_iou_vs_otsu")
+        done = json.loads(trained.read_text())
+        result["trained_noisy_and_mil_6moa"] = {
+            "contrast": done.get("jacobian_iou_vs_otsu"),
+            "potts": done.get("jacobian_iou_vs_otsu_potts")}
     result["seconds"] = time.perf_counter() - t0
     write_json(RESULTS, result)
     print(f"wrote {RESULTS}")

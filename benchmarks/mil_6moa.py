@@ -110,7 +110,8 @@ def jacobian_scores(name: str = "noisy_and", every: int = 5) -> dict:
     images = load_images(index, size=256, normalization="none", scale=255)
     fold_of = read_parquet(folder / "mil" / "predictions.parquet")["Metadata_fold"].to_numpy()
     scores: dict[str, list[float]] = {k: [] for k in (
-        "mrf_vs_cells", "threshold_vs_cells", "mrf_vs_nuclei", "threshold_vs_nuclei")}
+        "mrf_vs_cells", "threshold_vs_cells", "mrf_vs_nuclei", "threshold_vs_nuclei",
+        "contrast_mrf_vs_cells", "contrast_mrf_vs_nuclei")}
     dapi = 2  # fields_6moa PNGs: R = actin, G = tubulin, B = DAPI
     for f in sorted(set(fold_of.tolist())):
         net, mean, std = load_trained_mil(folder, f)
@@ -123,6 +124,9 @@ def jacobian_scores(name: str = "noisy_and", every: int = 5) -> dict:
             for j, i in zip(jm, batch):
                 cells, nuclei = otsu_foreground(images[i]), otsu_foreground(images[i], [dapi])
                 mrf, plain = mrf_mask(j), jacobian_mask(j)
+                contrast = mrf_mask(j, image=images[i])
+                scores["contrast_mrf_vs_cells"].append(mean_iu(contrast, cells))
+                scores["contrast_mrf_vs_nuclei"].append(mean_iu(contrast, nuclei))
                 scores["mrf_vs_cells"].append(mean_iu(mrf, cells))
                 scores["threshold_vs_cells"].append(mean_iu(plain, cells))
                 scores["mrf_vs_nuclei"].append(mean_iu(mrf, nuclei))
@@ -208,8 +212,10 @@ def main() -> int:
     for name in ("noisy_and", "noisy_and_last_stage", "kraus"):
         if name in runs and (name in names or name not in jacs):
             j = jacs[name] = jacobian_scores(name)
-            print(f"{name}: Jacobian masks (MRF) mean IU {j['mrf_vs_cells']:.3f} vs the Otsu "
-                  f"foreground of the stains, {j['mrf_vs_nuclei']:.3f} vs Otsu nuclei "
+            print(f"{name}: Jacobian masks mean IU (contrast-sensitive MRF) "
+                  f"{j['contrast_mrf_vs_cells']:.3f} vs the Otsu foreground of the stains, "
+                  f"{j['contrast_mrf_vs_nuclei']:.3f} vs Otsu nuclei; Potts MRF "
+                  f"{j['mrf_vs_cells']:.3f} / {j['mrf_vs_nuclei']:.3f} "
                   f"({j['n_fields']} held-out fields); cell accuracy "
                   f"{j['cells']['cell_accuracy']:.3f}", flush=True)
     for j in jacs.values():  # scored by an earlier version of the mask pipeline
@@ -237,14 +243,17 @@ def main() -> int:
         "conformal_coverage": {p: r["conformal"]["coverage"] for p, r in runs.items()},
         "train_seconds_per_pooling": {p: r["train_seconds"] for p, r in runs.items()},
         "trunk_cache_seconds": cache,
-        "jacobian_iou_vs_otsu": jac["mrf_vs_cells"] if jac else None,
-        "jacobian_iou_vs_otsu_nuclei": jac["mrf_vs_nuclei"] if jac else None,
+        "jacobian_iou_vs_otsu": jac.get("contrast_mrf_vs_cells") if jac else None,
+        "jacobian_iou_vs_otsu_nuclei": jac.get("contrast_mrf_vs_nuclei") if jac else None,
+        "jacobian_iou_vs_otsu_potts": jac["mrf_vs_cells"] if jac else None,
+        "jacobian_iou_vs_otsu_nuclei_potts": jac["mrf_vs_nuclei"] if jac else None,
         "cell_accuracy": jac["cells"]["cell_accuracy"] if jac else None,
         "jacobian_by_trunk": jacs,
         "jacobian_method": (
             "guided backprop from P_i * p_ij of the predicted class (eq. 4), channel sum, "
             f"then each trunk's own 'rule' in jacobian_by_trunk (now: {JACOBIAN_RULE}; the "
-            "MRF a graph cut, PyMaxflow); "
+            "MRF a graph cut, PyMaxflow); jacobian_iou_vs_otsu: the contrast-sensitive MRF "
+            "(pairwise weights from the field's own edges), _potts: the plain Potts MRF; "
             "reference: Otsu foreground of the summed stains (cells) / of DAPI (nuclei); mean "
             "IU of foreground and background; cells: 32-px crops around nuclei segmented on "
             "DAPI, class = argmax of the MIL pooling output"),

@@ -8,12 +8,15 @@ import json
 import numpy as np
 import pytest
 import torch
+from scipy.ndimage import gaussian_filter
 from torch import nn
 
 from morphoprof.cli import main
 from morphoprof.datasets.cluttered_digits import DigitsConfig, cluttered_digits
 from morphoprof.errors import InputError
 from morphoprof.models.jacobian import (
+    contrast_weights,
+    iou,
     jacobian_maps,
     jacobian_mask,
     mean_iu,
@@ -199,6 +202,34 @@ def test_mask_power_keeps_dim_objects_beside_a_hot_spot():
     assert mean_iu(root, truth) == 1.0
     with pytest.raises(InputError, match="power"):
         jacobian_mask(jmap, power=0)
+
+
+def test_contrast_sensitive_mrf_snaps_a_blurred_map_to_the_image_edges():
+    """A map blurred past its object (as guided backprop's are): the Potts MRF keeps the blur,
+    the contrast-sensitive one (the field's image as the pairwise term) follows the object's
+    edges; a flat image leaves every weight at 1, and the pairwise weights are low only across
+    the edge."""
+    rng = np.random.default_rng(0)
+    square = np.zeros((64, 64), bool)
+    square[20:44, 16:40] = True
+    image = np.stack([square + 0.05 * rng.standard_normal(square.shape), 0.5 * square])
+    jmap = gaussian_filter(square * 1.0, 5) + 0.05 * rng.random(square.shape)
+    potts = iou(mrf_mask(jmap), square)
+    contrast = iou(mrf_mask(jmap, image=image), square)
+    assert potts < 0.7 and contrast > 0.95, (potts, contrast)
+    right, down = contrast_weights(image)
+    assert right[30, 15] < 1e-6 and down[19, 30] < 1e-6  # across the square's edges
+    assert right[30, 25] > 0.3 and down[30, 25] > 0.3  # inside it
+    assert right[:, -1].max() == 0 and down[-1].max() == 0  # no neighbour there
+    flat_r, flat_d = contrast_weights(np.ones((5, 6)))
+    assert (flat_r[:, :-1] == 1).all() and (flat_d[:-1] == 1).all()
+    # with a flat image the contrast MRF is the Potts MRF of the same penalty
+    np.testing.assert_array_equal(mrf_mask(jmap, 3.0, image=np.ones((64, 64))),
+                                  mrf_mask(jmap, 3.0))
+    with pytest.raises(InputError, match="map is"):
+        mrf_mask(jmap, image=image[:, :32])
+    with pytest.raises(InputError, match="MRF image"):
+        contrast_weights(np.ones((2, 2, 4, 4)))
 
 
 def test_mrf_denoising_recovers_a_noisy_planted_mask():

@@ -8,7 +8,9 @@ wherever its input is positive, also above 6): the stem of an ImageNet Efficient
 its ReLU6 on bright cells, and the exact derivative (0 above 6) would leave the brightest cells
 out of the map. The result is summed over input channels into a ``(H, W)`` map and thresholded
 (Otsu on its fourth root after Gaussian smoothing, optionally an MRF graph cut) into a
-segmentation mask.
+segmentation mask. The MRF's pairwise term is a plain Potts penalty, or, given the field's
+image, a contrast-sensitive one (Boykov & Jolly 2001) that lets the mask's boundary follow the
+image's edges while the map decides where the foreground lies.
 """
 
 from __future__ import annotations
@@ -41,12 +43,21 @@ BACKWARD_RULES = ("guided", "deconvnet", "gradient")
 MASK_SIGMA = 1.0
 MASK_POWER = 0.25
 MRF_SMOOTHNESS = 1.0
+# The Potts penalty of the contrast-sensitive MRF (mrf_mask with the field's image), chosen the
+# same way at stop 37 (jacobian_sanity.py's contrast_grid, random head: Potts 2 / 4 / 8 / 16 /
+# 32 x power 0.25 / 0.5 x sigma 1 / 2; Potts 8, fourth root, sigma 1: 0.72, the best of 20).
+MRF_CONTRAST_SMOOTHNESS = 8.0
+# PyMaxflow neighbourhoods: each pixel's right and lower neighbour
+_RIGHT = np.array([[0, 0, 0], [0, 0, 1], [0, 0, 0]])
+_DOWN = np.array([[0, 0, 0], [0, 0, 0], [0, 1, 0]])
 
 
 def mask_rule() -> str:
     """The mask pipeline of the defaults in words (what a benchmark records beside its scores)."""
     return (f"guided backprop, ReLU6 gated as a ReLU; the map to the power {MASK_POWER:g}, "
-            f"Gaussian sigma {MASK_SIGMA:g}; Otsu threshold / MRF Potts {MRF_SMOOTHNESS:g}")
+            f"Gaussian sigma {MASK_SIGMA:g}; Otsu threshold / MRF Potts {MRF_SMOOTHNESS:g} / "
+            f"contrast-sensitive MRF Potts {MRF_CONTRAST_SMOOTHNESS:g} x "
+            "exp(-beta |I_p - I_q|^2) (Boykov & Jolly 2001)")
 
 
 def _guided_relu_hook(module: nn.Module, grad_input, grad_output):
@@ -194,8 +205,37 @@ def jacobian_mask(jmap: np.ndarray, sigma: float = MASK_SIGMA, threshold: float 
     return m > t
 
 
-def mrf_mask(jmap: np.ndarray, smoothness: float = MRF_SMOOTHNESS, sigma: float = MASK_SIGMA,
-             threshold: float | None = None, power: float = MASK_POWER) -> np.ndarray:
+def contrast_weights(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Contrast-sensitive Potts weights of a field's 4-connected pairs (Boykov & Jolly 2001):
+    ``exp(-beta * |I_p - I_q|^2)`` with the Euclidean distance over channels and
+    ``beta = 1 / (2 * mean |I_p - I_q|^2)`` over the field's pairs (Rother et al. 2004), so a
+    pair across an edge of the image costs less to cut than a pair inside a flat region.
+
+    Args:
+        image: ``(C, H, W)`` or ``(H, W)`` field, any intensity scale (beta adapts to it).
+
+    Returns:
+        ``(right, down)``, each ``(H, W)`` float64 in (0, 1]: the weight between pixel
+        ``(i, j)`` and ``(i, j + 1)`` / ``(i + 1, j)`` (0 on the last column / row).
+    """
+    im = np.asarray(image, dtype=np.float64)
+    if im.ndim == 2:
+        im = im[None]
+    if im.ndim != 3:
+        raise InputError(f"an MRF image is (C, H, W) or (H, W), got shape {np.shape(image)}")
+    dx = np.square(np.diff(im, axis=2)).sum(0)
+    dy = np.square(np.diff(im, axis=1)).sum(0)
+    mean_sq = (dx.sum() + dy.sum()) / max(dx.size + dy.size, 1)
+    beta = 1.0 / (2.0 * mean_sq) if mean_sq > 0 else 0.0
+    right, down = np.zeros(im.shape[1:]), np.zeros(im.shape[1:])
+    right[:, :-1] = np.exp(-beta * dx)
+    down[:-1, :] = np.exp(-beta * dy)
+    return right, down
+
+
+def mrf_mask(jmap: np.ndarray, smoothness: float | None = None, sigma: float = MASK_SIGMA,
+             threshold: float | None = None, power: float = MASK_POWER,
+             image: np.ndarray | None = None) -> np.ndarray:
     """``(H, W)`` Jacobian map -> boolean mask denoised by a binary Markov random field (Kraus
     2016), solved exactly by a graph cut (PyMaxflow, the Boykov-Kolmogorov max-flow).
 
@@ -203,12 +243,21 @@ def mrf_mask(jmap: np.ndarray, smoothness: float = MRF_SMOOTHNESS, sigma: float 
     model of the prepared map (``power``, ``sigma`` as :func:`jacobian_mask`) centred on Otsu's
     threshold (or ``threshold`` x max) with the map's standard deviation as its scale; the
     pairwise term is a Potts penalty of ``smoothness`` on every 4-connected pair with different
-    labels. ``smoothness=0`` gives :func:`jacobian_mask`'s mask.
+    labels. With ``image`` (the ``(C, H, W)`` field the map was computed from) the penalty of
+    each pair is scaled by :func:`contrast_weights` (contrast-sensitive Potts), so the mask's
+    boundary follows the image's edges; where it lies still comes from the map alone (a
+    random map with the same pairwise term gives an empty-like mask, see
+    ``benchmarks/jacobian_sanity.py``). ``smoothness=None``: :data:`MRF_SMOOTHNESS` without
+    ``image``, :data:`MRF_CONTRAST_SMOOTHNESS` with it; 0 gives :func:`jacobian_mask`'s mask.
     """
     from skimage.filters import threshold_otsu
 
     maxflow = require("maxflow")
+    if smoothness is None:
+        smoothness = MRF_SMOOTHNESS if image is None else MRF_CONTRAST_SMOOTHNESS
     m = _prepared(jmap, sigma, power)
+    if image is not None and np.shape(image)[-2:] != m.shape:
+        raise InputError(f"the MRF image is {np.shape(image)[-2:]} px but the map is {m.shape}")
     if not np.isfinite(m).all() or m.max() <= m.min():
         return np.zeros(m.shape, bool)
     t = threshold * m.max() if threshold is not None else threshold_otsu(m)
@@ -216,8 +265,13 @@ def mrf_mask(jmap: np.ndarray, smoothness: float = MRF_SMOOTHNESS, sigma: float 
     p = np.clip(p, 1e-6, 1 - 1e-6)
     g = maxflow.Graph[float]()
     nodes = g.add_grid_nodes(m.shape)
-    if smoothness > 0:
+    if smoothness > 0 and image is None:
         g.add_grid_edges(nodes, float(smoothness), symmetric=True)
+    elif smoothness > 0:
+        right, down = contrast_weights(image)
+        for weights, structure in ((right, _RIGHT), (down, _DOWN)):
+            g.add_grid_edges(nodes, weights=float(smoothness) * weights, structure=structure,
+                             symmetric=True)
     # a node left on the sink side (background) cuts its source edge: that edge carries the
     # cost of background, -log(1 - p); the sink edge the cost of foreground, -log(p)
     g.add_grid_tedges(nodes, -np.log1p(-p), -np.log(p))

@@ -255,7 +255,8 @@ def run_training(kind: str, cfg: TrainConfig, config_text: str = "") -> CVResult
 
 def write_jacobian_overlays(folder: Path, index: ExperimentIndex, images: np.ndarray,
                             full_net: Callable, mean, std, n: int) -> list[str]:
-    """PNG overlays of fold 0's model's Jacobian maps and their MRF-denoised masks on the first
+    """PNG overlays of fold 0's model's Jacobian maps and their MRF-denoised masks (contrast-
+    sensitive: the image's edges weight the pairwise term, :func:`mrf_mask`) on the first
     ``n`` of its test images (``full_net``: the trained module's state dict -> the whole MIL
     network)."""
     import torch
@@ -274,7 +275,7 @@ def write_jacobian_overlays(folder: Path, index: ExperimentIndex, images: np.nda
         x = (torch.from_numpy(images[i]) - m) / s
         jmap = jacobian_maps(net, x[None])[0]
         path = save_overlay(folder / "jacobian" / f"image_{i}.png", images[i], jmap,
-                            mrf_mask(jmap))
+                            mrf_mask(jmap, image=images[i]))
         paths.append(str(path))
     return paths
 
