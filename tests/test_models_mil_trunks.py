@@ -230,6 +230,10 @@ def test_contrast_sensitive_mrf_snaps_a_blurred_map_to_the_image_edges():
         mrf_mask(jmap, image=image[:, :32])
     with pytest.raises(InputError, match="MRF image"):
         contrast_weights(np.ones((2, 2, 4, 4)))
+    with pytest.raises(InputError, match="NaN"):
+        mrf_mask(jmap, image=np.where(square, np.nan, 0.0))
+    with pytest.raises(InputError, match="smoothness"):
+        mrf_mask(jmap, -1.0)
 
 
 def test_mrf_denoising_recovers_a_noisy_planted_mask():

@@ -223,6 +223,8 @@ def contrast_weights(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         im = im[None]
     if im.ndim != 3:
         raise InputError(f"an MRF image is (C, H, W) or (H, W), got shape {np.shape(image)}")
+    if not np.isfinite(im).all():
+        raise InputError("the MRF image has NaN or infinite pixels")
     dx = np.square(np.diff(im, axis=2)).sum(0)
     dy = np.square(np.diff(im, axis=1)).sum(0)
     mean_sq = (dx.sum() + dy.sum()) / max(dx.size + dy.size, 1)
@@ -255,6 +257,8 @@ def mrf_mask(jmap: np.ndarray, smoothness: float | None = None, sigma: float = M
     maxflow = require("maxflow")
     if smoothness is None:
         smoothness = MRF_SMOOTHNESS if image is None else MRF_CONTRAST_SMOOTHNESS
+    if smoothness < 0:
+        raise InputError(f"the MRF's smoothness must be >= 0, got {smoothness}")
     m = _prepared(jmap, sigma, power)
     if image is not None and np.shape(image)[-2:] != m.shape:
         raise InputError(f"the MRF image is {np.shape(image)[-2:]} px but the map is {m.shape}")
