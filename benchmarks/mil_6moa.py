@@ -111,7 +111,7 @@ def jacobian_scores(name: str = "noisy_and", every: int = 5) -> dict:
     fold_of = read_parquet(folder / "mil" / "predictions.parquet")["Metadata_fold"].to_numpy()
     scores: dict[str, list[float]] = {k: [] for k in (
         "mrf_vs_cells", "threshold_vs_cells", "mrf_vs_nuclei", "threshold_vs_nuclei",
-        "contrast_mrf_vs_cells", "contrast_mrf_vs_nuclei")}
+        "contrast_mrf_vs_cells", "contrast_mrf_vs_nuclei", "trunk_seed_contrast_vs_cells")}
     dapi = 2  # fields_6moa PNGs: R = actin, G = tubulin, B = DAPI
     for f in sorted(set(fold_of.tolist())):
         net, mean, std = load_trained_mil(folder, f)
@@ -120,13 +120,19 @@ def jacobian_scores(name: str = "noisy_and", every: int = 5) -> dict:
         rows = np.flatnonzero(fold_of == f)[::every]
         for start in range(0, len(rows), 8):
             batch = rows[start:start + 8]
-            jm = jacobian_maps(net, (torch.from_numpy(images[batch]) - m) / s)
-            for j, i in zip(jm, batch):
+            x = (torch.from_numpy(images[batch]) - m) / s
+            jm = jacobian_maps(net, x)
+            # the same network seeded from its trunk's whole output (no head): what the head's
+            # choice of features does to the masks
+            trunk_seeded = jacobian_maps(net, x, seed="trunk")
+            for j, jt, i in zip(jm, trunk_seeded, batch):
                 cells, nuclei = otsu_foreground(images[i]), otsu_foreground(images[i], [dapi])
                 mrf, plain = mrf_mask(j), jacobian_mask(j)
                 contrast = mrf_mask(j, image=images[i])
                 scores["contrast_mrf_vs_cells"].append(mean_iu(contrast, cells))
                 scores["contrast_mrf_vs_nuclei"].append(mean_iu(contrast, nuclei))
+                scores["trunk_seed_contrast_vs_cells"].append(
+                    mean_iu(mrf_mask(jt, image=images[i]), cells))
                 scores["mrf_vs_cells"].append(mean_iu(mrf, cells))
                 scores["threshold_vs_cells"].append(mean_iu(plain, cells))
                 scores["mrf_vs_nuclei"].append(mean_iu(mrf, nuclei))
@@ -254,6 +260,8 @@ def main() -> int:
             f"then each trunk's own 'rule' in jacobian_by_trunk (now: {JACOBIAN_RULE}; the "
             "MRF a graph cut, PyMaxflow); jacobian_iou_vs_otsu: the contrast-sensitive MRF "
             "(pairwise weights from the field's own edges), _potts: the plain Potts MRF; "
+            "trunk_seed_contrast_vs_cells: the same networks seeded from the trunk's whole "
+            "output instead of eq. 4 (no head); "
             "reference: Otsu foreground of the summed stains (cells) / of DAPI (nuclei); mean "
             "IU of foreground and background; cells: 32-px crops around nuclei segmented on "
             "DAPI, class = argmax of the MIL pooling output"),
