@@ -65,13 +65,33 @@ def _guided_relu_hook(module: nn.Module, grad_input, grad_output):
 
 
 @contextmanager
+def _activation_hooks(net: nn.Module, register):
+    """Within the block, ``register(module)`` hooks (it returns their handles) sit on every
+    activation of :data:`GUIDED_ACTIVATIONS` in ``net``, in-place ones switched off; after it
+    the hooks are removed and the in-place flags restored."""
+    acts = [m for m in net.modules() if isinstance(m, GUIDED_ACTIVATIONS)]
+    inplace = [getattr(m, "inplace", False) for m in acts]
+    hooks = []
+    try:
+        for m in acts:
+            if hasattr(m, "inplace"):
+                m.inplace = False
+            hooks += register(m)
+        yield net
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, flag in zip(acts, inplace):
+            if hasattr(m, "inplace"):
+                m.inplace = flag
+
+
+@contextmanager
 def guided_backprop(net: nn.Module):
     """Within the block, backward passes through ``net`` are guided: each activation of
     :data:`GUIDED_ACTIVATIONS` passes only the positive part of its gradient, ReLU6 gated on
     its input being positive (its saturation above 6 is ignored, see the module's docstring).
     In-place activations are switched off for the block and restored after it."""
-    acts = [m for m in net.modules() if isinstance(m, GUIDED_ACTIVATIONS)]
-    inplace = [getattr(m, "inplace", False) for m in acts]
     # a module called several times in one forward pass is undone in reverse order: a stack
     open_gate: dict[nn.Module, list[torch.Tensor]] = {}
 
@@ -81,45 +101,28 @@ def guided_backprop(net: nn.Module):
     def relu_gate(module, grad_input, grad_output):
         return ((grad_output[0] * open_gate[module].pop()).clamp_min(0.0),)
 
-    hooks = []
-    for m in acts:
-        if hasattr(m, "inplace"):
-            m.inplace = False
+    def register(m: nn.Module) -> list:
         if isinstance(m, nn.ReLU6):
-            hooks += [m.register_forward_hook(remember), m.register_full_backward_hook(relu_gate)]
-        else:
-            hooks.append(m.register_full_backward_hook(_guided_relu_hook))
+            return [m.register_forward_hook(remember), m.register_full_backward_hook(relu_gate)]
+        return [m.register_full_backward_hook(_guided_relu_hook)]
+
     try:
-        yield net
+        with _activation_hooks(net, register):
+            yield net
     finally:
-        for h in hooks:
-            h.remove()
-        for m, flag in zip(acts, inplace):
-            if hasattr(m, "inplace"):
-                m.inplace = flag
         open_gate.clear()
+
+
+def _deconvnet_hook(module: nn.Module, grad_input, grad_output):
+    return (grad_output[0].clamp_min(0.0),)
 
 
 @contextmanager
 def _deconvnet(net: nn.Module):
     """Within the block, every activation of :data:`GUIDED_ACTIVATIONS` passes the positive
     part of its backward signal whatever its input was (the deconvnet rule)."""
-    acts = [m for m in net.modules() if isinstance(m, GUIDED_ACTIVATIONS)]
-    inplace = [getattr(m, "inplace", False) for m in acts]
-    hooks = []
-    for m in acts:
-        if hasattr(m, "inplace"):
-            m.inplace = False
-        hooks.append(m.register_full_backward_hook(
-            lambda module, grad_input, grad_output: (grad_output[0].clamp_min(0.0),)))
-    try:
+    with _activation_hooks(net, lambda m: [m.register_full_backward_hook(_deconvnet_hook)]):
         yield net
-    finally:
-        for h in hooks:
-            h.remove()
-        for m, flag in zip(acts, inplace):
-            if hasattr(m, "inplace"):
-                m.inplace = flag
 
 
 def jacobian_maps(net: nn.Module, images: torch.Tensor, class_index: int | None = None,
