@@ -215,7 +215,7 @@ def main() -> int:
               f"{r['image_accuracy']:.3f}, train {r['train_seconds']:.0f} s "
               f"(+ trunk maps {res.trunk.get('cache_seconds', 0):.0f} s)", flush=True)
     jacs = dict(old.get("jacobian_by_trunk", {})) if only else {}
-    for name in ("noisy_and", "noisy_and_last_stage", "kraus"):
+    for name in ("noisy_and", "noisy_and_hidden1000", "noisy_and_last_stage", "kraus"):
         if name in runs and (name in names or name not in jacs):
             j = jacs[name] = jacobian_scores(name)
             print(f"{name}: Jacobian masks mean IU (contrast-sensitive MRF) "
