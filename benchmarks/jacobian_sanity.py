@@ -60,14 +60,15 @@ CONTRAST_GRID = [(lam, power, sigma) for lam in (2, 4, 8, 16, 32) for power in (
 
 
 def raw_fields() -> np.ndarray | None:
-    """The complete raw 3-channel fields (DAPI w1, tubulin w2, actin w4) as ``(N, 3, H, W)``
-    float32 in [0, 1] (each stain over its 99.9th percentile); None when absent."""
+    """The complete raw 3-channel fields as ``(N, 3, H, W)`` float32 in [0, 1] (each stain over
+    its 99.9th percentile), in the 6-MoA PNGs' channel order: actin (w4), tubulin (w2), DAPI
+    (w1); None when absent."""
     import tifffile
 
     folder = DATA / "images" / "Week2" / "Week2_24381"
     fields = []
     for site in ("s1", "s2", "s3", "s4"):
-        files = [sorted(folder.glob(f"*_{site}_w{w}*.tif")) for w in (1, 2, 4)]
+        files = [sorted(folder.glob(f"*_{site}_w{w}*.tif")) for w in (4, 2, 1)]
         if not all(files):
             continue
         im = np.stack([tifffile.imread(f[0]).astype(np.float32) for f in files])
