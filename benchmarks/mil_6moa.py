@@ -19,6 +19,12 @@ training). Field labels only.
 - A treatment's MoA: the median over its wells of the well-mean probabilities (Kraus).
 
 Fold 0's Noisy-AND model writes Jacobian-map overlays (PNG, git-ignored: images of real data).
+Jacobian masks (``jacobian_by_trunk``; Noisy-AND's also as ``jacobian_iou_vs_otsu``) of each
+fold's network on every 5th of its held-out fields, vs the Otsu foreground of the stains and of
+DAPI: the contrast-sensitive MRF (``contrast_mrf_*``, the headline), the plain Potts MRF
+(``mrf_*``, ``_potts``) and Otsu alone (``threshold_*``); the same networks seeded from their
+trunk's whole output (``trunk_seed_contrast_vs_cells``); and on the complete raw 3-channel
+fields at 1/5 scale (``raw_fields_one_fifth``).
 
     python benchmarks/mil_6moa.py [--resume] [--no-kraus] [--only=NAME,...]
 
