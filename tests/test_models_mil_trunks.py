@@ -12,6 +12,7 @@ from scipy.ndimage import gaussian_filter
 from torch import nn
 
 from morphoprof.cli import main
+from morphoprof.config import load_train_config
 from morphoprof.datasets.cluttered_digits import DigitsConfig, cluttered_digits
 from morphoprof.errors import InputError
 from morphoprof.models.jacobian import (
@@ -307,6 +308,28 @@ output: out
     assert mean == (0.5, 0.5, 0.5) and not net.training
     with torch.no_grad():
         assert net(torch.zeros(1, 3, 64, 64))["maps"].shape == (1, 3, 8, 8)
+    # segmenting fields with the run: fold 1's maps of two of the run's own fields, and their
+    # contrast-sensitive masks, as computed by hand from the same network
+    from morphoprof.models.jacobian import mrf_mask
+    from morphoprof.train import segment_with_mil
+
+    maps, masks = segment_with_mil(tmp_path / "out", rows=[0, 3], fold=1)
+    assert maps.shape == masks.shape == (2, 64, 64) and masks.dtype == bool
+    assert (maps >= 0).all() and maps.reshape(2, -1).max(1).min() > 0
+    from morphoprof.datasets.source import build_index_from_config
+    from morphoprof.index.schema import select_rows
+    from morphoprof.models.data import load_images
+
+    cfg, _ = load_train_config(tmp_path / "out" / "train_mil.yaml", "mil")
+    index = select_rows(build_index_from_config(cfg.data, tmp_path / "out"), cfg.select)
+    fields = load_images(index, [0, 3], size=64, normalization="percentile")
+    x = (torch.from_numpy(fields) - 0.5) / 0.5
+    np.testing.assert_allclose(maps, jacobian_maps(net, x), rtol=1e-4,
+                               atol=1e-6 * maps.max())
+    for f, j, mask in zip(fields, maps, masks):
+        np.testing.assert_array_equal(mask, mrf_mask(j, image=f))
+    with pytest.raises(InputError, match="no rows"):
+        segment_with_mil(tmp_path / "out", rows=[])
     capsys.readouterr()
     (tmp_path / "mil.yaml").write_text(text.replace("output: out", "output: out2"))
     assert main(["train", "mil", str(tmp_path / "mil.yaml")]) == 0

@@ -1,7 +1,8 @@
 """Training runs from YAML: the ``train`` stages as one function each, above the config reader.
 
 :func:`train_from_yaml` (finetune / mil) and :func:`train_weak_from_yaml` write a config's text
-into a run folder and run it; :func:`load_trained_mil` reads a finished ``train mil`` run back.
+into a run folder and run it; :func:`load_trained_mil` reads a finished ``train mil`` run back and
+:func:`segment_with_mil` segments image sets with it (Jacobian maps and masks, Kraus 2016).
 The training itself lives in :mod:`morphoprof.models`, which takes validated configs.
 """
 
@@ -11,8 +12,12 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
+
 from morphoprof.config import load_train_config, load_weak_config
+from morphoprof.datasets.source import build_index_from_config
 from morphoprof.errors import InputError
+from morphoprof.index.schema import ExperimentIndex, select_rows
 from morphoprof.models.cv_result import CVResult
 from morphoprof.models.run import run_training, trained_mil
 from morphoprof.models.weak_result import WeakResult
@@ -62,3 +67,50 @@ def load_trained_mil(folder: str | Path, fold: int = 0):
         raise InputError(f"not a finished train mil run: {config} not found")
     cfg, _ = load_train_config(config, "mil")
     return trained_mil(folder, cfg, fold)
+
+
+def segment_with_mil(folder: str | Path, index: ExperimentIndex | None = None,
+                     rows=None, fold: int = 0, batch_size: int = 8
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Segment image sets with a finished ``train mil`` run, from image labels only (Kraus
+    2016): each field's guided-backprop Jacobian map of its predicted class (eq. 4) and the
+    map's mask (:func:`~morphoprof.models.jacobian.mrf_mask`, contrast-sensitive with the field
+    itself).
+
+    Args:
+        folder: the run's ``output`` (holding the ``train_mil.yaml`` it ran).
+        index: the image sets to segment, with the run's channels; default: the run's own
+            (its ``data`` section and ``select``).
+        rows: row positions of ``index`` (default: all).
+        fold: whose network.
+        batch_size: fields per backward pass.
+
+    Returns:
+        ``(maps, masks)``: ``(N, S, S)`` float32 maps (>= 0) and ``(N, S, S)`` bool masks, at
+        the run's image size ``S`` (its ``images.size``; the native size where that is unset).
+    """
+    import torch
+
+    from morphoprof.models.data import load_images
+    from morphoprof.models.jacobian import jacobian_maps, mrf_mask
+
+    net, mean, std = load_trained_mil(folder, fold)
+    cfg, _ = load_train_config(Path(folder) / "train_mil.yaml", "mil")
+    if index is None:
+        index = select_rows(build_index_from_config(cfg.data, folder), cfg.select)
+    channels = cfg.channels or index.channels
+    missing = [c for c in channels if c not in index.channels]
+    if missing:
+        raise InputError(f"the index has no channel {missing[0]!r}; the run in {folder} was "
+                         f"trained on {list(channels)}")
+    if rows is not None and len(rows) == 0:
+        raise InputError("segment_with_mil: no rows to segment")
+    im = cfg.images
+    images = load_images(index, rows, channels=channels, size=im.size,
+                         normalization=im.normalization, scale=im.scale)
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    maps = np.concatenate([jacobian_maps(net, (torch.from_numpy(images[k:k + batch_size]) - m)
+                                         / s) for k in range(0, len(images), batch_size)])
+    masks = np.stack([mrf_mask(j, image=f) for j, f in zip(maps, images)])
+    return maps, masks
