@@ -317,7 +317,7 @@ output: out
     assert maps.shape == masks.shape == (2, 64, 64) and masks.dtype == bool
     assert (maps >= 0).all() and maps.reshape(2, -1).max(1).min() > 0
     from morphoprof.datasets.source import build_index_from_config
-    from morphoprof.index.schema import select_rows
+    from morphoprof.index.schema import ExperimentIndex, select_rows
     from morphoprof.models.data import load_images
 
     cfg, _ = load_train_config(tmp_path / "out" / "train_mil.yaml", "mil")
@@ -330,6 +330,10 @@ output: out
         np.testing.assert_array_equal(mask, mrf_mask(j, image=f))
     with pytest.raises(InputError, match="no rows"):
         segment_with_mil(tmp_path / "out", rows=[])
+    fewer = ExperimentIndex(index.table.drop(columns=[f"Path_{index.channels[0]}"]),
+                            index.root)
+    with pytest.raises(InputError, match="has 2 channels .* trained on 3"):
+        segment_with_mil(tmp_path / "out", fewer)
     capsys.readouterr()
     (tmp_path / "mil.yaml").write_text(text.replace("output: out", "output: out2"))
     assert main(["train", "mil", str(tmp_path / "mil.yaml")]) == 0

@@ -79,8 +79,9 @@ def segment_with_mil(folder: str | Path, index: ExperimentIndex | None = None,
 
     Args:
         folder: the run's ``output`` (holding the ``train_mil.yaml`` it ran).
-        index: the image sets to segment, with the run's channels; default: the run's own
-            (its ``data`` section and ``select``).
+        index: the image sets to segment, with the run's channels (its ``channels``, else as
+            many as it was trained on, in the same order); default: the run's own (its
+            ``data`` section and ``select``).
         rows: row positions of ``index`` (default: all).
         fold: whose network.
         batch_size: fields per backward pass.
@@ -103,6 +104,9 @@ def segment_with_mil(folder: str | Path, index: ExperimentIndex | None = None,
     if missing:
         raise InputError(f"the index has no channel {missing[0]!r}; the run in {folder} was "
                          f"trained on {list(channels)}")
+    if len(channels) != len(mean):
+        raise InputError(f"the index has {len(channels)} channels {list(channels)}; the run in "
+                         f"{folder} was trained on {len(mean)}")
     if rows is not None and len(rows) == 0:
         raise InputError("segment_with_mil: no rows to segment")
     im = cfg.images
