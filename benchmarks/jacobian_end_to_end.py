@@ -48,19 +48,16 @@ def score(net, images, labels, rows, mean, std) -> dict:
     the plain Potts one as ``_potts``) and image accuracy (all ``rows``)."""
     import torch
 
-    from morphoprof.models.jacobian import jacobian_maps, mean_iu, mrf_mask, otsu_foreground
+    from morphoprof.models.jacobian import field_maps, mean_iu, mrf_mask, otsu_foreground
 
-    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
     ius, contrast, right = [], [], 0
     sub = rows[::EVERY]
-    for start in range(0, len(sub), 8):
-        batch = sub[start:start + 8]
-        maps = jacobian_maps(net, (torch.from_numpy(images[batch]) - m) / s)
-        for j, i in zip(maps, batch):
-            ref = otsu_foreground(images[i])
-            ius.append(mean_iu(mrf_mask(j), ref))
-            contrast.append(mean_iu(mrf_mask(j, image=images[i]), ref))
+    for j, i in zip(field_maps(net, images[sub], mean, std), sub):
+        ref = otsu_foreground(images[i])
+        ius.append(mean_iu(mrf_mask(j), ref))
+        contrast.append(mean_iu(mrf_mask(j, image=images[i]), ref))
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
     net.eval()
     with torch.no_grad():
         for start in range(0, len(rows), 32):

@@ -89,13 +89,10 @@ def best_threshold_iu(jmap: np.ndarray, ref: np.ndarray) -> float:
 def score(images: np.ndarray, net, mean, std, batch: int = 8, grid: bool = False) -> dict:
     """Mean IU (vs the Otsu foreground of the summed stains) of each check on ``images``; with
     ``grid``, also the contrast-sensitive MRF's grid (:data:`CONTRAST_GRID`)."""
-    import torch
     from scipy.ndimage import gaussian_filter
 
-    from morphoprof.models.jacobian import jacobian_maps, mean_iu, mrf_mask, otsu_foreground
+    from morphoprof.models.jacobian import field_maps, mean_iu, mrf_mask, otsu_foreground
 
-    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
     rng = np.random.default_rng(0)
     out: dict[str, list[float]] = {k: [] for k in (
         "random_head", "uniform_seed", "all_foreground", "all_background",
@@ -103,27 +100,25 @@ def score(images: np.ndarray, net, mean, std, batch: int = 8, grid: bool = False
         "noise_map_contrast")}
     grid_scores: dict[str, list[float]] = {}
     fg = []
-    for start in range(0, len(images), batch):
-        ims = images[start:start + batch]
-        x = (torch.from_numpy(np.ascontiguousarray(ims)) - m) / s
-        for j_head, j_uni, im in zip(jacobian_maps(net, x),
-                                     jacobian_maps(net, x, seed="trunk"), ims):
-            ref = otsu_foreground(im)
-            fg.append(float(ref.mean()))
-            out["random_head"].append(mean_iu(mrf_mask(j_head), ref))
-            out["random_head_best_threshold"].append(best_threshold_iu(j_head, ref))
-            out["uniform_seed"].append(mean_iu(mrf_mask(j_uni), ref))
-            out["all_foreground"].append(mean_iu(np.ones(ref.shape, bool), ref))
-            out["all_background"].append(mean_iu(np.zeros(ref.shape, bool), ref))
-            out["random_head_contrast"].append(mean_iu(mrf_mask(j_head, image=im), ref))
-            out["uniform_seed_contrast"].append(mean_iu(mrf_mask(j_uni, image=im), ref))
-            # what the image's edges give alone: a smooth random map as the unary term
-            noise = gaussian_filter(rng.random(ref.shape), 8)
-            out["noise_map_contrast"].append(mean_iu(mrf_mask(noise, image=im), ref))
-            for lam, power, sigma in CONTRAST_GRID if grid else ():
-                key = f"potts_{lam:g}_power_{power:g}_sigma_{sigma:g}"
-                grid_scores.setdefault(key, []).append(mean_iu(
-                    mrf_mask(j_head, lam, sigma, power=power, image=im), ref))
+    heads = field_maps(net, images, mean, std, batch)
+    trunks = field_maps(net, images, mean, std, batch, seed="trunk")
+    for j_head, j_uni, im in zip(heads, trunks, images):
+        ref = otsu_foreground(im)
+        fg.append(float(ref.mean()))
+        out["random_head"].append(mean_iu(mrf_mask(j_head), ref))
+        out["random_head_best_threshold"].append(best_threshold_iu(j_head, ref))
+        out["uniform_seed"].append(mean_iu(mrf_mask(j_uni), ref))
+        out["all_foreground"].append(mean_iu(np.ones(ref.shape, bool), ref))
+        out["all_background"].append(mean_iu(np.zeros(ref.shape, bool), ref))
+        out["random_head_contrast"].append(mean_iu(mrf_mask(j_head, image=im), ref))
+        out["uniform_seed_contrast"].append(mean_iu(mrf_mask(j_uni, image=im), ref))
+        # what the image's edges give alone: a smooth random map as the unary term
+        noise = gaussian_filter(rng.random(ref.shape), 8)
+        out["noise_map_contrast"].append(mean_iu(mrf_mask(noise, image=im), ref))
+        for lam, power, sigma in CONTRAST_GRID if grid else ():
+            key = f"potts_{lam:g}_power_{power:g}_sigma_{sigma:g}"
+            grid_scores.setdefault(key, []).append(mean_iu(
+                mrf_mask(j_head, lam, sigma, power=power, image=im), ref))
     res: dict = {k: float(np.mean(v)) for k, v in out.items()}
     res.update(n_fields=len(fg), reference_foreground_fraction=float(np.mean(fg)))
     if grid:
@@ -132,21 +127,19 @@ def score(images: np.ndarray, net, mean, std, batch: int = 8, grid: bool = False
     return res
 
 
-def dihedral_mean_maps(net, x) -> np.ndarray:
-    """``(B, H, W)`` mean of the class maps of the 8 rotations / reflections of ``x``
-    (``(B, C, H, W)``, square), each turned back onto the field and scaled to mean 1."""
-    import torch
+def dihedral_mean_maps(net, images: np.ndarray, mean, std, batch: int = 8) -> np.ndarray:
+    """``(N, H, W)`` mean of the class maps of the 8 rotations / reflections of ``images``
+    (``(N, C, H, W)`` as read, square), each turned back onto the field and scaled to mean 1."""
+    from morphoprof.models.jacobian import field_maps
 
-    from morphoprof.models.jacobian import jacobian_maps
-
-    total = np.zeros((len(x), *x.shape[2:]), np.float64)
+    total = np.zeros((len(images), *images.shape[2:]), np.float64)
     for k in range(4):
         for flip in (False, True):
-            xt = torch.rot90(x, k, (2, 3))
-            xt = torch.flip(xt, (3,)) if flip else xt
-            maps = torch.from_numpy(jacobian_maps(net, xt))
-            maps = torch.flip(maps, (2,)) if flip else maps
-            maps = torch.rot90(maps, -k, (1, 2)).numpy().astype(np.float64)
+            turned = np.rot90(images, k, (2, 3))
+            turned = turned[..., ::-1] if flip else turned
+            maps = field_maps(net, turned, mean, std, batch)
+            maps = maps[..., ::-1] if flip else maps
+            maps = np.rot90(maps, -k, (1, 2)).astype(np.float64)
             total += maps / np.maximum(maps.mean(axis=(1, 2), keepdims=True), 1e-30)
     return (total / 8).astype(np.float32)
 
@@ -158,7 +151,7 @@ def variants(images: np.ndarray, batch: int = 8) -> dict:
 
     from morphoprof.models.jacobian import (
         BACKWARD_RULES,
-        jacobian_maps,
+        field_maps,
         mean_iu,
         mrf_mask,
         otsu_foreground,
@@ -177,20 +170,16 @@ def variants(images: np.ndarray, batch: int = 8) -> dict:
         torch.manual_seed(0)
         net = MILNet(MILConfig(n_classes=6, trunk="tf_efficientnet_lite0", stage=stage,
                                weights="offline", hidden=256, dropout=0.5)).eval()
-        m = torch.tensor(net.trunk.mean, dtype=torch.float32)[:, None, None]
-        s = torch.tensor(net.trunk.std, dtype=torch.float32)[:, None, None]
-        x = (torch.from_numpy(np.ascontiguousarray(images)) - m) / s
+        mean, std = net.trunk.mean, net.trunk.std
         for rule in BACKWARD_RULES:
             for seed in ("class", "trunk"):
-                maps = np.concatenate([jacobian_maps(net, x[i:i + batch], seed=seed,
-                                                     backward=rule)
-                                       for i in range(0, len(x), batch)])
+                maps = field_maps(net, images, mean, std, batch, seed=seed, backward=rule)
                 out[f"stage{stage}_{rule}_{seed}"] = scored(maps)
                 print(f"stage {stage} {rule} {seed}:", out[f"stage{stage}_{rule}_{seed}"],
                       flush=True)
         if stage == 3:
-            out["stage3_guided_class_dihedral_mean"] = scored(np.concatenate(
-                [dihedral_mean_maps(net, x[i:i + batch]) for i in range(0, len(x), batch)]))
+            out["stage3_guided_class_dihedral_mean"] = scored(
+                dihedral_mean_maps(net, images, mean, std, batch))
             print("dihedral mean:", out["stage3_guided_class_dihedral_mean"], flush=True)
     return out
 

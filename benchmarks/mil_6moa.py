@@ -95,25 +95,23 @@ def jacobian_scores(name: str = "noisy_and", every: int = 5) -> dict:
     model that never saw its compound; every ``every``-th held-out field) against the Otsu
     foreground of the summed stains (cells) and of the DAPI channel (nuclei)."""
     import numpy as np
-    import torch
 
     from morphoprof.config import load_train_config
-    from morphoprof.datasets.source import build_index_from_config
     from morphoprof.io_utils import read_parquet
-    from morphoprof.models.data import load_images
     from morphoprof.models.jacobian import (
-        jacobian_maps,
+        field_maps,
         jacobian_mask,
         mean_iu,
         mrf_mask,
         otsu_foreground,
     )
+    from morphoprof.models.run import training_images, training_index
     from morphoprof.train import load_trained_mil
 
     folder = WORK / name
     cfg, _ = load_train_config(folder / "train_mil.yaml", "mil")
-    index = build_index_from_config(cfg.data, folder)
-    images = load_images(index, size=256, normalization="none", scale=255)
+    index = training_index(cfg, folder)
+    images = training_images(cfg, index)
     fold_of = read_parquet(folder / "mil" / "predictions.parquet")["Metadata_fold"].to_numpy()
     scores: dict[str, list[float]] = {k: [] for k in (
         "mrf_vs_cells", "threshold_vs_cells", "mrf_vs_nuclei", "threshold_vs_nuclei",
@@ -121,28 +119,23 @@ def jacobian_scores(name: str = "noisy_and", every: int = 5) -> dict:
     dapi = 2  # fields_6moa PNGs: R = actin, G = tubulin, B = DAPI
     for f in sorted(set(fold_of.tolist())):
         net, mean, std = load_trained_mil(folder, f)
-        m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-        s = torch.tensor(std, dtype=torch.float32)[:, None, None]
         rows = np.flatnonzero(fold_of == f)[::every]
-        for start in range(0, len(rows), 8):
-            batch = rows[start:start + 8]
-            x = (torch.from_numpy(images[batch]) - m) / s
-            jm = jacobian_maps(net, x)
-            # the same network seeded from its trunk's whole output (no head): what the head's
-            # choice of features does to the masks
-            trunk_seeded = jacobian_maps(net, x, seed="trunk")
-            for j, jt, i in zip(jm, trunk_seeded, batch):
-                cells, nuclei = otsu_foreground(images[i]), otsu_foreground(images[i], [dapi])
-                mrf, plain = mrf_mask(j), jacobian_mask(j)
-                contrast = mrf_mask(j, image=images[i])
-                scores["contrast_mrf_vs_cells"].append(mean_iu(contrast, cells))
-                scores["contrast_mrf_vs_nuclei"].append(mean_iu(contrast, nuclei))
-                scores["trunk_seed_contrast_vs_cells"].append(
-                    mean_iu(mrf_mask(jt, image=images[i]), cells))
-                scores["mrf_vs_cells"].append(mean_iu(mrf, cells))
-                scores["threshold_vs_cells"].append(mean_iu(plain, cells))
-                scores["mrf_vs_nuclei"].append(mean_iu(mrf, nuclei))
-                scores["threshold_vs_nuclei"].append(mean_iu(plain, nuclei))
+        jm = field_maps(net, images[rows], mean, std)
+        # the same network seeded from its trunk's whole output (no head): what the head's
+        # choice of features does to the masks
+        trunk_seeded = field_maps(net, images[rows], mean, std, seed="trunk")
+        for j, jt, i in zip(jm, trunk_seeded, rows):
+            cells, nuclei = otsu_foreground(images[i]), otsu_foreground(images[i], [dapi])
+            mrf, plain = mrf_mask(j), jacobian_mask(j)
+            contrast = mrf_mask(j, image=images[i])
+            scores["contrast_mrf_vs_cells"].append(mean_iu(contrast, cells))
+            scores["contrast_mrf_vs_nuclei"].append(mean_iu(contrast, nuclei))
+            scores["trunk_seed_contrast_vs_cells"].append(
+                mean_iu(mrf_mask(jt, image=images[i]), cells))
+            scores["mrf_vs_cells"].append(mean_iu(mrf, cells))
+            scores["threshold_vs_cells"].append(mean_iu(plain, cells))
+            scores["mrf_vs_nuclei"].append(mean_iu(mrf, nuclei))
+            scores["threshold_vs_nuclei"].append(mean_iu(plain, nuclei))
     out = {k: float(np.mean(v)) for k, v in scores.items()}
     out["n_fields"] = len(scores["mrf_vs_cells"])
     out["raw_fields_one_fifth"] = raw_field_scores(folder, sorted(set(fold_of.tolist())))
@@ -159,21 +152,19 @@ def raw_field_scores(folder: Path, folds: list[int]) -> dict:
     import torch
 
     from jacobian_sanity import raw_fields
-    from morphoprof.models.jacobian import jacobian_maps, mean_iu, mrf_mask, otsu_foreground
+    from morphoprof.models.jacobian import field_maps, mean_iu, mrf_mask, otsu_foreground
     from morphoprof.train import load_trained_mil
 
     raw = raw_fields()
     if raw is None:
         return {"note": "raw 3-channel fields not found"}
     small = torch.nn.functional.interpolate(torch.from_numpy(raw), scale_factor=0.2,
-                                            mode="bilinear", antialias=True)
-    refs = [otsu_foreground(im) for im in small.numpy()]
+                                            mode="bilinear", antialias=True).numpy()
+    refs = [otsu_foreground(im) for im in small]
     contrast, potts = [], []
     for f in folds:
         net, mean, std = load_trained_mil(folder, f)
-        m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-        s = torch.tensor(std, dtype=torch.float32)[:, None, None]
-        for j, im, ref in zip(jacobian_maps(net, (small - m) / s), small.numpy(), refs):
+        for j, im, ref in zip(field_maps(net, small, mean, std), small, refs):
             contrast.append(mean_iu(mrf_mask(j, image=im), ref))
             potts.append(mean_iu(mrf_mask(j), ref))
     return {"contrast_mrf_vs_cells": float(np.mean(contrast)),

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from morphoprof.config import load_train_config, load_weak_config
-from morphoprof.datasets.source import build_index_from_config
 from morphoprof.errors import InputError
-from morphoprof.index.schema import ExperimentIndex, select_rows
+from morphoprof.index.schema import ExperimentIndex
 from morphoprof.models.cv_result import CVResult
-from morphoprof.models.run import run_training, trained_mil
+from morphoprof.models.run import run_training, trained_mil, training_images, training_index
+from morphoprof.models.settings import TrainConfig
 from morphoprof.models.weak_result import WeakResult
 from morphoprof.models.weak_run import run_weak
 
@@ -62,11 +62,15 @@ def load_trained_mil(folder: str | Path, fold: int = 0):
     """The whole trained MIL network (eval mode) of ``fold`` of a finished ``train mil`` run in
     ``folder`` (its ``output``, holding the ``train_mil.yaml`` it ran), and its input
     ``(mean, std)``."""
+    return trained_mil(folder, _mil_run_config(folder), fold)
+
+
+def _mil_run_config(folder: str | Path) -> TrainConfig:
+    """The validated config a finished ``train mil`` run in ``folder`` ran."""
     config = Path(folder) / "train_mil.yaml"
     if not config.is_file():
         raise InputError(f"not a finished train mil run: {config} not found")
-    cfg, _ = load_train_config(config, "mil")
-    return trained_mil(folder, cfg, fold)
+    return load_train_config(config, "mil")[0]
 
 
 def segment_with_mil(folder: str | Path, index: ExperimentIndex | None = None,
@@ -90,15 +94,12 @@ def segment_with_mil(folder: str | Path, index: ExperimentIndex | None = None,
         ``(maps, masks)``: ``(N, S, S)`` float32 maps (>= 0) and ``(N, S, S)`` bool masks, at
         the run's image size ``S`` (its ``images.size``; the native size where that is unset).
     """
-    import torch
+    from morphoprof.models.jacobian import field_maps, mrf_mask
 
-    from morphoprof.models.data import load_images
-    from morphoprof.models.jacobian import jacobian_maps, mrf_mask
-
-    net, mean, std = load_trained_mil(folder, fold)
-    cfg, _ = load_train_config(Path(folder) / "train_mil.yaml", "mil")
+    cfg = _mil_run_config(folder)
+    net, mean, std = trained_mil(folder, cfg, fold)
     if index is None:
-        index = select_rows(build_index_from_config(cfg.data, folder), cfg.select)
+        index = training_index(cfg, folder)
     channels = cfg.channels or index.channels
     missing = [c for c in channels if c not in index.channels]
     if missing:
@@ -109,12 +110,7 @@ def segment_with_mil(folder: str | Path, index: ExperimentIndex | None = None,
                          f"{folder} was trained on {len(mean)}")
     if rows is not None and len(rows) == 0:
         raise InputError("segment_with_mil: no rows to segment")
-    im = cfg.images
-    images = load_images(index, rows, channels=channels, size=im.size,
-                         normalization=im.normalization, scale=im.scale)
-    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
-    maps = np.concatenate([jacobian_maps(net, (torch.from_numpy(images[k:k + batch_size]) - m)
-                                         / s) for k in range(0, len(images), batch_size)])
+    images = training_images(cfg, index, rows)
+    maps = field_maps(net, images, mean, std, batch_size)
     masks = np.stack([mrf_mask(j, image=f) for j, f in zip(maps, images)])
     return maps, masks

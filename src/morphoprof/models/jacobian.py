@@ -179,6 +179,29 @@ def jacobian_maps(net: nn.Module, images: torch.Tensor, class_index: int | None 
     return grad.detach().cpu().numpy().astype(np.float32)
 
 
+def field_maps(net: nn.Module, images: np.ndarray, mean, std, batch_size: int = 8,
+               **kwargs) -> np.ndarray:
+    """:func:`jacobian_maps` of fields as read (before the network's input normalisation),
+    ``batch_size`` at a time.
+
+    Args:
+        net: the MIL network.
+        images: ``(N, C, H, W)`` float32 fields, as the run's images were read.
+        mean, std: the network's per-channel input statistics (``C`` each).
+        batch_size: fields per backward pass.
+        **kwargs: ``class_index``, ``seed``, ``backward`` of :func:`jacobian_maps`.
+
+    Returns:
+        ``(N, H, W)`` float32 maps.
+    """
+    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
+    return np.concatenate([
+        jacobian_maps(net, (torch.from_numpy(np.ascontiguousarray(images[k:k + batch_size]))
+                            - m) / s, **kwargs)
+        for k in range(0, len(images), batch_size)])
+
+
 def _prepared(jmap: np.ndarray, sigma: float, power: float) -> np.ndarray:
     """The map a mask thresholds: ``jmap ** power``, Gaussian-smoothed by ``sigma`` px."""
     from scipy.ndimage import gaussian_filter

@@ -211,21 +211,32 @@ def load_mil_state(net, state: dict, frozen: bool, last_stage: bool = False):
     return net
 
 
+def training_index(cfg: TrainConfig, folder: str | Path) -> ExperimentIndex:
+    """The image sets a training config trains on: its ``data`` section (relative paths
+    against ``folder``, the run's output) with its ``select`` applied."""
+    return select_rows(build_index_from_config(cfg.data, folder), cfg.select)
+
+
+def training_images(cfg: TrainConfig, index: ExperimentIndex, rows=None) -> np.ndarray:
+    """``index``'s image sets (``rows``, default all) read as a training config reads them:
+    its ``channels`` (default: the index's), ``images.size``, ``normalization`` and ``scale``;
+    ``(N, C, S, S)`` float32 (see :func:`~morphoprof.models.data.load_images`)."""
+    from morphoprof.models.data import load_images
+
+    im = cfg.images
+    return load_images(index, rows, channels=cfg.channels or index.channels, size=im.size,
+                       normalization=im.normalization, scale=im.scale)
+
+
 def run_training(kind: str, cfg: TrainConfig, config_text: str = "") -> CVResult:
     """Run a validated training config end to end; results in ``cfg.output`` (``KIND/cv.json``
     is the returned :class:`~morphoprof.models.cv_result.CVResult`)."""
-    from morphoprof.models.data import load_images
-
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     if config_text:
         (out / f"train_{kind}.yaml").write_text(config_text)
-    index = build_index_from_config(cfg.data, out)
-    index = select_rows(index, cfg.select)
-    channels = cfg.channels or index.channels
-    im = cfg.images
-    images = load_images(index, channels=channels, size=im.size,
-                         normalization=im.normalization, scale=im.scale)
+    index = training_index(cfg, out)
+    images = training_images(cfg, index)
     if cfg.label not in index.table.columns:
         raise InputError(f"label column {cfg.label!r} is not in the index; found "
                          f"{list(index.table.columns)}")
@@ -235,9 +246,10 @@ def run_training(kind: str, cfg: TrainConfig, config_text: str = "") -> CVResult
         setup = mil_setup(cfg, images, n_classes, out)
         make, mean, std = setup.make, setup.mean, setup.std
     else:
-        make, mean, std = module_factory(kind, cfg, n_classes, len(channels))
+        make, mean, std = module_factory(kind, cfg, n_classes, images.shape[1])
     c = cfg.cv
     aggregate = c.aggregate or ("median" if kind == "mil" else "mean")
+    im = cfg.images
     cv = CVConfig(**{**c.model_dump(), "aggregate": aggregate}, label=cfg.label,
                   seed=cfg.train.seed, augment=im.augment, crop=im.crop, mean=mean, std=std)
     result = cross_validate(index, images, make, out / kind, cv,
@@ -261,19 +273,15 @@ def write_jacobian_overlays(folder: Path, index: ExperimentIndex, images: np.nda
     network)."""
     import torch
 
-    from morphoprof.models.jacobian import jacobian_maps, mrf_mask, save_overlay
+    from morphoprof.models.jacobian import field_maps, mrf_mask, save_overlay
 
     state = torch.load(folder / "fold0" / "checkpoints" / "last.ckpt", map_location="cpu",
                        weights_only=False)["state_dict"]
     net = full_net(state)
     pred = read_parquet(folder / "predictions.parquet")
     rows = np.flatnonzero(pred["Metadata_fold"].to_numpy() == 0)[:n]
-    m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
-    s = torch.tensor(std, dtype=torch.float32)[:, None, None]
     paths = []
-    for i in rows:
-        x = (torch.from_numpy(images[i]) - m) / s
-        jmap = jacobian_maps(net, x[None])[0]
+    for i, jmap in zip(rows, field_maps(net, images[rows], mean, std)):
         path = save_overlay(folder / "jacobian" / f"image_{i}.png", images[i], jmap,
                             mrf_mask(jmap, image=images[i]))
         paths.append(str(path))
