@@ -310,7 +310,6 @@ output: out
         assert net(torch.zeros(1, 3, 64, 64))["maps"].shape == (1, 3, 8, 8)
     # segmenting fields with the run: fold 1's maps of two of the run's own fields, and their
     # contrast-sensitive masks, as computed by hand from the same network
-    from morphoprof.models.jacobian import mrf_mask
     from morphoprof.train import segment_with_mil
 
     maps, masks = segment_with_mil(tmp_path / "out", rows=[0, 3], fold=1)
