@@ -96,10 +96,9 @@ def fine_tune(images, labels, train, test, lr: float, work: Path, seed: int = 0)
 
 def main() -> int:
     from morphoprof.config import load_train_config
-    from morphoprof.datasets.source import build_index_from_config
     from morphoprof.io_utils import read_parquet, write_json
-    from morphoprof.models.data import load_images
     from morphoprof.models.jacobian import mask_rule
+    from morphoprof.models.run import training_images, training_index
 
     if not DATA.is_dir():
         print(f"skipped: real data not found at {DATA}")
@@ -110,8 +109,7 @@ def main() -> int:
         return 0
     t0 = time.perf_counter()
     cfg, _ = load_train_config(RUN / "train_mil.yaml", "mil")
-    index = build_index_from_config(cfg.data, RUN)
-    images = load_images(index, size=256, normalization="none", scale=255)
+    images = training_images(cfg, training_index(cfg, RUN))
     pred = read_parquet(RUN / "mil" / "predictions.parquet")
     classes = [c[2:] for c in pred.columns if c.startswith("p_")]  # the model's class order
     labels = pred["Metadata_moa"].astype(str).map({c: k for k, c in enumerate(classes)}

@@ -127,6 +127,18 @@ def score(images: np.ndarray, net, mean, std, batch: int = 8, grid: bool = False
     return res
 
 
+def random_head_net(stage: int):
+    """A MIL network on the offline ImageNet Lite0 trunk cut at ``stage``, its head freshly
+    initialised (torch seed 0), in eval mode, as ``mil_6moa.py`` builds it (hidden 256)."""
+    import torch
+
+    from morphoprof.models.mil import MILConfig, MILNet
+
+    torch.manual_seed(0)
+    return MILNet(MILConfig(n_classes=6, trunk="tf_efficientnet_lite0", stage=stage,
+                            weights="offline", hidden=256, dropout=0.5)).eval()
+
+
 def dihedral_mean_maps(net, images: np.ndarray, mean, std, batch: int = 8) -> np.ndarray:
     """``(N, H, W)`` mean of the class maps of the 8 rotations / reflections of ``images``
     (``(N, C, H, W)`` as read, square), each turned back onto the field and scaled to mean 1."""
@@ -147,7 +159,6 @@ def dihedral_mean_maps(net, images: np.ndarray, mean, std, batch: int = 8) -> np
 def variants(images: np.ndarray, batch: int = 8) -> dict:
     """Mean IU of each backward rule x stage x seed (power 0.25 and 0.5), and of the dihedral
     mean, on ``images`` (``(N, 3, H, W)`` in [0, 1]) with random heads (seed 0)."""
-    import torch
 
     from morphoprof.models.jacobian import (
         BACKWARD_RULES,
@@ -156,7 +167,6 @@ def variants(images: np.ndarray, batch: int = 8) -> dict:
         mrf_mask,
         otsu_foreground,
     )
-    from morphoprof.models.mil import MILConfig, MILNet
 
     refs = [otsu_foreground(im) for im in images]
 
@@ -167,9 +177,7 @@ def variants(images: np.ndarray, batch: int = 8) -> dict:
 
     out: dict = {"n_fields": len(images)}
     for stage in (2, 3, 4):
-        torch.manual_seed(0)
-        net = MILNet(MILConfig(n_classes=6, trunk="tf_efficientnet_lite0", stage=stage,
-                               weights="offline", hidden=256, dropout=0.5)).eval()
+        net = random_head_net(stage)
         mean, std = net.trunk.mean, net.trunk.std
         for rule in BACKWARD_RULES:
             for seed in ("class", "trunk"):
@@ -191,14 +199,11 @@ def main() -> int:
     from morphoprof.io_utils import write_json
     from morphoprof.models.data import load_images
     from morphoprof.models.jacobian import mask_rule
-    from morphoprof.models.mil import MILConfig, MILNet
 
     if not (DATA / "fields_6moa").is_dir():
         print(f"skipped: real data not found at {DATA / 'fields_6moa'}")
         return 0
-    torch.manual_seed(0)
-    net = MILNet(MILConfig(n_classes=6, trunk="tf_efficientnet_lite0", stage=3,
-                           weights="offline", hidden=256, dropout=0.5)).eval()
+    net = random_head_net(3)
     mean, std = net.trunk.mean, net.trunk.std
     t0 = time.perf_counter()
     index = import_fields_6moa(DATA / "fields_6moa")
