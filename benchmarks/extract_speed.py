@@ -135,10 +135,10 @@ def fields_run(tmp: Path) -> dict:
     # a batch of 16 fields x 3 stains: 48 greyscale passes, as the run feeds the network
     s, ceil = sandwiched(ex, (16, 3, 224, 224), len(index),
                          lambda: ex.extract(index, tmp / "fields"))
-    rate, ceiling = s["fields_per_s"], ceil["ceiling_per_s"]
+    rate, ceiling = s.fields_per_s, ceil["ceiling_per_s"]
     print(f"whole fields     {rate:7.2f} fields/s end to end; ceiling {ceiling:7.2f} fields/s "
           f"({rate / ceiling:.2f})", flush=True)
-    return {"fields": s["image_sets"], "fields_per_s": rate, "ceiling_fields_per_s": ceiling,
+    return {"fields": s.image_sets, "fields_per_s": rate, "ceiling_fields_per_s": ceiling,
             "ceiling_ratio": rate / ceiling,
             "ceiling_before_fields_per_s": ceil["ceiling_before_per_s"],
             "ceiling_after_fields_per_s": ceil["ceiling_after_per_s"]}

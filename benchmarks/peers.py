@@ -99,7 +99,7 @@ def _crops_run(model: str, out: Path, backend: str = "auto", batch: int = 64) ->
 
     n_crops = len(pd.read_csv(DATA / "single_cells" / "index.csv"))
     (s, seconds), ceil = sandwiched(extractor(), (batch, 3, CROP, CROP), n_crops, run)
-    n, ceiling = s["cells"], ceil["ceiling_per_s"]
+    n, ceiling = s.cells, ceil["ceiling_per_s"]
     return {"model": model, "backend": backend, "engine": ex.engine, "cells": n, "seconds": seconds,
             "cells_per_s": n / seconds, "ceiling_cells_per_s": ceiling,
             "ceiling_ratio": n / seconds / ceiling, "batch_size": batch,
@@ -125,8 +125,8 @@ def _fields_run(out: Path) -> dict:
                          (16, 3, 224, 224), len(index),  # 16 fields x 3 stains a batch
                          lambda: ex.extract(index, out))
     ceiling = ceil["ceiling_per_s"]
-    return {"fields": s["image_sets"], "seconds": s["seconds"], "fields_per_s": s["fields_per_s"],
-            "ceiling_fields_per_s": ceiling, "ceiling_ratio": s["fields_per_s"] / ceiling,
+    return {"fields": s.image_sets, "seconds": s.seconds, "fields_per_s": s.fields_per_s,
+            "ceiling_fields_per_s": ceiling, "ceiling_ratio": s.fields_per_s / ceiling,
             "ceiling_before_fields_per_s": ceil["ceiling_before_per_s"],
             "ceiling_after_fields_per_s": ceil["ceiling_after_per_s"], "engine": ex.engine}
 

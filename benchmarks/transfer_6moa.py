@@ -71,7 +71,7 @@ def main() -> int:
                 "per_moa_nsc": {m: v["accuracy"] for m, v in res["nsc"]["per_moa"].items()},
                 "confusion_nsc": res["nsc"]["confusion"],
                 "extract_seconds": seconds,
-                "fields_per_s": summary["fields_per_s"],
+                "fields_per_s": summary.fields_per_s,
             }
             v = out["variants"][name]
             print(f"{name:13s} NSC {v['nsc_counts']} = {v['nsc']:.3f}   "

@@ -20,7 +20,7 @@ def test_crops_from_python_with_anndata_and_bad_requests_named(tmp_path):
                       settings={"model": "resnet18", "weights": "random", "batch_size": 4},
                       fmt="h5ad")
     feats = read_features(tmp_path / "f")
-    assert s["cells"] == len(feats) == 6 and s["anndata"] == str(tmp_path / "f" / "features.h5ad")
+    assert s.cells == len(feats) == 6 and s.anndata == str(tmp_path / "f" / "features.h5ad")
     assert feats["Metadata_control"].all()  # DMSO, the default control
     with pytest.raises(InputError, match="needs an index"):
         extract_stage(tmp_path / "g")

@@ -30,7 +30,7 @@ def test_extract_per_cell_features_matching_ground_truth(tmp_path, tiny_screen):
     cfg = ClassicalConfig(measurements=("sizeshape", "intensity", "texture"), n_jobs=1)
     summary = ClassicalExtractor(cfg).extract(index, tmp_path / "cp")
     df = read_features(tmp_path / "cp")
-    assert summary["cells"] == len(df) > 0
+    assert summary.cells == len(df) > 0
     truth = load_ground_truth(folder)["cells"]
     assert abs(len(df) - len(truth)) <= 0.05 * len(truth)
     feats = [c for c in df.columns if not c.startswith(("Metadata_", "Nuclei_Location"))]
@@ -47,7 +47,7 @@ def test_extract_per_cell_features_matching_ground_truth(tmp_path, tiny_screen):
     r = np.corrcoef(merged["classical_Nuclei_Area"], merged["nucleus_area"])[0, 1]
     assert r > 0.9
     again = ClassicalExtractor(cfg).extract(index, tmp_path / "cp")
-    assert again["shards_written"] == 0  # resumed: nothing left to do
+    assert again.shards_written == 0  # resumed: nothing left to do
 
 
 def test_classical_features_of_crops_measure_the_central_nucleus(tmp_path, capsys):

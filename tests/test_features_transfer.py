@@ -22,7 +22,7 @@ def extractor():
 def test_extract_writes_shards_with_metadata_and_named_columns(tmp_path, tiny_screen, extractor):
     _, index = tiny_screen
     summary = extractor.extract(index, tmp_path / "f")
-    assert summary["shards_written"] == index.table["Metadata_plate"].nunique()
+    assert summary.shards_written == index.table["Metadata_plate"].nunique()
     df = read_features(tmp_path / "f")
     assert len(df) == len(index)
     feats = [c for c in df.columns if not c.startswith("Metadata_")]
@@ -53,8 +53,8 @@ def test_rerun_skips_and_resumes_missing_shards(tmp_path, tiny_screen, extractor
     lost = sorted(manifest["shards"])[1]
     (out / manifest["shards"][lost]["file"]).unlink()  # as if killed before this shard
     summary = extractor.extract(index, out)
-    assert summary["shards_written"] == 1
-    assert summary["shards_skipped"] == len(manifest["shards"]) - 1
+    assert summary.shards_written == 1
+    assert summary.shards_skipped == len(manifest["shards"]) - 1
     again = read_features(out)
     np.testing.assert_array_equal(
         again.sort_values(list(again.columns[:3])).iloc[:, 10:].to_numpy(),
@@ -74,7 +74,7 @@ def test_small_plates_are_packed_into_fewer_shards_with_the_same_features(tmp_pa
     packed.backbone, packed.model = extractor.backbone, extractor.model  # the same network
     summary = packed.extract(index, tmp_path / "f")
     # packs stop at 200 / 8 = 25 fields: 8 shards of 5 plates (a cluster keeps work for 8)
-    assert per_plate["shards_written"] == 40 and summary["shards_written"] == 8
+    assert per_plate.shards_written == 40 and summary.shards_written == 8
     manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
     assert [v["rows"] for v in manifest["shards"].values()] == [25] * 8
     assert next(iter(manifest["shards"])) == "Week1_P101_0-to-Week1_P101_4"
@@ -155,7 +155,7 @@ def test_single_cell_crop_features(tmp_path, tiny_screen, extractor):
     cellx = TransferExtractor(TransferConfig(batch_size=32), backbone=extractor.backbone)
     s = cellx.extract_cells(index, cells, tmp_path / "cf", size=32)
     df = read_features(tmp_path / "cf")
-    assert s["cells"] == len(df) == len(cells)
+    assert s.cells == len(df) == len(cells)
     assert "Nuclei_Location_Center_X" in df.columns and "transfer_DNA_0" in df.columns
     assert np.isfinite(df.filter(like="transfer_").to_numpy()).all()
 
@@ -184,15 +184,16 @@ def test_single_cell_features_skip_cells_of_unreadable_image_sets(tmp_path, tiny
                              backbone=extractor.backbone)
     s = skip.extract_cells(broken, cells, tmp_path / "cf", size=32)
     # each skipped cell named by its row of the table given, with the file that was missing
-    assert sorted(r["row"] for r in s["skipped"]) == np.flatnonzero(lost).tolist()
-    assert all("missing.tif" in r["reason"] for r in s["skipped"])
+    assert sorted(r["row"] for r in s.skipped) == np.flatnonzero(lost).tolist()
+    assert all("missing.tif" in r["reason"] for r in s.skipped)
     df = read_features(tmp_path / "cf")
-    assert s["cells"] == len(df) == len(cells) - lost.sum()
+    assert s.cells == len(df) == len(cells) - lost.sum()
     saved = json.loads((tmp_path / "cf" / "run_summary.json").read_text())
     assert saved["n_skipped"] == lost.sum() and saved["on_error"] == "skip"
+    assert saved == s.to_json()
     # a re-run finds every shard done and still reports the skipped cells
     again = skip.extract_cells(broken, cells, tmp_path / "cf", size=32)
-    assert again["shards_written"] == 0 and again["n_skipped"] == lost.sum()
+    assert again.shards_written == 0 and again.n_skipped == lost.sum()
 
 
 def test_traced_network_matches_eager(tiny_screen, extractor):

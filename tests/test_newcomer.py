@@ -418,3 +418,4 @@ def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch, capsys
     exec(compile(code, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert re.search(r"^NSC: \d+/\d+ = ", out, re.M) and (tmp_path / "evaluation.json").is_file()
+    assert re.search(r"^\d+ fields at [\d.]+ fields/s$", out, re.M)

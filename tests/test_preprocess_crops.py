@@ -83,7 +83,7 @@ def test_export_crops_shards_and_resume(tmp_path, tiny_screen):
     cells = pd.read_parquet(tmp_path / "cells.parquet")
     out = tmp_path / "crops"
     s = export_crops(index, cells, out, CropConfig(size=16), shard_size=20)
-    assert s["written"] == len(cells)
+    assert s.cells == len(cells) and s.shards_written == -(-len(cells) // 20)
     table = read_features(out)
     assert len(table) == len(cells)
     row = table.iloc[25]
@@ -98,7 +98,8 @@ def test_export_crops_shards_and_resume(tmp_path, tiny_screen):
     np.testing.assert_allclose(arr[int(row["Metadata_crop_index"])], ref[0], rtol=1e-3)
     (out / "shards" / "00001.parquet").unlink()
     again = export_crops(index, cells, out, CropConfig(size=16), shard_size=20)
-    assert again["written"] == 20 and again["skipped"] == len(cells) - 20
+    assert again.cells == 20 and again.shards_written == 1
+    assert again.shards_skipped == s.shards_written - 1  # the other crops reused
 
 
 def test_dataset_masks_neighbouring_nuclei(tmp_path, tiny_screen):

@@ -57,6 +57,27 @@ def test_in_process_run_writes_every_shard_in_plan_order_and_resumes(tmp_path, c
     assert messages == ["resuming: 3 of 4 shards already done"]
 
 
+
+def test_finish_returns_the_typed_summary_it_writes(tmp_path):
+    writer = ShardWriter(tmp_path, {"v": 1})
+    run = run_shards(PLAN, _table_shard, writer)
+    summary = writer.finish(run, "skip", image_sets=run.items, cells=run.rows)
+    assert (summary.image_sets, summary.cells, summary.n_skipped) == (16, 8, 8)
+    assert summary.fields_per_s == pytest.approx(16 / run.seconds)
+    assert summary.cells_per_s == pytest.approx(8 / run.seconds)
+    saved = json.loads((tmp_path / "run_summary.json").read_text())
+    assert saved == summary.to_json()
+    assert saved["out"] == str(tmp_path) and saved["on_error"] == "skip"
+    assert [s["row"] for s in saved["skipped"]] == list(range(1, 16, 2))
+    # counts a stage does not report are left out of the file; nothing run, no rate
+    again = ShardWriter(tmp_path, {"v": 1})
+    rerun = again.finish(run_shards(PLAN, _table_shard, again), "fail", cells=0)
+    assert rerun.shards_skipped == 4 and rerun.cells_per_s is None
+    assert rerun.n_skipped == 8  # the earlier run's skips are still listed
+    saved = json.loads((tmp_path / "run_summary.json").read_text())
+    assert "image_sets" not in saved and "fields_per_s" not in saved
+    assert saved["cells"] == 0 and saved["cells_per_s"] is None
+
 def test_plate_plan_packs_small_plates_and_splits_large_ones():
     # rows of plates given out of order: C 5 rows, A 2, B 2, D 12, E 1
     plates = pd.Series(list("CAABCCDBCD") + ["D"] * 10 + ["E", "C"])

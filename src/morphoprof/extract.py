@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -20,7 +21,7 @@ from morphoprof.io_utils import read_parquet
 from morphoprof.models.weak_run import load_crop_array
 from morphoprof.profiles.anndata_io import write_anndata
 from morphoprof.registry import create_extractor
-from morphoprof.shards import read_features
+from morphoprof.shards import RunSummary, read_features
 
 # batch size of cells and crops: a crop is ~50x fewer pixels than a field, so the fields'
 # batches of 16 would leave the network idle
@@ -34,8 +35,9 @@ def extract_stage(out: str | Path, *, index: ExperimentIndex | None = None,
                   crop_size: int | None = None, normalization: str | None = None,
                   controls: Sequence[str] = ("DMSO",), illumination=None,
                   scheduler: str | None = None, overwrite: bool = False,
-                  fmt: Literal["parquet", "h5ad", "zarr"] = "parquet") -> dict:
-    """Extract features into the feature folder ``out``; returns the run summary.
+                  fmt: Literal["parquet", "h5ad", "zarr"] = "parquet") -> RunSummary:
+    """Extract features into the feature folder ``out``; returns the run's
+    :class:`~morphoprof.shards.RunSummary`.
 
     The input is one of:
 
@@ -92,7 +94,8 @@ def extract_stage(out: str | Path, *, index: ExperimentIndex | None = None,
     return write_features_anndata(out, fmt, summary)
 
 
-def _classical(out, index, arrays, settings: dict, illumination, overwrite: bool) -> dict:
+def _classical(out, index, arrays, settings: dict, illumination, overwrite: bool
+               ) -> RunSummary:
     """The classical extractor on fields (``index``) or on crops (``arrays``)."""
     if arrays is not None:
         x, table, names = arrays
@@ -124,10 +127,10 @@ def _model(extractor: str, settings: dict, checkpoint, crop_size, normalization,
     return model, crop_size or hp["crop_size"], normalization or hp["normalization"]
 
 
-def write_features_anndata(folder: str | Path, fmt: str, summary: dict) -> dict:
+def write_features_anndata(folder: str | Path, fmt: str, summary: RunSummary) -> RunSummary:
     """With ``fmt`` ``h5ad`` / ``zarr``, write the feature folder as one AnnData
-    (``folder/features.<fmt>``: written whole, then renamed) and add its path to ``summary``
-    as ``anndata``; ``parquet``: ``summary`` as it is."""
+    (``folder/features.<fmt>``: written whole, then renamed) and return ``summary`` with its
+    path as ``anndata``; ``parquet``: ``summary`` as it is."""
     if fmt == "parquet":
         return summary
 
@@ -143,4 +146,4 @@ def write_features_anndata(folder: str | Path, fmt: str, summary: dict) -> dict:
         os.replace(tmp, target)
     except OSError as exc:
         raise MorphoprofError(f"cannot write {target}: {exc}") from exc
-    return {**summary, "anndata": str(target)}
+    return replace(summary, anndata=str(target))

@@ -68,6 +68,7 @@ from morphoprof.profiles.select import select_features
 from morphoprof.profiles.settings import ProfilesConfig
 from morphoprof.registry import create_extractor
 from morphoprof.report.html import profiles_summary, well_counts, write_report
+from morphoprof.shards import RunSummary
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def segmentation_stage(index: ExperimentIndex, out: str | Path, nuclei, channel:
 
 
 def extract_features(index: ExperimentIndex, features, channels, out: Path, illumination=None,
-                     segmentation=None, on_error: str = "fail") -> dict:
+                     segmentation=None, on_error: str = "fail") -> RunSummary:
     """Run the configured extractor (``features``: a :class:`~morphoprof.config.FeaturesSection`;
     built by name, :mod:`morphoprof.registry`) over the index into ``out`` (a feature folder).
 
@@ -259,25 +260,20 @@ def dataset_summary(index: ExperimentIndex) -> dict:
     }
 
 
-def extraction_summary(extraction: dict, n_image_sets: int) -> str:
+def extraction_summary(extraction: RunSummary, n_image_sets: int) -> str:
     """The report's line about feature extraction, true after a resumed run too: how many
     image sets were extracted in this run (time, rate) and how many shards were reused."""
-    done = extraction.get("image_sets") or 0
-    reused = extraction.get("shards_skipped") or 0
+    e = extraction
     parts = []
-    if done:
-        rate = extraction.get("fields_per_s")
-        cells = extraction.get("cells")
-        speed = (f"{rate:.1f} fields/s" if rate else
-                 f"{cells} cells, {extraction['cells_per_s']:.1f} cells/s"
-                 if extraction.get("cells_per_s") else "")
-        parts.append(f"{done} extracted in this run in {extraction['seconds']:.1f} s"
+    if e.image_sets:
+        speed = (f"{e.fields_per_s:.1f} fields/s" if e.fields_per_s else
+                 f"{e.cells} cells, {e.cells_per_s:.1f} cells/s" if e.cells_per_s else "")
+        parts.append(f"{e.image_sets} extracted in this run in {e.seconds:.1f} s"
                      + (f" ({speed})" if speed else ""))
-    if reused:
-        parts.append(f"{reused} finished shard(s) reused from an earlier run")
-    skipped = extraction.get("n_skipped") or 0
-    if skipped:
-        parts.append(f"{skipped} skipped (unreadable)")
+    if e.shards_skipped:
+        parts.append(f"{e.shards_skipped} finished shard(s) reused from an earlier run")
+    if e.n_skipped:
+        parts.append(f"{e.n_skipped} skipped (unreadable)")
     return f"{n_image_sets} image sets: " + ("; ".join(parts) or "nothing to do")
 
 
@@ -425,7 +421,7 @@ class RunResult:
 
     evaluation: Evaluation
     timings: dict[str, float]
-    extraction: dict
+    extraction: RunSummary
     out: Path
 
     def summary_lines(self) -> list[str]:
@@ -508,7 +504,7 @@ def run_pipeline(cfg: RunConfig, config_text: str,
 
 
 def _run_report(out: Path, cfg: RunConfig, index: ExperimentIndex, evaluation: Evaluation,
-                treatments: Path, seg: dict | None, extraction: dict,
+                treatments: Path, seg: dict | None, extraction: RunSummary,
                 config_path: str | None) -> None:
     """``out/report.html`` of a run: the dataset (and segmentation) summary, the QC plate map
     (segmented cells per well, else fields per well), the settings that applied, examples."""

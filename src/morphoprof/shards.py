@@ -163,18 +163,22 @@ class ShardWriter:
         """Every input skipped by the shards in the manifest (this run's and earlier runs')."""
         return [s for info in self.shards.values() for s in info.get("skipped", [])]
 
-    def finish(self, summary: dict, on_error: str) -> dict:
-        """Complete a run's ``summary`` with the on-error policy and every skipped input (this
-        run's and earlier runs'), log each skip as a warning, and write it as
-        ``run_summary.json`` in the folder; returns it."""
+    def finish(self, run: ShardRun, on_error: str, *, image_sets: int | None = None,
+               cells: int | None = None, dropped_at_edge: int | None = None) -> RunSummary:
+        """The :class:`RunSummary` of ``run`` (the counts a stage reports: ``image_sets``,
+        ``cells``, ``dropped_at_edge``), with the on-error policy and every skipped input (this
+        run's and earlier runs'); each skip is logged as a warning and the summary written as
+        ``run_summary.json`` in the folder."""
         skipped = self.skipped()
         for s in skipped:
             logger.warning("skipped %s", s["reason"])
         for r in self.recomputed:
             logger.warning("shard %s: recomputed", r)
-        summary = {**summary, "on_error": on_error, "n_skipped": len(skipped),
-                   "skipped": skipped, "shards_recomputed": self.recomputed}
-        write_json(self.out / "run_summary.json", summary)
+        summary = RunSummary(str(self.out), run.shards_written, run.shards_skipped, run.seconds,
+                             on_error, image_sets=image_sets, cells=cells,
+                             dropped_at_edge=dropped_at_edge, skipped=tuple(skipped),
+                             shards_recomputed=tuple(self.recomputed))
+        write_json(self.out / "run_summary.json", summary.to_json())
         return summary
 
     def _save(self) -> None:
@@ -253,15 +257,74 @@ class ShardRun:
     seconds: float
     skipped: tuple[dict, ...] = ()
 
-    def rate(self, n: int | None = None) -> float | None:
-        """``n`` (default: :attr:`items`) per second of this run; None when nothing ran."""
-        n = self.items if n is None else n
-        return n / self.seconds if self.seconds > 0 and n else None
+
+def _rate(n: int | None, seconds: float) -> float | None:
+    return n / seconds if n and seconds > 0 else None
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a run of a sharded stage (feature extraction, crop export) did; the folder's
+    ``run_summary.json`` is its :meth:`to_json`.
+
+    Attributes:
+        out: the folder written.
+        shards_written, shards_skipped: shards computed by this run / finished by an earlier
+            one (not computed again).
+        seconds: wall time of the shard loop, s.
+        on_error: the policy for unreadable inputs (``fail`` / ``skip``).
+        image_sets: image sets (fields) this run computed; None for runs over cells.
+        cells: cells (table rows) this run wrote; None for runs that write one row per field.
+        dropped_at_edge: crop export only: cells whose box left the field.
+        skipped: every skipped input of the folder (this run's and earlier runs'),
+            ``{"row", "reason"}`` each.
+        shards_recomputed: finished shards found missing or changed, computed again.
+        anndata: the folder also written as one AnnData file (``extract --format``), or None.
+    """
+
+    out: str
+    shards_written: int
+    shards_skipped: int
+    seconds: float
+    on_error: str
+    image_sets: int | None = None
+    cells: int | None = None
+    dropped_at_edge: int | None = None
+    skipped: tuple[dict, ...] = ()
+    shards_recomputed: tuple[str, ...] = ()
+    anndata: str | None = None
+
+    @property
+    def fields_per_s(self) -> float | None:
+        """Image sets per second of this run (None when it computed none)."""
+        return _rate(self.image_sets, self.seconds)
+
+    @property
+    def cells_per_s(self) -> float | None:
+        """Cells per second of this run (None when it wrote none)."""
+        return _rate(self.cells, self.seconds)
+
+    @property
+    def n_skipped(self) -> int:
+        """How many inputs the folder's runs skipped."""
+        return len(self.skipped)
 
     def to_json(self) -> dict:
-        """The counts of a run summary (``skipped`` is left to :meth:`ShardWriter.finish`)."""
-        return {"shards_written": self.shards_written, "shards_skipped": self.shards_skipped,
-                "seconds": self.seconds}
+        """``run_summary.json``: the fields (those that are None left out) and the rates."""
+        out: dict[str, Any] = {"out": self.out, "shards_written": self.shards_written,
+                               "shards_skipped": self.shards_skipped, "seconds": self.seconds}
+        if self.image_sets is not None:
+            out |= {"image_sets": self.image_sets, "fields_per_s": self.fields_per_s}
+        if self.cells is not None:
+            out |= {"cells": self.cells, "cells_per_s": self.cells_per_s}
+        if self.dropped_at_edge is not None:
+            out["dropped_at_edge"] = self.dropped_at_edge
+        out |= {"on_error": self.on_error, "n_skipped": self.n_skipped,
+                "skipped": list(self.skipped), "shards_recomputed": list(self.shards_recomputed)}
+        if self.anndata is not None:
+            out["anndata"] = self.anndata
+        return out
+
 
 
 def run_shards(

@@ -56,7 +56,7 @@ def cmd_crops(a: argparse.Namespace) -> int:
     index = ExperimentIndex.read_parquet(a.index)
     summary = export_crops(index, read_parquet(a.cells), a.out, from_options(CropConfig, a),
                            illumination=load_illumination(a.illumination))
-    print_json(summary)
+    print_json(summary.to_json())
     return 0
 
 
@@ -74,7 +74,7 @@ def cmd_extract(a: argparse.Namespace) -> int:
         settings=settings, checkpoint=a.checkpoint, crop_size=a.crop_size,
         normalization=a.normalization, controls=a.control_value or ["DMSO"],
         illumination=load_illumination(a.illumination), scheduler=a.scheduler,
-        overwrite=a.overwrite, fmt=a.format))
+        overwrite=a.overwrite, fmt=a.format).to_json())
     return 0
 
 

@@ -38,7 +38,7 @@ from morphoprof.preprocess.segmentation import (
 )
 from morphoprof.registry import register_extractor, settings_for
 from morphoprof.settings import ON_ERROR_DEFAULT, OnError, Settings
-from morphoprof.shards import ShardRun, ShardWriter, plate_shards, run_shards
+from morphoprof.shards import RunSummary, ShardRun, ShardWriter, plate_shards, run_shards
 
 SHAPE_MEASUREMENTS = ("sizeshape", "zernike", "feret")
 DEFAULT_MEASUREMENTS = ("sizeshape", "intensity", "texture", "granularity")
@@ -192,7 +192,7 @@ class ClassicalExtractor:
                               desc=desc, unit=unit)
 
     def extract(self, index: ExperimentIndex, out: str | Path, illumination=None,
-                overwrite: bool = False) -> dict:
+                overwrite: bool = False) -> RunSummary:
         """Write one shard of per-cell classical features per plate; resumable like
         :meth:`morphoprof.features.transfer.TransferExtractor.extract`."""
         channels = list(self.cfg.channels or index.channels)
@@ -212,12 +212,10 @@ class ClassicalExtractor:
         empty = pd.DataFrame(columns=[c for c in index.table.columns if c.startswith("Metadata_")])
         run = self._plates(writer, index.table[PLATE], job, empty,
                            "classical features", "field")
-        return writer.finish({"out": str(out), **run.to_json(), "image_sets": run.items,
-                              "cells": run.rows, "cells_per_s": run.rate(run.rows)},
-                             self.cfg.on_error)
+        return writer.finish(run, self.cfg.on_error, image_sets=run.items, cells=run.rows)
 
     def extract_crops(self, crops: np.ndarray, table: pd.DataFrame, channels: Sequence[str],
-                      out: str | Path, overwrite: bool = False) -> dict:
+                      out: str | Path, overwrite: bool = False) -> RunSummary:
         """Classical features of crops a user already has, one nucleus per crop.
 
         Args:
@@ -256,8 +254,7 @@ class ClassicalExtractor:
                       cfg=self.cfg)
         run = self._plates(writer, table[PLATE], job, meta.iloc[:0],
                            "classical crop features", "cell")
-        return writer.finish({"out": str(out), **run.to_json(), "cells": run.rows,
-                              "cells_per_s": run.rate(run.rows)}, "skip")
+        return writer.finish(run, "skip", cells=run.rows)
 
 
 @register_extractor("classical")

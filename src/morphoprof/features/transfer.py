@@ -34,7 +34,7 @@ from morphoprof.index.schema import PLATE, ExperimentIndex
 from morphoprof.preprocess.crops import CropDataset, normalize_crops
 from morphoprof.registry import register_extractor, settings_for
 from morphoprof.settings import ON_ERROR_DEFAULT, OnError, Settings
-from morphoprof.shards import ShardWriter, plate_shards, run_shards
+from morphoprof.shards import RunSummary, ShardRun, ShardWriter, plate_shards, run_shards
 
 
 class TransferConfig(Settings):
@@ -445,7 +445,7 @@ class TransferExtractor:
         overwrite: bool = False,
         illumination=None,
         scheduler: str | None = None,
-    ) -> dict:
+    ) -> RunSummary:
         """Extract features for every image set of ``index`` into the feature folder ``out``.
 
         ``scheduler`` (``local:N`` or a Dask scheduler address) runs one Dask task per shard
@@ -459,7 +459,8 @@ class TransferExtractor:
         shards finished by an earlier run with the same parameters are skipped.
 
         Returns:
-            A summary: shards written and skipped, image sets, seconds, fields per second.
+            The :class:`~morphoprof.shards.RunSummary`: shards written and skipped, image
+            sets, seconds, fields per second (also ``out/run_summary.json``).
         """
         import torch
 
@@ -502,10 +503,7 @@ class TransferExtractor:
             prepare=None if scheduler else
             (lambda rows: _Reader(self, index, rows, channels, transform, illumination)),
             desc="transfer features", unit="field")
-        return writer.finish({
-            "out": str(out), **run.to_json(), "image_sets": run.items,
-            "fields_per_s": run.rate(),
-        }, self.cfg.on_error)
+        return writer.finish(run, self.cfg.on_error, image_sets=run.items)
 
     def field_dataset(self, index: ExperimentIndex, rows, channels: Sequence[str], transform,
                       illumination=None):
@@ -597,7 +595,7 @@ class TransferExtractor:
         edge: str = "pad",
         illumination=None,
         overwrite: bool = False,
-    ) -> dict:
+    ) -> RunSummary:
         """Transfer features of single-cell crops (one row per cell of ``cells``).
 
         Crops are ``size`` px boxes around each nucleus (:class:`~morphoprof.preprocess.crops.
@@ -631,15 +629,14 @@ class TransferExtractor:
                        for k, m in self.skipped]
             return ds.cells.iloc[pos], x, skipped
 
-        run = self._plate_shards(cells, channels, out, writer, shard, "cell features")
-        return writer.finish(run, self.cfg.on_error)
+        run = self._plate_shards(cells, channels, writer, shard, "cell features")
+        return writer.finish(run, self.cfg.on_error, cells=run.rows)
 
-    def _plate_shards(self, table: pd.DataFrame, channels: list[str], out: str | Path,
-                      writer: ShardWriter, shard, desc: str) -> dict:
+    def _plate_shards(self, table: pd.DataFrame, channels: list[str], writer: ShardWriter,
+                      shard, desc: str) -> ShardRun:
         """One feature shard per plate of ``table`` not already written: ``shard(rows, bar)``
         returns (the rows' cell table, their features, the cells it skipped as
-        ``[{"row", "reason"}]``); Metadata and centre columns are kept. Returns the counts of
-        the run summary of :meth:`extract_cells` / :meth:`extract_crops`."""
+        ``[{"row", "reason"}]``); Metadata and centre columns are kept."""
 
         def table_shard(rows, bar):
             meta, x, skipped = shard(rows, bar)
@@ -651,9 +648,8 @@ class TransferExtractor:
             cols = self.column_names(channels, x.shape[1])
             return pd.concat([meta, pd.DataFrame(x, columns=cols)], axis=1), skipped
 
-        run = run_shards(plate_shards(table[PLATE]), table_shard, writer, desc=desc, unit="cell")
-        return {"out": str(out), "cells": run.rows, **run.to_json(),
-                "cells_per_s": run.rate(run.rows)}
+        return run_shards(plate_shards(table[PLATE]), table_shard, writer, desc=desc,
+                          unit="cell")
 
     def extract_crops(
         self,
@@ -663,7 +659,7 @@ class TransferExtractor:
         out: str | Path,
         normalization: str = "max",
         overwrite: bool = False,
-    ) -> dict:
+    ) -> RunSummary:
         """Features of crops a user already has: ``crops (N, C, S, S)`` raw intensities, one
         row of ``table`` per crop (Metadata columns kept). Crops are normalised per crop
         (``normalization``) and fed at ``S`` px unless ``image_size`` is set; one shard per
@@ -691,8 +687,8 @@ class TransferExtractor:
                                                    channels, bar, run_size=bar.total)
             return table.iloc[rows[pos]], feats, []
 
-        run = self._plate_shards(table, channels, out, writer, shard, "crop features")
-        return writer.finish(run, "fail")
+        run = self._plate_shards(table, channels, writer, shard, "crop features")
+        return writer.finish(run, "fail", cells=run.rows)
 
 
 def _normalised_module():

@@ -31,7 +31,7 @@ from morphoprof.preprocess.segmentation import (
     segment_nuclei,
 )
 from morphoprof.settings import Settings, check_on_error
-from morphoprof.shards import ShardWriter, run_shards
+from morphoprof.shards import RunSummary, ShardWriter, run_shards
 
 NORMALIZATIONS = ("none", "max", "percentile")
 EDGE_POLICIES = ("pad", "skip")
@@ -235,15 +235,16 @@ def export_crops(
     channels: Sequence[str] | None = None,
     illumination=None,
     shard_size: int = 5000,
-) -> dict:
+) -> RunSummary:
     """Write crops (``settings``: size, edge, normalization; default :class:`CropConfig`) to
     ``out/shards/<k>.npz`` (``crops`` (n, C, S, S) float16, compressed) with a Parquet table
     per shard (the cells' metadata, centres, and ``Metadata_crop_index``, the row inside the
     npz). Resumable: finished shards are skipped on a re-run with the same settings.
 
     Returns:
-        ``{"cells", "written", "skipped" (cells in shards an earlier run wrote),
-        "dropped_at_edge", "seconds"}``; the folder's ``run_summary.json`` records the run.
+        The :class:`~morphoprof.shards.RunSummary` (``cells``: crops this run wrote;
+        ``dropped_at_edge``; shards reused from an earlier run), also the folder's
+        ``run_summary.json``.
     """
     s = settings or CropConfig()
     ds = CropDataset(index, cells.sort_values(IMAGE_SET_KEY, kind="stable"), s.size, channels,
@@ -265,10 +266,7 @@ def export_crops(
     plan = [(f"{start // shard_size:05d}", range(start, min(start + shard_size, len(ds))))
             for start in range(0, len(ds), shard_size)]
     run = run_shards(plan, shard, writer, desc="cropping cells", unit="cell")
-    summary = {"cells": len(ds), "written": run.items, "skipped": len(ds) - run.items,
-               "dropped_at_edge": int(len(cells) - len(ds)), "seconds": run.seconds}
-    writer.finish({k: v for k, v in summary.items() if k != "skipped"} | run.to_json(), "fail")
-    return summary
+    return writer.finish(run, "fail", cells=run.items, dropped_at_edge=int(len(cells) - len(ds)))
 
 
 def load_crop_shards(folder: str | Path) -> tuple[np.ndarray, pd.DataFrame, list[str]]:
