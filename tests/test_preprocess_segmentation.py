@@ -38,7 +38,7 @@ def detection_f1(pred: np.ndarray, truth: np.ndarray, radius: float = 5.0) -> fl
 def test_detection_f1_on_synthetic_screen(tmp_path, tiny_screen):
     folder, index = tiny_screen
     summary = segment_index(index, tmp_path / "cells.parquet")
-    assert summary["channel"] == "DNA"
+    assert summary.channel == "DNA"
     cells = pd.read_parquet(tmp_path / "cells.parquet")
     truth = load_ground_truth(folder)["cells"]
     key = ["Metadata_plate", "Metadata_well", "Metadata_site"]
@@ -133,8 +133,10 @@ def test_blank_nan_and_no_cells(tmp_path, tiny_screen):
         segment_index(sub, tmp_path / "c.parquet")
     assert not (tmp_path / "c.parquet").exists()  # nothing half-written
     s = segment_index(sub, tmp_path / "c.parquet", on_error="skip")
-    assert s["skipped"][0]["file"] == str(broken)
-    assert s["image_sets_without_cells"] == 1 and "blank image" in s["warnings"][0]
+    assert s.skipped[0]["file"] == str(broken)
+    assert s.image_sets_without_cells == 1 and "blank image" in s.warnings[0]
+    assert s.summary_line() == (f"{s.cells} cells in 3 image sets (1 without cells, 1 skipped, "
+                                f"{len(s.warnings)} warnings)")
     cells = pd.read_parquet(tmp_path / "c.parquet")
     assert set(cells["Metadata_well"]) == {sub.table["Metadata_well"].iloc[2]}
 

@@ -55,6 +55,7 @@ from morphoprof.io_utils import (
 from morphoprof.preprocess.illumination import compute_illumination
 from morphoprof.preprocess.segmentation import (
     NucleiSection,
+    SegmentationSummary,
     export_deepprofiler_locations,
     segment_index,
     write_overlays,
@@ -91,7 +92,8 @@ def illumination_stage(index: ExperimentIndex, out: str | Path, settings, *, cha
 def segmentation_stage(index: ExperimentIndex, out: str | Path, nuclei, channel: str | None, *,
                        illumination=None, on_error: str = "fail", n_jobs: int = 1,
                        summary: str | Path | None = None,
-                       overlays: int = 0, deepprofiler_locations: str | Path | None = None) -> dict:
+                       overlays: int = 0, deepprofiler_locations: str | Path | None = None
+                       ) -> SegmentationSummary:
     """Segment nuclei (``nuclei``: a :class:`NucleiConfig`) on ``channel`` into ``out`` (a
     cell table) and write its run summary to ``summary`` (default ``<out stem>_summary.json``).
     ``overlays``: that many evenly spaced fields drawn with their nucleus outlines beside the
@@ -101,9 +103,9 @@ def segmentation_stage(index: ExperimentIndex, out: str | Path, nuclei, channel:
     out = Path(out)
     result = segment_index(index, out, channel=channel, cfg=nuclei, illumination=illumination,
                            on_error=on_error, n_jobs=n_jobs)
-    for w in result["warnings"][:10]:  # the rest are in the summary file
+    for w in result.warnings[:10]:  # the rest are in the summary file
         logger.warning(w)
-    for s in result["skipped"][:10]:
+    for s in result.skipped[:10]:
         logger.warning(f"skipped: {s['file']}: {s['reason']}")
     if overlays:
         folder = out.with_name(out.stem + "_overlays")
@@ -111,7 +113,8 @@ def segmentation_stage(index: ExperimentIndex, out: str | Path, nuclei, channel:
         paths = write_overlays(index, folder, channel, nuclei,
                                range(0, len(index), step)[:overlays], illumination)
         logger.info(f"{len(paths)} overlay(s) (nucleus outlines in red) -> {folder}")
-    write_json(Path(summary) if summary else out.with_name(out.stem + "_summary.json"), result)
+    write_json(Path(summary) if summary else out.with_name(out.stem + "_summary.json"),
+               result.to_json())
     if deepprofiler_locations:
         export_deepprofiler_locations(read_parquet(out), deepprofiler_locations)
     return result
@@ -504,15 +507,15 @@ def run_pipeline(cfg: RunConfig, config_text: str,
 
 
 def _run_report(out: Path, cfg: RunConfig, index: ExperimentIndex, evaluation: Evaluation,
-                treatments: Path, seg: dict | None, extraction: RunSummary,
+                treatments: Path, seg: SegmentationSummary | None, extraction: RunSummary,
                 config_path: str | None) -> None:
     """``out/report.html`` of a run: the dataset (and segmentation) summary, the QC plate map
     (segmented cells per well, else fields per well), the settings that applied, examples."""
     summary = dataset_summary(index)
     if seg is not None:
-        summary["segmented cells"] = seg["cells"]
-        summary["fields without cells"] = seg["image_sets_without_cells"]
-        summary["skipped files"] = len(seg["skipped"])
+        summary["segmented cells"] = seg.cells
+        summary["fields without cells"] = seg.image_sets_without_cells
+        summary["skipped files"] = len(seg.skipped)
     summary["feature extraction"] = extraction_summary(extraction, len(index))
     qc = cells_per_well(out / "cells.parquet", index) if seg is not None else \
         fields_per_well(index)

@@ -46,9 +46,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
                                  illumination=load_illumination(a.illumination),
                                  on_error=a.on_error, n_jobs=settings.n_jobs, overlays=a.overlays,
                                  deepprofiler_locations=a.deepprofiler_locations)
-    print(f"{summary['cells']} cells in {summary['image_sets']} image sets "
-          f"({summary['image_sets_without_cells']} without cells, {len(summary['skipped'])} "
-          f"skipped, {len(summary['warnings'])} warnings) -> {a.out}")
+    print(f"{summary.summary_line()} -> {a.out}")
     return 0
 
 

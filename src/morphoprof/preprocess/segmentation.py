@@ -11,6 +11,7 @@ Maximum}_{X,Y}`` (half-open, px). DeepProfiler's location CSVs are read and writ
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -319,6 +320,44 @@ def _segment_chunk(index: ExperimentIndex, rows: Sequence[int], channel: str, cf
     return out
 
 
+@dataclass(frozen=True)
+class SegmentationSummary:
+    """What :func:`segment_index` did; the cell table's ``<stem>_summary.json`` is its
+    :meth:`to_json`.
+
+    Attributes:
+        image_sets: image sets of the index.
+        cells: rows of the cell table (nuclei found).
+        image_sets_without_cells: image sets read where no nucleus was found.
+        channel: the DNA channel segmented.
+        config: the segmentation settings.
+        warnings: data warnings (blank or saturated fields...), one line each.
+        skipped: unreadable image sets left out under ``on_error="skip"``,
+            ``{"file", "reason"}`` each.
+    """
+
+    image_sets: int
+    cells: int
+    image_sets_without_cells: int
+    channel: str
+    config: NucleiConfig
+    warnings: tuple[str, ...] = ()
+    skipped: tuple[dict, ...] = ()
+
+    def to_json(self) -> dict:
+        """The summary file: the fields, ``config`` as its settings."""
+        return {"image_sets": self.image_sets, "cells": self.cells,
+                "image_sets_without_cells": self.image_sets_without_cells,
+                "warnings": list(self.warnings), "skipped": list(self.skipped),
+                "channel": self.channel, "config": self.config.model_dump()}
+
+    def summary_line(self) -> str:
+        """One line for the user: cells, image sets, empty and skipped ones, warnings."""
+        return (f"{self.cells} cells in {self.image_sets} image sets "
+                f"({self.image_sets_without_cells} without cells, {len(self.skipped)} skipped, "
+                f"{len(self.warnings)} warnings)")
+
+
 def segment_index(
     index: ExperimentIndex,
     out: str | Path,
@@ -328,7 +367,7 @@ def segment_index(
     on_error: str = "fail",
     n_jobs: int = 1,
     chunk: int = 4,
-) -> dict:
+) -> SegmentationSummary:
     """Segment the nuclei of every image set and write one cell table (Parquet).
 
     Args:
@@ -346,7 +385,7 @@ def segment_index(
             resolution: 0.9 s on 2 threads, 1.6 s on 2 processes).
 
     Returns:
-        A run summary: image sets, cells, image sets with no cells, warnings, skipped files.
+        The :class:`SegmentationSummary`.
     """
     from joblib import Parallel, delayed
 
@@ -382,15 +421,8 @@ def segment_index(
         cells = pd.DataFrame(
             columns=meta_cols + list(object_table(np.zeros((1, 1), np.int32)).columns))
     write_parquet(out, cells)
-    return {
-        "image_sets": len(index),
-        "cells": int(len(cells)),
-        "image_sets_without_cells": int(empty),
-        "warnings": warnings,
-        "skipped": skipped,
-        "channel": channel,
-        "config": cfg.model_dump(),
-    }
+    return SegmentationSummary(len(index), int(len(cells)), int(empty), channel, cfg,
+                               tuple(warnings), tuple(skipped))
 
 
 def write_overlays(index: ExperimentIndex, folder: str | Path, channel: str | None = None,
