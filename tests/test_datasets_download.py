@@ -117,7 +117,9 @@ def server():
 
 def test_download_all_then_import(tmp_path, server):
     summary = download_bbbc021(tmp_path, base_url=server.url)
-    assert summary["fetched"] == PLATES
+    assert list(summary.fetched) == PLATES
+    saved = json.loads((tmp_path / ".morphoprof" / "last_download.json").read_text())
+    assert saved == summary.to_json() and saved["plates"] == PLATES
     assert not list((tmp_path / "zips").glob("*"))  # zips removed after unpacking
     index = import_bbbc021(tmp_path, check_shapes=True)
     assert len(index) == 8 and index.table["Metadata_batch"].nunique() == 2
@@ -128,14 +130,14 @@ def test_download_all_then_import(tmp_path, server):
     # a re-run skips finished plates and asks the server for no zip
     server.requests.clear()
     again = download_bbbc021(tmp_path, base_url=server.url)
-    assert again["skipped"] == PLATES and again["fetched"] == []
+    assert list(again.skipped) == PLATES and again.fetched == ()
     assert not any(name.endswith(".zip") for name, _ in server.requests)
 
 
 def test_plate_subset_and_unknown_plate(tmp_path, server):
     summary = download_bbbc021(tmp_path, plates=["Week2_24121"], base_url=server.url,
                                keep_zips=True)
-    assert summary["fetched"] == ["Week2_24121"]
+    assert summary.fetched == ("Week2_24121",)
     assert (tmp_path / "Week2" / "Week2_24121").is_dir()
     assert not (tmp_path / "Week1").exists()
     assert (tmp_path / "zips" / "BBBC021_v1_images_Week2_24121.zip").is_file()
@@ -201,7 +203,7 @@ def test_corrupt_zip_is_refetched_then_reported(tmp_path, server):
     assert not (tmp_path / "Week1" / "Week1_22123").exists()  # nothing half-unpacked
     server.files[name] = good
     summary = download_bbbc021(tmp_path, plates=["Week1_22123"], base_url=server.url)
-    assert summary["fetched"] == ["Week1_22123"]
+    assert summary.fetched == ("Week1_22123",)
 
 
 def test_missing_file_on_server(tmp_path, server):

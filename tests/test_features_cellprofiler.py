@@ -125,7 +125,10 @@ def test_small_chunks_and_join_pages_give_the_same_cells(tmp_path, monkeypatch):
     import morphoprof.features.cellprofiler as cp
 
     src = SOURCES["sqlite"]
-    import_cellprofiler(src, tmp_path / "big", chunk_size=100_000)
+    summary = import_cellprofiler(src, tmp_path / "big", chunk_size=100_000)
+    assert json.loads((tmp_path / "big" / "import.json").read_text()) == summary.to_json()
+    assert summary.summary_line().startswith(f"{summary.rows} cells x {summary.features} "
+                                             "features (sqlite, CytoTable preset ")
     calls = []
     real = cp._subpages
 

@@ -34,8 +34,7 @@ def cmd_download(a: argparse.Namespace) -> int:
     plates = [p for item in a.plates or [] for p in item.split(",") if p] or None
     summary = download_bbbc021(a.dest, plates=plates, base_url=a.base_url or BBBC021_BASE_URL,
                                checksums=checksums, keep_zips=a.keep_zips)
-    print(f"fetched {len(summary['fetched'])} plate(s), {len(summary['skipped'])} already "
-          f"complete, into {a.dest}")
+    print(summary.summary_line())
     return 0
 
 
@@ -45,8 +44,7 @@ def cmd_import(a: argparse.Namespace) -> int:
         summary = import_cellprofiler(a.path, a.out, plate=a.plate, platemap=a.platemap,
                                       platemap_well=a.platemap_well, overwrite=a.overwrite,
                                       chunk_size=a.chunk_size)
-        print(f"{summary['rows']} cells x {summary['features']} features ({summary['kind']}, "
-              f"CytoTable preset {summary['cytotable_preset']}) -> {summary['out']}")
+        print(summary.summary_line())
         return 0
     if a.plates and layout != "bbbc021":
         raise MorphoprofError("--plates applies to 'import bbbc021' only")

@@ -29,6 +29,7 @@ import urllib.request
 import zipfile
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
 
@@ -242,13 +243,41 @@ def _unpack_plate(zip_path: Path, plate_dir: Path) -> int:
     return n
 
 
+@dataclass(frozen=True)
+class DownloadSummary:
+    """What :func:`download_bbbc021` did; ``dest/.morphoprof/last_download.json`` is its
+    :meth:`to_json`.
+
+    Attributes:
+        dest: the target folder.
+        fetched: plates fetched and unpacked by this call.
+        skipped: plates already complete in ``dest`` (not fetched again).
+        plates: the plates asked for.
+    """
+
+    dest: str
+    fetched: tuple[str, ...]
+    skipped: tuple[str, ...]
+    plates: tuple[str, ...]
+
+    def to_json(self) -> dict:
+        """The summary file: the fields."""
+        return {"dest": self.dest, "fetched": list(self.fetched), "skipped": list(self.skipped),
+                "plates": list(self.plates)}
+
+    def summary_line(self) -> str:
+        """One line for the user: plates fetched and already complete."""
+        return (f"fetched {len(self.fetched)} plate(s), {len(self.skipped)} already complete, "
+                f"into {self.dest}")
+
+
 def download_bbbc021(
     dest: str | Path,
     plates: Sequence[str] | None = None,
     base_url: str = BBBC021_BASE_URL,
     checksums: Mapping[str, str] | None = None,
     keep_zips: bool = False,
-) -> dict:
+) -> DownloadSummary:
     """Fetch BBBC021 (tables and plate zips) into ``dest`` in the importer's layout.
 
     Args:
@@ -259,7 +288,7 @@ def download_bbbc021(
         keep_zips: keep ``dest/zips/*.zip`` after unpacking (default: delete them).
 
     Returns:
-        A summary: plates fetched, plates skipped as already complete, and file counts.
+        The :class:`DownloadSummary`.
     """
     import pandas as pd
 
@@ -297,8 +326,8 @@ def download_bbbc021(
         if not keep_zips:
             zip_path.unlink()
         fetched.append(plate)
-    summary = {"dest": str(dest), "fetched": fetched, "skipped": skipped, "plates": wanted}
-    write_json(state_dir / "last_download.json", summary)
+    summary = DownloadSummary(str(dest), tuple(fetched), tuple(skipped), tuple(wanted))
+    write_json(state_dir / "last_download.json", summary.to_json())
     return summary
 
 

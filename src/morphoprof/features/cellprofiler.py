@@ -16,7 +16,6 @@ names (``Cells_AreaShape_Area``...), so ``aggregate`` / ``evaluate`` run on it u
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import os
 import re
@@ -25,11 +24,13 @@ import sqlite3
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from morphoprof.errors import InputError
 from morphoprof.extras import require
 from morphoprof.index.platemap import read_platemap
+from morphoprof.io_utils import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -111,9 +112,49 @@ def _rename(columns: list[str]) -> tuple[dict[str, str], list[str]]:
     return out, dropped
 
 
+@dataclass(frozen=True)
+class CellProfilerImport:
+    """What :func:`import_cellprofiler` wrote; ``out/import.json`` is its :meth:`to_json`.
+
+    Attributes:
+        source: the CellProfiler output read.
+        kind: its layout (:func:`detect_kind`).
+        cytotable_preset: the CytoTable preset that read it.
+        out: the cell table written (``out/cells.parquet``).
+        rows: cells (rows) in it.
+        features: measurement (non-``Metadata_``) columns.
+        dropped_image_columns: per-image columns left out of the cell table.
+        seconds: wall time, s.
+        notes: what the user should know (lines starting ``warning: `` are warnings).
+    """
+
+    source: str
+    kind: str
+    cytotable_preset: str
+    out: str
+    rows: int
+    features: int
+    dropped_image_columns: int
+    seconds: float
+    notes: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        """``import.json``: the fields."""
+        return {"source": self.source, "kind": self.kind,
+                "cytotable_preset": self.cytotable_preset, "out": self.out, "rows": self.rows,
+                "features": self.features, "dropped_image_columns": self.dropped_image_columns,
+                "seconds": self.seconds, "notes": list(self.notes)}
+
+    def summary_line(self) -> str:
+        """One line for the user: cells, features, layout, preset and the table written."""
+        return (f"{self.rows} cells x {self.features} features ({self.kind}, CytoTable preset "
+                f"{self.cytotable_preset}) -> {self.out}")
+
+
 def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = None,
                         platemap: str | Path | None = None, platemap_well: str = "well",
-                        chunk_size: int = CHUNK_SIZE, overwrite: bool = False) -> dict:
+                        chunk_size: int = CHUNK_SIZE, overwrite: bool = False
+                        ) -> CellProfilerImport:
     """Convert CellProfiler single-cell outputs to ``out/cells.parquet`` (+ ``import.json``).
 
     Args:
@@ -131,7 +172,7 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
             796 s at 1000).
 
     Returns:
-        The summary written to ``import.json``: rows, features, source kind, seconds.
+        The :class:`CellProfilerImport` (also ``out/import.json``).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -174,10 +215,9 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
         notes.append(f"warning: {unmatched} cells in wells missing from {platemap}")
     seconds = time.perf_counter() - t0
     feats = [c for c in written if not c.startswith("Metadata_")]
-    summary = {"source": str(path), "kind": kind, "cytotable_preset": PRESETS[kind],
-               "out": str(target), "rows": rows, "features": len(feats),
-               "dropped_image_columns": len(dropped), "seconds": seconds, "notes": notes}
-    (out / "import.json").write_text(json.dumps(summary, indent=1) + "\n")
+    summary = CellProfilerImport(str(path), kind, PRESETS[kind], str(target), rows, len(feats),
+                                 len(dropped), seconds, tuple(notes))
+    write_json(out / "import.json", summary.to_json())
     for n in notes:
         if n.startswith("warning: "):
             logger.warning(n.removeprefix("warning: "))
