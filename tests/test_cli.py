@@ -213,3 +213,24 @@ def test_segment_writes_overlays_summary_and_locations_beside_the_table(tmp_path
     printed = capsys.readouterr()  # the stage's log on stderr, the command's result on stdout
     assert "2 overlay(s)" in printed.err
     assert f"{len(cells)} cells in {len(index)} image sets" in printed.out
+
+
+def test_report_line_on_extraction_says_what_each_kind_of_run_extracted():
+    from morphoprof.pipeline import extraction_summary
+    from morphoprof.shards import RunSummary
+
+    fields = RunSummary("f", 2, 0, 4.0, "fail", image_sets=20)
+    assert extraction_summary(fields, 20) == (
+        "20 image sets: 20 extracted in this run in 4.0 s (5.0 fields/s)")
+    classical = RunSummary("f", 2, 0, 4.0, "skip", image_sets=20, cells=400,
+                           skipped=({"row": 3, "reason": "x"},))
+    assert extraction_summary(classical, 21) == (
+        "21 image sets: 20 extracted in this run in 4.0 s (400 cells, 100.0 cells/s); "
+        "1 skipped (unreadable)")
+    cells = RunSummary("f", 1, 1, 2.0, "fail", cells=300)  # a weak model's crops of cells
+    assert extraction_summary(cells, 20) == (
+        "20 image sets: 300 cells extracted in this run in 2.0 s (150.0 cells/s); "
+        "1 finished shard(s) reused from an earlier run")
+    resumed = RunSummary("f", 0, 2, 0.01, "fail", image_sets=0)
+    assert extraction_summary(resumed, 20) == (
+        "20 image sets: 2 finished shard(s) reused from an earlier run")

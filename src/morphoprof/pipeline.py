@@ -264,15 +264,18 @@ def dataset_summary(index: ExperimentIndex) -> dict:
 
 
 def extraction_summary(extraction: RunSummary, n_image_sets: int) -> str:
-    """The report's line about feature extraction, true after a resumed run too: how many
-    image sets were extracted in this run (time, rate) and how many shards were reused."""
+    """The report's line about feature extraction, true after a resumed run too: what was
+    extracted in this run (image sets, or the cells of a run over segmented cells; time, rate)
+    and how many shards were reused."""
     e = extraction
     parts = []
-    if e.image_sets:
-        speed = (f"{e.fields_per_s:.1f} fields/s" if e.fields_per_s else
-                 f"{e.cells} cells, {e.cells_per_s:.1f} cells/s" if e.cells_per_s else "")
-        parts.append(f"{e.image_sets} extracted in this run in {e.seconds:.1f} s"
-                     + (f" ({speed})" if speed else ""))
+    if e.image_sets or e.cells:
+        done = f"{e.image_sets}" if e.image_sets else f"{e.cells} cells"
+        rate = (f"{e.cells} cells, {e.cells_per_s:.1f} cells/s" if e.image_sets and e.cells_per_s
+                else f"{e.cells_per_s:.1f} cells/s" if e.cells_per_s
+                else f"{e.fields_per_s:.1f} fields/s" if e.fields_per_s else "")
+        parts.append(f"{done} extracted in this run in {e.seconds:.1f} s"
+                     + (f" ({rate})" if rate else ""))
     if e.shards_skipped:
         parts.append(f"{e.shards_skipped} finished shard(s) reused from an earlier run")
     if e.n_skipped:

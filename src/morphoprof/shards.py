@@ -326,7 +326,6 @@ class RunSummary:
         return out
 
 
-
 def run_shards(
     plan: Sequence[tuple[str, Any]],
     shard_fn: Callable[..., tuple[pd.DataFrame, list[dict]]],
