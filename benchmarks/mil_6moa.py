@@ -55,6 +55,11 @@ HIDDEN = 256  # the head's 1x1 layer on the pretrained trunk (Kraus's 1000: 4x t
 VARIANTS = ("noisy_and_hidden1000", "noisy_and_last_stage", "kraus")
 WIDE = ("noisy_and_hidden1000", "kraus")  # 1000 hidden units
 JACOBIAN_RULE = mask_rule()
+# the contrast-sensitive MRF's settings each fold's model chooses among, on fields of the
+# compounds it was trained on (every SELECT_EVERY-th): (Potts, power, sigma)
+SELECT_GRID = [(lam, power, sigma) for lam in (4, 8, 16) for power in (0.0625, 0.125, 0.25)
+               for sigma in (1.0, 1.5)]
+SELECT_EVERY = 10
 OLD_RULE = ("before 2026-12-04: guided backprop with ReLU6's exact derivative (0 above 6); the "
             "raw map, Gaussian sigma 1; Otsu threshold / MRF Potts 2.0")
 
@@ -115,11 +120,15 @@ def jacobian_scores(name: str = "noisy_and", every: int = 5) -> dict:
     fold_of = read_parquet(folder / "mil" / "predictions.parquet")["Metadata_fold"].to_numpy()
     scores: dict[str, list[float]] = {k: [] for k in (
         "mrf_vs_cells", "threshold_vs_cells", "mrf_vs_nuclei", "threshold_vs_nuclei",
-        "contrast_mrf_vs_cells", "contrast_mrf_vs_nuclei", "trunk_seed_contrast_vs_cells")}
+        "contrast_mrf_vs_cells", "contrast_mrf_vs_nuclei", "trunk_seed_contrast_vs_cells",
+        "contrast_mrf_selected_vs_cells")}
     dapi = 2  # fields_6moa PNGs: R = actin, G = tubulin, B = DAPI
+    selection = {}
     for f in sorted(set(fold_of.tolist())):
         net, mean, std = load_trained_mil(folder, f)
         rows = np.flatnonzero(fold_of == f)[::every]
+        chosen, selection[f"fold_{f}"] = select_mask_settings(
+            net, mean, std, images, np.flatnonzero(fold_of != f)[::SELECT_EVERY])
         jm = field_maps(net, images[rows], mean, std)
         # the same network seeded from its trunk's whole output (no head): what the head's
         # choice of features does to the masks
@@ -129,6 +138,9 @@ def jacobian_scores(name: str = "noisy_and", every: int = 5) -> dict:
             mrf, plain = mrf_mask(j), jacobian_mask(j)
             contrast = mrf_mask(j, image=images[i])
             scores["contrast_mrf_vs_cells"].append(mean_iu(contrast, cells))
+            lam, power, sigma = chosen
+            scores["contrast_mrf_selected_vs_cells"].append(mean_iu(
+                mrf_mask(j, lam, sigma, power=power, image=images[i]), cells))
             scores["contrast_mrf_vs_nuclei"].append(mean_iu(contrast, nuclei))
             scores["trunk_seed_contrast_vs_cells"].append(
                 mean_iu(mrf_mask(jt, image=images[i]), cells))
@@ -138,10 +150,39 @@ def jacobian_scores(name: str = "noisy_and", every: int = 5) -> dict:
             scores["threshold_vs_nuclei"].append(mean_iu(plain, nuclei))
     out = {k: float(np.mean(v)) for k, v in scores.items()}
     out["n_fields"] = len(scores["mrf_vs_cells"])
+    out["mask_selection"] = selection
     out["raw_fields_one_fifth"] = raw_field_scores(folder, sorted(set(fold_of.tolist())))
     out["rule"] = JACOBIAN_RULE
     out["cells"] = cell_scores(name, images, fold_of, index.table, every)
     return out
+
+
+def select_mask_settings(net, mean, std, images, rows) -> tuple[tuple, dict]:
+    """The contrast-sensitive MRF's settings (of :data:`SELECT_GRID`) with the best mean IU vs
+    the Otsu foreground of the stains on fields ``rows`` (of compounds the fold's ``net`` was
+    trained on), and the record of the choice: the chosen ``(Potts, power, sigma)``, its
+    score, the default's score and the number of fields."""
+    from morphoprof.models.jacobian import (
+        MASK_SIGMA,
+        MRF_CONTRAST_POWER,
+        MRF_CONTRAST_SMOOTHNESS,
+        field_maps,
+        mean_iu,
+        mrf_mask,
+        otsu_foreground,
+    )
+
+    totals = dict.fromkeys(SELECT_GRID, 0.0)
+    for j, i in zip(field_maps(net, images[rows], mean, std), rows):
+        ref = otsu_foreground(images[i])
+        for lam, power, sigma in SELECT_GRID:
+            totals[lam, power, sigma] += mean_iu(
+                mrf_mask(j, lam, sigma, power=power, image=images[i]), ref) / len(rows)
+    best = max(totals, key=totals.get)
+    default = (MRF_CONTRAST_SMOOTHNESS, MRF_CONTRAST_POWER, MASK_SIGMA)
+    return best, {"chosen": {"potts": best[0], "power": best[1], "sigma": best[2]},
+                  "chosen_train_iou": totals[best], "default_train_iou": totals.get(default),
+                  "n_train_fields": len(rows)}
 
 
 def raw_field_scores(folder: Path, folds: list[int]) -> dict:

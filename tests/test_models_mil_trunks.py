@@ -16,6 +16,10 @@ from morphoprof.config import load_train_config
 from morphoprof.datasets.cluttered_digits import DigitsConfig, cluttered_digits
 from morphoprof.errors import InputError
 from morphoprof.models.jacobian import (
+    MASK_POWER,
+    MRF_CONTRAST_POWER,
+    MRF_CONTRAST_SMOOTHNESS,
+    MRF_SMOOTHNESS,
     contrast_weights,
     iou,
     jacobian_maps,
@@ -224,9 +228,15 @@ def test_contrast_sensitive_mrf_snaps_a_blurred_map_to_the_image_edges():
     assert right[:, -1].max() == 0 and down[-1].max() == 0  # no neighbour there
     flat_r, flat_d = contrast_weights(np.ones((5, 6)))
     assert (flat_r[:, :-1] == 1).all() and (flat_d[:-1] == 1).all()
-    # with a flat image the contrast MRF is the Potts MRF of the same penalty
-    np.testing.assert_array_equal(mrf_mask(jmap, 3.0, image=np.ones((64, 64))),
+    # with a flat image the contrast MRF is the Potts MRF of the same penalty and power
+    np.testing.assert_array_equal(mrf_mask(jmap, 3.0, power=MASK_POWER, image=np.ones((64, 64))),
                                   mrf_mask(jmap, 3.0))
+    # each MRF has its own defaults
+    np.testing.assert_array_equal(
+        mrf_mask(jmap, image=image),
+        mrf_mask(jmap, MRF_CONTRAST_SMOOTHNESS, power=MRF_CONTRAST_POWER, image=image))
+    np.testing.assert_array_equal(mrf_mask(jmap), mrf_mask(jmap, MRF_SMOOTHNESS,
+                                                           power=MASK_POWER))
     with pytest.raises(InputError, match="map is"):
         mrf_mask(jmap, image=image[:, :32])
     with pytest.raises(InputError, match="MRF image"):

@@ -47,6 +47,11 @@ MRF_SMOOTHNESS = 1.0
 # same way at stop 37 (jacobian_sanity.py's contrast_grid, random head: Potts 2 / 4 / 8 / 16 /
 # 32 x power 0.25 / 0.5 x sigma 1 / 2; Potts 8, fourth root, sigma 1: 0.72, the best of 20).
 MRF_CONTRAST_SMOOTHNESS = 8.0
+# The contrast-sensitive MRF's power, chosen at stop 38 on the trained networks' training fields
+# (benchmarks/mil_6moa.py's mask_selection: each fold's Noisy-AND model picks among Potts
+# 4 / 8 / 16 x power 0.0625 / 0.125 / 0.25 x sigma 1 / 1.5 on fields of the compounds it was
+# trained on; its held-out fields take no part). The stop-37 grid stopped at the fourth root.
+MRF_CONTRAST_POWER = 0.125
 # PyMaxflow neighbourhoods: each pixel's right and lower neighbour
 _RIGHT = np.array([[0, 0, 0], [0, 0, 1], [0, 0, 0]])
 _DOWN = np.array([[0, 0, 0], [0, 0, 0], [0, 1, 0]])
@@ -57,7 +62,8 @@ def mask_rule() -> str:
     return (f"guided backprop, ReLU6 gated as a ReLU; the map to the power {MASK_POWER:g}, "
             f"Gaussian sigma {MASK_SIGMA:g}; Otsu threshold / MRF Potts {MRF_SMOOTHNESS:g} / "
             f"contrast-sensitive MRF Potts {MRF_CONTRAST_SMOOTHNESS:g} x "
-            "exp(-beta |I_p - I_q|^2) (Boykov & Jolly 2001)")
+            f"exp(-beta |I_p - I_q|^2) (Boykov & Jolly 2001) on the map to the power "
+            f"{MRF_CONTRAST_POWER:g}")
 
 
 def _guided_relu_hook(module: nn.Module, grad_input, grad_output):
@@ -262,7 +268,7 @@ def contrast_weights(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def mrf_mask(jmap: np.ndarray, smoothness: float | None = None, sigma: float = MASK_SIGMA,
-             threshold: float | None = None, power: float = MASK_POWER,
+             threshold: float | None = None, power: float | None = None,
              image: np.ndarray | None = None) -> np.ndarray:
     """``(H, W)`` Jacobian map -> boolean mask denoised by a binary Markov random field (Kraus
     2016), solved exactly by a graph cut (PyMaxflow, the Boykov-Kolmogorov max-flow).
@@ -277,12 +283,15 @@ def mrf_mask(jmap: np.ndarray, smoothness: float | None = None, sigma: float = M
     random map with the same pairwise term gives an empty-like mask, see
     ``benchmarks/jacobian_sanity.py``). ``smoothness=None``: :data:`MRF_SMOOTHNESS` without
     ``image``, :data:`MRF_CONTRAST_SMOOTHNESS` with it; 0 gives :func:`jacobian_mask`'s mask.
+    ``power=None``: :data:`MASK_POWER` without ``image``, :data:`MRF_CONTRAST_POWER` with it.
     """
     from skimage.filters import threshold_otsu
 
     maxflow = require("maxflow")
     if smoothness is None:
         smoothness = MRF_SMOOTHNESS if image is None else MRF_CONTRAST_SMOOTHNESS
+    if power is None:
+        power = MASK_POWER if image is None else MRF_CONTRAST_POWER
     if smoothness < 0:
         raise InputError(f"the MRF's smoothness must be >= 0, got {smoothness}")
     m = _prepared(jmap, sigma, power)
