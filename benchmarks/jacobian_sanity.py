@@ -22,8 +22,10 @@ Each head is scored with the plain Potts MRF (``random_head``, ``uniform_seed``)
 contrast-sensitive MRF, the field's image as its pairwise term (``*_contrast``); its control,
 ``noise_map_contrast``, puts a smooth random map (Gaussian sigma 8 px) under the same MRF: what
 the image's edges give without a Jacobian map. ``contrast_grid`` scores the contrast MRF's
-settings (Potts x power x sigma, :data:`CONTRAST_GRID`) on the random head, the grid its
-defaults in ``morphoprof.models.jacobian`` are chosen from (``contrast_grid_best``).
+settings (Potts x power x sigma, :data:`CONTRAST_GRID`) on the random head
+(``contrast_grid_best``): its Potts penalty was chosen there (stop 37); its power since stop 38
+on the trained networks' training fields (``mil_6moa.py``'s ``mask_selection``), which this
+grid checks against the random head.
 
 On the real 6-MoA fields (every 5th of the 660, 256 px) and on the two complete raw 3-channel
 BBBC021 fields in ``../shared/data/bbbc021/images`` (1024x1280, each stain scaled by its
@@ -55,8 +57,8 @@ DATA = HERE.parent.parent / "shared" / "data" / "bbbc021"
 RESULTS = HERE / "results" / "jacobian_sanity.json"
 EVERY = 5
 # the contrast-sensitive MRF's settings scored on the random head (Potts x power x sigma)
-CONTRAST_GRID = [(lam, power, sigma) for lam in (2, 4, 8, 16, 32) for power in (0.25, 0.5)
-                 for sigma in (1.0, 2.0)]
+CONTRAST_GRID = [(lam, power, sigma) for lam in (2, 4, 8, 16, 32)
+                 for power in (0.125, 0.25, 0.5) for sigma in (1.0, 2.0)]
 
 
 def raw_fields() -> np.ndarray | None:

@@ -337,6 +337,10 @@ output: out
                                atol=1e-6 * maps.max())
     for f, j, mask in zip(fields, maps, masks):
         np.testing.assert_array_equal(mask, mrf_mask(j, image=f))
+    _, fourth_root = segment_with_mil(tmp_path / "out", rows=[0, 3], fold=1, power=0.25,
+                                      smoothness=2.0)
+    for f, j, mask in zip(fields, maps, fourth_root):
+        np.testing.assert_array_equal(mask, mrf_mask(j, 2.0, power=0.25, image=f))
     with pytest.raises(InputError, match="no rows"):
         segment_with_mil(tmp_path / "out", rows=[])
     fewer = ExperimentIndex(index.table.drop(columns=[f"Path_{index.channels[0]}"]),

@@ -74,7 +74,8 @@ def _mil_run_config(folder: str | Path) -> TrainConfig:
 
 
 def segment_with_mil(folder: str | Path, index: ExperimentIndex | None = None,
-                     rows=None, fold: int = 0, batch_size: int = 8
+                     rows=None, fold: int = 0, batch_size: int = 8,
+                     smoothness: float | None = None, power: float | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
     """Segment image sets with a finished ``train mil`` run, from image labels only (Kraus
     2016): each field's guided-backprop Jacobian map of its predicted class (eq. 4) and the
@@ -89,6 +90,9 @@ def segment_with_mil(folder: str | Path, index: ExperimentIndex | None = None,
         rows: row positions of ``index`` (default: all).
         fold: whose network.
         batch_size: fields per backward pass.
+        smoothness, power: the mask's MRF settings (default: the contrast-sensitive MRF's,
+            chosen for the pretrained trunks; a ``kraus`` network's maps are masked better at
+            ``power=0.25``, see ``benchmarks/mil_6moa.py``'s ``mask_selection``).
 
     Returns:
         ``(maps, masks)``: ``(N, S, S)`` float32 maps (>= 0) and ``(N, S, S)`` bool masks, at
@@ -112,5 +116,6 @@ def segment_with_mil(folder: str | Path, index: ExperimentIndex | None = None,
         raise InputError("segment_with_mil: no rows to segment")
     images = training_images(cfg, index, rows)
     maps = field_maps(net, images, mean, std, batch_size)
-    masks = np.stack([mrf_mask(j, image=f) for j, f in zip(maps, images)])
+    masks = np.stack([mrf_mask(j, smoothness, power=power, image=f)
+                      for j, f in zip(maps, images)])
     return maps, masks
