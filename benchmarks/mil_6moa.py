@@ -24,7 +24,10 @@ fold's network on every 5th of its held-out fields, vs the Otsu foreground of th
 DAPI: the contrast-sensitive MRF (``contrast_mrf_*``, the headline), the plain Potts MRF
 (``mrf_*``, ``_potts``) and Otsu alone (``threshold_*``); the same networks seeded from their
 trunk's whole output (``trunk_seed_contrast_vs_cells``); and on the complete raw 3-channel
-fields at 1/5 scale (``raw_fields_one_fifth``).
+fields at 1/5 scale (``raw_fields_one_fifth``). ``mask_selection``: each fold's model picks the
+contrast MRF's settings (of SELECT_GRID) on every SELECT_EVERY-th field of the compounds it was
+trained on (its held-out fields take no part); ``contrast_mrf_selected_vs_cells`` scores its
+held-out fields with them.
 
     python benchmarks/mil_6moa.py [--resume] [--no-kraus] [--only=NAME,...]
 

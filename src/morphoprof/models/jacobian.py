@@ -52,8 +52,9 @@ MRF_CONTRAST_SMOOTHNESS = 8.0
 # root (Potts 8, sigma 1: 0.75, the best of 30; fourth root 0.72), and so do the three trained
 # Noisy-AND models on the fields of the compounds they were trained on, pooled (a probe: 0.671
 # vs 0.639 at the fourth root; per fold 1/16, 1/16, 1/8, see mil_6moa.py's mask_selection). A
-# kraus network's maps want the fourth root (its folds all pick 0.25). The Potts MRF and the threshold keep MASK_POWER (on the
-# random head the eighth root lowers the Potts mask 0.64 -> 0.61).
+# kraus network's maps want the fourth root (its folds all pick 0.25). The Potts MRF and the
+# threshold keep MASK_POWER (on the random head the eighth root lowers the Potts mask 0.64 ->
+# 0.61).
 MRF_CONTRAST_POWER = 0.125
 # PyMaxflow neighbourhoods: each pixel's right and lower neighbour
 _RIGHT = np.array([[0, 0, 0], [0, 0, 1], [0, 0, 0]])
