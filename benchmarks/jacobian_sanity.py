@@ -79,6 +79,15 @@ def raw_fields() -> np.ndarray | None:
     return np.stack(fields) if fields else None
 
 
+def one_fifth(fields: np.ndarray) -> np.ndarray:
+    """``(N, C, H, W)`` fields shrunk to 1/5 (bilinear, antialiased): the raw fields at the
+    6-MoA fields' scale."""
+    import torch
+
+    return torch.nn.functional.interpolate(torch.from_numpy(fields), scale_factor=0.2,
+                                           mode="bilinear", antialias=True).numpy()
+
+
 def best_threshold_iu(jmap: np.ndarray, ref: np.ndarray) -> float:
     """The best mean IU of ``jmap``'s prepared map (as the masks prepare it) cut at any of 49
     fractions of its maximum, picked with the reference ``ref`` (a bound, not a method)."""
@@ -195,7 +204,6 @@ def variants(images: np.ndarray, batch: int = 8) -> dict:
 
 
 def main() -> int:
-    import torch
 
     from morphoprof.index import import_fields_6moa
     from morphoprof.io_utils import write_json
@@ -222,9 +230,7 @@ def main() -> int:
     if raw is None:
         result["raw_fields"] = {"note": f"raw 3-channel fields not found under {DATA}"}
     else:
-        x = torch.from_numpy(raw)
-        small = torch.nn.functional.interpolate(x, scale_factor=0.2, mode="bilinear",
-                                                antialias=True).numpy()
+        small = one_fifth(raw)
         result["raw_fields"] = score(raw, net, mean, std, batch=1)
         result["raw_fields_one_fifth"] = score(small, net, mean, std)
         print("raw fields:", json.dumps(result["raw_fields"]), "1/5:",

@@ -130,7 +130,7 @@ def jacobian_scores(name: str = "noisy_and", every: int = 5) -> dict:
     for f in sorted(set(fold_of.tolist())):
         net, mean, std = load_trained_mil(folder, f)
         rows = np.flatnonzero(fold_of == f)[::every]
-        chosen, selection[f"fold_{f}"] = select_mask_settings(
+        (lam, power, sigma), selection[f"fold_{f}"] = select_mask_settings(
             net, mean, std, images, np.flatnonzero(fold_of != f)[::SELECT_EVERY])
         jm = field_maps(net, images[rows], mean, std)
         # the same network seeded from its trunk's whole output (no head): what the head's
@@ -141,7 +141,6 @@ def jacobian_scores(name: str = "noisy_and", every: int = 5) -> dict:
             mrf, plain = mrf_mask(j), jacobian_mask(j)
             contrast = mrf_mask(j, image=images[i])
             scores["contrast_mrf_vs_cells"].append(mean_iu(contrast, cells))
-            lam, power, sigma = chosen
             scores["contrast_mrf_selected_vs_cells"].append(mean_iu(
                 mrf_mask(j, lam, sigma, power=power, image=images[i]), cells))
             scores["contrast_mrf_vs_nuclei"].append(mean_iu(contrast, nuclei))
@@ -193,17 +192,15 @@ def raw_field_scores(folder: Path, folds: list[int]) -> dict:
     (``jacobian_sanity.raw_fields``), shrunk to 1/5 (the 6-MoA fields' scale): mean IU of the
     contrast-sensitive and the Potts MRF masks vs the Otsu foreground of the summed stains."""
     import numpy as np
-    import torch
 
-    from jacobian_sanity import raw_fields
+    from jacobian_sanity import one_fifth, raw_fields
     from morphoprof.models.jacobian import field_maps, mean_iu, mrf_mask, otsu_foreground
     from morphoprof.train import load_trained_mil
 
     raw = raw_fields()
     if raw is None:
         return {"note": "raw 3-channel fields not found"}
-    small = torch.nn.functional.interpolate(torch.from_numpy(raw), scale_factor=0.2,
-                                            mode="bilinear", antialias=True).numpy()
+    small = one_fifth(raw)
     refs = [otsu_foreground(im) for im in small]
     contrast, potts = [], []
     for f in folds:

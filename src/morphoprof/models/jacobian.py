@@ -7,10 +7,11 @@ its backward signal (guided backpropagation, Springenberg 2015). ReLU6 is gated 
 wherever its input is positive, also above 6): the stem of an ImageNet EfficientNet saturates
 its ReLU6 on bright cells, and the exact derivative (0 above 6) would leave the brightest cells
 out of the map. The result is summed over input channels into a ``(H, W)`` map and thresholded
-(Otsu on its fourth root after Gaussian smoothing, optionally an MRF graph cut) into a
-segmentation mask. The MRF's pairwise term is a plain Potts penalty, or, given the field's
-image, a contrast-sensitive one (Boykov & Jolly 2001) that lets the mask's boundary follow the
-image's edges while the map decides where the foreground lies.
+(Otsu on a root of it after Gaussian smoothing, optionally an MRF graph cut) into a
+segmentation mask. The MRF's pairwise term is a plain Potts penalty (on the map's fourth root),
+or, given the field's image, a contrast-sensitive one (Boykov & Jolly 2001, on the map's eighth
+root) that lets the mask's boundary follow the image's edges while the map decides where the
+foreground lies.
 """
 
 from __future__ import annotations
