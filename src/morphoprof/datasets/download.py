@@ -29,7 +29,7 @@ import urllib.request
 import zipfile
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from http.client import HTTPException
 from pathlib import Path
 
@@ -262,8 +262,7 @@ class DownloadSummary:
 
     def to_json(self) -> dict:
         """The summary file: the fields."""
-        return {"dest": self.dest, "fetched": list(self.fetched), "skipped": list(self.skipped),
-                "plates": list(self.plates)}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     def summary_line(self) -> str:
         """One line for the user: plates fetched and already complete."""

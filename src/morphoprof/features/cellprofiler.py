@@ -24,7 +24,7 @@ import sqlite3
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from morphoprof.errors import InputError
@@ -140,10 +140,7 @@ class CellProfilerImport:
 
     def to_json(self) -> dict:
         """``import.json``: the fields."""
-        return {"source": self.source, "kind": self.kind,
-                "cytotable_preset": self.cytotable_preset, "out": self.out, "rows": self.rows,
-                "features": self.features, "dropped_image_columns": self.dropped_image_columns,
-                "seconds": self.seconds, "notes": list(self.notes)}
+        return {**asdict(self), "notes": list(self.notes)}
 
     def summary_line(self) -> str:
         """One line for the user: cells, features, layout, preset and the table written."""

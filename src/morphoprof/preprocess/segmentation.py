@@ -11,7 +11,7 @@ Maximum}_{X,Y}`` (half-open, px). DeepProfiler's location CSVs are read and writ
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -346,10 +346,8 @@ class SegmentationSummary:
 
     def to_json(self) -> dict:
         """The summary file: the fields, ``config`` as its settings."""
-        return {"image_sets": self.image_sets, "cells": self.cells,
-                "image_sets_without_cells": self.image_sets_without_cells,
-                "warnings": list(self.warnings), "skipped": list(self.skipped),
-                "channel": self.channel, "config": self.config.model_dump()}
+        return {**asdict(self), "warnings": list(self.warnings), "skipped": list(self.skipped),
+                "config": self.config.model_dump()}
 
     def summary_line(self) -> str:
         """One line for the user: cells, image sets, empty and skipped ones, warnings."""
