@@ -4,6 +4,8 @@ ground-truth cells."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import tifffile
@@ -58,20 +60,22 @@ def test_toy_maps_concentrate_where_the_input_matters(toy_model):
 
 
 def test_backward_rules_gradient_is_autograd_and_rules_differ(toy_model):
-    """``gradient`` is the plain Jacobian of eq. 4's seed (checked against autograd);
-    ``deconvnet`` and ``guided`` change it, and an unknown rule is refused."""
+    """``gradient`` is the plain Jacobian of eq. 4's seed, ``P_i * p_ij`` on the class map
+    before its sigmoid (checked against autograd); ``deconvnet`` and ``guided`` change it, and
+    an unknown rule is refused."""
     x, _, _ = toy_batch(2, np.random.default_rng(5))
     net = toy_model.net.eval()
     xx = x.clone().requires_grad_(True)
     out = net(xx)
     maps, pooled = out["maps"], out["pooled"]
+    np.testing.assert_allclose(torch.sigmoid(out["map_logits"]).detach(), maps.detach())
     seed = torch.zeros_like(maps)
     seed[:, 0] = (pooled[:, 0][:, None, None] * maps[:, 0]).detach()
-    maps.backward(seed)
+    out["map_logits"].backward(seed)
     expected = xx.grad.clamp_min(0).sum(1).numpy()
     plain = jacobian_maps(net, x, class_index=0, backward="gradient")
     assert expected.max() > 0
-    tol = 1e-5 * expected.max()  # the maps are tiny (a sigmoid's tails): compare to their scale
+    tol = 1e-5 * expected.max()
     np.testing.assert_allclose(plain, expected, rtol=1e-4, atol=tol)
     guided = jacobian_maps(net, x, class_index=0)
     deconv = jacobian_maps(net, x, class_index=0, backward="deconvnet")
@@ -87,6 +91,29 @@ def test_backward_rules_gradient_is_autograd_and_rules_differ(toy_model):
     # the deconvnet hooks are removed afterwards: the plain map is the same again
     np.testing.assert_allclose(jacobian_maps(net, x, class_index=0, backward="gradient"),
                                plain, rtol=1e-6, atol=1e-6 * plain.max())
+
+
+def test_maps_start_before_the_sigmoid_so_sure_positions_still_speak(toy_model):
+    """A class map saturated at p = 1 (a network sure of its class everywhere) still gives a
+    map: eq. 4 is seeded before the sigmoid, whose derivative p (1 - p) is 0 there."""
+    x, _, _ = toy_batch(2, np.random.default_rng(5))
+    net = copy.deepcopy(toy_model.net).eval()
+    with torch.no_grad():
+        net.head.classes[-1].bias[0] += 50.0
+        assert (net(x)["maps"][:, 0] == 1).all()
+    xx = x.clone().requires_grad_(True)
+    out = net(xx)
+    seed = (out["pooled"][:, 0][:, None, None] * out["maps"][:, 0]).detach()
+    out["maps"][:, 0].backward(seed)
+    assert xx.grad.abs().max() == 0  # seeded after the sigmoid, nothing comes back
+    unsure = jacobian_maps(toy_model.net, x, class_index=0, backward="gradient")
+    sure = jacobian_maps(net, x, class_index=0, backward="gradient")
+    assert sure.max() > 0.1 * unsure.max()
+    # the seed is P_i * p_ij = 1 everywhere: the map of the summed pre-sigmoid class map
+    xx = x.clone().requires_grad_(True)
+    net(xx)["map_logits"][:, 0].sum().backward()
+    np.testing.assert_allclose(sure, xx.grad.clamp_min(0).sum(1).numpy(), rtol=1e-4,
+                               atol=1e-6 * sure.max())
 
 
 def test_maps_trace_the_requested_class_and_check_it(toy_model):

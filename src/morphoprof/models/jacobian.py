@@ -1,9 +1,11 @@
 """Jacobian maps (Kraus 2016): where in the input a class's evidence lies, by guided backprop.
 
-The backward pass starts at the class maps with ``P_i * p_ij`` (eq. 4: the image-level
-probability of class i times its map), so positions that drive the image's class speak loudest;
-every activation (ReLU, ReLU6, SiLU: what the trunks use) lets through only the positive part of
-its backward signal (guided backpropagation, Springenberg 2015). ReLU6 is gated as a ReLU (open
+The backward pass starts at the class maps before their sigmoid (conv7's output) with
+``P_i * p_ij`` (eq. 4: the image-level probability of class i times its map), so positions that
+drive the image's class speak loudest (seeded after the sigmoid, its derivative ``p (1 - p)``
+would silence the positions the network is surest of); every activation (ReLU, ReLU6, SiLU:
+what the trunks use) lets through only the positive part of its backward signal (guided
+backpropagation, Springenberg 2015). ReLU6 is gated as a ReLU (open
 wherever its input is positive, also above 6): the stem of an ImageNet EfficientNet saturates
 its ReLU6 on bright cells, and the exact derivative (0 above 6) would leave the brightest cells
 out of the map. The result is summed over input channels into a ``(H, W)`` map and thresholded
@@ -147,7 +149,8 @@ def jacobian_maps(net: nn.Module, images: torch.Tensor, class_index: int | None 
         images: ``(B, C, H, W)`` float tensor, normalised as in training.
         class_index: the class whose evidence is traced; None traces each image's predicted
             class.
-        seed: ``class``: eq. 4, ``P_i * p_ij`` of that class; ``trunk``: the sum of the trunk's
+        seed: ``class``: eq. 4, ``P_i * p_ij`` of that class as the backward signal of its
+            pre-sigmoid map (conv7's output); ``trunk``: the sum of the trunk's
             whole output, no head (what a map owes to the trunk alone: the sanity check of
             Adebayo et al. 2018).
         backward: how the signal crosses each activation, one of :data:`BACKWARD_RULES`.
@@ -171,7 +174,9 @@ def jacobian_maps(net: nn.Module, images: torch.Tensor, class_index: int | None 
                 net.trunk(x).sum().backward()
             else:
                 out = net(x)
-                maps, pooled = out["maps"], out["pooled"]
+                # eq. 4 starts before the sigmoid: through it, the derivative p (1 - p) would
+                # silence every position the network is sure of (p near 1)
+                maps, pooled, start = out["maps"], out["pooled"], out["map_logits"]
                 if class_index is None:
                     cls = out["logits"].argmax(1)
                 else:
@@ -179,11 +184,11 @@ def jacobian_maps(net: nn.Module, images: torch.Tensor, class_index: int | None 
                         raise InputError(
                             f"class_index {class_index} out of range 0..{maps.shape[1] - 1}")
                     cls = torch.full((len(x),), class_index, dtype=torch.long)
-                grad_seed = torch.zeros_like(maps)
+                grad_seed = torch.zeros_like(start)
                 rows = torch.arange(len(x))
                 grad_seed[rows, cls] = (pooled[rows, cls][:, None, None]
                                         * maps[rows, cls]).detach()
-                maps.backward(grad_seed)
+                start.backward(grad_seed)
             grad = x.grad.clamp_min(0.0).sum(1)
     finally:
         net.train(was_training)

@@ -340,7 +340,11 @@ class MILHead(nn.Module):
     Kraus's conv6 (1x1, ``hidden``, ReLU, ``dropout``) and conv7 (1x1, K, sigmoid), the MIL
     pooling and the FC layer. A 5-D input ``(B, T, D, h, w)`` holds T transformed copies of
     each image (test-time augmentation): pooled probabilities and logits are averaged over
-    them and ``maps`` are the first copy's.
+    them and ``maps`` / ``map_logits`` are the first copy's.
+
+    ``forward`` returns a dict: ``maps`` ``(B, K, h, w)`` class probabilities p_ij,
+    ``map_logits`` the same before the sigmoid (conv7's output, where eq. 4's Jacobian starts),
+    ``pooled`` ``(B, K)`` P_i and ``logits`` ``(B, K)`` the FC layer's output.
     """
 
     def __init__(self, cfg: MILConfig, in_channels: int) -> None:
@@ -359,22 +363,25 @@ class MILHead(nn.Module):
         b = f.shape[0]
         if copies:
             f = f.flatten(0, 1)
-        maps = torch.sigmoid(self.classes(f.float()))
+        map_logits = self.classes(f.float())
+        maps = torch.sigmoid(map_logits)
         pooled = self.pool(maps)
         logits = self.fc(pooled)
         if copies:
+            map_logits = map_logits.unflatten(0, (b, -1))[:, 0]
             maps = maps.unflatten(0, (b, -1))[:, 0]
             pooled = pooled.unflatten(0, (b, -1)).mean(1)
             logits = logits.unflatten(0, (b, -1)).mean(1)
-        return {"maps": maps, "pooled": pooled, "logits": logits}
+        return {"maps": maps, "map_logits": map_logits, "pooled": pooled, "logits": logits}
 
 
 class MILNet(nn.Module):
     """Fully convolutional MIL network: ``head(trunk(x))``.
 
     ``forward(x)`` with ``x`` ``(B, C, H, W)`` returns a dict: ``maps`` ``(B, K, h, w)`` class
-    probabilities p_ij, ``pooled`` ``(B, K)`` P_i, ``logits`` ``(B, K)`` the FC layer's output
-    over the pooled vector. ``trunk`` overrides the one ``cfg`` names (e.g. a shared frozen one).
+    probabilities p_ij, ``map_logits`` the same before the sigmoid, ``pooled`` ``(B, K)`` P_i,
+    ``logits`` ``(B, K)`` the FC layer's output over the pooled vector. ``trunk`` overrides
+    the one ``cfg`` names (e.g. a shared frozen one).
     """
 
     def __init__(self, cfg: MILConfig, trunk: nn.Module | None = None) -> None:
