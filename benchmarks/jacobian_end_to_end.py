@@ -127,7 +127,7 @@ def main() -> int:
                        "flips, quarter turns, batch norm in training mode)",
         "scored_on": f"fold {FOLD}'s held-out fields ({len(test)}; Jacobian on every "
                      f"{EVERY}th)",
-        "jacobian_rule": f"as mil_6moa.py: seed P_i * p_ij of the predicted class; "
+        "jacobian_rule": f"as mil_6moa.py, of the predicted class: "
                          f"{mask_rule()} (jacobian_iou_vs_otsu: the contrast-sensitive MRF "
                          "mask; _potts: the Potts one); mean IU vs the Otsu foreground of "
                          "the summed stains",

@@ -28,10 +28,11 @@ on the trained networks' training fields (``mil_6moa.py``'s ``mask_selection``),
 grid checks against the random head.
 
 On the real 6-MoA fields (every 5th of the 660, 256 px) and on the two complete raw 3-channel
-BBBC021 fields in ``../shared/data/bbbc021/images`` (1024x1280, each stain scaled by its
-99.9th percentile), at full size and at 1/5 (the 6-MoA scale). If ``random_head`` scores as well
-as the trained head of ``mil_6moa.json`` (``jacobian_iou_vs_otsu``), the masks come from the
-frozen trunk, not from the learning.
+BBBC021 fields in ``../shared/data/bbbc021/images`` (1024x1280, each stain scaled by its 99.9th
+percentile), at full size and at 1/5 (the 6-MoA scale); and those raw fields prepared as the
+6-MoA PNGs were (:func:`as_6moa`), at 1/5 (``raw_fields_as_6moa_one_fifth``). If
+``random_head`` scores as well as the trained head of ``mil_6moa.json``
+(``jacobian_iou_vs_otsu``), the masks come from the frozen trunk, not from the learning.
 
 ``variants`` (every 4th of those 6-MoA fields, random heads): is it the backward rule, the stage
 or the noise of one pass? Each backward rule of ``morphoprof.models.jacobian`` (guided,
@@ -61,22 +62,41 @@ CONTRAST_GRID = [(lam, power, sigma) for lam in (2, 4, 8, 16, 32)
                  for power in (0.125, 0.25, 0.5) for sigma in (1.0, 2.0)]
 
 
-def raw_fields() -> np.ndarray | None:
-    """The complete raw 3-channel fields as ``(N, 3, H, W)`` float32 in [0, 1] (each stain over
-    its 99.9th percentile), in the 6-MoA PNGs' channel order: actin (w4), tubulin (w2), DAPI
-    (w1); None when absent."""
+def raw_counts() -> np.ndarray | None:
+    """The complete raw 3-channel fields' counts as ``(N, 3, H, W)`` float64, in the 6-MoA PNGs'
+    channel order: actin (w4), tubulin (w2), DAPI (w1); None when absent."""
     import tifffile
 
     folder = DATA / "images" / "Week2" / "Week2_24381"
     fields = []
     for site in ("s1", "s2", "s3", "s4"):
         files = [sorted(folder.glob(f"*_{site}_w{w}*.tif")) for w in (4, 2, 1)]
-        if not all(files):
-            continue
-        im = np.stack([tifffile.imread(f[0]).astype(np.float32) for f in files])
-        im /= np.percentile(im, 99.9, axis=(1, 2), keepdims=True)
-        fields.append(np.clip(im, 0, 1))
+        if all(files):
+            fields.append(np.stack([tifffile.imread(f[0]).astype(np.float64) for f in files]))
     return np.stack(fields) if fields else None
+
+
+def raw_fields() -> np.ndarray | None:
+    """The complete raw 3-channel fields (:func:`raw_counts`) as ``(N, 3, H, W)`` float32 in
+    [0, 1], each stain over its 99.9th percentile; None when absent."""
+    counts = raw_counts()
+    if counts is None:
+        return None
+    im = counts / np.percentile(counts, 99.9, axis=(2, 3), keepdims=True)
+    return np.clip(im, 0, 1).astype(np.float32)
+
+
+def as_6moa(counts: np.ndarray, fields_6moa: np.ndarray) -> np.ndarray:
+    """Raw DMSO fields' counts ``(N, 3, H, W)`` prepared as the 6-MoA PNGs were (data README:
+    Anscombe transform, each channel standardised by the plate's DMSO mean / std, here the
+    fields' own: they are the plate's DMSO wells), then put on the 6-MoA fields' 8-bit scale
+    by giving each channel the mean / std of ``fields_6moa`` (``(M, 3, h, w)`` as read, in
+    [0, 1]; the PNGs' exact rescale is not published), clipped to [0, 1]; float32."""
+    a = 2.0 * np.sqrt(counts + 3.0 / 8.0)
+    z = (a - a.mean(axis=(0, 2, 3), keepdims=True)) / a.std(axis=(0, 2, 3), keepdims=True)
+    mean = fields_6moa.mean(axis=(0, 2, 3), dtype=np.float64)[None, :, None, None]
+    std = fields_6moa.std(axis=(0, 2, 3), dtype=np.float64)[None, :, None, None]
+    return np.clip(z * std + mean, 0, 1).astype(np.float32)
 
 
 def one_fifth(fields: np.ndarray) -> np.ndarray:
@@ -233,8 +253,13 @@ def main() -> int:
         small = one_fifth(raw)
         result["raw_fields"] = score(raw, net, mean, std, batch=1)
         result["raw_fields_one_fifth"] = score(small, net, mean, std)
+        every_field = load_images(index, np.arange(len(index)), size=256,
+                                  normalization="none", scale=255)
+        prepared = one_fifth(as_6moa(raw_counts(), every_field))
+        result["raw_fields_as_6moa_one_fifth"] = score(prepared, net, mean, std)
         print("raw fields:", json.dumps(result["raw_fields"]), "1/5:",
-              json.dumps(result["raw_fields_one_fifth"]), flush=True)
+              json.dumps(result["raw_fields_one_fifth"]), "prepared as the 6-MoA fields, 1/5:",
+              json.dumps(result["raw_fields_as_6moa_one_fifth"]), flush=True)
     trained = HERE / "results" / "mil_6moa.json"
     if trained.is_file():
         done = json.loads(trained.read_text())

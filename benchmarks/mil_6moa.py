@@ -24,10 +24,11 @@ fold's network on every 5th of its held-out fields, vs the Otsu foreground of th
 DAPI: the contrast-sensitive MRF (``contrast_mrf_*``, the headline), the plain Potts MRF
 (``mrf_*``, ``_potts``) and Otsu alone (``threshold_*``); the same networks seeded from their
 trunk's whole output (``trunk_seed_contrast_vs_cells``); and on the complete raw 3-channel
-fields at 1/5 scale (``raw_fields_one_fifth``). ``mask_selection``: each fold's model picks the
-contrast MRF's settings (of SELECT_GRID) on every SELECT_EVERY-th field of the compounds it was
-trained on (its held-out fields take no part); ``contrast_mrf_selected_vs_cells`` scores its
-held-out fields with them.
+fields at 1/5 scale (``raw_fields_one_fifth``; its ``prepared_as_6moa``: the same fields
+prepared as the 6-MoA PNGs were, Anscombe and DMSO standardisation). ``mask_selection``: each
+fold's model picks the contrast MRF's settings (of SELECT_GRID) on every SELECT_EVERY-th field
+of the compounds it was trained on (its held-out fields take no part);
+``contrast_mrf_selected_vs_cells`` scores its held-out fields with them.
 
     python benchmarks/mil_6moa.py [--resume] [--no-kraus] [--only=NAME,...]
 
@@ -153,7 +154,8 @@ def jacobian_scores(name: str = "noisy_and", every: int = 5) -> dict:
     out = {k: float(np.mean(v)) for k, v in scores.items()}
     out["n_fields"] = len(scores["mrf_vs_cells"])
     out["mask_selection"] = selection
-    out["raw_fields_one_fifth"] = raw_field_scores(folder, sorted(set(fold_of.tolist())))
+    out["raw_fields_one_fifth"] = raw_field_scores(folder, sorted(set(fold_of.tolist())),
+                                                   images)
     out["rule"] = JACOBIAN_RULE
     out["cells"] = cell_scores(name, images, fold_of, index.table, every)
     return out
@@ -187,13 +189,17 @@ def select_mask_settings(net, mean, std, images, rows) -> tuple[tuple, dict]:
                   "n_train_fields": len(rows)}
 
 
-def raw_field_scores(folder: Path, folds: list[int]) -> dict:
-    """Each fold's network on the complete raw 3-channel BBBC021 fields
-    (``jacobian_sanity.raw_fields``), shrunk to 1/5 (the 6-MoA fields' scale): mean IU of the
-    contrast-sensitive and the Potts MRF masks vs the Otsu foreground of the summed stains."""
+def raw_field_scores(folder: Path, folds: list[int], fields_6moa) -> dict:
+    """Each fold's network on the complete raw 3-channel BBBC021 fields shrunk to 1/5 (the
+    6-MoA fields' scale), each stain scaled by its 99.9th percentile
+    (``jacobian_sanity.raw_fields``) and, under ``prepared_as_6moa``, prepared as the 6-MoA
+    PNGs were (``jacobian_sanity.as_6moa``, on the scale of ``fields_6moa``, the 6-MoA fields
+    as read): mean IU of the contrast-sensitive and the Potts MRF masks vs the Otsu foreground
+    of the summed stains of the image the network saw; for the prepared fields also vs that
+    of the percentile-scaled image (the same pixels, another reference)."""
     import numpy as np
 
-    from jacobian_sanity import one_fifth, raw_fields
+    from jacobian_sanity import as_6moa, one_fifth, raw_counts, raw_fields
     from morphoprof.models.jacobian import field_maps, mean_iu, mrf_mask, otsu_foreground
     from morphoprof.train import load_trained_mil
 
@@ -201,16 +207,28 @@ def raw_field_scores(folder: Path, folds: list[int]) -> dict:
     if raw is None:
         return {"note": "raw 3-channel fields not found"}
     small = one_fifth(raw)
-    refs = [otsu_foreground(im) for im in small]
-    contrast, potts = [], []
+    prepared = one_fifth(as_6moa(raw_counts(), fields_6moa))
+    scaled_refs = [otsu_foreground(im) for im in small]
+    scores: dict[str, list[float]] = {}
     for f in folds:
         net, mean, std = load_trained_mil(folder, f)
-        for j, im, ref in zip(field_maps(net, small, mean, std), small, refs):
-            contrast.append(mean_iu(mrf_mask(j, image=im), ref))
-            potts.append(mean_iu(mrf_mask(j), ref))
-    return {"contrast_mrf_vs_cells": float(np.mean(contrast)),
-            "mrf_vs_cells": float(np.mean(potts)), "n_fields": len(raw),
-            "n_scores": len(contrast), "size": list(small.shape[-2:])}
+        for name, fields in (("percentile", small), ("as_6moa", prepared)):
+            for j, im, scaled_ref in zip(field_maps(net, fields, mean, std), fields,
+                                         scaled_refs):
+                ref, mask = otsu_foreground(im), mrf_mask(j, image=im)
+                scores.setdefault(f"{name}_contrast", []).append(mean_iu(mask, ref))
+                scores.setdefault(f"{name}_potts", []).append(mean_iu(mrf_mask(j), ref))
+                scores.setdefault(f"{name}_contrast_vs_scaled", []).append(
+                    mean_iu(mask, scaled_ref))
+    mean_of = {k: float(np.mean(v)) for k, v in scores.items()}
+    return {"contrast_mrf_vs_cells": mean_of["percentile_contrast"],
+            "mrf_vs_cells": mean_of["percentile_potts"], "n_fields": len(raw),
+            "n_scores": len(scores["percentile_contrast"]), "size": list(small.shape[-2:]),
+            "prepared_as_6moa": {
+                "contrast_mrf_vs_cells": mean_of["as_6moa_contrast"],
+                "mrf_vs_cells": mean_of["as_6moa_potts"],
+                "contrast_mrf_vs_cells_of_percentile_image":
+                    mean_of["as_6moa_contrast_vs_scaled"]}}
 
 
 def cell_scores(name: str, images, fold_of, table, every: int, crop: int = 32) -> dict:

@@ -66,7 +66,8 @@ _DOWN = np.array([[0, 0, 0], [0, 0, 0], [0, 1, 0]])
 
 def mask_rule() -> str:
     """The mask pipeline of the defaults in words (what a benchmark records beside its scores)."""
-    return (f"guided backprop, ReLU6 gated as a ReLU; the map to the power {MASK_POWER:g}, "
+    return (f"eq. 4's seed P_i * p_ij on the class map before its sigmoid; guided backprop, "
+            f"ReLU6 gated as a ReLU; the map to the power {MASK_POWER:g}, "
             f"Gaussian sigma {MASK_SIGMA:g}; Otsu threshold / MRF Potts {MRF_SMOOTHNESS:g} / "
             f"contrast-sensitive MRF Potts {MRF_CONTRAST_SMOOTHNESS:g} x "
             f"exp(-beta |I_p - I_q|^2) (Boykov & Jolly 2001) on the map to the power "
