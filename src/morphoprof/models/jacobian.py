@@ -1,19 +1,18 @@
 """Jacobian maps (Kraus 2016): where in the input a class's evidence lies, by guided backprop.
 
 The backward pass starts at the class maps before their sigmoid (conv7's output) with
-``P_i * p_ij`` (eq. 4: the image-level probability of class i times its map), so positions that
-drive the image's class speak loudest (seeded after the sigmoid, its derivative ``p (1 - p)``
-would silence the positions the network is surest of); every activation (ReLU, ReLU6, SiLU:
-what the trunks use) lets through only the positive part of its backward signal (guided
-backpropagation, Springenberg 2015). ReLU6 is gated as a ReLU (open
-wherever its input is positive, also above 6): the stem of an ImageNet EfficientNet saturates
-its ReLU6 on bright cells, and the exact derivative (0 above 6) would leave the brightest cells
-out of the map. The result is summed over input channels into a ``(H, W)`` map and thresholded
-(Otsu on a root of it after Gaussian smoothing, optionally an MRF graph cut) into a
-segmentation mask. The MRF's pairwise term is a plain Potts penalty (on the map's fourth root),
-or, given the field's image, a contrast-sensitive one (Boykov & Jolly 2001, on the map's eighth
-root) that lets the mask's boundary follow the image's edges while the map decides where the
-foreground lies.
+``P_i * p_ij`` (eq. 4: the image-level probability of class i times its map), so positions
+that drive the image's class speak loudest (seeded after the sigmoid, its derivative
+``p (1 - p)`` would silence the positions the network is surest of); every activation (ReLU,
+ReLU6, SiLU: what the trunks use) lets through only the positive part of its backward signal
+(guided backpropagation, Springenberg 2015). ReLU6 is gated as a ReLU (open wherever its input
+is positive, also above 6): the stem of an ImageNet EfficientNet saturates its ReLU6 on bright
+cells, and the exact derivative (0 above 6) would leave the brightest cells out of the map. The
+result is summed over input channels into a ``(H, W)`` map and thresholded (Otsu on a root of
+it after Gaussian smoothing, optionally an MRF graph cut) into a segmentation mask. The MRF's
+pairwise term is a plain Potts penalty (on the map's fourth root), or, given the field's image,
+a contrast-sensitive one (Boykov & Jolly 2001, on the map's eighth root) that lets the mask's
+boundary follow the image's edges while the map decides where the foreground lies.
 """
 
 from __future__ import annotations

@@ -378,10 +378,9 @@ class MILHead(nn.Module):
 class MILNet(nn.Module):
     """Fully convolutional MIL network: ``head(trunk(x))``.
 
-    ``forward(x)`` with ``x`` ``(B, C, H, W)`` returns a dict: ``maps`` ``(B, K, h, w)`` class
-    probabilities p_ij, ``map_logits`` the same before the sigmoid, ``pooled`` ``(B, K)`` P_i,
-    ``logits`` ``(B, K)`` the FC layer's output over the pooled vector. ``trunk`` overrides
-    the one ``cfg`` names (e.g. a shared frozen one).
+    ``forward(x)`` with ``x`` ``(B, C, H, W)`` returns :class:`MILHead`'s dict (``maps``,
+    ``map_logits``, ``pooled``, ``logits``). ``trunk`` overrides the one ``cfg`` names (e.g. a
+    shared frozen one).
     """
 
     def __init__(self, cfg: MILConfig, trunk: nn.Module | None = None) -> None:
