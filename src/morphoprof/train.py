@@ -80,7 +80,10 @@ def segment_with_mil(folder: str | Path, index: ExperimentIndex | None = None,
     """Segment image sets with a finished ``train mil`` run, from image labels only (Kraus
     2016): each field's guided-backprop Jacobian map of its predicted class (eq. 4) and the
     map's mask (:func:`~morphoprof.models.jacobian.mrf_mask`, contrast-sensitive with the field
-    itself).
+    itself). The fields are read and scaled as the run read its images, so they must be
+    prepared as its training images were: the 6-MoA networks' masks of two raw BBBC021 fields
+    score 0.78 prepared as the 6-MoA PNGs (Anscombe, DMSO-standardised) and 0.58 scaled by
+    their percentiles (``benchmarks/mil_6moa.py``'s ``raw_fields_one_fifth``).
 
     Args:
         folder: the run's ``output`` (holding the ``train_mil.yaml`` it ran).
