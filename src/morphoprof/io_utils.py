@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -197,6 +198,12 @@ def write_npz(path: str | Path, compressed: bool = False, **arrays: object) -> P
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         save(fh, **arrays)
     return Path(path)
+
+
+def json_fields(result: object) -> dict:
+    """A frozen dataclass's fields as a dict, each tuple field as a list: what its JSON file
+    holds and reads back as (``dataclasses.asdict`` keeps the tuples)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(result).items()}
 
 
 def write_json(path: str | Path, obj: object) -> Path:

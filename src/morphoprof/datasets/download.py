@@ -29,7 +29,7 @@ import urllib.request
 import zipfile
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
 
@@ -37,7 +37,7 @@ import pooch
 
 from morphoprof.errors import DownloadError
 from morphoprof.index.bbbc021 import batch_of_plate
-from morphoprof.io_utils import file_digest, write_json
+from morphoprof.io_utils import file_digest, json_fields, write_json
 from morphoprof.logs import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ class DownloadSummary:
 
     def to_json(self) -> dict:
         """The summary file: the fields."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return json_fields(self)
 
     def summary_line(self) -> str:
         """One line for the user: plates fetched and already complete."""

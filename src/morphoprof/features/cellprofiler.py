@@ -24,13 +24,13 @@ import sqlite3
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from morphoprof.errors import InputError
 from morphoprof.extras import require
 from morphoprof.index.platemap import read_platemap
-from morphoprof.io_utils import write_json
+from morphoprof.io_utils import json_fields, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class CellProfilerImport:
 
     def to_json(self) -> dict:
         """``import.json``: the fields."""
-        return {**asdict(self), "notes": list(self.notes)}
+        return json_fields(self)
 
     def summary_line(self) -> str:
         """One line for the user: cells, features, layout, preset and the table written."""

@@ -11,7 +11,7 @@ Maximum}_{X,Y}`` (half-open, px). DeepProfiler's location CSVs are read and writ
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from pydantic import Field
 
 from morphoprof.errors import InputError, MorphoprofError
 from morphoprof.index.schema import IMAGE_SET_KEY, PLATE, SITE, WELL, ExperimentIndex
-from morphoprof.io_utils import atomic_path, check_writable, write_parquet
+from morphoprof.io_utils import atomic_path, check_writable, json_fields, write_parquet
 from morphoprof.logs import progress_bar
 from morphoprof.settings import Settings, check_on_error
 
@@ -346,8 +346,7 @@ class SegmentationSummary:
 
     def to_json(self) -> dict:
         """The summary file: the fields, ``config`` as its settings."""
-        return {**asdict(self), "warnings": list(self.warnings), "skipped": list(self.skipped),
-                "config": self.config.model_dump()}
+        return {**json_fields(self), "config": self.config.model_dump()}
 
     def summary_line(self) -> str:
         """One line for the user: cells, image sets, empty and skipped ones, warnings."""
