@@ -76,12 +76,9 @@ def raw_counts() -> np.ndarray | None:
     return np.stack(fields) if fields else None
 
 
-def raw_fields() -> np.ndarray | None:
-    """The complete raw 3-channel fields (:func:`raw_counts`) as ``(N, 3, H, W)`` float32 in
-    [0, 1], each stain over its 99.9th percentile; None when absent."""
-    counts = raw_counts()
-    if counts is None:
-        return None
+def percentile_scaled(counts: np.ndarray) -> np.ndarray:
+    """Raw fields' counts ``(N, C, H, W)`` as float32 in [0, 1], each stain of each field over
+    its 99.9th percentile."""
     im = counts / np.percentile(counts, 99.9, axis=(2, 3), keepdims=True)
     return np.clip(im, 0, 1).astype(np.float32)
 
@@ -246,16 +243,17 @@ def main() -> int:
                     "fields_6moa": score(images, net, mean, std, grid=True)}
     print("6-MoA fields:", json.dumps(result["fields_6moa"]), flush=True)
     result["variants"] = variants(images[::4])
-    raw = raw_fields()
-    if raw is None:
+    counts = raw_counts()
+    if counts is None:
         result["raw_fields"] = {"note": f"raw 3-channel fields not found under {DATA}"}
     else:
+        raw = percentile_scaled(counts)
         small = one_fifth(raw)
         result["raw_fields"] = score(raw, net, mean, std, batch=1)
         result["raw_fields_one_fifth"] = score(small, net, mean, std)
         every_field = load_images(index, np.arange(len(index)), size=256,
                                   normalization="none", scale=255)
-        prepared = one_fifth(as_6moa(raw_counts(), every_field))
+        prepared = one_fifth(as_6moa(counts, every_field))
         result["raw_fields_as_6moa_one_fifth"] = score(prepared, net, mean, std)
         print("raw fields:", json.dumps(result["raw_fields"]), "1/5:",
               json.dumps(result["raw_fields_one_fifth"]), "prepared as the 6-MoA fields, 1/5:",

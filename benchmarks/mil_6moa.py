@@ -192,37 +192,39 @@ def select_mask_settings(net, mean, std, images, rows) -> tuple[tuple, dict]:
 def raw_field_scores(folder: Path, folds: list[int], fields_6moa) -> dict:
     """Each fold's network on the complete raw 3-channel BBBC021 fields shrunk to 1/5 (the
     6-MoA fields' scale), each stain scaled by its 99.9th percentile
-    (``jacobian_sanity.raw_fields``) and, under ``prepared_as_6moa``, prepared as the 6-MoA
+    (``jacobian_sanity.percentile_scaled``) and, under ``prepared_as_6moa``, prepared as the 6-MoA
     PNGs were (``jacobian_sanity.as_6moa``, on the scale of ``fields_6moa``, the 6-MoA fields
     as read): mean IU of the contrast-sensitive and the Potts MRF masks vs the Otsu foreground
     of the summed stains of the image the network saw; for the prepared fields also vs that
     of the percentile-scaled image (the same pixels, another reference)."""
     import numpy as np
 
-    from jacobian_sanity import as_6moa, one_fifth, raw_counts, raw_fields
+    from jacobian_sanity import as_6moa, one_fifth, percentile_scaled, raw_counts
     from morphoprof.models.jacobian import field_maps, mean_iu, mrf_mask, otsu_foreground
     from morphoprof.train import load_trained_mil
 
-    raw = raw_fields()
-    if raw is None:
+    counts = raw_counts()
+    if counts is None:
         return {"note": "raw 3-channel fields not found"}
-    small = one_fifth(raw)
-    prepared = one_fifth(as_6moa(raw_counts(), fields_6moa))
-    scaled_refs = [otsu_foreground(im) for im in small]
+    small = one_fifth(percentile_scaled(counts))
+    prepared = one_fifth(as_6moa(counts, fields_6moa))
+    preparations = {name: (fields, [otsu_foreground(im) for im in fields])
+                    for name, fields in (("percentile", small), ("as_6moa", prepared))}
+    scaled_refs = preparations["percentile"][1]
     scores: dict[str, list[float]] = {}
     for f in folds:
         net, mean, std = load_trained_mil(folder, f)
-        for name, fields in (("percentile", small), ("as_6moa", prepared)):
-            for j, im, scaled_ref in zip(field_maps(net, fields, mean, std), fields,
-                                         scaled_refs):
-                ref, mask = otsu_foreground(im), mrf_mask(j, image=im)
+        for name, (fields, refs) in preparations.items():
+            for j, im, ref, scaled_ref in zip(field_maps(net, fields, mean, std), fields, refs,
+                                              scaled_refs):
+                mask = mrf_mask(j, image=im)
                 scores.setdefault(f"{name}_contrast", []).append(mean_iu(mask, ref))
                 scores.setdefault(f"{name}_potts", []).append(mean_iu(mrf_mask(j), ref))
                 scores.setdefault(f"{name}_contrast_vs_scaled", []).append(
                     mean_iu(mask, scaled_ref))
     mean_of = {k: float(np.mean(v)) for k, v in scores.items()}
     return {"contrast_mrf_vs_cells": mean_of["percentile_contrast"],
-            "mrf_vs_cells": mean_of["percentile_potts"], "n_fields": len(raw),
+            "mrf_vs_cells": mean_of["percentile_potts"], "n_fields": len(counts),
             "n_scores": len(scores["percentile_contrast"]), "size": list(small.shape[-2:]),
             "prepared_as_6moa": {
                 "contrast_mrf_vs_cells": mean_of["as_6moa_contrast"],
