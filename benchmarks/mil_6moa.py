@@ -233,10 +233,16 @@ def raw_field_scores(folder: Path, folds: list[int], fields_6moa) -> dict:
                     mean_of["as_6moa_contrast_vs_scaled"]}}
 
 
-def cell_scores(name: str, images, fold_of, table, every: int, crop: int = 32) -> dict:
+def cell_scores(name: str, images, fold_of, table, every: int, crop: int = 32,
+                context: tuple[int, ...] = (48, 64)) -> dict:
     """Kraus Table 2: each fold's Noisy-AND network applied to ``crop``-px windows around the
     nuclei segmented (morphoprof's own segmentation, on DAPI) in its held-out fields; a cell's
-    class is the argmax of the MIL pooling output; accuracy against the field's MoA."""
+    class is the argmax of the MIL pooling output; accuracy against the field's MoA.
+
+    ``by_crop_px``: the same cells in wider windows (``context``: more of their neighbours), and
+    ``field_maps_at_nuclei``: the whole field's class maps read at each nucleus (the map cell it
+    falls in; a stride-16 map cell is 16 px of the field, but its receptive field is far wider).
+    """
     import numpy as np
     import torch
     from scipy.ndimage import center_of_mass
@@ -248,9 +254,9 @@ def cell_scores(name: str, images, fold_of, table, every: int, crop: int = 32) -
     y = table["Metadata_moa"].astype(str).map({c: k for k, c in enumerate(classes)}).to_numpy()
     # 256-px fields are 1280x1024 fields shrunk ~4-5x: nuclei of ~3-4 px radius
     ncfg = NucleiConfig(smoothing=0.5, min_area=6, max_area=400, min_distance=2)
-    right = total = 0
-    fields = 0
-    h = crop // 2
+    sizes = (crop, *context)
+    right = dict.fromkeys(sizes, 0)
+    in_field = total = fields = 0
     for f in sorted(set(fold_of.tolist())):
         net, mean, std = load_trained_mil(WORK / name, f)
         m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
@@ -261,15 +267,23 @@ def cell_scores(name: str, images, fold_of, table, every: int, crop: int = 32) -
             if n == 0:
                 continue
             centres = np.round(center_of_mass(labels > 0, labels, range(1, n + 1))).astype(int)
-            padded = np.pad(images[i], ((0, 0), (h, h), (h, h)), mode="reflect")
-            crops = np.stack([padded[:, r:r + crop, c:c + crop] for r, c in centres])
+            for size in sizes:
+                h = size // 2
+                padded = np.pad(images[i], ((0, 0), (h, h), (h, h)), mode="reflect")
+                crops = np.stack([padded[:, r:r + size, c:c + size] for r, c in centres])
+                with torch.no_grad():
+                    pooled = net((torch.from_numpy(crops) - m) / s)["pooled"]
+                right[size] += int((pooled.argmax(1).numpy() == y[i]).sum())
             with torch.no_grad():
-                pooled = net((torch.from_numpy(crops) - m) / s)["pooled"]
-            right += int((pooled.argmax(1).numpy() == y[i]).sum())
+                maps = net((torch.from_numpy(images[i][None]) - m) / s)["maps"][0].numpy()
+            at = (centres * np.array(maps.shape[1:]) // np.array(images[i].shape[1:])).T
+            in_field += int((maps[:, at[0], at[1]].argmax(0) == y[i]).sum())
             total += n
             fields += 1
-    return {"cell_accuracy": right / total if total else None, "n_cells": total,
-            "n_fields": fields, "crop_px": crop, "chance": 1 / len(classes)}
+    return {"cell_accuracy": right[crop] / total if total else None, "n_cells": total,
+            "n_fields": fields, "crop_px": crop, "chance": 1 / len(classes),
+            "by_crop_px": {str(k): v / total if total else None for k, v in right.items()},
+            "field_maps_at_nuclei": in_field / total if total else None}
 
 
 def main() -> int:
