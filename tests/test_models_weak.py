@@ -130,6 +130,7 @@ def tiny_module(gru: bool = True, seed: int = 0):
                       lr=1e-3, crop_size=S, channels=["c0", "c1", "c2"], seed=seed)
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to .self.log:UserWarning")  # no Trainer here
 def test_training_steps_reduce_the_loss():
     crops, table = toy_cells()
     torch.manual_seed(0)

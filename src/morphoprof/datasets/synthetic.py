@@ -347,7 +347,9 @@ def generate_screen(
     bar.close()
     index = build_index(pd.DataFrame(records), CHANNELS, tmp)
     index.write(tmp / "index.parquet")
-    cells = pd.concat(cell_tables, ignore_index=True)
+    # fields without cells add no rows (pandas warns about concatenating empty frames)
+    cells = pd.concat([t for t in cell_tables if len(t)] or cell_tables[:1],
+                      ignore_index=True)
     meta_cols = [c for c in cells.columns if c.startswith("Metadata_")]
     cells = cells[meta_cols + [c for c in cells.columns if c not in meta_cols]]
     cells = cells.rename(columns={"object": "Metadata_object"})
