@@ -17,7 +17,7 @@ from morphoprof.models.training import ImageClassifier
 class FineTuneConfig(ModelSection):
     """Network and optimiser: the ``model`` section's timm ``name``, ``weights`` (auto |
     offline | imagenet | random | checkpoint path) and dropout before the head, with the
-    ``train`` section's AdamW ``lr`` and ``weight_decay`` and the config's ``multilabel``;
+    ``train`` section's Adam ``lr`` and ``weight_decay`` and the config's ``multilabel``;
     every default is the training config's."""
 
     lr: float = TrainSection.model_fields["lr"]

@@ -115,8 +115,8 @@ class TrainSection(Settings):
 
     epochs: int = Field(10, ge=1, description="training epochs")
     batch_size: int = Field(16, ge=1, description="images per batch")
-    lr: float = Field(1e-4, gt=0, description="learning rate (AdamW)")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    lr: float = Field(1e-4, gt=0, description="learning rate (Adam)")
+    weight_decay: float = Field(0.0, ge=0, description="L2 weight decay (Adam's weight_decay)")
     patience: int = Field(5, ge=0, description="early-stopping patience, epochs (with "
                           "validation wells)")
     seed: int = Field(0, description="random seed")
@@ -125,7 +125,10 @@ class TrainSection(Settings):
     devices: int | str = Field(1, description="Lightning devices")
     num_nodes: int = Field(1, ge=1, description="Lightning nodes")
     strategy: str = Field("auto", description="Lightning strategy (auto, ddp, ...)")
-    precision: str = Field("auto", description="auto (bf16 on GPUs) or a Lightning precision")
+    precision: str = Field("auto", description="auto (bf16 on GPUs) or a Lightning precision "
+                           "(bf16-mixed also on CPUs with bf16 units, e.g. Intel AMX)")
+    channels_last: bool = Field(False, description="train in channels-last memory format "
+                                "(faster convolutions on CPUs, with bf16-mixed above all)")
 
 
 class CVSection(Settings):
@@ -214,8 +217,8 @@ class WeakTrainSection(TrainSection):
     """``train`` of a weak config: :class:`TrainSection` with a single-cell batch and rate."""
 
     batch_size: int = Field(64, ge=1, description="cells per batch")
-    lr: float = Field(1e-3, gt=0, description="learning rate (AdamW)")
-    weight_decay: float = Field(1e-5, ge=0, description="AdamW weight decay")
+    lr: float = Field(1e-3, gt=0, description="learning rate (Adam)")
+    weight_decay: float = Field(1e-5, ge=0, description="L2 weight decay (Adam's weight_decay)")
 
 
 class WeakFeaturesSection(Settings):

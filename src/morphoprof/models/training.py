@@ -39,7 +39,11 @@ class ImageClassifier(L.LightningModule):
         self.lr, self.weight_decay = lr, weight_decay
         self.multilabel, self.mil_weight = multilabel, mil_weight
 
+    channels_last = False  # set by :func:`fit` from ``train.channels_last``
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         out = self.net(x)
         return out if isinstance(out, dict) else {"logits": out}
 
@@ -149,6 +153,9 @@ def fit(
     ]
     if val_loader is not None and cfg.patience > 0:
         callbacks.append(EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min"))
+    if cfg.channels_last:
+        module.channels_last = True
+        module.to(memory_format=torch.channels_last)
     precision = cfg.precision if cfg.precision != "auto" else (
         "bf16-mixed" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "32-true")
     trainer = L.Trainer(
