@@ -16,7 +16,7 @@ training). Field labels only.
   maps of that stage's input (``mil.unfreeze_last_stage``).
 - ``kraus`` trunk: the paper's network layer for layer, random init, trained end to end on
   224-px random crops with flips / rotations for KRAUS_EPOCHS epochs, in bf16 on the CPU's
-  bf16 units and channels-last memory (kraus_train_settings; 2.6x fp32 on an AMX Xeon in
+  bf16 units and channels-last memory (kraus_train_settings; 2.4-2.6x fp32 on an AMX Xeon in
   train_precision.py).
 - A treatment's MoA: the median over its wells of the well-mean probabilities (Kraus).
 
@@ -83,7 +83,7 @@ cv: {{group: Metadata_compound, folds: 3, aggregate: median, alpha: 0.1}}
 
 def kraus_train_settings() -> str:
     """Kraus's network trains end to end in channels-last memory, and in bf16 where the CPU has
-    bf16 units (AMX / AVX512-BF16: 2.6x fp32's images/s on this project's Xeon; emulated bf16
+    bf16 units (AMX / AVX512-BF16: 2.4-2.6x fp32's images/s on this project's Xeon; emulated bf16
     elsewhere would be slower, so fp32 there)."""
     import torch
 

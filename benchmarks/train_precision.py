@@ -1,6 +1,8 @@
-"""How fast ``train mil`` / ``train finetune`` train a network end to end on this CPU, by memory
-format and precision: images/s of ``fit()`` (the trainers' Lightning loop) for Kraus's network
-(the ``kraus`` trunk, 1000 hidden units, Noisy-AND) on random 224-px crops of real 6-MoA fields.
+"""How fast ``train mil`` / ``train finetune`` train on this CPU, by memory format and precision:
+images/s of ``fit()`` (the trainers' Lightning loop) for Kraus's network (the ``kraus`` trunk,
+1000 hidden units, Noisy-AND) on random 224-px crops of real 6-MoA fields, and for
+EfficientNet-Lite0's last stage + the MIL head on the cached maps of that stage's input
+(``mil.unfreeze_last_stage``: small maps, depthwise convolutions).
 
 Settings, one after the other in one process (the same images, seed and batches):
 fp32 NCHW (the default), fp32 channels-last (``train.channels_last: true``), and bf16-mixed
@@ -18,6 +20,8 @@ import platform
 import sys
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "bbbc021" / "fields_6moa"
@@ -53,52 +57,90 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def networks(fields: np.ndarray, y: np.ndarray, k: int) -> dict:
+    """``{name: (make_module, dataset, what)}``: Kraus's network on 224-px crops of the fields,
+    and Lite0's last stage + MIL head on the cached maps of that stage's input (14x14 crops of
+    the 16x16 maps, as ``mil.unfreeze_last_stage`` trains)."""
+    import torch
+
+    from morphoprof.models.data import ImageTensorDataset
+    from morphoprof.models.mil import LastStageHead, MILConfig, MILHead, MILNet, TimmTrunk
+    from morphoprof.models.training import ImageClassifier
+
+    mean, std = fields.mean((0, 2, 3)), fields.std((0, 2, 3))
+
+    def kraus():
+        net = MILNet(MILConfig(n_classes=k, trunk="kraus", hidden=1000, pooling="noisy_and"))
+        return ImageClassifier(net, lr=1e-3)
+
+    lite = MILConfig(n_classes=k, trunk="tf_efficientnet_lite0", stage=3, weights="auto",
+                     hidden=256, pooling="noisy_and")
+    trunk = TimmTrunk(lite)
+    m = torch.tensor(trunk.mean)[:, None, None]
+    s = torch.tensor(trunk.std)[:, None, None]
+    with torch.no_grad():
+        maps = torch.cat([trunk.forward_prefix((torch.from_numpy(b) - m) / s)
+                          for b in np.array_split(fields, max(1, len(fields) // 32))])
+
+    def last_stage():
+        import copy
+
+        head = MILHead(lite, trunk.out_channels)
+        return ImageClassifier(LastStageHead(copy.deepcopy(trunk.last_stage), head), lr=1e-3)
+
+    return {
+        "kraus": (kraus, ImageTensorDataset(fields, y, augment=True, crop=224, mean=mean,
+                                            std=std),
+                  "kraus trunk + 1x1x1000 head (50% dropout) + Noisy-AND + FC, from scratch, "
+                  "on random 224-px crops of the 256-px fields, flips / turns"),
+        "lite0_last_stage": (last_stage, ImageTensorDataset(maps.numpy(), y, augment=True,
+                                                            crop=maps.shape[-1] - 2),
+                             "EfficientNet-Lite0's last stage (blocks.4, ImageNet) + 1x1x256 "
+                             "head + Noisy-AND + FC on random 14x14 crops of the fields' "
+                             f"{tuple(maps.shape[1:])} stage-input maps"),
+    }
+
+
 def main() -> int:
     import pandas as pd
     import torch
 
     from morphoprof.io_utils import write_json
-    from morphoprof.models.data import ImageTensorDataset
-    from morphoprof.models.mil import MILConfig, MILNet
     from morphoprof.models.settings import TrainSection
-    from morphoprof.models.training import ImageClassifier, fit
+    from morphoprof.models.training import fit
 
     if not DATA.is_dir():
         print(f"skipped: real data not found at {DATA}")
         return 0
     x, y, k = load_fields(N_IMAGES)
-    mean, std = x.mean((0, 2, 3)), x.std((0, 2, 3))
     native = any(getattr(torch.cpu, f, lambda: False)() for f in (
         "_is_amx_tile_supported", "_is_avx512_bf16_supported"))
     settings = [("fp32", "32-true", False), ("fp32_channels_last", "32-true", True)]
     if native:
         settings.append(("bf16_channels_last", "bf16-mixed", True))
-    runs = {}
-    for name, precision, cl in settings:
-        torch.manual_seed(0)
-        net = MILNet(MILConfig(n_classes=k, trunk="kraus", hidden=1000, pooling="noisy_and"))
-        module = ImageClassifier(net, lr=1e-3)
-        data = ImageTensorDataset(x, y, augment=True, crop=224, mean=mean, std=std)
-        cfg = TrainSection(epochs=EPOCHS, batch_size=BATCH, lr=1e-3, seed=0,
-                           accelerator="cpu", precision=precision, channels_last=cl)
-        with tempfile.TemporaryDirectory() as d:
-            info = fit(module, data, d, cfg)
-            loss = float(pd.read_csv(info["metrics_csv"])["train_loss"].dropna().iloc[-1])
-        n = info["train_batches_per_epoch"] * BATCH * EPOCHS
-        runs[name] = {"images_per_s": n / info["seconds"], "seconds": info["seconds"],
-                      "images": n, "precision": precision, "channels_last": cl,
-                      "final_train_loss": loss}
-        print(f"{name:20s} {runs[name]['images_per_s']:6.1f} images/s, loss {loss:.3f}",
-              flush=True)
-    base = runs["fp32"]["images_per_s"]
-    out = {
-        "network": "kraus trunk + 1x1x1000 head (50% dropout) + Noisy-AND + FC, from scratch",
-        "images": f"{N_IMAGES} real 6-MoA fields, random 224-px crops of 256 px, flips / turns",
-        "batch_size": BATCH, "epochs": EPOCHS, "threads": torch.get_num_threads(),
-        "cpu_bf16_units": native, "runs": runs,
-        "speedup_vs_fp32": {n: r["images_per_s"] / base for n, r in runs.items()},
-        "hardware": {"cpu": cpu_name(), "torch": torch.__version__},
-    }
+    out = {"images": f"{N_IMAGES} real 6-MoA fields", "batch_size": BATCH, "epochs": EPOCHS,
+           "threads": torch.get_num_threads(), "cpu_bf16_units": native, "networks": {},
+           "hardware": {"cpu": cpu_name(), "torch": torch.__version__}}
+    for net_name, (make, data, what) in networks(x, y, k).items():
+        runs = {}
+        for name, precision, cl in settings:
+            torch.manual_seed(0)
+            module = make()
+            cfg = TrainSection(epochs=EPOCHS, batch_size=BATCH, lr=1e-3, seed=0,
+                               accelerator="cpu", precision=precision, channels_last=cl)
+            with tempfile.TemporaryDirectory() as d:
+                info = fit(module, data, d, cfg)
+                loss = float(pd.read_csv(info["metrics_csv"])["train_loss"].dropna().iloc[-1])
+            n = info["train_batches_per_epoch"] * BATCH * EPOCHS
+            runs[name] = {"images_per_s": n / info["seconds"], "seconds": info["seconds"],
+                          "images": n, "precision": precision, "channels_last": cl,
+                          "final_train_loss": loss}
+            print(f"{net_name:17s} {name:19s} {runs[name]['images_per_s']:7.1f} images/s, "
+                  f"loss {loss:.3f}", flush=True)
+        base = runs["fp32"]["images_per_s"]
+        out["networks"][net_name] = {
+            "network": what, "runs": runs,
+            "speedup_vs_fp32": {n: r["images_per_s"] / base for n, r in runs.items()}}
     write_json(RESULTS, out)
     print(f"wrote {RESULTS}")
     return 0
