@@ -13,7 +13,8 @@ training). Field labels only.
   pooling, FC) for EPOCHS epochs on random 14x14 crops of the maps (224 px of the field);
   noisy_and_hidden1000 repeats Noisy-AND with Kraus's 1000 hidden units;
   noisy_and_last_stage trains the trunk's last stage (blocks.4) with the head, on the cached
-  maps of that stage's input (``mil.unfreeze_last_stage``).
+  maps of that stage's input (``mil.unfreeze_last_stage``), in channels-last memory (1.2x fp32
+  NCHW in train_precision.py; bf16 is slower there).
 - ``kraus`` trunk: the paper's network layer for layer, random init, trained end to end on
   224-px random crops with flips / rotations for KRAUS_EPOCHS epochs, in bf16 on the CPU's
   bf16 units and channels-last memory (kraus_train_settings; 2.4-2.6x fp32 on an AMX Xeon in
@@ -105,7 +106,8 @@ def config(name: str) -> str:
         hidden=1000 if name in WIDE else HIDDEN,
         jacobian=4 if name in ("noisy_and", "noisy_and_last_stage") else 0,
         epochs=KRAUS_EPOCHS if kraus else EPOCHS,
-        fast=",\n       " + kraus_train_settings() if kraus else "")
+        fast=",\n       " + (kraus_train_settings() if kraus else "channels_last: true")
+        if kraus or last else "")
 
 
 def run(name: str, text: str, resume: bool):
