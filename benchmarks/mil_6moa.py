@@ -86,12 +86,9 @@ def kraus_train_settings() -> str:
     """Kraus's network trains end to end in channels-last memory, and in bf16 where the CPU has
     bf16 units (AMX / AVX512-BF16: 2.4-2.6x fp32's images/s on this project's Xeon; emulated bf16
     elsewhere would be slower, so fp32 there)."""
-    import torch
+    from train_precision import cpu_bf16_units
 
-    cpu = torch.cpu
-    native = any(getattr(cpu, f, lambda: False)() for f in (
-        "_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-    return "channels_last: true" + (", precision: bf16-mixed" if native else "")
+    return "channels_last: true" + (", precision: bf16-mixed" if cpu_bf16_units() else "")
 
 
 def config(name: str) -> str:

@@ -16,6 +16,7 @@ ends near the same loss).
 
 from __future__ import annotations
 
+import copy
 import platform
 import sys
 import tempfile
@@ -32,19 +33,26 @@ BATCH = 16
 
 
 def load_fields(n: int):
-    """The first ``n`` 6-MoA fields (every k-th, across plates) as ``(n, 3, 256, 256)`` float32 in
-    [0, 1] and their MoA indices."""
-    import numpy as np
-    import pandas as pd
-    from PIL import Image
+    """``n`` 6-MoA fields (every k-th row of the imported index) as ``(n, 3, 256, 256)`` float32
+    in [0, 1], read by the project's importer, and their MoA indices and class count."""
+    from morphoprof.index import import_fields_6moa
+    from morphoprof.models.data import load_images
 
-    table = pd.read_csv(DATA / "labels.csv", sep=";", index_col=0)
-    rows = table.iloc[:: max(1, len(table) // n)][:n]
-    classes = sorted(table["moa"].unique())
-    x = np.stack([np.asarray(Image.open(DATA / "images" / f"bbbc021v1_{i}.png"),
-                             dtype=np.float32).transpose(2, 0, 1) / 255 for i in rows.index])
-    y = rows["moa"].map({c: k for k, c in enumerate(classes)}).to_numpy()
-    return x, y, len(classes)
+    index = import_fields_6moa(DATA)
+    rows = np.arange(0, len(index), max(1, len(index) // n))[:n]
+    moa = index.table["Metadata_moa"].astype(str)
+    classes = sorted(moa.unique())
+    y = moa.map({c: k for k, c in enumerate(classes)}).to_numpy()[rows]
+    return load_images(index, rows, size=256, normalization="none", scale=255), y, len(classes)
+
+
+def cpu_bf16_units() -> bool:
+    """Whether the CPU has bf16 units (AMX or AVX512-BF16), where bf16-mixed training is native
+    rather than emulated."""
+    import torch
+
+    return any(getattr(torch.cpu, f, lambda: False)() for f in (
+        "_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
 def cpu_name() -> str:
@@ -83,8 +91,6 @@ def networks(fields: np.ndarray, y: np.ndarray, k: int) -> dict:
                           for b in np.array_split(fields, max(1, len(fields) // 32))])
 
     def last_stage():
-        import copy
-
         head = MILHead(lite, trunk.out_channels)
         return ImageClassifier(LastStageHead(copy.deepcopy(trunk.last_stage), head), lr=1e-3)
 
@@ -113,8 +119,7 @@ def main() -> int:
         print(f"skipped: real data not found at {DATA}")
         return 0
     x, y, k = load_fields(N_IMAGES)
-    native = any(getattr(torch.cpu, f, lambda: False)() for f in (
-        "_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    native = cpu_bf16_units()
     settings = [("fp32", "32-true", False), ("fp32_channels_last", "32-true", True)]
     if native:
         settings.append(("bf16_channels_last", "bf16-mixed", True))
