@@ -1,8 +1,9 @@
 """How fast ``train mil`` / ``train finetune`` train on this CPU, by memory format and precision:
 images/s of ``fit()`` (the trainers' Lightning loop) for Kraus's network (the ``kraus`` trunk,
-1000 hidden units, Noisy-AND) on random 224-px crops of real 6-MoA fields, and for
+1000 hidden units, Noisy-AND) on random 224-px crops of real 6-MoA fields, for
 EfficientNet-Lite0's last stage + the MIL head on the cached maps of that stage's input
-(``mil.unfreeze_last_stage``: small maps, depthwise convolutions).
+(``mil.unfreeze_last_stage``: small maps, depthwise convolutions), and for the whole
+EfficientNet-Lite0 fine-tuned on 128-px fields as ``finetune_6moa.py`` trains it (Kensert).
 
 Settings, one after the other in one process (the same images, seed and batches):
 fp32 NCHW (the default), fp32 channels-last (``train.channels_last: true``), and bf16-mixed
@@ -30,11 +31,12 @@ RESULTS = HERE / "results" / "train_precision.json"
 N_IMAGES = 192
 EPOCHS = 2
 BATCH = 16
+FINETUNE_SIZE = 128  # finetune_6moa.py's field size
 
 
-def load_fields(n: int):
-    """``n`` 6-MoA fields (every k-th row of the imported index) as ``(n, 3, 256, 256)`` float32
-    in [0, 1], read by the project's importer, and their MoA indices and class count."""
+def load_fields(n: int, size: int = 256):
+    """``n`` 6-MoA fields (every k-th row of the imported index) as ``(n, 3, size, size)``
+    float32 in [0, 1], read by the project's importer, and their MoA indices and class count."""
     from morphoprof.index import import_fields_6moa
     from morphoprof.models.data import load_images
 
@@ -43,7 +45,7 @@ def load_fields(n: int):
     moa = index.table["Metadata_moa"].astype(str)
     classes = sorted(moa.unique())
     y = moa.map({c: k for k, c in enumerate(classes)}).to_numpy()[rows]
-    return load_images(index, rows, size=256, normalization="none", scale=255), y, len(classes)
+    return load_images(index, rows, size=size, normalization="none", scale=255), y, len(classes)
 
 
 def cpu_bf16_units() -> bool:
@@ -65,13 +67,15 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def networks(fields: np.ndarray, y: np.ndarray, k: int) -> dict:
+def networks(fields: np.ndarray, small: np.ndarray, y: np.ndarray, k: int) -> dict:
     """``{name: (make_module, dataset, what)}``: Kraus's network on 224-px crops of the fields,
-    and Lite0's last stage + MIL head on the cached maps of that stage's input (14x14 crops of
-    the 16x16 maps, as ``mil.unfreeze_last_stage`` trains)."""
+    Lite0's last stage + MIL head on the cached maps of that stage's input (14x14 crops of
+    the 16x16 maps, as ``mil.unfreeze_last_stage`` trains), and the whole Lite0 with a new
+    head on the ``small`` (128-px) copies of the fields, as ``train finetune`` trains it."""
     import torch
 
     from morphoprof.models.data import ImageTensorDataset
+    from morphoprof.models.finetune import FineTuneConfig, finetune_module
     from morphoprof.models.mil import LastStageHead, MILConfig, MILHead, MILNet, TimmTrunk
     from morphoprof.models.training import ImageClassifier
 
@@ -94,6 +98,13 @@ def networks(fields: np.ndarray, y: np.ndarray, k: int) -> dict:
         head = MILHead(lite, trunk.out_channels)
         return ImageClassifier(LastStageHead(copy.deepcopy(trunk.last_stage), head), lr=1e-3)
 
+    ft = FineTuneConfig(name="tf_efficientnet_lite0", weights="offline", drop_rate=0.2,
+                        lr=2e-4)
+    ft_mean, ft_std = finetune_module(ft, k)[1:]
+
+    def finetune():
+        return finetune_module(ft, k)[0]
+
     return {
         "kraus": (kraus, ImageTensorDataset(fields, y, augment=True, crop=224, mean=mean,
                                             std=std),
@@ -104,6 +115,11 @@ def networks(fields: np.ndarray, y: np.ndarray, k: int) -> dict:
                              "EfficientNet-Lite0's last stage (blocks.4, ImageNet) + 1x1x256 "
                              "head + Noisy-AND + FC on random 14x14 crops of the fields' "
                              f"{tuple(maps.shape[1:])} stage-input maps"),
+        "lite0_finetune": (finetune, ImageTensorDataset(small, y, augment=True, mean=ft_mean,
+                                                        std=ft_std),
+                           "EfficientNet-Lite0 (ImageNet) with a new 6-way head, trained end "
+                           f"to end on the fields at {small.shape[-1]} px, flips / turns (as "
+                           "finetune_6moa.py)"),
     }
 
 
@@ -119,6 +135,7 @@ def main() -> int:
         print(f"skipped: real data not found at {DATA}")
         return 0
     x, y, k = load_fields(N_IMAGES)
+    small = load_fields(N_IMAGES, FINETUNE_SIZE)[0]
     native = cpu_bf16_units()
     settings = [("fp32", "32-true", False), ("fp32_channels_last", "32-true", True)]
     if native:
@@ -126,7 +143,7 @@ def main() -> int:
     out = {"images": f"{N_IMAGES} real 6-MoA fields", "batch_size": BATCH, "epochs": EPOCHS,
            "threads": torch.get_num_threads(), "cpu_bf16_units": native, "networks": {},
            "hardware": {"cpu": cpu_name(), "torch": torch.__version__}}
-    for net_name, (make, data, what) in networks(x, y, k).items():
+    for net_name, (make, data, what) in networks(x, small, y, k).items():
         runs = {}
         for name, precision, cl in settings:
             torch.manual_seed(0)
