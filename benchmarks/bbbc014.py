@@ -18,6 +18,7 @@ fields (A01 positive: the protein is nuclear; A12 negative: cytoplasmic).
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -163,7 +164,8 @@ def main() -> int:
     print(f"mil (frozen Lite0 + Noisy-AND), 10 epochs: test-tile accuracy "
           f"{mil['image_accuracy']:.3f} ({mil['train_seconds']:.0f} s)", flush=True)
     write_json(RESULTS, {
-        "dataset": f"{DATA} (BBBC014 wells A01 positive, A12 negative; 1024x1360, 2 channels)",
+        "dataset": f"{os.path.relpath(DATA, HERE.parent)} (BBBC014 wells A01 positive, A12 "
+                   "negative; 1024x1360, 2 channels)",
         "tiles": {"size": TILE, "stride": STRIDE, "n": ft["n_images"],
                   "split": "2 folds; each holds out the left or right half of both fields, so "
                            "no test tile overlaps a training tile"},

@@ -16,6 +16,7 @@ epochs (Kensert trained full-size images for many more epochs on a GPU).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -60,7 +61,8 @@ def main() -> int:
     transfer = HERE / "results" / "transfer_6moa.json"
     nsc = json.loads(transfer.read_text())["nsc"] if transfer.is_file() else None
     out = {
-        "dataset": str(DATA), "model": "tf_efficientnet_lite0", "image_size": SIZE,
+        "dataset": os.path.relpath(DATA, HERE.parent), "model": "tf_efficientnet_lite0",
+        "image_size": SIZE,
         "epochs": EPOCHS, "folds": 3, "cv": "compound-grouped, stratified by MoA",
         "treatment_accuracy": pre["treatment_accuracy"],
         "treatment_accuracy_random_init": rnd["treatment_accuracy"],

@@ -41,6 +41,7 @@ NAME: a pooling, noisy_and_hidden1000, noisy_and_last_stage or kraus.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -351,7 +352,8 @@ def main() -> int:
         cache = old.get("trunk_cache_seconds") or next(
             (t.get("cache_seconds") for t in trunks.values() if t.get("frozen")), None)
     out = {
-        "dataset": str(DATA), "image_size": 256, "train_crop": 224, "folds": 3,
+        "dataset": os.path.relpath(DATA, HERE.parent), "image_size": 256, "train_crop": 224,
+        "folds": 3,
         "cv": "compound-grouped, stratified by MoA (as finetune_6moa.py)",
         "epochs": {"pretrained_head": EPOCHS, "kraus": KRAUS_EPOCHS},
         "kraus_train": kraus_train_settings(),

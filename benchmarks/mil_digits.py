@@ -17,6 +17,7 @@ images).
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -137,7 +138,7 @@ def main() -> int:
                             f"{classes[y[i]]}, {table['Metadata_zeros'][i]} zeros)")
 
     write_json(RESULTS, {
-        "dataset": f"{DATA} (10,000 real MNIST digits)",
+        "dataset": f"{os.path.relpath(DATA, HERE.parent)} (10,000 real MNIST digits)",
         "canvases": {"size": dcfg.size, "digits_per_canvas": dcfg.n_digits,
                      "class_d_holds": "10*d digits d, the rest zeros",
                      "train": int(len(train)), "test": int(len(test)), "seed": dcfg.seed},

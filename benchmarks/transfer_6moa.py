@@ -14,6 +14,7 @@ not normalised again.
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -54,7 +55,8 @@ def main() -> int:
         "random_init": (TransferConfig(), random),
         "intermediate": (TransferConfig(layer=INTERMEDIATE), pretrained),
     }
-    out: dict = {"dataset": str(DATA), "n_fields": len(index), "model": "tf_efficientnet_lite0",
+    out: dict = {"dataset": os.path.relpath(DATA, HERE.parent), "n_fields": len(index),
+                 "model": "tf_efficientnet_lite0",
                  "weights": pretrained.weights, "intermediate_layer": INTERMEDIATE, "variants": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, (cfg, backbone) in variants.items():

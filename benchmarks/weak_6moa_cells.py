@@ -125,7 +125,8 @@ def main() -> int:
 
     table = pd.read_parquet(cells)
     n_treatments = int(table.groupby(["Metadata_compound", "Metadata_concentration"]).ngroups)
-    result: dict = {"dataset": str(DATA), "n_cells": len(table), "n_treatments": n_treatments,
+    result: dict = {"dataset": os.path.relpath(DATA, HERE.parent), "n_cells": len(table),
+                    "n_treatments": n_treatments,
                     "n_compounds": int(table["Metadata_compound"].nunique()),
                     "n_moas": int(table["Metadata_moa"].nunique()),
                     "crop_size": 32, "cells_per_epoch": CELLS_PER_EPOCH,

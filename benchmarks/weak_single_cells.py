@@ -27,6 +27,7 @@ Reported:
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -163,7 +164,7 @@ def main() -> int:
         transfer = transfer_baseline(npz, csv, cells)
         metrics = pd.read_csv(folder / "weak" / "metrics.csv")
     result = {
-        "dataset": str(DATA), "n_cells": int(sum(s.cells.values())),
+        "dataset": os.path.relpath(DATA, HERE.parent), "n_cells": int(sum(s.cells.values())),
         "split": "train on replicates 1-2, test on replicate 3 (whole wells)",
         "cells": s.cells, "classes": list(s.classes), "model": "resnet18 (random init)",
         "epochs": s.epochs_run, "layer": s.layer, "mixup_alpha": s.mixup_alpha,
