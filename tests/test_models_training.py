@@ -60,6 +60,41 @@ def test_fit_writes_metrics_checkpoints_and_resumes_identically(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
+class RisingLoss(ImageClassifier):
+    """The MIL toy module with one more unit of loss every epoch: the monitored training loss
+    is lowest in epoch 0 and never improves after it."""
+
+    def loss(self, out, y):
+        return super().loss(out, y) + float(self.current_epoch)
+
+
+def test_last_checkpoint_is_the_final_epoch_even_when_the_loss_rose(tmp_path):
+    """last.ckpt holds the final epoch's weights (what fit() leaves in the module and what a
+    resume continues from), best.ckpt the epoch of the lowest loss; Lightning's own save_last
+    wrote last.ckpt only in improving epochs, so here it would have stayed at epoch 0."""
+    x, y = toy_data()
+    torch.manual_seed(0)
+    module = RisingLoss(mil_module().net, lr=3e-3)
+    info = fit(module, ImageTensorDataset(x, y), tmp_path, TrainSection(epochs=3, batch_size=16,
+                                                                        seed=3))
+    losses = pd.read_csv(info["metrics_csv"]).dropna(subset=["train_loss"])["train_loss"]
+    assert losses.is_monotonic_increasing
+    last = torch.load(info["last_checkpoint"], map_location="cpu", weights_only=False)
+    best = torch.load(info["best_checkpoint"], map_location="cpu", weights_only=False)
+    assert (last["epoch"], best["epoch"]) == (2, 0)
+    final = state(module)
+    for k, v in last["state_dict"].items():
+        torch.testing.assert_close(v, final[k], rtol=0, atol=0, msg=k)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best.ckpt",
+                                                                           "last.ckpt"]
+    # Extended to 4 epochs, the run resumes from epoch 2's end and trains only epoch 3.
+    again = fit(RisingLoss(mil_module().net, lr=3e-3), ImageTensorDataset(x, y), tmp_path,
+                TrainSection(epochs=4, batch_size=16, seed=3))
+    assert again["resumed_from"] == info["last_checkpoint"]
+    epochs = pd.read_csv(again["metrics_csv"]).dropna(subset=["train_loss"])["epoch"]
+    assert list(epochs) == [0, 1, 2, 3]
+
+
 def test_channels_last_trains_the_same_network(tmp_path):
     """``train.channels_last`` only changes the memory layout: the convolutions' weights are
     stored channels-last and the run ends where the NCHW run does (up to float rounding)."""

@@ -108,6 +108,27 @@ def _keep_earlier_epochs(metrics_csv: Path, earlier: pd.DataFrame) -> None:
         merged.to_csv(tmp, index=False)
 
 
+def _callbacks(cfg: TrainSection, ckpt_dir: Path, validated: bool) -> list:
+    """The epoch seed, best.ckpt (lowest validation loss, else training loss), last.ckpt
+    (every epoch) and, with validation and ``cfg.patience``, early stopping."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    # Two checkpoints: Lightning's save_last writes last.ckpt only in epochs that also improve
+    # the monitored loss, so a run whose loss rose at its end would resume (and be read back)
+    # from an earlier epoch. A second, unmonitored checkpoint overwrites last.ckpt every epoch.
+    callbacks = [
+        EpochSeed(cfg.seed),
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", mode="min", every_n_epochs=1,
+                        monitor="val_loss" if validated else "train_loss",
+                        enable_version_counter=False),
+        ModelCheckpoint(dirpath=ckpt_dir, filename="last", every_n_epochs=1,
+                        enable_version_counter=False),
+    ]
+    if validated and cfg.patience > 0:
+        callbacks.append(EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min"))
+    return callbacks
+
+
 def fit(
     module: L.LightningModule,
     train: Dataset | DataLoader,
@@ -118,7 +139,8 @@ def fit(
     """Train ``module`` on ``train`` (a Dataset, served in epoch-keyed shuffled batches, or a
     ready DataLoader whose sampler is epoch-keyed and rank-aware), validating on ``val`` each
     epoch, writing to ``out_dir``:
-    ``checkpoints/last.ckpt`` (every epoch), ``checkpoints/best.ckpt`` (lowest validation loss)
+    ``checkpoints/last.ckpt`` (every epoch), ``checkpoints/best.ckpt`` (lowest validation loss;
+    training loss without ``val``)
     and ``metrics.csv`` (per-epoch metrics). A run whose ``last.ckpt`` exists resumes from it, so
     an interrupted or extended run (more epochs) continues where it stopped.
 
@@ -127,7 +149,6 @@ def fit(
         "resumed_from", "global_rank", "world_size", "train_batches_per_epoch"}`` (batches
         of this process).
     """
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
     cfg = cfg or TrainSection()
@@ -145,14 +166,7 @@ def fit(
                                   persistent_workers=cfg.num_workers > 0)
     val_loader = (DataLoader(val, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
                   if val is not None and len(val) else None)
-    monitor = "val_loss" if val_loader is not None else "train_loss"
-    callbacks = [
-        EpochSeed(cfg.seed),
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="min",
-                        save_last=True, every_n_epochs=1),
-    ]
-    if val_loader is not None and cfg.patience > 0:
-        callbacks.append(EarlyStopping(monitor="val_loss", patience=cfg.patience, mode="min"))
+    callbacks = _callbacks(cfg, ckpt_dir, val_loader is not None)
     if cfg.channels_last:
         module.channels_last = True
         module.to(memory_format=torch.channels_last)
