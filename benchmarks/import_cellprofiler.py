@@ -8,6 +8,10 @@ with new TableNumber / ImageNumber and wells spread over a 96-well plate until t
 >= TARGET_GB. Each tool runs in its own process; its peak resident memory is that process's
 ``ru_maxrss`` (children included).
 
+How the import scales: morphoprof also imports a file of half the size (HALF_GB, the same
+image sets fewer times) and the full one with ``--chunk-size`` 10000; ``scaling`` gives seconds
+per GB at both sizes (equal per-GB times: time in step with the file).
+
     python benchmarks/import_cellprofiler.py   # writes results/import_cellprofiler.json
 """
 
@@ -30,6 +34,7 @@ RESULTS = HERE / "results" / "import_cellprofiler.json"
 WORK = Path(os.environ.get("MORPHOPROF_BENCH", tempfile.gettempdir())) / "morphoprof_bench" / \
     "import_cellprofiler"
 TARGET_GB = 2.0
+HALF_GB = 1.0
 TIMEOUT_S = 1500
 
 MEASURE = """
@@ -112,16 +117,28 @@ def main() -> int:
     info["build_seconds"] = time.perf_counter() - t0
     print(f"wrote {big}: {info['size_gb']:.2f} GB, {info['image_sets']} image sets", flush=True)
     exe = str(Path(sys.executable).parent / "morphoprof")
-    ours = measure([exe, "import", "cellprofiler", str(big), "--out", str(WORK / "ours")])
-    if ours["rc"] == 0:
-        ours["rows"] = json.loads((WORK / "ours" / "import.json").read_text())["rows"]
-    print(f"morphoprof: {ours}", flush=True)
+
+    def ours_on(path: Path, name: str, *extra: str) -> dict:
+        run = measure([exe, "import", "cellprofiler", str(path), "--out", str(WORK / name),
+                       *extra])
+        if run["rc"] == 0:
+            run["rows"] = json.loads((WORK / name / "import.json").read_text())["rows"]
+        print(f"morphoprof {name}: { {k: v for k, v in run.items() if k != 'stderr'} }",
+              flush=True)
+        return run
+
+    ours = ours_on(big, "ours")
+    big_10k = ours_on(big, "ours_chunk10000", "--chunk-size", "10000")
+    half = WORK / "half.sqlite"
+    half_info = build(DATA, half, HALF_GB)
+    ours_half = ours_on(half, "ours_half")
+    half.unlink(missing_ok=True)
     ref = measure([sys.executable, "-c", PYCYTOMINER, str(big), str(WORK / "pycytominer.parquet")])
     if ref.get("rc") == 0:
         ref["rows"] = int(ref["stdout"].strip().splitlines()[-1])
     print(f"pycytominer: {ref}", flush=True)
-    result = {"source": str(DATA), "file": info, "seconds": ours["seconds"],
-              "peak_mb": ours["peak_mb"], "rows": ours.get("rows"),
+    result = {"source": os.path.relpath(DATA, HERE.parent), "file": info,
+              "seconds": ours["seconds"], "peak_mb": ours["peak_mb"], "rows": ours.get("rows"),
               "morphoprof": {k: v for k, v in ours.items() if k not in ("stdout", "stderr")},
               "pycytominer_single_cells": {k: v for k, v in ref.items()
                                            if k not in ("stdout", "stderr")},
@@ -129,11 +146,19 @@ def main() -> int:
     if ref.get("seconds") and ours.get("seconds"):
         result["time_ratio_pycytominer_over_morphoprof"] = ref["seconds"] / ours["seconds"]
         result["memory_ratio_pycytominer_over_morphoprof"] = ref["peak_mb"] / ours["peak_mb"]
+    result["chunk_size_10000"] = {k: v for k, v in big_10k.items()
+                                  if k not in ("stdout", "stderr")}
+    result["scaling"] = {
+        "gb": [half_info["size_gb"], info["size_gb"]],
+        "seconds": [ours_half.get("seconds"), ours.get("seconds")],
+        "seconds_per_gb": [ours_half["seconds"] / half_info["size_gb"]
+                           if ours_half.get("seconds") else None,
+                           ours["seconds"] / info["size_gb"] if ours.get("seconds") else None]}
     if ours["rc"] != 0:
         result["morphoprof"]["stderr"] = ours["stderr"]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-    big.unlink(missing_ok=True)
+    shutil.rmtree(WORK, ignore_errors=True)  # the copies and every import written
     print(f"wrote {RESULTS}")
     return 0
 

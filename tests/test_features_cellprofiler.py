@@ -132,9 +132,10 @@ def test_small_chunks_and_join_pages_give_the_same_cells(tmp_path, monkeypatch):
     calls = []
     real = cp._subpages
 
-    def spy(files, lo, hi, rows):
-        out = real(files, lo, hi, rows)
-        calls.append(out)
+    def spy(ids, lo, hi, rows):
+        out = real(ids, lo, hi, rows)
+        if rows == 5:  # the join pages (not the blocks of pages read at once)
+            calls.append(out)
         return out
 
     monkeypatch.setattr(cp, "_JOIN_ROWS", 5)
@@ -150,3 +151,48 @@ def test_small_chunks_and_join_pages_give_the_same_cells(tmp_path, monkeypatch):
     assert len(small) == len(big) > 0 and not big.duplicated(key).any()
     pd.testing.assert_frame_equal(small.sort_values(key, ignore_index=True),
                                   big.sort_values(key, ignore_index=True), check_dtype=False)
+
+
+@needs_data
+def test_a_sqlite_is_split_into_parts_holding_every_row_once(tmp_path):
+    """The split that keeps CytoTable's reads linear: parts of at most ``rows`` rows of each
+    table CytoTable reads, together every row once and in order, with the declared schema."""
+    import morphoprof.features.cellprofiler as cp
+
+    src = SOURCES["cytominer-database"]
+    with sqlite3.connect(src) as con:
+        tables = [r[0] for r in con.execute("select name from sqlite_master where type='table'")]
+    big = tmp_path / "big.sqlite"
+    with sqlite3.connect(big) as con:  # three copies of each table: 6 rows, an extra table
+        con.execute(f"attach database '{src}' as src")
+        for t in tables:
+            sql = con.execute("select sql from src.sqlite_master where name = ?", (t,)).fetchone()
+            con.execute(sql[0])
+            for _ in range(3):
+                con.execute(f'insert into main."{t}" select * from src."{t}"')
+        con.execute("create table Experiment (key text, value text)")
+        con.execute("insert into Experiment values ('a', 'b')")
+    assert cp._split_sqlite(big, tmp_path / "parts", ("cells", "image"), rows=4)
+    parts = sorted((tmp_path / "parts").glob("part-*.sqlite"))
+    assert [p.name for p in parts] == ["part-00000.sqlite", "part-00001.sqlite"]
+    with sqlite3.connect(big) as con:
+        for t in ("Image", "Cells"):
+            want = con.execute(f'select * from "{t}" order by rowid').fetchall()
+            info = con.execute(f'pragma table_info("{t}")').fetchall()
+            got = []
+            for p in parts:
+                with sqlite3.connect(p) as part:
+                    rows = part.execute(f'select * from "{t}" order by rowid').fetchall()
+                    assert 0 < len(rows) <= 4
+                    assert part.execute(f'pragma table_info("{t}")').fetchall() == info
+                    got += rows
+            assert len(want) == 6 and got == want
+        with sqlite3.connect(parts[0]) as part:
+            kept = {r[0] for r in part.execute("select name from sqlite_master")}
+        assert kept == {"Image", "Cells"}  # Nuclei, Cytoplasm, Experiment: not targets
+    odd = tmp_path / "odd.sqlite"
+    with sqlite3.connect(odd) as con:
+        con.execute("create table Cells (ImageNumber int primary key, x real) without rowid")
+        con.execute("insert into Cells values (1, 0.5)")
+    assert not cp._split_sqlite(odd, tmp_path / "odd_parts", ("cells",), rows=4)
+    assert not (tmp_path / "odd_parts").exists()  # left to CytoTable as it is

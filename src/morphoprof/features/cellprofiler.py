@@ -27,6 +27,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from morphoprof import logs
 from morphoprof.errors import InputError
 from morphoprof.extras import require
 from morphoprof.index.platemap import read_platemap
@@ -44,7 +45,8 @@ _CANONICAL = {"plate": "Metadata_plate", "well": "Metadata_well", "site": "Metad
 _FILE_COLUMNS = ("FileName_", "PathName_", "URL_")
 # rows per CytoTable chunk by default (import_cellprofiler and import --chunk-size)
 CHUNK_SIZE = 5000
-_JOIN_ROWS = 1000  # objects per joined page and per written batch (~15 MB at 1,800 columns)
+_JOIN_ROWS = 2500  # objects per joined page and per written batch (~36 MB at 1,800 columns)
+_BLOCK_PAGES = 2  # join pages per block of every table read at once
 
 
 def detect_kind(path: str | Path) -> str:
@@ -161,12 +163,13 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
             name).
         platemap: CSV with one row per well (``platemap_well`` column) whose other columns
             are joined to every cell as ``Metadata_<column>`` (pycytominer's annotate).
-        chunk_size: rows per CytoTable chunk of each table. Memory grows with it (on a 2.2 GB
-            cytominer-database SQLite, ~1,800 features: 0.74 GB peak at 5000, 0.93 GB at
-            10000); time falls with it, as every chunk of a SQLite table is one scan of the
-            whole table (DuckDB's sqlite scanner does not hand the filter to SQLite), so time
-            grows with the square of the file (227 s at 5000 and 149 s at 10000 on that file,
-            796 s at 1000).
+        chunk_size: rows per CytoTable chunk of each table; memory grows with it. A SQLite is
+            first split into part files of ``chunk_size`` rows of each table
+            (:func:`_split_sqlite`), so each chunk is one read of a small file and time grows
+            in step with the file (CytoTable reading a chunk straight from a large SQLite scans
+            the whole table, as DuckDB's sqlite scanner does not hand the filter to SQLite:
+            time grew with the square of the file). Needs free space in ``out`` about the size
+            of the SQLite while it runs.
 
     Returns:
         The :class:`CellProfilerImport` (also ``out/import.json``).
@@ -280,6 +283,7 @@ def _convert(source: Path, dest: Path, preset: str, chunk_size: int) -> list[Pat
     require("parsl")
     import cytotable
     import cytotable.presets
+    import pyarrow as pa
     from parsl.config import Config
     from parsl.executors import ThreadPoolExecutor
 
@@ -294,17 +298,110 @@ def _convert(source: Path, dest: Path, preset: str, chunk_size: int) -> list[Pat
                                                   label=f"morphoprof-{uuid.uuid4().hex[:8]}")],
                     run_dir=str(dest / "runinfo"))
     tables = dest / "tables"
+    targets = (*preset_config["CONFIG_NAMES_COMPARTMENTS"], *preset_config["CONFIG_NAMES_METADATA"])
+    parts = dest / "parts"
+    read_from = parts if source.is_file() and _split_sqlite(source, parts, targets,
+                                                            chunk_size) else source
     try:
-        cytotable.convert(source_path=str(source), dest_path=str(tables),
+        # add_tablenumber=False: CytoTable would tell the part files apart by a checksum
+        # column (it does so for several image tables); one SQLite gets none either way
+        cytotable.convert(source_path=str(read_from), dest_path=str(tables),
                           dest_datatype="parquet", preset=preset, chunk_size=chunk_size,
-                          page_keys=page_keys, join=False, concat=False, parsl_config=config)
+                          page_keys=page_keys, join=False, concat=False, parsl_config=config,
+                          add_tablenumber=False)
     except Exception as exc:  # CytoTable / DuckDB errors carry their own message
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{source}: CytoTable ({preset}) could not convert it: {first}") from exc
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
     files = _paged_join(preset_config["CONFIG_JOINS"], tables, dest / "joined", _JOIN_ROWS)
+    pa.default_memory_pool().release_unused()  # the join's buffers, before the write
     if not files:
         raise InputError(f"{source}: CytoTable ({preset}) found no objects to join")
     return files
+
+
+_CREATE_TABLE = re.compile(r'^\s*CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?'
+                           r'(?:"(?:[^"]|"")+"|\[[^\]]+\]|`[^`]+`|[^\s(]+)', re.IGNORECASE)
+
+
+def _split_sqlite(source: Path, dest: Path, targets: tuple[str, ...], rows: int) -> bool:
+    """Copy ``source``'s tables that CytoTable reads into SQLite files of at most ``rows`` rows
+    of each table, ``dest/part-00000.sqlite``..., reading every table once in rowid order.
+
+    CytoTable reads a chunk of a SQLite table with a filter on its page key, which DuckDB's
+    sqlite scanner does not hand to SQLite: every chunk read the whole table, so an import took
+    time growing with the square of the file. Each part file is one chunk, read in one scan of
+    the part. The tables kept are those whose name holds one of ``targets`` (CytoTable's rule),
+    with their declared schema. Needs free space about the size of those tables in ``dest``.
+
+    Returns:
+        False (nothing kept in ``dest``) when a table has no rowid (``WITHOUT ROWID``): such a
+        file is left to CytoTable as it is.
+    """
+    try:
+        con = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+        found = con.execute("select name, sql from sqlite_master where type = 'table'").fetchall()
+        keep = {n: sql for n, sql in found if any(t.lower() in n.lower() for t in targets)}
+        chunks = {n: _rowid_chunks(con, n, rows) for n in keep}
+    except sqlite3.OperationalError as exc:
+        if "rowid" in str(exc):
+            return False
+        raise InputError(f"{source}: cannot read it as SQLite ({exc})") from exc
+    except sqlite3.DatabaseError as exc:
+        raise InputError(f"{source}: cannot read it as SQLite ({exc})") from exc
+    n_parts = max([len(c) for c in chunks.values()] + [0])
+    if n_parts == 0:
+        con.close()
+        return False
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        for k in logs.progress_bar(range(n_parts), desc="splitting", unit="part"):
+            _write_part(con, dest / f"part-{k:05d}.sqlite", keep,
+                        {n: c[k] for n, c in chunks.items() if k < len(c)})
+    except (OSError, sqlite3.DatabaseError) as exc:
+        raise InputError(f"cannot write {dest}: {exc}") from exc
+    finally:
+        con.close()
+    return True
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _rowid_chunks(con, table: str, rows: int) -> list[tuple[int, int]]:
+    """``table``'s rowids cut into (first, last) ranges of ``rows`` rows (one pass over its
+    rowids, in order)."""
+    chunks, first, last, n = [], None, None, 0
+    for (rowid,) in con.execute(f"select rowid from {_quote(table)} order by rowid"):
+        if n == 0:
+            first = rowid
+        last, n = rowid, n + 1
+        if n == rows:
+            chunks.append((first, last))
+            n = 0
+    if n:
+        chunks.append((first, last))
+    return chunks
+
+
+def _write_part(con, part: Path, schemas: dict[str, str],
+                ranges: dict[str, tuple[int, int]]) -> None:
+    """The rows of each table in ``ranges`` (first, last rowid) into a new SQLite ``part``,
+    with the table's declared schema (``schemas``: its ``CREATE TABLE`` statement)."""
+    con.execute("attach database ? as part", (str(part),))
+    try:
+        con.execute("pragma part.journal_mode = off")
+        con.execute("pragma part.synchronous = off")
+        for name, (first, last) in ranges.items():
+            con.execute(_CREATE_TABLE.sub(f"CREATE TABLE part.{_quote(name)}", schemas[name],
+                                          count=1))
+            con.execute(f"insert into part.{_quote(name)} select * from main.{_quote(name)} "
+                        "where rowid between ? and ?", (first, last))
+        con.commit()
+    finally:
+        con.execute("detach database part")
 
 
 _READ_PARQUET = re.compile(r"read_parquet\('([\w.-]+)\.parquet'\)")
@@ -341,34 +438,68 @@ def _read_page(files: list[Path], lo: int, hi: int):
     return pa.concat_tables(parts, promote_options="permissive")
 
 
-def _subpages(files: list[Path], lo: int, hi: int, rows: int) -> list[tuple[int, int]]:
-    """``[lo, hi]`` cut at image boundaries into ranges of about ``rows`` objects of ``files``
-    (reading only their ``Metadata_ImageNumber`` column)."""
+def _subpages(ids, lo: int, hi: int, rows: int) -> list[tuple[int, int]]:
+    """``[lo, hi]`` cut at image boundaries into ranges of about ``rows`` objects, from the
+    objects' image numbers ``ids`` (an array)."""
     import numpy as np
-    import pyarrow.parquet as pq
 
-    ids = np.sort(np.concatenate([
-        pq.read_table(f, columns=["Metadata_ImageNumber"], filters=_images(lo, hi)
-                      ).column(0).to_numpy() for f in files]))
+    ids = np.sort(np.asarray(ids))
     starts = np.unique(ids[::max(rows, 1)]) if len(ids) else np.array([lo])
     starts[0] = lo
     ends = np.append(starts[1:] - 1, hi)
     return [(int(a), int(b)) for a, b in zip(starts, ends)]
 
 
+def _image_numbers(files: list[Path], lo: int, hi: int):
+    """The ``Metadata_ImageNumber`` of ``files``' rows within ``[lo, hi]`` (an array), read
+    from that column only."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    return np.concatenate([pq.read_table(f, columns=["Metadata_ImageNumber"],
+                                         filters=_images(lo, hi)).column(0).to_numpy()
+                           for f in files])
+
+
+def _join_page(query: str, tables: dict):
+    """``query`` (a join over ``"page_<name>"``) run by DuckDB on the Arrow ``tables``, in
+    image order."""
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        con.execute("SET threads TO 2")
+        for name, table in tables.items():
+            con.register(f"page_{name}", table)
+        table = con.execute(query).to_arrow_table()
+    finally:
+        con.close()
+    return table.sort_by("Metadata_ImageNumber")  # pyarrow: less memory than DuckDB's sort
+
+
+def _slice(table, lo: int, hi: int):
+    """The rows of an Arrow ``table`` with ``lo <= Metadata_ImageNumber <= hi``."""
+    import pyarrow.compute as pc
+
+    ids = table.column("Metadata_ImageNumber")
+    if table.num_rows == 0 or (pc.min(ids).as_py() >= lo and pc.max(ids).as_py() <= hi):
+        return table  # all of it: no copy
+    return table.filter(pc.and_(pc.greater_equal(ids, lo), pc.less_equal(ids, hi)))
+
+
 def _paged_join(sql: str, tables: Path, out: Path, rows: int = 1000) -> list[Path]:
     """Run a CytoTable join statement page by page, every table filtered to the page.
 
     The pages are the first table's chunks (the cytoplasm, which the join starts from), cut
-    into runs of about ``rows`` objects at image boundaries. Each ``read_parquet('<table>.
-    parquet')`` of ``sql`` becomes that table's rows of the page, read from its chunk files
-    under ``tables/<table>/`` with pyarrow and handed to DuckDB as an Arrow table; the joined
-    page is written with pyarrow. Returns the page files, in image order; memory stays that of
-    a page of each table. (DuckDB reading these ~600-column Parquet files itself takes a
-    256 KiB buffer per column and thread, ~0.5 GB a page, and its allocator kept growing over
-    the pages: 2.2 GB peak on a 2.2 GB SQLite.)
+    into runs of about ``rows`` objects at image boundaries. Every table's rows of a block of
+    ``_BLOCK_PAGES`` pages are read at once from its chunk files under ``tables/<table>/`` with
+    pyarrow (a chunk file is read about once, not once per page); each ``read_parquet('<table>.
+    parquet')`` of ``sql`` becomes that table's rows of the page, handed to DuckDB as an Arrow
+    table; the joined page is written with pyarrow. Returns the page files, in image order;
+    memory stays that of a block of each table. (DuckDB reading these ~600-column Parquet
+    files itself takes a 256 KiB buffer per column and thread, ~0.5 GB a page, and its
+    allocator kept growing over the pages: 2.2 GB peak on a 2.2 GB SQLite.)
     """
-    import duckdb
     import pyarrow.parquet as pq
 
     names = list(dict.fromkeys(_READ_PARQUET.findall(sql)))
@@ -394,22 +525,17 @@ def _paged_join(sql: str, tables: Path, out: Path, rows: int = 1000) -> list[Pat
         # a table without these images: an empty page of it
         return found or ([chunks[name][0][2]] if chunks[name] else [])
 
-    pages = [sub for lo, hi in merged
-             for sub in _subpages(hits(names[0], lo, hi), lo, hi, rows)]
     out.mkdir(parents=True, exist_ok=True)
     query = _READ_PARQUET.sub(lambda m: f'"page_{m[1]}"', sql)
-    files = []
-    for k, (lo, hi) in enumerate(pages):
-        con = duckdb.connect()
-        con.execute("SET threads TO 2")
-        for name in names:
-            con.register(f"page_{name}", _read_page(hits(name, lo, hi), lo, hi))
-        table = con.execute(f"SELECT * FROM ({query}) ORDER BY Metadata_ImageNumber"
-                            ).to_arrow_table()
-        con.close()
-        if table.num_rows == 0:
-            continue
-        target = out / f"page-{k:06d}.parquet"
-        pq.write_table(table, target)
-        files.append(target)
+    files: list[Path] = []
+    for lo, hi in logs.progress_bar(merged, desc="joining", unit="chunk"):
+        ids = _image_numbers(hits(names[0], lo, hi), lo, hi)
+        # blocks of ~_BLOCK_PAGES pages: every table's rows of a block are read once
+        for blo, bhi in _subpages(ids, lo, hi, rows * _BLOCK_PAGES):
+            block = {name: _read_page(hits(name, blo, bhi), blo, bhi) for name in names}
+            for a, b in _subpages(ids[(ids >= blo) & (ids <= bhi)], blo, bhi, rows):
+                table = _join_page(query, {n: _slice(t, a, b) for n, t in block.items()})
+                if table.num_rows:
+                    files.append(out / f"page-{len(files):06d}.parquet")
+                    pq.write_table(table, files[-1])
     return files
