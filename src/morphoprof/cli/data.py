@@ -163,8 +163,8 @@ def _add_import(sub) -> None:
     s.add_argument("--overwrite", action="store_true", help="cellprofiler: replace an earlier "
                    "import in --out")
     s.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, help="cellprofiler: rows per "
-                   "CytoTable chunk; memory grows with it, time falls (2.2 GB SQLite: 0.74 GB "
-                   "peak and 227 s at 5000, 0.93 GB and 149 s at 10000)")
+                   "CytoTable chunk; memory grows with it, time falls a little (2.2 GB SQLite: "
+                   "0.93 GB peak and 93 s at 5000, 0.99 GB and 85 s at 10000)")
     s.add_argument("--preset", help="csv: a column preset (deepprofiler, cytomining)")
     s.add_argument("--field", action="append", help="csv: FIELD=COLUMN, e.g. plate=Plate "
                    "(repeatable)")

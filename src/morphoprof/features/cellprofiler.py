@@ -4,13 +4,15 @@ with ``TableNumber``), converted to morphoprof's single-cell Parquet.
 
 The engine is CytoTable (the cytomining project's converter): it joins the compartments per object
 as pycytominer's ``SingleCells`` does, in chunks through DuckDB, so a large SQLite never sits in
-memory. DuckDB downloads its ``sqlite_scanner`` / ``httpfs`` extensions at run time; here they come
-from their PyPI wheels (``duckdb-extension-*``, the same version as ``duckdb``), so the import
-works offline. CytoTable's output is then streamed once, in row batches, into ``cells.parquet``:
-image metadata become ``Metadata_plate`` / ``Metadata_well`` / ``Metadata_site`` (+ the other
-``Metadata_*``), file names metadata too, other image-level measurements are dropped, a plate map
-(CSV, joined on the well) adds treatment columns, and compartment features keep CellProfiler's
-names (``Cells_AreaShape_Area``...), so ``aggregate`` / ``evaluate`` run on it unchanged.
+memory. A SQLite is first split into part files of one chunk each, so that reading the chunks takes
+one pass over the file, not one per chunk. DuckDB downloads its ``sqlite_scanner`` / ``httpfs``
+extensions at run time; here they come from their PyPI wheels (``duckdb-extension-*``, the same
+version as ``duckdb``), so the import works offline. CytoTable's output is then streamed once, in
+row batches, into ``cells.parquet``: image metadata become ``Metadata_plate`` / ``Metadata_well`` /
+``Metadata_site`` (+ the other ``Metadata_*``), file names metadata too, other image-level
+measurements are dropped, a plate map (CSV, joined on the well) adds treatment columns, and
+compartment features keep CellProfiler's names (``Cells_AreaShape_Area``...), so ``aggregate`` /
+``evaluate`` run on it unchanged.
 """
 
 from __future__ import annotations
