@@ -196,3 +196,18 @@ def test_a_sqlite_is_split_into_parts_holding_every_row_once(tmp_path):
         con.execute("insert into Cells values (1, 0.5)")
     assert not cp._split_sqlite(odd, tmp_path / "odd_parts", ("cells",), rows=4)
     assert not (tmp_path / "odd_parts").exists()  # left to CytoTable as it is
+
+
+@needs_data
+def test_too_little_disk_for_the_split_is_one_error_and_leaves_nothing(tmp_path, monkeypatch):
+    import collections
+
+    import morphoprof.features.cellprofiler as cp
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(cp.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    out = tmp_path / "out"
+    with pytest.raises(InputError, match=rf"not enough free space in {out}: the import needs "
+                                         r"about 4\.0 MB .* 0\.0 MB free"):
+        import_cellprofiler(SOURCES["sqlite"], out)
+    assert list(out.iterdir()) == []  # no cells.parquet, no work folder left

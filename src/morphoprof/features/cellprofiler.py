@@ -302,6 +302,8 @@ def _convert(source: Path, dest: Path, preset: str, chunk_size: int) -> list[Pat
     tables = dest / "tables"
     targets = (*preset_config["CONFIG_NAMES_COMPARTMENTS"], *preset_config["CONFIG_NAMES_METADATA"])
     parts = dest / "parts"
+    if source.is_file():
+        _check_free_space(dest, source.stat().st_size)
     read_from = parts if source.is_file() and _split_sqlite(source, parts, targets,
                                                             chunk_size) else source
     try:
@@ -365,7 +367,23 @@ def _split_sqlite(source: Path, dest: Path, targets: tuple[str, ...], rows: int)
         raise InputError(f"cannot write {dest}: {exc}") from exc
     finally:
         con.close()
+    logger.info("split %s into %d part files of <= %d rows per table; CytoTable converts them",
+                source.name, n_parts, rows)
     return True
+
+
+def _check_free_space(work: Path, needed: int) -> None:
+    """InputError when the file system of ``work`` (a folder in the import's output folder) has
+    fewer than ``needed`` bytes free."""
+    free = shutil.disk_usage(work).free
+    if free < needed:
+        raise InputError(f"not enough free space in {work.parent}: the import needs about "
+                         f"{_size(needed)} while it runs (the SQLite split into parts), "
+                         f"{_size(free)} free")
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def _quote(name: str) -> str:
