@@ -1,8 +1,9 @@
 """Does a trunk trained end to end draw better Jacobian masks? A probe of issue 15's miss.
 
-``mil_6moa.py`` trains the Noisy-AND head on a frozen ImageNet EfficientNet-Lite0 trunk; its
-Jacobian masks score mean IU ~0.58 against the Otsu foreground (goal 0.70), and
-``jacobian_sanity.py`` shows the maps come from the frozen trunk. Kraus trained his network end
+``mil_6moa.py`` trains the Noisy-AND head on a frozen ImageNet EfficientNet-Lite0 trunk; when
+this probe was written its Jacobian masks scored mean IU ~0.58 against the Otsu foreground (goal
+0.70; 0.74 since the contrast-sensitive MRF), and ``jacobian_sanity.py`` shows the maps come from
+the frozen trunk. Kraus trained his network end
 to end, so the open question was whether training the trunk on the screen moves the maps
 towards the cells.
 
