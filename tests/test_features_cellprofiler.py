@@ -134,8 +134,7 @@ def test_small_chunks_and_join_pages_give_the_same_cells(tmp_path, monkeypatch):
 
     def spy(ids, lo, hi, rows):
         out = real(ids, lo, hi, rows)
-        if rows == 5:  # the join pages (not the blocks of pages read at once)
-            calls.append(out)
+        calls.append(out)
         return out
 
     monkeypatch.setattr(cp, "_JOIN_ROWS", 5)
@@ -155,8 +154,9 @@ def test_small_chunks_and_join_pages_give_the_same_cells(tmp_path, monkeypatch):
 
 @needs_data
 def test_a_sqlite_is_split_into_parts_holding_every_row_once(tmp_path):
-    """The split that keeps CytoTable's reads linear: parts of at most ``rows`` rows of each
-    table CytoTable reads, together every row once and in order, with the declared schema."""
+    """The split that keeps CytoTable's reads linear: parts of about ``rows`` rows of each
+    table CytoTable reads (cut where the image changes), together every row once and in order,
+    with the declared schema."""
     import morphoprof.features.cellprofiler as cp
 
     src = SOURCES["cytominer-database"]
@@ -190,6 +190,15 @@ def test_a_sqlite_is_split_into_parts_holding_every_row_once(tmp_path):
         with sqlite3.connect(parts[0]) as part:
             kept = {r[0] for r in part.execute("select name from sqlite_master")}
         assert kept == {"Image", "Cells"}  # Nuclei, Cytoplasm, Experiment: not targets
+    con = sqlite3.connect(":memory:")  # an image's objects stay in one part
+    con.execute("create table Cells (ImageNumber int, ObjectNumber int)")
+    con.executemany("insert into Cells values (?, ?)",
+                    [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3), (3, 1)])
+    assert cp._rowid_chunks(con, "Cells", 2) == [(1, 3), (4, 6), (7, 7)]
+    con.execute("create table Other (x int)")  # no ImageNumber: cut every 2 rows
+    con.executemany("insert into Other values (?)", [(1,), (1,), (1,)])
+    assert cp._rowid_chunks(con, "Other", 2) == [(1, 2), (3, 3)]
+    con.close()
     odd = tmp_path / "odd.sqlite"
     with sqlite3.connect(odd) as con:
         con.execute("create table Cells (ImageNumber int primary key, x real) without rowid")

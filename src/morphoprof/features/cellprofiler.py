@@ -48,7 +48,6 @@ _FILE_COLUMNS = ("FileName_", "PathName_", "URL_")
 # rows per CytoTable chunk by default (import_cellprofiler and import --chunk-size)
 CHUNK_SIZE = 5000
 _JOIN_ROWS = 2500  # objects per joined page and per written batch (~36 MB at 1,800 columns)
-_BLOCK_PAGES = 2  # join pages per block of every table read at once
 
 
 def detect_kind(path: str | Path) -> str:
@@ -176,8 +175,6 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
     Returns:
         The :class:`CellProfilerImport` (also ``out/import.json``).
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     path, out = Path(path), Path(out)
     kind = detect_kind(path)
@@ -192,9 +189,7 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
         raise InputError(f"cannot write to {out}: {exc}") from exc
     t0 = time.perf_counter()
     try:
-        converted = _convert(path, work, PRESETS[kind], chunk_size)
-        schema = pa.unify_schemas([pq.read_schema(f) for f in converted],
-                                  promote_options="permissive")
+        schema, pages = _convert(path, work, PRESETS[kind], chunk_size)
         names, dropped = _rename(schema.names)
         notes = [f"note: {path.name} has no plate metadata; Metadata_plate = "
                  f"{plate or path.stem!r}"] if "Metadata_plate" not in names.values() else []
@@ -202,9 +197,7 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
             notes.append(f"note: {path.name} has no well metadata; each image is its own well "
                          "(Metadata_well = image<ImageNumber>)")
         tmp = work / "cells.parquet"
-        batches = (b for f in converted for b in pq.ParquetFile(f).iter_batches(
-            batch_size=_JOIN_ROWS))
-        frames = (_cells_frame(b, schema.names, names, plate or path.stem, pm) for b in batches)
+        frames = (_cells_frame(t, schema.names, names, plate or path.stem, pm) for t in pages)
         rows, unmatched, written = _write_cells(frames, tmp, pm is not None)
         if rows is None:
             raise InputError(f"{path}: no objects to import")
@@ -270,22 +263,24 @@ def _cells_frame(batch, columns: list[str], names: dict, plate: str, platemap):
     return df[meta + [c for c in df.columns if c not in meta]]
 
 
-def _convert(source: Path, dest: Path, preset: str, chunk_size: int) -> list[Path]:
-    """CellProfiler tables -> joined Parquet chunks (in image order) under ``dest``.
+def _convert(source: Path, dest: Path, preset: str, chunk_size: int):
+    """CellProfiler tables -> (the joined schema, an iterator of joined Arrow pages in image
+    order), from Parquet chunks of each table under ``dest``.
 
+    A SQLite is first split into part files of one chunk of each table (:func:`_split_sqlite`).
     CytoTable converts each table (image, cells, nuclei, cytoplasm) to Parquet chunks, paged by
     image number, on a thread pool (a process pool costs ~10 s to start for no gain here;
     parsl's run records go in ``dest``, a temporary folder). The compartments are then joined
     here with CytoTable's own join SQL for the preset, one page of images at a time, every
-    table filtered to the page (:func:`_paged_join`). CytoTable's own join filters only the
-    cytoplasm to the page, so DuckDB hashed the whole cells / nuclei / image tables for every
-    page (2.2 GB peak on a 2.2 GB SQLite); its concatenation held the whole table too.
+    table filtered to the page (:func:`_paged_join`), as the caller reads the pages.
+    CytoTable's own join filters only the cytoplasm to the page, so DuckDB hashed the whole
+    cells / nuclei / image tables for every page (2.2 GB peak on a 2.2 GB SQLite); its
+    concatenation held the whole table too.
     """
     require("cytotable")
     require("parsl")
     import cytotable
     import cytotable.presets
-    import pyarrow as pa
     from parsl.config import Config
     from parsl.executors import ThreadPoolExecutor
 
@@ -318,11 +313,10 @@ def _convert(source: Path, dest: Path, preset: str, chunk_size: int) -> list[Pat
         raise InputError(f"{source}: CytoTable ({preset}) could not convert it: {first}") from exc
     finally:
         shutil.rmtree(parts, ignore_errors=True)
-    files = _paged_join(preset_config["CONFIG_JOINS"], tables, dest / "joined", _JOIN_ROWS)
-    pa.default_memory_pool().release_unused()  # the join's buffers, before the write
-    if not files:
+    schema, pages = _paged_join(preset_config["CONFIG_JOINS"], tables, _JOIN_ROWS)
+    if schema is None:
         raise InputError(f"{source}: CytoTable ({preset}) found no objects to join")
-    return files
+    return schema, pages
 
 
 _CREATE_TABLE = re.compile(r'^\s*CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?'
@@ -367,7 +361,8 @@ def _split_sqlite(source: Path, dest: Path, targets: tuple[str, ...], rows: int)
         raise InputError(f"cannot write {dest}: {exc}") from exc
     finally:
         con.close()
-    logger.info("split %s into %d part files of <= %d rows per table; CytoTable converts them",
+    logger.info("split %s into %d part files of about %d rows of each table; CytoTable converts "
+                "them",
                 source.name, n_parts, rows)
     return True
 
@@ -391,16 +386,20 @@ def _quote(name: str) -> str:
 
 
 def _rowid_chunks(con, table: str, rows: int) -> list[tuple[int, int]]:
-    """``table``'s rowids cut into (first, last) ranges of ``rows`` rows (one pass over its
-    rowids, in order)."""
-    chunks, first, last, n = [], None, None, 0
-    for (rowid,) in con.execute(f"select rowid from {_quote(table)} order by rowid"):
-        if n == 0:
-            first = rowid
-        last, n = rowid, n + 1
-        if n == rows:
+    """``table``'s rowids cut into (first, last) ranges of about ``rows`` rows, in one pass over
+    its rowids in order. A range is closed only where ``ImageNumber`` changes (where the table
+    has one), so that an image's objects stored together stay in one part and the parts'
+    image ranges do not overlap."""
+    cols = {r[1].lower() for r in con.execute(f"pragma table_info({_quote(table)})")}
+    image = "ImageNumber" if "imagenumber" in cols else "NULL"
+    chunks, first, last, prev, n = [], None, None, None, 0
+    for rowid, img in con.execute(f"select rowid, {image} from {_quote(table)} order by rowid"):
+        if n >= rows and (img is None or img != prev):
             chunks.append((first, last))
             n = 0
+        if n == 0:
+            first = rowid
+        last, prev, n = rowid, img, n + 1
     if n:
         chunks.append((first, last))
     return chunks
@@ -497,29 +496,23 @@ def _join_page(query: str, tables: dict):
     return table.sort_by("Metadata_ImageNumber")  # pyarrow: less memory than DuckDB's sort
 
 
-def _slice(table, lo: int, hi: int):
-    """The rows of an Arrow ``table`` with ``lo <= Metadata_ImageNumber <= hi``."""
-    import pyarrow.compute as pc
-
-    ids = table.column("Metadata_ImageNumber")
-    if table.num_rows == 0 or (pc.min(ids).as_py() >= lo and pc.max(ids).as_py() <= hi):
-        return table  # all of it: no copy
-    return table.filter(pc.and_(pc.greater_equal(ids, lo), pc.less_equal(ids, hi)))
-
-
-def _paged_join(sql: str, tables: Path, out: Path, rows: int = 1000) -> list[Path]:
+def _paged_join(sql: str, tables: Path, rows: int = 1000):
     """Run a CytoTable join statement page by page, every table filtered to the page.
 
     The pages are the first table's chunks (the cytoplasm, which the join starts from), cut
-    into runs of about ``rows`` objects at image boundaries. Every table's rows of a block of
-    ``_BLOCK_PAGES`` pages are read at once from its chunk files under ``tables/<table>/`` with
-    pyarrow (a chunk file is read about once, not once per page); each ``read_parquet('<table>.
-    parquet')`` of ``sql`` becomes that table's rows of the page, handed to DuckDB as an Arrow
-    table; the joined page is written with pyarrow. Returns the page files, in image order;
-    memory stays that of a block of each table. (DuckDB reading these ~600-column Parquet
-    files itself takes a 256 KiB buffer per column and thread, ~0.5 GB a page, and its
+    into runs of about ``rows`` objects at image boundaries. Each ``read_parquet('<table>.
+    parquet')`` of ``sql`` becomes that table's rows of the page, read from its chunk files
+    under ``tables/<table>/`` with pyarrow and handed to DuckDB as an Arrow table. Memory stays
+    that of a page of each table. (DuckDB reading these ~600-column
+    Parquet files itself takes a 256 KiB buffer per column and thread, ~0.5 GB a page, and its
     allocator kept growing over the pages: 2.2 GB peak on a 2.2 GB SQLite.)
+
+    Returns:
+        (schema, pages): the joined schema (the join run on no rows of each table's schema,
+        unified over its chunk files) and an iterator of the joined pages (Arrow tables with
+        rows, in image order); (None, None) when the first table has no chunk.
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     names = list(dict.fromkeys(_READ_PARQUET.findall(sql)))
@@ -532,7 +525,7 @@ def _paged_join(sql: str, tables: Path, out: Path, rows: int = 1000) -> list[Pat
                 found.append((*r, f))
         chunks[name] = sorted(found, key=lambda t: t[:2])
     if not names or not chunks[names[0]]:
-        return []
+        return None, None
     merged: list[list[int]] = []  # the first table's image ranges, overlaps merged
     for lo, hi, _ in chunks[names[0]]:
         if merged and lo <= merged[-1][1]:
@@ -545,17 +538,16 @@ def _paged_join(sql: str, tables: Path, out: Path, rows: int = 1000) -> list[Pat
         # a table without these images: an empty page of it
         return found or ([chunks[name][0][2]] if chunks[name] else [])
 
-    out.mkdir(parents=True, exist_ok=True)
     query = _READ_PARQUET.sub(lambda m: f'"page_{m[1]}"', sql)
-    files: list[Path] = []
-    for lo, hi in logs.progress_bar(merged, desc="joining", unit="chunk"):
-        ids = _image_numbers(hits(names[0], lo, hi), lo, hi)
-        # blocks of ~_BLOCK_PAGES pages: every table's rows of a block are read once
-        for blo, bhi in _subpages(ids, lo, hi, rows * _BLOCK_PAGES):
-            block = {name: _read_page(hits(name, blo, bhi), blo, bhi) for name in names}
-            for a, b in _subpages(ids[(ids >= blo) & (ids <= bhi)], blo, bhi, rows):
-                table = _join_page(query, {n: _slice(t, a, b) for n, t in block.items()})
+    schema = _join_page(query, {n: pa.unify_schemas(
+        [pq.read_schema(f) for *_, f in chunks[n]], promote_options="permissive").empty_table()
+        for n in names}).schema
+
+    def pages():
+        for lo, hi in logs.progress_bar(merged, desc="joining", unit="chunk"):
+            for a, b in _subpages(_image_numbers(hits(names[0], lo, hi), lo, hi), lo, hi, rows):
+                table = _join_page(query, {n: _read_page(hits(n, a, b), a, b) for n in names})
                 if table.num_rows:
-                    files.append(out / f"page-{len(files):06d}.parquet")
-                    pq.write_table(table, files[-1])
-    return files
+                    yield table
+
+    return schema, pages()
