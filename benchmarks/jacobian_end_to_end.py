@@ -3,9 +3,8 @@
 ``mil_6moa.py`` trains the Noisy-AND head on a frozen ImageNet EfficientNet-Lite0 trunk; when
 this probe was written its Jacobian masks scored mean IU ~0.58 against the Otsu foreground (goal
 0.70; 0.74 since the contrast-sensitive MRF), and ``jacobian_sanity.py`` shows the maps come from
-the frozen trunk. Kraus trained his network end
-to end, so the open question was whether training the trunk on the screen moves the maps
-towards the cells.
+the frozen trunk. Kraus trained his network end to end, so the open question was whether
+training the trunk on the screen moves the maps towards the cells.
 
 This takes fold 0's trained Noisy-AND network of ``mil_6moa.py`` (its run folder under the temp
 directory: run ``python benchmarks/mil_6moa.py --only=noisy_and`` first), unfreezes the whole

@@ -132,6 +132,11 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             _remove_dirs(created)
 
 
+def quote_identifier(name: str) -> str:
+    """``name`` as a double-quoted SQL identifier (SQLite, DuckDB), inner quotes doubled."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
     """Hex digest (``algorithm``: any :mod:`hashlib` name) of a file's bytes, read in 1 MiB
     blocks."""

@@ -33,7 +33,7 @@ from morphoprof import logs
 from morphoprof.errors import InputError
 from morphoprof.extras import require
 from morphoprof.index.platemap import read_platemap
-from morphoprof.io_utils import json_fields, write_json
+from morphoprof.io_utils import json_fields, quote_identifier, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +175,6 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
     Returns:
         The :class:`CellProfilerImport` (also ``out/import.json``).
     """
-
     path, out = Path(path), Path(out)
     kind = detect_kind(path)
     target = out / "cells.parquet"
@@ -297,8 +296,6 @@ def _convert(source: Path, dest: Path, preset: str, chunk_size: int):
     tables = dest / "tables"
     targets = (*preset_config["CONFIG_NAMES_COMPARTMENTS"], *preset_config["CONFIG_NAMES_METADATA"])
     parts = dest / "parts"
-    if source.is_file():
-        _check_free_space(dest, source.stat().st_size)
     read_from = parts if source.is_file() and _split_sqlite(source, parts, targets,
                                                             chunk_size) else source
     try:
@@ -324,46 +321,50 @@ _CREATE_TABLE = re.compile(r'^\s*CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?'
 
 
 def _split_sqlite(source: Path, dest: Path, targets: tuple[str, ...], rows: int) -> bool:
-    """Copy ``source``'s tables that CytoTable reads into SQLite files of at most ``rows`` rows
-    of each table, ``dest/part-00000.sqlite``..., reading every table once in rowid order.
+    """Copy ``source``'s tables that CytoTable reads into SQLite files of about ``rows`` rows
+    of each table (cut where the image changes, :func:`_rowid_chunks`),
+    ``dest/part-00000.sqlite``..., reading every table once in rowid order.
 
     CytoTable reads a chunk of a SQLite table with a filter on its page key, which DuckDB's
     sqlite scanner does not hand to SQLite: every chunk read the whole table, so an import took
     time growing with the square of the file. Each part file is one chunk, read in one scan of
     the part. The tables kept are those whose name holds one of ``targets`` (CytoTable's rule),
-    with their declared schema. Needs free space about the size of those tables in ``dest``.
+    with their declared schema. Needs free space about the size of ``source`` in ``dest``
+    (checked first: InputError naming the import's output folder).
 
     Returns:
-        False (nothing kept in ``dest``) when a table has no rowid (``WITHOUT ROWID``): such a
-        file is left to CytoTable as it is.
+        False (nothing kept in ``dest``) when a table has no rowid (``WITHOUT ROWID``) or no
+        table has rows: such a file is left to CytoTable as it is.
     """
     try:
         con = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
-        found = con.execute("select name, sql from sqlite_master where type = 'table'").fetchall()
-        keep = {n: sql for n, sql in found if any(t.lower() in n.lower() for t in targets)}
-        chunks = {n: _rowid_chunks(con, n, rows) for n in keep}
-    except sqlite3.OperationalError as exc:
-        if "rowid" in str(exc):
-            return False
-        raise InputError(f"{source}: cannot read it as SQLite ({exc})") from exc
     except sqlite3.DatabaseError as exc:
         raise InputError(f"{source}: cannot read it as SQLite ({exc})") from exc
-    n_parts = max([len(c) for c in chunks.values()] + [0])
-    if n_parts == 0:
-        con.close()
-        return False
     try:
-        dest.mkdir(parents=True, exist_ok=True)
-        for k in logs.progress_bar(range(n_parts), desc="splitting", unit="part"):
-            _write_part(con, dest / f"part-{k:05d}.sqlite", keep,
-                        {n: c[k] for n, c in chunks.items() if k < len(c)})
-    except (OSError, sqlite3.DatabaseError) as exc:
-        raise InputError(f"cannot write {dest}: {exc}") from exc
+        try:
+            found = con.execute("select name, sql from sqlite_master where type = 'table'"
+                                ).fetchall()
+            keep = {n: sql for n, sql in found if any(t.lower() in n.lower() for t in targets)}
+            chunks = {n: _rowid_chunks(con, n, rows) for n in keep}
+        except sqlite3.DatabaseError as exc:
+            if "rowid" in str(exc):  # "no such column: rowid": a WITHOUT ROWID table
+                return False
+            raise InputError(f"{source}: cannot read it as SQLite ({exc})") from exc
+        n_parts = max([len(c) for c in chunks.values()] + [0])
+        if n_parts == 0:
+            return False
+        _check_free_space(dest.parent, source.stat().st_size)
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+            for k in logs.progress_bar(range(n_parts), desc="splitting", unit="part"):
+                _write_part(con, dest / f"part-{k:05d}.sqlite", keep,
+                            {n: c[k] for n, c in chunks.items() if k < len(c)})
+        except (OSError, sqlite3.DatabaseError) as exc:
+            raise InputError(f"cannot write {dest}: {exc}") from exc
     finally:
         con.close()
     logger.info("split %s into %d part files of about %d rows of each table; CytoTable converts "
-                "them",
-                source.name, n_parts, rows)
+                "them", source.name, n_parts, rows)
     return True
 
 
@@ -381,19 +382,16 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _rowid_chunks(con, table: str, rows: int) -> list[tuple[int, int]]:
     """``table``'s rowids cut into (first, last) ranges of about ``rows`` rows, in one pass over
     its rowids in order. A range is closed only where ``ImageNumber`` changes (where the table
     has one), so that an image's objects stored together stay in one part and the parts'
     image ranges do not overlap."""
-    cols = {r[1].lower() for r in con.execute(f"pragma table_info({_quote(table)})")}
+    q = quote_identifier(table)
+    cols = {r[1].lower() for r in con.execute(f"pragma table_info({q})")}
     image = "ImageNumber" if "imagenumber" in cols else "NULL"
     chunks, first, last, prev, n = [], None, None, None, 0
-    for rowid, img in con.execute(f"select rowid, {image} from {_quote(table)} order by rowid"):
+    for rowid, img in con.execute(f"select rowid, {image} from {q} order by rowid"):
         if n >= rows and (img is None or img != prev):
             chunks.append((first, last))
             n = 0
@@ -414,9 +412,9 @@ def _write_part(con, part: Path, schemas: dict[str, str],
         con.execute("pragma part.journal_mode = off")
         con.execute("pragma part.synchronous = off")
         for name, (first, last) in ranges.items():
-            con.execute(_CREATE_TABLE.sub(f"CREATE TABLE part.{_quote(name)}", schemas[name],
-                                          count=1))
-            con.execute(f"insert into part.{_quote(name)} select * from main.{_quote(name)} "
+            q = quote_identifier(name)
+            con.execute(_CREATE_TABLE.sub(f"CREATE TABLE part.{q}", schemas[name], count=1))
+            con.execute(f"insert into part.{q} select * from main.{q} "
                         "where rowid between ? and ?", (first, last))
         con.commit()
     finally:
@@ -503,9 +501,9 @@ def _paged_join(sql: str, tables: Path, rows: int = 1000):
     into runs of about ``rows`` objects at image boundaries. Each ``read_parquet('<table>.
     parquet')`` of ``sql`` becomes that table's rows of the page, read from its chunk files
     under ``tables/<table>/`` with pyarrow and handed to DuckDB as an Arrow table. Memory stays
-    that of a page of each table. (DuckDB reading these ~600-column
-    Parquet files itself takes a 256 KiB buffer per column and thread, ~0.5 GB a page, and its
-    allocator kept growing over the pages: 2.2 GB peak on a 2.2 GB SQLite.)
+    that of a page of each table. (DuckDB reading these ~600-column Parquet files itself takes
+    a 256 KiB buffer per column and thread, ~0.5 GB a page, and its allocator kept growing over
+    the pages: 2.2 GB peak on a 2.2 GB SQLite.)
 
     Returns:
         (schema, pages): the joined schema (the join run on no rows of each table's schema,

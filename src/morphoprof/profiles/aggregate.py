@@ -18,7 +18,7 @@ import pandas as pd
 
 from morphoprof.errors import InputError
 from morphoprof.index.schema import BATCH, COMPOUND, CONCENTRATION, MOA, PLATE, WELL
-from morphoprof.io_utils import all_utf8, arrow_file
+from morphoprof.io_utils import all_utf8, arrow_file, quote_identifier
 from morphoprof.shards import MANIFEST, feature_columns, shard_files
 
 COUNT = "Metadata_count"
@@ -280,11 +280,6 @@ def _add_batch_sums(tally: _GroupSums, batch, table, by: list[str], feats: list[
     tally.counts[local] += counts.T
 
 
-def _q(name: str) -> str:
-    """A double-quoted SQL identifier."""
-    return '"' + name.replace('"', '""') + '"'
-
-
 def _parquet_columns(files: list[Path]) -> tuple[list[str], bool]:
     """Union of the files' column names (first-seen order) from their footers only, and whether
     every file has the same columns. Raises InputError naming an unreadable file."""
@@ -514,15 +509,15 @@ def _duckdb_medians(files: list[Path], by: list[str], feats: list[str], same_col
                 else "read_parquet(?, union_by_name = true)")
         params = [[str(f) for f in files]]
         readable = all_utf8(files)  # else DuckDB cannot open the paths: Arrow reads each block
-        keys = ", ".join(_q(c) for c in by)
+        keys = ", ".join(quote_identifier(c) for c in by)
         index = _key_index(groups, by)
         blocks = []
         # DuckDB plans a query with thousands of aggregates slowly: one query per block of
         # features (Parquet is columnar, so each reads only its columns).
         for start in range(0, len(feats), _FEATURE_BLOCK):
             block = feats[start:start + _FEATURE_BLOCK]
-            cols = [f"median(nullif({_q(f)}, 'NaN'::DOUBLE))::FLOAT AS {_q(f)}"
-                    for f in block]
+            cols = [f"median(nullif({q}, 'NaN'::DOUBLE))::FLOAT AS {q}"
+                    for q in map(quote_identifier, block)]
             if readable:
                 got = con.execute(f"SELECT {keys}, {', '.join(cols)} FROM {scan} "
                                   f"GROUP BY {keys}", params).df()
