@@ -12,6 +12,12 @@ How the import scales: morphoprof also imports a file of half the size (HALF_GB,
 image sets fewer times) and the full one with ``--chunk-size`` 10000; ``scaling`` gives seconds
 per GB at both sizes (equal per-GB times: time in step with the file).
 
+CSV folders (key ``csv``): ExportToSpreadsheet CSVs written here from the real ExampleHuman
+CSVs in ../shared/data/cellprofiler_outputs/cytotable_ExampleHuman/ (its image's cells repeated
+as new images) at CSV_GB and a quarter of it; morphoprof imports both, and CytoTable's own
+``convert`` (preset ``cellprofiler_csv``, its default chunks and parsl executor, joined to one
+Parquet) converts the small one.
+
     python benchmarks/import_cellprofiler.py   # writes results/import_cellprofiler.json
 """
 
@@ -35,6 +41,9 @@ WORK = Path(os.environ.get("MORPHOPROF_BENCH", tempfile.gettempdir())) / "morpho
     "import_cellprofiler"
 TARGET_GB = 2.0
 HALF_GB = 1.0
+CSV_DATA = DATA.parent.parent / "cytotable_ExampleHuman"
+CSV_GB = 1.2
+CSV_TABLES = ("Image", "Cells", "Cytoplasm", "Nuclei")
 TIMEOUT_S = 1500
 
 MEASURE = """
@@ -93,6 +102,80 @@ def build(source: Path, target: Path, target_gb: float) -> dict:
     con.close()
     return {"copies": copies, "image_sets": copies * n_images,
             "size_gb": target.stat().st_size / 1e9}
+
+
+CYTOTABLE = """
+import sys
+import cytotable
+out = cytotable.convert(source_path=sys.argv[1], dest_path=sys.argv[2], dest_datatype="parquet",
+                        preset="cellprofiler_csv")
+import pyarrow.parquet as pq
+print(pq.read_metadata(out).num_rows)
+"""
+
+
+def build_csv(source: Path, target: Path, target_gb: float) -> dict:
+    """CSVs of ``source``'s tables with its image's rows repeated (ImageNumber 1, 2, ...) until
+    the folder holds >= target_gb."""
+    import csv
+    import io
+
+    rows = {}
+    for t in CSV_TABLES:
+        with open(source / f"{t}.csv", newline="") as f:
+            header, *body = list(csv.reader(f))
+        i = header.index("ImageNumber")
+        cut = []
+        for r in body:  # each row as the text before and after its ImageNumber field
+            text = io.StringIO()
+            csv.writer(text, lineterminator="\r\n").writerow([*r[:i], "\x00", *r[i + 1:]])
+            cut.append(text.getvalue().split("\x00"))
+        rows[t] = (",".join(header) + "\r\n", cut)
+    per_copy = sum(len(a) + len(b) for _, cut in rows.values() for a, b in cut)
+    copies = int(target_gb * 1e9 / per_copy) + 1
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    for t, (header, cut) in rows.items():
+        with open(target / f"{t}.csv", "w", newline="") as f:
+            f.write(header)
+            for n in range(1, copies + 1):
+                f.writelines(f"{a}{n}{b}" for a, b in cut)
+    return {"copies": copies, "images": copies,
+            "size_gb": sum(p.stat().st_size for p in target.glob("*.csv")) / 1e9}
+
+
+def csv_section(exe: str) -> dict:
+    """morphoprof on CSV folders of CSV_GB and a quarter of it; CytoTable on the small one."""
+    runs = {}
+    for name, gb in (("small", CSV_GB / 4), ("large", CSV_GB)):
+        folder = WORK / f"csv_{name}"
+        info = build_csv(CSV_DATA, folder, gb)
+        run = measure([exe, "import", "cellprofiler", str(folder), "--out",
+                       str(WORK / f"ours_csv_{name}")])
+        if run["rc"] == 0:
+            run["rows"] = json.loads((WORK / f"ours_csv_{name}" / "import.json").read_text()
+                                     )["rows"]
+            run["seconds_per_gb"] = run["seconds"] / info["size_gb"]
+        runs[name] = {"file": info, "morphoprof": {k: v for k, v in run.items()
+                                                   if k not in ("stdout", "stderr")}}
+        print(f"morphoprof csv {name} ({info['size_gb']:.2f} GB): {runs[name]['morphoprof']}",
+              flush=True)
+        if name == "small":
+            env_path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+            os.environ["PATH"] = env_path  # parsl's workers start from the venv's scripts
+            ref = measure([sys.executable, "-c", CYTOTABLE, str(folder),
+                           str(WORK / "cytotable_csv.parquet")])
+            if ref.get("rc") == 0:
+                ref["rows"] = int(ref["stdout"].strip().splitlines()[-1])
+            runs[name]["cytotable_convert"] = {k: v for k, v in ref.items()
+                                               if k not in ("stdout", "stderr")}
+            print(f"cytotable csv small: {runs[name]['cytotable_convert']}", flush=True)
+        shutil.rmtree(folder, ignore_errors=True)
+    small = runs["small"]
+    if small["morphoprof"].get("seconds") and small["cytotable_convert"].get("seconds"):
+        runs["time_ratio_cytotable_over_morphoprof"] = (
+            small["cytotable_convert"]["seconds"] / small["morphoprof"]["seconds"])
+    return runs
 
 
 def measure(cmd: list[str]) -> dict:
@@ -156,6 +239,8 @@ def main() -> int:
                            ours["seconds"] / info["size_gb"] if ours.get("seconds") else None]}
     if ours["rc"] != 0:
         result["morphoprof"]["stderr"] = ours["stderr"]
+    if CSV_DATA.is_dir():
+        result["csv"] = csv_section(exe)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     shutil.rmtree(WORK, ignore_errors=True)  # the copies and every import written

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from morphoprof.cli import main
@@ -208,7 +209,9 @@ def test_a_sqlite_is_split_into_parts_holding_every_row_once(tmp_path):
 
 
 @needs_data
-def test_too_little_disk_for_the_split_is_one_error_and_leaves_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("kind", "size"), [("sqlite", "4.0"), ("csv", "1.5")])
+def test_too_little_disk_for_the_split_is_one_error_and_leaves_nothing(kind, size, tmp_path,
+                                                                       monkeypatch):
     import collections
 
     import morphoprof.features.cellprofiler as cp
@@ -217,6 +220,76 @@ def test_too_little_disk_for_the_split_is_one_error_and_leaves_nothing(tmp_path,
     monkeypatch.setattr(cp.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     out = tmp_path / "out"
     with pytest.raises(InputError, match=rf"not enough free space in {out}: the import needs "
-                                         r"about 4\.0 MB .* 0\.0 MB free"):
-        import_cellprofiler(SOURCES["sqlite"], out)
+                                         rf"about {size} MB .* 0\.0 MB free"):
+        import_cellprofiler(SOURCES[kind], out)
     assert list(out.iterdir()) == []  # no cells.parquet, no work folder left
+
+
+def _csv_screen(folder: Path, images: int) -> Path:
+    """The real ExampleHuman CSVs with their image repeated ``images`` times (ImageNumber 1,
+    2, ...), CellProfiler's ``nan`` in a few cells' features."""
+    folder.mkdir()
+    for name in ("Image", "Cells", "Cytoplasm", "Nuclei", "Experiment"):
+        df = pd.read_csv(SOURCES["csv"] / f"{name}.csv")
+        if "ImageNumber" in df.columns:
+            df = pd.concat([df.assign(ImageNumber=k + 1) for k in range(images)])
+        if name == "Cells":
+            df.iloc[::97, 5] = np.nan
+        df.to_csv(folder / f"{name}.csv", index=False, na_rep="nan")
+    return folder
+
+
+@needs_data
+def test_a_csv_folder_is_staged_and_gives_the_cells_cytotable_reads_from_the_csvs(tmp_path,
+                                                                                   monkeypatch):
+    """Staging a CSV folder into one SQLite (then split into parts) is invisible: the same
+    objects, values and column types as CytoTable reading the CSVs themselves."""
+    import morphoprof.features.cellprofiler as cp
+
+    folder = _csv_screen(tmp_path / "csv", 3)
+    calls = []
+    real_split = cp._split_sqlite
+
+    def spy(source, dest, targets, rows):
+        done = real_split(source, dest, targets, rows)
+        calls.append((Path(source).name, len(list(dest.glob("part-*.sqlite")))))
+        return done
+
+    monkeypatch.setattr(cp, "_split_sqlite", spy)
+    staged = import_cellprofiler(folder, tmp_path / "staged", chunk_size=300)
+    assert calls == [("staged.sqlite", 2)]  # images 1-2 (578 rows of each table), image 3
+    monkeypatch.setattr(cp, "_stage_csv", lambda *a: False)
+    direct = import_cellprofiler(folder, tmp_path / "direct", chunk_size=300)
+    assert len(calls) == 1 and staged.rows == direct.rows == 3 * 289
+    assert staged.features == direct.features
+    a, b = (pq.read_table(tmp_path / d / "cells.parquet") for d in ("staged", "direct"))
+    assert a.schema.equals(b.schema, check_metadata=False)
+    key = ["Metadata_ImageNumber", "Metadata_ObjectNumber"]
+    a, b = (t.to_pandas().sort_values(key, ignore_index=True) for t in (a, b))
+    assert not a.duplicated(key).any() and a[a.columns[a.isna().any()]].shape[1] > 0
+    pd.testing.assert_frame_equal(a, b)
+    assert sorted(p.name for p in (tmp_path / "staged").iterdir()) == ["cells.parquet",
+                                                                         "import.json"]
+
+
+@needs_data
+def test_csv_folders_staging_cannot_copy_are_read_as_they_are_and_bad_csvs_named(tmp_path):
+    import morphoprof.features.cellprofiler as cp
+
+    targets = ("cells", "nuclei", "cytoplasm", "image")
+    nested = _csv_screen(tmp_path / "nested", 1)
+    (nested / "site2").mkdir()
+    (nested / "site2" / "Cells.csv").write_bytes((nested / "Cells.csv").read_bytes())
+    dated = _csv_screen(tmp_path / "dated", 1)
+    image = pd.read_csv(dated / "Image.csv").assign(Metadata_Date="2016-05-04")
+    image.to_csv(dated / "Image.csv", index=False)
+    for folder in (nested, dated):  # a name twice in the tree; a DATE column
+        assert not cp._stage_csv(folder, tmp_path / "staged.sqlite", targets)
+        assert not (tmp_path / "staged.sqlite").exists()
+    bad = _csv_screen(tmp_path / "bad", 1)
+    lines = (bad / "Nuclei.csv").read_text().splitlines()
+    lines[5] += ",1,2,3"
+    (bad / "Nuclei.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=f"{bad / 'Nuclei.csv'}: cannot read it as CSV: "):
+        import_cellprofiler(bad, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
