@@ -225,16 +225,20 @@ def test_too_little_disk_for_the_split_is_one_error_and_leaves_nothing(kind, siz
     assert list(out.iterdir()) == []  # no cells.parquet, no work folder left
 
 
-def _csv_screen(folder: Path, images: int) -> Path:
+def _csv_screen(folder: Path, images: int, bump: dict[int, float] | None = None) -> Path:
     """The real ExampleHuman CSVs with their image repeated ``images`` times (ImageNumber 1,
-    2, ...), CellProfiler's ``nan`` in a few cells' features."""
-    folder.mkdir()
+    2, ...), CellProfiler's ``nan`` in a few cells' features; ``bump``: image number -> a
+    value added to its cells' area."""
+    folder.mkdir(parents=True)
     for name in ("Image", "Cells", "Cytoplasm", "Nuclei", "Experiment"):
         df = pd.read_csv(SOURCES["csv"] / f"{name}.csv")
+        if name == "Cells":
+            df.iloc[::97, 5] = np.nan
         if "ImageNumber" in df.columns:
             df = pd.concat([df.assign(ImageNumber=k + 1) for k in range(images)])
         if name == "Cells":
-            df.iloc[::97, 5] = np.nan
+            for image, value in (bump or {}).items():
+                df.loc[df["ImageNumber"] == image, "AreaShape_Area"] += value
         df.to_csv(folder / f"{name}.csv", index=False, na_rep="nan")
     return folder
 
@@ -273,19 +277,48 @@ def test_a_csv_folder_is_staged_and_gives_the_cells_cytotable_reads_from_the_csv
 
 
 @needs_data
+def test_batch_folders_of_csvs_keep_each_folders_objects_apart(tmp_path):
+    """A run split into batch folders, each numbering its images from 1: the images are
+    renumbered over the folders in path order and each object joins its own folder's objects
+    (CytoTable reading the folders joined every folder's objects with every other's: 8x the
+    cells). Same cells as one folder holding both images."""
+    batches = tmp_path / "batches"
+    _csv_screen(batches / "b1", 1)
+    _csv_screen(batches / "b2", 1, bump={1: 1000.0})
+    for b in ("b1", "b2"):  # a DATE column: cast to text when folders are read together
+        image = pd.read_csv(batches / b / "Image.csv").assign(Metadata_Date="2016-05-04")
+        image.to_csv(batches / b / "Image.csv", index=False)
+    assert detect_kind(batches) == "csv"  # the CSVs are below the folder given
+    got = import_cellprofiler(batches, tmp_path / "got")
+    one = _csv_screen(tmp_path / "one", 2, bump={2: 1000.0})
+    want = import_cellprofiler(one, tmp_path / "want")
+    assert got.rows == want.rows == 2 * 289
+    key = ["Metadata_ImageNumber", "Metadata_ObjectNumber"]
+    a, b = (pd.read_parquet(tmp_path / d / "cells.parquet").drop(columns="Metadata_plate")
+            .sort_values(key, ignore_index=True) for d in ("got", "want"))
+    assert (a.groupby("Metadata_ImageNumber")["Cells_AreaShape_Area"].min() > 1000).tolist() \
+        == [False, True]
+    pd.testing.assert_frame_equal(a, b)
+    (batches / "b2" / "Nuclei.csv").unlink()
+    with pytest.raises(InputError, match=r"b2: has Cells, Cytoplasm, Image CSVs but not Nuclei; "
+                                         "every folder of CellProfiler CSVs needs the same"):
+        import_cellprofiler(batches, tmp_path / "out2")
+    (batches / "b1" / "Nuclei.csv").unlink()
+    (batches / "b2" / "Image.csv").write_text("ImageNumber,Count_Cells\n")
+    with pytest.raises(InputError, match=r"b2: has objects but its Image CSV has no rows"):
+        import_cellprofiler(batches, tmp_path / "out3")
+
+
+@needs_data
 def test_csv_folders_staging_cannot_copy_are_read_as_they_are_and_bad_csvs_named(tmp_path):
     import morphoprof.features.cellprofiler as cp
 
     targets = ("cells", "nuclei", "cytoplasm", "image")
-    nested = _csv_screen(tmp_path / "nested", 1)
-    (nested / "site2").mkdir()
-    (nested / "site2" / "Cells.csv").write_bytes((nested / "Cells.csv").read_bytes())
     dated = _csv_screen(tmp_path / "dated", 1)
     image = pd.read_csv(dated / "Image.csv").assign(Metadata_Date="2016-05-04")
     image.to_csv(dated / "Image.csv", index=False)
-    for folder in (nested, dated):  # a name twice in the tree; a DATE column
-        assert not cp._stage_csv(folder, tmp_path / "staged.sqlite", targets)
-        assert not (tmp_path / "staged.sqlite").exists()
+    assert not cp._stage_csv(dated, tmp_path / "staged.sqlite", targets)  # a DATE column
+    assert not (tmp_path / "staged.sqlite").exists()
     bad = _csv_screen(tmp_path / "bad", 1)
     lines = (bad / "Nuclei.csv").read_text().splitlines()
     lines[5] += ",1,2,3"

@@ -51,11 +51,12 @@ _JOIN_ROWS = 2500  # objects per joined page and per written batch (~36 MB at 1,
 
 
 def detect_kind(path: str | Path) -> str:
-    """``csv`` (a folder of ExportToSpreadsheet CSVs), ``sqlite`` (ExportToDatabase: ``Per_*``
-    tables) or ``cytominer-database`` (``Image`` / ``Cells`` ... tables); InputError otherwise."""
+    """``csv`` (a folder of ExportToSpreadsheet CSVs, in it or in folders below it, e.g. one
+    per batch), ``sqlite`` (ExportToDatabase: ``Per_*`` tables) or ``cytominer-database``
+    (``Image`` / ``Cells`` ... tables); InputError otherwise."""
     path = Path(path)
     if path.is_dir():
-        names = {p.name.lower() for p in path.glob("*.csv")}
+        names = {p.name.lower() for p in path.rglob("*.csv")}
         if "image.csv" in names and names & {"cells.csv", "nuclei.csv", "cytoplasm.csv"}:
             return "csv"
         raise InputError(f"{path}: a CellProfiler CSV folder needs Image.csv and Cells.csv / "
@@ -340,54 +341,144 @@ _STAGED_TYPES = ("BIGINT", "DOUBLE", "VARCHAR")
 
 
 def _stage_csv(source: Path, staged: Path, targets: tuple[str, ...]) -> bool:
-    """Copy the CSVs of folder ``source`` that CytoTable reads (stem equal to one of
+    """Copy the CSVs under folder ``source`` that CytoTable reads (stem equal to one of
     ``targets``, more than a header line) into tables of one SQLite ``staged``, one table per
-    file named after its stem, with the column types DuckDB's CSV reader gives them (those
-    CytoTable casts its chunks to).
+    stem, with the column types DuckDB's CSV reader gives them (those CytoTable casts its
+    chunks to).
 
     CytoTable reads a chunk of a CSV by parsing the whole file and filtering on its page key,
     so an import took time growing with the square of the CSVs (1.2 GB: 155 s per GB, against
     120 at 0.3 GB). Staged, the tables are split into parts (:func:`_split_sqlite`) and read
-    once. Needs free space about the size of the CSVs in ``staged``'s folder (checked first).
+    once. Several folders of the same CSVs (a run split into batches, each numbering its
+    images from 1) become one table per stem, the images renumbered over the folders in path
+    order (:func:`_csv_selects`); CytoTable, which joins on the image number alone, joined
+    every folder's objects with every other's. Needs free space about the size of the CSVs in
+    ``staged``'s folder (checked first).
 
     Returns:
-        False (nothing written) where a file name appears twice in the folder tree, or a column
-        reads as another type than BIGINT, DOUBLE or VARCHAR: such a folder is left to CytoTable
-        as it is.
+        False (nothing written) where one folder's column reads as another type than BIGINT,
+        DOUBLE or VARCHAR: that folder is left to CytoTable as it is.
     """
     import duckdb
 
-    files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() == ".csv"
-                   and p.stem.lower() in {t.lower() for t in targets} and _has_rows(p))
-    if not files or len({p.stem.lower() for p in files}) < len(files):
+    tables = _csv_tables(source, targets)
+    if not tables:
         return False
     con = duckdb.connect()
     try:
         con.execute("SET threads TO 2")
-        reads = {p: f"read_csv_auto({_sql_string(p)}, header=TRUE, delim=',')" for p in files}
-        for p, read in reads.items():
-            try:
-                types = {r[1] for r in con.execute(f"DESCRIBE SELECT * FROM {read}").fetchall()}
-            except duckdb.Error as exc:
-                raise InputError(f"{p}: cannot read it as CSV: {_first_line(exc)}") from exc
-            if not types <= set(_STAGED_TYPES):
-                logger.info("%s has %s columns; CytoTable reads the CSVs as they are", p.name,
-                            "/".join(sorted(types - set(_STAGED_TYPES))))
-                return False
-        _check_free_space(staged.parent, sum(p.stat().st_size for p in files))
+        selects = _csv_selects(con, tables)
+        if selects is None:
+            return False
+        _check_free_space(staged.parent, sum(p.stat().st_size for fs in tables.values()
+                                             for p in fs))
         con.execute(f"ATTACH {_sql_string(staged)} AS staged (TYPE sqlite)")
-        for p in logs.progress_bar(files, desc="staging", unit="file"):
+        for stem in logs.progress_bar(list(selects), desc="staging", unit="table"):
             try:
-                con.execute(f"CREATE TABLE staged.{quote_identifier(p.stem)} AS "
-                            f"SELECT * FROM {reads[p]}")
+                con.execute(f"CREATE TABLE staged.{quote_identifier(stem)} AS {selects[stem]}")
             except duckdb.IOException as exc:
                 raise InputError(f"cannot write {staged}: {_first_line(exc)}") from exc
             except duckdb.Error as exc:
-                raise InputError(f"{p}: cannot read it as CSV: {_first_line(exc)}") from exc
+                raise InputError(f"{_csv_name(tables[stem])}: cannot read it as CSV: "
+                                 f"{_first_line(exc)}") from exc
     finally:
         con.close()
-    logger.info("staged %d CSVs of %s into one SQLite", len(files), source.name)
+    folders = len({p.parent for fs in tables.values() for p in fs})
+    logger.info("staged %s into one SQLite%s", source.name, f" ({folders} folders of CSVs, "
+                "images renumbered over them in path order)" if folders > 1 else "")
     return True
+
+
+def _csv_tables(source: Path, targets: tuple[str, ...]) -> dict[str, list[Path]]:
+    """The CSVs under ``source`` that CytoTable reads, by stem (those with more than a header
+    line, in path order); InputError where the folders holding them do not hold the same
+    stems."""
+    wanted = {t.lower() for t in targets}
+    found = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() == ".csv"
+                   and p.stem.lower() in wanted)
+    stems: dict[Path, set[str]] = {}
+    for p in found:
+        stems.setdefault(p.parent, set()).add(p.stem)
+    every = set().union(*stems.values())
+    for folder, have in stems.items():
+        if have != every:
+            raise InputError(f"{folder}: has {', '.join(sorted(have))} CSVs but not "
+                             f"{', '.join(sorted(every - have))}; every folder of CellProfiler "
+                             "CSVs needs the same tables")
+    tables: dict[str, list[Path]] = {}
+    for p in found:
+        if _has_rows(p):
+            tables.setdefault(p.stem, []).append(p)
+    return tables
+
+
+_FILE = "__morphoprof_file"  # the column naming each row's CSV in a read of several
+
+
+def _csv_selects(con, tables: dict[str, list[Path]]) -> dict[str, str] | None:
+    """One ``SELECT`` per stem reading its CSVs with DuckDB (None where one folder's column
+    has another type than BIGINT, DOUBLE or VARCHAR). Several folders' CSVs of a stem are read
+    as one (columns unified by name), ``ImageNumber`` shifted by the images of the folders
+    before (:func:`_image_offsets`) and other types cast to VARCHAR."""
+    import duckdb
+
+    several = any(len(files) > 1 for files in tables.values())
+    offsets = _image_offsets(con, tables) if several else {}
+    selects = {}
+    for stem, files in tables.items():
+        paths = ", ".join(_sql_string(p) for p in files)
+        read = (f"read_csv_auto([{paths}], header=TRUE, delim=',', union_by_name=true, "
+                f"filename='{_FILE}')" if several else
+                f"read_csv_auto({paths}, header=TRUE, delim=',')")
+        try:
+            columns = con.execute(f"DESCRIBE SELECT * FROM {read}").fetchall()
+        except duckdb.Error as exc:
+            raise InputError(f"{_csv_name(files)}: cannot read it as CSV: "
+                             f"{_first_line(exc)}") from exc
+        odd = [c for c, t, *_ in columns if t not in _STAGED_TYPES and c != _FILE]
+        if not several:
+            if odd:
+                logger.info("%s has columns of other types (%s); CytoTable reads the CSVs as "
+                            "they are", files[0].name, ", ".join(odd[:3]))
+                return None
+            selects[stem] = f"SELECT * FROM {read}"
+            continue
+        if "ImageNumber" not in {c for c, *_ in columns}:
+            raise InputError(f"{files[0]}: no ImageNumber column, which tells the folders' "
+                             "images apart")
+        shift = " ".join(f"WHEN {_sql_string(p)} THEN {offsets.get(p.parent, 0)}" for p in files)
+        replace = [f"ImageNumber + CASE {_FILE} {shift} END AS ImageNumber",
+                   *(f"CAST({quote_identifier(c)} AS VARCHAR) AS {quote_identifier(c)}"
+                     for c in odd)]
+        selects[stem] = f"SELECT * EXCLUDE ({_FILE}) REPLACE ({', '.join(replace)}) FROM {read}"
+    return selects
+
+
+def _image_offsets(con, tables: dict[str, list[Path]]) -> dict[Path, int]:
+    """Each folder's shift of ``ImageNumber``: the images (largest ``ImageNumber`` of its
+    ``Image.csv``) of the folders before it in path order. InputError where a folder has
+    objects but no image rows."""
+    images = {p.parent: p for stem, files in tables.items() if stem.lower() == "image"
+              for p in files}
+    offsets, total = {}, 0
+    for folder in sorted({p.parent for files in tables.values() for p in files}):
+        if folder not in images:
+            raise InputError(f"{folder}: has objects but its Image CSV has no rows")
+        offsets[folder] = total
+        try:
+            top = con.execute(f"SELECT max(ImageNumber) FROM read_csv_auto("
+                              f"{_sql_string(images[folder])}, header=TRUE, delim=',')"
+                              ).fetchone()[0]
+        except Exception as exc:  # DuckDB: unreadable, or no ImageNumber column
+            raise InputError(f"{images[folder]}: cannot read its ImageNumber: "
+                             f"{_first_line(exc)}") from exc
+        total += int(top or 0)
+    return offsets
+
+
+def _csv_name(files: list[Path]) -> str:
+    """The CSV an error names: the file, or the first of several with ``(and N more)``."""
+    return str(files[0]) if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more)"
 
 
 def _has_rows(path: Path) -> bool:
