@@ -298,6 +298,7 @@ def test_batch_folders_of_csvs_keep_each_folders_objects_apart(tmp_path):
             .sort_values(key, ignore_index=True) for d in ("got", "want"))
     assert (a.groupby("Metadata_ImageNumber")["Cells_AreaShape_Area"].min() > 1000).tolist() \
         == [False, True]
+    assert (a.pop("Metadata_Date") == "2016-05-04").all()  # the DATE column as text
     pd.testing.assert_frame_equal(a, b)
     (batches / "b2" / "Nuclei.csv").unlink()
     with pytest.raises(InputError, match=r"b2: has Cells, Cytoplasm, Image CSVs but not Nuclei; "
@@ -307,6 +308,46 @@ def test_batch_folders_of_csvs_keep_each_folders_objects_apart(tmp_path):
     (batches / "b2" / "Image.csv").write_text("ImageNumber,Count_Cells\n")
     with pytest.raises(InputError, match=r"b2: has objects but its Image CSV has no rows"):
         import_cellprofiler(batches, tmp_path / "out3")
+
+
+@needs_data
+def test_csv_image_metadata_gives_the_cells_plate_well_and_site(tmp_path):
+    """Plate, well and site from the CSVs' Image table (CytoTable's CSV join leaves them out,
+    so every image was its own well), also where CellProfiler wrote them into each object CSV
+    too (the same names in every table: a traceback before)."""
+    folder = _csv_screen(tmp_path / "screen", 3)
+    image = pd.read_csv(folder / "Image.csv")
+    image.insert(1, "Metadata_Plate", "P1")
+    image.insert(2, "Metadata_Well", ["B03", "B03", "C04"])
+    image.insert(3, "Metadata_Site", [1, 2, 1])
+    image.to_csv(folder / "Image.csv", index=False)
+    cells = import_cellprofiler(folder, tmp_path / "a")
+    assert cells.notes == ()  # no "no plate / well metadata" note
+    got = pd.read_parquet(tmp_path / "a" / "cells.parquet")
+    assert list(got.columns[:3]) == ["Metadata_plate", "Metadata_well", "Metadata_site"]
+    per_image = got.groupby("Metadata_ImageNumber")[["Metadata_plate", "Metadata_well",
+                                                     "Metadata_site"]].agg(set)
+    assert per_image.to_dict("list") == {"Metadata_plate": [{"P1"}] * 3,
+                                         "Metadata_well": [{"B03"}, {"B03"}, {"C04"}],
+                                         "Metadata_site": [{1}, {2}, {1}]}
+    for name in ("Cells", "Cytoplasm", "Nuclei"):  # ExportToSpreadsheet's "add image metadata"
+        df = pd.read_csv(folder / f"{name}.csv")
+        df = df.merge(image[["ImageNumber", "Metadata_Plate", "Metadata_Well"]], how="left")
+        df.to_csv(folder / f"{name}.csv", index=False, na_rep="nan")
+    pd.DataFrame({"well": ["B03", "C04"], "compound": ["DMSO", "taxol"], "concentration": 1.0,
+                  "moa": ["DMSO", "tubulin"]}).to_csv(tmp_path / "platemap.csv", index=False)
+    import_cellprofiler(folder, tmp_path / "b", platemap=tmp_path / "platemap.csv")
+    again = pd.read_parquet(tmp_path / "b" / "cells.parquet")
+    assert again.groupby("Metadata_well")["Metadata_compound"].agg(set).to_dict() == {
+        "B03": {"DMSO"}, "C04": {"taxol"}}  # the plate map joined on the CSVs' wells
+    again = again.drop(columns=["Metadata_compound", "Metadata_concentration", "Metadata_moa"])
+    key = ["Metadata_ImageNumber", "Metadata_ObjectNumber"]
+    pd.testing.assert_frame_equal(again.sort_values(key, ignore_index=True),
+                                  got.sort_values(key, ignore_index=True))
+    assert main(["aggregate", str(tmp_path / "b" / "cells.parquet"), "--out",
+                 str(tmp_path / "prof"), "--normalize", "none"]) == 0
+    wells = pd.read_parquet(tmp_path / "prof" / "wells.parquet")
+    assert sorted(wells["Metadata_well"]) == ["B03", "C04"]
 
 
 @needs_data

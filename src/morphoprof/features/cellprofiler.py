@@ -104,7 +104,9 @@ def _rename(columns: list[str]) -> tuple[dict[str, str], list[str]]:
     """CytoTable's column names -> morphoprof's (``{old: new}``), and the dropped columns."""
     out, dropped = {}, []
     for c in columns:
-        if c.startswith("Image_Metadata_"):
+        if c in ("Metadata_Plate", "Metadata_Well"):  # CytoTable's names in a CSV image table
+            out[c] = _CANONICAL[c.removeprefix("Metadata_").lower()]
+        elif c.startswith("Image_Metadata_"):
             key = c.removeprefix("Image_Metadata_")
             out[c] = _CANONICAL.get(key.lower(), f"Metadata_{key}")
         elif c.startswith("Image_") and c.removeprefix("Image_").startswith(_FILE_COLUMNS):
@@ -260,7 +262,8 @@ def _cells_frame(batch, columns: list[str], names: dict, plate: str, platemap):
     if platemap is not None:
         df = df.merge(platemap, on="Metadata_well", how="left", validate="many_to_one",
                       indicator="_matched")
-    meta = [c for c in df.columns if c.startswith("Metadata_")]
+    meta = [c for c in _CANONICAL.values() if c in df.columns]
+    meta += [c for c in df.columns if c.startswith("Metadata_") and c not in meta]
     return df[meta + [c for c in df.columns if c not in meta]]
 
 
@@ -314,10 +317,33 @@ def _convert(source: Path, dest: Path, preset: str, chunk_size: int):
     finally:
         shutil.rmtree(parts, ignore_errors=True)
         staged.unlink(missing_ok=True)
-    schema, pages = _paged_join(preset_config["CONFIG_JOINS"], tables, _JOIN_ROWS)
+    sql = preset_config["CONFIG_JOINS"]
+    if preset == PRESETS["csv"]:
+        sql = _with_image_metadata(sql, tables)
+    schema, pages = _paged_join(sql, tables, _JOIN_ROWS)
     if schema is None:
         raise InputError(f"{source}: CytoTable ({preset}) found no objects to join")
     return schema, pages
+
+
+def _with_image_metadata(sql: str, tables: Path) -> str:
+    """CytoTable's ``cellprofiler_csv`` join plus the image table's metadata columns (plate,
+    well, site...: ``Metadata_Plate`` / ``Metadata_Well`` as CytoTable names them in the image
+    table, and ``Image_Metadata_*``), which that join leaves out: without them every image of a
+    CSV screen was its own well."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted((tables / "image").rglob("*.parquet"))
+    anchor = "image.Metadata_ImageNumber,"
+    if not files or anchor not in sql:
+        return sql
+    names = pa.unify_schemas([pq.read_schema(f) for f in files],
+                             promote_options="permissive").names
+    meta = [c for c in names if c in ("Metadata_Plate", "Metadata_Well")
+            or c.startswith("Image_Metadata_")]
+    return sql.replace(anchor, anchor + "".join(f"\n                image.{quote_identifier(c)},"
+                                                for c in meta), 1)
 
 
 def _linear_source(source: Path, staged: Path, parts: Path, targets: tuple[str, ...],
@@ -673,6 +699,11 @@ def _join_page(query: str, tables: dict):
         table = con.execute(query).to_arrow_table()
     finally:
         con.close()
+    seen: set[str] = set()  # a name twice (image metadata CellProfiler also wrote into each
+    keep = [i for i, n in enumerate(table.column_names)  # object table): the first kept
+            if not (n in seen or seen.add(n))]
+    if len(keep) < table.num_columns:
+        table = table.select(keep)
     return table.sort_by("Metadata_ImageNumber")  # pyarrow: less memory than DuckDB's sort
 
 
