@@ -158,7 +158,7 @@ def test_a_sqlite_is_split_into_parts_holding_every_row_once(tmp_path):
     """The split that keeps CytoTable's reads linear: parts of about ``rows`` rows of each
     table CytoTable reads (cut where the image changes), together every row once and in order,
     with the declared schema."""
-    import morphoprof.features.cellprofiler as cp
+    import morphoprof.features.cellprofiler_parts as cpp
 
     src = SOURCES["cytominer-database"]
     with sqlite3.connect(src) as con:
@@ -173,7 +173,7 @@ def test_a_sqlite_is_split_into_parts_holding_every_row_once(tmp_path):
                 con.execute(f'insert into main."{t}" select * from src."{t}"')
         con.execute("create table Experiment (key text, value text)")
         con.execute("insert into Experiment values ('a', 'b')")
-    assert cp._split_sqlite(big, tmp_path / "parts", ("cells", "image"), rows=4)
+    assert cpp._split_sqlite(big, tmp_path / "parts", ("cells", "image"), rows=4)
     parts = sorted((tmp_path / "parts").glob("part-*.sqlite"))
     assert [p.name for p in parts] == ["part-00000.sqlite", "part-00001.sqlite"]
     with sqlite3.connect(big) as con:
@@ -195,16 +195,16 @@ def test_a_sqlite_is_split_into_parts_holding_every_row_once(tmp_path):
     con.execute("create table Cells (ImageNumber int, ObjectNumber int)")
     con.executemany("insert into Cells values (?, ?)",
                     [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3), (3, 1)])
-    assert cp._rowid_chunks(con, "Cells", 2) == [(1, 3), (4, 6), (7, 7)]
+    assert cpp._rowid_chunks(con, "Cells", 2) == [(1, 3), (4, 6), (7, 7)]
     con.execute("create table Other (x int)")  # no ImageNumber: cut every 2 rows
     con.executemany("insert into Other values (?)", [(1,), (1,), (1,)])
-    assert cp._rowid_chunks(con, "Other", 2) == [(1, 2), (3, 3)]
+    assert cpp._rowid_chunks(con, "Other", 2) == [(1, 2), (3, 3)]
     con.close()
     odd = tmp_path / "odd.sqlite"
     with sqlite3.connect(odd) as con:
         con.execute("create table Cells (ImageNumber int primary key, x real) without rowid")
         con.execute("insert into Cells values (1, 0.5)")
-    assert not cp._split_sqlite(odd, tmp_path / "odd_parts", ("cells",), rows=4)
+    assert not cpp._split_sqlite(odd, tmp_path / "odd_parts", ("cells",), rows=4)
     assert not (tmp_path / "odd_parts").exists()  # left to CytoTable as it is
 
 
@@ -214,10 +214,10 @@ def test_too_little_disk_for_the_split_is_one_error_and_leaves_nothing(kind, siz
                                                                        monkeypatch):
     import collections
 
-    import morphoprof.features.cellprofiler as cp
+    import morphoprof.features.cellprofiler_parts as cpp
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(cp.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    monkeypatch.setattr(cpp.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     out = tmp_path / "out"
     with pytest.raises(InputError, match=rf"not enough free space in {out}: the import needs "
                                          rf"about {size} MB .* 0\.0 MB free"):
@@ -248,21 +248,21 @@ def test_a_csv_folder_is_staged_and_gives_the_cells_cytotable_reads_from_the_csv
                                                                                    monkeypatch):
     """Staging a CSV folder into one SQLite (then split into parts) is invisible: the same
     objects, values and column types as CytoTable reading the CSVs themselves."""
-    import morphoprof.features.cellprofiler as cp
+    import morphoprof.features.cellprofiler_parts as cpp
 
     folder = _csv_screen(tmp_path / "csv", 3)
     calls = []
-    real_split = cp._split_sqlite
+    real_split = cpp._split_sqlite
 
     def spy(source, dest, targets, rows):
         done = real_split(source, dest, targets, rows)
         calls.append((Path(source).name, len(list(dest.glob("part-*.sqlite")))))
         return done
 
-    monkeypatch.setattr(cp, "_split_sqlite", spy)
+    monkeypatch.setattr(cpp, "_split_sqlite", spy)
     staged = import_cellprofiler(folder, tmp_path / "staged", chunk_size=300)
     assert calls == [("staged.sqlite", 2)]  # images 1-2 (578 rows of each table), image 3
-    monkeypatch.setattr(cp, "_stage_csv", lambda *a: False)
+    monkeypatch.setattr(cpp, "_stage_csv", lambda *a: False)
     direct = import_cellprofiler(folder, tmp_path / "direct", chunk_size=300)
     assert len(calls) == 1 and staged.rows == direct.rows == 3 * 289
     assert staged.features == direct.features
@@ -352,13 +352,13 @@ def test_csv_image_metadata_gives_the_cells_plate_well_and_site(tmp_path):
 
 @needs_data
 def test_csv_folders_staging_cannot_copy_are_read_as_they_are_and_bad_csvs_named(tmp_path):
-    import morphoprof.features.cellprofiler as cp
+    import morphoprof.features.cellprofiler_parts as cpp
 
     targets = ("cells", "nuclei", "cytoplasm", "image")
     dated = _csv_screen(tmp_path / "dated", 1)
     image = pd.read_csv(dated / "Image.csv").assign(Metadata_Date="2016-05-04")
     image.to_csv(dated / "Image.csv", index=False)
-    assert not cp._stage_csv(dated, tmp_path / "staged.sqlite", targets)  # a DATE column
+    assert not cpp._stage_csv(dated, tmp_path / "staged.sqlite", targets)  # a DATE column
     assert not (tmp_path / "staged.sqlite").exists()
     bad = _csv_screen(tmp_path / "bad", 1)
     lines = (bad / "Nuclei.csv").read_text().splitlines()

@@ -54,6 +54,13 @@ def os_reason(exc: OSError) -> str:
     return text
 
 
+def first_line(exc: Exception) -> str:
+    """The first line of an exception's message (DuckDB's run over many), or its type's name
+    where it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class DownloadError(MorphoprofError):
     """A download failed, or its result did not verify."""
 
