@@ -351,6 +351,41 @@ def test_csv_image_metadata_gives_the_cells_plate_well_and_site(tmp_path):
 
 
 @needs_data
+def test_a_sqlite_without_plate_metadata_imports_with_its_other_image_metadata(tmp_path):
+    """The ExportToDatabase preset's join names the plate and well columns: a SQLite without
+    plate metadata failed to join (a DuckDB traceback). Every image metadata column the file
+    has is carried (the site too)."""
+    import shutil
+
+    src = tmp_path / "noplate.sqlite"
+    shutil.copy(SOURCES["sqlite"], src)
+    src.chmod(0o644)
+    with sqlite3.connect(src) as con:
+        con.execute("alter table Per_Image rename column Image_Metadata_Plate to "
+                    "Image_Metadata_Barcode")
+    summary = import_cellprofiler(src, tmp_path / "out")
+    assert summary.notes == ("note: noplate.sqlite has no plate metadata; Metadata_plate = "
+                             "'noplate'",)
+    cells = pd.read_parquet(tmp_path / "out" / "cells.parquet")
+    with sqlite3.connect(src) as con:
+        images = pd.read_sql("select ImageNumber, Image_Metadata_Barcode, Image_Metadata_Well, "
+                             "Image_Metadata_Site from Per_Image", con)
+        assert con.execute("select count(*) from Per_Cells").fetchone()[0] == len(cells)
+    got = cells.groupby("Metadata_ImageNumber")[["Metadata_Barcode", "Metadata_well",
+                                                 "Metadata_site"]].first()
+    want = images.set_index("ImageNumber").loc[got.index]
+    assert (cells["Metadata_plate"] == "noplate").all()
+    assert got.to_numpy().tolist() == want.to_numpy().tolist()
+    with sqlite3.connect(src) as con:  # a key the preset joins on, missing: one error
+        con.execute("alter table Per_Cells rename column Cells_Number_Object_Number to x")
+    with pytest.raises(InputError, match=r"noplate.sqlite: its tables do not join as "
+                                         "CytoTable's cellprofiler_sqlite preset expects: "
+                                         ".*Cells_Number_Object_Number"):
+        import_cellprofiler(src, tmp_path / "out2")
+    assert list((tmp_path / "out2").iterdir()) == []
+
+
+@needs_data
 def test_csv_folders_staging_cannot_copy_are_read_as_they_are_and_bad_csvs_named(tmp_path):
     import morphoprof.features.cellprofiler_parts as cpp
 

@@ -286,6 +286,7 @@ def _convert(source: Path, dest: Path, preset: str, chunk_size: int):
     require("parsl")
     import cytotable
     import cytotable.presets
+    import duckdb
     from parsl.config import Config
     from parsl.executors import ThreadPoolExecutor
 
@@ -317,33 +318,41 @@ def _convert(source: Path, dest: Path, preset: str, chunk_size: int):
     finally:
         shutil.rmtree(parts, ignore_errors=True)
         staged.unlink(missing_ok=True)
-    sql = preset_config["CONFIG_JOINS"]
-    if preset == PRESETS["csv"]:
-        sql = _with_image_metadata(sql, tables)
-    schema, pages = _paged_join(sql, tables, _JOIN_ROWS)
+    sql = _with_image_metadata(preset_config["CONFIG_JOINS"], tables)
+    try:
+        schema, pages = _paged_join(sql, tables, _JOIN_ROWS)
+    except duckdb.Error as exc:  # a column the preset's join names is missing
+        raise InputError(f"{source}: its tables do not join as CytoTable's {preset} preset "
+                         f"expects: {first_line(exc)}") from exc
     if schema is None:
         raise InputError(f"{source}: CytoTable ({preset}) found no objects to join")
     return schema, pages
 
 
+_IMAGE_ID = re.compile(r"^(\s*)(\w*image)\.Metadata_ImageNumber,\n", re.MULTILINE)
+
+
 def _with_image_metadata(sql: str, tables: Path) -> str:
-    """CytoTable's ``cellprofiler_csv`` join plus the image table's metadata columns (plate,
-    well, site...: ``Metadata_Plate`` / ``Metadata_Well`` as CytoTable names them in the image
-    table, and ``Image_Metadata_*``), which that join leaves out: without them every image of a
-    CSV screen was its own well."""
+    """A CytoTable join with the image metadata columns the image table has: plate, well,
+    site... (``Image_Metadata_*``, and ``Metadata_Plate`` / ``Metadata_Well`` as CytoTable names
+    them in a CSV image table). The presets name fixed columns instead: the CSV one none (every
+    image of a CSV screen was its own well), the SQLite ones well and plate (a SQLite without
+    plate metadata failed to join)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    files = sorted((tables / "image").rglob("*.parquet"))
-    anchor = "image.Metadata_ImageNumber,"
-    if not files or anchor not in sql:
+    found = _IMAGE_ID.search(sql)
+    files = sorted((tables / found[2]).rglob("*.parquet")) if found else []
+    if not files:
         return sql
+    alias, indent = found[2], found[1]
     names = pa.unify_schemas([pq.read_schema(f) for f in files],
                              promote_options="permissive").names
     meta = [c for c in names if c in ("Metadata_Plate", "Metadata_Well")
             or c.startswith("Image_Metadata_")]
-    return sql.replace(anchor, anchor + "".join(f"\n                image.{quote_identifier(c)},"
-                                                for c in meta), 1)
+    sql = re.sub(rf"^\s*{alias}\.Image_Metadata_\w+,\n", "", sql, flags=re.MULTILINE)
+    return sql.replace(found[0], found[0] + "".join(
+        f"{indent}{alias}.{quote_identifier(c)},\n" for c in meta), 1)
 
 
 _READ_PARQUET = re.compile(r"read_parquet\('([\w.-]+)\.parquet'\)")
