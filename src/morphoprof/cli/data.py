@@ -164,7 +164,7 @@ def _add_import(sub) -> None:
                    "import in --out")
     s.add_argument("--chunk-size", type=int, default=CHUNK_SIZE, help="cellprofiler: rows per "
                    "CytoTable chunk; memory grows with it, time falls a little (2.2 GB SQLite: "
-                   "0.85 GB peak and 110 s at 5000, 0.97 GB and 98 s at 10000)")
+                   "0.88 GB peak and 98 s at 5000, 0.94 GB and 82 s at 10000)")
     s.add_argument("--preset", help="csv: a column preset (deepprofiler, cytomining)")
     s.add_argument("--field", action="append", help="csv: FIELD=COLUMN, e.g. plate=Plate "
                    "(repeatable)")

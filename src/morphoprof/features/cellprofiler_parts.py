@@ -89,9 +89,9 @@ def _stage_csv(source: Path, staged: Path, targets: tuple[str, ...]) -> bool:
         for stem in logs.progress_bar(list(selects), desc="staging", unit="table"):
             try:
                 con.execute(f"CREATE TABLE staged.{quote_identifier(stem)} AS {selects[stem]}")
-            except duckdb.IOException as exc:
-                raise InputError(f"cannot write {staged}: {first_line(exc)}") from exc
-            except duckdb.Error as exc:
+            except duckdb.Error as exc:  # SQLite's "database or disk is full" among them
+                if isinstance(exc, duckdb.IOException) or "disk" in str(exc).lower():
+                    raise InputError(f"cannot write {staged}: {first_line(exc)}") from exc
                 raise InputError(f"{_csv_name(tables[stem])}: cannot read it as CSV: "
                                  f"{first_line(exc)}") from exc
     finally:
