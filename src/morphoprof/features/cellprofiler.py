@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from morphoprof import logs
-from morphoprof.errors import InputError, first_line
+from morphoprof.errors import InputError, first_line, os_reason
 from morphoprof.extras import require
 from morphoprof.features.cellprofiler_parts import linear_source
 from morphoprof.index.platemap import read_platemap
@@ -206,7 +206,7 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
             raise InputError(f"{path}: no objects to import")
         os.replace(tmp, target)
     except OSError as exc:
-        raise InputError(f"cannot write {target}: {exc}") from exc
+        raise InputError(f"cannot write {target}: {os_reason(exc)}") from exc
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if unmatched:
