@@ -225,6 +225,59 @@ def test_too_little_disk_for_the_split_is_one_error_and_leaves_nothing(kind, siz
     assert list(out.iterdir()) == []  # no cells.parquet, no work folder left
 
 
+@needs_data
+def test_an_interrupted_import_resumes_from_the_tables_it_had_converted(tmp_path, monkeypatch):
+    """Ctrl-C after CytoTable's conversion: the work folder stays, and the same command
+    again reuses its tables (CytoTable not run again) and gives the cells of an uninterrupted
+    import; another chunk size starts over."""
+    import cytotable
+
+    import morphoprof.features.cellprofiler as cp
+
+    src = SOURCES["sqlite"]
+    clean = import_cellprofiler(src, tmp_path / "clean")
+    real_join, real_convert = cp._paged_join, cytotable.convert
+    converts = []
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def counted(**kwargs):
+        converts.append(kwargs["chunk_size"])
+        return real_convert(**kwargs)
+
+    monkeypatch.setattr(cytotable, "convert", counted)
+    monkeypatch.setattr(cp, "_paged_join", interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        import_cellprofiler(src, out)
+    work = out / ".import-work"
+    assert (work / "tables.done").exists() and not (out / "cells.parquet").exists()
+    monkeypatch.setattr(cp, "_paged_join", real_join)
+    resumed = import_cellprofiler(src, out)
+    assert converts == [5000] and not work.exists()  # not converted again
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "cells.parquet"),
+                                  pd.read_parquet(tmp_path / "clean" / "cells.parquet"))
+    assert resumed.rows == clean.rows
+    monkeypatch.setattr(cp, "_paged_join", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        import_cellprofiler(src, tmp_path / "out2", chunk_size=100)
+    monkeypatch.setattr(cp, "_paged_join", real_join)
+    import_cellprofiler(src, tmp_path / "out2", chunk_size=200)
+    assert converts == [5000, 100, 200]  # another chunk size: converted again
+    work = tmp_path / "out3" / ".import-work"  # killed while splitting: starts over
+    monkeypatch.setattr(cp, "_paged_join", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        import_cellprofiler(src, tmp_path / "out3")
+    (work / "tables.done").unlink()
+    (work / "parts").mkdir()
+    with sqlite3.connect(work / "parts" / "part-00000.sqlite") as con:
+        con.execute("create table Per_Cells (x int)")
+    monkeypatch.setattr(cp, "_paged_join", real_join)
+    assert import_cellprofiler(src, tmp_path / "out3").rows == clean.rows
+    assert converts == [5000, 100, 200, 5000, 5000] and not work.exists()
+
+
 def _csv_screen(folder: Path, images: int, bump: dict[int, float] | None = None) -> Path:
     """The real ExampleHuman CSVs with their image repeated ``images`` times (ImageNumber 1,
     2, ...), CellProfiler's ``nan`` in a few cells' features; ``bump``: image number -> a

@@ -18,12 +18,12 @@ the well) adds treatment columns, and compartment features keep CellProfiler's n
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import re
 import shutil
 import sqlite3
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -176,6 +176,11 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
             whole file: time grew with the square of the source). Needs free space in ``out``
             about the size of the SQLite or CSVs while it runs.
 
+    The work goes on in ``out/.import-work``, removed at the end or on an error. An import
+    interrupted (Ctrl-C, a killed process) leaves it: run the same command again and the
+    tables it had converted (the longest part) are reused, where the source, preset and
+    chunk size are unchanged (:func:`_work_folder`).
+
     Returns:
         The :class:`CellProfilerImport` (also ``out/import.json``).
     """
@@ -187,10 +192,11 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
     pm = read_platemap(platemap, platemap_well) if platemap is not None else None
     try:
         out.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=".cytotable-", dir=out))
+        work = _work_folder(out / ".import-work", path, PRESETS[kind], chunk_size)
     except OSError as exc:
         raise InputError(f"cannot write to {out}: {exc}") from exc
     t0 = time.perf_counter()
+    keep = False
     try:
         schema, pages = _convert(path, work, PRESETS[kind], chunk_size)
         names, dropped = _rename(schema.names)
@@ -207,8 +213,14 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
         os.replace(tmp, target)
     except OSError as exc:
         raise InputError(f"cannot write {target}: {os_reason(exc)}") from exc
+    except InputError:
+        raise
+    except BaseException:  # interrupted (Ctrl-C...): the next run resumes from the work folder
+        keep = True
+        raise
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
     if unmatched:
         notes.append(f"warning: {unmatched} cells in wells missing from {platemap}")
     seconds = time.perf_counter() - t0
@@ -222,6 +234,30 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
         else:
             logger.info(n)
     return summary
+
+
+def _work_folder(work: Path, source: Path, preset: str, chunk_size: int) -> Path:
+    """The import's work folder ``work``, kept from an interrupted import of the same source
+    (path, size and modification time), preset and chunk size that had converted its tables
+    (``tables.done``), so that they are reused (:func:`_convert`); emptied otherwise (an
+    interrupted split or conversion starts over). Its ``source.json`` says what it holds."""
+    files = [source] if source.is_file() else sorted(source.rglob("*.csv"))
+    stats = [f.stat() for f in files]
+    stamp = {"format": 1, "source": str(source.resolve()), "preset": preset,
+             "chunk_size": chunk_size, "files": len(stats),
+             "bytes": sum(st.st_size for st in stats),
+             "modified_ns": max((st.st_mtime_ns for st in stats), default=0)}
+    manifest = work / "source.json"
+    if work.is_dir():
+        try:
+            if json.loads(manifest.read_text()) == stamp and (work / "tables.done").exists():
+                return work
+        except (OSError, ValueError):
+            pass
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    write_json(manifest, stamp)
+    return work
 
 
 def _write_cells(frames, path: Path, joined: bool) -> tuple[int | None, int, list[str]]:
@@ -268,19 +304,21 @@ def _cells_frame(batch, columns: list[str], names: dict, plate: str, platemap):
 
 
 def _convert(source: Path, dest: Path, preset: str, chunk_size: int):
-    """CellProfiler tables -> (the joined schema, an iterator of joined Arrow pages in image
-    order), from Parquet chunks of each table under ``dest``.
+    """CellProfiler tables -> (the joined schema, an iterator of joined Arrow pages in image order),
+    from Parquet chunks of each table under ``dest``.
 
     A SQLite is first split into part files of one chunk of each table, a CSV folder staged
     into one SQLite before (:func:`~morphoprof.features.cellprofiler_parts.linear_source`).
     CytoTable converts each table (image, cells, nuclei, cytoplasm) to Parquet chunks, paged by
     image number, on a thread pool (a process pool costs ~10 s to start for no gain here;
-    parsl's run records go in ``dest``, a temporary folder). The compartments are then joined
-    here with CytoTable's own join SQL for the preset, one page of images at a time, every
-    table filtered to the page (:func:`_paged_join`), as the caller reads the pages.
-    CytoTable's own join filters only the cytoplasm to the page, so DuckDB hashed the whole
-    cells / nuclei / image tables for every page (2.2 GB peak on a 2.2 GB SQLite); its
-    concatenation held the whole table too.
+    parsl's run records go in ``dest``, the import's work folder). Converted tables are marked
+    done (``dest/tables.done``): a rerun after an interruption reuses them. The compartments
+    are then joined here with CytoTable's own join SQL for the preset (plus the image metadata,
+    :func:`_with_image_metadata`), one page of images at a time, every table filtered to the
+    page (:func:`_paged_join`), as the caller reads the pages. CytoTable's own join filters
+    only the cytoplasm to the page, so DuckDB hashed the whole cells / nuclei / image tables
+    for every page (2.2 GB peak on a 2.2 GB SQLite); its concatenation held the whole table
+    too.
     """
     require("cytotable")
     require("parsl")
@@ -302,22 +340,13 @@ def _convert(source: Path, dest: Path, preset: str, chunk_size: int):
                     run_dir=str(dest / "runinfo"))
     tables = dest / "tables"
     targets = (*preset_config["CONFIG_NAMES_COMPARTMENTS"], *preset_config["CONFIG_NAMES_METADATA"])
-    parts, staged = dest / "parts", dest / "staged.sqlite"
-    try:
-        read_from = linear_source(source, staged, parts, targets, chunk_size)
-        try:
-            # add_tablenumber=False: CytoTable would tell the part files apart by a checksum
-            # column (it does so for several image tables); one SQLite gets none either way
-            cytotable.convert(source_path=str(read_from), dest_path=str(tables),
-                              dest_datatype="parquet", preset=preset, chunk_size=chunk_size,
-                              page_keys=page_keys, join=False, concat=False,
-                              parsl_config=config, add_tablenumber=False)
-        except Exception as exc:  # CytoTable / DuckDB errors carry their own message
-            raise InputError(f"{source}: CytoTable ({preset}) could not convert it: "
-                             f"{first_line(exc)}") from exc
-    finally:
-        shutil.rmtree(parts, ignore_errors=True)
-        staged.unlink(missing_ok=True)
+    done = dest / "tables.done"
+    if done.exists():
+        logger.info("resuming: the tables an interrupted import of %s converted are reused (%s)",
+                    source.name, tables)
+    else:
+        _cytotable_convert(source, dest, preset, chunk_size, page_keys, config, targets)
+        done.touch()
     sql = _with_image_metadata(preset_config["CONFIG_JOINS"], tables)
     try:
         schema, pages = _paged_join(sql, tables, _JOIN_ROWS)
@@ -327,6 +356,31 @@ def _convert(source: Path, dest: Path, preset: str, chunk_size: int):
     if schema is None:
         raise InputError(f"{source}: CytoTable ({preset}) found no objects to join")
     return schema, pages
+
+
+def _cytotable_convert(source: Path, dest: Path, preset: str, chunk_size: int,
+                       page_keys: dict, config, targets: tuple[str, ...]) -> None:
+    """CytoTable's conversion of ``source``'s tables to Parquet chunks under ``dest/tables``,
+    read from its parts (:func:`~morphoprof.features.cellprofiler_parts.linear_source`), which
+    are removed after."""
+    import cytotable
+
+    parts, staged = dest / "parts", dest / "staged.sqlite"
+    try:
+        read_from = linear_source(source, staged, parts, targets, chunk_size)
+        try:
+            # add_tablenumber=False: CytoTable would tell the part files apart by a checksum
+            # column (it does so for several image tables); one SQLite gets none either way
+            cytotable.convert(source_path=str(read_from), dest_path=str(dest / "tables"),
+                              dest_datatype="parquet", preset=preset, chunk_size=chunk_size,
+                              page_keys=page_keys, join=False, concat=False,
+                              parsl_config=config, add_tablenumber=False)
+        except Exception as exc:  # CytoTable / DuckDB errors carry their own message
+            raise InputError(f"{source}: CytoTable ({preset}) could not convert it: "
+                             f"{first_line(exc)}") from exc
+    finally:
+        shutil.rmtree(parts, ignore_errors=True)
+        staged.unlink(missing_ok=True)
 
 
 _IMAGE_ID = re.compile(r"^(\s*)(\w*image)\.Metadata_ImageNumber,\n", re.MULTILINE)
