@@ -343,6 +343,8 @@ def test_batch_folders_of_csvs_keep_each_folders_objects_apart(tmp_path):
         image.to_csv(batches / b / "Image.csv", index=False)
     assert detect_kind(batches) == "csv"  # the CSVs are below the folder given
     got = import_cellprofiler(batches, tmp_path / "got")
+    assert got.notes[-1] == ("note: batches holds 2 folders of CSVs; Metadata_ImageNumber "
+                             "counts the images over them in path order")
     one = _csv_screen(tmp_path / "one", 2, bump={2: 1000.0})
     want = import_cellprofiler(one, tmp_path / "want")
     assert got.rows == want.rows == 2 * 289
@@ -352,6 +354,7 @@ def test_batch_folders_of_csvs_keep_each_folders_objects_apart(tmp_path):
     assert (a.groupby("Metadata_ImageNumber")["Cells_AreaShape_Area"].min() > 1000).tolist() \
         == [False, True]
     assert (a.pop("Metadata_Date") == "2016-05-04").all()  # the DATE column as text
+    assert a.pop("Metadata_Folder").tolist() == ["b1"] * 289 + ["b2"] * 289
     pd.testing.assert_frame_equal(a, b)
     (batches / "b2" / "Nuclei.csv").unlink()
     with pytest.raises(InputError, match=r"b2: has Cells, Cytoplasm, Image CSVs but not Nuclei; "

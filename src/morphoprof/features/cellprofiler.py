@@ -200,11 +200,7 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
     try:
         schema, pages = _convert(path, work, PRESETS[kind], chunk_size)
         names, dropped = _rename(schema.names)
-        notes = [f"note: {path.name} has no plate metadata; Metadata_plate = "
-                 f"{plate or path.stem!r}"] if "Metadata_plate" not in names.values() else []
-        if "Metadata_well" not in names.values():
-            notes.append(f"note: {path.name} has no well metadata; each image is its own well "
-                         "(Metadata_well = image<ImageNumber>)")
+        notes = _source_notes(path, set(names.values()), plate or path.stem)
         tmp = work / "cells.parquet"
         frames = (_cells_frame(t, schema.names, names, plate or path.stem, pm) for t in pages)
         rows, unmatched, written = _write_cells(frames, tmp, pm is not None)
@@ -234,6 +230,23 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
         else:
             logger.info(n)
     return summary
+
+
+def _source_notes(path: Path, columns: set[str], plate: str) -> list[str]:
+    """What the user should know about the cells' metadata: a plate or well the source lacks
+    (``columns``: the cell table's), image numbers counted over batch folders of CSVs."""
+    notes = []
+    if "Metadata_plate" not in columns:
+        notes.append(f"note: {path.name} has no plate metadata; Metadata_plate = {plate!r}")
+    if "Metadata_well" not in columns:
+        notes.append(f"note: {path.name} has no well metadata; each image is its own well "
+                     "(Metadata_well = image<ImageNumber>)")
+    folders = len({p.parent for p in path.rglob("*.csv") if p.stem.lower() == "image"}
+                  ) if path.is_dir() else 1
+    if folders > 1:
+        notes.append(f"note: {path.name} holds {folders} folders of CSVs; Metadata_ImageNumber "
+                     "counts the images over them in path order")
+    return notes
 
 
 def _work_folder(work: Path, source: Path, preset: str, chunk_size: int) -> Path:

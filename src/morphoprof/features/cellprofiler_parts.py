@@ -80,7 +80,7 @@ def _stage_csv(source: Path, staged: Path, targets: tuple[str, ...]) -> bool:
     con = duckdb.connect()
     try:
         con.execute("SET threads TO 2")
-        selects = _csv_selects(con, tables)
+        selects = _csv_selects(con, tables, source)
         if selects is None:
             return False
         _check_free_space(staged.parent, sum(p.stat().st_size for fs in tables.values()
@@ -128,11 +128,13 @@ def _csv_tables(source: Path, targets: tuple[str, ...]) -> dict[str, list[Path]]
 _FILE = "__morphoprof_file"  # the column naming each row's CSV in a read of several
 
 
-def _csv_selects(con, tables: dict[str, list[Path]]) -> dict[str, str] | None:
+def _csv_selects(con, tables: dict[str, list[Path]], source: Path) -> dict[str, str] | None:
     """One ``SELECT`` per stem reading its CSVs with DuckDB (None where one folder's column
     has another type than BIGINT, DOUBLE or VARCHAR). Several folders' CSVs of a stem are read
     as one (columns unified by name), ``ImageNumber`` shifted by the images of the folders
-    before (:func:`_image_offsets`) and other types cast to VARCHAR."""
+    before (:func:`_image_offsets`), other types cast to VARCHAR, and the image table gains
+    ``Metadata_Folder``, each image's folder below ``source`` (the cells'
+    ``Metadata_Folder``), unless it has such a column."""
     import duckdb
 
     several = any(len(files) > 1 for files in tables.values())
@@ -163,7 +165,14 @@ def _csv_selects(con, tables: dict[str, list[Path]]) -> dict[str, str] | None:
         replace = [f"ImageNumber + CASE {_FILE} {shift} END AS ImageNumber",
                    *(f"CAST({quote_identifier(c)} AS VARCHAR) AS {quote_identifier(c)}"
                      for c in odd)]
-        selects[stem] = f"SELECT * EXCLUDE ({_FILE}) REPLACE ({', '.join(replace)}) FROM {read}"
+        folder = ""
+        if stem.lower() == "image" and "Metadata_Folder" not in {c for c, *_ in columns}:
+            names = " ".join(f"WHEN {_sql_string(p)} THEN "
+                             f"{_sql_string(p.parent.relative_to(source).as_posix())}"
+                             for p in files)
+            folder = f", CASE {_FILE} {names} END AS Metadata_Folder"
+        selects[stem] = (f"SELECT * EXCLUDE ({_FILE}) REPLACE ({', '.join(replace)}){folder} "
+                         f"FROM {read}")
     return selects
 
 
