@@ -91,6 +91,12 @@ def test_bad_cellprofiler_sources_are_named(tmp_path):
         con.execute("create table t (a int)")
     with pytest.raises(InputError, match=r"other.sqlite: a SQLite without CellProfiler tables"):
         detect_kind(tmp_path / "other.sqlite")
+    with sqlite3.connect(tmp_path / "one_table.sqlite") as con:
+        con.execute("create table Per_Image (ImageNumber int)")
+        con.execute("create table Per_Object (ImageNumber int, ObjectNumber int)")
+    with pytest.raises(InputError, match=r"one_table.sqlite: an ExportToDatabase SQLite without "
+                                         r"Per_Cells .*a single Per_Object table is not read"):
+        detect_kind(tmp_path / "one_table.sqlite")
     with pytest.raises(InputError, match="not found"):
         import_cellprofiler(tmp_path / "missing.sqlite", tmp_path / "out")
 

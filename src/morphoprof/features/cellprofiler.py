@@ -71,6 +71,11 @@ def detect_kind(path: str | Path) -> str:
     except sqlite3.DatabaseError as exc:
         raise InputError(f"{path}: not a CellProfiler CSV folder or SQLite file ({exc})") from exc
     if "per_image" in tables:
+        if not tables & {"per_cells", "per_nuclei", "per_cytoplasm"}:
+            raise InputError(f"{path}: an ExportToDatabase SQLite without Per_Cells / "
+                             f"Per_Nuclei / Per_Cytoplasm tables (it has {sorted(tables)}); "
+                             "export one table per object type (a single Per_Object table is "
+                             "not read)")
         return "sqlite"
     if "image" in tables and tables & {"cells", "nuclei", "cytoplasm"}:
         return "cytominer-database"
