@@ -373,6 +373,34 @@ def test_batch_folders_of_csvs_keep_each_folders_objects_apart(tmp_path):
 
 
 @needs_data
+def test_csvs_named_with_cellprofilers_export_prefix_import_as_the_plain_names(tmp_path):
+    """ExportToSpreadsheet prefixes its files by default (``MyExpt_Image.csv``...), which
+    CytoTable does not read: the same cells as the unprefixed CSVs."""
+    plain = _csv_screen(tmp_path / "plain", 2)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for f in plain.glob("*.csv"):
+        (mine / f"MyExpt_{f.name}").write_bytes(f.read_bytes())
+    assert detect_kind(mine) == "csv"
+    import_cellprofiler(plain, tmp_path / "a")
+    import_cellprofiler(mine, tmp_path / "b")
+    a, b = (pd.read_parquet(tmp_path / d / "cells.parquet").drop(columns="Metadata_plate")
+            for d in ("a", "b"))
+    key = ["Metadata_ImageNumber", "Metadata_ObjectNumber"]
+    assert len(a) == 2 * 289
+    pd.testing.assert_frame_equal(a.sort_values(key, ignore_index=True),
+                                  b.sort_values(key, ignore_index=True))
+    image = pd.read_csv(mine / "MyExpt_Image.csv").assign(Metadata_Date="2016-05-04")
+    image.to_csv(mine / "MyExpt_Image.csv", index=False)  # a DATE column: read as text
+    assert import_cellprofiler(mine, tmp_path / "c").rows == 2 * 289
+    (mine / "Other_Image.csv").write_bytes((mine / "MyExpt_Image.csv").read_bytes())
+    (mine / "Other_Nuclei.csv").write_bytes((mine / "MyExpt_Nuclei.csv").read_bytes())
+    with pytest.raises(InputError, match=r"mine: CSVs of several CellProfiler exports side by "
+                                         r"side \(file name prefixes MyExpt_, Other_\)"):
+        import_cellprofiler(mine, tmp_path / "d")
+
+
+@needs_data
 def test_csv_image_metadata_gives_the_cells_plate_well_and_site(tmp_path):
     """Plate, well and site from the CSVs' Image table (CytoTable's CSV join leaves them out,
     so every image was its own well), also where CellProfiler wrote them into each object CSV

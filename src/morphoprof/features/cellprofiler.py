@@ -32,7 +32,7 @@ from pathlib import Path
 from morphoprof import logs
 from morphoprof.errors import InputError, first_line, os_reason
 from morphoprof.extras import require
-from morphoprof.features.cellprofiler_parts import linear_source
+from morphoprof.features.cellprofiler_parts import csv_prefix, linear_source
 from morphoprof.index.platemap import read_platemap
 from morphoprof.io_utils import json_fields, quote_identifier, write_json
 
@@ -57,11 +57,15 @@ def detect_kind(path: str | Path) -> str:
     (``Image`` / ``Cells`` ... tables); InputError otherwise."""
     path = Path(path)
     if path.is_dir():
-        names = {p.name.lower() for p in path.rglob("*.csv")}
-        if "image.csv" in names and names & {"cells.csv", "nuclei.csv", "cytoplasm.csv"}:
-            return "csv"
+        names = sorted({p.name for p in path.rglob("*.csv")})
+        try:
+            if csv_prefix([n[:-len(".csv")] for n in names]) is not None:
+                return "csv"
+        except InputError as exc:
+            raise InputError(f"{path}: {exc}") from exc
         raise InputError(f"{path}: a CellProfiler CSV folder needs Image.csv and Cells.csv / "
-                         f"Nuclei.csv / Cytoplasm.csv; found {sorted(names) or 'no CSV'}")
+                         f"Nuclei.csv / Cytoplasm.csv (or their names after one prefix, "
+                         f"MyExpt_Image.csv...); found {names[:20] or 'no CSV'}")
     if not path.is_file():
         raise InputError(f"not found: {path}")
     try:
@@ -246,7 +250,7 @@ def _source_notes(path: Path, columns: set[str], plate: str) -> list[str]:
     if "Metadata_well" not in columns:
         notes.append(f"note: {path.name} has no well metadata; each image is its own well "
                      "(Metadata_well = image<ImageNumber>)")
-    folders = len({p.parent for p in path.rglob("*.csv") if p.stem.lower() == "image"}
+    folders = len({p.parent for p in path.rglob("*.csv") if p.stem.lower().endswith("image")}
                   ) if path.is_dir() else 1
     if folders > 1:
         notes.append(f"note: {path.name} holds {folders} folders of CSVs; Metadata_ImageNumber "

@@ -74,13 +74,13 @@ def _stage_csv(source: Path, staged: Path, targets: tuple[str, ...]) -> bool:
     """
     import duckdb
 
-    tables = _csv_tables(source, targets)
+    tables, prefix = _csv_tables(source, targets)
     if not tables:
         return False
     con = duckdb.connect()
     try:
         con.execute("SET threads TO 2")
-        selects = _csv_selects(con, tables, source)
+        selects = _csv_selects(con, tables, source, prefix)
         if selects is None:
             return False
         _check_free_space(staged.parent, sum(p.stat().st_size for fs in tables.values()
@@ -102,18 +102,36 @@ def _stage_csv(source: Path, staged: Path, targets: tuple[str, ...]) -> bool:
     return True
 
 
-def _csv_tables(source: Path, targets: tuple[str, ...]) -> dict[str, list[Path]]:
-    """The CSVs under ``source`` that CytoTable reads, by stem (those with more than a header
-    line, in path order); InputError where the folders holding them do not hold the same
-    stems."""
-    wanted = {t.lower() for t in targets}
-    found = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() == ".csv"
-                   and p.stem.lower() in wanted)
-    stems: dict[Path, set[str]] = {}
+def csv_prefix(stems: list[str]) -> str | None:
+    """The prefix CellProfiler's ExportToSpreadsheet put before its tables' names (``MyExpt_``
+    by default: ``MyExpt_Image.csv``, ``MyExpt_Cells.csv``...) among CSV file stems: ``""``
+    for unprefixed names, None where no image table has a compartment table beside it.
+    InputError where several prefixes do."""
+    lower = {s.lower() for s in stems}
+    found = {s[:-len("image")] for s in stems if s.lower().endswith("image")
+             and any(f"{s[:-len('image')]}{c}".lower() in lower
+                     for c in ("cells", "nuclei", "cytoplasm"))}
+    if "" in found or not found:
+        return "" if found else None
+    if len(found) > 1:
+        raise InputError(f"CSVs of several CellProfiler exports side by side (file name "
+                         f"prefixes {', '.join(sorted(found))}); import each on its own")
+    return found.pop()
+
+
+def _csv_tables(source: Path, targets: tuple[str, ...]) -> tuple[dict[str, list[Path]], str]:
+    """The CSVs under ``source`` that CytoTable reads (those with more than a header line, in
+    path order) by table name (the stem without the export's prefix, :func:`csv_prefix`), and
+    the prefix; InputError where the folders holding them do not hold the same tables."""
+    csvs = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() == ".csv")
+    prefix = csv_prefix([p.stem for p in csvs]) or ""
+    wanted = {f"{prefix}{t}".lower() for t in targets}
+    found = [p for p in csvs if p.stem.lower() in wanted]
+    names: dict[Path, set[str]] = {}
     for p in found:
-        stems.setdefault(p.parent, set()).add(p.stem)
-    every = set().union(*stems.values())
-    for folder, have in stems.items():
+        names.setdefault(p.parent, set()).add(p.stem[len(prefix):])
+    every = set().union(*names.values())
+    for folder, have in names.items():
         if have != every:
             raise InputError(f"{folder}: has {', '.join(sorted(have))} CSVs but not "
                              f"{', '.join(sorted(every - have))}; every folder of CellProfiler "
@@ -121,59 +139,70 @@ def _csv_tables(source: Path, targets: tuple[str, ...]) -> dict[str, list[Path]]
     tables: dict[str, list[Path]] = {}
     for p in found:
         if _has_rows(p):
-            tables.setdefault(p.stem, []).append(p)
-    return tables
+            tables.setdefault(p.stem[len(prefix):], []).append(p)
+    return tables, prefix
 
 
 _FILE = "__morphoprof_file"  # the column naming each row's CSV in a read of several
 
 
-def _csv_selects(con, tables: dict[str, list[Path]], source: Path) -> dict[str, str] | None:
-    """One ``SELECT`` per stem reading its CSVs with DuckDB (None where one folder's column
-    has another type than BIGINT, DOUBLE or VARCHAR). Several folders' CSVs of a stem are read
-    as one (columns unified by name), ``ImageNumber`` shifted by the images of the folders
-    before (:func:`_image_offsets`), other types cast to VARCHAR, and the image table gains
-    ``Metadata_Folder``, each image's folder below ``source`` (the cells'
-    ``Metadata_Folder``), unless it has such a column."""
+def _csv_selects(con, tables: dict[str, list[Path]], source: Path,
+                 prefix: str) -> dict[str, str] | None:
+    """One ``SELECT`` per table reading its CSVs with DuckDB. Several folders' CSVs of a table
+    are read as one (columns unified by name), ``ImageNumber`` shifted by the images of the
+    folders before (:func:`_image_offsets`), and the image table gains ``Metadata_Folder``,
+    each image's folder below ``source`` (the cells' ``Metadata_Folder``), unless it has such
+    a column. Columns of another type than BIGINT, DOUBLE or VARCHAR are cast to VARCHAR where
+    the CSVs must be staged (several folders, or an export ``prefix`` that CytoTable does not
+    read); None otherwise (one folder: CytoTable reads it as it is)."""
     import duckdb
 
     several = any(len(files) > 1 for files in tables.values())
     offsets = _image_offsets(con, tables) if several else {}
     selects = {}
-    for stem, files in tables.items():
+    for name, files in tables.items():
         paths = ", ".join(_sql_string(p) for p in files)
         read = (f"read_csv_auto([{paths}], header=TRUE, delim=',', union_by_name=true, "
                 f"filename='{_FILE}')" if several else
                 f"read_csv_auto({paths}, header=TRUE, delim=',')")
         try:
-            columns = con.execute(f"DESCRIBE SELECT * FROM {read}").fetchall()
+            types = {c: t for c, t, *_ in con.execute(f"DESCRIBE SELECT * FROM {read}")
+                     .fetchall()}
         except duckdb.Error as exc:
             raise InputError(f"{_csv_name(files)}: cannot read it as CSV: "
                              f"{first_line(exc)}") from exc
-        odd = [c for c, t, *_ in columns if t not in _STAGED_TYPES and c != _FILE]
-        if not several:
-            if odd:
-                logger.info("%s has columns of other types (%s); CytoTable reads the CSVs as "
-                            "they are", files[0].name, ", ".join(odd[:3]))
-                return None
-            selects[stem] = f"SELECT * FROM {read}"
-            continue
-        if "ImageNumber" not in {c for c, *_ in columns}:
-            raise InputError(f"{files[0]}: no ImageNumber column, which tells the folders' "
-                             "images apart")
-        shift = " ".join(f"WHEN {_sql_string(p)} THEN {offsets.get(p.parent, 0)}" for p in files)
-        replace = [f"ImageNumber + CASE {_FILE} {shift} END AS ImageNumber",
-                   *(f"CAST({quote_identifier(c)} AS VARCHAR) AS {quote_identifier(c)}"
-                     for c in odd)]
-        folder = ""
-        if stem.lower() == "image" and "Metadata_Folder" not in {c for c, *_ in columns}:
-            names = " ".join(f"WHEN {_sql_string(p)} THEN "
-                             f"{_sql_string(p.parent.relative_to(source).as_posix())}"
-                             for p in files)
-            folder = f", CASE {_FILE} {names} END AS Metadata_Folder"
-        selects[stem] = (f"SELECT * EXCLUDE ({_FILE}) REPLACE ({', '.join(replace)}){folder} "
-                         f"FROM {read}")
+        columns = list(types)
+        odd = [c for c in columns if types[c] not in _STAGED_TYPES and c != _FILE]
+        if odd and not (several or prefix):
+            logger.info("%s has columns of other types (%s); CytoTable reads the CSVs as "
+                        "they are", files[0].name, ", ".join(odd[:3]))
+            return None
+        replace = [f"CAST({quote_identifier(c)} AS VARCHAR) AS {quote_identifier(c)}"
+                   for c in odd]
+        extra = ""
+        if several:
+            replace.append(_shifted_image_number(files, columns, offsets))
+            if name.lower() == "image" and "Metadata_Folder" not in columns:
+                folders = " ".join(f"WHEN {_sql_string(p)} THEN "
+                                   f"{_sql_string(p.parent.relative_to(source).as_posix())}"
+                                   for p in files)
+                extra = f", CASE {_FILE} {folders} END AS Metadata_Folder"
+        select = f"SELECT * EXCLUDE ({_FILE})" if several else "SELECT *"
+        if replace:
+            select += f" REPLACE ({', '.join(replace)})"
+        selects[name] = f"{select}{extra} FROM {read}"
     return selects
+
+
+def _shifted_image_number(files: list[Path], columns: list[str],
+                          offsets: dict[Path, int]) -> str:
+    """The ``REPLACE`` item giving each row of ``files`` (read as one) its image number shifted
+    by its folder's offset."""
+    if "ImageNumber" not in columns:
+        raise InputError(f"{files[0]}: no ImageNumber column, which tells the folders' images "
+                         "apart")
+    shift = " ".join(f"WHEN {_sql_string(p)} THEN {offsets.get(p.parent, 0)}" for p in files)
+    return f"ImageNumber + CASE {_FILE} {shift} END AS ImageNumber"
 
 
 def _image_offsets(con, tables: dict[str, list[Path]]) -> dict[Path, int]:
