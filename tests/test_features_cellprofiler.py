@@ -401,6 +401,27 @@ def test_csvs_named_with_cellprofilers_export_prefix_import_as_the_plain_names(t
 
 
 @needs_data
+def test_a_sqlite_with_a_table_name_prefix_imports_as_the_plain_names(tmp_path):
+    """ExportToDatabase's "add a prefix to table names" (``MyExpt_Per_Image``...), which
+    the CytoTable preset's join does not name: the same cells as the plain names."""
+    import shutil
+
+    src = tmp_path / "prefixed.sqlite"
+    shutil.copy(SOURCES["sqlite"], src)
+    src.chmod(0o644)
+    with sqlite3.connect(src) as con:
+        for (t,) in con.execute("select name from sqlite_master where type = 'table' and "
+                                "name like 'Per_%'").fetchall():
+            con.execute(f'alter table "{t}" rename to "MyExpt_{t}"')
+    assert detect_kind(src) == "sqlite"
+    import_cellprofiler(src, tmp_path / "a")
+    import_cellprofiler(SOURCES["sqlite"], tmp_path / "b")
+    a, b = (pd.read_parquet(tmp_path / d / "cells.parquet") for d in ("a", "b"))
+    assert len(a) > 0
+    pd.testing.assert_frame_equal(a, b)
+
+
+@needs_data
 def test_csv_image_metadata_gives_the_cells_plate_well_and_site(tmp_path):
     """Plate, well and site from the CSVs' Image table (CytoTable's CSV join leaves them out,
     so every image was its own well), also where CellProfiler wrote them into each object CSV

@@ -32,7 +32,7 @@ from pathlib import Path
 from morphoprof import logs
 from morphoprof.errors import InputError, first_line, os_reason
 from morphoprof.extras import require
-from morphoprof.features.cellprofiler_parts import csv_prefix, linear_source
+from morphoprof.features.cellprofiler_parts import csv_prefix, linear_source, sqlite_prefix
 from morphoprof.index.platemap import read_platemap
 from morphoprof.io_utils import json_fields, quote_identifier, write_json
 
@@ -74,8 +74,9 @@ def detect_kind(path: str | Path) -> str:
                       con.execute("select name from sqlite_master where type='table'")}
     except sqlite3.DatabaseError as exc:
         raise InputError(f"{path}: not a CellProfiler CSV folder or SQLite file ({exc})") from exc
-    if "per_image" in tables:
-        if not tables & {"per_cells", "per_nuclei", "per_cytoplasm"}:
+    prefix = sqlite_prefix(sorted(tables)).lower()
+    if f"{prefix}per_image" in tables:
+        if not tables & {f"{prefix}per_{c}" for c in ("cells", "nuclei", "cytoplasm")}:
             raise InputError(f"{path}: an ExportToDatabase SQLite without Per_Cells / "
                              f"Per_Nuclei / Per_Cytoplasm tables (it has {sorted(tables)}); "
                              "export one table per object type (a single Per_Object table is "

@@ -274,6 +274,7 @@ def _split_sqlite(source: Path, dest: Path, targets: tuple[str, ...], rows: int)
             found = con.execute("select name, sql from sqlite_master where type = 'table'"
                                 ).fetchall()
             keep = {n: sql for n, sql in found if any(t.lower() in n.lower() for t in targets)}
+            prefix = sqlite_prefix([n for n, _ in found])
             chunks = {n: _rowid_chunks(con, n, rows) for n in keep}
         except sqlite3.DatabaseError as exc:
             if "rowid" in str(exc):  # "no such column: rowid": a WITHOUT ROWID table
@@ -286,7 +287,7 @@ def _split_sqlite(source: Path, dest: Path, targets: tuple[str, ...], rows: int)
         try:
             dest.mkdir(parents=True, exist_ok=True)
             for k in logs.progress_bar(range(n_parts), desc="splitting", unit="part"):
-                _write_part(con, dest / f"part-{k:05d}.sqlite", keep,
+                _write_part(con, dest / f"part-{k:05d}.sqlite", keep, prefix,
                             {n: c[k] for n, c in chunks.items() if k < len(c)})
         except (OSError, sqlite3.DatabaseError) as exc:
             raise InputError(f"cannot write {dest}: {exc}") from exc
@@ -332,18 +333,26 @@ def _rowid_chunks(con, table: str, rows: int) -> list[tuple[int, int]]:
     return chunks
 
 
-def _write_part(con, part: Path, schemas: dict[str, str],
+def sqlite_prefix(tables: list[str]) -> str:
+    """The prefix CellProfiler's ExportToDatabase put before its table names (its "add a
+    prefix to table names" setting: ``MyExpt_Per_Image``...), ``""`` where none."""
+    return next((t[:-len("per_image")] for t in tables if t.lower().endswith("per_image")), "")
+
+
+def _write_part(con, part: Path, schemas: dict[str, str], prefix: str,
                 ranges: dict[str, tuple[int, int]]) -> None:
     """The rows of each table in ``ranges`` (first, last rowid) into a new SQLite ``part``,
-    with the table's declared schema (``schemas``: its ``CREATE TABLE`` statement)."""
+    with the table's declared schema (``schemas``: its ``CREATE TABLE`` statement), named
+    without the export's ``prefix`` (the names CytoTable's presets join)."""
     con.execute("attach database ? as part", (str(part),))
     try:
         con.execute("pragma part.journal_mode = off")
         con.execute("pragma part.synchronous = off")
         for name, (first, last) in ranges.items():
-            q = quote_identifier(name)
+            bare = name[len(prefix):] if name.lower().startswith(prefix.lower()) else name
+            q = quote_identifier(bare)
             con.execute(_CREATE_TABLE.sub(f"CREATE TABLE part.{q}", schemas[name], count=1))
-            con.execute(f"insert into part.{q} select * from main.{q} "
+            con.execute(f"insert into part.{q} select * from main.{quote_identifier(name)} "
                         "where rowid between ? and ?", (first, last))
         con.commit()
     finally:
