@@ -142,9 +142,10 @@ def _add_import(sub) -> None:
                    help="bbbc021: the official layout; bbbc021-6moa: the 6-MoA PNG subset; "
                    "csv: any CSV with a column mapping; loaddata: a CellProfiler LoadData / JUMP "
                    "load_data.csv; ome-zarr: an OME-Zarr HCS plate; cellprofiler: CellProfiler "
-                   "single-cell "
-                   "measurements (a folder of per-object CSVs, or an ExportToDatabase / "
-                   "cytominer-database SQLite) -> OUT/cells.parquet")
+                   "single-cell measurements (a folder of per-object CSVs or of batch "
+                   "folders of them, or an ExportToDatabase / cytominer-database SQLite; "
+                   "MyExpt_ name prefixes allowed) -> OUT/cells.parquet; an interrupted "
+                   "import resumes when run again")
     s.add_argument("path", help="BBBC021 root, 6-MoA folder, CSV file, LoadData CSV, OME-Zarr "
                    "plate, or CellProfiler output")
     s.add_argument("--out", required=True, help="index.parquet to write (cellprofiler: a folder)")
