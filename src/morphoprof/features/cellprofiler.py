@@ -46,6 +46,8 @@ PRESETS = {
 }
 _CANONICAL = {"plate": "Metadata_plate", "well": "Metadata_well", "site": "Metadata_site"}
 _FILE_COLUMNS = ("FileName_", "PathName_", "URL_")
+# plate and well as CytoTable names them in a CSV image table (identifying columns: no prefix)
+_CSV_IMAGE_KEYS = ("Metadata_Plate", "Metadata_Well")
 # rows per CytoTable chunk by default (import_cellprofiler and import --chunk-size)
 CHUNK_SIZE = 5000
 _JOIN_ROWS = 2500  # objects per joined page and per written batch (~36 MB at 1,800 columns)
@@ -115,7 +117,7 @@ def _rename(columns: list[str]) -> tuple[dict[str, str], list[str]]:
     """CytoTable's column names -> morphoprof's (``{old: new}``), and the dropped columns."""
     out, dropped = {}, []
     for c in columns:
-        if c in ("Metadata_Plate", "Metadata_Well"):  # CytoTable's names in a CSV image table
+        if c in _CSV_IMAGE_KEYS:
             out[c] = _CANONICAL[c.removeprefix("Metadata_").lower()]
         elif c.startswith("Image_Metadata_"):
             key = c.removeprefix("Image_Metadata_")
@@ -202,7 +204,8 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
     pm = read_platemap(platemap, platemap_well) if platemap is not None else None
     try:
         out.mkdir(parents=True, exist_ok=True)
-        work = _work_folder(out / ".import-work", path, PRESETS[kind], chunk_size)
+        files = [path] if path.is_file() else sorted(path.rglob("*.csv"))
+        work = _work_folder(out / ".import-work", path, files, PRESETS[kind], chunk_size)
     except OSError as exc:
         raise InputError(f"cannot write to {out}: {exc}") from exc
     t0 = time.perf_counter()
@@ -210,7 +213,7 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
     try:
         schema, pages = _convert(path, work, PRESETS[kind], chunk_size)
         names, dropped = _rename(schema.names)
-        notes = _source_notes(path, set(names.values()), plate or path.stem)
+        notes = _source_notes(path, files, set(names.values()), plate or path.stem)
         tmp = work / "cells.parquet"
         frames = (_cells_frame(t, schema.names, names, plate or path.stem, pm) for t in pages)
         rows, unmatched, written = _write_cells(frames, tmp, pm is not None)
@@ -242,29 +245,31 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
     return summary
 
 
-def _source_notes(path: Path, columns: set[str], plate: str) -> list[str]:
+def _source_notes(path: Path, files: list[Path], columns: set[str], plate: str) -> list[str]:
     """What the user should know about the cells' metadata: a plate or well the source lacks
-    (``columns``: the cell table's), image numbers counted over batch folders of CSVs."""
+    (``columns``: the cell table's), image numbers counted over batch folders of CSVs
+    (``files``: the source's CSVs, where it is a folder)."""
     notes = []
     if "Metadata_plate" not in columns:
         notes.append(f"note: {path.name} has no plate metadata; Metadata_plate = {plate!r}")
     if "Metadata_well" not in columns:
         notes.append(f"note: {path.name} has no well metadata; each image is its own well "
                      "(Metadata_well = image<ImageNumber>)")
-    folders = len({p.parent for p in path.rglob("*.csv") if p.stem.lower().endswith("image")}
-                  ) if path.is_dir() else 1
+    image = f"{csv_prefix([f.stem for f in files]) or ''}image".lower() if path.is_dir() else ""
+    folders = len({f.parent for f in files if f.stem.lower() == image})
     if folders > 1:
         notes.append(f"note: {path.name} holds {folders} folders of CSVs; Metadata_ImageNumber "
                      "counts the images over them in path order")
     return notes
 
 
-def _work_folder(work: Path, source: Path, preset: str, chunk_size: int) -> Path:
+def _work_folder(work: Path, source: Path, files: list[Path], preset: str,
+                 chunk_size: int) -> Path:
     """The import's work folder ``work``, kept from an interrupted import of the same source
-    (path, size and modification time), preset and chunk size that had converted its tables
-    (``tables.done``), so that they are reused (:func:`_convert`); emptied otherwise (an
-    interrupted split or conversion starts over). Its ``source.json`` says what it holds."""
-    files = [source] if source.is_file() else sorted(source.rglob("*.csv"))
+    (path, and size and modification time of its ``files``), preset and chunk size that had
+    converted its tables (``tables.done``), so that they are reused (:func:`_convert`);
+    emptied otherwise (an interrupted split or conversion starts over). Its ``source.json``
+    says what it holds."""
     stats = [f.stat() for f in files]
     stamp = {"format": 1, "source": str(source.resolve()), "preset": preset,
              "chunk_size": chunk_size, "files": len(stats),
@@ -425,8 +430,7 @@ def _with_image_metadata(sql: str, tables: Path) -> str:
     alias, indent = found[2], found[1]
     names = pa.unify_schemas([pq.read_schema(f) for f in files],
                              promote_options="permissive").names
-    meta = [c for c in names if c in ("Metadata_Plate", "Metadata_Well")
-            or c.startswith("Image_Metadata_")]
+    meta = [c for c in names if c in _CSV_IMAGE_KEYS or c.startswith("Image_Metadata_")]
     sql = re.sub(rf"^\s*{alias}\.Image_Metadata_\w+,\n", "", sql, flags=re.MULTILINE)
     return sql.replace(found[0], found[0] + "".join(
         f"{indent}{alias}.{quote_identifier(c)},\n" for c in meta), 1)
