@@ -59,6 +59,25 @@ def test_errors_are_clear_and_exit_2(tmp_path, capsys):
     assert "output: required" in err
 
 
+@pytest.mark.parametrize("command", ["crops", "extract"])
+def test_a_bad_cell_table_is_one_error_line(tmp_path, tiny_screen, capsys, command):
+    """A cell table that is missing, a folder or not Parquet: one ``error:`` line naming it
+    (a pyarrow traceback before), and nothing written."""
+    index = str(tiny_screen[0] / "index.parquet")
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    (tmp_path / "folder.parquet").mkdir()
+    for name, says in [("missing.parquet", "cell table not found"),
+                       ("folder.parquet", "(a folder)"), ("junk.parquet", "as Parquet")]:
+        cells = str(tmp_path / name)
+        args = ([command, index, cells] if command == "crops"
+                else [command, index, "--cells", cells])
+        assert main([*args, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err and name in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "out").exists()
+
+
 def test_run_config_end_to_end(tmp_path, capsys):
     cfg = {
         "data": {"source": "synthetic", "path": "screen",

@@ -17,7 +17,7 @@ from typing import Literal
 
 from morphoprof.errors import InputError, MorphoprofError
 from morphoprof.index.schema import ExperimentIndex
-from morphoprof.io_utils import read_parquet
+from morphoprof.io_utils import read_input_parquet
 from morphoprof.models.weak_run import load_crop_array
 from morphoprof.profiles.anndata_io import write_anndata
 from morphoprof.registry import create_extractor
@@ -84,9 +84,7 @@ def extract_stage(out: str | Path, *, index: ExperimentIndex | None = None,
         summary = model.extract_crops(x, table, names, out, overwrite=overwrite,
                                       **{k: v for k, v in given.items() if k != "size"})
     elif cells is not None:
-        if not Path(cells).is_file():
-            raise InputError(f"cell table not found: {cells}")
-        summary = model.extract_cells(index, read_parquet(cells), out,
+        summary = model.extract_cells(index, read_input_parquet(cells, "cell table"), out,
                                       illumination=illumination, overwrite=overwrite, **given)
     else:
         summary = model.extract(index, out, overwrite=overwrite, illumination=illumination,

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from morphoprof.errors import OutputError, os_reason
+from morphoprof.errors import InputError, OutputError, os_reason
 
 
 def _makedirs(folder: Path, target: Path) -> list[Path]:
@@ -178,6 +178,19 @@ def read_parquet(path: str | Path, columns: list[str] | None = None) -> pd.DataF
     """``pandas.read_parquet`` for any path, including one that is not valid UTF-8."""
     with arrow_file(path) as src:
         return pd.read_parquet(src, columns=columns)
+
+
+def read_input_parquet(path: str | Path, what: str = "Parquet file",
+                       columns: list[str] | None = None) -> pd.DataFrame:
+    """:func:`read_parquet` of a file a user named: :class:`InputError` naming ``what`` and the
+    path where it is missing, a folder, or not readable as Parquet (not a pyarrow traceback)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{what} not found: {p}" + (" (a folder)" if p.is_dir() else ""))
+    try:
+        return read_parquet(p, columns)
+    except Exception as exc:  # pyarrow raises several types for a bad file
+        raise InputError(f"cannot read {p} as Parquet: {exc}") from exc
 
 
 def write_tiff(path: str | Path, array: np.ndarray, compress: bool = False) -> Path:

@@ -12,7 +12,7 @@ from morphoprof.cli.common import (
 )
 from morphoprof.errors import MorphoprofError
 from morphoprof.evaluation.evaluate import EvaluationConfig, evaluate
-from morphoprof.io_utils import read_parquet, write_json, write_parquet
+from morphoprof.io_utils import read_input_parquet, write_json, write_parquet
 from morphoprof.pipeline import NORMALIZE_BY, build_profiles, report_stage
 from morphoprof.profiles.cell_tvn import CellTVNConfig
 from morphoprof.profiles.normalize import (
@@ -28,14 +28,8 @@ from morphoprof.settings import add_options, from_options
 
 
 def _read_profiles(path: str, cols, required=()):
-    p = Path(path)
-    if not p.is_file():
-        raise MorphoprofError(f"profiles file not found: {p}")
-    try:
-        df = read_parquet(p)
-    except Exception as exc:  # pyarrow raises several types for a bad file
-        raise MorphoprofError(f"cannot read {p} as Parquet: {exc}") from exc
-    return cols.to_canonical(df, required, source=str(p))
+    df = read_input_parquet(path, "profiles file")
+    return cols.to_canonical(df, required, source=str(path))
 
 
 def _by(value: str):

@@ -16,7 +16,7 @@ from morphoprof.errors import MorphoprofError
 from morphoprof.extract import CROP_BATCH_SIZE, extract_stage
 from morphoprof.features.transfer import TransferConfig
 from morphoprof.index import ExperimentIndex
-from morphoprof.io_utils import read_parquet
+from morphoprof.io_utils import read_input_parquet
 from morphoprof.pipeline import illumination_stage, segmentation_stage
 from morphoprof.preprocess.crops import CropConfig, export_crops
 from morphoprof.preprocess.illumination import IlluminationConfig
@@ -52,7 +52,8 @@ def cmd_segment(a: argparse.Namespace) -> int:
 
 def cmd_crops(a: argparse.Namespace) -> int:
     index = ExperimentIndex.read_parquet(a.index)
-    summary = export_crops(index, read_parquet(a.cells), a.out, from_options(CropConfig, a),
+    cells = read_input_parquet(a.cells, "cell table")
+    summary = export_crops(index, cells, a.out, from_options(CropConfig, a),
                            illumination=load_illumination(a.illumination))
     print_json(summary.to_json())
     return 0
