@@ -1,3 +1,5 @@
+import datetime
+
 import numpy as np
 import pytest
 import timm
@@ -53,3 +55,20 @@ def test_checkpoint_roundtrip_and_errors(tmp_path):
         create_backbone("no_such_net", weights="random")
     with pytest.raises(InputError, match="offline weights"):
         create_backbone("resnet18", weights="offline")
+
+
+def test_an_unreadable_weights_file_is_one_line_naming_it(tmp_path):
+    """Files that are not torch.save's or safetensors', or hold other Python objects: one line
+    saying why (torch's own message is a paragraph advising weights_only=False), and a
+    morphoprof Lightning-style checkpoint still loads."""
+    (tmp_path / "text.pth").write_text("crop,Metadata_Plate\n")  # a CSV: pickle opcode 'c'
+    torch.save({"w": torch.zeros(2), "when": datetime.date(2026, 1, 1)}, tmp_path / "obj.pth")
+    (tmp_path / "bad.safetensors").write_bytes(b"junk")
+    for name, says in [("text.pth", "not a file torch.save wrote"),
+                       ("obj.pth", "a Python object (datetime.date) besides tensors"),
+                       ("bad.safetensors", "cannot read checkpoint")]:
+        with pytest.raises(InputError) as got:
+            create_backbone("resnet18", weights=str(tmp_path / name))
+        text = str(got.value)
+        assert name in text and says in text and "\n" not in text, text
+        assert "weights_only" not in text

@@ -17,10 +17,11 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from morphoprof.errors import InputError
+from morphoprof.errors import InputError, first_line
 
 # The seeds' networks, selectable by short name; any other timm name works as it is.
 ALIASES = {
@@ -133,20 +134,49 @@ def _load_offline_any_channels(model, model_name: str, in_chans: int) -> str:
     return f"{source} (first conv adapted to {in_chans} channels)"
 
 
-def _load_checkpoint(model, path: Path) -> str:
+# How a file torch.save wrote starts: a zip archive (PyTorch >= 1.6) or a pickle (older).
+_TORCH_MAGICS = (b"PK\x03\x04", b"\x80")
+
+
+def read_weights_file(path: str | Path) -> object:
+    """What a ``.pth`` / ``.pt`` / ``.ckpt`` file (``torch.load`` with ``weights_only``:
+    tensors and plain containers, no other Python objects) or a ``.safetensors`` file holds,
+    on the CPU. InputError naming the file where it is missing or cannot be read as one, with
+    one line of reason (not torch's paragraph of advice)."""
     import torch
 
+    path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint not found: {path}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        with open(path, "rb") as fh:
+            torch_file = fh.read(4).startswith(_TORCH_MAGICS)
+        if torch_file:
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise InputError(f"cannot read checkpoint {path}: {exc}") from exc
+        raise InputError(f"cannot read checkpoint {path}: {_torch_reason(exc)}") from exc
+    raise InputError(f"cannot read checkpoint {path}: not a file torch.save wrote (.pth, .pt, "
+                     ".ckpt) nor a .safetensors file")
+
+
+def _torch_reason(exc: Exception) -> str:
+    """One line for why ``torch.load(weights_only=True)`` (or safetensors) refused a file."""
+    text = str(exc)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return (f"it holds a Python object ({found.group(1)}) besides tensors, which morphoprof "
+                "does not unpickle; save the network's state_dict() instead")
+    if "Weights only load failed" in text:
+        return "not a file torch.save wrote (its pickle cannot be read)"
+    return first_line(exc)
+
+
+def _load_checkpoint(model, path: Path) -> str:
+    state = read_weights_file(path)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

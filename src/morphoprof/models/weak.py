@@ -25,7 +25,7 @@ from torch import nn
 
 from morphoprof.errors import InputError
 from morphoprof.extras import require
-from morphoprof.features.backbones import create_backbone
+from morphoprof.features.backbones import create_backbone, read_weights_file
 from morphoprof.features.transfer import TransferConfig, TransferExtractor
 from morphoprof.logs import progress_bar
 
@@ -170,13 +170,7 @@ class WeakModule(L.LightningModule):
 
 def checkpoint_hparams(path: str | Path) -> dict:
     """The hyperparameters stored in a weak-supervision checkpoint (InputError otherwise)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise InputError(f"cannot read checkpoint {path}: {exc}") from exc
+    ckpt = read_weights_file(path)
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not hp or hp.get("kind") != "weak":
         raise InputError(f"{path} is not a morphoprof weak-supervision checkpoint (no "
