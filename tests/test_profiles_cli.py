@@ -100,3 +100,18 @@ def test_profile_commands_name_the_bad_input(tmp_path, capsys):
     assert main(["normalize", str(tmp_path / "w.parquet"), "--out", str(tmp_path / "o.parquet"),
                  "--fallback", "all"]) == 0
     assert "warning: Metadata_plate='Week2_P1': no control rows" in capsys.readouterr().err
+
+
+def test_a_saved_normaliser_that_is_not_one_is_named(tmp_path, capsys):
+    """--apply with a missing file, or a file not in numpy's format: one line naming it, not
+    numpy's advice to unpickle the file."""
+    make_wells().to_parquet(tmp_path / "w.parquet")
+    (tmp_path / "junk.npz").write_text("crop,Metadata_Plate\n")
+    for name, says in [("missing.npz", "fitted normaliser not found"),
+                       ("junk.npz", "is not a morphoprof normaliser: not in numpy's .npy / .npz")]:
+        assert main(["normalize", str(tmp_path / "w.parquet"), "--out",
+                     str(tmp_path / "o.parquet"), "--apply", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and name in err and "pickle" not in err, err
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o.parquet").exists()

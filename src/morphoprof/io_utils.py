@@ -193,6 +193,18 @@ def read_input_parquet(path: str | Path, what: str = "Parquet file",
         raise InputError(f"cannot read {p} as Parquet: {exc}") from exc
 
 
+def load_array_file(path: str | Path, **kwargs: object):
+    """``np.load`` without pickles (``.npy`` array or ``.npz`` archive, ``kwargs`` as
+    np.load's). A file that is not in numpy's formats raises ValueError saying so: numpy's own
+    message for it suggests unpickling the file, which a user reading an error cannot do."""
+    try:
+        return np.load(path, allow_pickle=False, **kwargs)
+    except ValueError as exc:
+        if "pickled" not in str(exc):
+            raise
+        raise ValueError("not in numpy's .npy / .npz format") from exc
+
+
 def write_tiff(path: str | Path, array: np.ndarray, compress: bool = False) -> Path:
     """Write a 2-D or 3-D array as a TIFF (optionally zlib-compressed, fast level), atomically."""
     import tifffile

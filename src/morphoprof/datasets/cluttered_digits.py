@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from morphoprof.errors import InputError
+from morphoprof.io_utils import load_array_file
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def load_digits_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise InputError(f"digit file not found: {path}")
     try:
-        with np.load(path) as z:
+        with load_array_file(path) as z:
             names = set(z.files)
             xk = next((k for k in ("images", "x", "X", "digits") if k in names), None)
             yk = next((k for k in ("labels", "y", "Y", "targets") if k in names), None)
@@ -133,4 +134,4 @@ def load_digits_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
                                  f"{sorted(names)}")
             return np.asarray(z[xk]), np.asarray(z[yk])
     except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable .npz file ({exc})") from exc
+        raise InputError(f"cannot read {path}: {exc}") from exc

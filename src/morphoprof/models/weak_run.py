@@ -26,7 +26,7 @@ from morphoprof.index.schema import (
     select_mask,
     select_rows,
 )
-from morphoprof.io_utils import file_digest, read_parquet, write_json
+from morphoprof.io_utils import file_digest, load_array_file, read_parquet, write_json
 from morphoprof.models.settings import HoldoutSection, WeakConfig
 from morphoprof.models.weak_result import WeakResult
 from morphoprof.preprocess.crops import CropDataset, load_crop_shards, normalize_crops
@@ -67,7 +67,7 @@ def load_crop_array(path: str | Path, table_path: str | Path | None, channels: l
         if not p.is_file():
             raise InputError(f"file not found: {p}")
     try:
-        with np.load(path) as z:
+        with load_array_file(path) as z:
             if "crops" not in z.files:
                 raise InputError(f"{path} holds {z.files}, not an array named 'crops'")
             arr = z["crops"]

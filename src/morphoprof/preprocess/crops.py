@@ -22,7 +22,7 @@ from morphoprof.errors import InputError
 from morphoprof.images.read import image_shape as header_shape
 from morphoprof.images.read import read_image_set
 from morphoprof.index.schema import IMAGE_SET_KEY, ExperimentIndex
-from morphoprof.io_utils import read_parquet, write_npz
+from morphoprof.io_utils import load_array_file, read_parquet, write_npz
 from morphoprof.preprocess.segmentation import (
     CENTER_X,
     CENTER_Y,
@@ -294,7 +294,7 @@ def load_crop_shards(folder: str | Path) -> tuple[np.ndarray, pd.DataFrame, list
         npz = table_path.with_suffix(".npz")
         try:
             table = read_parquet(table_path)
-            with np.load(npz) as z:
+            with load_array_file(npz) as z:
                 arr = z["crops"]
         except Exception as exc:  # missing file, truncated zip, bad Parquet
             raise InputError(f"cannot read crop shard {npz if table_path.is_file() else table_path}"

@@ -23,7 +23,7 @@ from pydantic import Field
 
 from morphoprof.errors import InputError
 from morphoprof.index.schema import PLATE, ExperimentIndex
-from morphoprof.io_utils import write_json, write_npy
+from morphoprof.io_utils import load_array_file, write_json, write_npy
 from morphoprof.logs import progress_bar
 from morphoprof.settings import Settings
 from morphoprof.shards import shard_key
@@ -296,7 +296,7 @@ def import_illumination(
         for ch in chans:
             path = Path(per_channel[ch])
             try:
-                arr = np.load(path, allow_pickle=False)
+                arr = load_array_file(path)
             except (OSError, ValueError) as exc:
                 raise InputError(f"cannot read illumination function {path}: {exc}") from exc
             arr = np.squeeze(arr)

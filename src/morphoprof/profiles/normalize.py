@@ -23,7 +23,7 @@ from pydantic import Field
 
 from morphoprof.errors import InputError
 from morphoprof.index.schema import CONTROL, PLATE
-from morphoprof.io_utils import write_npz
+from morphoprof.io_utils import load_array_file, write_npz
 from morphoprof.settings import Settings
 from morphoprof.shards import feature_columns
 
@@ -282,7 +282,7 @@ class Normalizer:
         if not path.is_file():
             raise InputError(f"fitted normaliser not found: {path}")
         try:
-            with np.load(path) as z:
+            with load_array_file(path) as z:
                 h = json.loads(str(z["header"]))
                 obj = cls(h["method"], h["by"], h["reference"], h["eps"], h["n_factors"],
                           h["fallback"], h["spherize_mode"])
