@@ -52,6 +52,12 @@ def test_stages_one_by_one(tmp_path, capsys):
 def test_errors_are_clear_and_exit_2(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "missing.parquet")]) == 2
     assert "experiment index not found" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    assert main(["validate", str(tmp_path / "run")]) == 2  # a folder: said so
+    assert f"experiment index {tmp_path / 'run'} is a folder, not" in capsys.readouterr().err
+    (tmp_path / "run" / "index.parquet").write_bytes(b"")
+    assert main(["validate", str(tmp_path / "run")]) == 2  # the index inside it: named
+    assert f"did you mean {tmp_path / 'run' / 'index.parquet'}?" in capsys.readouterr().err
     (tmp_path / "bad.yaml").write_text("data: {source: synthetic}\nfeatures: {modle: x}\n")
     assert main(["run", str(tmp_path / "bad.yaml")]) == 2
     err = capsys.readouterr().err

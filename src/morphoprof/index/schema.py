@@ -173,6 +173,10 @@ class ExperimentIndex:
         import pyarrow.parquet as pq
 
         path = Path(path)
+        if path.is_dir():
+            inside = path / "index.parquet"
+            raise InputError(f"experiment index {path} is a folder" + (
+                f"; did you mean {inside}?" if inside.is_file() else ", not an index.parquet"))
         if not path.is_file():
             raise InputError(f"experiment index not found: {path}")
         try:
