@@ -66,6 +66,10 @@ def test_functions_are_saved_reused_and_invalidated(tmp_path, uneven_screen):
     assert [f.stat().st_mtime_ns for f in files] != stamps
     with pytest.raises(InputError, match="no illumination function for plate 'nope'"):
         loaded.function("nope")
+    files[0].write_bytes(files[0].read_bytes()[:100])  # truncated (a copy cut short)
+    plate = next(p for p in index.table["Metadata_plate"].unique() if loaded.path(p) == files[0])
+    with pytest.raises(InputError, match=f"cannot read illumination function {files[0]}"):
+        IlluminationCorrection.load(folder).function(plate)
 
 
 def test_smooth_illumination_rejects_bad_input():

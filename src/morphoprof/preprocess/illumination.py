@@ -176,7 +176,7 @@ class IlluminationCorrection:
         self._cache: dict[str, np.ndarray] = {}
 
     def path(self, plate: str) -> Path:
-
+        """Where the illumination function of ``plate`` is stored (``<plate key>.npy``)."""
         return self.folder / f"{shard_key(plate)}.npy"
 
     def function(self, plate: str) -> np.ndarray:
@@ -185,7 +185,10 @@ class IlluminationCorrection:
             p = self.path(plate)
             if not p.is_file():
                 raise InputError(f"no illumination function for plate {plate!r} ({p})")
-            self._cache[plate] = np.load(p)
+            try:
+                self._cache[plate] = load_array_file(p)
+            except (OSError, ValueError) as exc:  # a truncated or foreign file
+                raise InputError(f"cannot read illumination function {p}: {exc}") from exc
         return self._cache[plate]
 
     def apply(self, image: np.ndarray, plate: str, channels: Sequence[str] | None = None,
