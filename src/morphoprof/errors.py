@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class MorphoprofError(Exception):
     """Base class for errors a user can act on (bad input, bad config, failed download)."""
@@ -51,6 +53,8 @@ def os_reason(exc: OSError) -> str:
     text = exc.strerror or str(exc)
     if "[errno " in text:
         return text.rsplit("] ", 1)[-1].strip() or text
+    if re.fullmatch(r"\d+ requested and \d+ written", text):  # numpy's short write (tofile)
+        return f"No space left on device ({text})"
     return text
 
 
