@@ -121,3 +121,36 @@ def test_reuse_refuse_and_overwrite(tmp_path):
     (tmp_path / "junk" / "x.txt").write_text("x")
     with pytest.raises(InputError, match="not a synthetic screen"):
         generate_screen(tmp_path / "junk", cfg)
+
+
+def test_a_failed_generation_leaves_the_old_screen_and_no_temporary_folder(tmp_path,
+                                                                           monkeypatch):
+    """A full disk part-way (the 5th image): one OutputError naming the screen's own path, the
+    temporary folder removed (it was left behind), the earlier screen untouched."""
+    from morphoprof.datasets import synthetic
+    from morphoprof.errors import OutputError
+    from morphoprof.io_utils import write_tiff
+
+    cfg = SynthConfig(n_moas=1, compounds_per_moa=1, n_batches=1, plates_per_batch=1,
+                      sites_per_well=1, height=48, width=48)
+    out = tmp_path / "s"
+    generate_screen(out, cfg)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    calls = []
+
+    def full_disk(path, array, compress=False):
+        calls.append(path)
+        if len(calls) == 5:
+            raise OutputError(path, "No space left on device")
+        return write_tiff(path, array, compress)
+
+    monkeypatch.setattr(synthetic, "write_tiff", full_disk)
+    other = SynthConfig(n_moas=2, compounds_per_moa=1, n_batches=1, plates_per_batch=1,
+                        sites_per_well=1, height=48, width=48)
+    with pytest.raises(OutputError) as got:
+        generate_screen(out, other, overwrite=True)
+    text = str(got.value)
+    assert text.startswith(f"cannot write {out}/") and ".tmp-" not in text, text
+    assert not list(tmp_path.glob(".s.tmp-*"))
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert json.loads((out / "synth.json").read_text())["config"]["n_moas"] == 1

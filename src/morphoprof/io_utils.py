@@ -93,11 +93,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 @contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
+def atomic_dir(path: str | Path, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``path`` to write a stage's outputs into; when the block
-    succeeds its files are moved into ``path`` (created if needed, other files there kept),
-    otherwise it is removed, with any parent folder made for it: a failed stage leaves no
-    partial output. OS errors become :class:`OutputError` naming ``path``."""
+    succeeds its files are moved into ``path`` (created if needed, other files there kept; with
+    ``replace``, an existing ``path`` is removed first), otherwise it is removed, with any
+    parent folder made for it: a failed stage leaves no partial output. OS errors become
+    :class:`OutputError` naming ``path``."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError(path, "it exists and is a file, not a folder")
@@ -109,6 +110,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
         tmp.mkdir()
         yield tmp
+        if replace and path.exists():
+            shutil.rmtree(path)
         if not path.exists():
             os.replace(tmp, path)
         else:

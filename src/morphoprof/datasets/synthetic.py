@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from pydantic import Field, field_validator
 
 from morphoprof.errors import InputError
 from morphoprof.index.schema import ExperimentIndex, build_index
-from morphoprof.io_utils import read_parquet, write_parquet, write_tiff
+from morphoprof.io_utils import atomic_dir, read_parquet, write_parquet, write_tiff
 from morphoprof.logs import progress_bar
 from morphoprof.settings import Settings
 
@@ -307,29 +305,9 @@ def _well_density(
     return float(rng.lognormal(0, 0.15) * (1 - frac * (1 - tox)))
 
 
-def generate_screen(
-    out: str | Path,
-    cfg: SynthConfig | None = None,
-    overwrite: bool = False,
-):
-    """Generate (or reuse) a synthetic screen in ``out``.
-
-    If ``out/synth.json`` exists with the same parameters, the screen is reused as it is. The
-    screen is written into a temporary folder beside ``out`` and renamed into place when complete,
-    so an interrupted run leaves nothing half-written.
-
-    Returns:
-        The :class:`~morphoprof.index.ExperimentIndex` of the screen.
-    """
-    cfg = cfg or SynthConfig()
-    out = Path(out)
-    if _reusable(out, cfg, overwrite):
-        logger.info(f"reusing synthetic screen in {out}")
-        return ExperimentIndex.read_parquet(out / "index.parquet")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+def _write_screen(cfg: SynthConfig, tmp: Path) -> tuple[list[dict], int]:
+    """Write the screen's images, masks, index, cell table, treatments and illumination into
+    the (empty) folder ``tmp``; returns the index records and the number of cells."""
     treatments = design_treatments(cfg)
     plates = _plate_names(cfg)
     n_fields = (
@@ -365,11 +343,31 @@ def generate_screen(
                "n_treatments": len(treatments) - 1, "plates": [p for p, _ in plates],
                "channels": list(CHANNELS)}
     (tmp / "synth.json").write_text(json.dumps(summary, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
-    logger.info(f"synthetic screen: {len(records)} fields, {len(cells)} cells -> {out}")
+    return records, len(cells)
+
+
+def generate_screen(
+    out: str | Path,
+    cfg: SynthConfig | None = None,
+    overwrite: bool = False,
+):
+    """Generate (or reuse) a synthetic screen in ``out``.
+
+    If ``out/synth.json`` exists with the same parameters, the screen is reused as it is. The
+    screen is written into a temporary folder beside ``out`` and renamed into place when complete,
+    so an interrupted run leaves nothing half-written.
+
+    Returns:
+        The :class:`~morphoprof.index.ExperimentIndex` of the screen.
+    """
+    cfg = cfg or SynthConfig()
+    out = Path(out)
+    if _reusable(out, cfg, overwrite):
+        logger.info(f"reusing synthetic screen in {out}")
+        return ExperimentIndex.read_parquet(out / "index.parquet")
+    with atomic_dir(out, replace=True) as tmp:
+        records, n_cells = _write_screen(cfg, tmp)
+    logger.info(f"synthetic screen: {len(records)} fields, {n_cells} cells -> {out}")
     return ExperimentIndex.read_parquet(out / "index.parquet")
 
 
