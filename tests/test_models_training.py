@@ -3,15 +3,20 @@ weights as an uninterrupted run; fine-tuning a pretrained timm network learns a 
 
 from __future__ import annotations
 
+import resource
+import signal
+
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
+from morphoprof.errors import OutputError
 from morphoprof.models.data import ImageTensorDataset
 from morphoprof.models.finetune import FineTuneConfig, finetune_module
 from morphoprof.models.mil import MILConfig, MILNet
 from morphoprof.models.settings import TrainSection
-from morphoprof.models.training import ImageClassifier, fit, predict_proba
+from morphoprof.models.training import AtomicCheckpointIO, ImageClassifier, fit, predict_proba
 from tests.test_models_mil import adam_steps, toy_batch
 
 PLAN = ((8, 1), (16, 2), (16, 1))
@@ -156,3 +161,24 @@ def test_dataset_augmentation_keeps_labels_and_content():
     full = ImageTensorDataset(x, y, augment=True)
     img, _ = full[0]
     assert float(img.sum()) == float(x[0].sum())  # flips/rotations move, never change pixels
+
+
+def test_a_checkpoint_that_cannot_be_written_is_absent_and_named(tmp_path):
+    """A write the OS refuses part-way (a file size limit here; a full disk the same): an
+    OutputError naming the checkpoint, and no file under its name or a temporary one.
+    Lightning's own writer left a truncated best.ckpt on a full disk."""
+    path = tmp_path / "checkpoints" / "best.ckpt"
+    ckpt = {"state_dict": {"w": torch.arange(200_000, dtype=torch.float32)}}  # ~800 kB
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+    try:
+        with pytest.raises(OutputError, match=f"cannot write {path}: File too large"):
+            AtomicCheckpointIO().save_checkpoint(ckpt, path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+    AtomicCheckpointIO().save_checkpoint(ckpt, path)
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"],
+                       ckpt["state_dict"]["w"])

@@ -4,6 +4,7 @@ CPU or GPU (mixed precision), one or several devices / nodes through Lightning's
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 import warnings
@@ -86,6 +87,22 @@ class EpochSeed(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         torch.manual_seed(int(np.random.default_rng([self.seed, trainer.current_epoch, 7])
                               .integers(0, 2**62)))
+
+
+class AtomicCheckpointIO(L.pytorch.plugins.io.TorchCheckpointIO):
+    """Lightning's checkpoint writer, writing each checkpoint beside its name and renaming it
+    into place (:func:`~morphoprof.io_utils.atomic_path`). Lightning's own writes to the
+    system's temporary folder and copies across; on a full disk that copy left a truncated
+    ``best.ckpt`` and an error naming the temporary file. Here a checkpoint is whole or absent
+    and a failed write is an OutputError naming it."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError("storage_options are not supported by AtomicCheckpointIO")
+        buffer = io.BytesIO()  # serialised first (as Lightning does): torch's zip writer
+        torch.save(checkpoint, buffer)  # reports a full disk as a bare RuntimeError
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            fh.write(buffer.getbuffer())
 
 
 def _quiet_lightning() -> None:
@@ -179,7 +196,7 @@ def fit(
         precision=precision, enable_progress_bar=progress_enabled(),
         enable_model_summary=False,
         deterministic="warn", num_sanity_val_steps=0, log_every_n_steps=1,
-        use_distributed_sampler=False,
+        use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
     )
     last = ckpt_dir / "last.ckpt"
     resumed = str(last) if last.is_file() else None
