@@ -196,7 +196,9 @@ def fit(
         precision=precision, enable_progress_bar=progress_enabled(),
         enable_model_summary=False,
         deterministic="warn", num_sanity_val_steps=0, log_every_n_steps=1,
-        use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,
+        # strategies that shard the model (fsdp, deepspeed) write checkpoints their own way
+        plugins=[AtomicCheckpointIO()] if cfg.strategy.startswith(("auto", "ddp")) else None,
     )
     last = ckpt_dir / "last.ckpt"
     resumed = str(last) if last.is_file() else None
