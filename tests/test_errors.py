@@ -11,4 +11,6 @@ def test_os_reason_says_what_happened_without_library_noise():
     assert os_reason(arrow) == "No space left on device"
     short = OSError("196608 requested and 152544 written")
     assert os_reason(short) == "No space left on device (196608 requested and 152544 written)"
+    h5py = OSError(errno.ENOSPC, "Can't synchronously write data (file write failed:\n...)")
+    assert os_reason(h5py) == "No space left on device"
     assert os_reason(OSError("something else")) == "something else"

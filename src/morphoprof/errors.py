@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 
 
@@ -50,6 +52,8 @@ class OutputError(MorphoprofError):
 def os_reason(exc: OSError) -> str:
     """The human part of an OS error ("No space left on device"), without errno noise (Arrow
     reports "Error writing bytes to file. Detail: [errno 28] No space left on device")."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # h5py's strerror runs over several lines
+        return os.strerror(exc.errno)
     text = exc.strerror or str(exc)
     if "[errno " in text:
         return text.rsplit("] ", 1)[-1].strip() or text

@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
-from morphoprof.errors import InputError, MorphoprofError
+from morphoprof.errors import InputError, OutputError, os_reason
 from morphoprof.index.schema import ExperimentIndex
 from morphoprof.io_utils import read_input_parquet
 from morphoprof.models.weak_run import load_crop_array
@@ -143,5 +143,10 @@ def write_features_anndata(folder: str | Path, fmt: str, summary: RunSummary) ->
             shutil.rmtree(target)
         os.replace(tmp, target)
     except OSError as exc:
-        raise MorphoprofError(f"cannot write {target}: {exc}") from exc
+        raise OutputError(target, os_reason(exc)) from exc
+    finally:  # a part-written file would hold the space a rerun needs (10 MB of 16 here)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
     return replace(summary, anndata=str(target))
