@@ -226,9 +226,10 @@ def hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
 
 
 @contextmanager
-def _hub_or_cache() -> Iterator[bool]:
+def _hub_or_cache() -> Iterator[str | None]:
     """Run a model-hub download offline (the local cache only: huggingface_hub's own offline
-    switch) where its endpoint does not answer a quick probe; yields whether it went offline.
+    switch) where its endpoint does not answer a quick probe; yields why it is offline (None
+    where it is not).
     Without this, a machine without network waits ~50 s while huggingface_hub retries each
     file five times with back-off, printing every retry, before the same failure. Behind a
     proxy (``HTTPS_PROXY``...) nothing is probed: the proxy decides."""
@@ -236,12 +237,15 @@ def _hub_or_cache() -> Iterator[bool]:
 
     proxied = any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY",
                                                "all_proxy"))
-    if constants.HF_HUB_OFFLINE or proxied or hub_reachable(constants.ENDPOINT):
-        yield bool(constants.HF_HUB_OFFLINE)
+    if constants.HF_HUB_OFFLINE:
+        yield "HF_HUB_OFFLINE is set"
+        return
+    if proxied or hub_reachable(constants.ENDPOINT):
+        yield None
         return
     constants.HF_HUB_OFFLINE = True
     try:
-        yield True
+        yield "the model hub is not reachable from this machine"
     finally:
         constants.HF_HUB_OFFLINE = False
 
@@ -255,8 +259,8 @@ def _hub_model(name: str, in_chans: int):
         try:
             return timm.create_model(name, pretrained=True, num_classes=1000, in_chans=in_chans)
         except Exception as exc:
-            why = ("the model hub is not reachable from this machine and they are not in its "
-                   "local cache" if offline else f"from the model hub: {first_line(exc)}")
+            why = (f"{offline} and they are not in the local cache" if offline
+                   else f"from the model hub: {first_line(exc)}")
             raise InputError(
                 f"could not fetch ImageNet weights for {name} ({why}); without a network use "
                 "weights='offline' with tf_efficientnet_lite0/1/2, or a local checkpoint path"
