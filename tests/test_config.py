@@ -126,3 +126,18 @@ def test_the_readme_training_examples_are_valid_configs():
         assert problems == [], f"README {kind} example: {problems}"
         kinds[kind] += 1
     assert all(kinds.values()), kinds
+
+
+def test_knn_k_below_one_is_refused_up_front(tmp_path, capsys):
+    """k of the extra k-NN runs: 0 or less was accepted and wrote 'k must be >= 1' into
+    evaluation.json, unseen; now the config and the command line refuse it, naming the item."""
+    from morphoprof.cli import main
+    from tests.test_evaluation_evaluate import make_wells
+
+    make_wells().to_parquet(tmp_path / "w.parquet")
+    assert _problems({"data": {"source": "synthetic"}, "evaluation": {"k": [3, 0]},
+                      "output": "o"}) == ["evaluation.k[1]: must be > 0, got 0"]
+    assert main(["evaluate", str(tmp_path / "w.parquet"), "--out", str(tmp_path / "e.json"),
+                 "--k", "-1"]) == 2
+    assert "--k[0]: must be > 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "e.json").exists()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, PositiveInt
 
 from morphoprof.errors import InputError
 from morphoprof.evaluation.conformal import conformal_moa
@@ -44,7 +44,7 @@ class EvaluationConfig(Settings):
     protocols: list[Literal["nsc", "nscb"]] = Field(
         ["nsc", "nscb"], description="1-NN MoA protocols reported: not-same-compound, and also "
         "not-same-batch")
-    k: list[int] = Field([3, 5], description="k of the extra k-NN voting runs")
+    k: list[PositiveInt] = Field([3, 5], description="k of the extra k-NN voting runs")
     alpha: float = Field(0.1, gt=0, lt=1, description="conformal miscoverage (0.1: prediction "
                          "sets aim at 90 percent coverage)")
     null_size: int = Field(10000, ge=0, description="mAP null permutations")
