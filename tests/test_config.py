@@ -82,12 +82,13 @@ def test_training_configs_are_typed_sections_with_dotted_errors(tmp_path):
     assert cfg.mil.cache == str(tmp_path / "maps") and cfg.output == str(tmp_path / "o")
     assert (cfg.train.epochs, cfg.train.batch_size) == (2, TrainSection().batch_size)
     (tmp_path / "bad.yaml").write_text(
-        "data: {source: synthetic}\nmil: {dropout: 1.5, pooling: avg, plan: [[8, 1, 2]]}\n"
+        "data: {source: synthetic}\nmil: {dropout: 1.5, a: -2, pooling: avg, plan: [[8, 1, 2]]}\n"
         "train: {epochs: 0, devices: 2}\ncv: {aggregate: max}\noutput: o\n")
     with pytest.raises(ConfigError) as err:
         load_train_config(tmp_path / "bad.yaml", "mil")
     problems = err.value.problems
     assert "mil.dropout: must be < 1.0, got 1.5" in problems
+    assert "mil.a: must be > 0.0, got -2" in problems  # a Noisy-AND slope turned round
     assert any(p.startswith("mil.pooling: 'avg' is not one of ['max',") for p in problems)
     assert "mil.plan[0]: expected at most 2 item(s), got 3" in problems
     assert "train.epochs: must be >= 1, got 0" in problems

@@ -62,8 +62,8 @@ class MilNetwork(Settings):
     weights: str = Field("auto", description="timm weights: auto | offline | imagenet | random "
                          "| a path")
     pooling: Pooling = Field("noisy_and", description="the MIL pooling")
-    r: float = Field(5.0, description="lse / gm sharpness")
-    a: float = Field(10.0, description="Noisy-AND slope")
+    r: float = Field(5.0, gt=0, description="lse / gm sharpness")
+    a: float = Field(10.0, gt=0, description="Noisy-AND slope")
     hidden: int = Field(1000, ge=1, description="channels of the 1x1 hidden layer (conv6)")
     dropout: float = Field(0.5, ge=0, lt=1, description="dropout after the hidden layer")
     pool_dropout: float = Field(0.2, ge=0, lt=1, description="dropout after each pooling of "
