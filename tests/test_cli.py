@@ -84,6 +84,22 @@ def test_a_bad_cell_table_is_one_error_line(tmp_path, tiny_screen, capsys, comma
         assert not (tmp_path / "out").exists()
 
 
+def test_report_refuses_a_json_that_is_not_an_evaluation(tmp_path, capsys):
+    """{} wrote a report with no evaluation in it; a list or non-JSON was refused already."""
+    from tests.test_evaluation_evaluate import make_wells
+
+    make_wells().to_parquet(tmp_path / "w.parquet")
+    for name, text, says in [("empty.json", "{}", "is not an evaluation"),
+                             ("list.json", "[1, 2]", "is not an evaluation"),
+                             ("text.json", "nsc", "is not JSON")]:
+        (tmp_path / name).write_text(text)
+        assert main(["report", "--profiles", str(tmp_path / "w.parquet"), "--evaluation",
+                     str(tmp_path / name), "--out", str(tmp_path / "r.html")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {tmp_path / name} {says}"), err
+    assert not (tmp_path / "r.html").exists()
+
+
 def test_run_config_end_to_end(tmp_path, capsys):
     cfg = {
         "data": {"source": "synthetic", "path": "screen",

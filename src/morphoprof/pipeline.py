@@ -392,7 +392,7 @@ def report_stage(out: str | Path, evaluation: str | Path, profiles: pd.DataFrame
         data = json.loads(ev.read_text())
     except json.JSONDecodeError as exc:
         raise InputError(f"{ev} is not JSON: {exc}") from exc
-    if not isinstance(data, dict):
+    if not isinstance(data, dict) or not {"level", "nsc"} & data.keys():
         raise InputError(f"{ev} is not an evaluation (a JSON object of morphoprof evaluate)")
     result = Evaluation.from_json(data)
     if is_well_level(profiles):
