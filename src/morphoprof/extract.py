@@ -134,9 +134,7 @@ def write_features_anndata(folder: str | Path, fmt: str, summary: RunSummary) ->
 
     target = Path(folder) / f"features.{fmt}"
     tmp = target.with_name(f".{target.name}.tmp")
-    if tmp.is_dir():  # left by a killed run
-        shutil.rmtree(tmp)
-    tmp.unlink(missing_ok=True)
+    _discard(tmp)  # left by a killed run
     try:
         write_anndata(tmp, read_features(folder), fmt)
         if target.is_dir():
@@ -145,8 +143,13 @@ def write_features_anndata(folder: str | Path, fmt: str, summary: RunSummary) ->
     except OSError as exc:
         raise OutputError(target, os_reason(exc)) from exc
     finally:  # a part-written file would hold the space a rerun needs (10 MB of 16 here)
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+        _discard(tmp)
     return replace(summary, anndata=str(target))
+
+
+def _discard(path: Path) -> None:
+    """Remove ``path``, a file (``.h5ad``) or a folder (``.zarr``), where it exists."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()

@@ -161,6 +161,15 @@ def plate_function(
     return np.stack([smooth_illumination(m, window, percentile) for m in mean])
 
 
+def _read_function(path: Path) -> np.ndarray:
+    """An illumination function saved as ``.npy``; InputError naming the file where it is
+    truncated or not numpy's."""
+    try:
+        return load_array_file(path)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read illumination function {path}: {exc}") from exc
+
+
 class IlluminationCorrection:
     """Per-plate illumination functions stored in a folder.
 
@@ -185,10 +194,7 @@ class IlluminationCorrection:
             p = self.path(plate)
             if not p.is_file():
                 raise InputError(f"no illumination function for plate {plate!r} ({p})")
-            try:
-                self._cache[plate] = load_array_file(p)
-            except (OSError, ValueError) as exc:  # a truncated or foreign file
-                raise InputError(f"cannot read illumination function {p}: {exc}") from exc
+            self._cache[plate] = _read_function(p)
         return self._cache[plate]
 
     def apply(self, image: np.ndarray, plate: str, channels: Sequence[str] | None = None,
@@ -298,11 +304,7 @@ def import_illumination(
         planes = []
         for ch in chans:
             path = Path(per_channel[ch])
-            try:
-                arr = load_array_file(path)
-            except (OSError, ValueError) as exc:
-                raise InputError(f"cannot read illumination function {path}: {exc}") from exc
-            arr = np.squeeze(arr)
+            arr = np.squeeze(_read_function(path))
             if arr.ndim != 2 or (planes and arr.shape != planes[0].shape):
                 want = "a 2-D array" if not planes else f"shape {planes[0].shape}"
                 raise InputError(f"{path}: illumination function of shape {arr.shape}, "
