@@ -141,6 +141,50 @@ def test_blank_nan_and_no_cells(tmp_path, tiny_screen):
     assert set(cells["Metadata_well"]) == {sub.table["Metadata_well"].iloc[2]}
 
 
+def test_a_stopped_segmentation_resumes_with_its_warnings(tmp_path, tiny_screen, monkeypatch,
+                                                          caplog):
+    """A run that stopped part-way keeps its finished parts: run again, it segments only the
+    rest, and its summary still has the warnings and empty fields of the parts done before.
+    Other settings start over."""
+    from morphoprof.preprocess import segmentation
+
+    folder, _ = tiny_screen
+    shutil.copytree(folder, tmp_path / "copy")
+    index = ExperimentIndex.read_parquet(tmp_path / "copy" / "index.parquet")
+    sub = index.subset(np.arange(len(index)) < 6)
+    monkeypatch.setattr(segmentation, "SHARD_FIELDS", 2)  # parts: rows 0-1, 2-3, 4-5
+    tifffile.imwrite(sub.paths(0, ["DNA"])[0], np.full((96, 96), 100, np.uint16))  # blank
+    broken = sub.paths(3, ["DNA"])[0]
+    good = broken.read_bytes()
+    broken.write_bytes(b"II*\x00broken")
+    out = tmp_path / "cells.parquet"
+    with pytest.raises(InputError, match=broken.name):
+        segment_index(sub, out)
+    assert not out.exists() and (tmp_path / "cells.parquet.parts").is_dir()
+    broken.write_bytes(good)  # the user mends the file and runs again
+
+    seen, chunk_fn = [], segmentation._segment_chunk
+    monkeypatch.setattr(segmentation, "_segment_chunk",
+                        lambda index, rows, *a: seen.extend(rows) or chunk_fn(index, rows, *a))
+    with caplog.at_level("INFO", logger="morphoprof.shards"):
+        summary = segment_index(sub, out)
+    assert "resuming: 1 of 3 shards already done" in caplog.text
+    assert sorted(seen) == [2, 3, 4, 5]
+    assert summary.image_sets_without_cells == 1 and "blank image" in summary.warnings[0]
+    assert not (tmp_path / "cells.parquet.parts").exists()
+    fresh = segment_index(sub, tmp_path / "fresh.parquet")
+    pd.testing.assert_frame_equal(pd.read_parquet(out), pd.read_parquet(tmp_path / "fresh.parquet"))
+    assert summary == fresh
+
+    broken.write_bytes(b"II*\x00broken")
+    with pytest.raises(InputError):
+        segment_index(sub, out)
+    broken.write_bytes(good)
+    seen.clear()
+    segment_index(sub, out, cfg=NucleiConfig(min_area=40))  # other settings: all again
+    assert sorted(seen) == list(range(6))
+
+
 def test_deepprofiler_locations_roundtrip(tmp_path, tiny_screen):
     _, index = tiny_screen
     segment_index(index, tmp_path / "cells.parquet")

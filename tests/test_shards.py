@@ -17,16 +17,17 @@ from morphoprof.logs import progress
 from morphoprof.shards import ShardWriter, plate_shards, read_features, run_shards
 
 
-def _table_shard(rows, bar, offset=0.0, fail_at=None, seen=None, ahead=None):
+def _table_shard(rows, bar, offset=0.0, fail_at=None, seen=None, ahead=None, notes=False):
     """Module level, so a Dask worker can unpickle it: one row per payload item, odd items
-    skipped."""
+    skipped; with ``notes``, a note of the shard's first item."""
     if seen is not None:
         seen.append((int(rows[0]), ahead))
     if fail_at is not None and int(rows[0]) == fail_at:
         raise RuntimeError(f"shard at {fail_at} fails")
     keep = [r for r in rows if r % 2 == 0]
     skipped = [{"row": int(r), "reason": f"row {r}: odd"} for r in rows if r % 2]
-    return pd.DataFrame({"Metadata_row": keep, "x": np.asarray(keep, float) + offset}), skipped
+    df = pd.DataFrame({"Metadata_row": keep, "x": np.asarray(keep, float) + offset})
+    return (df, skipped, {"first": int(rows[0])}) if notes else (df, skipped)
 
 
 PLAN = [(f"p{k}", np.arange(4 * k, 4 * k + 4)) for k in range(4)]
@@ -161,9 +162,12 @@ def test_progress_bar_ends_at_the_plan_size_whatever_the_shard_did(tmp_path, mon
 
 def test_dask_run_writes_the_same_folder_as_in_process(tmp_path):
     a = run_shards(PLAN, _table_shard, ShardWriter(tmp_path / "a", {"v": 1}),
-                   shared={"offset": 2.0})
+                   shared={"offset": 2.0, "notes": True})
     b = run_shards(PLAN, _table_shard, ShardWriter(tmp_path / "b", {"v": 1}), "local:2",
-                   shared={"offset": 2.0})
+                   shared={"offset": 2.0, "notes": True})
+    # a shard's notes are kept in the manifest, written in process or by a worker
+    for folder in ("a", "b"):
+        assert ShardWriter(tmp_path / folder, {"v": 1}).notes("p1") == {"first": 4}
     assert (b.shards_written, b.items, b.rows) == (a.shards_written, a.items, a.rows)
     assert sorted(s["row"] for s in b.skipped) == sorted(s["row"] for s in a.skipped)
     pd.testing.assert_frame_equal(read_features(tmp_path / "a"),

@@ -145,19 +145,25 @@ class ShardWriter:
         """Whether shard ``key`` was finished by an earlier run."""
         return key in self.shards
 
-    def write(self, key: str, df: pd.DataFrame, skipped: list | None = None) -> Path:
+    def write(self, key: str, df: pd.DataFrame, skipped: list | None = None,
+              notes: dict | None = None) -> Path:
         """Write one shard atomically and record it in the manifest, with the inputs it
-        ``skipped`` (``[{"row", "reason"}]``)."""
+        ``skipped`` (``[{"row", "reason"}]``) and the stage's ``notes`` about it (JSON)."""
         info = write_shard(self.out, key, df)
-        self.record(key, {**info, "skipped": skipped or []})
+        self.record(key, {**info, "skipped": skipped or [], "notes": notes or {}})
         return self.out / info["file"]
 
     def record(self, key: str, info: dict) -> None:
         """Record a shard written by :func:`write_shard` (e.g. on a cluster worker)."""
         self.shards[key] = {k: info[k] for k in ("file", "rows", "sha256")}
-        if info.get("skipped"):
-            self.shards[key]["skipped"] = list(info["skipped"])
+        for extra in ("skipped", "notes"):
+            if info.get(extra):
+                self.shards[key][extra] = info[extra]
         self._save()
+
+    def notes(self, key: str) -> dict:
+        """The notes a finished shard was recorded with (``{}`` if none)."""
+        return self.shards[key].get("notes", {})
 
     def skipped(self) -> list[dict]:
         """Every input skipped by the shards in the manifest (this run's and earlier runs')."""
@@ -343,9 +349,12 @@ def run_shards(
         plan: ``[(key, payload)]`` in output order; ``len(payload)`` is the shard's size in
             progress units (e.g. an array of index rows).
         shard_fn: ``shard_fn(payload, bar, **shared) -> (table, skipped)``: the shard's
-            DataFrame and its skipped inputs (``[{"row", "reason"}]``). ``bar`` is the run's
-            tqdm bar (``None`` on a Dask worker); it may advance it inside a shard, and the loop
-            sets it to the shard's end afterwards. With ``prepare`` it also gets ``ahead=``.
+            DataFrame and its skipped inputs (``[{"row", "reason"}]``), optionally a third
+            item: notes about the shard (a JSON-able dict, e.g. data warnings) kept in the
+            manifest for :meth:`ShardWriter.notes`, so a resumed run still reports them.
+            ``bar`` is the run's tqdm bar (``None`` on a Dask worker); it may advance it inside
+            a shard, and the loop sets it to the shard's end afterwards. With ``prepare`` it
+            also gets ``ahead=``.
         writer: the feature folder's :class:`ShardWriter`.
         scheduler: ``local:N`` or a Dask scheduler address (see :mod:`morphoprof.distributed`):
             one task per shard, each written by its worker; ``shard_fn`` and ``shared`` must
@@ -396,10 +405,10 @@ def _run_in_process(todo, shard_fn, writer: ShardWriter, shared: dict, prepare, 
                 if prepare:
                     kwargs["ahead"], ahead = ahead, (prepare(todo[k + 1][1])
                                                      if k + 1 < len(todo) else None)
-                df, shard_skipped = shard_fn(payload, bar, **kwargs)
+                df, shard_skipped, *notes = shard_fn(payload, bar, **kwargs)
                 if pending is not None:
                     pending.result()
-                pending = pool.submit(writer.write, key, df, shard_skipped)
+                pending = pool.submit(writer.write, key, df, shard_skipped, *notes)
                 rows += len(df)
                 skipped += shard_skipped
                 done += len(payload)
@@ -414,8 +423,9 @@ def _run_in_process(todo, shard_fn, writer: ShardWriter, shared: dict, prepare, 
 
 def _remote_shard(key: str, payload, shard_fn, out: str, **shared) -> dict:
     """Dask task: one shard computed and written (atomically) by the worker."""
-    df, skipped = shard_fn(payload, None, **shared)
-    return {**write_shard(out, key, df), "skipped": list(skipped), "items": len(payload)}
+    df, skipped, *notes = shard_fn(payload, None, **shared)
+    return {**write_shard(out, key, df), "skipped": list(skipped), "items": len(payload),
+            "notes": notes[0] if notes else {}}
 
 
 def _run_on_dask(todo, shard_fn, writer: ShardWriter, scheduler: str, shared: dict, bar
