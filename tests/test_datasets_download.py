@@ -212,6 +212,19 @@ def test_missing_file_on_server(tmp_path, server):
         download_bbbc021(tmp_path, base_url=server.url)
 
 
+def test_a_first_download_that_fails_leaves_no_empty_folder(tmp_path, server):
+    """No network or the first table refused: the folders made for the download are removed
+    again (they were left empty, as if something had been fetched)."""
+    server.files.clear()
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        download_bbbc021(tmp_path / "new" / "bbbc021", base_url=server.url)
+    assert list(tmp_path.iterdir()) == []
+    # a host that does not resolve (no network; .invalid never resolves) is named as such
+    with pytest.raises(DownloadError, match="the host no-such-host.invalid cannot be resolved"):
+        fetch("http://no-such-host.invalid/x.csv", tmp_path / "new" / "x.csv", retries=0)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_present_file_is_kept_unless_its_checksum_differs(tmp_path, server):
     """pooch's rule: a file already there is not fetched again, unless an expected checksum
     says it is not the right one (then it is replaced, verified)."""

@@ -45,6 +45,21 @@ def _remove_dirs(created: list[Path]) -> None:
             break
 
 
+@contextmanager
+def new_folder(folder: str | Path, target: str | Path | None = None) -> Iterator[Path]:
+    """Create ``folder`` and its missing parents for a block that writes ``target`` (default:
+    the folder) there; if the block fails, the folders it created are removed again where
+    still empty, so a failed first write leaves no empty folder behind. A parent that is a
+    file or cannot be made raises :class:`OutputError` naming ``target``."""
+    folder = Path(folder)
+    created = _makedirs(folder, Path(target) if target is not None else folder)
+    try:
+        yield folder
+    except BaseException:
+        _remove_dirs(created)
+        raise
+
+
 def check_writable(path: str | Path, folder: bool = False) -> Path:
     """Check, before any work is done, that ``path`` (a file, or a folder with ``folder``) can be
     written: its parents are folders (not files), and a file can be created where it will go.
@@ -73,13 +88,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
 
     An OS error while writing (permission, full disk, a parent that is a file) is raised as
-    :class:`OutputError` naming ``path``; the temporary file is removed either way."""
+    :class:`OutputError` naming ``path``; the temporary file is removed either way, and on
+    failure so are the folders made for ``path`` (where still empty)."""
     path = Path(path)
-    _makedirs(path.parent, path)
+    created = _makedirs(path.parent, path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    ok = False
     try:
         yield tmp
         os.replace(tmp, path)
+        ok = True
     except OutputError as exc:
         inside = Path(exc.path)
         if inside == tmp or tmp in inside.parents:  # name the file the user asked for
@@ -90,6 +108,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+        if not ok:
+            _remove_dirs(created)
 
 
 @contextmanager

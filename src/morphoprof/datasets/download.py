@@ -23,8 +23,10 @@ import logging
 import os
 import re
 import shutil
+import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -37,7 +39,7 @@ import pooch
 
 from morphoprof.errors import DownloadError
 from morphoprof.index.bbbc021 import batch_of_plate
-from morphoprof.io_utils import file_digest, json_fields, write_json
+from morphoprof.io_utils import file_digest, json_fields, new_folder, write_json
 from morphoprof.logs import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -102,9 +104,8 @@ def fetch(
     dest = Path(dest)
     known = _known_hash(checksum)
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temporaries(dest.parent)
-        with _quiet(pooch.get_logger()):
+        with new_folder(dest.parent, dest), _quiet(pooch.get_logger()):
+            _remove_stale_temporaries(dest.parent)
             got = pooch.retrieve(
                 url, known_hash=known, fname=dest.name, path=dest.parent,
                 downloader=RangeResumeDownloader(dest.with_name(dest.name + ".part"), retries,
@@ -154,6 +155,10 @@ class RangeResumeDownloader:
             except (urllib.error.URLError, OSError, HTTPException) as exc:
                 last_error = exc
                 time.sleep(min(2**attempt, 10) * 0.1)
+        reason = getattr(last_error, "reason", None)
+        if isinstance(reason, socket.gaierror):  # DNS: no network, or a proxy is needed
+            last_error = (f"the host {urllib.parse.urlsplit(url).hostname} cannot be resolved "
+                          f"({reason.strerror}): no network here, or set HTTPS_PROXY")
         raise DownloadError(f"{url}: download failed after {self.retries + 1} attempts: "
                             f"{last_error}")
 
