@@ -400,6 +400,20 @@ def test_csvs_named_with_cellprofilers_export_prefix_import_as_the_plain_names(t
         import_cellprofiler(mine, tmp_path / "d")
 
 
+def test_csvs_with_an_upper_case_extension_import_as_the_others(tmp_path):
+    """``Image.CSV`` (a Windows share, a renaming tool) is a CSV like ``Image.csv``."""
+    plain = _csv_screen(tmp_path / "plain", 1)
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    for f in plain.glob("*.csv"):
+        (upper / f"{f.stem}.CSV").write_bytes(f.read_bytes())
+    assert detect_kind(upper) == "csv"
+    a, b = (pd.read_parquet(import_cellprofiler(src, tmp_path / d).out)
+            .drop(columns="Metadata_plate") for src, d in ((plain, "a"), (upper, "b")))
+    assert len(a) == 289
+    pd.testing.assert_frame_equal(a, b)
+
+
 @needs_data
 def test_a_sqlite_with_a_table_name_prefix_imports_as_the_plain_names(tmp_path):
     """ExportToDatabase's "add a prefix to table names" (``MyExpt_Per_Image``...), which

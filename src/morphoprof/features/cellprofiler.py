@@ -32,7 +32,12 @@ from pathlib import Path
 from morphoprof import logs
 from morphoprof.errors import InputError, first_line, os_reason
 from morphoprof.extras import require
-from morphoprof.features.cellprofiler_parts import csv_prefix, linear_source, sqlite_prefix
+from morphoprof.features.cellprofiler_parts import (
+    csv_files,
+    csv_prefix,
+    linear_source,
+    sqlite_prefix,
+)
 from morphoprof.index.platemap import read_platemap
 from morphoprof.io_utils import json_fields, quote_identifier, write_json
 
@@ -59,7 +64,7 @@ def detect_kind(path: str | Path) -> str:
     (``Image`` / ``Cells`` ... tables); InputError otherwise."""
     path = Path(path)
     if path.is_dir():
-        names = sorted({p.name for p in path.rglob("*.csv")})
+        names = sorted({p.name for p in csv_files(path)})
         try:
             if csv_prefix([n[:-len(".csv")] for n in names]) is not None:
                 return "csv"
@@ -204,7 +209,7 @@ def import_cellprofiler(path: str | Path, out: str | Path, plate: str | None = N
     pm = read_platemap(platemap, platemap_well) if platemap is not None else None
     try:
         out.mkdir(parents=True, exist_ok=True)
-        files = [path] if path.is_file() else sorted(path.rglob("*.csv"))
+        files = [path] if path.is_file() else csv_files(path)
         work = _work_folder(out / ".import-work", path, files, PRESETS[kind], chunk_size)
     except OSError as exc:
         raise InputError(f"cannot write to {out}: {exc}") from exc

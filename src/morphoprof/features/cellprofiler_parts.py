@@ -119,11 +119,17 @@ def csv_prefix(stems: list[str]) -> str | None:
     return found.pop()
 
 
+def csv_files(folder: Path) -> list[Path]:
+    """The CSV files in ``folder`` and the folders below it, in path order (``.csv`` in any
+    case: ``Image.CSV`` too)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() == ".csv")
+
+
 def _csv_tables(source: Path, targets: tuple[str, ...]) -> tuple[dict[str, list[Path]], str]:
     """The CSVs under ``source`` that CytoTable reads (those with more than a header line, in
     path order) by table name (the stem without the export's prefix, :func:`csv_prefix`), and
     the prefix; InputError where the folders holding them do not hold the same tables."""
-    csvs = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() == ".csv")
+    csvs = csv_files(source)
     prefix = csv_prefix([p.stem for p in csvs]) or ""
     wanted = {f"{prefix}{t}".lower() for t in targets}
     found = [p for p in csvs if p.stem.lower() in wanted]
