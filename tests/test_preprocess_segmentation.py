@@ -145,7 +145,8 @@ def test_a_stopped_segmentation_resumes_with_its_warnings(tmp_path, tiny_screen,
                                                           caplog):
     """A run that stopped part-way keeps its finished parts: run again, it segments only the
     rest, and its summary still has the warnings and empty fields of the parts done before.
-    Other settings start over."""
+    A finished table is reused by a run with the same index and settings; other settings or
+    another index start over."""
     from morphoprof.preprocess import segmentation
 
     folder, _ = tiny_screen
@@ -176,6 +177,9 @@ def test_a_stopped_segmentation_resumes_with_its_warnings(tmp_path, tiny_screen,
     pd.testing.assert_frame_equal(pd.read_parquet(out), pd.read_parquet(tmp_path / "fresh.parquet"))
     assert summary == fresh
 
+    seen.clear()  # finished with the same index and settings: the table is reused
+    assert segment_index(sub, out) == summary and seen == []
+    out.unlink()
     broken.write_bytes(b"II*\x00broken")
     with pytest.raises(InputError):
         segment_index(sub, out)
@@ -183,6 +187,9 @@ def test_a_stopped_segmentation_resumes_with_its_warnings(tmp_path, tiny_screen,
     seen.clear()
     segment_index(sub, out, cfg=NucleiConfig(min_area=40))  # other settings: all again
     assert sorted(seen) == list(range(6))
+    seen.clear()
+    segment_index(sub.subset(np.arange(6) < 5), out, cfg=NucleiConfig(min_area=40))
+    assert sorted(seen) == list(range(5))  # another index: segmented again
 
 
 def test_deepprofiler_locations_roundtrip(tmp_path, tiny_screen):

@@ -287,16 +287,36 @@ def to_arrow(df: pd.DataFrame):
     return pa.Table.from_arrays([arrays[n] for n in names], names=names)
 
 
-def write_parquet(path: str | Path, df: pd.DataFrame) -> Path:
-    """Write a DataFrame as Parquet (no index), atomically."""
+def write_parquet(path: str | Path, df: pd.DataFrame,
+                  notes: dict[str, str] | None = None) -> Path:
+    """Write a DataFrame as Parquet (no index), atomically; ``notes`` are kept in the file's
+    key-value metadata (:func:`parquet_notes` reads them back)."""
     import pyarrow.parquet as pq
 
     meta = [str(c) for c in df.columns if str(c).startswith("Metadata_")]
+    table = to_arrow(df)
+    if notes:
+        table = table.replace_schema_metadata(
+            {**(table.schema.metadata or {}), **{k.encode(): v.encode() for k, v in notes.items()}})
     with atomic_path(path) as tmp, arrow_file(tmp, "wb") as dst:
         # Statistics and dictionaries help metadata filters, not thousands of float features.
-        pq.write_table(to_arrow(df), dst, write_statistics=meta or False,
+        pq.write_table(table, dst, write_statistics=meta or False,
                        use_dictionary=meta or False)
     return Path(path)
+
+
+def parquet_notes(path: str | Path) -> dict[str, str]:
+    """The key-value metadata of a Parquet file (:func:`write_parquet`'s ``notes``; pandas' own
+    schema note included) read from its footer; ``{}`` where the file is missing or not
+    Parquet."""
+    import pyarrow.parquet as pq
+
+    try:
+        with arrow_file(path) as src:
+            meta = pq.read_schema(src).metadata or {}
+    except Exception:  # missing, unreadable or not Parquet: no notes
+        return {}
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in meta.items()}
 
 
 def _json_default(o: object) -> object:

@@ -11,6 +11,8 @@ Maximum}_{X,Y}`` (half-open, px). DeepProfiler's location CSVs are read and writ
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from morphoprof.io_utils import (
     atomic_path,
     check_writable,
     json_fields,
+    parquet_notes,
     read_parquet,
     write_parquet,
 )
@@ -42,7 +45,9 @@ BBOX = [
     "Nuclei_AreaShape_BoundingBoxMaximum_X",
 ]
 OBJECT = "Metadata_object"
+logger = logging.getLogger(__name__)
 SHARD_FIELDS = 64  # image sets per resumable part of segment_index (~4 s of BBBC021 fields)
+_NOTE = "morphoprof.segmentation"  # the cell table's Parquet note: settings and summary
 
 
 class NucleiConfig(Settings):
@@ -357,6 +362,13 @@ class SegmentationSummary:
         """The summary file: the fields, ``config`` as its settings."""
         return {**json_fields(self), "config": self.config.model_dump()}
 
+    @classmethod
+    def from_json(cls, d: dict) -> SegmentationSummary:
+        """The summary :meth:`to_json` wrote."""
+        return cls(int(d["image_sets"]), int(d["cells"]), int(d["image_sets_without_cells"]),
+                   str(d["channel"]), NucleiConfig(**d["config"]), tuple(d["warnings"]),
+                   tuple(d["skipped"]))
+
     def summary_line(self) -> str:
         """One line for the user: cells, image sets, empty and skipped ones, warnings."""
         return (f"{self.cells} cells in {self.image_sets} image sets "
@@ -379,7 +391,10 @@ def segment_index(
     The work is done in parts of :data:`SHARD_FIELDS` image sets, kept (with their warnings and
     skipped files) in ``<out>.parts/`` until the table is written: a run that was stopped
     resumes after the parts it finished when run again with the same index and settings (other
-    settings start it over). The folder is removed once ``out`` is written.
+    settings start it over). The folder is removed once ``out`` is written. The table keeps
+    the settings and the summary in its Parquet metadata, so a run with the same index and
+    settings as the one that wrote it reuses it (e.g. ``morphoprof run`` again after a later
+    stage failed) instead of segmenting again.
 
     Args:
         index: the experiment.
@@ -411,6 +426,11 @@ def segment_index(
     params = {"stage": "segment", "channel": channel, "nuclei": cfg.model_dump(),
               "on_error": on_error, "index": _index_digest(index),
               "illumination": str(illumination.folder) if illumination is not None else None}
+    earlier = _finished(out, params)
+    if earlier is not None:
+        logger.info("%s: segmented from the same index with the same settings; reused "
+                    "(delete it to segment again)", out)
+        return earlier
     writer = ShardWriter(parts, params, overwrite=True)  # other settings: start over
     plan = [(shard_key("fields", f"{k:07d}"), np.arange(k, min(k + SHARD_FIELDS, len(index))))
             for k in range(0, len(index), SHARD_FIELDS)]
@@ -422,13 +442,27 @@ def segment_index(
     frames = [read_parquet(parts / writer.shards[key]["file"])
               for key, _ in plan if writer.shards[key]["rows"]]
     cells = pd.concat(frames, ignore_index=True) if frames else _no_cells(meta_cols)
-    write_parquet(out, cells)
     notes = [writer.notes(key) for key, _ in plan]
     summary = SegmentationSummary(
         len(index), int(len(cells)), sum(n.get("without_cells", 0) for n in notes), channel,
         cfg, tuple(w for n in notes for w in n.get("warnings", [])), tuple(writer.skipped()))
+    write_parquet(out, cells, notes={_NOTE: json.dumps({"params": params,
+                                                        "summary": summary.to_json()})})
     shutil.rmtree(parts, ignore_errors=True)
     return summary
+
+
+def _finished(out: Path, params: dict) -> SegmentationSummary | None:
+    """The summary of the cell table ``out`` where it was written by :func:`segment_index`
+    with these ``params`` (JSON-normalised), else None."""
+    note = parquet_notes(out).get(_NOTE)
+    try:
+        record = json.loads(note) if note else {}
+        if record.get("params") != json.loads(json.dumps(params)):
+            return None
+        return SegmentationSummary.from_json(record["summary"])
+    except (ValueError, KeyError, TypeError):  # a note of another version: segment again
+        return None
 
 
 def _segment_shard(rows: np.ndarray, bar, *, index: ExperimentIndex, channel: str,
