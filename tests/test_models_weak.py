@@ -274,6 +274,33 @@ def test_extract_with_checkpoint_matches_the_training_run(tiny_screen, tmp_path,
     assert "features.checkpoint: embeds the segmented cells" in capsys.readouterr().err
 
 
+def test_the_screens_cells_follow_the_segmentation_settings(tiny_screen, tmp_path):
+    """A weak run on a screen segments its cells again when ``cells.segmentation`` changes
+    (an existing cells.parquet was used whatever settings had made it), and reuses them when
+    it does not."""
+    import yaml
+
+    from morphoprof.config import load_weak_config
+    from morphoprof.models.weak_run import crops_from_screen
+
+    _, index = tiny_screen
+    index.write(tmp_path / "index.parquet")
+
+    def cells(**segmentation):
+        cfg = {"data": {"source": "index", "path": str(tmp_path / "index.parquet")},
+               "cells": {"crop_size": 32, "segmentation": segmentation},
+               "output": str(tmp_path / "weak")}
+        (tmp_path / "weak.yaml").write_text(yaml.safe_dump(cfg))
+        return crops_from_screen(load_weak_config(tmp_path / "weak.yaml")[0], tmp_path / "weak")[1]
+
+    few = cells(min_distance=3, min_area=150)
+    many = cells(min_distance=3)
+    assert len(many) > len(few) > 0
+    stamp = (tmp_path / "weak" / "cells.parquet").stat().st_mtime_ns
+    assert len(cells(min_distance=3)) == len(many)
+    assert (tmp_path / "weak" / "cells.parquet").stat().st_mtime_ns == stamp  # reused
+
+
 def test_bad_weak_inputs(crop_files, tmp_path):
     from morphoprof.cli import main
     from morphoprof.config import load_weak_config

@@ -110,8 +110,8 @@ def crops_from_screen(cfg: WeakConfig, out: Path) -> tuple[np.ndarray,
     channels = cfg.channels or index.channels
     seg = cfg.cells.segmentation
     cells_path = out / "cells.parquet"
-    if not cells_path.is_file():
-        segment_index(index, cells_path, channel=seg.channel, cfg=seg.nuclei(), n_jobs=seg.n_jobs)
+    # reused where it was segmented from this index with these settings, else made again
+    segment_index(index, cells_path, channel=seg.channel, cfg=seg.nuclei(), n_jobs=seg.n_jobs)
     cells = read_parquet(cells_path)
     ds = CropDataset(index, cells, cfg.cells.crop_size, channels, normalization="none")
     crops = np.stack([ds[k][0].numpy() for k in range(len(ds))]) if len(ds) else None
