@@ -72,6 +72,13 @@ def test_two_class_translocation_from_a_config_alone(tmp_path, capsys):
     assert main(["train", "finetune", str(tmp_path / "train.yaml"), "--quiet"]) == 0
     again = json.loads((tmp_path / "out" / "finetune" / "cv.json").read_text())
     assert again["treatment"] == res["treatment"]
+    # Other settings would have reported the finished folds as theirs: refused, naming them
+    capsys.readouterr()
+    assert main(["train", "finetune", str(tmp_path / "train.yaml"), "--quiet",
+                 "--epochs", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "finetune holds a training with other settings (train.epochs: 4 -> 5)" in err
+    assert "--overwrite" in err and err.count("\n") == 1
 
 
 def test_mil_on_the_synthetic_screen_with_compound_held_out(tmp_path, tiny_screen):

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from morphoprof.errors import OutputError
+from morphoprof.errors import InputError, OutputError
 from morphoprof.models.data import ImageTensorDataset
 from morphoprof.models.finetune import FineTuneConfig, finetune_module
 from morphoprof.models.mil import MILConfig, MILNet
@@ -178,7 +178,36 @@ def test_a_checkpoint_that_cannot_be_written_is_absent_and_named(tmp_path):
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
-    assert list((tmp_path / "checkpoints").iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # nor the folder made for it
     AtomicCheckpointIO().save_checkpoint(ckpt, path)
     assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"],
                        ckpt["state_dict"]["w"])
+
+
+def test_a_training_folder_is_resumed_only_by_the_settings_that_began_it(tmp_path):
+    from morphoprof.models.training import check_training_folder
+
+    folder = tmp_path / "finetune"
+    settings = {"output": "a", "model": {"name": "resnet18"},
+                "train": {"epochs": 2, "num_workers": 0, "lr": 0.001}}
+    check_training_folder(folder, {**settings, "model": {"name": "typo"}})
+    check_training_folder(folder, settings)  # nothing trained under the first: a new start
+    (folder / "fold0").mkdir()
+    # the same settings, or other run-time ones (workers, output path): resumed
+    check_training_folder(folder, {**settings, "output": "b",
+                                   "train": {**settings["train"], "num_workers": 4}})
+    other = {**settings, "model": {"name": "tf_efficientnet_lite0"},
+             "train": {**settings["train"], "lr": 0.01}}
+    with pytest.raises(InputError, match=r"holds a training with other settings \("
+                                         r"model.name: 'resnet18' -> 'tf_efficientnet_lite0', "
+                                         r"train.lr: 0.001 -> 0.01\); train into another"):
+        check_training_folder(folder, other)
+    assert (folder / "fold0").is_dir()  # refused: nothing deleted
+    check_training_folder(folder, other, ignore=("model", "train.lr"))  # those do not count
+    check_training_folder(folder, other, overwrite=True)
+    assert [p.name for p in folder.iterdir()] == ["settings.json"]
+    check_training_folder(folder, other)
+    # a folder with files but no record of its settings cannot be told apart
+    (tmp_path / "old" / "fold0").mkdir(parents=True)
+    with pytest.raises(InputError, match="without a record of its settings"):
+        check_training_folder(tmp_path / "old", settings)

@@ -36,7 +36,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.epochs is not None:
         cfg = cfg.replace(train=cfg.train.replace(epochs=a.epochs))
     with progress(not a.quiet):
-        result = run_training(a.kind, cfg, text)
+        result = run_training(a.kind, cfg, text, overwrite=a.overwrite)
     print(f"{result.summary_line()}; results in {Path(cfg.output) / a.kind / 'cv.json'}")
     return 0
 
@@ -47,7 +47,7 @@ def _train_weak(a: argparse.Namespace) -> int:
     if a.epochs is not None:
         cfg = cfg.replace(train=cfg.train.replace(epochs=a.epochs))
     with progress(not a.quiet):
-        s = run_weak(cfg, text)
+        s = run_weak(cfg, text, overwrite=a.overwrite)
     if s is not None:  # None: not the first process of a multi-process run
         print(s.summary_line(str(Path(cfg.output) / "weak" / "weak.json")))
     return 0
@@ -93,6 +93,9 @@ def _add_train(sub) -> None:
                    "supervised single-cell embeddings' (weak)")
     s.add_argument("--epochs", type=int, default=None, help="override train.epochs")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--overwrite", action="store_true", help="delete a training of the output "
+                   "folder made with other settings and start over (without it, such a folder "
+                   "is refused; one made with the same settings is resumed)")
     s.set_defaults(func=cmd_train)
 
 

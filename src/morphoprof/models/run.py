@@ -228,11 +228,19 @@ def training_images(cfg: TrainConfig, index: ExperimentIndex, rows=None) -> np.n
                        normalization=im.normalization, scale=im.scale)
 
 
-def run_training(kind: str, cfg: TrainConfig, config_text: str = "") -> CVResult:
+def run_training(kind: str, cfg: TrainConfig, config_text: str = "",
+                 overwrite: bool = False) -> CVResult:
     """Run a validated training config end to end; results in ``cfg.output`` (``KIND/cv.json``
-    is the returned :class:`~morphoprof.models.cv_result.CVResult`)."""
+    is the returned :class:`~morphoprof.models.cv_result.CVResult`). Finished folds of an
+    earlier run with the same settings are reused; a ``KIND`` folder made with other settings
+    is refused, or emptied with ``overwrite`` (:func:`check_training_folder`)."""
+    from morphoprof.models.training import check_training_folder
+
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
+    check_training_folder(out / kind, cfg.model_dump(mode="json"), overwrite,
+                          ignore=("mil.jacobian_images", "mil.cache") if kind == "mil"
+                          else ("mil",))
     if config_text:
         (out / f"train_{kind}.yaml").write_text(config_text)
     index = training_index(cfg, out)

@@ -5,7 +5,9 @@ CPU or GPU (mixed precision), one or several devices / nodes through Lightning's
 from __future__ import annotations
 
 import io
+import json
 import logging
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -16,8 +18,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from morphoprof.errors import InputError
 from morphoprof.extras import require
-from morphoprof.io_utils import atomic_path
+from morphoprof.io_utils import atomic_path, write_json
 from morphoprof.logs import progress_enabled
 from morphoprof.models.data import EpochSampler
 from morphoprof.models.mil import mil_loss
@@ -26,6 +29,69 @@ from morphoprof.models.settings import TrainSection
 logger = logging.getLogger(__name__)
 
 L = require("lightning")
+
+
+# settings that decide how fast a training runs, not what it learns: a training folder may be
+# resumed with other values of these
+RUN_TIME_SETTINGS = ("output", "train.num_workers", "train.accelerator", "train.devices",
+                     "train.num_nodes", "train.strategy", "train.channels_last")
+SETTINGS_FILE = "settings.json"
+
+
+def check_training_folder(folder: str | Path, settings: dict, overwrite: bool = False,
+                          ignore: tuple[str, ...] = ()) -> None:
+    """Make sure the training in ``folder`` is resumed only by the settings that began it.
+
+    ``settings`` (a config's ``model_dump``, nested) is flattened to dotted keys, without
+    :data:`RUN_TIME_SETTINGS` and ``ignore``, and kept in ``folder/settings.json``. A folder
+    whose file holds other settings would mix two trainings (finished folds reported under
+    the new settings, a checkpoint of another network resumed): where it holds anything
+    besides that file, it raises InputError naming the differences, or with ``overwrite`` is
+    emptied first; so is a folder with files but without the record (its settings cannot be
+    told)."""
+    folder = Path(folder)
+    skip = (*RUN_TIME_SETTINGS, *ignore)
+
+    def counted(d: dict) -> dict:
+        return {k: v for k, v in d.items() if not any(k == s or k.startswith(f"{s}.")
+                                                      for s in skip)}
+
+    now = counted(_dotted(json.loads(json.dumps(settings, default=str))))
+    record = folder / SETTINGS_FILE
+    problem = None
+    # a folder holding nothing but the record (the last run stopped at bad input, say) is new
+    work = folder.is_dir() and any(p.name != SETTINGS_FILE for p in folder.iterdir())
+    if work and record.is_file():
+        try:
+            saved = counted(json.loads(record.read_text()))
+        except (OSError, ValueError, AttributeError) as exc:
+            raise InputError(f"cannot read {record}: {exc}") from exc
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if changed:
+            problem = "holds a training with other settings (" + ", ".join(
+                f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5]) + (
+                ", ...)" if len(changed) > 5 else ")")
+    elif work:
+        problem = f"holds a training without a record of its settings ({SETTINGS_FILE})"
+    if problem and not overwrite:
+        raise InputError(f"{folder} {problem}; train into another output folder, or add "
+                         "--overwrite to delete it and start over")
+    if problem:
+        logger.info("%s %s: deleted (--overwrite)", folder, problem)
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(record, now)
+
+
+def _dotted(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists kept as values)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out |= _dotted(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 class ImageClassifier(L.LightningModule):

@@ -185,7 +185,8 @@ def split_cells(table: pd.DataFrame, labels: np.ndarray, holdout: HoldoutSection
     return part
 
 
-def run_weak(cfg: WeakConfig, config_text: str = "") -> WeakResult | None:
+def run_weak(cfg: WeakConfig, config_text: str = "", overwrite: bool = False
+             ) -> WeakResult | None:
     """Run a validated weak-supervision config (:class:`~morphoprof.models.settings.WeakConfig`).
 
     Writes ``output/weak/`` (checkpoints, metrics.csv, weak.json) and ``output/features/``
@@ -196,12 +197,14 @@ def run_weak(cfg: WeakConfig, config_text: str = "") -> WeakResult | None:
     import torch
 
     from morphoprof.models.data import ImageTensorDataset
-    from morphoprof.models.training import fit
+    from morphoprof.models.training import check_training_folder, fit
     from morphoprof.models.weak import embed_crops, extractor_from_checkpoint
 
     out = Path(cfg.output)
     folder = out / "weak"
-    folder.mkdir(parents=True, exist_ok=True)
+    # more epochs continue the training; another embedding layer needs none
+    check_training_folder(folder, cfg.model_dump(mode="json"), overwrite,
+                          ignore=("train.epochs", "features", "cells.segmentation.n_jobs"))
     if config_text:
         (out / "train_weak.yaml").write_text(config_text)
     raw, table, channels, source = _weak_cells(cfg, out)
