@@ -377,10 +377,7 @@ def test_csvs_named_with_cellprofilers_export_prefix_import_as_the_plain_names(t
     """ExportToSpreadsheet prefixes its files by default (``MyExpt_Image.csv``...), which
     CytoTable does not read: the same cells as the unprefixed CSVs."""
     plain = _csv_screen(tmp_path / "plain", 2)
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    for f in plain.glob("*.csv"):
-        (mine / f"MyExpt_{f.name}").write_bytes(f.read_bytes())
+    mine = _renamed_copy(plain, tmp_path / "mine", lambda f: f"MyExpt_{f.name}")
     assert detect_kind(mine) == "csv"
     import_cellprofiler(plain, tmp_path / "a")
     import_cellprofiler(mine, tmp_path / "b")
@@ -400,13 +397,19 @@ def test_csvs_named_with_cellprofilers_export_prefix_import_as_the_plain_names(t
         import_cellprofiler(mine, tmp_path / "d")
 
 
+def _renamed_copy(src: Path, dst: Path, rename) -> Path:
+    """A copy of the CSV folder ``src`` in ``dst``, each file named ``rename(path)``."""
+    dst.mkdir()
+    for f in src.glob("*.csv"):
+        (dst / rename(f)).write_bytes(f.read_bytes())
+    return dst
+
+
+@needs_data
 def test_csvs_with_an_upper_case_extension_import_as_the_others(tmp_path):
     """``Image.CSV`` (a Windows share, a renaming tool) is a CSV like ``Image.csv``."""
     plain = _csv_screen(tmp_path / "plain", 1)
-    upper = tmp_path / "upper"
-    upper.mkdir()
-    for f in plain.glob("*.csv"):
-        (upper / f"{f.stem}.CSV").write_bytes(f.read_bytes())
+    upper = _renamed_copy(plain, tmp_path / "upper", lambda f: f"{f.stem}.CSV")
     assert detect_kind(upper) == "csv"
     a, b = (pd.read_parquet(import_cellprofiler(src, tmp_path / d).out)
             .drop(columns="Metadata_plate") for src, d in ((plain, "a"), (upper, "b")))
