@@ -136,6 +136,15 @@ def test_run_config_end_to_end(tmp_path, capsys):
     again = (out / "report.html").read_text()
     assert "nothing to do" not in again and "finished shard(s) reused" in again
     assert "0 fields in 0.0 s" not in again
+    # other features into the same output: refused, pointing to run's own --overwrite
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({**cfg, "features": {"image_size": 48}}))
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "run.yaml")]) == 2
+    assert "holds features made with other parameters (image_size: 64 -> 48" in (
+        capsys.readouterr().err)
+    assert main(["run", str(tmp_path / "run.yaml"), "--overwrite"]) == 0
+    manifest = json.loads((out / "features" / "manifest.json").read_text())
+    assert manifest["params"]["image_size"] == 48
 
 
 @pytest.mark.slow

@@ -97,6 +97,12 @@ def test_other_parameters_refused(tmp_path, tiny_screen, extractor):
                               backbone=extractor.backbone)
     with pytest.raises(InputError, match="other parameters"):
         other.extract(index, tmp_path / "f")
+    # another index of as many image sets (other plates): its features would have joined the
+    # first index's shards in the folder
+    renamed = ExperimentIndex(index.table.assign(
+        Metadata_plate=index.table["Metadata_plate"] + "_b"), index.root)
+    with pytest.raises(InputError, match=r"other parameters \(index: '[0-9a-f]{16}' -> "):
+        extractor.extract(renamed, tmp_path / "f")
 
 
 def test_rgb_strategy_and_intermediate_layer(tiny_screen, extractor):

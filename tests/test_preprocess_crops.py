@@ -100,6 +100,13 @@ def test_export_crops_shards_and_resume(tmp_path, tiny_screen):
     again = export_crops(index, cells, out, CropConfig(size=16), shard_size=20)
     assert again.cells == 20 and again.shards_written == 1
     assert again.shards_skipped == s.shards_written - 1  # the other crops reused
+    # as many cells, segmented otherwise: not mixed with the crops of the first ones
+    moved = cells.assign(Nuclei_Location_Center_X=cells["Nuclei_Location_Center_X"] + 1)
+    with pytest.raises(InputError, match=r"other parameters \(cells: '[0-9a-f]{16}' -> "):
+        export_crops(index, moved, out, CropConfig(size=16), shard_size=20)
+    redone = export_crops(index, moved, out, CropConfig(size=16), shard_size=20,
+                          overwrite=True)
+    assert redone.shards_skipped == 0 and redone.cells == len(cells)
 
 
 def test_dataset_masks_neighbouring_nuclei(tmp_path, tiny_screen):

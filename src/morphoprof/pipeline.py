@@ -121,7 +121,8 @@ def segmentation_stage(index: ExperimentIndex, out: str | Path, nuclei, channel:
 
 
 def extract_features(index: ExperimentIndex, features, channels, out: Path, illumination=None,
-                     segmentation=None, on_error: str = "fail") -> RunSummary:
+                     segmentation=None, on_error: str = "fail",
+                     overwrite: bool = False) -> RunSummary:
     """Run the configured extractor (``features``: a :class:`~morphoprof.config.FeaturesSection`;
     built by name, :mod:`morphoprof.registry`) over the index into ``out`` (a feature folder).
 
@@ -136,7 +137,7 @@ def extract_features(index: ExperimentIndex, features, channels, out: Path, illu
     extractor = create_extractor(features.extractor, {
         **features.model_dump(), "channels": channels, "on_error": on_error,
         "nuclei": seg.nuclei(), "n_jobs": seg.n_jobs})
-    return extractor.extract(index, out, illumination=illumination)
+    return extractor.extract(index, out, illumination=illumination, overwrite=overwrite)
 
 
 def cells_per_well(cells_path: Path, index: ExperimentIndex) -> pd.DataFrame:
@@ -440,9 +441,11 @@ class RunResult:
 
 
 def run_pipeline(cfg: RunConfig, config_text: str,
-                 config_path: str | None = None) -> RunResult:
+                 config_path: str | None = None, overwrite: bool = False) -> RunResult:
     """Run every stage of a validated config (each announced in this module's log); the
-    :class:`RunResult` says what was done."""
+    :class:`RunResult` says what was done. A re-run reuses the finished work of an earlier
+    one with the same settings; ``overwrite`` replaces a feature folder made with others
+    (refused without it)."""
     out = check_writable(cfg.output, folder=True)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "config.yaml") as tmp:
@@ -485,13 +488,15 @@ def run_pipeline(cfg: RunConfig, config_text: str,
     if feats.checkpoint:  # each segmented cell, cropped as in training
         extraction = extract_stage(out / "features", index=index, cells=out / "cells.parquet",
                                    checkpoint=feats.checkpoint, illumination=illumination,
+                                   overwrite=overwrite,
                                    settings={**feats.model_dump(), "channels": cfg.channels,
                                              "batch_size": feats.batch_size if "batch_size"
                                              in feats.model_fields_set else None})
     else:
         extraction = extract_features(index, feats, cfg.channels, out / "features",
                                       illumination=illumination,
-                                      segmentation=pre.segmentation, on_error=pre.on_error)
+                                      segmentation=pre.segmentation, on_error=pre.on_error,
+                                      overwrite=overwrite)
     timings["features_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

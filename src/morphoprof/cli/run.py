@@ -21,7 +21,8 @@ from morphoprof.pipeline import run_pipeline
 
 def cmd_run(a: argparse.Namespace) -> int:
     cfg, text = load_config(a.config)
-    result = run_pipeline(cfg, text, config_path=str(Path(a.config).resolve()))
+    result = run_pipeline(cfg, text, config_path=str(Path(a.config).resolve()),
+                          overwrite=a.overwrite)
     print("\n".join(result.summary_lines()))
     return 0
 
@@ -78,6 +79,9 @@ def _add_run(sub) -> None:
     s = add_command(sub, "run", "run the pipeline described by a YAML config (keys: the README's "
                     "'YAML config reference')")
     s.add_argument("config", help="the run configuration (YAML)")
+    s.add_argument("--overwrite", action="store_true", help="replace the output's features "
+                   "where an earlier run made them with other settings (refused otherwise; "
+                   "finished work with the same settings is reused)")
     s.set_defaults(func=cmd_run)
 
 

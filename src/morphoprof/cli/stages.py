@@ -54,7 +54,7 @@ def cmd_crops(a: argparse.Namespace) -> int:
     index = ExperimentIndex.read_parquet(a.index)
     cells = read_input_parquet(a.cells, "cell table")
     summary = export_crops(index, cells, a.out, from_options(CropConfig, a),
-                           illumination=load_illumination(a.illumination))
+                           illumination=load_illumination(a.illumination), overwrite=a.overwrite)
     print_json(summary.to_json())
     return 0
 
@@ -111,6 +111,8 @@ def _add_crops(sub) -> None:
     s.add_argument("--out", required=True, help="crop folder")
     add_options(s, CropConfig)
     s.add_argument("--illumination", help="folder of illumination functions (morphoprof illum)")
+    s.add_argument("--overwrite", action="store_true", help="replace crops made with other "
+                   "settings, index or cells (a folder of such crops is refused otherwise)")
     s.set_defaults(func=cmd_crops)
 
 

@@ -200,7 +200,7 @@ class ClassicalExtractor:
         dna = dna_channel(channels)
         params = {"extractor": "classical", **self.cfg.model_dump(), "channels": channels,
                   "illumination": str(illumination.folder) if illumination else None,
-                  "n_image_sets": len(index)}
+                  "n_image_sets": len(index), "index": index.digest()}
         params.pop("n_jobs")
         params.pop("on_error")
         ranges = estimate_intensity_range(index, channels, (0.0, 99.99),

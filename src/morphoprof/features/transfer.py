@@ -31,6 +31,7 @@ from morphoprof.errors import InputError
 from morphoprof.features import onnx_cache
 from morphoprof.features.backbones import DEFAULT_MODEL, Backbone, create_backbone
 from morphoprof.index.schema import PLATE, ExperimentIndex
+from morphoprof.io_utils import frame_digest
 from morphoprof.preprocess.crops import CropDataset, normalize_crops
 from morphoprof.registry import register_extractor, settings_for
 from morphoprof.settings import ON_ERROR_DEFAULT, OnError, Settings
@@ -479,6 +480,7 @@ class TransferExtractor:
             "weights": self.backbone.weights,
             "size": list(self.size),
             "n_image_sets": len(index),
+            "index": index.digest(),
             "illumination": str(illumination.folder) if illumination is not None else None,
         }
         saved_ranges = _saved_ranges(out, params)
@@ -612,7 +614,7 @@ class TransferExtractor:
             "normalization": normalization, "edge": edge, "layer": self.cfg.layer,
             "strategy": self.cfg.channel_strategy, "image_size": self.cfg.image_size,
             "precision": self.cfg.precision,
-            "n_cells": len(cells),
+            "n_cells": len(cells), "cells": frame_digest(cells)[:16], "index": index.digest(),
             "illumination": str(illumination.folder) if illumination is not None else None,
         }
         writer = ShardWriter(out, params, overwrite=overwrite)

@@ -16,6 +16,7 @@ the image root is stored in the file's schema metadata (relative to the Parquet 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from morphoprof.images.read import (
     read_image_set,
     read_stack,
 )
-from morphoprof.io_utils import arrow_file, atomic_path
+from morphoprof.io_utils import arrow_file, atomic_path, frame_digest
 from morphoprof.logs import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -101,6 +102,13 @@ class ExperimentIndex:
 
     def __len__(self) -> int:
         return len(self.table)
+
+    def digest(self) -> str:
+        """The image sets' identity: 16 hex digits of a SHA-256 of the table (paths, metadata,
+        row order) and of the root its relative paths start from. A resumable stage keeps it
+        with its settings, so a re-run continues only on the same index."""
+        text = f"{self.root}\n{frame_digest(self.table)}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @property
     def channels(self) -> list[str]:

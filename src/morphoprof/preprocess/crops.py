@@ -22,7 +22,7 @@ from morphoprof.errors import InputError
 from morphoprof.images.read import image_shape as header_shape
 from morphoprof.images.read import read_image_set
 from morphoprof.index.schema import IMAGE_SET_KEY, ExperimentIndex
-from morphoprof.io_utils import load_array_file, read_parquet, write_npz
+from morphoprof.io_utils import frame_digest, load_array_file, read_parquet, write_npz
 from morphoprof.preprocess.segmentation import (
     CENTER_X,
     CENTER_Y,
@@ -235,11 +235,13 @@ def export_crops(
     channels: Sequence[str] | None = None,
     illumination=None,
     shard_size: int = 5000,
+    overwrite: bool = False,
 ) -> RunSummary:
     """Write crops (``settings``: size, edge, normalization; default :class:`CropConfig`) to
     ``out/shards/<k>.npz`` (``crops`` (n, C, S, S) float16, compressed) with a Parquet table
     per shard (the cells' metadata, centres, and ``Metadata_crop_index``, the row inside the
-    npz). Resumable: finished shards are skipped on a re-run with the same settings.
+    npz). Resumable: finished shards are skipped on a re-run with the same settings, index
+    and cells; a folder made with others is refused, or with ``overwrite`` cleared.
 
     Returns:
         The :class:`~morphoprof.shards.RunSummary` (``cells``: crops this run wrote;
@@ -251,8 +253,9 @@ def export_crops(
                      s.edge, s.normalization, illumination)
     params = {"kind": "crops", "size": s.size, "channels": ds.channels, "edge": s.edge,
               "normalization": s.normalization, "n_cells": len(ds),
+              "cells": frame_digest(cells)[:16], "index": index.digest(),
               "illumination": illumination is not None}
-    writer = ShardWriter(out, params)
+    writer = ShardWriter(out, params, overwrite=overwrite)
 
     def shard(cells_k: range, bar) -> tuple[pd.DataFrame, list]:
         key = f"{cells_k.start // shard_size:05d}"

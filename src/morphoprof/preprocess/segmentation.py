@@ -10,7 +10,6 @@ Maximum}_{X,Y}`` (half-open, px). DeepProfiler's location CSVs are read and writ
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -424,7 +423,7 @@ def segment_index(
     meta_cols = [c for c in index.table.columns if c.startswith("Metadata_")]
     parts = out.with_name(out.name + ".parts")
     params = {"stage": "segment", "channel": channel, "nuclei": cfg.model_dump(),
-              "on_error": on_error, "index": _index_digest(index),
+              "on_error": on_error, "index": index.digest(),
               "illumination": str(illumination.folder) if illumination is not None else None}
     earlier = _finished(out, params)
     if earlier is not None:
@@ -503,12 +502,6 @@ def _no_cells(meta_cols: list[str]) -> pd.DataFrame:
     """An empty cell table: the index's metadata columns and the object table's."""
     return pd.DataFrame(
         columns=meta_cols + list(object_table(np.zeros((1, 1), np.int32)).columns))
-
-
-def _index_digest(index: ExperimentIndex) -> str:
-    """A SHA-256 of the index's root and table: a resumed segmentation is of the same index."""
-    text = f"{index.root}\n{index.table.to_csv(index=False)}"
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_overlays(index: ExperimentIndex, folder: str | Path, channel: str | None = None,
