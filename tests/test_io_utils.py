@@ -37,3 +37,17 @@ def test_new_folder_is_removed_again_only_when_the_block_fails_and_left_it_empty
     with pytest.raises(OutputError, match="blocker is a file"), \
             new_folder(tmp_path / "blocker" / "x", tmp_path / "blocker" / "x" / "y.csv"):
         pass
+
+
+def test_frame_digest_tells_tables_apart_and_takes_paths_that_are_not_utf8():
+    import pandas as pd
+
+    from morphoprof.io_utils import frame_digest
+
+    df = pd.DataFrame({"Metadata_plate": ["P1", "P2"], "x": [1.0, 2.0]})
+    assert frame_digest(df) == frame_digest(df.copy())
+    assert frame_digest(df) != frame_digest(df.iloc[::-1])  # row order counts
+    assert frame_digest(df) != frame_digest(df.assign(x=[1.0, 2.5]))
+    assert frame_digest(df) != frame_digest(df.rename(columns={"x": "y"}))
+    latin1 = df.assign(FileName_DNA=["caf\udce9.tif", "b.tif"])  # a Latin-1 name on disk
+    assert frame_digest(latin1) != frame_digest(latin1.assign(FileName_DNA=["caf.tif", "b.tif"]))

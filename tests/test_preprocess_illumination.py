@@ -59,6 +59,15 @@ def test_functions_are_saved_reused_and_invalidated(tmp_path, uneven_screen):
     stamps = [f.stat().st_mtime_ns for f in files]
     compute_illumination(index, folder, window=64)  # reused
     assert [f.stat().st_mtime_ns for f in files] == stamps
+    # a plate's function made from other image sets (a subset tried first, say) is made
+    # again; the other plate's is reused
+    plate = index.table["Metadata_plate"].iloc[0]
+    fewer = index.subset(np.arange(len(index)) != 0)
+    compute_illumination(fewer, folder, window=64)
+    changed = [f.stat().st_mtime_ns != t for f, t in zip(files, stamps, strict=True)]
+    assert changed == [f == IlluminationCorrection(folder, []).path(plate) for f in files]
+    compute_illumination(index, folder, window=64)
+    stamps = [f.stat().st_mtime_ns for f in files]
     loaded = IlluminationCorrection.load(folder)
     assert loaded.channels == index.channels
     compute_illumination(index, folder, window=32)  # other params: recomputed

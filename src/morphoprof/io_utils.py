@@ -174,8 +174,14 @@ def frame_digest(df: pd.DataFrame) -> str:
     """SHA-256 (hex) of a table's column names and values, row order included: a stage's
     input identity, so a resumed run is known to continue on the same table (~0.5 s per
     million rows of a cell table)."""
-    h = hashlib.sha256("\x1f".join(map(str, df.columns)).encode())
-    h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
+    h = hashlib.sha256("\x1f".join(map(str, df.columns)).encode(errors="surrogateescape"))
+    try:
+        hashes = pd.util.hash_pandas_object(df, index=False)
+    except UnicodeEncodeError:  # paths whose names on disk are not UTF-8: hash their bytes
+        hashes = pd.util.hash_pandas_object(df.apply(lambda col: col.map(
+            lambda v: v.encode(errors="surrogateescape") if isinstance(v, str) else v)
+            if col.dtype == object else col), index=False)
+    h.update(hashes.to_numpy().tobytes())
     return h.hexdigest()
 
 

@@ -108,7 +108,7 @@ class ExperimentIndex:
         row order) and of the root its relative paths start from. A resumable stage keeps it
         with its settings, so a re-run continues only on the same index."""
         text = f"{self.root}\n{frame_digest(self.table)}"
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return hashlib.sha256(text.encode(errors="surrogateescape")).hexdigest()[:16]
 
     @property
     def channels(self) -> list[str]:

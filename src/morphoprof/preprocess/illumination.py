@@ -23,7 +23,7 @@ from pydantic import Field
 
 from morphoprof.errors import InputError
 from morphoprof.index.schema import PLATE, ExperimentIndex
-from morphoprof.io_utils import load_array_file, write_json, write_npy
+from morphoprof.io_utils import frame_digest, load_array_file, write_json, write_npy
 from morphoprof.logs import progress_bar
 from morphoprof.settings import Settings
 from morphoprof.shards import shard_key
@@ -230,12 +230,14 @@ def compute_illumination(
 ) -> IlluminationCorrection:
     """Compute (or reuse) the illumination function of every plate of ``index``.
 
-    Plates whose function already exists with the same parameters are skipped; the others are
-    computed in parallel (``n_jobs`` threads, via joblib: reading and averaging release the
-    GIL, and threads start at once where worker processes would import the libraries again)
-    and written atomically. With
-    ``on_error="skip"`` unreadable image sets are left out of their plate's mean; the returned
-    object's ``skipped`` lists them (also in ``illumination_skipped.json``).
+    Plates whose function already exists with the same parameters, made from the same image
+    sets (a digest of the plate's rows of the index is kept in ``illumination.json``), are
+    skipped; the others are computed in parallel (``n_jobs`` threads, via joblib: reading and
+    averaging release the GIL, and threads start at once where worker processes would import
+    the libraries again), written atomically and recorded one by one, so a stopped run
+    resumes after the plates it finished. With ``on_error="skip"`` unreadable image sets are
+    left out of their plate's mean; the returned object's ``skipped`` lists those of every
+    plate of ``index`` (also in ``illumination_skipped.json``).
     """
     from joblib import Parallel, delayed
 
@@ -243,32 +245,35 @@ def compute_illumination(
     chans = list(channels or index.channels)
     params = {"channels": chans, "window": int(window), "percentile": float(percentile)}
     meta = folder / "illumination.json"
-    if meta.is_file() and json.loads(meta.read_text()).get("params") != params:
+    saved = json.loads(meta.read_text()) if meta.is_file() else {}
+    if saved.get("params") != params:
         for old in folder.glob("*.npy"):
             old.unlink()  # functions made with other parameters are stale
+        saved = {}
+    plates = dict(saved.get("plates", {}))  # plate -> {"images": digest, "skipped": [...]}
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(meta, {"params": params, "channels": chans})
+    write_json(meta, {"params": params, "channels": chans, "plates": plates})
     corr = IlluminationCorrection(folder, chans)
     groups = index.table.groupby(PLATE, sort=True).indices
-    todo = [(p, rows) for p, rows in groups.items() if not corr.path(p).is_file()]
+    images = {p: frame_digest(index.table.iloc[rows])[:16] for p, rows in groups.items()}
+    todo = [(p, rows) for p, rows in groups.items()
+            if not corr.path(p).is_file() or plates.get(p, {}).get("images") != images[p]]
 
-    def work(plate: str, rows: np.ndarray) -> list:
+    def work(plate: str, rows: np.ndarray) -> tuple[str, list]:
         skipped: list = []
         write_npy(corr.path(plate), plate_function(index, rows, chans, window, percentile,
                                                    on_error, skipped))
-        return skipped
+        return plate, skipped
 
     jobs = (delayed(work)(p, rows) for p, rows in todo)
     bar = progress_bar(total=len(todo), desc="illumination functions", unit="plate")
-    skipped = []
-    for part in Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator")(jobs):
-        skipped.extend(part)
+    for plate, skipped in Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator")(jobs):
+        plates[plate] = {"images": images[plate], "skipped": skipped}
+        write_json(meta, {"params": params, "channels": chans, "plates": plates})
         bar.update(1)
     bar.close()
-    record = folder / "illumination_skipped.json"
-    if todo:
-        write_json(record, skipped)
-    corr.skipped = json.loads(record.read_text()) if record.is_file() else []
+    corr.skipped = [s for p in groups for s in plates[p]["skipped"]]
+    write_json(folder / "illumination_skipped.json", corr.skipped)
     return corr
 
 
