@@ -51,3 +51,5 @@ def test_frame_digest_tells_tables_apart_and_takes_paths_that_are_not_utf8():
     assert frame_digest(df) != frame_digest(df.rename(columns={"x": "y"}))
     latin1 = df.assign(FileName_DNA=["caf\udce9.tif", "b.tif"])  # a Latin-1 name on disk
     assert frame_digest(latin1) != frame_digest(latin1.assign(FileName_DNA=["caf.tif", "b.tif"]))
+    mixed = df.assign(Metadata_dose=[1, "high"], Metadata_pair=[(1, 2), None])  # object columns
+    assert frame_digest(mixed) != frame_digest(mixed.assign(Metadata_dose=[1, "low"]))

@@ -79,6 +79,11 @@ def test_two_class_translocation_from_a_config_alone(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "finetune holds a training with other settings (train.epochs: 4 -> 5)" in err
     assert "--overwrite" in err and err.count("\n") == 1
+    # the same settings on other images (a field left out) are other settings too
+    table = pd.read_csv(tmp_path / "plates.csv")
+    table.iloc[1:].to_csv(tmp_path / "plates.csv", index=False)
+    assert main(["train", "finetune", str(tmp_path / "train.yaml"), "--quiet"]) == 2
+    assert "other settings (index: '" in capsys.readouterr().err
 
 
 def test_mil_on_the_synthetic_screen_with_compound_held_out(tmp_path, tiny_screen):

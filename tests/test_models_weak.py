@@ -301,6 +301,24 @@ def test_the_screens_cells_follow_the_segmentation_settings(tiny_screen, tmp_pat
     assert (tmp_path / "weak" / "cells.parquet").stat().st_mtime_ns == stamp  # reused
 
 
+def test_other_cells_under_the_same_settings_are_refused(crop_files, tmp_path):
+    """A weak training folder continues only on the cells it began with: three crops fewer
+    (the same config) would have resumed the checkpoint on another training set."""
+    import shutil
+
+    from morphoprof.train import train_weak_from_yaml
+
+    npz, csv = crop_files
+    shutil.copy(npz, tmp_path / "crops.npz")
+    table = pd.read_csv(csv)
+    table.to_csv(tmp_path / "index.csv", index=False)
+    text = weak_yaml(tmp_path / "crops.npz", tmp_path / "index.csv", train={"epochs": 1})
+    train_weak_from_yaml(text, tmp_path / "run")
+    table.iloc[:-3].to_csv(tmp_path / "index.csv", index=False)
+    with pytest.raises(InputError, match=r"holds a training with other settings \(cells: '"):
+        train_weak_from_yaml(text, tmp_path / "run", fresh=False)
+
+
 def test_bad_weak_inputs(crop_files, tmp_path):
     from morphoprof.cli import main
     from morphoprof.config import load_weak_config

@@ -177,12 +177,18 @@ def frame_digest(df: pd.DataFrame) -> str:
     h = hashlib.sha256("\x1f".join(map(str, df.columns)).encode(errors="surrogateescape"))
     try:
         hashes = pd.util.hash_pandas_object(df, index=False)
-    except UnicodeEncodeError:  # paths whose names on disk are not UTF-8: hash their bytes
-        hashes = pd.util.hash_pandas_object(df.apply(lambda col: col.map(
-            lambda v: v.encode(errors="surrogateescape") if isinstance(v, str) else v)
-            if col.dtype == object else col), index=False)
+    except (UnicodeEncodeError, TypeError, ValueError):  # names not UTF-8, mixed objects
+        hashes = pd.util.hash_pandas_object(df.apply(_text_as_bytes), index=False)
     h.update(hashes.to_numpy().tobytes())
     return h.hexdigest()
+
+
+def _text_as_bytes(col: pd.Series) -> pd.Series:
+    """An object column as bytes that pandas can hash: text (also file names that are not
+    UTF-8) encoded, other objects by their ``str``; other columns as they are."""
+    if col.dtype != object:
+        return col
+    return col.map(lambda v: None if v is None else str(v).encode(errors="surrogateescape"))
 
 
 def _is_utf8(text: str) -> bool:

@@ -232,18 +232,18 @@ def run_training(kind: str, cfg: TrainConfig, config_text: str = "",
                  overwrite: bool = False) -> CVResult:
     """Run a validated training config end to end; results in ``cfg.output`` (``KIND/cv.json``
     is the returned :class:`~morphoprof.models.cv_result.CVResult`). Finished folds of an
-    earlier run with the same settings are reused; a ``KIND`` folder made with other settings
-    is refused, or emptied with ``overwrite`` (:func:`check_training_folder`)."""
+    earlier run with the same settings and index are reused; a ``KIND`` folder made with
+    others is refused, or emptied with ``overwrite`` (:func:`check_training_folder`)."""
     from morphoprof.models.training import check_training_folder
 
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    check_training_folder(out / kind, cfg.model_dump(mode="json"), overwrite,
-                          ignore=("mil.jacobian_images", "mil.cache") if kind == "mil"
-                          else ("mil",))
+    index = training_index(cfg, out)
+    check_training_folder(out / kind, {**cfg.model_dump(mode="json"), "index": index.digest()},
+                          overwrite, ignore=("mil.jacobian_images", "mil.cache")
+                          if kind == "mil" else ("mil",))
     if config_text:
         (out / f"train_{kind}.yaml").write_text(config_text)
-    index = training_index(cfg, out)
     images = training_images(cfg, index)
     if cfg.label not in index.table.columns:
         raise InputError(f"label column {cfg.label!r} is not in the index; found "

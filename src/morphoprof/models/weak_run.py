@@ -26,7 +26,13 @@ from morphoprof.index.schema import (
     select_mask,
     select_rows,
 )
-from morphoprof.io_utils import file_digest, load_array_file, read_parquet, write_json
+from morphoprof.io_utils import (
+    file_digest,
+    frame_digest,
+    load_array_file,
+    read_parquet,
+    write_json,
+)
 from morphoprof.models.settings import HoldoutSection, WeakConfig
 from morphoprof.models.weak_result import WeakResult
 from morphoprof.preprocess.crops import CropDataset, load_crop_shards, normalize_crops
@@ -202,12 +208,14 @@ def run_weak(cfg: WeakConfig, config_text: str = "", overwrite: bool = False
 
     out = Path(cfg.output)
     folder = out / "weak"
-    # more epochs continue the training; another embedding layer needs none
-    check_training_folder(folder, cfg.model_dump(mode="json"), overwrite,
+    raw, table, channels, source = _weak_cells(cfg, out)
+    # the cells' identity counts too; more epochs continue the training, and another
+    # embedding layer needs none
+    check_training_folder(folder, {**cfg.model_dump(mode="json"),
+                                   "cells": frame_digest(table)[:16]}, overwrite,
                           ignore=("train.epochs", "features", "cells.segmentation.n_jobs"))
     if config_text:
         (out / "train_weak.yaml").write_text(config_text)
-    raw, table, channels, source = _weak_cells(cfg, out)
     labels, classes = label_codes(table, cfg.label, source)
     raw_size = int(raw.shape[-1])
     crops = prepare_crops(raw, cfg.cells.size, cfg.cells.normalization)
