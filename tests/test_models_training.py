@@ -204,7 +204,13 @@ def test_a_training_folder_is_resumed_only_by_the_settings_that_began_it(tmp_pat
         check_training_folder(folder, other)
     assert (folder / "fold0").is_dir()  # refused: nothing deleted
     check_training_folder(folder, other, ignore=("model", "train.lr"))  # those do not count
-    check_training_folder(folder, other, overwrite=True)
+    (folder / "trunk_maps").mkdir()  # a cache keyed by its own inputs
+    with pytest.raises(InputError):
+        check_training_folder(folder, settings, keep=("trunk_maps",))
+    check_training_folder(folder, settings, overwrite=True, keep=("trunk_maps",))
+    assert sorted(p.name for p in folder.iterdir()) == ["settings.json", "trunk_maps"]
+    check_training_folder(folder, other, keep=("trunk_maps",))  # the cache alone: no training
+    check_training_folder(folder, settings, overwrite=True)
     assert [p.name for p in folder.iterdir()] == ["settings.json"]
     check_training_folder(folder, other)
     # a folder with files but no record of its settings cannot be told apart

@@ -241,7 +241,7 @@ def run_training(kind: str, cfg: TrainConfig, config_text: str = "",
     index = training_index(cfg, out)
     check_training_folder(out / kind, {**cfg.model_dump(mode="json"), "index": index.digest()},
                           overwrite, ignore=("mil.jacobian_images", "mil.cache")
-                          if kind == "mil" else ("mil",))
+                          if kind == "mil" else ("mil",), keep=("trunk_maps",))
     if config_text:
         (out / f"train_{kind}.yaml").write_text(config_text)
     images = training_images(cfg, index)

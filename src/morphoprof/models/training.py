@@ -39,7 +39,7 @@ SETTINGS_FILE = "settings.json"
 
 
 def check_training_folder(folder: str | Path, settings: dict, overwrite: bool = False,
-                          ignore: tuple[str, ...] = ()) -> None:
+                          ignore: tuple[str, ...] = (), keep: tuple[str, ...] = ()) -> None:
     """Make sure the training in ``folder`` is resumed only by the settings that began it.
 
     ``settings`` (a config's ``model_dump``, nested) is flattened to dotted keys, without
@@ -48,7 +48,8 @@ def check_training_folder(folder: str | Path, settings: dict, overwrite: bool = 
     the new settings, a checkpoint of another network resumed): where it holds anything
     besides that file, it raises InputError naming the differences, or with ``overwrite`` is
     emptied first; so is a folder with files but without the record (its settings cannot be
-    told)."""
+    told). ``keep``: entries of the folder that check themselves (a cache keyed by its
+    inputs): not a training, and kept when the folder is emptied."""
     folder = Path(folder)
     skip = (*RUN_TIME_SETTINGS, *ignore)
 
@@ -60,7 +61,8 @@ def check_training_folder(folder: str | Path, settings: dict, overwrite: bool = 
     record = folder / SETTINGS_FILE
     problem = None
     # a folder holding nothing but the record (the last run stopped at bad input, say) is new
-    work = folder.is_dir() and any(p.name != SETTINGS_FILE for p in folder.iterdir())
+    entries = [p for p in folder.iterdir() if p.name not in keep] if folder.is_dir() else []
+    work = any(p.name != SETTINGS_FILE for p in entries)
     if work and record.is_file():
         try:
             saved = counted(json.loads(record.read_text()))
@@ -78,7 +80,8 @@ def check_training_folder(folder: str | Path, settings: dict, overwrite: bool = 
                          "--overwrite to delete it and start over")
     if problem:
         logger.info("%s %s: deleted (--overwrite)", folder, problem)
-        shutil.rmtree(folder)
+        for p in entries:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     write_json(record, now)
 
