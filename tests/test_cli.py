@@ -140,7 +140,7 @@ def test_run_config_end_to_end(tmp_path, capsys):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump({**cfg, "features": {"image_size": 48}}))
     capsys.readouterr()
     assert main(["run", str(tmp_path / "run.yaml")]) == 2
-    assert "holds features made with other parameters (image_size: 64 -> 48" in (
+    assert "features was made with other parameters (image_size: 64 -> 48" in (
         capsys.readouterr().err)
     assert main(["run", str(tmp_path / "run.yaml"), "--overwrite"]) == 0
     manifest = json.loads((out / "features" / "manifest.json").read_text())

@@ -118,7 +118,7 @@ class ShardWriter:
             if saved.get("params") != self.params:
                 if not overwrite:
                     raise InputError(
-                        f"{self.out} holds features made with other parameters "
+                        f"{self.out} was made with other parameters "
                         f"({_diff(saved.get('params', {}), self.params)}); use another output "
                         "folder or --overwrite"
                     )
