@@ -429,6 +429,7 @@ def segment_index(
     if earlier is not None:
         logger.info("%s: segmented from the same index with the same settings; reused "
                     "(delete it to segment again)", out)
+        shutil.rmtree(parts, ignore_errors=True)  # left if a run stopped right after the table
         return earlier
     writer = ShardWriter(parts, params, overwrite=True)  # other settings: start over
     plan = [(shard_key("fields", f"{k:07d}"), np.arange(k, min(k + SHARD_FIELDS, len(index))))
