@@ -183,6 +183,16 @@ def test_aggregate_parquet_groups_across_batches_and_files(tmp_path, monkeypatch
                                       atol=1e-6)
     assert got["Metadata_well"].isna().sum() == 1
     assert got["f_nan"].isna().sum() == (got["Metadata_plate"] == "P1").sum() > 0
+    # a long aggregation shows its progress: rows read, both files, every batch counted
+    import tqdm.auto
+
+    from morphoprof.logs import progress
+
+    bars, real = [], tqdm.auto.tqdm
+    monkeypatch.setattr(tqdm.auto, "tqdm", lambda *a, **k: bars.append(real(*a, **k)) or bars[-1])
+    with progress(True):
+        agg.aggregate_parquet([tmp_path / "a.parquet", tmp_path / "b.parquet"], WELL, threads=2)
+    assert bars[0].desc == "aggregating" and bars[0].total == bars[0].n == len(df)
 
 
 def test_aggregate_parquet_files_that_differ_and_missing_metadata(tmp_path):

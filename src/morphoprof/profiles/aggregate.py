@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pandas as pd
 from morphoprof.errors import InputError
 from morphoprof.index.schema import BATCH, COMPOUND, CONCENTRATION, MOA, PLATE, WELL
 from morphoprof.io_utils import all_utf8, arrow_file, quote_identifier
+from morphoprof.logs import progress_bar
 from morphoprof.shards import MANIFEST, feature_columns, shard_files
 
 COUNT = "Metadata_count"
@@ -305,6 +307,17 @@ def _parquet_columns(files: list[Path]) -> tuple[list[str], bool]:
     return columns, same
 
 
+def _parquet_rows(files: list[Path]) -> int:
+    """Rows of the files, from their footers (for a progress bar)."""
+    import pyarrow.parquet as pq
+
+    rows = 0
+    for f in files:
+        with arrow_file(f) as src:
+            rows += pq.ParquetFile(src).metadata.num_rows
+    return rows
+
+
 _SUMMARY_ROWS = 100_000
 
 
@@ -413,9 +426,10 @@ class _MetadataSummary:
 
 
 def _file_pass(path: Path, by: list[str], meta: list[str], has_count: bool,
-               feats: list[str]) -> tuple[_MetadataSummary, _GroupSums]:
+               feats: list[str], advance: Callable[[int], object] | None = None
+               ) -> tuple[_MetadataSummary, _GroupSums]:
     """One Parquet file read once, in row batches: its metadata summary and, for ``feats``
-    (may be empty), its feature sums per group."""
+    (may be empty), its feature sums per group; ``advance(rows)`` after each batch."""
     import pyarrow as pa
 
     summary = _MetadataSummary(by, meta, has_count)
@@ -429,6 +443,8 @@ def _file_pass(path: Path, by: list[str], meta: list[str], has_count: bool,
                         if BATCH in meta else [])
             if feats:
                 _add_batch_sums(tally, batch, table, by, feats)
+            if advance is not None:
+                advance(batch.num_rows)
     except (pa.ArrowException, OSError) as exc:
         raise InputError(f"{path}: cannot read its metadata or feature columns ({exc})") from exc
     summary.merge()
@@ -451,14 +467,26 @@ def _group_metadata(files: list[Path], by: list[str], meta: list[str], has_count
     summary = _MetadataSummary(by, meta, has_count)
     total = _GroupSums(len(feats))
     workers = max(1, min(len(files), threads or os.cpu_count() or 1))
+    bar = progress_bar(total=_parquet_rows(files), desc="aggregating", unit="row",
+                       unit_scale=True)
+    lock = threading.Lock()
+
+    def advance(rows: int) -> None:  # from the reader threads
+        with lock:
+            bar.update(rows)
+
     with ThreadPoolExecutor(workers) as pool:
-        for part, tally in pool.map(
-                lambda f: _file_pass(f, by, meta, has_count, feats), files):
-            if part.summary is not None:
-                summary.add([part.summary], [part.batches] if part.batches is not None else [])
-            if feats and tally.keys is not None:
-                n = len(tally.keys)
-                total.add(tally.keys, tally.sums[:n], tally.counts[:n])
+        try:
+            for part, tally in pool.map(
+                    lambda f: _file_pass(f, by, meta, has_count, feats, advance), files):
+                if part.summary is not None:
+                    summary.add([part.summary],
+                                [part.batches] if part.batches is not None else [])
+                if feats and tally.keys is not None:
+                    n = len(tally.keys)
+                    total.add(tally.keys, tally.sums[:n], tally.counts[:n])
+        finally:
+            bar.close()
     summary.merge()
     if summary.summary is None or not len(summary.summary):
         where = (str(files[0]) if len(files) == 1 else
