@@ -46,7 +46,15 @@ def test_cell_tvn_whitens_control_cells_and_is_streamed(tmp_path, monkeypatch):
     cells = correlated_cells()
     folder = write_parts(cells, tmp_path / "cells")
     monkeypatch.setattr(agg, "_ROW_BATCH", 37)  # many small batches per file: truly streamed
-    fitted = fit_cell_sphering(folder, reference="controls", eps=1e-9)
+    import tqdm.auto
+
+    from morphoprof.logs import progress
+
+    bars, real = [], tqdm.auto.tqdm
+    monkeypatch.setattr(tqdm.auto, "tqdm", lambda *a, **k: bars.append(real(*a, **k)) or bars[-1])
+    with progress(True):  # the fit shows the cells it has read
+        fitted = fit_cell_sphering(folder, reference="controls", eps=1e-9)
+    assert bars[0].desc == "cell TVN" and bars[0].total == bars[0].n == len(cells)
     assert fitted.reference == "controls" and fitted.n_cells == 160 and fitted.note == ""
     feats = list(fitted.features)
     assert feats == [f"f{i}" for i in range(6)]

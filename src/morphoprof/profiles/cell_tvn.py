@@ -19,10 +19,12 @@ from pydantic import Field
 from morphoprof.errors import InputError
 from morphoprof.index.schema import COMPOUND, CONTROL, DEFAULT_CONTROLS
 from morphoprof.io_utils import arrow_file
+from morphoprof.logs import progress_bar
 from morphoprof.profiles.aggregate import (
     _ROW_BATCH,
     _column_batches,
     _parquet_columns,
+    _parquet_rows,
     parquet_sources,
 )
 from morphoprof.profiles.normalize import Spherize
@@ -173,15 +175,21 @@ def fit_cell_sphering(
     d = len(feats)
     ctl_m, all_m = _Moments(d), _Moments(d)
     skipped_ctl = skipped_all = 0
-    for x, is_ctl in _batches(files, feats, control_column, compound_column, control_values):
-        ok = np.isfinite(x).all(1)
-        skipped_all += int((~ok).sum())
-        skipped_ctl += int((~ok & is_ctl).sum())
-        if reference == "all":
-            all_m.add(x[ok])
-        else:
-            ctl_m.add(x[ok & is_ctl])
-            all_m.add(x[ok])  # kept in case there are no controls: one pass, not two
+    bar = progress_bar(total=_parquet_rows(files), desc="cell TVN", unit="cell", unit_scale=True)
+    try:
+        for x, is_ctl in _batches(files, feats, control_column, compound_column,
+                                  control_values):
+            bar.update(len(x))
+            ok = np.isfinite(x).all(1)
+            skipped_all += int((~ok).sum())
+            skipped_ctl += int((~ok & is_ctl).sum())
+            if reference == "all":
+                all_m.add(x[ok])
+            else:
+                ctl_m.add(x[ok & is_ctl])
+                all_m.add(x[ok])  # kept in case there are no controls: one pass, not two
+    finally:
+        bar.close()
     note = ""
     moments, skipped = (ctl_m, skipped_ctl) if reference == "controls" else (all_m, skipped_all)
     used = reference
