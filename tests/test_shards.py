@@ -59,6 +59,22 @@ def test_in_process_run_writes_every_shard_in_plan_order_and_resumes(tmp_path, c
 
 
 
+def test_overwrite_clears_what_the_stage_wrote_and_keeps_the_users_files(tmp_path):
+    """--overwrite on a folder made with other parameters removes its shards, manifest and
+    summaries, not the whole folder: an --out pointed at a project folder by mistake keeps
+    the user's files."""
+    writer = ShardWriter(tmp_path, {"v": 1})
+    run_shards(PLAN, _table_shard, writer)
+    writer.finish(run_shards(PLAN, _table_shard, writer), "fail")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "data").mkdir()
+    with pytest.raises(InputError, match=r"was made with other parameters \(v: 1 -> 2\)"):
+        ShardWriter(tmp_path, {"v": 2})
+    again = ShardWriter(tmp_path, {"v": 2}, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "notes.txt", "shards"]
+    assert not again.shards and list((tmp_path / "shards").iterdir()) == []
+
+
 def test_finish_returns_the_typed_summary_it_writes(tmp_path):
     writer = ShardWriter(tmp_path, {"v": 1})
     run = run_shards(PLAN, _table_shard, writer)

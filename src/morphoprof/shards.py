@@ -37,6 +37,8 @@ from morphoprof.logs import progress_bar
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+# the files a sharded stage writes beside shards/ (extract --format adds the AnnData)
+STAGE_FILES = (MANIFEST, "run_summary.json", "features.h5ad", "features.zarr")
 
 
 def shard_key(*parts: object) -> str:
@@ -122,7 +124,7 @@ class ShardWriter:
                         f"({_diff(saved.get('params', {}), self.params)}); use another output "
                         "folder or --overwrite"
                     )
-                shutil.rmtree(self.out)
+                self._clear()
             else:
                 # a listed shard counts as done only if its file is there with its checksum
                 # (a file replaced or damaged since is recomputed)
@@ -140,6 +142,18 @@ class ShardWriter:
         # folder at a time: a second run would also remove the first one's)
         for stale in [*self.out.glob(".*.tmp-*"), *(self.out / "shards").glob(".*.tmp-*")]:
             stale.unlink(missing_ok=True)
+
+    def _clear(self) -> None:
+        """Remove what a sharded stage wrote in the folder (:data:`STAGE_FILES`, ``shards/``)
+        and nothing else: ``--overwrite`` on a folder that also holds a user's own files (an
+        ``--out`` given by mistake) keeps them."""
+        shutil.rmtree(self.out / "shards", ignore_errors=True)
+        for name in STAGE_FILES:
+            path = self.out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
 
     def done(self, key: str) -> bool:
         """Whether shard ``key`` was finished by an earlier run."""
