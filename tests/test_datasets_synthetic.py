@@ -121,6 +121,10 @@ def test_reuse_refuse_and_overwrite(tmp_path):
     (tmp_path / "junk" / "x.txt").write_text("x")
     with pytest.raises(InputError, match="not a synthetic screen"):
         generate_screen(tmp_path / "junk", cfg)
+    # --overwrite replaces a screen, never a folder of other files (it would delete them)
+    with pytest.raises(InputError, match="only replaces a synthetic screen"):
+        generate_screen(tmp_path / "junk", cfg, overwrite=True)
+    assert (tmp_path / "junk" / "x.txt").read_text() == "x"
 
 
 def test_a_failed_generation_leaves_the_old_screen_and_no_temporary_folder(tmp_path,

@@ -372,8 +372,9 @@ def generate_screen(
 
 
 def _reusable(out: Path, cfg: SynthConfig, overwrite: bool) -> bool:
-    """Whether ``out`` already holds this screen; a folder holding something else is an error
-    unless ``overwrite``."""
+    """Whether ``out`` already holds this screen; a screen with other parameters is an error
+    unless ``overwrite``, a folder holding anything else is one always (``overwrite`` replaces
+    the whole folder, so it is only for a screen)."""
     marker = out / "synth.json"
     if marker.is_file():
         try:
@@ -387,8 +388,9 @@ def _reusable(out: Path, cfg: SynthConfig, overwrite: bool) -> bool:
                 f"{out} holds a synthetic screen with other parameters; "
                 "pass overwrite=True (--overwrite) or choose another folder"
             )
-    elif out.exists() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"{out} exists and is not a synthetic screen; choose an empty folder")
+    elif out.exists() and any(out.iterdir()):
+        raise InputError(f"{out} exists and is not a synthetic screen; choose an empty folder "
+                         "(--overwrite only replaces a synthetic screen)")
     return False
 
 
