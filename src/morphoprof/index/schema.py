@@ -103,11 +103,17 @@ class ExperimentIndex:
     def __len__(self) -> int:
         return len(self.table)
 
-    def digest(self) -> str:
+    def digest(self, rows: Sequence[int] | None = None, images_only: bool = False) -> str:
         """The image sets' identity: 16 hex digits of a SHA-256 of the table (paths, metadata,
-        row order) and of the root its relative paths start from. A resumable stage keeps it
-        with its settings, so a re-run continues only on the same index."""
-        text = f"{self.root}\n{frame_digest(self.table)}"
+        row order; ``rows``: those positions only) and of the root its relative paths start
+        from. A resumable stage keeps it with its settings, so a re-run continues only on the
+        same index. ``images_only``: only the image files count (``Path_*`` / ``Frame_*``),
+        for outputs that hold no annotation (illumination functions)."""
+        table = self.table if rows is None else self.table.iloc[np.asarray(rows)]
+        if images_only:
+            table = table[[c for c in table.columns
+                           if c.startswith((PATH_PREFIX, FRAME_PREFIX))]]
+        text = f"{self.root}\n{frame_digest(table)}"
         return hashlib.sha256(text.encode(errors="surrogateescape")).hexdigest()[:16]
 
     @property

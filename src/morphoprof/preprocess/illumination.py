@@ -23,7 +23,7 @@ from pydantic import Field
 
 from morphoprof.errors import InputError
 from morphoprof.index.schema import PLATE, ExperimentIndex
-from morphoprof.io_utils import frame_digest, load_array_file, write_json, write_npy
+from morphoprof.io_utils import load_array_file, write_json, write_npy
 from morphoprof.logs import progress_bar
 from morphoprof.settings import Settings
 from morphoprof.shards import shard_key
@@ -230,11 +230,11 @@ def compute_illumination(
 ) -> IlluminationCorrection:
     """Compute (or reuse) the illumination function of every plate of ``index``.
 
-    Plates whose function already exists with the same parameters, made from the same image
-    sets (a digest of the plate's rows of the index is kept in ``illumination.json``), are
-    skipped; the others are computed in parallel (``n_jobs`` threads, via joblib: reading and
-    averaging release the GIL, and threads start at once where worker processes would import
-    the libraries again), written atomically and recorded one by one, so a stopped run
+    Plates whose function already exists with the same parameters, made from the same images
+    (a digest of the plate's image files is kept in ``illumination.json``; annotations do not
+    count), are skipped; the others are computed in parallel (``n_jobs`` threads, via joblib:
+    reading and averaging release the GIL, and threads start at once where worker processes
+    would import the libraries again), written atomically and recorded one by one, so a stopped run
     resumes after the plates it finished. With ``on_error="skip"`` unreadable image sets are
     left out of their plate's mean; the returned object's ``skipped`` lists those of every
     plate of ``index`` (also in ``illumination_skipped.json``).
@@ -255,7 +255,7 @@ def compute_illumination(
     write_json(meta, {"params": params, "channels": chans, "plates": plates})
     corr = IlluminationCorrection(folder, chans)
     groups = index.table.groupby(PLATE, sort=True).indices
-    images = {p: frame_digest(index.table.iloc[rows])[:16] for p, rows in groups.items()}
+    images = {p: index.digest(rows, images_only=True) for p, rows in groups.items()}
     todo = [(p, rows) for p, rows in groups.items()
             if not corr.path(p).is_file() or plates.get(p, {}).get("images") != images[p]]
 
