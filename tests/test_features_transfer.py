@@ -105,6 +105,27 @@ def test_other_parameters_refused(tmp_path, tiny_screen, extractor):
         extractor.extract(renamed, tmp_path / "f")
 
 
+def test_corrected_annotations_update_the_finished_shards_instead_of_recomputing(
+        tmp_path, tiny_screen, extractor, caplog):
+    """The same images with corrected annotations (a MoA fixed, a plate-map column added):
+    the finished features are kept and their metadata brought up to date, the folder as a
+    clean run on the corrected index would write it."""
+    _, index = tiny_screen
+    first = extractor.extract(index, tmp_path / "f")
+    table = index.table.copy()
+    table["Metadata_moa"] = table["Metadata_moa"].where(table["Metadata_control"], "fixed")
+    table.insert(3, "Metadata_cell_line", "U2OS")
+    fixed = ExperimentIndex(table, index.root)
+    with caplog.at_level("INFO", logger="morphoprof.shards"):
+        again = extractor.extract(fixed, tmp_path / "f")
+    assert again.shards_written == 0 and again.shards_skipped == first.shards_written
+    assert "annotations changed since the last run (Metadata_cell_line)" in caplog.text
+    extractor.extract(fixed, tmp_path / "clean")
+    pd.testing.assert_frame_equal(read_features(tmp_path / "f"),
+                                  read_features(tmp_path / "clean"))
+    assert (read_features(tmp_path / "f")["Metadata_cell_line"] == "U2OS").all()
+
+
 def test_rgb_strategy_and_intermediate_layer(tiny_screen, extractor):
     _, index = tiny_screen
     x = torch.rand(2, 3, 64, 64)

@@ -31,7 +31,13 @@ import pandas as pd
 
 from morphoprof.distributed import dask_client
 from morphoprof.errors import InputError
-from morphoprof.io_utils import file_digest, read_parquet, write_json, write_parquet
+from morphoprof.io_utils import (
+    file_digest,
+    frame_digest,
+    read_parquet,
+    write_json,
+    write_parquet,
+)
 from morphoprof.logs import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -115,6 +121,7 @@ class ShardWriter:
         manifest = self.out / MANIFEST
         self.shards: dict[str, dict] = {}
         self.recomputed: list[str] = []  # finished shards found damaged: computed again
+        self.metadata: dict = {}  # {"digest", "columns"} of the annotations in the shards
         if manifest.is_file():
             saved = json.loads(manifest.read_text())
             if saved.get("params") != self.params:
@@ -137,6 +144,7 @@ class ShardWriter:
                                                "SHA-256 differs from the manifest's)")
                     else:
                         self.shards[k] = v
+                self.metadata = saved.get("metadata", {})
         (self.out / "shards").mkdir(parents=True, exist_ok=True)
         # temporary files of a run that was killed before it could rename them (one run per
         # folder at a time: a second run would also remove the first one's)
@@ -201,8 +209,37 @@ class ShardWriter:
         write_json(self.out / "run_summary.json", summary.to_json())
         return summary
 
+    def refresh_metadata(self, meta: pd.DataFrame, key: Sequence[str]) -> int:
+        """Bring the annotations of the finished shards up to date with ``meta`` (one row per
+        ``key``: the index's ``Metadata_*`` columns) where they changed since the shards were
+        written (a corrected MoA, a plate map joined again), instead of computing the shards
+        again: each shard's annotation columns are replaced by ``meta``'s, joined on ``key``,
+        in ``meta``'s order, before the stage's own columns. Returns the shards rewritten."""
+        key = list(key)
+        now = {"digest": frame_digest(meta)[:16], "columns": [str(c) for c in meta.columns]}
+        stale = [k for k in self.shards if self.metadata and self.metadata != now]
+        for k in stale:
+            path = self.out / self.shards[k]["file"]
+            df = read_parquet(path)
+            own = [c for c in df.columns if c not in self.metadata["columns"] and c not in key]
+            fresh = df[key].merge(meta, on=key, how="left", validate="many_to_one")
+            df = pd.concat([fresh[list(meta.columns)].reset_index(drop=True),
+                            df[own].reset_index(drop=True)], axis=1)
+            self.shards[k] = {**self.shards[k], **{
+                f: v for f, v in write_shard(self.out, k, df).items() if f != "key"}}
+        if stale:
+            changed = sorted(set(now["columns"]) ^ set(self.metadata["columns"])) or [
+                "their values"]
+            logger.info("the index's annotations changed since the last run (%s): %d "
+                        "finished shard(s) updated", ", ".join(changed[:5]), len(stale))
+        self.metadata = now
+        self._save()
+        return len(stale)
+
     def _save(self) -> None:
-        write_json(self.out / MANIFEST, {"params": self.params, "shards": self.shards})
+        write_json(self.out / MANIFEST, {"params": self.params, "shards": self.shards,
+                                         **({"metadata": self.metadata} if self.metadata
+                                            else {})})
 
 
 def write_shard(out: str | Path, key: str, df: pd.DataFrame) -> dict:

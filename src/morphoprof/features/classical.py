@@ -26,7 +26,7 @@ from pydantic import Field
 from morphoprof.errors import InputError
 from morphoprof.extras import require
 from morphoprof.features.transfer import estimate_intensity_range
-from morphoprof.index.schema import PLATE, ExperimentIndex
+from morphoprof.index.schema import IMAGE_SET_KEY, PLATE, ExperimentIndex
 from morphoprof.preprocess.segmentation import (
     CENTER_X,
     CENTER_Y,
@@ -200,13 +200,14 @@ class ClassicalExtractor:
         dna = dna_channel(channels)
         params = {"extractor": "classical", **self.cfg.model_dump(), "channels": channels,
                   "illumination": str(illumination.folder) if illumination else None,
-                  "n_image_sets": len(index), "index": index.digest()}
+                  "n_image_sets": len(index), "index": index.digest(images_only=True)}
         params.pop("n_jobs")
         params.pop("on_error")
         ranges = estimate_intensity_range(index, channels, (0.0, 99.99),
                                           illumination=illumination, on_error=self.cfg.on_error)
         params["intensity_ranges"] = [list(r) for r in ranges]
         writer = ShardWriter(out, params, overwrite=overwrite)
+        writer.refresh_metadata(index.metadata(), IMAGE_SET_KEY)
         job = partial(_process, index, channels=channels, dna=dna, ranges=ranges, cfg=self.cfg,
                       illumination=illumination)
         empty = pd.DataFrame(columns=[c for c in index.table.columns if c.startswith("Metadata_")])

@@ -30,7 +30,7 @@ from pydantic import Field
 from morphoprof.errors import InputError
 from morphoprof.features import onnx_cache
 from morphoprof.features.backbones import DEFAULT_MODEL, Backbone, create_backbone
-from morphoprof.index.schema import PLATE, ExperimentIndex
+from morphoprof.index.schema import IMAGE_SET_KEY, PLATE, ExperimentIndex
 from morphoprof.io_utils import frame_digest
 from morphoprof.preprocess.crops import CropDataset, normalize_crops
 from morphoprof.registry import register_extractor, settings_for
@@ -480,7 +480,7 @@ class TransferExtractor:
             "weights": self.backbone.weights,
             "size": list(self.size),
             "n_image_sets": len(index),
-            "index": index.digest(),
+            "index": index.digest(images_only=True),  # annotations: refreshed below
             "illumination": str(illumination.folder) if illumination is not None else None,
         }
         saved_ranges = _saved_ranges(out, params)
@@ -490,6 +490,7 @@ class TransferExtractor:
         )
         params["intensity_ranges"] = [list(r) for r in ranges]
         writer = ShardWriter(out, params, overwrite=overwrite)
+        writer.refresh_metadata(index.metadata(), IMAGE_SET_KEY)
         t = self.cfg.tiles
         transform = FieldTransform(ranges, (self.size[0] * t, self.size[1] * t))
         plan = plate_shards(index.table[PLATE], self.cfg.min_shard_rows, self.cfg.max_shard_rows)

@@ -103,16 +103,23 @@ class ExperimentIndex:
     def __len__(self) -> int:
         return len(self.table)
 
+    def metadata(self) -> pd.DataFrame:
+        """The table's ``Metadata_*`` columns (names and annotations), one row per image set:
+        what a stage copies beside its output."""
+        return self.table[[c for c in self.table.columns if c.startswith("Metadata_")]]
+
     def digest(self, rows: Sequence[int] | None = None, images_only: bool = False) -> str:
         """The image sets' identity: 16 hex digits of a SHA-256 of the table (paths, metadata,
         row order; ``rows``: those positions only) and of the root its relative paths start
         from. A resumable stage keeps it with its settings, so a re-run continues only on the
-        same index. ``images_only``: only the image files count (``Path_*`` / ``Frame_*``),
-        for outputs that hold no annotation (illumination functions)."""
+        same index. ``images_only``: only the image sets' files and names count (``Path_*``,
+        ``Frame_*``, plate / well / site), not their annotations (compound, MoA...): for
+        outputs without annotations (illumination functions) or whose annotations are
+        refreshed (:meth:`~morphoprof.shards.ShardWriter.refresh_metadata`)."""
         table = self.table if rows is None else self.table.iloc[np.asarray(rows)]
         if images_only:
-            table = table[[c for c in table.columns
-                           if c.startswith((PATH_PREFIX, FRAME_PREFIX))]]
+            table = table[[c for c in table.columns if c in IMAGE_SET_KEY
+                           or c.startswith((PATH_PREFIX, FRAME_PREFIX))]]
         text = f"{self.root}\n{frame_digest(table)}"
         return hashlib.sha256(text.encode(errors="surrogateescape")).hexdigest()[:16]
 
