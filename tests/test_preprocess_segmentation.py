@@ -163,6 +163,7 @@ def test_a_stopped_segmentation_resumes_with_its_warnings(tmp_path, tiny_screen,
         segment_index(sub, out)
     assert not out.exists() and (tmp_path / "cells.parquet.parts").is_dir()
     broken.write_bytes(good)  # the user mends the file and runs again
+    sub = ExperimentIndex(sub.table.assign(Metadata_moa="fixed"), sub.root)  # and a label
 
     seen, chunk_fn = [], segmentation._segment_chunk
     monkeypatch.setattr(segmentation, "_segment_chunk",
@@ -174,11 +175,15 @@ def test_a_stopped_segmentation_resumes_with_its_warnings(tmp_path, tiny_screen,
     assert summary.image_sets_without_cells == 1 and "blank image" in summary.warnings[0]
     assert not (tmp_path / "cells.parquet.parts").exists()
     fresh = segment_index(sub, tmp_path / "fresh.parquet")
+    # the part done before the label was fixed carries the fixed label too
     pd.testing.assert_frame_equal(pd.read_parquet(out), pd.read_parquet(tmp_path / "fresh.parquet"))
     assert summary == fresh
 
-    seen.clear()  # finished with the same index and settings: the table is reused
+    seen.clear()  # finished with the same images and settings: the table is reused
     assert segment_index(sub, out) == summary and seen == []
+    relabelled = ExperimentIndex(sub.table.assign(Metadata_moa="again"), sub.root)
+    assert segment_index(relabelled, out) == summary and seen == []  # labels updated in place
+    assert (pd.read_parquet(out)["Metadata_moa"] == "again").all()
     out.unlink()
     broken.write_bytes(b"II*\x00broken")
     with pytest.raises(InputError):

@@ -26,6 +26,7 @@ from morphoprof.index.schema import IMAGE_SET_KEY, PLATE, SITE, WELL, Experiment
 from morphoprof.io_utils import (
     atomic_path,
     check_writable,
+    frame_digest,
     json_fields,
     parquet_notes,
     read_parquet,
@@ -423,12 +424,10 @@ def segment_index(
     meta_cols = [c for c in index.table.columns if c.startswith("Metadata_")]
     parts = out.with_name(out.name + ".parts")
     params = {"stage": "segment", "channel": channel, "nuclei": cfg.model_dump(),
-              "on_error": on_error, "index": index.digest(),
+              "on_error": on_error, "index": index.digest(images_only=True),
               "illumination": str(illumination.folder) if illumination is not None else None}
-    earlier = _finished(out, params)
+    earlier = _reuse(out, params, index)
     if earlier is not None:
-        logger.info("%s: segmented from the same index with the same settings; reused "
-                    "(delete it to segment again)", out)
         shutil.rmtree(parts, ignore_errors=True)  # left if a run stopped right after the table
         return earlier
     writer = ShardWriter(parts, params, overwrite=True)  # other settings: start over
@@ -441,26 +440,62 @@ def segment_index(
                            "meta_cols": meta_cols, "chunk": chunk, "pool": pool})
     frames = [read_parquet(parts / writer.shards[key]["file"])
               for key, _ in plan if writer.shards[key]["rows"]]
-    cells = pd.concat(frames, ignore_index=True) if frames else _no_cells(meta_cols)
+    # parts of an earlier run carry the annotations the index had then
+    cells = (_with_metadata(pd.concat(frames, ignore_index=True), index.metadata()) if frames
+             else _no_cells(meta_cols))
     notes = [writer.notes(key) for key, _ in plan]
     summary = SegmentationSummary(
         len(index), int(len(cells)), sum(n.get("without_cells", 0) for n in notes), channel,
         cfg, tuple(w for n in notes for w in n.get("warnings", [])), tuple(writer.skipped()))
-    write_parquet(out, cells, notes={_NOTE: json.dumps({"params": params,
-                                                        "summary": summary.to_json()})})
+    _write_cells(out, cells, params, summary, index)
     shutil.rmtree(parts, ignore_errors=True)
     return summary
 
 
-def _finished(out: Path, params: dict) -> SegmentationSummary | None:
-    """The summary of the cell table ``out`` where it was written by :func:`segment_index`
-    with these ``params`` (JSON-normalised), else None."""
+def _write_cells(out: Path, cells: pd.DataFrame, params: dict, summary: SegmentationSummary,
+                 index: ExperimentIndex) -> None:
+    """The cell table, noting the settings, the summary and the annotations' digest."""
+    write_parquet(out, cells, notes={_NOTE: json.dumps({
+        "params": params, "summary": summary.to_json(),
+        "annotations": frame_digest(index.metadata())[:16]})})
+
+
+def _with_metadata(cells: pd.DataFrame, meta: pd.DataFrame) -> pd.DataFrame:
+    """``cells`` with the index's annotations ``meta`` (its ``Metadata_*`` columns, joined on
+    the image-set key) in place of those it has, first, as a new segmentation writes them."""
+    own = [c for c in cells.columns if c not in meta.columns]
+    fresh = cells[IMAGE_SET_KEY].merge(meta, on=IMAGE_SET_KEY, how="left",
+                                       validate="many_to_one")
+    return pd.concat([fresh[list(meta.columns)].reset_index(drop=True),
+                      cells[own].reset_index(drop=True)], axis=1)
+
+
+def _reuse(out: Path, params: dict, index: ExperimentIndex) -> SegmentationSummary | None:
+    """The summary of ``out`` where :func:`segment_index` wrote it from these images with
+    these ``params``, its annotations first brought up to date with ``index``'s; else None."""
+    earlier = _finished(out, params)
+    if earlier is None:
+        return None
+    summary, annotations = earlier
+    logger.info("%s: segmented from the same images with the same settings; reused "
+                "(delete it to segment again)", out)
+    if annotations != frame_digest(index.metadata())[:16]:  # corrected since: updated
+        _write_cells(out, _with_metadata(read_parquet(out), index.metadata()), params,
+                     summary, index)
+        logger.info("%s: the index's annotations changed since; updated", out)
+    return summary
+
+
+def _finished(out: Path, params: dict) -> tuple[SegmentationSummary, str | None] | None:
+    """The summary of the cell table ``out`` and the digest of the annotations it holds,
+    where it was written by :func:`segment_index` with these ``params`` (JSON-normalised),
+    else None."""
     note = parquet_notes(out).get(_NOTE)
     try:
         record = json.loads(note) if note else {}
         if record.get("params") != json.loads(json.dumps(params)):
             return None
-        return SegmentationSummary.from_json(record["summary"])
+        return SegmentationSummary.from_json(record["summary"]), record.get("annotations")
     except (ValueError, KeyError, TypeError):  # a note of another version: segment again
         return None
 
