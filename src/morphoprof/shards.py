@@ -215,16 +215,13 @@ class ShardWriter:
         written (a corrected MoA, a plate map joined again), instead of computing the shards
         again: each shard's annotation columns are replaced by ``meta``'s, joined on ``key``,
         in ``meta``'s order, before the stage's own columns. Returns the shards rewritten."""
-        key = list(key)
         now = {"digest": frame_digest(meta)[:16], "columns": [str(c) for c in meta.columns]}
-        stale = [k for k in self.shards if self.metadata and self.metadata != now]
+        if self.metadata == now:
+            return 0
+        stale = list(self.shards) if self.metadata else []  # none recorded: a new folder
         for k in stale:
-            path = self.out / self.shards[k]["file"]
-            df = read_parquet(path)
-            own = [c for c in df.columns if c not in self.metadata["columns"] and c not in key]
-            fresh = df[key].merge(meta, on=key, how="left", validate="many_to_one")
-            df = pd.concat([fresh[list(meta.columns)].reset_index(drop=True),
-                            df[own].reset_index(drop=True)], axis=1)
+            df = with_metadata(read_parquet(self.out / self.shards[k]["file"]), meta, key,
+                               drop=self.metadata["columns"])
             self.shards[k] = {**self.shards[k], **{
                 f: v for f, v in write_shard(self.out, k, df).items() if f != "key"}}
         if stale:
@@ -240,6 +237,19 @@ class ShardWriter:
         write_json(self.out / MANIFEST, {"params": self.params, "shards": self.shards,
                                          **({"metadata": self.metadata} if self.metadata
                                             else {})})
+
+
+def with_metadata(df: pd.DataFrame, meta: pd.DataFrame, key: Sequence[str],
+                  drop: Sequence[str] = ()) -> pd.DataFrame:
+    """``df`` with the annotations ``meta`` (one row per ``key``, e.g. an index's
+    ``Metadata_*`` columns) joined on ``key`` in place of its own copies of them and of the
+    columns ``drop`` (annotations no longer in ``meta``): ``meta``'s columns first, in its
+    order, then ``df``'s others, as a stage writing ``df`` from ``meta`` lays them out."""
+    key = list(key)
+    own = [c for c in df.columns if c not in meta.columns and c not in drop and c not in key]
+    fresh = df[key].merge(meta, on=key, how="left", validate="many_to_one")
+    return pd.concat([fresh[list(meta.columns)].reset_index(drop=True),
+                      df[own].reset_index(drop=True)], axis=1)
 
 
 def write_shard(out: str | Path, key: str, df: pd.DataFrame) -> dict:

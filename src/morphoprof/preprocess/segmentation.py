@@ -33,7 +33,7 @@ from morphoprof.io_utils import (
     write_parquet,
 )
 from morphoprof.settings import Settings, check_on_error
-from morphoprof.shards import ShardWriter, run_shards, shard_key
+from morphoprof.shards import ShardWriter, run_shards, shard_key, with_metadata
 
 CENTER_X = "Nuclei_Location_Center_X"
 CENTER_Y = "Nuclei_Location_Center_Y"
@@ -441,8 +441,8 @@ def segment_index(
     frames = [read_parquet(parts / writer.shards[key]["file"])
               for key, _ in plan if writer.shards[key]["rows"]]
     # parts of an earlier run carry the annotations the index had then
-    cells = (_with_metadata(pd.concat(frames, ignore_index=True), index.metadata()) if frames
-             else _no_cells(meta_cols))
+    cells = (with_metadata(pd.concat(frames, ignore_index=True), index.metadata(),
+                           IMAGE_SET_KEY) if frames else _no_cells(meta_cols))
     notes = [writer.notes(key) for key, _ in plan]
     summary = SegmentationSummary(
         len(index), int(len(cells)), sum(n.get("without_cells", 0) for n in notes), channel,
@@ -460,16 +460,6 @@ def _write_cells(out: Path, cells: pd.DataFrame, params: dict, summary: Segmenta
         "annotations": frame_digest(index.metadata())[:16]})})
 
 
-def _with_metadata(cells: pd.DataFrame, meta: pd.DataFrame) -> pd.DataFrame:
-    """``cells`` with the index's annotations ``meta`` (its ``Metadata_*`` columns, joined on
-    the image-set key) in place of those it has, first, as a new segmentation writes them."""
-    own = [c for c in cells.columns if c not in meta.columns]
-    fresh = cells[IMAGE_SET_KEY].merge(meta, on=IMAGE_SET_KEY, how="left",
-                                       validate="many_to_one")
-    return pd.concat([fresh[list(meta.columns)].reset_index(drop=True),
-                      cells[own].reset_index(drop=True)], axis=1)
-
-
 def _reuse(out: Path, params: dict, index: ExperimentIndex) -> SegmentationSummary | None:
     """The summary of ``out`` where :func:`segment_index` wrote it from these images with
     these ``params``, its annotations first brought up to date with ``index``'s; else None."""
@@ -480,8 +470,8 @@ def _reuse(out: Path, params: dict, index: ExperimentIndex) -> SegmentationSumma
     logger.info("%s: segmented from the same images with the same settings; reused "
                 "(delete it to segment again)", out)
     if annotations != frame_digest(index.metadata())[:16]:  # corrected since: updated
-        _write_cells(out, _with_metadata(read_parquet(out), index.metadata()), params,
-                     summary, index)
+        _write_cells(out, with_metadata(read_parquet(out), index.metadata(), IMAGE_SET_KEY),
+                     params, summary, index)
         logger.info("%s: the index's annotations changed since; updated", out)
     return summary
 
