@@ -282,40 +282,32 @@ def _add_batch_sums(tally: _GroupSums, batch, table, by: list[str], feats: list[
     tally.counts[local] += counts.T
 
 
-def _parquet_columns(files: list[Path]) -> tuple[list[str], bool]:
-    """Union of the files' column names (first-seen order) from their footers only, and whether
-    every file has the same columns. Raises InputError naming an unreadable file."""
+def _parquet_columns(files: list[Path]) -> tuple[list[str], bool, int]:
+    """Union of the files' column names (first-seen order) from their footers only, whether
+    every file has the same columns, and their rows (for a progress bar). Raises InputError
+    naming an unreadable file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     columns: list[str] = []
     seen: set[str] = set()
     first: set[str] | None = None
-    same = True
+    same, rows = True, 0
     for f in files:
         try:
             with arrow_file(f) as src:
-                names = pq.read_schema(src).names
+                footer = pq.ParquetFile(src).metadata
+            names = footer.schema.to_arrow_schema().names
         except (pa.ArrowException, OSError) as exc:
             raise InputError(f"{f}: not a readable Parquet file ({exc})") from exc
+        rows += footer.num_rows
         same = same and (first is None or set(names) == first)
         first = set(names) if first is None else first
         for n in names:
             if n not in seen:
                 seen.add(n)
                 columns.append(n)
-    return columns, same
-
-
-def _parquet_rows(files: list[Path]) -> int:
-    """Rows of the files, from their footers (for a progress bar)."""
-    import pyarrow.parquet as pq
-
-    rows = 0
-    for f in files:
-        with arrow_file(f) as src:
-            rows += pq.ParquetFile(src).metadata.num_rows
-    return rows
+    return columns, same, rows
 
 
 _SUMMARY_ROWS = 100_000
@@ -452,13 +444,15 @@ def _file_pass(path: Path, by: list[str], meta: list[str], has_count: bool,
 
 
 def _group_metadata(files: list[Path], by: list[str], meta: list[str], has_count: bool,
-                    feats: Sequence[str] = (),
-                    threads: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+                    feats: Sequence[str] = (), threads: int | None = None,
+                    rows: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """One row per group (sorted by ``by``, missing keys last): ``Metadata_count`` (rows
     counted, or their counts summed), ``__rows``, and per metadata column ``k`` its
     ``__min{k}``, ``__max{k}`` and non-null ``__n{k}``; ``__batches`` (sorted, ``;``-joined)
     when ``Metadata_batch`` is in ``meta``. With ``feats``, also the groups' means of those
     columns (NaN skipped; one row per group in the same order), from the same single read.
+
+    ``rows``: the files' rows, the total of the progress bar.
 
     Files are read in parallel threads (``threads``, default all cores), each in row batches
     of only the columns needed; the per-file summaries are merged as they come, so memory is
@@ -467,13 +461,12 @@ def _group_metadata(files: list[Path], by: list[str], meta: list[str], has_count
     summary = _MetadataSummary(by, meta, has_count)
     total = _GroupSums(len(feats))
     workers = max(1, min(len(files), threads or os.cpu_count() or 1))
-    bar = progress_bar(total=_parquet_rows(files), desc="aggregating", unit="row",
-                       unit_scale=True)
+    bar = progress_bar(total=rows, desc="aggregating", unit="row", unit_scale=True)
     lock = threading.Lock()
 
-    def advance(rows: int) -> None:  # from the reader threads
+    def advance(n: int) -> None:  # from the reader threads
         with lock:
-            bar.update(rows)
+            bar.update(n)
 
     with ThreadPoolExecutor(workers) as pool:
         try:
@@ -621,7 +614,7 @@ def aggregate_parquet(
                                      threads, memory_limit)
     by = list(by)
     files = parquet_sources(source)
-    columns, same_columns = _parquet_columns(files)
+    columns, same_columns, rows = _parquet_columns(files)
     missing = [c for c in by if c not in columns]
     if missing:
         raise InputError(f"cannot aggregate by {missing}: not in the columns of {files[0]}")
@@ -634,7 +627,7 @@ def aggregate_parquet(
     # one read of the files gives the groups, their metadata and (for a mean) the sums;
     # raises on a table with no rows
     res, values = _group_metadata(files, by, meta, COUNT in columns,
-                                  feats if how == "mean" else (), threads)
+                                  feats if how == "mean" else (), threads, rows)
     if how == "mean" and sphering is not None:
         sph = list(sphering.features)
         lacking = [f for f in sph if f not in feats]

@@ -24,7 +24,6 @@ from morphoprof.profiles.aggregate import (
     _ROW_BATCH,
     _column_batches,
     _parquet_columns,
-    _parquet_rows,
     parquet_sources,
 )
 from morphoprof.profiles.normalize import Spherize
@@ -167,7 +166,7 @@ def fit_cell_sphering(
     if reference not in REFERENCES:
         raise InputError(f"cell TVN reference must be one of {REFERENCES}, got {reference!r}")
     files = parquet_sources(source)
-    columns, _ = _parquet_columns(files)
+    columns, _, rows = _parquet_columns(files)
     feats = list(features) if features is not None else [
         c for c in columns if not c.startswith(("Metadata_", "__index_level_"))]
     if not feats:
@@ -175,7 +174,7 @@ def fit_cell_sphering(
     d = len(feats)
     ctl_m, all_m = _Moments(d), _Moments(d)
     skipped_ctl = skipped_all = 0
-    bar = progress_bar(total=_parquet_rows(files), desc="cell TVN", unit="cell", unit_scale=True)
+    bar = progress_bar(total=rows, desc="cell TVN", unit="cell", unit_scale=True)
     try:
         for x, is_ctl in _batches(files, feats, control_column, compound_column,
                                   control_values):
