@@ -252,7 +252,11 @@ def compute_illumination(
         saved = {}
     plates = dict(saved.get("plates", {}))  # plate -> {"images": digest, "skipped": [...]}
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(meta, {"params": params, "channels": chans, "plates": plates})
+
+    def record() -> None:
+        write_json(meta, {"params": params, "channels": chans, "plates": plates})
+
+    record()
     corr = IlluminationCorrection(folder, chans)
     groups = index.table.groupby(PLATE, sort=True).indices
     images = {p: index.digest(rows, images_only=True) for p, rows in groups.items()}
@@ -269,7 +273,7 @@ def compute_illumination(
     bar = progress_bar(total=len(todo), desc="illumination functions", unit="plate")
     for plate, skipped in Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator")(jobs):
         plates[plate] = {"images": images[plate], "skipped": skipped}
-        write_json(meta, {"params": params, "channels": chans, "plates": plates})
+        record()
         bar.update(1)
     bar.close()
     corr.skipped = [s for p in groups for s in plates[p]["skipped"]]
