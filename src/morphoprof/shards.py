@@ -128,8 +128,8 @@ class ShardWriter:
                 if not overwrite:
                     raise InputError(
                         f"{self.out} was made with other parameters "
-                        f"({_diff(saved.get('params', {}), self.params)}); use another output "
-                        "folder or --overwrite"
+                        f"({describe_changes(saved.get('params', {}), self.params)}); use "
+                        "another output folder or --overwrite"
                     )
                 self._clear()
             else:
@@ -261,9 +261,12 @@ def write_shard(out: str | Path, key: str, df: pd.DataFrame) -> dict:
     return {"key": key, "file": rel, "rows": int(len(df)), "sha256": digest}
 
 
-def _diff(a: dict, b: dict) -> str:
+def describe_changes(a: dict, b: dict) -> str:
+    """The keys whose values differ from ``a`` to ``b``, for a refusal: ``k: old -> new``,
+    sorted, the first 5 (``, ...`` after them when there are more); ``?`` when none."""
     keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:5]) or "?"
+    text = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys[:5]) or "?"
+    return text + (", ..." if len(keys) > 5 else "")
 
 
 def shard_files(folder: str | Path) -> list[Path]:

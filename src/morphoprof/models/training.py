@@ -25,6 +25,7 @@ from morphoprof.logs import progress_enabled
 from morphoprof.models.data import EpochSampler
 from morphoprof.models.mil import mil_loss
 from morphoprof.models.settings import TrainSection
+from morphoprof.shards import describe_changes
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +69,8 @@ def check_training_folder(folder: str | Path, settings: dict, overwrite: bool = 
             saved = counted(json.loads(record.read_text()))
         except (OSError, ValueError, AttributeError) as exc:
             raise InputError(f"cannot read {record}: {exc}") from exc
-        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if changed:
-            problem = "holds a training with other settings (" + ", ".join(
-                f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5]) + (
-                ", ...)" if len(changed) > 5 else ")")
+        if saved != now:
+            problem = f"holds a training with other settings ({describe_changes(saved, now)})"
     elif work:
         problem = f"holds a training without a record of its settings ({SETTINGS_FILE})"
     if problem and not overwrite:
