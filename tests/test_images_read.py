@@ -4,7 +4,7 @@ import tifffile
 from PIL import Image
 
 from morphoprof.errors import ImageReadError, InputError
-from morphoprof.images.read import image_shape, read_plane, read_stack
+from morphoprof.images.read import image_shape, read_plane, read_planes, read_stack
 
 
 def test_tiff_uint16_read_as_float32_in_file_units(tmp_path):
@@ -59,3 +59,23 @@ def test_stack_with_mismatched_shapes_names_files(tmp_path):
     tifffile.imwrite(tmp_path / "actin.tif", np.zeros((10, 12), np.uint16))
     with pytest.raises(InputError, match="actin.tif"):
         read_stack([tmp_path / "dna.tif", tmp_path / "actin.tif"], channel_names=["DNA", "Actin"])
+
+
+def test_read_planes_keeps_the_files_pixel_types_and_refuses_nan_in_float_files(tmp_path):
+    dna = (np.arange(12 * 10, dtype=np.uint16).reshape(12, 10) * 431) % 65535
+    actin = np.linspace(0, 1, 120, dtype=np.float32).reshape(12, 10)
+    tifffile.imwrite(tmp_path / "dna.tif", dna)
+    tifffile.imwrite(tmp_path / "actin.tif", actin)
+    paths = [tmp_path / "dna.tif", tmp_path / "actin.tif"]
+    planes = read_planes(paths, channel_names=["DNA", "Actin"])
+    assert [p.dtype for p in planes] == [np.uint16, np.float32]
+    np.testing.assert_array_equal(planes[0], dna)
+    stack = read_stack(paths, channel_names=["DNA", "Actin"])  # the same pixels, as float32
+    assert stack.dtype == np.float32
+    np.testing.assert_array_equal(stack, np.stack([dna.astype(np.float32), actin]))
+    actin[3, 4] = np.inf
+    tifffile.imwrite(tmp_path / "actin.tif", actin)
+    for read in (read_planes, read_stack):
+        with pytest.raises(InputError, match=r"NaN or infinite pixels in channel\(s\) \['Actin'\] "
+                                             f"\\({tmp_path / 'actin.tif'}\\)"):
+            read(paths, channel_names=["DNA", "Actin"])

@@ -119,3 +119,24 @@ def test_mean_image_folds_float32_partial_sums_exactly_enough(monkeypatch, uneve
     got = mean_image(index, rows, index.channels)
     assert got.dtype == np.float64 and got.shape == exact.shape
     np.testing.assert_allclose(got, exact, rtol=1e-6)
+
+
+def test_mean_image_of_uint16_files_and_apply_into_float32_match_the_float32_path(
+        tmp_path, uneven_screen):
+    """mean_image adds the files' uint16 planes without a float32 copy, and apply divides a
+    uint16 image into a float32 ``out`` in one pass: the same numbers as converting first."""
+    _, index = uneven_screen
+    rows = np.arange(10)
+    assert tifffile.imread(index.paths(0)[0]).dtype == np.uint16
+    stacks = [index.read(int(i)) for i in rows]  # float32 stacks
+    want = np.zeros(stacks[0].shape, np.float32)
+    for s in stacks:
+        want += s
+    np.testing.assert_array_equal(mean_image(index, rows, index.channels),
+                                  want.astype(np.float64) / len(rows))
+    corr = compute_illumination(index, tmp_path / "illum", window=32)
+    plate = index.table["Metadata_plate"].iat[0]
+    raw = np.stack([tifffile.imread(p) for p in index.paths(0)])
+    out = np.empty(raw.shape, np.float32)
+    corr.apply(raw, plate, out=out)
+    np.testing.assert_array_equal(out, corr.apply(raw.astype(np.float32), plate))

@@ -16,13 +16,17 @@ from morphoprof.preprocess.segmentation import (
     export_deepprofiler_locations,
     image_quality,
     import_deepprofiler_locations,
+    keep_objects,
     local_maxima,
     nuclei_table,
     object_table,
     segment_index,
     segment_nuclei,
 )
-from tests.conftest import shared
+from tests.conftest import SHARED_DATA, shared
+
+SHARED_RAW = (SHARED_DATA / "bbbc021" / "raw"
+              / "Week1_150607_C02_s3_w1E54F0108-F44A-4F6E-9637-6A9DE80F0823.tif")
 
 
 def detection_f1(pred: np.ndarray, truth: np.ndarray, radius: float = 5.0) -> float:
@@ -311,3 +315,44 @@ def test_local_maxima_are_skimage_peak_local_max_in_its_order():
                                   exclude_border=False)
             got = local_maxima(image, md, threshold=1.0)
             assert np.array_equal(got, want), (k, md, len(got), len(want))
+
+
+@pytest.mark.parametrize("clear", [False, True])
+def test_keep_objects_is_skimage_clear_border_size_filter_and_renumbering(clear):
+    """One look-up table does what clear_border, the area filter and the renumbering did, on
+    the watershed labels of the real DAPI field (and of a synthetic one, where it is absent)."""
+    from scipy import ndimage as ndi
+    from skimage.segmentation import clear_border, watershed
+
+    raw = SHARED_RAW if SHARED_RAW.is_file() else None
+    if raw is not None:
+        img = tifffile.imread(raw).astype(np.float32)
+    else:
+        img = np.zeros((300, 300), np.float32)
+        yy, xx = np.mgrid[:300, :300]
+        for k, (y, x) in enumerate(np.random.default_rng(0).integers(0, 300, (60, 2))):
+            img += 100.0 * (((yy - y) ** 2 + (xx - x) ** 2) < (4 + k % 9) ** 2)
+    mask = img > np.percentile(img, 80)
+    dist = ndi.distance_transform_edt(mask)
+    markers, _ = ndi.label(dist > 0.6 * ndi.maximum_filter(dist, 9))
+    labels = watershed(-dist, markers, mask=mask)
+    want = clear_border(labels) if clear else labels.copy()
+    areas = np.bincount(want.ravel())
+    bad = (areas < 30) | (areas > 2000)
+    bad[0] = False
+    want[bad[want]] = 0
+    _, want = np.unique(want, return_inverse=True)  # renumbered 1..N in label order
+    got = keep_objects(labels, 30, 2000, clear_border=clear)
+    assert got.dtype == np.int32 and got.max() > 10
+    if clear:  # some objects touched the edge and are gone
+        assert got.max() < keep_objects(labels, 30, 2000).max()
+    np.testing.assert_array_equal(got, want.reshape(labels.shape))
+
+
+def test_image_quality_reads_the_files_own_pixels():
+    plane = np.full((20, 20), 4095, np.uint16)
+    plane[:10] = 7
+    assert image_quality(plane, "a.tif") == image_quality(plane.astype(np.float32), "a.tif") \
+        == ["a.tif: 50% of pixels saturated at 4095"]
+    assert image_quality(np.zeros((8, 8), np.uint8), "z.tif") == [
+        "z.tif: blank image (constant value 0); no nuclei"]

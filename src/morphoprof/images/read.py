@@ -150,12 +150,13 @@ def image_shape(path: str | Path, frame: int | None = None) -> tuple[int, int]:
     raise ImageReadError(path, f"expected a 2-D or 3-D image, got shape {shape}")
 
 
-def read_stack(
+def read_planes(
     paths: Sequence[str | Path],
     frames: Sequence[int | None] | None = None,
     channel_names: Sequence[str] | None = None,
-) -> np.ndarray:
-    """Read several channels into one ``(C, H, W)`` float32 stack.
+) -> list[np.ndarray]:
+    """Read several channels as ``(H, W)`` planes in their files' own pixel types (a uint16
+    TIFF stays uint16: summing or thresholding them needs no float32 copy).
 
     Args:
         paths: one file per channel (the same file may appear several times with different frames).
@@ -163,7 +164,9 @@ def read_stack(
         channel_names: used in error messages only.
 
     Raises:
-        InputError: naming the files, when the channels' shapes differ.
+        InputError: naming the files, when the channels' shapes differ, or when a floating-point
+            plane holds NaN or infinite pixels (integer pixels are always finite, so only
+            floating-point files are scanned).
     """
     frames = list(frames) if frames is not None else [None] * len(paths)
     names = list(channel_names) if channel_names is not None else list(map(str, range(len(paths))))
@@ -190,7 +193,26 @@ def read_stack(
             f"{n}={pl.shape} ({p})" for n, pl, p in zip(names, planes, paths, strict=True)
         )
         raise InputError(f"channels of one image set have different shapes: {desc}")
-    # each plane converted straight into the stack: one float32 copy, not two
+    bad = [(n, str(p)) for n, pl, p in zip(names, planes, paths, strict=True)
+           if pl.dtype.kind == "f" and not np.isfinite(pl).all()]
+    if bad:
+        raise InputError(f"NaN or infinite pixels in channel(s) {[n for n, _ in bad]} "
+                         f"({', '.join(sorted({f for _, f in bad}))})")
+    return planes
+
+
+def read_stack(
+    paths: Sequence[str | Path],
+    frames: Sequence[int | None] | None = None,
+    channel_names: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Read several channels into one ``(C, H, W)`` float32 stack: :func:`read_planes`,
+    each plane converted straight into the stack (one float32 copy, not two).
+
+    Raises:
+        InputError: as :func:`read_planes`.
+    """
+    planes = read_planes(paths, frames, channel_names)
     stack = np.empty((len(planes), *planes[0].shape) if planes else (0,), np.float32)
     for k, plane in enumerate(planes):
         stack[k] = plane
@@ -246,15 +268,17 @@ def read_image_set(index, i: int, channels: Sequence[str] | None = None,
     raise :class:`InputError` naming the row (its source-table line where known) and file."""
     chans = list(channels or index.channels)
     try:
-        image = index.read(i, chans, illumination)
+        return index.read(i, chans, illumination)
     except InputError as exc:
         raise InputError(f"{index.describe(i)}: {exc}") from exc
-    finite = np.isfinite(image)
-    if not finite.all():
-        bad = [c for c, ok in zip(chans, finite.reshape(len(finite), -1).all(1), strict=True)
-               if not ok]
-        files = sorted({str(p) for c, p in zip(chans, index.paths(i, chans), strict=True)
-                        if c in bad})
-        raise InputError(f"{index.describe(i)}: NaN or infinite pixels in channel(s) {bad} "
-                         f"({', '.join(files)})")
-    return image
+
+
+def read_image_planes(index, i: int, channels: Sequence[str] | None = None) -> list[np.ndarray]:
+    """Image set ``i`` as one ``(H, W)`` plane per channel in the files' own pixel types (see
+    :func:`read_planes`), checked and named as :func:`read_image_set` does; no illumination
+    correction."""
+    chans = list(channels or index.channels)
+    try:
+        return read_planes(index.paths(i, chans), index.frames(i, chans), chans)
+    except InputError as exc:
+        raise InputError(f"{index.describe(i)}: {exc}") from exc

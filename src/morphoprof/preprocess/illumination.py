@@ -22,10 +22,11 @@ import numpy as np
 from pydantic import Field
 
 from morphoprof.errors import InputError
+from morphoprof.images.read import read_image_planes
 from morphoprof.index.schema import PLATE, ExperimentIndex
 from morphoprof.io_utils import load_array_file, write_json, write_npy
 from morphoprof.logs import progress_bar
-from morphoprof.settings import Settings
+from morphoprof.settings import Settings, check_on_error
 from morphoprof.shards import shard_key
 
 DEFAULT_WINDOW = 500  # px; Singh 2014 used windows of this order for 1280x1024 fields
@@ -111,36 +112,45 @@ def upsample_linear(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def mean_image(index: ExperimentIndex, rows: Sequence[int], channels: Sequence[str],
                on_error: str = "fail", skipped: list | None = None) -> np.ndarray:
-    """Streaming mean ``(C, H, W)`` float64 of the image sets ``rows`` (one image in memory).
+    """Streaming mean ``(C, H, W)`` float64 of the image sets ``rows`` (one image in memory,
+    in its files' own pixel type: a uint16 plane is added without a float32 copy).
 
     An unreadable image set, or one with NaN / inf pixels, raises (naming its row and file), or
     with ``on_error="skip"`` is left out of the mean and appended to ``skipped`` as
     ``{"row", "reason"}``."""
-    from morphoprof.preprocess.fields import ImageSetDataset
-
-    data = ImageSetDataset(index, channels, rows, None, None, on_error)
-    left_out: list[dict] = []
+    check_on_error(on_error)
+    unknown = [c for c in channels if c not in index.channels]
+    if unknown:
+        raise InputError(f"illumination: unknown channel(s) {unknown}; the index has "
+                         f"{index.channels}")
     total, part, n = None, None, 0
-    for i, img in data.arrays(left_out):
+    for i in rows:
+        try:
+            planes = read_image_planes(index, int(i), channels)
+        except InputError as exc:
+            if on_error != "skip":
+                raise
+            if skipped is not None:
+                skipped.append({"row": int(i), "reason": f"illumination: {exc}"})
+            continue
+        shape = (len(planes), *planes[0].shape)
         if total is None:
-            total, part = np.zeros(img.shape, np.float64), np.zeros(img.shape, np.float32)
-        elif img.shape != total.shape:
+            total, part = np.zeros(shape, np.float64), np.zeros(shape, np.float32)
+        elif shape != total.shape:
             raise InputError(
-                f"illumination: {index.paths(i)[0]} has shape {img.shape[1:]}, the plate's "
+                f"illumination: {index.paths(int(i))[0]} has shape {shape[1:]}, the plate's "
                 f"other images {total.shape[1:]}"
             )
         # float32 partial sums of _PARTIAL images (rounding <= _PARTIAL x 6e-8 of the sum),
         # folded into float64: 3x less memory traffic per image than a float64 sum
-        part += img
+        for acc, plane in zip(part, planes, strict=True):
+            acc += plane
         n += 1
         if n % _PARTIAL == 0:
             total += part
             part[:] = 0
     if part is not None:
         total += part
-    if skipped is not None:
-        skipped.extend({"row": s["row"], "reason": f"illumination: {s['reason']}"}
-                       for s in left_out)
     if total is None:
         raise InputError("illumination: no images to average")
     return total / n
@@ -200,7 +210,9 @@ class IlluminationCorrection:
     def apply(self, image: np.ndarray, plate: str, channels: Sequence[str] | None = None,
               out: np.ndarray | None = None) -> np.ndarray:
         """Divide a ``(C, H, W)`` image of ``plate`` by its illumination function (into ``out``,
-        e.g. ``image`` itself, where given; else into a new array)."""
+        e.g. ``image`` itself, where given; else into a new array). With ``out``, the division
+        is done in ``out``'s type: a uint16 image into a float32 ``out`` gives the numbers of
+        converting it to float32 first, in one pass."""
         f = self.function(plate)
         if channels is not None and list(channels) != self.channels:
             f = f[[self.channels.index(c) for c in channels]]
@@ -208,7 +220,7 @@ class IlluminationCorrection:
             raise InputError(
                 f"illumination function of plate {plate!r} has shape {f.shape}, image {image.shape}"
             )
-        return np.divide(image, f, out=out)
+        return np.divide(image, f, out=out, dtype=None if out is None else out.dtype)
 
     @classmethod
     def load(cls, folder: str | Path) -> IlluminationCorrection:

@@ -10,6 +10,7 @@ Maximum}_{X,Y}`` (half-open, px). DeepProfiler's location CSVs are read and writ
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -22,6 +23,7 @@ import pandas as pd
 from pydantic import Field
 
 from morphoprof.errors import InputError, MorphoprofError
+from morphoprof.images.read import read_planes
 from morphoprof.index.schema import IMAGE_SET_KEY, PLATE, SITE, WELL, ExperimentIndex
 from morphoprof.io_utils import (
     atomic_path,
@@ -86,14 +88,14 @@ def image_quality(plane: np.ndarray, path: object = "") -> list[str]:
     NaN / infinite pixels raise InputError naming ``path``; a blank (constant) image or one mostly
     saturated is reported as a warning string.
     """
-    if not np.isfinite(plane).all():
+    if plane.dtype.kind == "f" and not np.isfinite(plane).all():  # integers always are
         raise InputError(f"{path}: image holds NaN or infinite pixels")
     warnings = []
     lo, hi = float(plane.min()), float(plane.max())
     if hi - lo <= 0:
         warnings.append(f"{path}: blank image (constant value {lo:g}); no nuclei")
-    elif np.mean(plane >= hi) > 0.25 and hi > 0:
-        warnings.append(f"{path}: {100 * np.mean(plane >= hi):.0f}% of pixels saturated at {hi:g}")
+    elif hi > 0 and (saturated := np.count_nonzero(plane == hi) / plane.size) > 0.25:
+        warnings.append(f"{path}: {100 * saturated:.0f}% of pixels saturated at {hi:g}")
     return warnings
 
 
@@ -110,7 +112,7 @@ def segment_nuclei(dna: np.ndarray, cfg: NucleiConfig | None = None) -> np.ndarr
     """
     from scipy import ndimage as ndi
     from skimage.filters import threshold_otsu
-    from skimage.segmentation import clear_border, watershed
+    from skimage.segmentation import watershed
 
     cfg = cfg or NucleiConfig()
     img = np.asarray(dna, dtype=np.float32)
@@ -154,13 +156,28 @@ def segment_nuclei(dna: np.ndarray, cfg: NucleiConfig | None = None) -> np.ndarr
     markers = np.zeros(mask.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     labels = watershed(-dist_s, markers, mask=mask)
-    if cfg.clear_border:
-        labels = clear_border(labels)
+    return keep_objects(labels, cfg.min_area, cfg.max_area, cfg.clear_border)
+
+
+def keep_objects(labels: np.ndarray, min_area: int, max_area: int,
+                 clear_border: bool = False) -> np.ndarray:
+    """The objects of a 2-D label image whose area (px) is within ``[min_area, max_area]`` and,
+    with ``clear_border``, that do not touch the image's edge, renumbered 1..N in their order:
+    ``skimage.segmentation.clear_border``, then the area filter, then the renumbering, in one
+    look-up table (each label one connected object, as a watershed gives).
+
+    Returns:
+        ``(H, W)`` int32 labels.
+    """
     areas = np.bincount(labels.ravel())
-    bad = (areas < cfg.min_area) | (areas > cfg.max_area)
-    bad[0] = False
-    labels[bad[labels]] = 0
-    return _relabel(labels)
+    keep = (areas >= min_area) & (areas <= max_area) & (areas > 0)
+    keep[0] = False
+    if clear_border:
+        keep[labels[[0, -1], :]] = False
+        keep[labels[:, [0, -1]]] = False
+    lut = np.zeros(len(areas), np.int32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return lut[labels]
 
 
 def local_maxima(image: np.ndarray, min_distance: int, threshold: float) -> np.ndarray:
@@ -242,15 +259,6 @@ def nuclei_table(dna: np.ndarray, cfg: NucleiConfig | None = None) -> pd.DataFra
                         shape=img.shape)
 
 
-def _relabel(labels: np.ndarray) -> np.ndarray:
-    """Renumber labels to 1..N, keeping their order."""
-    present = np.bincount(labels.ravel()) > 0
-    present[0] = False
-    lut = np.zeros(len(present), np.int32)
-    lut[present] = np.arange(1, int(present.sum()) + 1, dtype=np.int32)
-    return lut[labels]
-
-
 def object_table(labels: np.ndarray, block: int = 1,
                  shape: tuple[int, int] | None = None) -> pd.DataFrame:
     """One row per labelled object: object id, centre x / y, area, bounding box (px).
@@ -280,14 +288,27 @@ def object_table(labels: np.ndarray, block: int = 1,
             rows.append((k + 1, xs.mean() + sl[1].start, ys.mean() + sl[0].start, len(ys),
                          sl[0].start, sl[1].start, sl[0].stop, sl[1].stop))
         arr = np.array(rows, dtype=np.float64).reshape(-1, 8)
-    out = pd.DataFrame({
-        OBJECT: arr[:, 0].astype(np.int64),
-        CENTER_X: arr[:, 1],
-        CENTER_Y: arr[:, 2],
-        AREA: arr[:, 3].astype(np.int64),
-    })
-    for j, col in enumerate(BBOX):
-        out[col] = arr[:, 4 + j].astype(np.int64)
+    columns = {OBJECT: arr[:, 0].astype(np.int64), CENTER_X: arr[:, 1], CENTER_Y: arr[:, 2],
+               AREA: arr[:, 3].astype(np.int64)}
+    columns.update({col: arr[:, 4 + j].astype(np.int64) for j, col in enumerate(BBOX)})
+    return pd.DataFrame(columns)  # built at once: a column at a time costs more than the rest
+
+
+@functools.lru_cache(maxsize=8)
+def _block_weights(hs: int, ws: int, block: int, h: int, w: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For ``(hs, ws)`` labels of ``block`` x ``block`` blocks of an ``(h, w)`` image: each
+    label pixel's full-resolution pixel count, and that count times the mean row / column of
+    its pixels (flat, float64, read-only). The same for every field of a screen: computed once
+    per shape."""
+    starts_y, starts_x = np.arange(hs) * block, np.arange(ws) * block
+    n_y = np.clip(h - starts_y, 0, block)  # full-resolution rows / columns of each block
+    n_x = np.clip(w - starts_x, 0, block)
+    mid_y, mid_x = starts_y + (n_y - 1) / 2, starts_x + (n_x - 1) / 2
+    weight = np.outer(n_y, n_x).astype(np.float64)
+    out = (weight.ravel(), (weight * mid_y[:, None]).ravel(), (weight * mid_x[None, :]).ravel())
+    for a in out:
+        a.flags.writeable = False
     return out
 
 
@@ -298,15 +319,11 @@ def _block_rows(labels: np.ndarray, objects: list, block: int,
     column of blocks), all objects at once by weighted counts (the labels are small)."""
     hs, ws = labels.shape
     h, w = shape if shape is not None else (hs * block, ws * block)
-    starts_y, starts_x = np.arange(hs) * block, np.arange(ws) * block
-    n_y = np.clip(h - starts_y, 0, block)  # full-resolution rows / columns of each block
-    n_x = np.clip(w - starts_x, 0, block)
-    mid_y, mid_x = starts_y + (n_y - 1) / 2, starts_x + (n_x - 1) / 2
-    weight = np.outer(n_y, n_x).astype(np.float64)
+    weight, weight_y, weight_x = _block_weights(hs, ws, block, h, w)
     flat, n = labels.ravel(), len(objects) + 1
-    area = np.bincount(flat, weight.ravel(), n)
-    sum_y = np.bincount(flat, (weight * mid_y[:, None]).ravel(), n)
-    sum_x = np.bincount(flat, (weight * mid_x[None, :]).ravel(), n)
+    area = np.bincount(flat, weight, n)
+    sum_y = np.bincount(flat, weight_y, n)
+    sum_x = np.bincount(flat, weight_x, n)
     ids = np.array([k + 1 for k, sl in enumerate(objects) if sl is not None], np.int64)
     box = np.array([(sl[0].start, sl[1].start, sl[0].stop, sl[1].stop)
                     for sl in objects if sl is not None], np.float64).reshape(-1, 4) * block
@@ -323,11 +340,14 @@ def _segment_chunk(index: ExperimentIndex, rows: Sequence[int], channel: str, cf
     for i in rows:
         path = index.paths(int(i), [channel])[0]
         try:
-            dna = index.read(int(i), [channel])[0]
-            warnings = image_quality(dna, path)
-            if illumination is not None:
+            plane = read_planes([path], index.frames(int(i), [channel]), [channel])[0]
+            warnings = image_quality(plane, path)  # on the file's own pixels (uint16: faster)
+            dna = np.empty(plane.shape, np.float32)
+            if illumination is not None:  # converted and corrected in one pass
                 plate = index.table[PLATE].iloc[int(i)]
-                illumination.apply(dna[None], plate, [channel], out=dna[None])
+                illumination.apply(plane[None], plate, [channel], out=dna[None])
+            else:
+                dna[:] = plane
             out.append((int(i), nuclei_table(dna, cfg), warnings, None))
         except MorphoprofError as exc:
             out.append((int(i), None, [], str(exc)))
