@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from morphoprof.machine import describe_machine
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "bbbc014"
 RESULTS = HERE / "results" / "bbbc014.json"
@@ -176,7 +178,7 @@ def main() -> int:
         "mil": {"epochs": 10, "folds": mil["folds"], "train_seconds": mil["train_seconds"],
                 "trunk": mil["trunk"]},
         "ratio_auc": classical["ratio_auc"], "classical": classical,
-        "hardware": "2 CPU cores",
+        "machine": describe_machine(),
     })
     print(f"wrote {RESULTS}")
     return 0

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from morphoprof.machine import describe_machine
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "bbbc021"
 RESULTS = HERE / "results" / "cellprofiler_bbbc021.json"
@@ -111,7 +113,7 @@ def main() -> int:
     out = {"wells": len(wells), "treatments": int(treated.groupby(
         ["Metadata_compound", "Metadata_concentration"]).ngroups),
         "literature": {"ljosa_2013_factor_analysis": {"nsc": 0.94, "nscb": 0.77}},
-        "runs": results}
+        "runs": results, "machine": describe_machine()}
     RESULTS.parent.mkdir(exist_ok=True)
     tmp = RESULTS.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(out, indent=2))

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from morphoprof.machine import describe_machine
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "bbbc021"
 RESULTS = HERE / "results" / "extract_speed.json"
@@ -191,7 +193,7 @@ def main() -> int:
     if not crops_path.is_file() or not (DATA / "fields_6moa").is_dir():
         print(f"skipped: real data not found under {DATA}")
         return 0
-    out: dict = {"machine": "2 CPU cores", "crop_size": CROP}
+    out: dict = {"machine": describe_machine(), "crop_size": CROP}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         out["resnet18"] = cells_run("resnet18", crops_path, tmp / "r18.parquet")

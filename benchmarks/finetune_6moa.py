@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from morphoprof.machine import describe_machine
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "bbbc021" / "fields_6moa"
 RESULTS = HERE / "results" / "finetune_6moa.json"
@@ -72,7 +74,7 @@ def main() -> int:
         "conformal_mean_set_size": pre["conformal"]["mean_set_size"],
         "transfer_nsc_same_set": nsc,
         "pretrained": pre, "random_init": rnd,
-        "hardware": "2 CPU cores",
+        "machine": describe_machine(),
     }
     write_json(RESULTS, out)
     print(f"wrote {RESULTS}")

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from morphoprof.machine import describe_machine
+
 HERE = Path(__file__).resolve().parent
 DATA = (HERE.parent.parent / "shared" / "data" / "cellprofiler_outputs" / "pycytominer_SQ00014613"
         / "test_SQ00014613.sqlite")
@@ -241,6 +243,7 @@ def main() -> int:
         result["morphoprof"]["stderr"] = ours["stderr"]
     if CSV_DATA.is_dir():
         result["csv"] = csv_section(exe)
+    result["machine"] = describe_machine()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1) + "\n")
     shutil.rmtree(WORK, ignore_errors=True)  # the copies and every import written

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from morphoprof.machine import describe_machine
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "bbbc021" / "fields_6moa"
 RUN = Path(tempfile.gettempdir()) / "morphoprof_bench" / "mil_6moa" / "noisy_and"
@@ -131,7 +133,7 @@ def main() -> int:
                          f"{mask_rule()} (jacobian_iou_vs_otsu: the contrast-sensitive MRF "
                          "mask; _potts: the Potts one); mean IU vs the Otsu foreground of "
                          "the summed stains",
-        "runs": runs, "seconds": time.perf_counter() - t0, "hardware": "2 CPU cores"})
+        "runs": runs, "seconds": time.perf_counter() - t0, "machine": describe_machine()})
     print(f"wrote {RESULTS}")
     return 0
 

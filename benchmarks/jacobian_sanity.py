@@ -53,6 +53,8 @@ from pathlib import Path
 
 import numpy as np
 
+from morphoprof.machine import describe_machine
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "bbbc021"
 RESULTS = HERE / "results" / "jacobian_sanity.json"
@@ -265,6 +267,7 @@ def main() -> int:
             "contrast": done.get("jacobian_iou_vs_otsu"),
             "potts": done.get("jacobian_iou_vs_otsu_potts")}
     result["seconds"] = time.perf_counter() - t0
+    result["machine"] = describe_machine()
     write_json(RESULTS, result)
     print(f"wrote {RESULTS}")
     return 0

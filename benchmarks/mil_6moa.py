@@ -47,6 +47,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from morphoprof.machine import describe_machine
 from morphoprof.models.jacobian import mask_rule
 from morphoprof.models.mil import POOLINGS as MIL_POOLINGS
 
@@ -389,7 +390,7 @@ def main() -> int:
         "time_split": "trunk maps computed once for all poolings (trunk_cache_seconds; "
                       "8 transforms x 660 fields), then head-only training per pooling "
                       "(train_seconds_per_pooling, 3 folds)",
-        "trunks": trunks, "runs": runs, "hardware": "2 CPU cores",
+        "trunks": trunks, "runs": runs, "machine": describe_machine(),
     }
     write_json(RESULTS, out)
     print(f"wrote {RESULTS}")

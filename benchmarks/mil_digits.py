@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from morphoprof.machine import describe_machine
 from morphoprof.models.mil import POOLINGS as MIL_POOLINGS
 
 HERE = Path(__file__).resolve().parent
@@ -147,7 +148,7 @@ def main() -> int:
                    f"FC; lr {LR}",
         "lr": LR,
         "epochs": EPOCHS, "test_error": errors, "train_seconds": seconds,
-        "trunk_cache_seconds": cache_seconds, "runs": runs, "hardware": "2 CPU cores",
+        "trunk_cache_seconds": cache_seconds, "runs": runs, "machine": describe_machine(),
     })
     print(f"wrote {RESULTS}")
     return 0

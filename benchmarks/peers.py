@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from extract_speed import sandwiched  # the network alone around the run, same engine
+from morphoprof.machine import describe_machine
 from scaling import field_cell_counts
 
 HERE = Path(__file__).resolve().parent
@@ -190,7 +191,7 @@ def main() -> int:
                                    ratio(tb.get("fields_images_per_s_channels_last"), 3)]),
                      default=None)
     result = {
-        "machine": f"{os.cpu_count()} CPU cores",
+        "machine": describe_machine(),
         "date": time.strftime("%Y-%m-%d"),
         "deepprofiler_ratio": ratio(b0["cells_per_s"], dp.get("cells_per_s")),
         # DeepProfiler's whole command (start-up included) / morphoprof's crop run (model

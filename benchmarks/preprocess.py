@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from morphoprof.machine import describe_machine
+
 HERE = Path(__file__).resolve().parent
 RAW = (HERE.parent.parent / "shared" / "data" / "bbbc021" / "raw"
        / "Week1_150607_C02_s3_w1E54F0108-F44A-4F6E-9637-6A9DE80F0823.tif")
@@ -233,7 +235,7 @@ def main() -> int:
     import timm  # noqa: F401
     import torch  # noqa: F401
 
-    out: dict = {"machine": "2 CPU cores", "field_shape": [3, 1024, 1280], "crop_size": 96}
+    out: dict = {"machine": describe_machine(), "field_shape": [3, 1024, 1280], "crop_size": 96}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         index = generate_screen(tmp / "screen", cfg)

@@ -297,6 +297,9 @@ def main() -> int:
                  "with the number of cells; pycytominer holds the table in pandas, then float64 "
                  "copies.",
     }
+    from morphoprof.machine import describe_machine  # not at the top: the children measure memory
+
+    result["machine"] = describe_machine()
     RESULTS.parent.mkdir(exist_ok=True)
     tmp = RESULTS.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2))

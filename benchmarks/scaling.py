@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from morphoprof.machine import describe_machine
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "scaling.json"
 REPEATS = 2
@@ -130,7 +132,7 @@ def main() -> int:
     from morphoprof.io_utils import write_json
 
     smoke = "--smoke" in sys.argv
-    result: dict = {"machine": "2 CPU cores (shared)", "stages": {}}
+    result: dict = {"machine": describe_machine(), "stages": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         plan, result["data"] = screens(tmp, smoke)

@@ -18,12 +18,13 @@ ends near the same loss).
 from __future__ import annotations
 
 import copy
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from morphoprof.machine import describe_machine
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "bbbc021" / "fields_6moa"
@@ -55,16 +56,6 @@ def cpu_bf16_units() -> bool:
 
     return any(getattr(torch.cpu, f, lambda: False)() for f in (
         "_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else the platform's word for it."""
-    info = Path("/proc/cpuinfo")
-    if info.is_file():
-        for line in info.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def networks(fields: np.ndarray, small: np.ndarray, y: np.ndarray, k: int) -> dict:
@@ -142,7 +133,7 @@ def main() -> int:
         settings.append(("bf16_channels_last", "bf16-mixed", True))
     out = {"images": f"{N_IMAGES} real 6-MoA fields", "batch_size": BATCH, "epochs": EPOCHS,
            "threads": torch.get_num_threads(), "cpu_bf16_units": native, "networks": {},
-           "hardware": {"cpu": cpu_name(), "torch": torch.__version__}}
+           "machine": describe_machine(), "torch": torch.__version__}
     for net_name, (make, data, what) in networks(x, small, y, k).items():
         runs = {}
         for name, precision, cl in settings:

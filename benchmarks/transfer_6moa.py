@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from morphoprof.machine import describe_machine
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "bbbc021" / "fields_6moa"
 RESULTS = HERE / "results" / "transfer_6moa.json"
@@ -88,6 +90,7 @@ def main() -> int:
         "nsc_intermediate": g["intermediate"]["nsc"],
         "fields_per_s": g["greyscale"]["fields_per_s"],
         "goal_nsc_at_least": 0.96,
+        "machine": describe_machine(),
     })
     write_json(RESULTS, out)
     print(f"wrote {RESULTS}")

@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from morphoprof.machine import describe_machine
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "bbbc021" / "fields_6moa"
 RESULTS = HERE / "results" / "weak_6moa_cells.json"
@@ -273,6 +275,7 @@ def defaults_run(crops: Path, table, log: Path) -> dict:
 def write_partial(result: dict, final: bool = False) -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     target = RESULTS if final else WORK / "partial.json"
+    result["machine"] = describe_machine()
     target.write_text(json.dumps(result, indent=1) + "\n")
 
 

@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from morphoprof.machine import describe_machine
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data" / "bbbc021" / "single_cells"
 RESULTS = HERE / "results" / "weak_single_cells.json"
@@ -184,7 +186,7 @@ def main() -> int:
         / transfer["extract_cells_per_s"],
         "train_seconds": s.train_seconds,
         "per_epoch": metrics.dropna(subset=["train_loss"]).to_dict("records"),
-        "machine": "2 CPU cores (shared)",
+        "machine": describe_machine(),
     }
     if not smoke:
         write_json(RESULTS, result)

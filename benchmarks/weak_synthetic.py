@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from morphoprof.machine import describe_machine
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "weak_synthetic.json"
 EPOCHS = 4
@@ -100,6 +102,7 @@ def main() -> int:
         fields.extract(index, tmp / "transfer_fields")
         result["transfer_fields"] = nsc(tmp / "transfer_fields", tmp / "fields_profiles")
     print({k: v for k, v in result.items() if k != "settings"})
+    result["machine"] = describe_machine()
     if not smoke:
         write_json(RESULTS, result)
     return 0
