@@ -88,6 +88,7 @@ def image_quality(plane: np.ndarray, path: object = "") -> list[str]:
     NaN / infinite pixels raise InputError naming ``path``; a blank (constant) image or one mostly
     saturated is reported as a warning string.
     """
+    plane = np.asarray(plane)
     if plane.dtype.kind == "f" and not np.isfinite(plane).all():  # integers always are
         raise InputError(f"{path}: image holds NaN or infinite pixels")
     warnings = []
