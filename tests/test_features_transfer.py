@@ -474,3 +474,26 @@ def test_the_reader_thread_runs_torch_on_one_thread_and_leaves_the_caller_alone(
             assert seen == [1, 1, 1]
     finally:
         torch.set_num_threads(before)
+
+
+def test_extract_crops_normalises_a_batch_at_a_time_with_the_same_features(tmp_path):
+    """Crops of two plates, 4 to a batch (several batches a plate, the last one short): the
+    features are those of the whole plate's normalised crops in one dataset, in table order."""
+    rng = np.random.default_rng(3)
+    crops = rng.integers(0, 4000, (22, 2, 24, 24)).astype(np.uint16)
+    crops[5] = 0  # a blank crop: divided by 1
+    table = pd.DataFrame({"Metadata_plate": ["P2"] * 9 + ["P1"] * 13,
+                          "Metadata_crop": np.arange(22)})
+    ex = TransferExtractor(TransferConfig(model="resnet18", weights="random", batch_size=4,
+                                          backend="torch"))
+    summary = ex.extract_crops(crops, table, ["a", "b"], tmp_path / "f")
+    assert summary.cells == 22
+    feats = read_features(tmp_path / "f").sort_values("Metadata_crop")
+    cols = [c for c in feats.columns if not c.startswith("Metadata_")]
+    from morphoprof.preprocess.crops import normalize_crops
+
+    x = torch.from_numpy(normalize_crops(crops, "max"))
+    want, keys = ex.features_for_dataset(torch.utils.data.TensorDataset(x, torch.arange(22)),
+                                         ["a", "b"])
+    np.testing.assert_array_equal(keys, np.arange(22))
+    np.testing.assert_allclose(feats[cols].to_numpy(), want, rtol=1e-5, atol=1e-6)

@@ -152,3 +152,22 @@ def test_load_crop_shards_round_trip_and_errors(tmp_path, tiny_screen):
         load_crop_shards(out)
     with pytest.raises(InputError, match="not a crop folder"):
         load_crop_shards(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint8, np.int16, np.float16, np.float32,
+                                   np.float64])
+def test_max_normalisation_in_one_pass_equals_converting_first(dtype):
+    rng = np.random.default_rng(1)
+    x = (rng.random((6, 3, 10, 10)) * 3000 - (400 if dtype == np.int16 else 0)).astype(dtype)
+    x[2, 1] = 0  # a blank channel stays 0
+    if dtype == np.int16:
+        x[3, 0] = -7  # no positive peak: divided by 1
+    want = x.astype(np.float32)
+    peak = want.max(axis=(2, 3), keepdims=True)
+    want /= np.where(peak > 0, peak, 1.0)
+    got = normalize_crops(x, "max")
+    assert got.dtype == np.float32 and got is not x
+    np.testing.assert_array_equal(got, want)
+    if dtype == np.float32:  # copy=False: in place
+        assert normalize_crops(x, "max", copy=False) is x
+        np.testing.assert_array_equal(x, want)

@@ -560,7 +560,8 @@ class TransferExtractor:
         preprocessing overlap the network). Images whose size differs from ``image_size`` (when
         set) are resized. ``run_size`` (default: the dataset's length) is the number of items of
         the whole run, for the ``jit="auto"`` decision. ``batches``: the dataset's batches
-        already started with :meth:`batches` (default: started here). Returns ``(features
+        already started with :meth:`batches` (default: started here; where given, only
+        ``dataset``'s length and ``on_error`` are read). Returns ``(features
         (N, D) float32, keys (N,))`` in dataset order.
         """
         import torch.nn.functional as F
@@ -668,7 +669,6 @@ class TransferExtractor:
         (``normalization``) and fed at ``S`` px unless ``image_size`` is set; one shard per
         plate, resumable, the same folder :meth:`extract_cells` writes."""
         import torch
-        from torch.utils.data import TensorDataset
 
         channels = list(channels)
         self.check_channels(channels)
@@ -685,9 +685,17 @@ class TransferExtractor:
         writer = ShardWriter(out, params, overwrite=overwrite)
 
         def shard(rows, bar):
-            x = torch.from_numpy(normalize_crops(crops[rows], normalization))
-            feats, pos = self.features_for_dataset(TensorDataset(x, torch.arange(len(rows))),
-                                                   channels, bar, run_size=bar.total)
+            size = self.cfg.batch_size
+
+            def normalised():  # a batch at a time: no float32 copy of the plate's crops
+                for k in range(0, len(rows), size):
+                    yield (torch.from_numpy(normalize_crops(crops[rows[k:k + size]],
+                                                            normalization)),
+                           torch.arange(k, min(k + size, len(rows))))
+
+            feats, pos = self.features_for_dataset(range(len(rows)), channels, bar,
+                                                   run_size=bar.total,
+                                                   batches=_Prefetched(normalised()))
             return table.iloc[rows[pos]], feats, []
 
         run = self._plate_shards(table, channels, writer, shard, "crop features")

@@ -48,11 +48,16 @@ def normalize_crops(crops: np.ndarray, method: str = "max",
     """
     if method not in NORMALIZATIONS:
         raise InputError(f"crop normalization must be one of {NORMALIZATIONS}, got {method!r}")
+    if method == "max" and len(crops):
+        # the peaks in the crops' own type, then converted and divided in one float32 pass
+        # (the numbers of converting first: the conversion is exact or monotonic)
+        peak = crops.max(axis=(2, 3), keepdims=True)
+        peak = np.where(peak > 0, peak, 1).astype(np.float32)
+        inplace = not copy and crops.dtype == np.float32
+        out = crops if inplace else np.empty(crops.shape, np.float32)
+        return np.divide(crops, peak, out=out, dtype=np.float32)
     x = crops.astype(np.float32, copy=copy)
-    if method == "max" and len(x):
-        peak = x.max(axis=(2, 3), keepdims=True)
-        x /= np.where(peak > 0, peak, 1.0)
-    elif method == "percentile" and len(x):
+    if method == "percentile" and len(x):
         flat = x.reshape(*x.shape[:2], -1)
         lo, hi = np.percentile(flat, percentiles, axis=2)
         span = np.where(hi - lo > 0, hi - lo, 1.0)
