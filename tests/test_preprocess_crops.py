@@ -171,3 +171,38 @@ def test_max_normalisation_in_one_pass_equals_converting_first(dtype):
     if dtype == np.float32:  # copy=False: in place
         assert normalize_crops(x, "max", copy=False) is x
         np.testing.assert_array_equal(x, want)
+
+
+def test_crop_folder_is_read_a_shard_at_a_time_and_indexes_as_numpy(tmp_path, tiny_screen):
+    import pickle
+
+    from morphoprof.preprocess.crops import CropShards, load_crop_shards
+
+    _, index = tiny_screen
+    segment_index(index, tmp_path / "cells.parquet")
+    cells = pd.read_parquet(tmp_path / "cells.parquet")
+    out = tmp_path / "crops"
+    export_crops(index, cells, out, CropConfig(size=16), shard_size=20)
+    crops, table, _ = load_crop_shards(out)
+    assert isinstance(crops, CropShards) and len(crops._files) >= 4
+    assert crops.dtype == np.float16 and crops.shape == (len(table), 3, 16, 16)
+    assert not crops._cache  # nothing decompressed until asked for
+    every = np.asarray(crops)
+    assert every.dtype == np.float16 and every.shape == crops.shape
+    rng = np.random.default_rng(0)
+    mask = rng.random(len(crops)) < 0.3
+    for key in (5, -1, slice(3, 50, 7), slice(None), rng.integers(0, len(crops), 40),
+                np.array([len(crops) - 1, 0, 0, 21]), mask, [2, -3]):
+        np.testing.assert_array_equal(crops[key], every[key])
+    assert len(crops._cache) <= 2  # at most two shards held decompressed
+    with pytest.raises(IndexError):
+        crops[np.array([len(crops)])]
+    with pytest.raises(IndexError):
+        crops[mask[:-1]]
+    clone = pickle.loads(pickle.dumps(crops))  # to worker processes: no cache travels
+    assert not clone._cache
+    np.testing.assert_array_equal(clone[10:30], every[10:30])
+    crops._cache.clear()
+    crops._files[1].unlink()  # gone after the folder was opened: named when it is read
+    with pytest.raises(InputError, match=f"cannot read crop shard {crops._files[1]}"):
+        crops[np.flatnonzero(crops._shard == 1)[:1]]

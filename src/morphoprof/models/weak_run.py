@@ -35,7 +35,12 @@ from morphoprof.io_utils import (
 )
 from morphoprof.models.settings import HoldoutSection, WeakConfig
 from morphoprof.models.weak_result import WeakResult
-from morphoprof.preprocess.crops import CropDataset, load_crop_shards, normalize_crops
+from morphoprof.preprocess.crops import (
+    CropDataset,
+    CropShards,
+    load_crop_shards,
+    normalize_crops,
+)
 from morphoprof.preprocess.segmentation import segment_index
 from morphoprof.shards import ShardWriter, plate_shards, run_shards
 
@@ -51,9 +56,12 @@ def _prefixed(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def load_crop_array(path: str | Path, table_path: str | Path | None, channels: list[str] | None,
-                    controls: list[str]) -> tuple[np.ndarray, pd.DataFrame, list[str]]:
+                    controls: list[str]) -> tuple[np.ndarray | CropShards, pd.DataFrame,
+                                                  list[str]]:
     """Crops ``(N, C, S, S)`` (original dtype) and their table from an ``.npz`` + table, or
-    from a crop folder written by ``morphoprof crops`` (``path`` a folder, no ``table_path``).
+    from a crop folder written by ``morphoprof crops`` (``path`` a folder, no ``table_path``;
+    the crops are then a :class:`~morphoprof.preprocess.crops.CropShards`, read from disk as
+    they are indexed).
 
     The table's columns get a ``Metadata_`` prefix (``plate`` -> ``Metadata_plate``); a
     ``crop`` column, when present, is the row of each cell in the array (else rows in order).

@@ -277,12 +277,114 @@ def export_crops(
     return writer.finish(run, "fail", cells=run.items, dropped_at_edge=int(len(cells) - len(ds)))
 
 
-def load_crop_shards(folder: str | Path) -> tuple[np.ndarray, pd.DataFrame, list[str]]:
+class CropShards:
+    """The crops of an :func:`export_crops` folder as an ``(N, C, S, S)`` array-like in their
+    stored type (float16), read from disk as they are indexed: a shard is decompressed when
+    one of its rows is first asked for and the last two are kept, so extracting a screen's
+    crops holds a shard at a time, not all of them (2 M cells of 96 px are 110 GB as float16).
+
+    Indexing with an int, a slice, an int array or a boolean mask gives a numpy array, as
+    numpy's own indexing would; ``np.asarray`` reads every crop. It pickles without its cache
+    (worker processes read their own shards).
+    """
+
+    _KEEP = 2  # shards kept decompressed
+
+    def __init__(self, files: Sequence[Path], shard: np.ndarray, local: np.ndarray,
+                 crop_shape: tuple[int, ...], dtype: np.dtype) -> None:
+        import threading
+
+        self._files, self._shard, self._local = list(files), shard, local
+        self.shape = (len(shard), *crop_shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self._cache: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self[np.array([key])][0]
+        rows = _positions(key, len(self))
+        out = np.empty((len(rows), *self.shape[1:]), self.dtype)
+        shards = self._shard[rows]
+        for k in np.unique(shards):
+            sel = shards == k
+            out[sel] = self._read(int(k))[self._local[rows[sel]]]
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        every = self[:]
+        return every if dtype is None else every.astype(dtype)
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_lock")}
+
+    def __setstate__(self, state: dict) -> None:
+        import threading
+
+        self.__dict__.update(state, _cache={}, _lock=threading.Lock())
+
+    def _read(self, k: int) -> np.ndarray:
+        """Shard ``k``'s crops (every one in its npz), kept among the last :attr:`_KEEP`."""
+        with self._lock:
+            if k not in self._cache:
+                npz = self._files[k]
+                try:
+                    with load_array_file(npz) as z:
+                        arr = z["crops"]
+                except Exception as exc:  # deleted or cut short since the folder was opened
+                    raise InputError(f"cannot read crop shard {npz}: {exc}") from exc
+                while len(self._cache) >= self._KEEP:
+                    self._cache.pop(next(iter(self._cache)))
+                self._cache[k] = arr
+            return self._cache[k]
+
+
+def _positions(key, n: int) -> np.ndarray:
+    """The row positions ``np.arange(n)[key]`` selects (a slice, a boolean mask, integers,
+    negative ones counted from the end), without building ``np.arange(n)``."""
+    if isinstance(key, slice):
+        return np.arange(*key.indices(n))
+    key = np.asarray(key)
+    if key.dtype == bool:
+        if key.shape != (n,):
+            raise IndexError(f"boolean index of shape {key.shape} for {n} crops")
+        return np.flatnonzero(key)
+    rows = key.astype(np.intp, copy=False).ravel()
+    if len(rows) and (rows.min() < -n or rows.max() >= n):
+        raise IndexError(f"crop index out of range for {n} crops")
+    return np.where(rows < 0, rows + n, rows)
+
+
+def _npz_header(npz: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """The shape and type of the ``crops`` array of a crop shard, from its header alone."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(npz) as zf, zf.open("crops.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            shape, _, dtype = read(f)
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise InputError(f"cannot read crop shard {npz}: {exc}") from exc
+    if len(shape) != 4:
+        raise InputError(f"crop shard {npz} holds crops of shape {shape}, not (n, C, S, S)")
+    return tuple(int(d) for d in shape), np.dtype(dtype)
+
+
+def load_crop_shards(folder: str | Path) -> tuple[CropShards, pd.DataFrame, list[str]]:
     """Every crop of an :func:`export_crops` folder, in manifest order.
 
     Returns:
-        ``(crops (N, C, S, S) float32, table (N rows: the cells' metadata and centres), channel
-        names)``. A shard listed in the manifest but missing or unreadable is an error naming it.
+        ``(crops, table (N rows: the cells' metadata and centres), channel names)``; ``crops``
+        is a :class:`CropShards`, ``(N, C, S, S)`` in the stored type, read from disk as it is
+        indexed. The shards' tables and the headers of their arrays are read here: a shard
+        listed in the manifest but missing or unreadable, or a table row pointing past its
+        shard's crops, is an error naming it.
     """
     folder = Path(folder)
     manifest = folder / "manifest.json"
@@ -296,26 +398,31 @@ def load_crop_shards(folder: str | Path) -> tuple[np.ndarray, pd.DataFrame, list
         raise InputError(f"{manifest}: not a morphoprof manifest ({exc})") from exc
     if params.get("kind") != "crops":
         raise InputError(f"{folder} holds {params.get('kind', 'features')!r} shards, not crops")
-    arrays, tables = [], []
+    files, tables, locals_, headers = [], [], [], set()
     for key in sorted(shards):
         table_path = folder / shards[key]["file"]
         npz = table_path.with_suffix(".npz")
         try:
             table = read_parquet(table_path)
-            with load_array_file(npz) as z:
-                arr = z["crops"]
-        except Exception as exc:  # missing file, truncated zip, bad Parquet
-            raise InputError(f"cannot read crop shard {npz if table_path.is_file() else table_path}"
-                             f": {exc}") from exc
+        except Exception as exc:  # missing file, bad Parquet
+            raise InputError(f"cannot read crop shard {table_path}: {exc}") from exc
+        shape, dtype = _npz_header(npz)
         rows = table["Metadata_crop_index"].to_numpy()
-        if len(rows) and (rows.min() < 0 or rows.max() >= len(arr)):
-            bad = int(np.flatnonzero((rows < 0) | (rows >= len(arr)))[0])
+        if len(rows) and (rows.min() < 0 or rows.max() >= shape[0]):
+            bad = int(np.flatnonzero((rows < 0) | (rows >= shape[0]))[0])
             raise InputError(f"{table_path} row {bad}: crop {rows[bad]} is outside the "
-                             f"{len(arr)} crops of {npz}")
-        arrays.append(arr[rows].astype(np.float32))
+                             f"{shape[0]} crops of {npz}")
+        headers.add((shape[1:], dtype))
+        files.append(npz)
+        locals_.append(rows)
         tables.append(table.drop(columns=["Metadata_crop_index", "Metadata_crop_file"],
                                  errors="ignore"))
-    if not arrays:
+    if not files:
         raise InputError(f"{folder}: the crop folder holds no shards")
-    return (np.concatenate(arrays), pd.concat(tables, ignore_index=True),
-            list(params.get("channels") or []))
+    if len(headers) > 1:
+        raise InputError(f"{folder}: its shards hold crops of different shapes or types "
+                         f"{sorted(map(str, headers))}")
+    (crop_shape, dtype), = headers
+    shard = np.concatenate([np.full(len(r), k, np.int32) for k, r in enumerate(locals_)])
+    crops = CropShards(files, shard, np.concatenate(locals_).astype(np.intp), crop_shape, dtype)
+    return crops, pd.concat(tables, ignore_index=True), list(params.get("channels") or [])
