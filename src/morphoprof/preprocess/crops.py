@@ -10,6 +10,8 @@ optional masking of neighbouring cells and per-crop intensity normalisation.
 from __future__ import annotations
 
 import json
+import threading
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -292,8 +294,6 @@ class CropShards:
 
     def __init__(self, files: Sequence[Path], shard: np.ndarray, local: np.ndarray,
                  crop_shape: tuple[int, ...], dtype: np.dtype) -> None:
-        import threading
-
         self._files, self._shard, self._local = list(files), shard, local
         self.shape = (len(shard), *crop_shape)
         self.dtype = np.dtype(dtype)
@@ -323,8 +323,6 @@ class CropShards:
         return {k: v for k, v in self.__dict__.items() if k not in ("_cache", "_lock")}
 
     def __setstate__(self, state: dict) -> None:
-        import threading
-
         self.__dict__.update(state, _cache={}, _lock=threading.Lock())
 
     def _read(self, k: int) -> np.ndarray:
@@ -361,8 +359,6 @@ def _positions(key, n: int) -> np.ndarray:
 
 def _npz_header(npz: Path) -> tuple[tuple[int, ...], np.dtype]:
     """The shape and type of the ``crops`` array of a crop shard, from its header alone."""
-    import zipfile
-
     try:
         with zipfile.ZipFile(npz) as zf, zf.open("crops.npy") as f:
             version = np.lib.format.read_magic(f)
