@@ -497,3 +497,47 @@ def test_extract_crops_normalises_a_batch_at_a_time_with_the_same_features(tmp_p
                                          ["a", "b"])
     np.testing.assert_array_equal(keys, np.arange(22))
     np.testing.assert_allclose(feats[cols].to_numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_cell_features_and_crops_take_a_corrected_label_without_cutting_cells_again(
+        tmp_path, tiny_screen, extractor):
+    """A MoA corrected in the index, the cell table segmented again (segment rewrites its
+    labels): extract --cells and crops keep their finished shards and take the new labels,
+    as clean runs would write them; other cells (a moved centre) are still refused."""
+    from morphoprof.preprocess.crops import CropConfig, export_crops, load_crop_shards
+    from morphoprof.preprocess.segmentation import segment_index
+
+    _, index = tiny_screen
+    segment_index(index, tmp_path / "cells.parquet")
+    cells = pd.read_parquet(tmp_path / "cells.parquet")
+    cellx = TransferExtractor(TransferConfig(batch_size=32), backbone=extractor.backbone)
+    first = cellx.extract_cells(index, cells, tmp_path / "cf", size=32)
+    export_crops(index, cells, tmp_path / "crops", CropConfig(size=16), shard_size=25)
+    npz = sorted((tmp_path / "crops" / "shards").glob("*.npz"))
+    stamps = [f.stat().st_mtime_ns for f in npz]
+    table = index.table.copy()
+    table["Metadata_moa"] = table["Metadata_moa"].where(table["Metadata_control"], "fixed")
+    fixed = ExperimentIndex(table, index.root)
+    segment_index(fixed, tmp_path / "cells.parquet")  # reused, its labels rewritten
+    relabelled = pd.read_parquet(tmp_path / "cells.parquet")
+    assert (relabelled["Metadata_moa"] != cells["Metadata_moa"]).any()
+    again = cellx.extract_cells(fixed, relabelled, tmp_path / "cf", size=32)
+    assert again.shards_written == 0 and again.shards_skipped == first.shards_written
+    cellx.extract_cells(fixed, relabelled, tmp_path / "cf_clean", size=32)
+    pd.testing.assert_frame_equal(read_features(tmp_path / "cf"),
+                                  read_features(tmp_path / "cf_clean"))
+    crops = export_crops(fixed, relabelled, tmp_path / "crops", CropConfig(size=16),
+                         shard_size=25)
+    assert crops.shards_written == 0
+    assert [f.stat().st_mtime_ns for f in npz] == stamps  # no crop cut again
+    export_crops(fixed, relabelled, tmp_path / "crops_clean", CropConfig(size=16),
+                 shard_size=25)
+    got, want = load_crop_shards(tmp_path / "crops"), load_crop_shards(tmp_path / "crops_clean")
+    pd.testing.assert_frame_equal(got[1], want[1])
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    moved = relabelled.copy()
+    moved.loc[0, "Nuclei_Location_Center_X"] += 3
+    with pytest.raises(InputError, match="other parameters.*cells"):
+        cellx.extract_cells(fixed, moved, tmp_path / "cf", size=32)
+    with pytest.raises(InputError, match="other parameters.*cells"):
+        export_crops(fixed, moved, tmp_path / "crops", CropConfig(size=16), shard_size=25)

@@ -31,8 +31,7 @@ from morphoprof.errors import InputError
 from morphoprof.features import onnx_cache
 from morphoprof.features.backbones import DEFAULT_MODEL, Backbone, create_backbone
 from morphoprof.index.schema import IMAGE_SET_KEY, PLATE, ExperimentIndex
-from morphoprof.io_utils import frame_digest
-from morphoprof.preprocess.crops import CropDataset, normalize_crops
+from morphoprof.preprocess.crops import CropDataset, cell_table_identity, normalize_crops
 from morphoprof.registry import register_extractor, settings_for
 from morphoprof.settings import ON_ERROR_DEFAULT, OnError, Settings
 from morphoprof.shards import RunSummary, ShardRun, ShardWriter, plate_shards, run_shards
@@ -610,16 +609,20 @@ class TransferExtractor:
         """
         channels = list(self.cfg.channels or index.channels)
         self.check_channels(channels)
+        cells_digest, annotations = cell_table_identity(cells, index)
         params = {
             "extractor": "transfer_cells", "model": self.backbone.name,
             "weights": self.backbone.weights, "channels": channels, "size": size,
             "normalization": normalization, "edge": edge, "layer": self.cfg.layer,
             "strategy": self.cfg.channel_strategy, "image_size": self.cfg.image_size,
             "precision": self.cfg.precision,
-            "n_cells": len(cells), "cells": frame_digest(cells)[:16], "index": index.digest(),
+            "n_cells": len(cells), "cells": cells_digest,
+            "index": index.digest(images_only=True),
             "illumination": str(illumination.folder) if illumination is not None else None,
         }
         writer = ShardWriter(out, params, overwrite=overwrite)
+        if annotations is not None:  # a corrected label: written into the finished shards
+            writer.refresh_metadata(annotations, IMAGE_SET_KEY)
         cells = cells.reset_index(drop=True)
         order = cells.sort_values(["Metadata_plate", "Metadata_well", "Metadata_site"],
                                   kind="stable").index.to_numpy()

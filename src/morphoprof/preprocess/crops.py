@@ -234,6 +234,28 @@ class CropConfig(Settings):
         "none", description="per-crop intensity normalisation")
 
 
+def cell_table_identity(cells: pd.DataFrame, index: ExperimentIndex
+                        ) -> tuple[str, pd.DataFrame | None]:
+    """What identifies the cells of a per-cell run, and what may change under it.
+
+    Returns:
+        ``(digest, annotations)``: a digest of everything but the cell table's copy of the
+        index's annotations (the image-set key, object ids, centres, sizes: what the crops are
+        cut from), and those annotations, one row per image set (``IMAGE_SET_KEY`` and the
+        index's other ``Metadata_*`` columns the table holds), which a finished run brings up
+        to date (:meth:`~morphoprof.shards.ShardWriter.refresh_metadata`) instead of cutting
+        and embedding the cells again when a label is corrected. Without the key columns
+        (refused later by :class:`CropDataset`), the digest of the whole table and None.
+    """
+    key = list(IMAGE_SET_KEY)
+    if not set(key) <= set(cells.columns):
+        return frame_digest(cells)[:16], None
+    cols = [c for c in index.metadata().columns if c in cells.columns]
+    labels = [c for c in cols if c not in key]
+    return (frame_digest(cells.drop(columns=labels))[:16],
+            cells[cols].drop_duplicates(subset=key, ignore_index=True))
+
+
 def export_crops(
     index: ExperimentIndex,
     cells: pd.DataFrame,
@@ -258,11 +280,13 @@ def export_crops(
     s = settings or CropConfig()
     ds = CropDataset(index, cells.sort_values(IMAGE_SET_KEY, kind="stable"), s.size, channels,
                      s.edge, s.normalization, illumination)
+    cells_digest, annotations = cell_table_identity(cells, index)
     params = {"kind": "crops", "size": s.size, "channels": ds.channels, "edge": s.edge,
-              "normalization": s.normalization, "n_cells": len(ds),
-              "cells": frame_digest(cells)[:16], "index": index.digest(),
-              "illumination": illumination is not None}
+              "normalization": s.normalization, "n_cells": len(ds), "cells": cells_digest,
+              "index": index.digest(images_only=True), "illumination": illumination is not None}
     writer = ShardWriter(out, params, overwrite=overwrite)
+    if annotations is not None:  # a corrected label: written into the finished shards
+        writer.refresh_metadata(annotations, IMAGE_SET_KEY)
 
     def shard(cells_k: range, bar) -> tuple[pd.DataFrame, list]:
         key = f"{cells_k.start // shard_size:05d}"
