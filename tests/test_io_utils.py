@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import zipfile
+
+import numpy as np
 import pytest
 
 from morphoprof.errors import OutputError
-from morphoprof.io_utils import atomic_path, new_folder
+from morphoprof.io_utils import atomic_path, new_folder, write_npz
 
 
 def test_a_failed_atomic_write_leaves_no_file_and_no_folder_it_made(tmp_path):
@@ -53,3 +56,24 @@ def test_frame_digest_tells_tables_apart_and_takes_paths_that_are_not_utf8():
     assert frame_digest(latin1) != frame_digest(latin1.assign(FileName_DNA=["caf.tif", "b.tif"]))
     mixed = df.assign(Metadata_dose=[1, "high"], Metadata_pair=[(1, 2), None])  # object columns
     assert frame_digest(mixed) != frame_digest(mixed.assign(Metadata_dose=[1, "low"]))
+
+
+def test_write_npz_compressed_is_fast_deflate_that_np_load_reads(tmp_path):
+    rng = np.random.default_rng(0)
+    crops = (rng.random((200, 3, 16, 16)) * 3000).astype(np.float16)
+    crops[:, :, :4] = 0  # some redundancy to deflate
+    labels = np.arange(200)
+    write_npz(tmp_path / "c.npz", compressed=True, crops=crops, labels=labels)
+    with np.load(tmp_path / "c.npz", allow_pickle=False) as z:
+        assert sorted(z.files) == ["crops", "labels"]
+        np.testing.assert_array_equal(z["crops"], crops)
+        np.testing.assert_array_equal(z["labels"], labels)
+    with zipfile.ZipFile(tmp_path / "c.npz") as zf:
+        info = zf.getinfo("crops.npy")
+        assert info.compress_type == zipfile.ZIP_DEFLATED
+        assert info.compress_size < 0.9 * info.file_size
+    np.savez_compressed(tmp_path / "numpy.npz", crops=crops, labels=labels)
+    assert (tmp_path / "c.npz").stat().st_size < 1.5 * (tmp_path / "numpy.npz").stat().st_size
+    write_npz(tmp_path / "u.npz", crops=crops)  # uncompressed: stored
+    with zipfile.ZipFile(tmp_path / "u.npz") as zf:
+        assert zf.getinfo("crops.npy").compress_type == zipfile.ZIP_STORED
