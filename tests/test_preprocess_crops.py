@@ -129,14 +129,19 @@ def test_dataset_masks_neighbouring_nuclei(tmp_path, tiny_screen):
         CropDataset(index, cells.drop(columns=["Metadata_object"]), mask_neighbours=cfg)
 
 
+def crop_folder(tmp_path, index) -> tuple:
+    """The tiny screen's nuclei cut into 16-px crops, 20 to a shard: (folder, cell table)."""
+    segment_index(index, tmp_path / "cells.parquet")
+    cells = pd.read_parquet(tmp_path / "cells.parquet")
+    export_crops(index, cells, tmp_path / "crops", CropConfig(size=16), shard_size=20)
+    return tmp_path / "crops", cells
+
+
 def test_load_crop_shards_round_trip_and_errors(tmp_path, tiny_screen):
     from morphoprof.preprocess.crops import load_crop_shards
 
     _, index = tiny_screen
-    segment_index(index, tmp_path / "cells.parquet")
-    cells = pd.read_parquet(tmp_path / "cells.parquet")
-    out = tmp_path / "crops"
-    export_crops(index, cells, out, CropConfig(size=16), shard_size=20)
+    out, cells = crop_folder(tmp_path, index)
     crops, table, channels = load_crop_shards(out)
     assert crops.shape == (len(cells), 3, 16, 16) and len(table) == len(cells)
     assert channels == index.channels and "Metadata_crop_index" not in table.columns
@@ -179,11 +184,7 @@ def test_crop_folder_is_read_a_shard_at_a_time_and_indexes_as_numpy(tmp_path, ti
     from morphoprof.preprocess.crops import CropShards, load_crop_shards
 
     _, index = tiny_screen
-    segment_index(index, tmp_path / "cells.parquet")
-    cells = pd.read_parquet(tmp_path / "cells.parquet")
-    out = tmp_path / "crops"
-    export_crops(index, cells, out, CropConfig(size=16), shard_size=20)
-    crops, table, _ = load_crop_shards(out)
+    crops, table, _ = load_crop_shards(crop_folder(tmp_path, index)[0])
     assert isinstance(crops, CropShards) and len(crops._files) >= 4
     assert crops.dtype == np.float16 and crops.shape == (len(table), 3, 16, 16)
     assert not crops._cache  # nothing decompressed until asked for
