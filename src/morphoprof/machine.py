@@ -25,12 +25,27 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS has one, else all)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def resolve_jobs(n_jobs: int) -> int:
+    """``n_jobs`` parallel jobs as a stage runs them: 0 (the settings' default) is one per
+    usable core; a positive number is itself."""
+    if n_jobs < 0:
+        raise ValueError(f"n_jobs must be 0 (one per core) or positive, got {n_jobs}")
+    return n_jobs or usable_cores()
+
+
 def describe_machine() -> dict:
     """``{"cpu", "cores", "torch_threads", "gpu", "description"}`` of this machine: the CPU
     model, the cores this process may use (its CPU affinity where the OS has one), torch's
     intra-op threads, the first CUDA device's name (None without one or without torch), and
     one line for a person (``"2 cores of AMD EPYC"``)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     threads, gpu = None, None
     try:
         import torch

@@ -90,7 +90,7 @@ def illumination_stage(index: ExperimentIndex, out: str | Path, settings, *, cha
 
 
 def segmentation_stage(index: ExperimentIndex, out: str | Path, nuclei, channel: str | None, *,
-                       illumination=None, on_error: str = "fail", n_jobs: int = 1,
+                       illumination=None, on_error: str = "fail", n_jobs: int = 0,
                        summary: str | Path | None = None,
                        overlays: int = 0, deepprofiler_locations: str | Path | None = None
                        ) -> SegmentationSummary:

@@ -27,6 +27,7 @@ from morphoprof.errors import InputError
 from morphoprof.extras import require
 from morphoprof.features.transfer import estimate_intensity_range
 from morphoprof.index.schema import IMAGE_SET_KEY, PLATE, ExperimentIndex
+from morphoprof.machine import resolve_jobs
 from morphoprof.preprocess.segmentation import (
     CENTER_X,
     CENTER_Y,
@@ -54,7 +55,7 @@ class ClassicalConfig(Settings):
     channels: list[str] | None = Field(None, description="stains to measure (default: all)")
     nuclei: NucleiConfig = Field(default_factory=NucleiConfig, description="how nuclei are "
                                  "segmented")
-    n_jobs: int = Field(1, ge=1, description="worker processes")
+    n_jobs: int = Field(1, ge=0, description="worker processes (0: one per usable core)")
     on_error: OnError = Field(
         ON_ERROR_DEFAULT,
         description="unreadable / non-finite image sets: fail, or skip (and list them)")
@@ -180,14 +181,16 @@ class ClassicalExtractor:
         processes, the frames concatenated (``empty`` when there are none)."""
         from joblib import Parallel, delayed
 
+        n_jobs = resolve_jobs(self.cfg.n_jobs)
+
         def shard(rows, bar, pool):
-            chunks = np.array_split(rows, max(1, min(len(rows), 4 * self.cfg.n_jobs)))
+            chunks = np.array_split(rows, max(1, min(len(rows), 4 * n_jobs)))
             parts = pool(delayed(job)(c) for c in chunks if len(c))
             frames = [f for part, _ in parts for f in part]
             skipped = [s for _, part in parts for s in part]
             return (pd.concat(frames, ignore_index=True) if frames else empty), skipped
 
-        with Parallel(n_jobs=self.cfg.n_jobs) as pool:
+        with Parallel(n_jobs=n_jobs) as pool:
             return run_shards(plate_shards(plates), shard, writer, shared={"pool": pool},
                               desc=desc, unit=unit)
 

@@ -26,6 +26,7 @@ from morphoprof.images.read import read_image_planes
 from morphoprof.index.schema import PLATE, ExperimentIndex
 from morphoprof.io_utils import load_array_file, write_json, write_npy
 from morphoprof.logs import progress_bar
+from morphoprof.machine import resolve_jobs
 from morphoprof.settings import Settings, check_on_error
 from morphoprof.shards import shard_key
 
@@ -42,7 +43,8 @@ class IlluminationConfig(Settings):
                         "1280x1024 fields)")
     percentile: float = Field(DEFAULT_PERCENTILE, ge=0, le=100, description="robust minimum "
                               "percentile: the function is divided by it and floored at 1")
-    n_jobs: int = Field(1, ge=1, description="plates computed in parallel (threads)")
+    n_jobs: int = Field(0, ge=0, description="plates computed in parallel (threads; 0: one "
+                        "per usable core)")
 
 
 def smooth_illumination(
@@ -237,7 +239,7 @@ def compute_illumination(
     channels: Sequence[str] | None = None,
     window: int = DEFAULT_WINDOW,
     percentile: float = DEFAULT_PERCENTILE,
-    n_jobs: int = 1,
+    n_jobs: int = 0,
     on_error: str = "fail",
 ) -> IlluminationCorrection:
     """Compute (or reuse) the illumination function of every plate of ``index``.
@@ -283,7 +285,8 @@ def compute_illumination(
 
     jobs = (delayed(work)(p, rows) for p, rows in todo)
     bar = progress_bar(total=len(todo), desc="illumination functions", unit="plate")
-    for plate, skipped in Parallel(n_jobs=n_jobs, prefer="threads", return_as="generator")(jobs):
+    pool = Parallel(n_jobs=resolve_jobs(n_jobs), prefer="threads", return_as="generator")
+    for plate, skipped in pool(jobs):
         plates[plate] = {"images": images[plate], "skipped": skipped}
         record()
         bar.update(1)

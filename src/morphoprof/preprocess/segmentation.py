@@ -34,6 +34,7 @@ from morphoprof.io_utils import (
     read_parquet,
     write_parquet,
 )
+from morphoprof.machine import resolve_jobs
 from morphoprof.settings import Settings, check_on_error
 from morphoprof.shards import ShardWriter, run_shards, shard_key, with_metadata
 
@@ -74,8 +75,9 @@ class NucleiSection(NucleiConfig):
     threads (``morphoprof segment``'s options; a weak config's ``cells.segmentation``)."""
 
     channel: str | None = Field(None, description="DNA channel (default: DNA / DAPI / Hoechst)")
-    n_jobs: int = Field(1, ge=1, description="parallel jobs: threads for segmentation, "
-                        "processes for the classical extractor's measurements")
+    n_jobs: int = Field(0, ge=0, description="parallel jobs: threads for segmentation, "
+                        "processes for the classical extractor's measurements (0: one per "
+                        "usable core)")
 
     def nuclei(self) -> NucleiConfig:
         """The :class:`NucleiConfig` part (what :func:`segment_nuclei` reads)."""
@@ -404,7 +406,7 @@ def segment_index(
     cfg: NucleiConfig | None = None,
     illumination=None,
     on_error: str = "fail",
-    n_jobs: int = 1,
+    n_jobs: int = 0,
     chunk: int = 4,
 ) -> SegmentationSummary:
     """Segment the nuclei of every image set and write one cell table (Parquet).
@@ -426,10 +428,10 @@ def segment_index(
             applied before segmenting, or None.
         on_error: ``fail`` (raise, naming the file) or ``skip`` (log and go on) for unreadable or
             NaN images.
-        n_jobs: threads (joblib), each segmenting ``chunk`` image sets at a time: reading,
-            filtering and the watershed release the GIL, and threads start at once where
-            worker processes would import the libraries again (80 BBBC021-size fields at 1/4
-            resolution: 0.9 s on 2 threads, 1.6 s on 2 processes).
+        n_jobs: threads (joblib; 0: one per usable core), each segmenting ``chunk`` image sets
+            at a time: reading, filtering and the watershed release the GIL, and threads start
+            at once where worker processes would import the libraries again (80 BBBC021-size
+            fields at 1/4 resolution: 0.9 s on 2 threads, 1.6 s on 2 processes).
 
     Returns:
         The :class:`SegmentationSummary`.
@@ -454,7 +456,7 @@ def segment_index(
     writer = ShardWriter(parts, params, overwrite=True)  # other settings: start over
     plan = [(shard_key("fields", f"{k:07d}"), np.arange(k, min(k + SHARD_FIELDS, len(index))))
             for k in range(0, len(index), SHARD_FIELDS)]
-    with Parallel(n_jobs=n_jobs, return_as="generator", prefer="threads") as pool:
+    with Parallel(n_jobs=resolve_jobs(n_jobs), return_as="generator", prefer="threads") as pool:
         run_shards(plan, _segment_shard, writer, desc="segmenting nuclei", unit="field",
                    shared={"index": index, "channel": channel, "cfg": cfg,
                            "illumination": illumination, "on_error": on_error,
