@@ -125,6 +125,11 @@ def test_dataset_masks_neighbouring_nuclei(tmp_path, tiny_screen):
         assert b[:, 24, 24].tolist() == a[:, 24, 24].tolist()  # own nucleus untouched
         changed += int((a != b).any())
     assert changed > 0  # some crops contained neighbours, now blanked
+    # a field at a time (export_crops): the crops of the items one by one, in the order asked
+    ks = np.r_[np.arange(len(cells)), [5, 0, 5, len(cells) - 1]]
+    for ds in (masked, CropDataset(index, cells, size=48, normalization="max")):
+        np.testing.assert_array_equal(ds.crops(ks), np.stack([ds[k][0].numpy() for k in ks]))
+    assert masked.crops(np.arange(0)).shape == (0, 3, 48, 48)
     with pytest.raises(InputError, match="Metadata_object"):
         CropDataset(index, cells.drop(columns=["Metadata_object"]), mask_neighbours=cfg)
 

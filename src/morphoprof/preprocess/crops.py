@@ -209,6 +209,23 @@ class CropDataset:
             self._cached = (row, img, labels)
         return self._cached[1], self._cached[2]
 
+    def crops(self, ks: np.ndarray) -> np.ndarray:
+        """The crops of items ``ks`` (positions), ``(len(ks), C, size, size)`` float32, as
+        ``self[k]`` gives them one at a time, cut with one :func:`crop_cells` call per run of
+        cells of the same image set (cells sorted by image set: one call per field, not per
+        cell). An unreadable image set raises."""
+        ks = np.asarray(ks, dtype=np.intp)
+        out = np.empty((len(ks), len(self.channels), self.size, self.size), np.float32)
+        rows = self.rows[ks]
+        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]]) if len(ks) else []
+        for a, b in zip(starts, [*starts[1:], len(ks)]):
+            img, labels = self.image(int(rows[a]))
+            sel = ks[a:b]
+            out[a:b] = crop_cells(img, self.centers[sel], self.size, "pad", labels=labels,
+                                  object_ids=None if labels is None else self.objects[sel],
+                                  normalization=self.normalization)[0]
+        return out
+
     def __getitem__(self, k: int):
         import torch
 
@@ -290,7 +307,7 @@ def export_crops(
 
     def shard(cells_k: range, bar) -> tuple[pd.DataFrame, list]:
         key = f"{cells_k.start // shard_size:05d}"
-        arr = np.stack([ds[k][0].numpy() for k in cells_k]).astype(np.float16)
+        arr = ds.crops(np.arange(cells_k.start, cells_k.stop)).astype(np.float16)
         write_npz(Path(out) / "shards" / f"{key}.npz", compressed=True, crops=arr)
         table = ds.cells.iloc[cells_k.start:cells_k.stop].reset_index(drop=True).copy()
         table["Metadata_crop_index"] = np.arange(len(table))
