@@ -90,3 +90,20 @@ def test_classical_features_of_crops_measure_the_central_nucleus(tmp_path, capsy
     # resumable: a second run finds both plates done
     assert main(args) == 0
     assert json.loads((tmp_path / "f" / "run_summary.json").read_text())["shards_skipped"] == 2
+
+
+def _slow_first_chunk_fails(rows):
+    import time
+
+    time.sleep(0.5 if rows[0] == 0 else 0.0)  # a later chunk, in another process, fails first
+    raise InputError(f"bad chunk starting at row {rows[0]}")
+
+
+def test_worker_processes_raise_the_first_chunks_error_whichever_fails_first(tmp_path):
+    from morphoprof.shards import ShardWriter
+
+    ex = ClassicalExtractor(ClassicalConfig(measurements=("sizeshape",), n_jobs=2))
+    writer = ShardWriter(tmp_path / "f", {"extractor": "test"})
+    with pytest.raises(InputError, match="bad chunk starting at row 0$"):
+        ex._plates(writer, pd.Series(["P1"] * 16), _slow_first_chunk_fails, pd.DataFrame(),
+                   "test", "cell")

@@ -140,3 +140,21 @@ def test_mean_image_of_uint16_files_and_apply_into_float32_match_the_float32_pat
     out = np.empty(raw.shape, np.float32)
     corr.apply(raw, plate, out=out)
     np.testing.assert_array_equal(out, corr.apply(raw.astype(np.float32), plate))
+
+
+def test_parallel_plates_raise_the_first_plates_error_whichever_fails_first(
+        tmp_path, uneven_screen, monkeypatch):
+    import time
+
+    _, index = uneven_screen
+    plates = sorted(index.table["Metadata_plate"].unique())
+    assert len(plates) >= 2
+
+    def failing(index_, rows, *args, **kwargs):
+        plate = index_.table["Metadata_plate"].iat[int(rows[0])]
+        time.sleep(0.3 if plate == plates[0] else 0.0)  # the later plate fails first
+        raise InputError(f"bad images in {plate}")
+
+    monkeypatch.setattr(illumination, "plate_function", failing)
+    with pytest.raises(InputError, match=f"bad images in {plates[0]}$"):
+        compute_illumination(index, tmp_path / "illum", window=32, n_jobs=2)
