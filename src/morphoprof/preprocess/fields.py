@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from morphoprof.errors import InputError
-from morphoprof.images.read import read_image_set
+from morphoprof.images.read import read_image_planes, read_image_set
 from morphoprof.index.schema import ExperimentIndex
 from morphoprof.settings import check_on_error
 
@@ -64,21 +64,28 @@ class ImageSetDataset(Dataset):
     def _read(self, i: int) -> np.ndarray:
         return read_image_set(self.index, i, self.channels, self.illumination)
 
-    def _read_or_skip(self, i: int) -> tuple[np.ndarray | None, str]:
-        """``(image, "")``, or ``(None, reason)`` for a bad image set under ``skip``."""
+    def _read_planes(self, i: int) -> list[np.ndarray]:
+        return read_image_planes(self.index, i, self.channels)
+
+    def _read_or_skip(self, i: int, read: Callable | None = None) -> tuple[object, str]:
+        """``(image, "")``, or ``(None, reason)`` for a bad image set under ``skip``
+        (``read``: how, default :meth:`_read`)."""
         try:
-            return self._read(i), ""
+            return (read or self._read)(i), ""
         except InputError as exc:
             if self.on_error == "skip":
                 return None, str(exc)
             raise
 
-    def arrays(self, skipped: list | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    def arrays(self, skipped: list | None = None,
+               planes: bool = False) -> Iterator[tuple[int, np.ndarray]]:
         """Each readable image set in order as ``(row, (C, H, W) float32)`` (``transform`` not
-        applied); under ``skip`` the others are appended to ``skipped`` as
-        ``{"row", "reason"}``."""
+        applied), or with ``planes`` as ``(row, [(H, W) plane per channel])`` in the files'
+        own pixel types, not corrected (a uint16 plane summed without a float32 copy); under
+        ``skip`` the others are appended to ``skipped`` as ``{"row", "reason"}``."""
+        read = self._read_planes if planes else self._read
         for i in self.rows:
-            image, reason = self._read_or_skip(int(i))
+            image, reason = self._read_or_skip(int(i), read)
             if image is None:
                 if skipped is not None:
                     skipped.append({"row": int(i), "reason": reason})

@@ -22,12 +22,11 @@ import numpy as np
 from pydantic import Field
 
 from morphoprof.errors import InputError, MorphoprofError
-from morphoprof.images.read import read_image_planes
 from morphoprof.index.schema import PLATE, ExperimentIndex
 from morphoprof.io_utils import load_array_file, write_json, write_npy
 from morphoprof.logs import progress_bar
 from morphoprof.machine import resolve_jobs
-from morphoprof.settings import Settings, check_on_error
+from morphoprof.settings import Settings
 from morphoprof.shards import shard_key
 
 DEFAULT_WINDOW = 500  # px; Singh 2014 used windows of this order for 1280x1024 fields
@@ -120,27 +119,18 @@ def mean_image(index: ExperimentIndex, rows: Sequence[int], channels: Sequence[s
     An unreadable image set, or one with NaN / inf pixels, raises (naming its row and file), or
     with ``on_error="skip"`` is left out of the mean and appended to ``skipped`` as
     ``{"row", "reason"}``."""
-    check_on_error(on_error)
-    unknown = [c for c in channels if c not in index.channels]
-    if unknown:
-        raise InputError(f"illumination: unknown channel(s) {unknown}; the index has "
-                         f"{index.channels}")
+    from morphoprof.preprocess.fields import ImageSetDataset
+
+    data = ImageSetDataset(index, channels, rows, None, None, on_error)
+    left_out: list[dict] = []
     total, part, n = None, None, 0
-    for i in rows:
-        try:
-            planes = read_image_planes(index, int(i), channels)
-        except InputError as exc:
-            if on_error != "skip":
-                raise
-            if skipped is not None:
-                skipped.append({"row": int(i), "reason": f"illumination: {exc}"})
-            continue
+    for i, planes in data.arrays(left_out, planes=True):
         shape = (len(planes), *planes[0].shape)
         if total is None:
             total, part = np.zeros(shape, np.float64), np.zeros(shape, np.float32)
         elif shape != total.shape:
             raise InputError(
-                f"illumination: {index.paths(int(i))[0]} has shape {shape[1:]}, the plate's "
+                f"illumination: {index.paths(i)[0]} has shape {shape[1:]}, the plate's "
                 f"other images {total.shape[1:]}"
             )
         # float32 partial sums of _PARTIAL images (rounding <= _PARTIAL x 6e-8 of the sum),
@@ -153,6 +143,9 @@ def mean_image(index: ExperimentIndex, rows: Sequence[int], channels: Sequence[s
             part[:] = 0
     if part is not None:
         total += part
+    if skipped is not None:
+        skipped.extend({"row": s["row"], "reason": f"illumination: {s['reason']}"}
+                       for s in left_out)
     if total is None:
         raise InputError("illumination: no images to average")
     return total / n
