@@ -272,16 +272,11 @@ def write_npz(path: str | Path, compressed: bool = False, **arrays: object) -> P
     deflates them at level 1, not ``np.savez_compressed``'s 6: on 5,000 float16 crops of
     32 px, 8x faster to write (0.43 vs 3.5 s) for a file 21% larger (0.43 vs 0.35 of the
     raw bytes), the same time to read."""
-    with atomic_path(path) as tmp:
-        if not compressed:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
-        else:
-            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-                for name, array in arrays.items():
-                    with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
-                        np.lib.format.write_array(fh, np.asanyarray(array),
-                                                  allow_pickle=False)
+    method = zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", method, compresslevel=1) as zf:
+        for name, array in arrays.items():  # the members np.savez writes
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.asanyarray(array), allow_pickle=True)
     return Path(path)
 
 
