@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from morphoprof.errors import InputError
+from morphoprof.io_utils import read_parquet
 from morphoprof.models.weak_data import CellGroups, SequenceBatchSampler, WeakTrainSet
+from morphoprof.preprocess.crops import CropDataset
 
 S = 32
 
@@ -291,13 +293,20 @@ def test_the_screens_cells_follow_the_segmentation_settings(tiny_screen, tmp_pat
                "cells": {"crop_size": 32, "segmentation": segmentation},
                "output": str(tmp_path / "weak")}
         (tmp_path / "weak.yaml").write_text(yaml.safe_dump(cfg))
-        return crops_from_screen(load_weak_config(tmp_path / "weak.yaml")[0], tmp_path / "weak")[1]
+        return crops_from_screen(load_weak_config(tmp_path / "weak.yaml")[0], tmp_path / "weak")
 
-    few = cells(min_distance=3, min_area=150)
-    many = cells(min_distance=3)
+    few = cells(min_distance=3, min_area=150)[1]
+    crops, many, names = cells(min_distance=3)
     assert len(many) > len(few) > 0
+    # the crops are each cell's own, as the dataset cuts them one at a time
+    ds = CropDataset(index, read_parquet(tmp_path / "weak" / "cells.parquet"), 32, names,
+                     normalization="none")
+    assert crops.shape == (len(many), len(names), 32, 32) and crops.dtype == np.float32
+    for k in (0, len(many) // 2, len(many) - 1):
+        np.testing.assert_array_equal(crops[k], ds[k][0].numpy())
+    assert (crops.reshape(len(crops), -1).max(1) > 0).all()
     stamp = (tmp_path / "weak" / "cells.parquet").stat().st_mtime_ns
-    assert len(cells(min_distance=3)) == len(many)
+    assert len(cells(min_distance=3)[1]) == len(many)
     assert (tmp_path / "weak" / "cells.parquet").stat().st_mtime_ns == stamp  # reused
 
 

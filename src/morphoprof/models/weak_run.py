@@ -128,9 +128,9 @@ def crops_from_screen(cfg: WeakConfig, out: Path) -> tuple[np.ndarray,
     segment_index(index, cells_path, channel=seg.channel, cfg=seg.nuclei(), n_jobs=seg.n_jobs)
     cells = read_parquet(cells_path)
     ds = CropDataset(index, cells, cfg.cells.crop_size, channels, normalization="none")
-    crops = np.stack([ds[k][0].numpy() for k in range(len(ds))]) if len(ds) else None
-    if crops is None:
+    if not len(ds):
         raise InputError(f"no cells were segmented in {cells_path}")
+    crops = ds.crops(np.arange(len(ds)))  # one crop_cells call per field, one array
     meta = [c for c in index.table.columns if c.startswith("Metadata_")
             and c not in ds.cells.columns]
     key = [PLATE, WELL, "Metadata_site"]
