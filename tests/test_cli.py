@@ -67,13 +67,18 @@ def test_errors_are_clear_and_exit_2(tmp_path, capsys):
 
 @pytest.mark.parametrize("command", ["crops", "extract"])
 def test_a_bad_cell_table_is_one_error_line(tmp_path, tiny_screen, capsys, command):
-    """A cell table that is missing, a folder or not Parquet: one ``error:`` line naming it
-    (a pyarrow traceback before), and nothing written."""
+    """A cell table that is missing, a folder, not Parquet or without nucleus centres (the
+    synthetic screen's ground-truth cells.parquet): one ``error:`` line naming it (a pyarrow
+    traceback before; the file was not named for the missing centres), and nothing written."""
     index = str(tiny_screen[0] / "index.parquet")
     (tmp_path / "junk.parquet").write_text("not parquet")
     (tmp_path / "folder.parquet").mkdir()
+    truth = pd.read_parquet(tiny_screen[0] / "cells.parquet")
+    assert "Nuclei_Location_Center_X" not in truth and len(truth)
+    truth.to_parquet(tmp_path / "truth.parquet")
     for name, says in [("missing.parquet", "cell table not found"),
-                       ("folder.parquet", "(a folder)"), ("junk.parquet", "as Parquet")]:
+                       ("folder.parquet", "(a folder)"), ("junk.parquet", "as Parquet"),
+                       ("truth.parquet", "lacks column(s) ['Nuclei_Location_Center_X'")]:
         cells = str(tmp_path / name)
         args = ([command, index, cells] if command == "crops"
                 else [command, index, "--cells", cells])

@@ -19,6 +19,7 @@ from morphoprof.errors import InputError, OutputError, os_reason
 from morphoprof.index.schema import ExperimentIndex
 from morphoprof.io_utils import read_input_parquet
 from morphoprof.models.weak_run import load_crop_array
+from morphoprof.preprocess.crops import CELL_TABLE_COLUMNS
 from morphoprof.profiles.anndata_io import write_anndata
 from morphoprof.registry import create_extractor
 from morphoprof.shards import RunSummary, read_features
@@ -84,8 +85,9 @@ def extract_stage(out: str | Path, *, index: ExperimentIndex | None = None,
         summary = model.extract_crops(x, table, names, out, overwrite=overwrite,
                                       **{k: v for k, v in given.items() if k != "size"})
     elif cells is not None:
-        summary = model.extract_cells(index, read_input_parquet(cells, "cell table"), out,
-                                      illumination=illumination, overwrite=overwrite, **given)
+        table = read_input_parquet(cells, "cell table", require=CELL_TABLE_COLUMNS)
+        summary = model.extract_cells(index, table, out, illumination=illumination,
+                                      overwrite=overwrite, **given)
     else:
         summary = model.extract(index, out, overwrite=overwrite, illumination=illumination,
                                 scheduler=scheduler)

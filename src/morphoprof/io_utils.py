@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -226,16 +226,22 @@ def read_parquet(path: str | Path, columns: list[str] | None = None) -> pd.DataF
 
 
 def read_input_parquet(path: str | Path, what: str = "Parquet file",
-                       columns: list[str] | None = None) -> pd.DataFrame:
+                       columns: list[str] | None = None,
+                       require: Sequence[str] = ()) -> pd.DataFrame:
     """:func:`read_parquet` of a file a user named: :class:`InputError` naming ``what`` and the
-    path where it is missing, a folder, or not readable as Parquet (not a pyarrow traceback)."""
+    path where it is missing, a folder, not readable as Parquet (not a pyarrow traceback), or
+    without one of the columns in ``require``."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{what} not found: {p}" + (" (a folder)" if p.is_dir() else ""))
     try:
-        return read_parquet(p, columns)
+        table = read_parquet(p, columns)
     except Exception as exc:  # pyarrow raises several types for a bad file
         raise InputError(f"cannot read {p} as Parquet: {exc}") from exc
+    missing = [c for c in require if c not in table.columns]
+    if missing:
+        raise InputError(f"{what} {p} lacks column(s) {missing}")
+    return table
 
 
 def load_array_file(path: str | Path, **kwargs: object):

@@ -18,7 +18,7 @@ from morphoprof.features.transfer import TransferConfig
 from morphoprof.index import ExperimentIndex
 from morphoprof.io_utils import read_input_parquet
 from morphoprof.pipeline import illumination_stage, segmentation_stage
-from morphoprof.preprocess.crops import CropConfig, export_crops
+from morphoprof.preprocess.crops import CELL_TABLE_COLUMNS, CropConfig, export_crops
 from morphoprof.preprocess.illumination import IlluminationConfig
 from morphoprof.registry import extractor_names
 from morphoprof.settings import add_options, from_options
@@ -52,7 +52,7 @@ def cmd_segment(a: argparse.Namespace) -> int:
 
 def cmd_crops(a: argparse.Namespace) -> int:
     index = ExperimentIndex.read_parquet(a.index)
-    cells = read_input_parquet(a.cells, "cell table")
+    cells = read_input_parquet(a.cells, "cell table", require=CELL_TABLE_COLUMNS)
     summary = export_crops(index, cells, a.out, from_options(CropConfig, a),
                            illumination=load_illumination(a.illumination), overwrite=a.overwrite)
     print_json(summary.to_json())

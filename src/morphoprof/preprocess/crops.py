@@ -128,6 +128,10 @@ def crop_cells(
     return normalize_crops(out, normalization, copy=False), kept
 
 
+#: what a cell table needs for its crops to be cut: the image set and the nucleus centre (px)
+CELL_TABLE_COLUMNS = [*IMAGE_SET_KEY, CENTER_X, CENTER_Y]
+
+
 class CropDataset:
     """A torch-compatible Dataset of single-cell crops, one item per row of a cell table.
 
@@ -169,7 +173,7 @@ class CropDataset:
         self.mask_neighbours = mask_neighbours
         check_on_error(on_error)
         self.on_error = on_error
-        need = IMAGE_SET_KEY + [CENTER_X, CENTER_Y] + ([OBJECT] if mask_neighbours else [])
+        need = CELL_TABLE_COLUMNS + ([OBJECT] if mask_neighbours else [])
         missing = [c for c in need if c not in cells.columns]
         if missing:
             raise InputError(f"cell table lacks column(s) {missing}")
