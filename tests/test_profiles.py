@@ -228,6 +228,16 @@ def test_aggregate_parquet_files_that_differ_and_missing_metadata(tmp_path):
     (tmp_path / "c.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(InputError, match="c.parquet: not a readable Parquet file"):
         aggregate_parquet([tmp_path / "a.parquet", tmp_path / "c.parquet"], WELL)
+    # a text column without the Metadata_ prefix (an index.parquet's paths, a label) is not
+    # a feature: named with its file before any row is read (numpy's "could not convert
+    # string to float" traceback from the middle of the pass before); numbers of any kind are
+    second.assign(Path_DNA="images/a.tif", n=np.int16(3), ok=True).to_parquet(
+        tmp_path / "d.parquet")
+    with pytest.raises(InputError, match=r"d.parquet: column 'Path_DNA' holds text, not "
+                       "numbers"):
+        aggregate_parquet([tmp_path / "a.parquet", tmp_path / "d.parquet"], WELL)
+    got = aggregate_parquet(tmp_path / "d.parquet", WELL, features=["f1", "n", "ok"])
+    assert got["n"].tolist() == [3.0] * 3 and got["ok"].tolist() == [1.0] * 3
 
 
 def test_coral_aligns_every_plate_to_the_pooled_controls(tmp_path):

@@ -89,6 +89,17 @@ def test_profile_commands_name_the_bad_input(tmp_path, capsys):
                  str(tmp_path / "o.parquet")]) == 2
     err = capsys.readouterr().err
     assert "cannot read" in err and "junk.parquet" in err
+    # a text column without the Metadata_ prefix (an index.parquet given by mistake): named
+    # with its file, one line, for every command that reads profiles (a numpy / pandas
+    # traceback from the middle of the computation before)
+    make_wells().assign(Path_DNA="images/x.tif").to_parquet(tmp_path / "paths.parquet")
+    for command in ("normalize", "evaluate", "aggregate"):
+        assert main([command, str(tmp_path / "paths.parquet"), "--out",
+                     str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+        assert "paths.parquet: column 'Path_DNA' holds text, not numbers" in err
+        assert not (tmp_path / "o").exists()
     # a plate without controls: named, with the way out
     wells = make_wells()
     wells.loc[wells.Metadata_plate == "Week2_P1", "Metadata_control"] = False

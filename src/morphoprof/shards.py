@@ -305,6 +305,25 @@ def feature_columns(df: pd.DataFrame) -> list[str]:
     return [c for c in df.columns if not c.startswith("Metadata_")]
 
 
+def not_a_feature(source: str | Path, columns: Sequence[str], kind: str) -> str:
+    """The message for feature columns (``columns``, the first named) of ``source`` that hold
+    ``kind`` values (a pandas or Arrow type name; strings are called text), not numbers."""
+    kind = "text" if kind in ("object", "string", "large_string", "str") else kind
+    more = f" (and {len(columns) - 1} more)" if len(columns) > 1 else ""
+    return (f"{source}: column {columns[0]!r}{more} holds {kind}, not numbers, so it cannot be "
+            "a feature (metadata columns are named 'Metadata_...'; is this a feature table?)")
+
+
+def require_numeric_features(df: pd.DataFrame, source: str | Path) -> None:
+    """InputError naming ``source`` and the column where one of ``df``'s
+    :func:`feature_columns` is not numeric or boolean (a path or a label without the
+    ``Metadata_`` prefix, or a table that is not profiles at all)."""
+    bad = [c for c in feature_columns(df) if not (pd.api.types.is_numeric_dtype(df[c])
+                                                   or pd.api.types.is_bool_dtype(df[c]))]
+    if bad:
+        raise InputError(not_a_feature(source, bad, str(df[bad[0]].dtype)))
+
+
 @dataclass(frozen=True)
 class ShardRun:
     """What one :func:`run_shards` call did.

@@ -25,11 +25,14 @@ from morphoprof.profiles.normalize import (
 from morphoprof.profiles.select import OPERATIONS, select_features
 from morphoprof.profiles.settings import ProfilesConfig
 from morphoprof.settings import add_options, from_options
+from morphoprof.shards import require_numeric_features
 
 
 def _read_profiles(path: str, cols, required=()):
-    df = read_input_parquet(path, "profiles file")
-    return cols.to_canonical(df, required, source=str(path))
+    df = cols.to_canonical(read_input_parquet(path, "profiles file"), required,
+                           source=str(path))
+    require_numeric_features(df, path)
+    return df
 
 
 def _by(value: str):

@@ -21,7 +21,7 @@ from morphoprof.errors import InputError
 from morphoprof.index.schema import BATCH, COMPOUND, CONCENTRATION, MOA, PLATE, WELL
 from morphoprof.io_utils import all_utf8, arrow_file, quote_identifier
 from morphoprof.logs import progress_bar
-from morphoprof.shards import MANIFEST, feature_columns, shard_files
+from morphoprof.shards import MANIFEST, feature_columns, not_a_feature, shard_files
 
 COUNT = "Metadata_count"
 WELL_KEY = [PLATE, WELL]
@@ -282,32 +282,56 @@ def _add_batch_sums(tally: _GroupSums, batch, table, by: list[str], feats: list[
     tally.counts[local] += counts.T
 
 
-def _parquet_columns(files: list[Path]) -> tuple[list[str], bool, int]:
+def _parquet_columns(files: list[Path]) -> tuple[list[str], bool, int,
+                                                 dict[str, tuple[Path, str]]]:
     """Union of the files' column names (first-seen order) from their footers only, whether
-    every file has the same columns, and their rows (for a progress bar). Raises InputError
-    naming an unreadable file."""
+    every file has the same columns, their rows (for a progress bar), and each column that is
+    not numeric (nor boolean) in some file: ``{column: (file, arrow type name)}``. Raises
+    InputError naming an unreadable file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import pyarrow.types as pt
 
     columns: list[str] = []
     seen: set[str] = set()
     first: set[str] | None = None
     same, rows = True, 0
+    non_numeric: dict[str, tuple[Path, str]] = {}
     for f in files:
         try:
             with arrow_file(f) as src:
                 footer = pq.ParquetFile(src).metadata
-            names = footer.schema.to_arrow_schema().names
+            schema = footer.schema.to_arrow_schema()
         except (pa.ArrowException, OSError) as exc:
             raise InputError(f"{f}: not a readable Parquet file ({exc})") from exc
+        names = schema.names
         rows += footer.num_rows
         same = same and (first is None or set(names) == first)
         first = set(names) if first is None else first
+        for field in schema:
+            t = field.type
+            if not (pt.is_integer(t) or pt.is_floating(t) or pt.is_boolean(t)
+                    or pt.is_null(t) or pt.is_decimal(t)):
+                non_numeric.setdefault(field.name, (f, str(t)))
         for n in names:
             if n not in seen:
                 seen.add(n)
                 columns.append(n)
-    return columns, same, rows
+    return columns, same, rows, non_numeric
+
+
+def _feature_columns(columns: list[str], non_numeric: dict[str, tuple[Path, str]],
+                     features: Sequence[str] | None = None) -> list[str]:
+    """``features``, or every column but ``Metadata_*`` (and pandas' index); InputError naming
+    the file and column where one of them is not numeric (a path or a label that lacks the
+    ``Metadata_`` prefix, or a table that is not features at all)."""
+    feats = list(features) if features is not None else [
+        c for c in columns if not c.startswith(("Metadata_", "__index_level_"))]
+    bad = [c for c in feats if c in non_numeric]
+    if bad:
+        source, kind = non_numeric[bad[0]]
+        raise InputError(not_a_feature(source, bad, kind))
+    return feats
 
 
 _SUMMARY_ROWS = 100_000
@@ -614,15 +638,14 @@ def aggregate_parquet(
                                      threads, memory_limit)
     by = list(by)
     files = parquet_sources(source)
-    columns, same_columns, rows = _parquet_columns(files)
+    columns, same_columns, rows, non_numeric = _parquet_columns(files)
     missing = [c for c in by if c not in columns]
     if missing:
         raise InputError(f"cannot aggregate by {missing}: not in the columns of {files[0]}")
-    feats = list(features) if features is not None else [
-        c for c in columns if not c.startswith(("Metadata_", "__index_level_"))]
-    absent = [c for c in feats if c not in columns]
+    absent = [c for c in features or () if c not in columns]
     if absent:
         raise InputError(f"feature column(s) {absent[:5]} not in {files[0]}")
+    feats = _feature_columns(columns, non_numeric, features)
     meta = [c for c in columns if c.startswith("Metadata_") and c not in by and c != COUNT]
     # one read of the files gives the groups, their metadata and (for a mean) the sums;
     # raises on a table with no rows

@@ -23,6 +23,7 @@ from morphoprof.logs import progress_bar
 from morphoprof.profiles.aggregate import (
     _ROW_BATCH,
     _column_batches,
+    _feature_columns,
     _parquet_columns,
     parquet_sources,
 )
@@ -166,9 +167,8 @@ def fit_cell_sphering(
     if reference not in REFERENCES:
         raise InputError(f"cell TVN reference must be one of {REFERENCES}, got {reference!r}")
     files = parquet_sources(source)
-    columns, _, rows = _parquet_columns(files)
-    feats = list(features) if features is not None else [
-        c for c in columns if not c.startswith(("Metadata_", "__index_level_"))]
+    columns, _, rows, non_numeric = _parquet_columns(files)
+    feats = _feature_columns(columns, non_numeric, features)
     if not feats:
         raise InputError(f"{files[0]}: no feature columns for cell TVN")
     d = len(feats)
