@@ -85,6 +85,22 @@ def check_writable(path: str | Path, folder: bool = False) -> Path:
 
 
 @contextmanager
+def _errors_name(path: Path, tmp: Path) -> Iterator[None]:
+    """Inside the block, an OS error becomes :class:`OutputError` naming ``path``, and an
+    OutputError naming the temporary ``tmp`` (or a file inside it) names the file the user
+    asked for instead."""
+    try:
+        yield
+    except OutputError as exc:
+        inside = Path(exc.path)
+        if inside == tmp or tmp in inside.parents:  # name the file the user asked for
+            raise OutputError(path / inside.relative_to(tmp), exc.reason) from exc
+        raise
+    except OSError as exc:
+        raise OutputError(path, os_reason(exc)) from exc
+
+
+@contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds.
 
@@ -96,16 +112,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     ok = False
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with _errors_name(path, tmp):
+            yield tmp
+            os.replace(tmp, path)
         ok = True
-    except OutputError as exc:
-        inside = Path(exc.path)
-        if inside == tmp or tmp in inside.parents:  # name the file the user asked for
-            raise OutputError(path / inside.relative_to(tmp), exc.reason) from exc
-        raise
-    except OSError as exc:
-        raise OutputError(path, os_reason(exc)) from exc
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -127,28 +137,22 @@ def atomic_dir(path: str | Path, replace: bool = False) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     ok = False
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        yield tmp
-        if replace and path.exists():
-            shutil.rmtree(path)
-        if not path.exists():
-            os.replace(tmp, path)
-        else:
-            for entry in sorted(tmp.iterdir()):
-                target = path / entry.name
-                if target.is_dir() and not entry.is_dir():
-                    raise OutputError(target, "it is a folder")
-                os.replace(entry, target)
+        with _errors_name(path, tmp):
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+            yield tmp
+            if replace and path.exists():
+                shutil.rmtree(path)
+            if not path.exists():
+                os.replace(tmp, path)
+            else:
+                for entry in sorted(tmp.iterdir()):
+                    target = path / entry.name
+                    if target.is_dir() and not entry.is_dir():
+                        raise OutputError(target, "it is a folder")
+                    os.replace(entry, target)
         ok = True
-    except OutputError as exc:
-        inside = Path(exc.path)
-        if inside == tmp or tmp in inside.parents:  # name the file the user asked for
-            raise OutputError(path / inside.relative_to(tmp), exc.reason) from exc
-        raise
-    except OSError as exc:
-        raise OutputError(path, os_reason(exc)) from exc
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
