@@ -76,6 +76,34 @@ def test_profile_commands_with_other_column_names(tmp_path, capsys):
     assert "Quality control" in text and "Conformal MoA prediction" in text
 
 
+def test_metadata_columns_without_the_prefix_are_metadata_once_mapped(tmp_path):
+    """Columns mapped by --plate-col / --compound-col... but named without ``Metadata_``
+    (``plate``, ``compound``) are the table's metadata, not features: aggregate (mean and
+    median, with cell TVN) groups and keeps them under the user's names, as it does the
+    prefixed ones; numpy's 'could not convert string to float' traceback before."""
+    plain = {"Metadata_Plate": "plate", "Metadata_Well": "well",
+             "Metadata_broad_sample": "compound"}
+    cells = cell_table().rename(columns=plain)
+    cells.to_parquet(tmp_path / "cells.parquet")
+    cols = [plain.get(c, c) for c in COLS]
+    want = None
+    for how in ("mean", "median"):
+        out = tmp_path / how
+        assert main(["aggregate", str(tmp_path / "cells.parquet"), "--out", str(out),
+                     "--well-aggregation", how, "--cell-tvn", "controls", "--normalize",
+                     "center", *cols]) == 0
+        wells = pd.read_parquet(out / "wells.parquet")
+        assert {"plate", "well", "compound"} <= set(wells.columns) and len(wells) == 45
+        feats = [c for c in wells.columns if not c.startswith("Metadata_")
+                 and c not in plain.values()]
+        assert feats == [c for c in cells.columns if c[0] == "f" and c[1:].isdigit()]
+        assert (wells["Metadata_count"] == 5).all()
+        want = wells if want is None else want
+        assert wells["compound"].tolist() == want["compound"].tolist()
+    assert main(["evaluate", str(tmp_path / "mean" / "wells.parquet"), "--out",
+                 str(tmp_path / "e.json"), "--null-size", "100", *cols]) == 0
+
+
 def test_profile_commands_name_the_bad_input(tmp_path, capsys):
     cells = cell_table().drop(columns=["Metadata_MoA"])
     cells.to_parquet(tmp_path / "c.parquet")

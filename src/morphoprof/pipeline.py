@@ -201,11 +201,13 @@ def build_profiles(features_dir: str | Path, settings: ProfilesConfig | Mapping,
         sphering = fit_cell_sphering(features_dir, reference=tvn.reference,
                                      eps=tvn.eps, control_column=cols.control,
                                      compound_column=cols.compound,
-                                     control_values=cols.control_values)
+                                     control_values=cols.control_values,
+                                     metadata=list(cols.mapping()))
         logger.info(sphering.note or f"cell TVN: sphering fitted on {sphering.n_cells} "
                     f"{sphering.reference} cells")
     wells = aggregate_parquet(features_dir, [cols.plate, cols.well],
-                              cfg.well_aggregation, sphering=sphering)
+                              cfg.well_aggregation, sphering=sphering,
+                              metadata=list(cols.mapping()))
     wells = cols.to_canonical(wells, ("compound", "concentration", "control"),
                               source=str(features_dir))
     norm, note = resolve_normalization(cfg.normalization, bool(wells["Metadata_control"].any()),

@@ -321,12 +321,14 @@ def _parquet_columns(files: list[Path]) -> tuple[list[str], bool, int,
 
 
 def _feature_columns(columns: list[str], non_numeric: dict[str, tuple[Path, str]],
-                     features: Sequence[str] | None = None) -> list[str]:
-    """``features``, or every column but ``Metadata_*`` (and pandas' index); InputError naming
-    the file and column where one of them is not numeric (a path or a label that lacks the
-    ``Metadata_`` prefix, or a table that is not features at all)."""
+                     features: Sequence[str] | None = None,
+                     metadata: Sequence[str] = ()) -> list[str]:
+    """``features``, or every column but ``Metadata_*``, the other ``metadata`` names and
+    pandas' index; InputError naming the file and column where one of them is not numeric (a
+    path or a label that lacks the ``Metadata_`` prefix, or a table that is not features)."""
     feats = list(features) if features is not None else [
-        c for c in columns if not c.startswith(("Metadata_", "__index_level_"))]
+        c for c in columns
+        if not c.startswith(("Metadata_", "__index_level_")) and c not in metadata]
     bad = [c for c in feats if c in non_numeric]
     if bad:
         source, kind = non_numeric[bad[0]]
@@ -602,6 +604,7 @@ def aggregate_parquet(
     threads: int | None = None,
     memory_limit: str | None = None,
     sphering=None,
+    metadata: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Out-of-core :func:`aggregate` over Parquet files (streamed, never loaded whole).
 
@@ -627,6 +630,9 @@ def aggregate_parquet(
             it is applied to the group means (the same result for rows without NaN, without
             a second pass); for ``median`` the rows are sphered into temporary Parquet files
             first.
+        metadata: other metadata columns, named without the ``Metadata_`` prefix (a plate
+            or compound column a :class:`~morphoprof.profiles.columns.Columns` maps): kept
+            like ``Metadata_*`` columns, never read as features.
     """
     if how not in ("mean", "median"):
         raise InputError(f"aggregation must be 'mean' or 'median', got {how!r}")
@@ -635,7 +641,7 @@ def aggregate_parquet(
 
         with tempfile.TemporaryDirectory(prefix="morphoprof-tvn-") as tmp:
             return aggregate_parquet(sphere_parquet(source, sphering, tmp), by, how, features,
-                                     threads, memory_limit)
+                                     threads, memory_limit, metadata=metadata)
     by = list(by)
     files = parquet_sources(source)
     columns, same_columns, rows, non_numeric = _parquet_columns(files)
@@ -645,8 +651,9 @@ def aggregate_parquet(
     absent = [c for c in features or () if c not in columns]
     if absent:
         raise InputError(f"feature column(s) {absent[:5]} not in {files[0]}")
-    feats = _feature_columns(columns, non_numeric, features)
-    meta = [c for c in columns if c.startswith("Metadata_") and c not in by and c != COUNT]
+    feats = _feature_columns(columns, non_numeric, features, metadata)
+    meta = [c for c in columns if (c.startswith("Metadata_") or c in metadata)
+            and c not in by and c != COUNT]
     # one read of the files gives the groups, their metadata and (for a mean) the sums;
     # raises on a table with no rows
     res, values = _group_metadata(files, by, meta, COUNT in columns,
@@ -665,5 +672,5 @@ def aggregate_parquet(
     values = values.astype(np.float32)
     values.index = res.index
     out = pd.concat([out, values], axis=1)
-    ordered = [c for c in out.columns if c.startswith("Metadata_")] + feats
+    ordered = [c for c in out.columns if c.startswith("Metadata_") or c in metadata] + feats
     return out[ordered]

@@ -144,13 +144,15 @@ def fit_cell_sphering(
     control_column: str = CONTROL,
     compound_column: str = COMPOUND,
     control_values: Sequence[str] = DEFAULT_CONTROLS,
+    metadata: Sequence[str] = (),
 ) -> CellSphering:
     """Fit TVN on single cells, streamed (one pass over the files).
 
     Args:
         source: feature folder, Parquet file, folder of Parquet files or list of files (one
             row per cell; ``Metadata_*`` columns and features).
-        features: feature columns (default: every non-``Metadata_`` column).
+        features: feature columns (default: every column but ``Metadata_*``,
+            ``control_column``, ``compound_column`` and the other ``metadata`` names).
         reference: ``controls`` (rows whose ``control_column`` is true) or ``all``. When no
             cell is a control the fit uses all cells and :attr:`CellSphering.note` says so.
         mode: ``pca`` or ``zca`` (see :class:`~morphoprof.profiles.normalize.Spherize`).
@@ -168,7 +170,8 @@ def fit_cell_sphering(
         raise InputError(f"cell TVN reference must be one of {REFERENCES}, got {reference!r}")
     files = parquet_sources(source)
     columns, _, rows, non_numeric = _parquet_columns(files)
-    feats = _feature_columns(columns, non_numeric, features)
+    feats = _feature_columns(columns, non_numeric, features,
+                             [*metadata, control_column, compound_column])
     if not feats:
         raise InputError(f"{files[0]}: no feature columns for cell TVN")
     d = len(feats)
