@@ -53,6 +53,13 @@ def test_evaluate_wells_gives_every_metric():
     t = evaluate(treatment_profiles(wells), k_values=(), null_size=500)
     assert t.level == "treatments" and t.nsc["correct"] == r.nsc["correct"]
     assert "activity" not in t.map and t.replicate_accuracy is None
+    # too few permutations for any p-value to fall below 0.05: said, for each mAP, not only
+    # shown as "retrieved 0%" beside a perfect mAP
+    few = evaluate(wells, k_values=(), null_size=19)
+    assert few.map["moa"]["fraction_retrieved"] == 0.0 < r.map["moa"]["fraction_retrieved"]
+    said = [w for w in few.warnings if "with 19 permutations no p-value" in w]
+    assert len(said) == 2 and "at least 20" in said[0]
+    assert evaluate(wells, k_values=(), null_size=20).warnings == ()
 
 
 def test_bad_tables_give_clear_messages():

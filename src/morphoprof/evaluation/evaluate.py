@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -245,4 +246,14 @@ def _map(wells: pd.DataFrame | None, treatments: pd.DataFrame, null_size: int, s
         except InputError as exc:
             out[name] = {"error": str(exc)}
             warnings.append(f"mAP ({name}): {exc}")
+            continue
+        # copairs' p-values are (k + 1) / (null_size + 1): too few permutations and no group
+        # can pass the threshold, whatever its mAP
+        floor, threshold = 1 / (null_size + 1), summary["p_threshold"]
+        if floor >= threshold:
+            warnings.append(
+                f"mAP ({name}): with {null_size} permutations no p-value can fall below "
+                f"{threshold} (the smallest is {floor:.3g}), so no group counts as retrieved; "
+                f"use a null size (--null-size, evaluation.null_size) of at least "
+                f"{math.floor(1 / threshold)}")
     return out
