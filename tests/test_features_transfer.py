@@ -380,38 +380,6 @@ def test_onnxruntime_engine_matches_torch_for_native_channels():
                            ref.features_from_batch(x, ["a", "b"])).max() < 1e-3
 
 
-def test_prefetched_reads_ahead_from_the_start_and_stops_on_close():
-    """The next shard's batches are read before anyone iterates them; close() ends the
-    thread; an error in reading reaches the consumer."""
-    import time
-
-    from morphoprof.features.transfer import _Prefetched
-
-    read = []
-
-    def items():
-        for k in range(10):
-            read.append(k)
-            yield k
-
-    ahead = _Prefetched(items(), depth=2)
-    for _ in range(200):
-        if len(read) >= 3:
-            break
-        time.sleep(0.01)
-    assert read[:3] == [0, 1, 2]  # two queued, one waiting to be put: nothing iterated yet
-    ahead.close()
-    assert not ahead._thread.is_alive() and len(read) < 10
-    assert list(_Prefetched(iter(range(5)))) == [0, 1, 2, 3, 4]
-
-    def broken():
-        yield 1
-        raise OSError("disk gone")
-
-    with pytest.raises(OSError, match="disk gone"):
-        list(_Prefetched(broken()))
-
-
 def test_exported_graphs_are_cached_on_disk_and_reused(tmp_path, extractor, monkeypatch):
     """The first ONNX session of a network and input shape writes its graph to
     $MORPHOPROF_CACHE/onnx; another extractor loads it without exporting and gives the same
@@ -456,7 +424,8 @@ def test_exported_graphs_are_cached_on_disk_and_reused(tmp_path, extractor, monk
 
 
 def test_the_reader_thread_runs_torch_on_one_thread_and_leaves_the_caller_alone():
-    from morphoprof.features.transfer import _Prefetched
+    from morphoprof.features.transfer import _reader_thread_setup
+    from morphoprof.prefetch import Prefetched
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -468,7 +437,7 @@ def test_the_reader_thread_runs_torch_on_one_thread_and_leaves_the_caller_alone(
                 seen.append(torch.get_num_threads())
                 yield k
 
-        assert list(_Prefetched(items())) == [0, 1, 2]
+        assert list(Prefetched(items(), setup=_reader_thread_setup)) == [0, 1, 2]
         assert torch.get_num_threads() == 2  # the caller's (the network's) threads
         if "parallel backend: OpenMP" in torch.__config__.parallel_info():
             assert seen == [1, 1, 1]

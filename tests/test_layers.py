@@ -17,8 +17,8 @@ PACKAGE = Path(morphoprof.__file__).parent
 
 # lowest first; a module may import from its own layer and the ones before it
 LAYERS = [
-    {"", "errors", "io_utils", "extras", "logs", "machine", "shards", "distributed", "settings",
-     "classification", "registry"},
+    {"", "errors", "io_utils", "extras", "logs", "machine", "prefetch", "shards", "distributed",
+     "settings", "classification", "registry"},
     # image files (TIFF, PNG, OME-Zarr) are read below the index that lists them
     {"images"},
     {"index"},

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import queue
-import threading
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +29,7 @@ from morphoprof.errors import InputError
 from morphoprof.features import onnx_cache
 from morphoprof.features.backbones import DEFAULT_MODEL, Backbone, create_backbone
 from morphoprof.index.schema import IMAGE_SET_KEY, PLATE, ExperimentIndex
+from morphoprof.prefetch import Prefetched
 from morphoprof.preprocess.crops import CropDataset, cell_table_identity, normalize_crops
 from morphoprof.registry import register_extractor, settings_for
 from morphoprof.settings import ON_ERROR_DEFAULT, OnError, Settings
@@ -549,7 +548,9 @@ class TransferExtractor:
             pin_memory=self.device == "cuda", worker_init_fn=_single_thread_worker,
             persistent_workers=False, collate_fn=collate_skipping if skipping else None,
         )
-        return loader if self.cfg.num_workers else _Prefetched(loader)
+        if self.cfg.num_workers:
+            return loader
+        return Prefetched(loader, setup=_reader_thread_setup)
 
     def features_for_dataset(self, dataset, channel_names: Sequence[str], bar=None,
                              run_size: int | None = None, batches=None):
@@ -698,7 +699,8 @@ class TransferExtractor:
 
             feats, pos = self.features_for_dataset(range(len(rows)), channels, bar,
                                                    run_size=bar.total,
-                                                   batches=_Prefetched(normalised()))
+                                                   batches=Prefetched(normalised(),
+                                                                      setup=_reader_thread_setup))
             return table.iloc[rows[pos]], feats, []
 
         run = self._plate_shards(table, channels, writer, shard, "crop features")
@@ -725,53 +727,6 @@ def _normalised_module():
             return self.net((x - self.mean) / self.std)
 
     return Normalised
-
-
-class _Prefetched:
-    """``iterable``'s items, produced ``depth`` ahead in a thread started at once: reading and
-    decoding the next batch (which release the GIL in PIL / NumPy / torch) overlap the network,
-    and a caller can start the next shard's reading before this one is done. ``close()`` (also
-    at the end of iteration) stops the thread."""
-
-    def __init__(self, iterable, depth: int = 2) -> None:
-        self._q: queue.Queue = queue.Queue(depth)
-        self._done = object()
-        self._stop = threading.Event()
-
-        def produce() -> None:
-            _reader_thread_setup()
-            try:
-                for item in iterable:
-                    if self._stop.is_set():
-                        return
-                    self._q.put((item, None))
-            except BaseException as exc:  # handed to the consumer, raised there
-                self._q.put((None, exc))
-                return
-            self._q.put((self._done, None))
-
-        self._thread = threading.Thread(target=produce, daemon=True)
-        self._thread.start()
-
-    def __iter__(self):
-        try:
-            while True:
-                item, exc = self._q.get()
-                if exc is not None:
-                    raise exc
-                if item is self._done:
-                    return
-                yield item
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        while self._thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                self._q.get_nowait()
-            except queue.Empty:
-                self._thread.join(0.01)
 
 
 def _export_onnx(graph, input_shape: tuple[int, ...]) -> bytes:
