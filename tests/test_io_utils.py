@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from morphoprof.errors import OutputError
-from morphoprof.io_utils import atomic_path, new_folder, write_npz
+from morphoprof.io_utils import atomic_path, new_folder, write_npz, write_npz_chunks
 
 
 def test_a_failed_atomic_write_leaves_no_file_and_no_folder_it_made(tmp_path):
@@ -77,3 +77,20 @@ def test_write_npz_compressed_is_fast_deflate_that_np_load_reads(tmp_path):
     write_npz(tmp_path / "u.npz", crops=crops)  # uncompressed: stored
     with zipfile.ZipFile(tmp_path / "u.npz") as zf:
         assert zf.getinfo("crops.npy").compress_type == zipfile.ZIP_STORED
+
+
+def test_write_npz_chunks_writes_what_write_npz_writes_and_refuses_wrong_pieces(tmp_path):
+    """Pieces along the first axis give the bytes of a whole-array write; pieces that fall
+    short, run over or have another shape raise ValueError and leave no file."""
+    crops = (np.random.default_rng(1).random((53, 3, 8, 8)) * 3000).astype(np.float16)
+    write_npz(tmp_path / "whole.npz", compressed=True, crops=crops)
+    write_npz_chunks(tmp_path / "pieces.npz", "crops", crops.shape, np.float16,
+                     (crops[k:k + 10] for k in range(0, 53, 10)), compressed=True)
+    assert (tmp_path / "pieces.npz").read_bytes() == (tmp_path / "whole.npz").read_bytes()
+    with np.load(tmp_path / "pieces.npz") as z:
+        np.testing.assert_array_equal(z["crops"], crops)
+    for pieces, says in [([crops[:50]], "pieces of"), ([crops, crops[:1]], "does not fit"),
+                         ([crops[:, :2]], "does not fit")]:
+        with pytest.raises(ValueError, match=says):
+            write_npz_chunks(tmp_path / "bad.npz", "crops", crops.shape, np.float16, pieces)
+        assert not list(tmp_path.glob("*bad*"))

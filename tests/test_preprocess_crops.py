@@ -5,6 +5,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from morphoprof.errors import InputError
+from morphoprof.index.schema import ExperimentIndex
 from morphoprof.preprocess.crops import (
     CropConfig,
     CropDataset,
@@ -107,6 +108,38 @@ def test_export_crops_shards_and_resume(tmp_path, tiny_screen):
     redone = export_crops(index, moved, out, CropConfig(size=16), shard_size=20,
                           overwrite=True)
     assert redone.shards_skipped == 0 and redone.cells == len(cells)
+
+
+def test_export_crops_writes_a_shard_piece_by_piece_to_the_same_files(tmp_path, tiny_screen,
+                                                                      monkeypatch):
+    """A shard's crops are cut CROP_CHUNK cells at a time in a thread and deflated as they
+    come: 7 cells a piece (pieces across image sets and a short last one) writes the same
+    bytes as one piece per shard; a piece that fails (an unreadable image) leaves no npz."""
+    from morphoprof.preprocess import crops as crops_module
+
+    _, index = tiny_screen
+    segment_index(index, tmp_path / "cells.parquet")
+    cells = pd.read_parquet(tmp_path / "cells.parquet")
+    export_crops(index, cells, tmp_path / "whole", CropConfig(size=16), shard_size=20)
+    monkeypatch.setattr(crops_module, "CROP_CHUNK", 7)
+    export_crops(index, cells, tmp_path / "pieces", CropConfig(size=16), shard_size=20)
+    files = sorted(p.name for p in (tmp_path / "whole" / "shards").glob("*.npz"))
+    assert len(files) > 1
+    for name in files:
+        assert ((tmp_path / "whole" / "shards" / name).read_bytes()
+                == (tmp_path / "pieces" / "shards" / name).read_bytes())
+    broken = index.table.loc[index.table.index[-1], "Path_DNA"]
+    bad = tmp_path / "bad.tif"
+    bad.write_text("not a tiff")
+    table = index.table.copy()
+    table.loc[table.index[-1], "Path_DNA"] = str(bad)
+    assert broken != str(bad)
+    with pytest.raises(InputError, match="bad.tif"):
+        export_crops(ExperimentIndex(table, index.root), cells, tmp_path / "failed",
+                     CropConfig(size=16), shard_size=20)
+    done = sorted(p.name for p in (tmp_path / "failed" / "shards").glob("*.npz"))
+    assert done == files[:len(done)] and len(done) < len(files)
+    assert not list((tmp_path / "failed").rglob(".*tmp*"))
 
 
 def test_dataset_masks_neighbouring_nuclei(tmp_path, tiny_screen):

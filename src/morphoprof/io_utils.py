@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -287,6 +287,35 @@ def write_npz(path: str | Path, compressed: bool = False, **arrays: object) -> P
         for name, array in arrays.items():  # the members np.savez writes
             with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
                 np.lib.format.write_array(fh, np.asanyarray(array), allow_pickle=True)
+    return Path(path)
+
+
+def write_npz_chunks(path: str | Path, name: str, shape: tuple[int, ...], dtype,
+                     chunks: Iterable[np.ndarray], compressed: bool = False) -> Path:
+    """Write one array of ``shape`` and ``dtype`` as the member ``name`` of an ``.npz``
+    (atomically, as :func:`write_npz` writes it), from ``chunks``: C-ordered pieces along the
+    first axis, each written as it arrives, so the whole array is never held and producing
+    the next piece (in a thread) overlaps deflating this one. ValueError where the pieces do
+    not add up to ``shape`` (nothing is written)."""
+    dtype = np.dtype(dtype)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+              "shape": tuple(int(n) for n in shape)}
+    want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    method = zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", method, compresslevel=1) as zf:
+        with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+            np.lib.format.write_array_header_1_0(fh, header)  # as np.save for any shape
+            written = 0
+            for chunk in chunks:
+                chunk = np.ascontiguousarray(chunk, dtype=dtype)
+                if chunk.shape[1:] != tuple(shape[1:]) or written + chunk.nbytes > want:
+                    raise ValueError(f"{path}: a piece of shape {chunk.shape} does not fit "
+                                     f"an array of {tuple(shape)}")
+                fh.write(memoryview(chunk).cast("B"))
+                written += chunk.nbytes
+            if written != want:
+                raise ValueError(f"{path}: pieces of {written} bytes for an array of "
+                                 f"{tuple(shape)} ({want} bytes)")
     return Path(path)
 
 
