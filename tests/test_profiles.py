@@ -238,6 +238,9 @@ def test_aggregate_parquet_files_that_differ_and_missing_metadata(tmp_path):
         aggregate_parquet([tmp_path / "a.parquet", tmp_path / "d.parquet"], WELL)
     got = aggregate_parquet(tmp_path / "d.parquet", WELL, features=["f1", "n", "ok"])
     assert got["n"].tolist() == [3.0] * 3 and got["ok"].tolist() == [1.0] * 3
+    # the same rule in memory (pandas' "agg function failed" before)
+    with pytest.raises(InputError, match=r"the table: column 'Path_DNA' holds text"):
+        aggregate(pd.read_parquet(tmp_path / "d.parquet"), WELL)
 
 
 def test_coral_aligns_every_plate_to_the_pooled_controls(tmp_path):

@@ -318,10 +318,12 @@ def require_numeric_features(df: pd.DataFrame, source: str | Path) -> None:
     """InputError naming ``source`` and the column where one of ``df``'s
     :func:`feature_columns` is not numeric or boolean (a path or a label without the
     ``Metadata_`` prefix, or a table that is not profiles at all)."""
-    bad = [c for c in feature_columns(df) if not (pd.api.types.is_numeric_dtype(df[c])
-                                                   or pd.api.types.is_bool_dtype(df[c]))]
+    dtypes = df.dtypes.iloc[[k for k, c in enumerate(df.columns)
+                             if not c.startswith("Metadata_")]]  # feature_columns' dtypes
+    bad = [c for c, d in dtypes.items()
+           if not (pd.api.types.is_numeric_dtype(d) or pd.api.types.is_bool_dtype(d))]
     if bad:
-        raise InputError(not_a_feature(source, bad, str(df[bad[0]].dtype)))
+        raise InputError(not_a_feature(source, bad, str(dtypes[bad[0]])))
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,13 @@ from morphoprof.errors import InputError
 from morphoprof.index.schema import BATCH, COMPOUND, CONCENTRATION, MOA, PLATE, WELL
 from morphoprof.io_utils import all_utf8, arrow_file, quote_identifier
 from morphoprof.logs import progress_bar
-from morphoprof.shards import MANIFEST, feature_columns, not_a_feature, shard_files
+from morphoprof.shards import (
+    MANIFEST,
+    feature_columns,
+    not_a_feature,
+    require_numeric_features,
+    shard_files,
+)
 
 COUNT = "Metadata_count"
 WELL_KEY = [PLATE, WELL]
@@ -91,6 +97,8 @@ def aggregate(
         raise InputError(f"cannot aggregate by {missing}: not in the table's columns")
     if len(df) == 0:
         raise InputError("cannot aggregate an empty table")
+    if features is None:
+        require_numeric_features(df, "the table")
     feats = list(features) if features is not None else feature_columns(df)
     groups = df.groupby(list(by), sort=True, dropna=False)
     if how == "modz":
