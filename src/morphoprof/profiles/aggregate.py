@@ -98,8 +98,9 @@ def aggregate(
     if len(df) == 0:
         raise InputError("cannot aggregate an empty table")
     if features is None:
-        require_numeric_features(df, "the table")
-    feats = list(features) if features is not None else feature_columns(df)
+        require_numeric_features(df.drop(columns=list(by)), "the table")
+    feats = list(features) if features is not None else [
+        c for c in feature_columns(df) if c not in by]
     groups = df.groupby(list(by), sort=True, dropna=False)
     if how == "modz":
         agg = groups[feats].apply(lambda g: pd.Series(modz(g.to_numpy()), index=feats))
@@ -115,7 +116,7 @@ def aggregate(
     count = groups[COUNT].sum() if COUNT in df.columns else groups.size()
     meta[COUNT] = count.astype(np.int64)
     out = pd.concat([meta, values], axis=1).reset_index()
-    ordered = [c for c in out.columns if c.startswith("Metadata_")] + feats
+    ordered = [c for c in out.columns if c.startswith("Metadata_") or c in by] + feats
     return out[ordered]
 
 
