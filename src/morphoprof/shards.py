@@ -314,12 +314,13 @@ def not_a_feature(source: str | Path, columns: Sequence[str], kind: str) -> str:
             "a feature (metadata columns are named 'Metadata_...'; is this a feature table?)")
 
 
-def require_numeric_features(df: pd.DataFrame, source: str | Path) -> None:
+def require_numeric_features(df: pd.DataFrame, source: str | Path,
+                             exclude: Sequence[str] = ()) -> None:
     """InputError naming ``source`` and the column where one of ``df``'s
-    :func:`feature_columns` is not numeric or boolean (a path or a label without the
-    ``Metadata_`` prefix, or a table that is not profiles at all)."""
-    dtypes = df.dtypes.iloc[[k for k, c in enumerate(df.columns)
-                             if not c.startswith("Metadata_")]]  # feature_columns' dtypes
+    :func:`feature_columns` (but ``exclude``) is not numeric or boolean (a path or a label
+    without the ``Metadata_`` prefix, or a table that is not profiles at all)."""
+    dtypes = df.dtypes.iloc[[k for k, c in enumerate(df.columns)  # feature_columns' dtypes
+                             if not c.startswith("Metadata_") and c not in exclude]]
     bad = [c for c, d in dtypes.items()
            if not (pd.api.types.is_numeric_dtype(d) or pd.api.types.is_bool_dtype(d))]
     if bad:

@@ -98,7 +98,7 @@ def aggregate(
     if len(df) == 0:
         raise InputError("cannot aggregate an empty table")
     if features is None:
-        require_numeric_features(df.drop(columns=list(by)), "the table")
+        require_numeric_features(df, "the table", exclude=by)
     feats = list(features) if features is not None else [
         c for c in feature_columns(df) if c not in by]
     groups = df.groupby(list(by), sort=True, dropna=False)
