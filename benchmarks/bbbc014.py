@@ -10,8 +10,11 @@ fields (A01 positive: the protein is nuclear; A12 negative: cytoplasmic).
    each half and written as TIFFs with a CSV, imported with ``import csv``. Two folds hold out
    one half of each well: test tiles never overlap a training tile.
 4. ``train finetune`` (offline ImageNet EfficientNet-Lite0, first convolution adapted to 2
-   channels) for 1 epoch, and ``train mil`` (frozen Lite0 stage 3 + Noisy-AND head) on the
-   tiles; test-tile accuracy of each.
+   channels) for 1 epoch and for 2, each with SEEDS seeds (one epoch is 23 steps, and where it
+   ends depends on the seed and on the CPU's kernels: seed 0 gave 0.97 on an Intel Xeon and
+   0.93 on an AMD EPYC), and ``train mil`` (frozen Lite0 stage 3 + Noisy-AND head) on the
+   tiles; test-tile accuracy of each (``finetune_test_accuracy``: the mean over seeds after
+   1 epoch).
 
     python benchmarks/bbbc014.py      # writes benchmarks/results/bbbc014.json
 """
@@ -33,6 +36,7 @@ DATA = HERE.parent.parent / "shared" / "data" / "bbbc014"
 RESULTS = HERE / "results" / "bbbc014.json"
 WORK = Path(tempfile.gettempdir()) / "morphoprof_bench" / "bbbc014"
 TILE, STRIDE, RING = 256, 64, 6
+SEEDS = (0, 1, 2, 3)
 WELLS = {"A01": ("01-A-01", "positive"), "A12": ("12-A-12", "negative")}
 
 COMMON = """\
@@ -136,6 +140,25 @@ def write_tiles(fields: dict[str, np.ndarray], out: Path) -> Path:
     return out / "tiles.parquet"
 
 
+def finetune_seeds(common: str, epochs: int) -> dict:
+    """``train finetune`` for ``epochs`` epochs once per seed of SEEDS: each seed's test-tile
+    accuracy and folds, their mean and range."""
+    from morphoprof.train import train_from_yaml
+
+    runs = {}
+    for seed in SEEDS:
+        cfg = common + FINETUNE.format(epochs=epochs).replace("seed: 0", f"seed: {seed}")
+        r = train_from_yaml("finetune", cfg, WORK / f"finetune_{epochs}ep_seed{seed}").to_json()
+        runs[seed] = {"test_accuracy": r["image_accuracy"], "folds": r["folds"],
+                      "train_seconds": r["train_seconds"], "n_images": r["n_images"]}
+        print(f"finetune, {epochs} epoch(s), seed {seed}: test-tile accuracy "
+              f"{r['image_accuracy']:.3f} ({r['train_seconds']:.0f} s)", flush=True)
+    acc = [r["test_accuracy"] for r in runs.values()]
+    return {"epochs": epochs, "mean_test_accuracy": float(np.mean(acc)),
+            "min_test_accuracy": float(min(acc)), "max_test_accuracy": float(max(acc)),
+            "seeds": runs}
+
+
 def main() -> int:
     import shutil
 
@@ -158,22 +181,22 @@ def main() -> int:
           flush=True)
     tiles = write_tiles(fields, WORK)
     common = COMMON.format(index=tiles)
-    ft = train_from_yaml("finetune", common + FINETUNE.format(epochs=1),
-                         WORK / "finetune").to_json()
-    print(f"finetune, 1 epoch: test-tile accuracy {ft['image_accuracy']:.3f} "
-          f"({ft['n_images']} tiles, {ft['train_seconds']:.0f} s)", flush=True)
+    one, two = finetune_seeds(common, 1), finetune_seeds(common, 2)
     mil = train_from_yaml("mil", common + MIL.format(epochs=10), WORK / "mil").to_json()
     print(f"mil (frozen Lite0 + Noisy-AND), 10 epochs: test-tile accuracy "
           f"{mil['image_accuracy']:.3f} ({mil['train_seconds']:.0f} s)", flush=True)
     write_json(RESULTS, {
         "dataset": f"{os.path.relpath(DATA, HERE.parent)} (BBBC014 wells A01 positive, A12 "
                    "negative; 1024x1360, 2 channels)",
-        "tiles": {"size": TILE, "stride": STRIDE, "n": ft["n_images"],
+        "tiles": {"size": TILE, "stride": STRIDE, "n": one["seeds"][0]["n_images"],
                   "split": "2 folds; each holds out the left or right half of both fields, so "
                            "no test tile overlaps a training tile"},
-        "finetune_test_accuracy": ft["image_accuracy"], "epochs": 1,
-        "finetune": {"folds": ft["folds"], "train_seconds": ft["train_seconds"],
-                     "network": "tf_efficientnet_lite0, offline ImageNet, 2-channel first conv"},
+        "finetune_test_accuracy": one["mean_test_accuracy"], "epochs": 1,
+        "finetune_test_accuracy_2_epochs": two["mean_test_accuracy"],
+        "finetune": {"one_epoch": one, "two_epochs": two,
+                     "network": "tf_efficientnet_lite0, offline ImageNet, 2-channel first conv",
+                     "headline": "finetune_test_accuracy is the mean over seeds "
+                                 f"{list(SEEDS)} after 1 epoch"},
         "mil_test_accuracy": mil["image_accuracy"],
         "mil": {"epochs": 10, "folds": mil["folds"], "train_seconds": mil["train_seconds"],
                 "trunk": mil["trunk"]},
