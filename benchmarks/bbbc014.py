@@ -13,9 +13,8 @@ fields (A01 positive: the protein is nuclear; A12 negative: cytoplasmic).
    channels) for 1 epoch and for 2, each with SEEDS seeds (one epoch is 23 steps, and where it
    ends depends on the seed and on the CPU's kernels: seed 0 gave 0.97 in earlier runs on
    another machine and 0.93 on an AMD EPYC), and ``train mil`` (frozen Lite0 stage 3 +
-   Noisy-AND head) on the
-   tiles; test-tile accuracy of each (``finetune_test_accuracy``: the mean over seeds after
-   1 epoch).
+   Noisy-AND head) on the tiles; test-tile accuracy of each (``finetune_test_accuracy``: the
+   mean over seeds after 1 epoch).
 
     python benchmarks/bbbc014.py      # writes benchmarks/results/bbbc014.json
 """
