@@ -319,8 +319,7 @@ def require_numeric_features(df: pd.DataFrame, source: str | Path,
     """InputError naming ``source`` and the column where one of ``df``'s
     :func:`feature_columns` (but ``exclude``) is not numeric or boolean (a path or a label
     without the ``Metadata_`` prefix, or a table that is not profiles at all)."""
-    dtypes = df.dtypes.iloc[[k for k, c in enumerate(df.columns)  # feature_columns' dtypes
-                             if not c.startswith("Metadata_") and c not in exclude]]
+    dtypes = df.dtypes[[c for c in feature_columns(df) if c not in exclude]]
     bad = [c for c, d in dtypes.items()
            if not (pd.api.types.is_numeric_dtype(d) or pd.api.types.is_bool_dtype(d))]
     if bad:
