@@ -241,12 +241,15 @@ def test_aggregate_parquet_files_that_differ_and_missing_metadata(tmp_path):
     # the same rule in memory (pandas' "agg function failed" before)
     with pytest.raises(InputError, match=r"the table: column 'Path_DNA' holds text"):
         aggregate(pd.read_parquet(tmp_path / "d.parquet"), WELL)
-    # a grouping column named without the prefix is a key, kept, never a feature
-    plain = aggregate(second.rename(columns={"Metadata_plate": "plate"}),
-                      ["plate", "Metadata_well"])
+    # a grouping column named without the prefix is a key, kept, never a feature, in memory
+    # and streamed
+    renamed = second.rename(columns={"Metadata_plate": "plate"})
+    renamed.to_parquet(tmp_path / "plain.parquet")
     want = aggregate(second, WELL)
-    assert plain["plate"].tolist() == want["Metadata_plate"].tolist()
-    assert [c for c in plain.columns if not c.startswith("Metadata_")] == ["plate", "f1"]
+    for plain in (aggregate(renamed, ["plate", "Metadata_well"]),
+                  aggregate_parquet(tmp_path / "plain.parquet", ["plate", "Metadata_well"])):
+        assert plain["plate"].tolist() == want["Metadata_plate"].tolist()
+        assert [c for c in plain.columns if not c.startswith("Metadata_")] == ["plate", "f1"]
 
 
 def test_coral_aligns_every_plate_to_the_pooled_controls(tmp_path):

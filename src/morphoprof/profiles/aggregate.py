@@ -641,7 +641,8 @@ def aggregate_parquet(
             first.
         metadata: other metadata columns, named without the ``Metadata_`` prefix (a plate
             or compound column a :class:`~morphoprof.profiles.columns.Columns` maps): kept
-            like ``Metadata_*`` columns, never read as features.
+            like ``Metadata_*`` columns, never read as features (``by`` columns are keys in
+            any case).
     """
     if how not in ("mean", "median"):
         raise InputError(f"aggregation must be 'mean' or 'median', got {how!r}")
@@ -652,6 +653,7 @@ def aggregate_parquet(
             return aggregate_parquet(sphere_parquet(source, sphering, tmp), by, how, features,
                                      threads, memory_limit, metadata=metadata)
     by = list(by)
+    metadata = [*metadata, *by]  # grouping columns are keys whatever their names, as in memory
     files = parquet_sources(source)
     columns, same_columns, rows, non_numeric = _parquet_columns(files)
     missing = [c for c in by if c not in columns]
