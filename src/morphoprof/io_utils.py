@@ -282,12 +282,20 @@ def write_npz(path: str | Path, compressed: bool = False, **arrays: object) -> P
     deflates them at level 1, not ``np.savez_compressed``'s 6: on 5,000 float16 crops of
     32 px, 8x faster to write (0.43 vs 3.5 s) for a file 21% larger (0.43 vs 0.35 of the
     raw bytes), the same time to read."""
-    method = zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED
-    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", method, compresslevel=1) as zf:
+    with _npz_archive(path, compressed) as zf:
         for name, array in arrays.items():  # the members np.savez writes
             with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
                 np.lib.format.write_array(fh, np.asanyarray(array), allow_pickle=True)
     return Path(path)
+
+
+@contextmanager
+def _npz_archive(path: str | Path, compressed: bool) -> Iterator[zipfile.ZipFile]:
+    """The zip archive of an ``.npz`` being written atomically to ``path``: members deflated
+    at level 1 (``compressed``) or stored."""
+    method = zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", method, compresslevel=1) as zf:
+        yield zf
 
 
 def write_npz_chunks(path: str | Path, name: str, shape: tuple[int, ...], dtype,
@@ -301,8 +309,7 @@ def write_npz_chunks(path: str | Path, name: str, shape: tuple[int, ...], dtype,
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
               "shape": tuple(int(n) for n in shape)}
     want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    method = zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED
-    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", method, compresslevel=1) as zf:
+    with _npz_archive(path, compressed) as zf:
         with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
             np.lib.format.write_array_header_1_0(fh, header)  # as np.save for any shape
             written = 0

@@ -318,9 +318,10 @@ def export_crops(
         key = f"{cells_k.start // shard_size:05d}"
         # cut in a thread, CROP_CHUNK cells at a time, while the last piece is deflated: the
         # two overlap (zlib releases the GIL), and a shard is never held whole in float32
-        pieces = Prefetched(ds.crops(np.arange(a, min(a + CROP_CHUNK, cells_k.stop)))
-                            .astype(np.float16) for a in range(cells_k.start, cells_k.stop,
-                                                               CROP_CHUNK))
+        starts = range(cells_k.start, cells_k.stop, CROP_CHUNK)
+        pieces = Prefetched(
+            ds.crops(np.arange(a, min(a + CROP_CHUNK, cells_k.stop))).astype(np.float16)
+            for a in starts)
         try:
             write_npz_chunks(Path(out) / "shards" / f"{key}.npz", "crops",
                              (len(cells_k), len(ds.channels), s.size, s.size), np.float16,
