@@ -48,7 +48,7 @@ cv: {{group: Metadata_batch, folds: 2, treatment: [Metadata_plate, Metadata_well
 """
 FINETUNE = """\
 model: {{name: tf_efficientnet_lite0, weights: offline}}
-train: {{epochs: {epochs}, batch_size: 8, lr: 0.001, seed: 0, accelerator: cpu}}
+train: {{epochs: {epochs}, batch_size: 8, lr: 0.001, seed: {seed}, accelerator: cpu}}
 """
 MIL = """\
 mil: {{trunk: tf_efficientnet_lite0, stage: 3, weights: offline, pooling: noisy_and,
@@ -147,7 +147,7 @@ def finetune_seeds(common: str, epochs: int) -> dict:
 
     runs = {}
     for seed in SEEDS:
-        cfg = common + FINETUNE.format(epochs=epochs).replace("seed: 0", f"seed: {seed}")
+        cfg = common + FINETUNE.format(epochs=epochs, seed=seed)
         r = train_from_yaml("finetune", cfg, WORK / f"finetune_{epochs}ep_seed{seed}").to_json()
         runs[seed] = {"test_accuracy": r["image_accuracy"], "folds": r["folds"],
                       "train_seconds": r["train_seconds"], "n_images": r["n_images"]}
