@@ -639,10 +639,9 @@ def aggregate_parquet(
             it is applied to the group means (the same result for rows without NaN, without
             a second pass); for ``median`` the rows are sphered into temporary Parquet files
             first.
-        metadata: other metadata columns, named without the ``Metadata_`` prefix (a plate
-            or compound column a :class:`~morphoprof.profiles.columns.Columns` maps): kept
-            like ``Metadata_*`` columns, never read as features (``by`` columns are keys in
-            any case).
+        metadata: other metadata columns named without ``Metadata_`` (a column a
+            :class:`~morphoprof.profiles.columns.Columns` maps; ``by`` columns always are):
+            kept like ``Metadata_*`` columns, never read as features.
     """
     if how not in ("mean", "median"):
         raise InputError(f"aggregation must be 'mean' or 'median', got {how!r}")
