@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 
 from morphoprof.cli import main
@@ -68,6 +69,20 @@ def test_two_class_translocation_from_a_config_alone(tmp_path, capsys):
         test_wells = set(preds.loc[preds["Metadata_fold"] == f, "Metadata_well"])
         assert test_wells.isdisjoint(preds.loc[preds["Metadata_fold"] != f, "Metadata_well"])
     assert "treatment accuracy" in capsys.readouterr().out
+    # Each fold keeps the network that made its predictions: the trained weights, with batch-norm
+    # statistics recomputed over its training images (the running averages of 4 short epochs
+    # still hold ImageNet's)
+    for f in (0, 1):
+        fold = tmp_path / "out" / "finetune" / f"fold{f}"
+        model = torch.load(fold / "model.ckpt", weights_only=False)["state_dict"]
+        last = torch.load(fold / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+        assert model.keys() == last.keys()
+        stats = [k for k in model if k.endswith(("running_mean", "running_var"))]
+        assert len(stats) == 2 * json.loads((fold / "fit.json").read_text())[
+            "recalibrated_bn_layers"] > 0
+        assert all(torch.equal(model[k], last[k]) for k in model
+                   if k not in stats and not k.endswith("num_batches_tracked"))
+        assert not any(torch.allclose(model[k], last[k]) for k in stats)
     # A re-run reuses the finished folds (resume) and gives the same numbers.
     assert main(["train", "finetune", str(tmp_path / "train.yaml"), "--quiet"]) == 0
     again = json.loads((tmp_path / "out" / "finetune" / "cv.json").read_text())

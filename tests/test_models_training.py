@@ -16,7 +16,13 @@ from morphoprof.models.data import ImageTensorDataset
 from morphoprof.models.finetune import FineTuneConfig, finetune_module
 from morphoprof.models.mil import MILConfig, MILNet
 from morphoprof.models.settings import TrainSection
-from morphoprof.models.training import AtomicCheckpointIO, ImageClassifier, fit, predict_proba
+from morphoprof.models.training import (
+    AtomicCheckpointIO,
+    ImageClassifier,
+    fit,
+    predict_proba,
+    recalibrate_batch_norm,
+)
 from tests.test_models_mil import adam_steps, toy_batch
 
 PLAN = ((8, 1), (16, 2), (16, 1))
@@ -148,6 +154,32 @@ def test_finetuning_pretrained_network_reduces_the_loss():
     assert losses[-1] < 0.5 * losses[0], losses
     p = predict_proba(module, data)
     assert p.shape == (32, 2) and np.allclose(p.sum(1), 1.0)
+
+
+def test_recalibrated_batch_norm_holds_the_statistics_of_the_data_given():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.BatchNorm2d(4),
+                              torch.nn.ReLU(), torch.nn.Dropout(0.5), torch.nn.Conv2d(4, 3, 1),
+                              torch.nn.BatchNorm2d(3))
+    frozen = net[5]
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    frozen.running_mean.fill_(7.0)
+    net[1].running_mean.fill_(-3.0)  # as if left over from a pretrained network
+    x = torch.randn(12, 2, 8, 8) * 3 + 1
+    data = torch.utils.data.TensorDataset(x, torch.zeros(12))
+    net.train()
+    assert recalibrate_batch_norm(net, data, batch_size=4) == 1
+    assert net.training and net[1].momentum == 0.1  # the module's state is given back
+    with torch.no_grad():
+        h = net[0](x)
+    # the plain average of the three batches' means and (unbiased) variances
+    assert torch.allclose(net[1].running_mean, h.mean((0, 2, 3)), atol=1e-5)
+    batch_var = torch.stack([b.var((0, 2, 3), unbiased=True) for b in h.split(4)])
+    assert torch.allclose(net[1].running_var, batch_var.mean(0), atol=1e-4)
+    assert torch.equal(frozen.running_mean, torch.full((3,), 7.0))  # frozen: left alone
+    empty = torch.utils.data.TensorDataset(x[:0], torch.zeros(0))
+    assert recalibrate_batch_norm(net, empty) == 0
 
 
 def test_dataset_augmentation_keeps_labels_and_content():

@@ -19,6 +19,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+import torch
 from pydantic import Field
 from torch.utils.data import Dataset
 
@@ -35,7 +36,13 @@ from morphoprof.models.cv_result import CVResult, FoldResult
 from morphoprof.models.data import ImageTensorDataset
 from morphoprof.models.settings import CVSection, ImagesSection, TrainConfig, TrainSection
 from morphoprof.models.splits import group_folds, split_groups
-from morphoprof.models.training import ImageClassifier, fit, predict_proba
+from morphoprof.models.training import (
+    ImageClassifier,
+    fit,
+    predict_proba,
+    recalibrate_batch_norm,
+    write_torch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +192,7 @@ def _image_datasets(images: np.ndarray, cv: CVConfig):
 
 
 _DONE = "test_probabilities.npy"  # a fold's predictions: written last, so it marks it done
+MODEL = "model.ckpt"  # the network that made a fold's predictions (best, BN recalibrated)
 
 
 def _labels(table: pd.DataFrame, cv: CVConfig) -> tuple[list[str], np.ndarray]:
@@ -217,13 +225,16 @@ def _fold(fold_dir: Path, f: int, train_rows: np.ndarray, test_rows: np.ndarray,
     module = make_module(f)
     info = fit(module, train_ds, fold_dir, fit_cfg, val_ds)
     if val_ds is not None:
-        import torch
-
         state = torch.load(info["best_checkpoint"], map_location="cpu",
                            weights_only=False)["state_dict"]
         module.load_state_dict(state)
+    if fit_cfg.recalibrate_bn:
+        info["recalibrated_bn_layers"] = recalibrate_batch_norm(
+            module, make_dataset(train_rows[keep], y[train_rows[keep]], False),
+            fit_cfg.batch_size)
     p = predict_proba(module, make_dataset(test_rows, y[test_rows], False),
                       batch_size=fit_cfg.batch_size)
+    write_torch(fold_dir / MODEL, {"state_dict": module.state_dict()})
     write_json(fold_dir / "fit.json", info)
     write_npy(done, p)
     return p, info

@@ -17,7 +17,7 @@ from morphoprof.datasets.source import build_index_from_config
 from morphoprof.errors import InputError
 from morphoprof.index.schema import ExperimentIndex, select_rows
 from morphoprof.io_utils import read_parquet, write_json
-from morphoprof.models.crossval import CVConfig, cross_validate
+from morphoprof.models.crossval import MODEL, CVConfig, cross_validate
 from morphoprof.models.cv_result import CVResult
 from morphoprof.models.settings import TrainConfig
 
@@ -283,7 +283,7 @@ def write_jacobian_overlays(folder: Path, index: ExperimentIndex, images: np.nda
 
     from morphoprof.models.jacobian import field_maps, mrf_mask, save_overlay
 
-    state = torch.load(folder / "fold0" / "checkpoints" / "last.ckpt", map_location="cpu",
+    state = torch.load(fold_model(folder, 0), map_location="cpu",
                        weights_only=False)["state_dict"]
     net = full_net(state)
     pred = read_parquet(folder / "predictions.parquet")
@@ -296,6 +296,14 @@ def write_jacobian_overlays(folder: Path, index: ExperimentIndex, images: np.nda
     return paths
 
 
+def fold_model(folder: Path, fold: int) -> Path:
+    """The weights that made fold ``fold``'s predictions in a training's ``KIND`` folder:
+    ``model.ckpt`` (best epoch, batch-norm statistics recomputed), or ``last.ckpt`` for folds
+    finished before model.ckpt was written."""
+    model = folder / f"fold{fold}" / MODEL
+    return model if model.is_file() else folder / f"fold{fold}" / "checkpoints" / "last.ckpt"
+
+
 def trained_mil(folder: str | Path, cfg: TrainConfig, fold: int = 0):
     """The whole trained MIL network (trunk and head, eval mode) of ``fold`` of a finished
     ``train mil`` run in ``folder`` (the run's ``output``) trained with the validated config
@@ -305,8 +313,7 @@ def trained_mil(folder: str | Path, cfg: TrainConfig, fold: int = 0):
     from morphoprof.models.mil import MILNet
 
     folder = Path(folder)
-    cv_file, ckpt = folder / "mil" / "cv.json", folder / "mil" / f"fold{fold}" / "checkpoints" \
-        / "last.ckpt"
+    cv_file, ckpt = folder / "mil" / "cv.json", fold_model(folder / "mil", fold)
     for f in (cv_file, ckpt):
         if not f.is_file():
             raise InputError(f"not a finished train mil run: {f} not found")

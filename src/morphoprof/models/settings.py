@@ -129,6 +129,9 @@ class TrainSection(Settings):
                            "(bf16-mixed also on CPUs with bf16 units, e.g. Intel AMX)")
     channels_last: bool = Field(False, description="train in channels-last memory format "
                                 "(faster convolutions on CPUs, with bf16-mixed above all)")
+    recalibrate_bn: bool = Field(True, description="after training, recompute batch-norm "
+                                 "statistics over the training images (one forward pass) "
+                                 "before predicting")
 
 
 class CVSection(Settings):

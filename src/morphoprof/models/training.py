@@ -166,10 +166,16 @@ class AtomicCheckpointIO(L.pytorch.plugins.io.TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None:
             raise TypeError("storage_options are not supported by AtomicCheckpointIO")
-        buffer = io.BytesIO()  # serialised first (as Lightning does): torch's zip writer
-        torch.save(checkpoint, buffer)  # reports a full disk as a bare RuntimeError
-        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            fh.write(buffer.getbuffer())
+        write_torch(path, checkpoint)
+
+
+def write_torch(path: str | Path, obj) -> None:
+    """``torch.save`` ``obj`` to ``path`` whole or not at all (:func:`atomic_path`); a failed
+    write is an OutputError naming ``path``."""
+    buffer = io.BytesIO()  # serialised first (as Lightning does): torch's zip writer
+    torch.save(obj, buffer)  # reports a full disk as a bare RuntimeError
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(buffer.getbuffer())
 
 
 def _quiet_lightning() -> None:
@@ -284,6 +290,43 @@ def fit(
             "seconds": seconds, "resumed_from": resumed,
             "global_rank": int(trainer.global_rank), "world_size": int(trainer.world_size),
             "train_batches_per_epoch": int(trainer.num_training_batches)}
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(module: nn.Module, data: Dataset, batch_size: int = 32) -> int:
+    """Recompute the running mean and variance of ``module``'s trained batch-norm layers as
+    plain averages over ``data`` (one forward pass, no gradients; the "precise BN" of Wu &
+    Johnson 2021). After a short fine-tuning the running averages (momentum 0.1) still mix the
+    pretrained network's statistics with those of the last few batches, and eval-mode
+    predictions suffer. Layers whose weights are frozen keep their statistics; dropout is off
+    during the pass.
+
+    Args:
+        data: ``(x, y)`` items as the network sees them at test time (``x`` ``(C, H, W)``
+            or, for cached maps, whatever the module takes), e.g. the training images without
+            augmentation.
+
+    Returns:
+        The number of layers recomputed (0: the module has none, or ``data`` is empty).
+    """
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and m.track_running_stats and (m.weight is None or m.weight.requires_grad)]
+    if not layers or not len(data):
+        return 0
+    was_training, momenta = module.training, [m.momentum for m in layers]
+    module.eval()
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+        m.train()
+    device = next(module.parameters()).device
+    loader = DataLoader(data, batch_size=batch_size, drop_last=len(data) > batch_size)
+    for x, _ in loader:
+        module(x.to(device))
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+    module.train(was_training)
+    return len(layers)
 
 
 @torch.inference_mode()
