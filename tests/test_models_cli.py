@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from morphoprof.cli import main
+from morphoprof.features.backbones import create_backbone
 from morphoprof.models.crossval import group_conformal, treatment_probabilities
 
 
@@ -83,6 +84,10 @@ def test_two_class_translocation_from_a_config_alone(tmp_path, capsys):
         assert all(torch.equal(model[k], last[k]) for k in model
                    if k not in stats and not k.endswith("num_batches_tracked"))
         assert not any(torch.allclose(model[k], last[k]) for k in stats)
+    # ... and loads as the transfer extractor's weights (the head left behind)
+    backbone = create_backbone("tf_efficientnet_lite0", str(fold / "model.ckpt"), in_chans=2)
+    own = backbone.model.state_dict()
+    assert all(torch.equal(own[k.removeprefix("net.")], model[k]) for k in stats)
     # A re-run reuses the finished folds (resume) and gives the same numbers.
     assert main(["train", "finetune", str(tmp_path / "train.yaml"), "--quiet"]) == 0
     again = json.loads((tmp_path / "out" / "finetune" / "cv.json").read_text())
