@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import os
 import re
+from collections.abc import Callable
+from typing import Any
 
 
 class MorphoprofError(Exception):
@@ -22,7 +24,7 @@ class ValidationError(MorphoprofError):
     """
 
     def __init__(self, what: str, problems: list[str], max_shown: int = 20) -> None:
-        self.what = what
+        self.what, self.max_shown = what, max_shown
         self.problems = list(problems)
         shown = self.problems[:max_shown]
         more = len(self.problems) - len(shown)
@@ -30,6 +32,9 @@ class ValidationError(MorphoprofError):
         if more > 0:
             lines.append(f"  ... and {more} more")
         super().__init__("\n".join(lines))
+
+    def __reduce__(self):  # as it was made: a worker process's error reaches its caller
+        return type(self), (self.what, self.problems, self.max_shown)
 
 
 class ImageReadError(InputError):
@@ -39,6 +44,9 @@ class ImageReadError(InputError):
         self.path, self.reason = str(path), reason
         super().__init__(f"cannot read image {self.path}: {reason}")
 
+    def __reduce__(self):
+        return type(self), (self.path, self.reason)
+
 
 class OutputError(MorphoprofError):
     """An output could not be written (permission, read-only or full disk, a path that is a
@@ -47,6 +55,20 @@ class OutputError(MorphoprofError):
     def __init__(self, path: object, reason: str) -> None:
         self.path, self.reason = str(path), reason
         super().__init__(f"cannot write {self.path}: {reason}")
+
+    def __reduce__(self):
+        return type(self), (self.path, self.reason)
+
+
+def outcome(fn: Callable[..., Any], *args: Any) -> tuple[Any, MorphoprofError | None]:
+    """``(fn(*args), None)``, or ``(None, the MorphoprofError it raised)``. Jobs run in a pool
+    through it, so that their caller raises the first failing job's error in the jobs' order,
+    whichever worker failed first: the file or row an error names does not depend on timing.
+    Every MorphoprofError pickles, so it crosses from a worker process."""
+    try:
+        return fn(*args), None
+    except MorphoprofError as exc:
+        return None, exc
 
 
 def os_reason(exc: OSError) -> str:

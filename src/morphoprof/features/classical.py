@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from pydantic import Field
 
-from morphoprof.errors import InputError
+from morphoprof.errors import InputError, outcome
 from morphoprof.extras import require
 from morphoprof.features.transfer import estimate_intensity_range
 from morphoprof.index.schema import IMAGE_SET_KEY, PLATE, ExperimentIndex
@@ -167,16 +167,6 @@ def _crop_rows(crops, rows, meta, channels, dna, lo, span, cfg: ClassicalConfig)
     return frames, skipped
 
 
-def _in_order(job, rows) -> tuple[tuple | None, str | None]:
-    """``(job(rows), None)``, or ``(None, message)`` when it raised InputError: the caller
-    raises the first failing chunk's, so the error named does not depend on which worker
-    process got there first."""
-    try:
-        return job(rows), None
-    except InputError as exc:
-        return None, str(exc)
-
-
 class ClassicalExtractor:
     """Segment nuclei and measure them with cp_measure, plate by plate, into a feature folder."""
 
@@ -196,9 +186,9 @@ class ClassicalExtractor:
         def shard(rows, bar, pool):
             chunks = np.array_split(rows, max(1, min(len(rows), 4 * n_jobs)))
             parts = []
-            for part, error in pool(delayed(_in_order)(job, c) for c in chunks if len(c)):
+            for part, error in pool(delayed(outcome)(job, c) for c in chunks if len(c)):
                 if error is not None:  # the first in row order, whichever worker failed first
-                    raise InputError(error)
+                    raise error
                 parts.append(part)
             frames = [f for part, _ in parts for f in part]
             skipped = [s for _, part in parts for s in part]

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from morphoprof.errors import InputError, MorphoprofError
+from morphoprof.errors import InputError, outcome
 from morphoprof.index.schema import PLATE, ExperimentIndex
 from morphoprof.io_utils import load_array_file, write_json, write_npy
 from morphoprof.logs import progress_bar
@@ -270,20 +270,17 @@ def compute_illumination(
     todo = [(p, rows) for p, rows in groups.items()
             if not corr.path(p).is_file() or plates.get(p, {}).get("images") != images[p]]
 
-    def work(plate: str, rows: np.ndarray) -> tuple[str, list, MorphoprofError | None]:
+    def work(plate: str, rows: np.ndarray) -> list:
         skipped: list = []
-        try:
-            write_npy(corr.path(plate), plate_function(index, rows, chans, window, percentile,
-                                                       on_error, skipped))
-        except MorphoprofError as exc:  # raised below in plate order, not the first to fail
-            return plate, skipped, exc
-        return plate, skipped, None
+        write_npy(corr.path(plate), plate_function(index, rows, chans, window, percentile,
+                                                   on_error, skipped))
+        return skipped
 
-    jobs = (delayed(work)(p, rows) for p, rows in todo)
+    jobs = (delayed(outcome)(work, p, rows) for p, rows in todo)
     bar = progress_bar(total=len(todo), desc="illumination functions", unit="plate")
     pool = Parallel(n_jobs=resolve_jobs(n_jobs), prefer="threads", return_as="generator")
-    for plate, skipped, error in pool(jobs):
-        if error is not None:
+    for (plate, _), (skipped, error) in zip(todo, pool(jobs), strict=True):
+        if error is not None:  # in plate order, not the first to fail
             raise error
         plates[plate] = {"images": images[plate], "skipped": skipped}
         record()
