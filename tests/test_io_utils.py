@@ -7,8 +7,16 @@ import zipfile
 import numpy as np
 import pytest
 
-from morphoprof.errors import OutputError
-from morphoprof.io_utils import atomic_path, new_folder, write_npz, write_npz_chunks
+from morphoprof.errors import InputError, OutputError
+from morphoprof.io_utils import (
+    NpyRows,
+    RowBuffer,
+    atomic_path,
+    new_folder,
+    write_npy_chunks,
+    write_npz,
+    write_npz_chunks,
+)
 
 
 def test_a_failed_atomic_write_leaves_no_file_and_no_folder_it_made(tmp_path):
@@ -94,3 +102,75 @@ def test_write_npz_chunks_writes_what_write_npz_writes_and_refuses_wrong_pieces(
         with pytest.raises(ValueError, match=says):
             write_npz_chunks(tmp_path / "bad.npz", "crops", crops.shape, np.float16, pieces)
         assert not list(tmp_path.glob("*bad*"))
+
+
+def test_npy_pieces_read_back_row_by_row_from_a_memory_map(tmp_path):
+    """write_npy_chunks writes what np.save writes; NpyRows reads the rows asked for (an int,
+    a slice, an int array; views of views), pickles as its path, not its data, and names a
+    file it cannot read."""
+    import pickle
+
+    crops = np.random.default_rng(2).random((53, 3, 8, 8)).astype(np.float32)
+    write_npy_chunks(tmp_path / "c.npy", crops.shape, np.float32,
+                     (crops[k:k + 10] for k in range(0, 53, 10)))
+    np.save(tmp_path / "whole.npy", crops)
+    assert (tmp_path / "c.npy").read_bytes() == (tmp_path / "whole.npy").read_bytes()
+    rows = NpyRows(tmp_path / "c.npy")
+    assert rows.shape == crops.shape and len(rows) == 53 and rows.dtype == np.float32
+    np.testing.assert_array_equal(rows[5], crops[5])
+    np.testing.assert_array_equal(rows[3:9], crops[3:9])
+    np.testing.assert_array_equal(rows[np.array([7, 2, 2])], crops[[7, 2, 2]])
+    sub = rows.subset([10, 3, 40])
+    assert sub.shape == (3, 3, 8, 8) and not isinstance(sub[0], np.memmap)
+    np.testing.assert_array_equal(sub[1], crops[3])
+    np.testing.assert_array_equal(sub.subset([2, 0])[0], crops[40])
+    np.testing.assert_array_equal(np.asarray(sub), crops[[10, 3, 40]])
+    blob = pickle.dumps(rows)
+    assert len(blob) < crops.nbytes / 4
+    np.testing.assert_array_equal(pickle.loads(blob)[52], crops[52])
+    # the row count alone: the rest of the shape is the first piece's
+    write_npy_chunks(tmp_path / "rows.npy", 53, np.float32,
+                     (crops[k:k + 10] for k in range(0, 53, 10)))
+    assert (tmp_path / "rows.npy").read_bytes() == (tmp_path / "whole.npy").read_bytes()
+    with pytest.raises(ValueError, match="no pieces"):
+        write_npy_chunks(tmp_path / "bad.npy", 53, np.float32, iter([]))
+    with pytest.raises(ValueError, match="does not fit"):
+        write_npy_chunks(tmp_path / "bad.npy", crops.shape, np.float32, [crops, crops[:1]])
+    assert not list(tmp_path.glob("*bad*"))
+    with pytest.raises(InputError, match="missing.npy"):
+        NpyRows(tmp_path / "missing.npy")
+
+
+def test_a_row_buffer_holds_the_batches_in_one_array():
+    """Batches land in one array made at the first (its width and type, or the type asked
+    for); fewer rows than announced are cut off; no batch gives the empty value."""
+    buf = RowBuffer(7, np.float32)
+    buf.add(np.arange(6).reshape(3, 2))
+    buf.add(np.arange(6, 10).reshape(2, 2))
+    out = buf.result(np.zeros((0, 0)))
+    assert out.dtype == np.float32 and out.shape == (5, 2)
+    np.testing.assert_array_equal(out, np.arange(10).reshape(5, 2))
+    assert buf.array.shape == (7, 2)  # one array, allocated once
+    keys = RowBuffer(3)
+    keys.add(np.array([4, 2], np.int32))
+    assert keys.result(np.zeros(0)).dtype == np.int32
+    empty = np.zeros(0, np.int64)
+    assert RowBuffer(4).result(empty) is empty
+
+
+def test_npy_pieces_that_cannot_be_written_name_the_file_and_leave_nothing(tmp_path):
+    """A full disk while the pieces are written, or a parent that is a file, is one
+    OutputError naming the file; no partial or temporary file stays behind."""
+    import errno
+
+    def pieces():
+        yield np.zeros((4, 2), np.float32)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = tmp_path / "out" / "crops.npy"
+    with pytest.raises(OutputError, match=r"crops\.npy: No space left on device"):
+        write_npy_chunks(target, 8, np.float32, pieces())
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="file/crops.npy"):
+        write_npy_chunks(tmp_path / "file" / "crops.npy", 1, np.float32, [np.zeros((1, 2))])

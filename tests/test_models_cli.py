@@ -70,6 +70,8 @@ def test_two_class_translocation_from_a_config_alone(tmp_path, capsys):
         test_wells = set(preds.loc[preds["Metadata_fold"] == f, "Metadata_well"])
         assert test_wells.isdisjoint(preds.loc[preds["Metadata_fold"] != f, "Metadata_well"])
     assert "treatment accuracy" in capsys.readouterr().out
+    # the images were read into finetune/images.npy for the run, and deleted after it
+    assert not list((tmp_path / "out" / "finetune").glob("images.npy*"))
     # Each fold keeps the network that made its predictions: the trained weights, with batch-norm
     # statistics recomputed over its training images (the running averages of 4 short epochs
     # still hold ImageNet's)
@@ -129,6 +131,7 @@ output: out
     assert set(res["conformal"]) >= {"coverage", "mean_set_size", "target_coverage"}
     pngs = res["jacobian_overlays"]
     assert len(pngs) == 2 and all(open(p, "rb").read(4) == b"\x89PNG" for p in pngs)
+    assert not list((tmp_path / "out" / "mil").glob("images.npy*"))
 
 
 def test_treatment_probabilities_mean_and_median():

@@ -136,6 +136,18 @@ def test_frozen_cache_equals_the_whole_network(tmp_path):
     train = CachedMapDataset(maps, np.arange(5), np.zeros(5), train=True, crop=6)
     a, b = train[(1, 123)][0], train[(1, 123)][0]
     assert a.shape == (40, 6, 6) and torch.equal(a, b)  # a function of the sampler's seed
+    # the maps written batch by batch as the trunk makes them (train mil's way: never held
+    # whole) are the same bytes, from images read off disk as well
+    from morphoprof.io_utils import NpyRows, write_npy_chunks
+    from morphoprof.models.mil_cache import trunk_map_batches
+
+    write_npy_chunks(tmp_path / "images.npy", images.shape, np.float32, [images])
+    on_disk = NpyRows(tmp_path / "images.npy")
+    batches = list(trunk_map_batches(net.trunk, on_disk, mean, std, 8, batch_size=2))
+    assert [len(b) for b in batches] == [2, 2, 1] and not net.trunk.training
+    streamed = cached_trunk_maps(tmp_path / "streamed", key, lambda: iter(batches), n=5)
+    np.testing.assert_array_equal(streamed, maps)
+    assert isinstance(streamed, np.memmap) and streamed.dtype == np.float16
 
 
 def test_dihedral_transforms_are_the_eight_symmetries():

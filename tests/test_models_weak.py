@@ -118,6 +118,69 @@ def test_items_and_batches_are_pure_functions_of_their_keys():
         assert length in (3, 5, 8) and len(batch) == 16 // length
 
 
+def test_a_training_set_read_from_disk_gives_the_items_of_one_held_in_memory(tmp_path):
+    """Crops memory-mapped from a file (as ``train weak`` reads them) are not loaded, and
+    give the very items (augmentation and mixup included) the in-memory crops give."""
+    from morphoprof.io_utils import NpyRows, write_npy_chunks
+
+    crops, table = toy_cells()
+    write_npy_chunks(tmp_path / "c.npy", crops.shape, np.float32, [crops])
+    on_disk = WeakTrainSet(NpyRows(tmp_path / "c.npy"), groups_of(table), mixup_alpha=0.2,
+                           shift=3)
+    held = WeakTrainSet(crops, groups_of(table), mixup_alpha=0.2, shift=3)
+    assert isinstance(on_disk.crops, NpyRows) and isinstance(held.crops, torch.Tensor)
+    for key in [(3, 5), (11, 1), (123, 8)]:
+        assert all(torch.equal(u, v) for u, v in zip(on_disk[key], held[key], strict=True))
+
+
+def test_prepared_crops_are_written_in_pieces_identical_to_a_whole_preparation(tmp_path):
+    """``train weak`` prepares its crops a chunk at a time into a file: the same values as
+    preparing them all in memory, a peak of Python-side memory far below the whole, and an
+    interrupted run's file reused only where it was made with the same settings."""
+    import subprocess
+    import sys
+
+    from morphoprof.models.weak_run import prepare_crops, prepare_crops_file
+
+    raw, _ = toy_cells(n_per_well=40)  # 720 crops of 3 x 32 x 32
+    raw *= 1000
+    asked = []
+
+    def read(ks):
+        asked.append(len(ks))
+        return raw[ks]
+
+    path = tmp_path / "weak" / "crops.npy"
+    resized = prepare_crops_file(read, len(raw), 24, "max", path, {"v": 1}, chunk=50)
+    np.testing.assert_array_equal(np.asarray(resized), prepare_crops(raw, 24, "max"))
+    assert max(asked) == 50 and resized.shape == (720, 3, 24, 24)
+    stamp, asked[:] = path.stat().st_mtime_ns, []
+    assert prepare_crops_file(read, len(raw), 24, "max", path, {"v": 1}).shape == resized.shape
+    assert asked == [] and path.stat().st_mtime_ns == stamp  # reused: nothing read
+    whole = prepare_crops_file(read, len(raw), None, "max", path, {"v": 2}, chunk=20)
+    assert whole.shape == raw.shape and path.stat().st_mtime_ns != stamp  # made again
+    np.testing.assert_array_equal(whole[[0, 719]], prepare_crops(raw[[0, 719]], None, "max"))
+    # the peak of Python-side memory while preparing, in a process of its own: in this one,
+    # threads left by earlier tests allocate inside the window too
+    np.save(tmp_path / "raw.npy", raw)
+    measure = f"""
+import tracemalloc, numpy as np
+from morphoprof.models.weak_run import prepare_crops_file
+raw = np.load({str(tmp_path / "raw.npy")!r})
+prepare_crops_file(lambda ks: raw[ks], 1, None, "max", {str(tmp_path / "warm.npy")!r}, {{}})
+tracemalloc.start()
+prepare_crops_file(lambda ks: raw[ks], len(raw), None, "max", {str(tmp_path / "m.npy")!r},
+                   {{}}, chunk=20)
+print(tracemalloc.get_traced_memory()[1])
+"""
+    done = subprocess.run([sys.executable, "-c", measure], capture_output=True, text=True,
+                          check=True)
+    peak = int(done.stdout.split()[-1])
+    assert peak < raw.nbytes / 4, (peak, raw.nbytes)
+    with pytest.raises(InputError, match="no cells to train on"):
+        prepare_crops_file(read, 0, None, "max", tmp_path / "none.npy", {})
+
+
 def test_bad_groups_are_refused():
     with pytest.raises(InputError, match="label code"):
         CellGroups(np.array([0, 0]), np.array([0, 1]), np.array([0, 1]), 2)
@@ -211,6 +274,7 @@ def test_weak_run_learns_and_writes_embeddings(crop_files, tmp_path):
     assert s.cells == {"train": 60, "val": 0, "test": 30}
     assert s.heldout_cell_accuracy >= 0.8, s  # chance is 1/3
     assert s.layer == "layer3" and s.train_cells_per_s > 0
+    assert not list((tmp_path / "run" / "weak").glob("crops.npy*"))  # removed when finished
     assert s.heldout.n == 30 and s.wall_seconds > s.train_seconds
     written = json.loads((tmp_path / "run" / "weak" / "weak.json").read_text())
     assert written == {k: v for k, v in s.to_json().items() if k != "wall_seconds"}
@@ -296,7 +360,8 @@ def test_the_screens_cells_follow_the_segmentation_settings(tiny_screen, tmp_pat
         return crops_from_screen(load_weak_config(tmp_path / "weak.yaml")[0], tmp_path / "weak")
 
     few = cells(min_distance=3, min_area=150)[1]
-    crops, many, names = cells(min_distance=3)
+    screen, many, names = cells(min_distance=3)
+    crops = screen.crops(np.arange(len(screen)))  # cut as asked, not held
     assert len(many) > len(few) > 0
     # the crops are each cell's own, as the dataset cuts them one at a time
     ds = CropDataset(index, read_parquet(tmp_path / "weak" / "cells.parquet"), 32, names,

@@ -29,6 +29,7 @@ from morphoprof.errors import InputError
 from morphoprof.features import onnx_cache
 from morphoprof.features.backbones import DEFAULT_MODEL, Backbone, create_backbone
 from morphoprof.index.schema import IMAGE_SET_KEY, PLATE, ExperimentIndex
+from morphoprof.io_utils import RowBuffer
 from morphoprof.prefetch import Prefetched
 from morphoprof.preprocess.crops import CropDataset, cell_table_identity, normalize_crops
 from morphoprof.registry import register_extractor, settings_for
@@ -570,7 +571,7 @@ class TransferExtractor:
         self.skipped: list[tuple[int, str]] = []
         passes = len(channel_names) if self.cfg.channel_strategy == "greyscale" else 1
         self.choose_engine((run_size or len(dataset)) * passes * self.cfg.tiles**2)
-        feats, keys = [], []
+        feats, keys = RowBuffer(len(dataset), np.float32), RowBuffer(len(dataset))
         for item in batches if batches is not None else self.batches(dataset):
             batch, key = item[:2]
             if skipping:
@@ -581,13 +582,12 @@ class TransferExtractor:
                     continue
             if self.cfg.image_size and tuple(batch.shape[-2:]) != self.size and self.cfg.tiles == 1:
                 batch = F.interpolate(batch, size=self.size, mode="bilinear", antialias=True)
-            feats.append(self.features_from_batch(batch, channel_names))
-            keys.append(key.numpy())
+            feats.add(self.features_from_batch(batch, channel_names))
+            keys.add(key.numpy())
             if bar is not None:
                 bar.update(len(key))
-        if not feats:
-            return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-        return np.concatenate(feats).astype(np.float32), np.concatenate(keys)
+        return (feats.result(np.zeros((0, 0), np.float32)),
+                keys.result(np.zeros(0, np.int64)))
 
     def extract_cells(
         self,

@@ -33,7 +33,7 @@ from morphoprof.errors import InputError
 from morphoprof.index.schema import PLATE, WELL, ExperimentIndex
 from morphoprof.io_utils import write_json, write_npy, write_parquet
 from morphoprof.models.cv_result import CVResult, FoldResult
-from morphoprof.models.data import ImageTensorDataset
+from morphoprof.models.data import ImageTensorDataset, take_rows
 from morphoprof.models.settings import CVSection, ImagesSection, TrainConfig, TrainSection
 from morphoprof.models.splits import group_folds, split_groups
 from morphoprof.models.training import (
@@ -124,7 +124,8 @@ def cross_validate(
 
     Args:
         index: the images' experiment index (row i <-> ``images[i]``).
-        images: ``(N, C, H, W)`` float32, already resized and normalised.
+        images: ``(N, C, H, W)`` float32, already resized and normalised (in memory, or an
+            :class:`~morphoprof.io_utils.NpyRows` read item by item).
         make_module: builds a fresh, seeded :class:`ImageClassifier` (argument: the fold).
         make_dataset: ``(rows, targets, train) -> Dataset`` to serve something other than
             ``images`` (e.g. a frozen trunk's cached feature maps); default: the images with
@@ -184,9 +185,9 @@ def _image_datasets(images: np.ndarray, cv: CVConfig):
     says for training, plain for validation and test; normalised either way."""
     def make_dataset(rows: np.ndarray, targets: np.ndarray, train: bool) -> Dataset:
         if train:
-            return ImageTensorDataset(images[rows], targets, augment=cv.augment, crop=cv.crop,
-                                      mean=cv.mean, std=cv.std)
-        return ImageTensorDataset(images[rows], targets, mean=cv.mean, std=cv.std)
+            return ImageTensorDataset(take_rows(images, rows), targets, augment=cv.augment,
+                                      crop=cv.crop, mean=cv.mean, std=cv.std)
+        return ImageTensorDataset(take_rows(images, rows), targets, mean=cv.mean, std=cv.std)
 
     return make_dataset
 

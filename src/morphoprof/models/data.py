@@ -3,8 +3,10 @@ augmentation (flips, 90-degree rotations, random crops) and labels."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,6 +14,7 @@ from torch.utils.data import Dataset
 
 from morphoprof.errors import InputError
 from morphoprof.index.schema import ExperimentIndex
+from morphoprof.io_utils import NpyRows, write_npy_chunks
 from morphoprof.logs import progress_bar
 from morphoprof.preprocess.crops import normalize_crops
 
@@ -26,7 +29,8 @@ def load_images(
     normalization: str = "none",
     scale: float = 1.0,
     illumination=None,
-) -> np.ndarray:
+    path: str | Path | None = None,
+) -> np.ndarray | NpyRows:
     """Read image sets into one ``(N, C, S, S)`` float32 array (or native ``(N, C, H, W)``).
 
     Args:
@@ -39,6 +43,9 @@ def load_images(
             :func:`~morphoprof.preprocess.crops.normalize_crops`).
         scale: intensities are divided by this first (e.g. 255 for 8-bit PNGs).
         illumination: optional per-plate illumination correction.
+        path: write the images to this ``.npy`` file as they are read (atomically) and return
+            it memory-mapped (:class:`~morphoprof.io_utils.NpyRows`, read as indexed): a
+            screen larger than memory is never held whole. None: one array in memory.
 
     Raises:
         InputError: an image cannot be read (names the row) or shapes differ without ``size``.
@@ -47,8 +54,30 @@ def load_images(
     channels = list(channels or index.channels)
     if scale <= 0:
         raise InputError(f"intensity scale must be > 0, got {scale}")
-    out: np.ndarray | None = None
-    for k, i in enumerate(progress_bar(rows, desc="loading images", unit="image")):
+    images = _read_images(index, rows, channels, size, normalization, scale, illumination)
+    first = next(images, None)
+    if first is None:
+        raise InputError("no images to load")
+    shape = (len(rows), *first.shape)
+    if path is None:
+        out = np.empty(shape, dtype=np.float32)
+        for k, arr in enumerate(itertools.chain([first], images)):
+            out[k] = arr
+    else:
+        write_npy_chunks(path, shape, np.float32,
+                         (a[None] for a in itertools.chain([first], images)))
+        out = NpyRows(path)
+    logger.info(f"loaded {len(rows)} images as {shape[1:]} "
+                f"({np.prod(shape) * 4 / 2**20:.0f} MiB{'' if path is None else f', {path}'})")
+    return out
+
+
+def _read_images(index: ExperimentIndex, rows: np.ndarray, channels: list[str],
+                 size: int | None, normalization: str, scale: float, illumination):
+    """The image sets ``rows`` one at a time as :func:`load_images` makes them, ``(C, S, S)``
+    float32; an image of another shape than the first raises (with no ``size``)."""
+    shape = None
+    for i in progress_bar(rows, desc="loading images", unit="image"):
         try:
             img = index.read(int(i), channels, illumination)
         except InputError as exc:
@@ -58,23 +87,42 @@ def load_images(
             x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear",
                                                 antialias=True, align_corners=False)
         arr = normalize_crops(x.numpy(), normalization)[0]
-        if out is None:
-            out = np.empty((len(rows), *arr.shape), dtype=np.float32)
-        elif arr.shape != out.shape[1:]:
+        if shape is not None and arr.shape != shape:
             raise InputError(f"{index.describe(int(i))}: image shape {arr.shape} "
-                             f"differs from the first image's {out.shape[1:]}; set a size")
-        out[k] = arr
-    if out is None:
-        raise InputError("no images to load")
-    logger.info(f"loaded {len(rows)} images as {out.shape[1:]} ({out.nbytes / 2**20:.0f} MiB)")
-    return out
+                             f"differs from the first image's {shape}; set a size")
+        shape = arr.shape
+        yield arr
+
+
+def take_rows(images: np.ndarray | NpyRows, rows: np.ndarray) -> np.ndarray | NpyRows:
+    """``images[rows]``: for an in-memory array a copy of those rows, for an
+    :class:`~morphoprof.io_utils.NpyRows` a view of them (nothing is read)."""
+    return images.subset(rows) if isinstance(images, NpyRows) else images[rows]
+
+
+def item_source(images) -> torch.Tensor | object:
+    """What a dataset indexes for its items: an in-memory ``(N, ...)`` numpy array as one
+    float32 tensor (items are views of it); an array-like read as it is indexed (an
+    :class:`~morphoprof.io_utils.NpyRows`, a ``np.memmap``) as it is, so it is never held
+    whole. Read an item with :func:`item_tensor`."""
+    if isinstance(images, np.ndarray) and not isinstance(images, np.memmap):
+        return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    return images
+
+
+def item_tensor(source, k: int) -> torch.Tensor:
+    """Item ``k`` of an :func:`item_source` as a float32 tensor."""
+    if isinstance(source, torch.Tensor):
+        return source[k]
+    return torch.from_numpy(np.ascontiguousarray(source[k], dtype=np.float32))
 
 
 class ImageTensorDataset(Dataset):
-    """Items ``(image, target)`` from an in-memory ``(N, C, H, W)`` array.
+    """Items ``(image, target)`` from an ``(N, C, H, W)`` array.
 
     Args:
-        images: float32 array.
+        images: float32 array, held in memory; or an array-like read item by item
+            (:func:`item_source`).
         targets: ``(N,)`` class indices, or ``(N, K)`` 0/1 for multi-label.
         augment: random horizontal/vertical flips and 90-degree rotations (square images).
         crop: random ``crop`` x ``crop`` windows when training (None: the whole image).
@@ -86,7 +134,7 @@ class ImageTensorDataset(Dataset):
                  std: Sequence[float] = (1.0,)) -> None:
         if len(images) != len(targets):
             raise InputError(f"{len(images)} images but {len(targets)} labels")
-        self.images = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        self.images = item_source(images)
         t = np.asarray(targets)
         self.targets = torch.from_numpy(t.astype(np.float32 if t.ndim == 2 else np.int64))
         self.augment = augment
@@ -105,7 +153,7 @@ class ImageTensorDataset(Dataset):
         augmentation is then a function of the seed, so a resumed run repeats it exactly)."""
         k, seed = key if isinstance(key, tuple) else (key, None)
         gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-        x = self.images[k]
+        x = item_tensor(self.images, k)
         if self.crop is not None:
             h, w = x.shape[-2:]
             y0 = int(torch.randint(0, h - self.crop + 1, (), generator=gen))

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from morphoprof.errors import InputError
-from morphoprof.io_utils import write_json, write_npy
+from morphoprof.io_utils import NpyRows, write_json, write_npy_chunks
 from morphoprof.logs import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -40,21 +40,20 @@ def dihedral(x: torch.Tensor, t: int) -> torch.Tensor:
     return y.flip(-1) if t >= 4 else y
 
 
-@torch.inference_mode()
-def trunk_maps(trunk: torch.nn.Module, images: np.ndarray, mean: Sequence[float],
-               std: Sequence[float], transforms: int = N_DIHEDRAL, batch_size: int = 16
-               ) -> np.ndarray:
-    """The trunk's feature maps of every image under the first ``transforms`` dihedral
-    transforms.
+def trunk_map_batches(trunk: torch.nn.Module, images: np.ndarray | NpyRows,
+                      mean: Sequence[float], std: Sequence[float],
+                      transforms: int = N_DIHEDRAL, batch_size: int = 16
+                      ) -> Iterator[np.ndarray]:
+    """The trunk's feature maps of the images under the first ``transforms`` dihedral
+    transforms, ``batch_size`` images at a time: ``(B, T, D, h, w)`` float16 per batch, in
+    order (so a screen's maps can be written as they come, never held whole).
 
     Args:
         trunk: ``(B, C, H, W)`` -> ``(B, D, h, w)``, run in eval mode.
-        images: ``(N, C, H, W)`` float32 intensities (square when ``transforms > 1``).
+        images: ``(N, C, H, W)`` float32 intensities (square when ``transforms > 1``), in
+            memory or read as indexed (:class:`~morphoprof.io_utils.NpyRows`).
         mean, std: per-channel input normalisation (length C).
         transforms: 1 (identity only) to 8.
-
-    Returns:
-        ``(N, T, D, h, w)`` float16.
     """
     if transforms > 1 and images.shape[-1] != images.shape[-2]:
         raise InputError(f"rotated copies need square images, got {images.shape[-2:]}")
@@ -62,24 +61,29 @@ def trunk_maps(trunk: torch.nn.Module, images: np.ndarray, mean: Sequence[float]
     trunk.eval()
     m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
     s = torch.tensor(std, dtype=torch.float32)[:, None, None]
-    out: np.ndarray | None = None
     try:
         for start in progress_bar(range(0, len(images), batch_size), desc="trunk feature maps",
-                          unit="batch"):
-            x = (torch.from_numpy(images[start:start + batch_size]) - m) / s
-            for t in range(transforms):
-                f = trunk(dihedral(x, t).contiguous())
-                if out is None:
-                    out = np.empty((len(images), transforms, *f.shape[1:]), np.float16)
-                out[start:start + len(x), t] = f.numpy().astype(np.float16)
+                                  unit="batch"):
+            with torch.inference_mode():
+                x = (torch.from_numpy(images[start:start + batch_size]) - m) / s
+                maps = [trunk(dihedral(x, t).contiguous()).numpy().astype(np.float16)
+                        for t in range(transforms)]
+            yield np.stack(maps, axis=1)
     finally:
         trunk.train(was_training)
-    if out is None:
+
+
+def trunk_maps(trunk: torch.nn.Module, images: np.ndarray | NpyRows, mean: Sequence[float],
+               std: Sequence[float], transforms: int = N_DIHEDRAL, batch_size: int = 16
+               ) -> np.ndarray:
+    """All of :func:`trunk_map_batches` in one ``(N, T, D, h, w)`` float16 array."""
+    parts = list(trunk_map_batches(trunk, images, mean, std, transforms, batch_size))
+    if not parts:
         raise InputError("no images to compute feature maps of")
-    return out
+    return np.concatenate(parts)
 
 
-def cache_key(trunk_info: dict, images: np.ndarray, mean: Sequence[float],
+def cache_key(trunk_info: dict, images: np.ndarray | NpyRows, mean: Sequence[float],
               std: Sequence[float], transforms: int) -> dict:
     """What the cached maps depend on: the trunk, a digest of the images, the input
     normalisation and the number of transforms."""
@@ -87,17 +91,22 @@ def cache_key(trunk_info: dict, images: np.ndarray, mean: Sequence[float],
     digest.update(str(images.shape).encode())
     for i in range(0, len(images), max(1, len(images) // 64)):
         digest.update(np.ascontiguousarray(images[i]).tobytes())
-    digest.update(np.float64(images.sum(dtype=np.float64)).tobytes())
+    # summed 64 images at a time: the same key whether the images are in memory or on disk
+    total = sum(images[i:i + 64].sum(dtype=np.float64) for i in range(0, len(images), 64))
+    digest.update(np.float64(total).tobytes())
     return {"trunk": trunk_info, "images": digest.hexdigest(), "shape": list(images.shape),
             "mean": [float(v) for v in mean], "std": [float(v) for v in std],
             "transforms": int(transforms)}
 
 
-def cached_trunk_maps(folder: str | Path, key: dict, compute: Callable[[], np.ndarray]
-                      ) -> np.ndarray:
+def cached_trunk_maps(folder: str | Path, key: dict,
+                      compute: Callable[[], np.ndarray | Iterable[np.ndarray]],
+                      n: int | None = None) -> np.ndarray:
     """Maps from ``folder`` when its ``key.json`` equals ``key``, else ``compute()`` them and
-    store them there (``maps.npy``, ``computed.json`` with the seconds it took, and
-    ``key.json`` last, each written whole). Returns the maps, memory-mapped when read back."""
+    store them there (``maps.npy``, ``computed.json`` with the seconds computing and writing
+    took, and ``key.json`` last, each written whole). ``compute()`` gives the maps as one
+    array, or as ``(B, ...)`` pieces in order (e.g. :func:`trunk_map_batches`) adding up to
+    ``n`` maps, written as they come. Returns the maps memory-mapped from ``maps.npy``."""
     folder = Path(folder)
     key_file, maps_file = folder / "key.json", folder / "maps.npy"
     if key_file.is_file() and maps_file.is_file():
@@ -110,9 +119,16 @@ def cached_trunk_maps(folder: str | Path, key: dict, compute: Callable[[], np.nd
             return np.load(maps_file, mmap_mode="r")
     t0 = time.perf_counter()
     maps = compute()
-    seconds = time.perf_counter() - t0
+    whole = isinstance(maps, np.ndarray)
+    if not whole and n is None:
+        raise InputError("cached_trunk_maps: pieces need their total n")
+    if not (len(maps) if whole else n):
+        raise InputError("no images to compute feature maps of")
     key_file.unlink(missing_ok=True)  # the maps and their key change together
-    write_npy(maps_file, maps)
+    write_npy_chunks(maps_file, len(maps) if whole else n, np.float16,
+                     [maps] if whole else maps)
+    seconds = time.perf_counter() - t0
+    maps = np.load(maps_file, mmap_mode="r")
     write_json(folder / "computed.json", {"seconds": seconds, "shape": list(maps.shape)})
     write_json(key_file, key)
     logger.info(f"trunk feature maps {maps.shape[1:]} x {len(maps)} images "

@@ -16,7 +16,7 @@ import numpy as np
 from morphoprof.datasets.source import build_index_from_config
 from morphoprof.errors import InputError
 from morphoprof.index.schema import ExperimentIndex, select_rows
-from morphoprof.io_utils import read_parquet, write_json
+from morphoprof.io_utils import NpyRows, noted_npy, read_parquet, remove_noted, write_json
 from morphoprof.models.crossval import MODEL, CVConfig, cross_validate
 from morphoprof.models.cv_result import CVResult
 from morphoprof.models.settings import TrainConfig
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from morphoprof.models.mil import MILConfig
 
 KINDS = ("finetune", "mil")
+IMAGES = "images.npy"  # a training's images ready for the network, while it runs
 
 
 def module_factory(kind: str, cfg: TrainConfig, n_classes: int, in_chans: int):
@@ -58,11 +59,22 @@ def mil_config(cfg: TrainConfig, n_classes: int, in_chans: int) -> MILConfig:
                      seed=cfg.train.seed, **cfg.mil.network().model_dump())
 
 
-def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(images: np.ndarray | NpyRows, chunk: int = 64
+                  ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation of ``(N, C, H, W)`` images (Kraus normalised
-    the inputs of networks trained from scratch with these)."""
-    mean = images.mean(axis=(0, 2, 3), dtype=np.float64)
-    std = images.std(axis=(0, 2, 3), dtype=np.float64)
+    the inputs of networks trained from scratch with these). Images on disk
+    (:class:`~morphoprof.io_utils.NpyRows`) are read ``chunk`` at a time, twice (the mean,
+    then the squared deviations from it), in float64."""
+    if isinstance(images, NpyRows):
+        n = len(images) * images.shape[2] * images.shape[3]
+        parts = range(0, len(images), chunk)
+        mean = sum(images[i:i + chunk].sum(axis=(0, 2, 3), dtype=np.float64) for i in parts) / n
+        dev = sum((((images[i:i + chunk] - mean[:, None, None]) ** 2)).sum(axis=(0, 2, 3))
+                  for i in parts)
+        std = np.sqrt(dev / n)
+    else:
+        mean = images.mean(axis=(0, 2, 3), dtype=np.float64)
+        std = images.std(axis=(0, 2, 3), dtype=np.float64)
     return tuple(float(v) for v in mean), tuple(float(v) if v > 0 else 1.0 for v in std)
 
 
@@ -148,7 +160,7 @@ def _frozen_setup(cfg: TrainConfig, trunk, mcfg, kw: dict, images: np.ndarray, m
         cache_compute_seconds,
         cache_key,
         cached_trunk_maps,
-        trunk_maps,
+        trunk_map_batches,
     )
     from morphoprof.models.training import ImageClassifier
 
@@ -166,7 +178,8 @@ def _frozen_setup(cfg: TrainConfig, trunk, mcfg, kw: dict, images: np.ndarray, m
     folder = Path(m.cache) if m.cache else out / "mil" / "trunk_maps"
     t0 = time.perf_counter()
     source = TrunkPrefix(trunk) if last else trunk
-    maps = cached_trunk_maps(folder, key, lambda: trunk_maps(source, images, mean, std, n_t))
+    maps = cached_trunk_maps(folder, key, lambda: trunk_map_batches(source, images, mean, std,
+                                                                     n_t), n=len(images))
     info.update(feature_maps=list(maps.shape[2:]), transforms=n_t, trained_last_stage=last,
                 cache_seconds=time.perf_counter() - t0,
                 cache_compute_seconds=cache_compute_seconds(folder), cache=str(folder))
@@ -217,15 +230,26 @@ def training_index(cfg: TrainConfig, folder: str | Path) -> ExperimentIndex:
     return select_rows(build_index_from_config(cfg.data, folder), cfg.select)
 
 
-def training_images(cfg: TrainConfig, index: ExperimentIndex, rows=None) -> np.ndarray:
+def training_images(cfg: TrainConfig, index: ExperimentIndex, rows=None,
+                    path: Path | None = None) -> np.ndarray | NpyRows:
     """``index``'s image sets (``rows``, default all) read as a training config reads them:
     its ``channels`` (default: the index's), ``images.size``, ``normalization`` and ``scale``;
-    ``(N, C, S, S)`` float32 (see :func:`~morphoprof.models.data.load_images`)."""
+    ``(N, C, S, S)`` float32 (see :func:`~morphoprof.models.data.load_images`). With ``path``,
+    written to that ``.npy`` file and read from it memory-mapped; reused where an interrupted
+    run with the same images and settings wrote it (:func:`~morphoprof.io_utils.noted_npy`)."""
     from morphoprof.models.data import load_images
 
-    im = cfg.images
-    return load_images(index, rows, channels=cfg.channels or index.channels, size=im.size,
-                       normalization=im.normalization, scale=im.scale)
+    im, channels = cfg.images, cfg.channels or index.channels
+
+    def load(target: Path | None):
+        return load_images(index, rows, channels=channels, size=im.size,
+                           normalization=im.normalization, scale=im.scale, path=target)
+
+    if path is None:
+        return load(None)
+    return noted_npy(path, {"index": index.digest(), "rows": None if rows is None else
+                            np.asarray(rows).tolist(), "channels": list(channels),
+                            "images": im.model_dump(mode="json")}, load)
 
 
 def run_training(kind: str, cfg: TrainConfig, config_text: str = "",
@@ -244,11 +268,11 @@ def run_training(kind: str, cfg: TrainConfig, config_text: str = "",
                           if kind == "mil" else ("mil",), keep=("trunk_maps",))
     if config_text:
         (out / f"train_{kind}.yaml").write_text(config_text)
-    images = training_images(cfg, index)
     if cfg.label not in index.table.columns:
         raise InputError(f"label column {cfg.label!r} is not in the index; found "
                          f"{list(index.table.columns)}")
     n_classes = index.table[cfg.label].astype(str).nunique()
+    images = training_images(cfg, index, path=out / kind / IMAGES)
     setup = None
     if kind == "mil":
         setup = mil_setup(cfg, images, n_classes, out)
@@ -270,6 +294,7 @@ def run_training(kind: str, cfg: TrainConfig, config_text: str = "",
     result = result.with_run(kind=kind, trunk=setup.info if setup else None,
                              jacobian_overlays=overlays)
     write_json(out / kind / "cv.json", result.to_json())
+    remove_noted(out / kind / IMAGES)
     return result
 
 

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from morphoprof.errors import InputError
 from morphoprof.extras import require
-from morphoprof.io_utils import atomic_path, write_json
+from morphoprof.io_utils import RowBuffer, atomic_path, write_json
 from morphoprof.logs import progress_enabled
 from morphoprof.models.data import EpochSampler
 from morphoprof.models.mil import mil_loss
@@ -333,9 +333,9 @@ def recalibrate_batch_norm(module: nn.Module, data: Dataset, batch_size: int = 3
 def predict_proba(module: ImageClassifier, data: Dataset, batch_size: int = 32) -> np.ndarray:
     """Class probabilities ``(N, K)`` (softmax, or sigmoid for multi-label) in eval mode."""
     module.eval()
-    probs = []
+    probs = RowBuffer(len(data), np.float64)
     for x, _ in DataLoader(data, batch_size=batch_size):
         logits = module(x.to(module.device))["logits"].float()
         p = torch.sigmoid(logits) if module.multilabel else torch.softmax(logits, 1)
-        probs.append(p.cpu().numpy())
-    return np.concatenate(probs).astype(np.float64)
+        probs.add(p.cpu().numpy())
+    return probs.result(np.zeros((0, 0)))

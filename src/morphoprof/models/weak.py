@@ -28,6 +28,7 @@ from morphoprof.extras import require
 from morphoprof.features.backbones import create_backbone, read_weights_file
 from morphoprof.features.transfer import TransferConfig, TransferExtractor
 from morphoprof.logs import progress_bar
+from morphoprof.models.data import ImageTensorDataset
 
 L = require("lightning")
 
@@ -199,11 +200,9 @@ def extractor_from_checkpoint(path: str | Path, layer: str | None = None,
 
 def embed_crops(extractor, crops: np.ndarray, channels: Sequence[str]) -> tuple[np.ndarray, float]:
     """Embeddings ``(N, D)`` of crops ``(N, C, S, S)`` (intensities already normalised to
-    [0, 1]) and the seconds it took."""
-    from torch.utils.data import TensorDataset
-
-    data = TensorDataset(torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32)),
-                         torch.arange(len(crops)))
+    [0, 1]; in memory, or an :class:`~morphoprof.io_utils.NpyRows` read batch by batch) and
+    the seconds it took."""
+    data = ImageTensorDataset(crops, np.arange(len(crops)))
     bar = progress_bar(total=len(crops), desc="embeddings", unit="cell")
     t0 = time.perf_counter()
     feats, keys = extractor.features_for_dataset(data, channels, bar)

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from morphoprof.errors import InputError
-from morphoprof.models.data import augment_crop, process_rank
+from morphoprof.models.data import augment_crop, item_source, item_tensor, process_rank
 
 
 @dataclass
@@ -97,7 +97,8 @@ class WeakTrainSet(Dataset):
     """Training items ``(x (L, C, S, S), y (L, K), y_seq (K,))`` keyed by ``(seed, L)``.
 
     Args:
-        crops: ``(N, C, S, S)`` float32 crops, intensities normalised (e.g. per-crop max).
+        crops: ``(N, C, S, S)`` float32 crops, intensities normalised (e.g. per-crop max),
+            in memory or read item by item (:func:`~morphoprof.models.data.item_source`).
         groups: the cells' labels, batches and wells.
         mixup_alpha: Beta(alpha, alpha) mixing weights; 0 turns mixup off.
         shift: largest random translation, px.
@@ -112,7 +113,7 @@ class WeakTrainSet(Dataset):
             raise InputError(f"{len(crops)} crops but {len(groups.labels)} labels")
         if mixup_alpha < 0:
             raise InputError(f"mixup alpha must be >= 0, got {mixup_alpha}")
-        self.crops = torch.from_numpy(np.ascontiguousarray(crops, dtype=np.float32))
+        self.crops = item_source(crops)
         self.groups = groups
         self.alpha = float(mixup_alpha)
         self.shift, self.augment = int(shift), augment
@@ -124,7 +125,7 @@ class WeakTrainSet(Dataset):
         return len(self.crops)
 
     def _view(self, cell: int, gen: torch.Generator) -> torch.Tensor:
-        x = self.crops[cell]
+        x = item_tensor(self.crops, cell)
         return augment_crop(x, gen, self.shift) if self.augment else x
 
     def item(self, seed: int, length: int) -> dict:

@@ -9,6 +9,7 @@ screen (any run-config source): nuclei are segmented and a crop is cut around ea
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +28,18 @@ from morphoprof.index.schema import (
     select_rows,
 )
 from morphoprof.io_utils import (
+    NpyRows,
+    RowBuffer,
     file_digest,
     frame_digest,
     load_array_file,
+    noted_npy,
     read_parquet,
+    remove_noted,
     write_json,
+    write_npy_chunks,
 )
+from morphoprof.logs import progress_bar
 from morphoprof.models.settings import HoldoutSection, WeakConfig
 from morphoprof.models.weak_result import WeakResult
 from morphoprof.preprocess.crops import (
@@ -47,6 +54,7 @@ from morphoprof.shards import ShardWriter, plate_shards, run_shards
 logger = logging.getLogger(__name__)
 
 FEATURES = "features"
+CROPS = "crops.npy"  # a weak run's crops ready for the network, while it trains
 
 
 def _prefixed(table: pd.DataFrame) -> pd.DataFrame:
@@ -116,10 +124,11 @@ def load_crop_array(path: str | Path, table_path: str | Path | None, channels: l
     return arr[rows], table.reset_index(drop=True), names
 
 
-def crops_from_screen(cfg: WeakConfig, out: Path) -> tuple[np.ndarray,
-                                                                           pd.DataFrame, list]:
+def crops_from_screen(cfg: WeakConfig, out: Path) -> tuple[CropDataset, pd.DataFrame, list]:
     """Segment the screen's nuclei (``cells.segmentation`` settings) and cut a ``crop_size``
-    crop (zero-padded at edges) around each: ``(N, C, S, S)`` float32, raw intensities."""
+    crop (zero-padded at edges) around each: the :class:`CropDataset` of raw intensities
+    (``ds.crops(ks)`` cuts ``(len(ks), C, S, S)`` float32 as asked), the cells' table in the
+    same order and the channel names."""
     index = select_rows(build_index_from_config(cfg.data, out), cfg.select)
     channels = cfg.channels or index.channels
     seg = cfg.cells.segmentation
@@ -130,12 +139,11 @@ def crops_from_screen(cfg: WeakConfig, out: Path) -> tuple[np.ndarray,
     ds = CropDataset(index, cells, cfg.cells.crop_size, channels, normalization="none")
     if not len(ds):
         raise InputError(f"no cells were segmented in {cells_path}")
-    crops = ds.crops(np.arange(len(ds)))  # one crop_cells call per field, one array
     meta = [c for c in index.table.columns if c.startswith("Metadata_")
             and c not in ds.cells.columns]
     key = [PLATE, WELL, "Metadata_site"]
     table = ds.cells.merge(index.table[key + meta].drop_duplicates(key), on=key, how="left")
-    return crops, table, list(channels)
+    return ds, table, list(channels)
 
 
 def prepare_crops(crops: np.ndarray, size: int | None, normalization: str) -> np.ndarray:
@@ -150,6 +158,32 @@ def prepare_crops(crops: np.ndarray, size: int | None, normalization: str) -> np
                  for i in range(0, len(x), 2048)]
         x = np.concatenate(parts)
     return x
+
+
+def prepare_crops_file(read: Callable[[np.ndarray], np.ndarray], n: int, size: int | None,
+                       normalization: str, path: Path, params: dict,
+                       chunk: int = 2048) -> NpyRows:
+    """The ``n`` crops that ``read(ks)`` gives (raw ``(len(ks), C, S, S)``, cells ``ks`` in
+    order) made ready for the network as :func:`prepare_crops` makes them, written chunk by
+    chunk to the ``.npy`` file ``path`` and memory-mapped (float32): a screen's cells are
+    never all held in memory, only ``chunk`` of them at a time. A file written with the same
+    ``params`` (an interrupted run's) is reused (:func:`~morphoprof.io_utils.noted_npy`)."""
+    if n == 0:
+        raise InputError("no cells to train on (check select:)")
+
+    def write(target: Path) -> None:
+        bar = progress_bar(total=n, desc="preparing crops", unit="cell")
+
+        def pieces():
+            for i in range(0, n, chunk):
+                x = prepare_crops(read(np.arange(i, min(i + chunk, n))), size, normalization)
+                bar.update(len(x))
+                yield x
+
+        write_npy_chunks(target, n, np.float32, pieces())
+        bar.close()
+
+    return noted_npy(path, params, write)
 
 
 def label_codes(table: pd.DataFrame, columns: list[str], source: str = "the cell table"
@@ -216,7 +250,7 @@ def run_weak(cfg: WeakConfig, config_text: str = "", overwrite: bool = False
 
     out = Path(cfg.output)
     folder = out / "weak"
-    raw, table, channels, source = _weak_cells(cfg, out)
+    read, table, channels, raw_size, source = _weak_cells(cfg, out)
     # the cells' identity counts too; more epochs continue the training, and another
     # embedding layer needs none
     check_training_folder(folder, {**cfg.model_dump(mode="json"),
@@ -225,9 +259,8 @@ def run_weak(cfg: WeakConfig, config_text: str = "", overwrite: bool = False
     if config_text:
         (out / "train_weak.yaml").write_text(config_text)
     labels, classes = label_codes(table, cfg.label, source)
-    raw_size = int(raw.shape[-1])
-    crops = prepare_crops(raw, cfg.cells.size, cfg.cells.normalization)
-    del raw
+    crops = prepare_crops_file(read, len(table), cfg.cells.size, cfg.cells.normalization,
+                               folder / CROPS, _crop_params(cfg, table))
     batch_col = cfg.batch_column or (BATCH if BATCH in table.columns else PLATE)
     if batch_col not in table.columns:
         raise InputError(f"batch_column {batch_col!r} not in the cell table")
@@ -237,23 +270,20 @@ def run_weak(cfg: WeakConfig, config_text: str = "", overwrite: bool = False
                 f"val {len(val)}, test {len(test)} cells (split by well)")
     module = _weak_module(cfg, classes, channels, raw_size, int(crops.shape[-1]))
     mean, std = module.input_mean, module.input_std
-    fcfg = cfg.train
     loader, sampler = _weak_loader(cfg, table, batch_col, crops, labels, train, len(classes),
-                                   mean, std, fcfg)
-    val_set = (ImageTensorDataset(crops[val], labels[val], mean=mean, std=std)
+                                   mean, std, cfg.train)
+    val_set = (ImageTensorDataset(crops.subset(val), labels[val], mean=mean, std=std)
                if len(val) else None)
     start = _resume_epoch(folder / "checkpoints" / "last.ckpt")
-    result = fit(module, loader, folder, fcfg, val_set)
+    result = fit(module, loader, folder, cfg.train, val_set)
     if result["global_rank"] != 0:  # not the first process of a multi-process run
         return None
-    cells_trained = _cells_seen(sampler, start, result["epochs_run"])
     ckpt = Path(result["best_checkpoint"] if len(val) else result["last_checkpoint"])
     extractor, _ = extractor_from_checkpoint(ckpt, cfg.features.layer, cfg.features.batch_size)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
-    module.load_state_dict(state)
+    module.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"])
     module.eval()
     heldout = (ClassificationSummary.from_indices(labels[test], predict_labels(
-        module, crops[test], mean, std), classes) if len(test) else None)
+        module, crops.subset(test), mean, std), classes) if len(test) else None)
     feats, seconds = embed_crops(extractor, crops, channels)
     meta = table[[col for col in table.columns if str(col).startswith(("Metadata_",
                                                                        "Nuclei_Loc"))]]
@@ -262,6 +292,7 @@ def run_weak(cfg: WeakConfig, config_text: str = "", overwrite: bool = False
                       {"extractor": "weak", "checkpoint": str(ckpt),
                        "checkpoint_sha256": file_digest(ckpt), "layer": extractor.cfg.layer,
                        "n_cells": len(crops)})
+    cells_trained = _cells_seen(sampler, start, result["epochs_run"])
     summary = WeakResult(
         classes=tuple(classes), channels=tuple(channels), batch_column=batch_col,
         cells={"train": len(train), "val": len(val), "test": len(test)},
@@ -275,21 +306,32 @@ def run_weak(cfg: WeakConfig, config_text: str = "", overwrite: bool = False
         extract_cells_per_s=len(crops) / seconds if seconds > 0 else None,
         features=str(out / FEATURES), metrics_csv=result["metrics_csv"])
     write_json(folder / "weak.json", summary.to_json())
+    remove_noted(folder / CROPS)
     return summary
 
 
+def _crop_params(cfg: WeakConfig, table: pd.DataFrame) -> dict:
+    """What the prepared crops of a weak run depend on: the cells (their table's digest),
+    where their pixels come from and how they are cut, normalised and resized."""
+    return {"cells": frame_digest(table)[:16], "data": cfg.data.model_dump(mode="json"),
+            "select": cfg.select, "channels": cfg.channels,
+            "crops": cfg.cells.model_dump(mode="json", exclude={"segmentation": {"n_jobs"}})}
+
+
 def _weak_cells(cfg: WeakConfig, out: Path
-                ) -> tuple[np.ndarray, pd.DataFrame, list[str], str]:
-    """(crops ``(N, C, S, S)`` raw, their table, channel names, where the labels come from) of
-    a weak config: a crop array the user gives (``data.source: crops``) or the screen's
-    segmented cells."""
+                ) -> tuple[Callable[[np.ndarray], np.ndarray], pd.DataFrame, list[str], int, str]:
+    """(``read(ks)``: the raw crops ``(len(ks), C, S, S)`` of cells ``ks``, their table,
+    channel names, the raw crop size, where the labels come from) of a weak config: a crop
+    array or folder the user gives (``data.source: crops``) or the screen's segmented cells.
+    Nothing is read yet: a crop folder's shards are read as the cells are asked for."""
     data = cfg.data
     if data.source != "crops":
-        return (*crops_from_screen(cfg, out), "the screen's cell table")
+        ds, table, channels = crops_from_screen(cfg, out)
+        return ds.crops, table, channels, int(cfg.cells.crop_size), "the screen's cell table"
     raw, table, channels = load_crop_array(data.path, data.table, cfg.channels, data.controls)
-    keep = select_mask(table, cfg.select)
-    return (raw[keep], table[keep].reset_index(drop=True), channels,
-            str(data.table or data.path))
+    keep = np.flatnonzero(select_mask(table, cfg.select))
+    return (lambda ks: raw[keep[ks]], table.iloc[keep].reset_index(drop=True), channels,
+            int(raw.shape[-1]), str(data.table or data.path))
 
 
 def _resume_epoch(last: Path) -> int:
@@ -310,7 +352,7 @@ def _cells_seen(sampler, start: int, stop: int) -> int:
     return n
 
 
-def _weak_loader(cfg: WeakConfig, table: pd.DataFrame, batch_col: str, crops: np.ndarray,
+def _weak_loader(cfg: WeakConfig, table: pd.DataFrame, batch_col: str, crops: NpyRows,
                  labels: np.ndarray, train: np.ndarray, n_classes: int, mean, std, fcfg):
     """(the training DataLoader, its sequence batch sampler): batches of same-label sequences
     drawn across batches (``batch_col``) and wells, with mixup and augmentation."""
@@ -322,7 +364,8 @@ def _weak_loader(cfg: WeakConfig, table: pd.DataFrame, batch_col: str, crops: np
     batch_codes = pd.factorize(table[batch_col].astype(str))[0]
     well_codes = pd.factorize(table[PLATE].astype(str) + "/" + table[WELL].astype(str))[0]
     groups = CellGroups(labels[train], batch_codes[train], well_codes[train], n_classes)
-    train_set = WeakTrainSet(crops[train], groups, w.mixup_alpha, w.shift, w.augment, mean, std)
+    train_set = WeakTrainSet(crops.subset(train), groups, w.mixup_alpha, w.shift, w.augment,
+                             mean, std)
     per_epoch = w.cells_per_epoch or len(train)
     sampler = SequenceBatchSampler(-(-per_epoch // fcfg.batch_size), fcfg.batch_size,
                                    w.lengths if w.gru else [1], cfg.train.seed)
@@ -365,9 +408,9 @@ def predict_labels(module, crops: np.ndarray, mean, std, batch_size: int = 256) 
 
     m = torch.tensor(mean, dtype=torch.float32)[:, None, None]
     s = torch.tensor(std, dtype=torch.float32)[:, None, None]
-    out = []
+    out = RowBuffer(len(crops), np.int64)
     with torch.inference_mode():
         for i in range(0, len(crops), batch_size):
             x = (torch.from_numpy(crops[i:i + batch_size]) - m) / s
-            out.append(module(x.to(module.device)).argmax(1).cpu().numpy())
-    return np.concatenate(out)
+            out.add(module(x.to(module.device)).argmax(1).cpu().numpy())
+    return out.result(np.zeros(0, np.int64))
