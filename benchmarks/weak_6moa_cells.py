@@ -102,16 +102,11 @@ def score(features: Path, name: str, log: Path) -> dict:
     return {**out["cell_tvn"], "no_tvn": out["no_tvn"]}
 
 
-def main() -> int:
-    if not DATA.is_dir():
-        print(f"skipped: real data not found at {DATA}")
-        return 0
-    resume = "--resume" in sys.argv
-    if WORK.exists() and not resume:
-        shutil.rmtree(WORK)
-    WORK.mkdir(parents=True, exist_ok=True)
-    log = WORK / "log.txt"
-    index, cells, crops = WORK / "index.parquet", WORK / "cells.parquet", WORK / "crops"
+def cell_crops(work: Path, log: Path) -> tuple[Path, Path, Path, dict]:
+    """The single-cell screen of the 6-MoA fields in ``work`` (steps already done are kept):
+    ``import``, ``segment`` with nuclei sizes for the 256-px scale, ``crops --size 32``.
+    Returns the index, the cell table, the crop folder and the seconds of the steps run."""
+    index, cells, crops = work / "index.parquet", work / "cells.parquet", work / "crops"
     times: dict = {}
     if not index.is_file():
         morphoprof("import", "bbbc021-6moa", str(DATA), "--out", str(index), log=log)
@@ -123,6 +118,19 @@ def main() -> int:
     if not (crops / "manifest.json").is_file():
         _, times["crops_seconds"] = morphoprof("crops", str(index), str(cells), "--out",
                                                str(crops), "--size", "32", log=log)
+    return index, cells, crops, times
+
+
+def main() -> int:
+    if not DATA.is_dir():
+        print(f"skipped: real data not found at {DATA}")
+        return 0
+    resume = "--resume" in sys.argv
+    if WORK.exists() and not resume:
+        shutil.rmtree(WORK)
+    WORK.mkdir(parents=True, exist_ok=True)
+    log = WORK / "log.txt"
+    index, cells, crops, times = cell_crops(WORK, log)
     import pandas as pd
 
     table = pd.read_parquet(cells)
