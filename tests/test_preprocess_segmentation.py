@@ -7,7 +7,7 @@ import tifffile
 from scipy.optimize import linear_sum_assignment
 
 from morphoprof.datasets.synthetic import load_ground_truth
-from morphoprof.errors import InputError
+from morphoprof.errors import ImageReadError, InputError
 from morphoprof.index import ExperimentIndex
 from morphoprof.preprocess.segmentation import (
     CENTER_X,
@@ -133,11 +133,11 @@ def test_blank_nan_and_no_cells(tmp_path, tiny_screen):
     tifffile.imwrite(dna0, np.full((96, 96), 100, np.uint16))
     broken = sub.paths(1, ["DNA"])[0]
     broken.write_bytes(b"II*\x00broken")
-    with pytest.raises(InputError, match=broken.name):
+    with pytest.raises(ImageReadError, match=broken.name) as failed:  # the reader's own error
         segment_index(sub, tmp_path / "c.parquet")
     assert not (tmp_path / "c.parquet").exists()  # nothing half-written
     s = segment_index(sub, tmp_path / "c.parquet", on_error="skip")
-    assert s.skipped[0]["file"] == str(broken)
+    assert s.skipped == ({"file": str(broken), "reason": str(failed.value)},)
     assert s.image_sets_without_cells == 1 and "blank image" in s.warnings[0]
     assert s.summary_line() == (f"{s.cells} cells in 3 image sets (1 without cells, 1 skipped, "
                                 f"{len(s.warnings)} warnings)")

@@ -337,8 +337,10 @@ def _block_rows(labels: np.ndarray, objects: list, block: int,
 
 
 def _segment_chunk(index: ExperimentIndex, rows: Sequence[int], channel: str, cfg: NucleiConfig,
-                   illumination) -> list[tuple[int, pd.DataFrame | None, list[str], str | None]]:
-    """Segment image sets ``rows``: per row (row, object table or None, warnings, error)."""
+                   illumination
+                   ) -> list[tuple[int, pd.DataFrame | None, list[str], MorphoprofError | None]]:
+    """Segment image sets ``rows``: per row (row, object table or None, warnings, the error
+    that row raised, as raised: an unreadable file's :class:`ImageReadError`)."""
     out = []
     for i in rows:
         path = index.paths(int(i), [channel])[0]
@@ -353,7 +355,7 @@ def _segment_chunk(index: ExperimentIndex, rows: Sequence[int], channel: str, cf
                 dna[:] = plane
             out.append((int(i), nuclei_table(dna, cfg), warnings, None))
         except MorphoprofError as exc:
-            out.append((int(i), None, [], str(exc)))
+            out.append((int(i), None, [], exc))
     return out
 
 
@@ -529,9 +531,10 @@ def _segment_shard(rows: np.ndarray, bar, *, index: ExperimentIndex, channel: st
         for i, t, warn, error in result:
             warnings += warn
             if error is not None:
-                if on_error == "fail":
-                    raise InputError(error)
-                skipped.append({"file": str(index.paths(i, [channel])[0]), "reason": error})
+                if on_error == "fail":  # the first in row order, as it was raised
+                    raise error
+                skipped.append({"file": str(index.paths(i, [channel])[0]),
+                                "reason": str(error)})
             elif len(t):
                 tables.append(t)
                 rows_of.append(np.full(len(t), i))
