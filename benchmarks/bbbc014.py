@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_common import fresh_work
 from morphoprof.machine import describe_machine
 
 HERE = Path(__file__).resolve().parent
@@ -167,16 +168,11 @@ def finetune_seeds(common: str, epochs: int, recalibrate: bool = True) -> dict:
 
 
 def main() -> int:
-    import shutil
-
     from morphoprof.io_utils import write_json
     from morphoprof.train import train_from_yaml
 
-    if not DATA.is_dir():
-        print(f"skipped: real data not found at {DATA}")
+    if not fresh_work(DATA, WORK):
         return 0
-    shutil.rmtree(WORK, ignore_errors=True)
-    WORK.mkdir(parents=True)
     index = import_fields(WORK)
     fields = {index.table["Metadata_well"].iloc[i]: index.read(i, ["Protein", "DNA"])
               for i in range(len(index))}

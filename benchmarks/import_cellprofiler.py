@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import fresh_work
 from morphoprof.machine import describe_machine
 
 HERE = Path(__file__).resolve().parent
@@ -191,11 +192,8 @@ def measure(cmd: list[str]) -> dict:
 
 
 def main() -> int:
-    if not DATA.is_file():
-        print(f"skipped: real data not found at {DATA}")
+    if not fresh_work(DATA, WORK):
         return 0
-    shutil.rmtree(WORK, ignore_errors=True)
-    WORK.mkdir(parents=True)
     big = WORK / "plate.sqlite"
     t0 = time.perf_counter()
     info = build(DATA, big, TARGET_GB)

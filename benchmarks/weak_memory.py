@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+from bench_common import fresh_work
 from morphoprof.machine import describe_machine
 from weak_6moa_cells import CONFIG, DATA, cell_crops
 
@@ -76,11 +76,8 @@ def run_sampled(config: Path, log: Path) -> dict:
 
 
 def main() -> int:
-    if not DATA.is_dir():
-        print(f"skipped: real data not found at {DATA}")
+    if not fresh_work(DATA, WORK):
         return 0
-    shutil.rmtree(WORK, ignore_errors=True)
-    WORK.mkdir(parents=True)
     log = WORK / "log.txt"
     crops = cell_crops(WORK, log)[2]
     runs = {}
