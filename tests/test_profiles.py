@@ -189,7 +189,8 @@ def test_aggregate_parquet_groups_across_batches_and_files(tmp_path, monkeypatch
     from morphoprof.logs import progress
 
     bars, real = [], tqdm.auto.tqdm
-    monkeypatch.setattr(tqdm.auto, "tqdm", lambda *a, **k: bars.append(real(*a, **k)) or bars[-1])
+    monkeypatch.setattr("morphoprof.logs.tqdm",  # what progress_bar makes its bars with
+                        lambda *a, **k: bars.append(real(*a, **k)) or bars[-1])
     with progress(True):
         agg.aggregate_parquet([tmp_path / "a.parquet", tmp_path / "b.parquet"], WELL, threads=2)
     assert bars[0].desc == "aggregating" and bars[0].total == bars[0].n == len(df)

@@ -51,7 +51,8 @@ def test_cell_tvn_whitens_control_cells_and_is_streamed(tmp_path, monkeypatch):
     from morphoprof.logs import progress
 
     bars, real = [], tqdm.auto.tqdm
-    monkeypatch.setattr(tqdm.auto, "tqdm", lambda *a, **k: bars.append(real(*a, **k)) or bars[-1])
+    monkeypatch.setattr("morphoprof.logs.tqdm",  # what progress_bar makes its bars with
+                        lambda *a, **k: bars.append(real(*a, **k)) or bars[-1])
     with progress(True):  # the fit shows the cells it has read
         fitted = fit_cell_sphering(folder, reference="controls", eps=1e-9)
     assert bars[0].desc == "cell TVN" and bars[0].total == bars[0].n == len(cells)

@@ -164,7 +164,7 @@ def test_progress_bar_ends_at_the_plan_size_whatever_the_shard_did(tmp_path, mon
         bars.append(real(*args, **kwargs))
         return bars[-1]
 
-    monkeypatch.setattr(tqdm.auto, "tqdm", spy)
+    monkeypatch.setattr("morphoprof.logs.tqdm", spy)
 
     def overshoot(rows, bar):
         bar.update(10 * len(rows))  # a shard that counts in other units

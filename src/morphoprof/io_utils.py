@@ -19,6 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import tifffile
 
 from morphoprof.errors import InputError, OutputError, os_reason
 
@@ -267,8 +270,6 @@ def load_array_file(path: str | Path, **kwargs: object):
 
 def write_tiff(path: str | Path, array: np.ndarray, compress: bool = False) -> Path:
     """Write a 2-D or 3-D array as a TIFF (optionally zlib-compressed, fast level), atomically."""
-    import tifffile
-
     kwargs = {"compression": "zlib", "compressionargs": {"level": 1}} if compress else {}
     with atomic_path(path) as tmp:
         tifffile.imwrite(tmp, array, **kwargs)
@@ -480,8 +481,6 @@ def to_arrow(df: pd.DataFrame):
     """A pyarrow Table of ``df`` (no index), built column by column: numeric columns are wrapped
     without copies, which is several times faster than pandas' conversion for wide feature
     tables (thousands of float columns)."""
-    import pyarrow as pa
-
     names = [str(c) for c in df.columns]
     arrays: dict[str, object] = {}
     dtypes = df.dtypes
@@ -501,8 +500,6 @@ def write_parquet(path: str | Path, df: pd.DataFrame,
                   notes: dict[str, str] | None = None) -> Path:
     """Write a DataFrame as Parquet (no index), atomically; ``notes`` are kept in the file's
     key-value metadata (:func:`parquet_notes` reads them back)."""
-    import pyarrow.parquet as pq
-
     meta = [str(c) for c in df.columns if str(c).startswith("Metadata_")]
     table = to_arrow(df)
     if notes:
@@ -519,8 +516,6 @@ def parquet_notes(path: str | Path) -> dict[str, str]:
     """The key-value metadata of a Parquet file (:func:`write_parquet`'s ``notes``; pandas' own
     schema note included) read from its footer; ``{}`` where the file is missing or not
     Parquet."""
-    import pyarrow.parquet as pq
-
     try:
         with arrow_file(path) as src:
             meta = pq.read_schema(src).metadata or {}

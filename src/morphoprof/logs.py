@@ -25,6 +25,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from tqdm.auto import tqdm
+
 LOGGER = "morphoprof"
 
 
@@ -90,6 +92,4 @@ def progress(enabled: bool) -> Iterator[None]:
 def progress_bar(iterable: Iterable | None = None, **kwargs: Any):
     """A tqdm bar (``total``, ``desc``, ``unit``... as tqdm's own) that is hidden when progress
     is off (:func:`set_progress`)."""
-    from tqdm.auto import tqdm
-
     return tqdm(iterable, disable=not _PROGRESS["enabled"], **kwargs)

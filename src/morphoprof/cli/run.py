@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import yaml
+
 from morphoprof.cli.common import add_command
 from morphoprof.config import (
     DEMO_CONFIG,
@@ -55,8 +57,6 @@ def _train_weak(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    import yaml
-
     out = Path(a.out).resolve()
     raw = yaml.safe_load(DEMO_CONFIG)
     raw["output"] = str(out)

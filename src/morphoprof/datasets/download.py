@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
 
+import pandas as pd
 import pooch
 
 from morphoprof.errors import DownloadError
@@ -294,8 +295,6 @@ def download_bbbc021(
     Returns:
         The :class:`DownloadSummary`.
     """
-    import pandas as pd
-
     dest = Path(dest)
     checksums = dict(checksums or {})
     meta_dir = dest / "metadata"

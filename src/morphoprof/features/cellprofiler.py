@@ -29,6 +29,10 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from morphoprof import logs
 from morphoprof.errors import InputError, first_line, os_reason
 from morphoprof.extras import require
@@ -297,9 +301,6 @@ def _write_cells(frames, path: Path, joined: bool) -> tuple[int | None, int, lis
     """Write cell frames into one Parquet file (the first frame's schema; later ones cast to
     it): (rows, rows without a plate-map well, column names); rows None when there were no
     frames. ``joined``: the frames carry ``_matched`` from the plate-map join."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     writer, rows, unmatched = None, 0, 0
     try:
         for df in frames:
@@ -425,9 +426,6 @@ def _with_image_metadata(sql: str, tables: Path) -> str:
     them in a CSV image table). The presets name fixed columns instead: the CSV one none (every
     image of a CSV screen was its own well), the SQLite ones well and plate (a SQLite without
     plate metadata failed to join)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     found = _IMAGE_ID.search(sql)
     files = sorted((tables / found[2]).rglob("*.parquet")) if found else []
     if not files:
@@ -446,8 +444,6 @@ _READ_PARQUET = re.compile(r"read_parquet\('([\w.-]+)\.parquet'\)")
 
 def _image_range(path: Path) -> tuple[int, int] | None:
     """(min, max) ``Metadata_ImageNumber`` of a Parquet file, from its statistics."""
-    import pyarrow.parquet as pq
-
     meta = pq.ParquetFile(path).metadata
     col = meta.schema.names.index("Metadata_ImageNumber")
     lo, hi = None, None
@@ -468,9 +464,6 @@ def _images(lo: int, hi: int) -> list[tuple]:
 def _read_page(files: list[Path], lo: int, hi: int):
     """The rows of ``files`` (one table's chunks) with ``lo <= Metadata_ImageNumber <= hi``,
     as one Arrow table (columns unified by name across the chunks)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     parts = [pq.read_table(f, filters=_images(lo, hi)) for f in files]
     return pa.concat_tables(parts, promote_options="permissive")
 
@@ -478,8 +471,6 @@ def _read_page(files: list[Path], lo: int, hi: int):
 def _subpages(ids, lo: int, hi: int, rows: int) -> list[tuple[int, int]]:
     """``[lo, hi]`` cut at image boundaries into ranges of about ``rows`` objects, from the
     objects' image numbers ``ids`` (an array)."""
-    import numpy as np
-
     ids = np.sort(np.asarray(ids))
     starts = np.unique(ids[::max(rows, 1)]) if len(ids) else np.array([lo])
     starts[0] = lo
@@ -490,9 +481,6 @@ def _subpages(ids, lo: int, hi: int, rows: int) -> list[tuple[int, int]]:
 def _image_numbers(files: list[Path], lo: int, hi: int):
     """The ``Metadata_ImageNumber`` of ``files``' rows within ``[lo, hi]`` (an array), read
     from that column only."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
     return np.concatenate([pq.read_table(f, columns=["Metadata_ImageNumber"],
                                          filters=_images(lo, hi)).column(0).to_numpy()
                            for f in files])
@@ -535,9 +523,6 @@ def _paged_join(sql: str, tables: Path, rows: int = 1000):
         unified over its chunk files) and an iterator of the joined pages (Arrow tables with
         rows, in image order); (None, None) when the first table has no chunk.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     names = list(dict.fromkeys(_READ_PARQUET.findall(sql)))
     chunks: dict[str, list[tuple[int, int, Path]]] = {}
     for name in names:

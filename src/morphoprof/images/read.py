@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import tifffile
+from PIL import Image
 
 from morphoprof.errors import ImageReadError, InputError
 from morphoprof.images.ome_zarr import field_shape, is_ome_zarr_image, read_field
@@ -129,13 +131,9 @@ def image_shape(path: str | Path, frame: int | None = None) -> tuple[int, int]:
         raise ImageReadError(path, "file not found" + encoding_hint(path))
     try:
         if suffix in TIFF_SUFFIXES:
-            import tifffile
-
             with tifffile.TiffFile(path) as tif:
                 shape = tuple(tif.series[0].shape)
         else:
-            from PIL import Image
-
             with Image.open(path) as im:
                 w, h = im.size
                 bands = len(im.getbands())
@@ -235,16 +233,12 @@ def _read_full(path: Path) -> np.ndarray:
     limit = max_pixels()
     try:
         if suffix in TIFF_SUFFIXES:
-            import tifffile
-
             with tifffile.TiffFile(path) as tif:
                 shape = tuple(tif.series[0].shape)
                 if int(np.prod(shape, dtype=np.int64)) > limit:
                     raise ImageReadError(path, _too_large(shape, limit))
                 arr = tif.asarray()
         else:
-            from PIL import Image
-
             with Image.open(path) as im:
                 im.load()
                 arr = np.asarray(im)

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from morphoprof.errors import ImageReadError, InputError, ValidationError
 from morphoprof.images.read import (
@@ -168,9 +170,6 @@ class ExperimentIndex:
 
     def write(self, path: str | Path) -> Path:
         """Write the index as one Parquet file (atomically), root stored in its metadata."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -191,8 +190,6 @@ class ExperimentIndex:
     @classmethod
     def read_parquet(cls, path: str | Path) -> ExperimentIndex:
         """Read an index written by :meth:`write`; raises InputError naming the file if invalid."""
-        import pyarrow.parquet as pq
-
         path = Path(path)
         if path.is_dir():
             inside = path / "index.parquet"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 from pydantic import Field
 
 from morphoprof.errors import InputError, MorphoprofError
@@ -570,7 +571,6 @@ def write_overlays(index: ExperimentIndex, folder: str | Path, channel: str | No
     Returns:
         The paths written.
     """
-    from PIL import Image
     from skimage.segmentation import find_boundaries
 
     cfg = cfg or NucleiConfig()

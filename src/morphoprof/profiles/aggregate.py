@@ -16,6 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pyarrow.types as pt
 
 from morphoprof.errors import InputError
 from morphoprof.index.schema import BATCH, COMPOUND, CONCENTRATION, MOA, PLATE, WELL
@@ -184,8 +188,6 @@ def _runs(codes: np.ndarray) -> np.ndarray:
 def _key_runs(table, by: list[str]) -> np.ndarray:
     """Start rows of the runs of rows with equal ``by`` keys in an Arrow table (nulls equal
     each other), compared in Arrow without converting the keys to Python objects."""
-    import pyarrow.compute as pc
-
     n = table.num_rows
     if n == 0:
         return np.zeros(0, np.int64)
@@ -297,10 +299,6 @@ def _parquet_columns(files: list[Path]) -> tuple[list[str], bool, int,
     every file has the same columns, their rows (for a progress bar), and each column that is
     not numeric (nor boolean) in some file: ``{column: (file, arrow type name)}``. Raises
     InputError naming an unreadable file."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import pyarrow.types as pt
-
     columns: list[str] = []
     seen: set[str] = set()
     first: set[str] | None = None
@@ -352,9 +350,6 @@ def _metadata_table(batch, by: list[str], meta: list[str], count: bool):
     """A record batch's key, metadata and count columns as an Arrow table ready to group:
     dictionaries decoded, float NaN as null (a NaN is a missing value, as in pandas), columns
     absent from the file all-null."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     names = set(batch.schema.names)
     cols = {}
     for c in by + meta + ([COUNT] if count else []):
@@ -375,8 +370,6 @@ def _metadata_table(batch, by: list[str], meta: list[str], count: bool):
 def _column_batches(path: Path, by: list[str], wanted: list[str]):
     """Row batches (65,536 rows) of a Parquet file's ``by`` columns (all required) and those
     of ``wanted`` it has; a path that is not UTF-8 is read through a Python file."""
-    import pyarrow.parquet as pq
-
     with arrow_file(path) as src:
         # memory-mapped, a file's pages are decoded straight from the page cache, without a
         # copy into a read buffer first (~1.4x faster decoding)
@@ -393,8 +386,6 @@ def _reduce_metadata(table, by: list[str], meta: list[str], has_count: bool, fir
     """Group a metadata table (``first``: rows from :func:`_metadata_table`) or merge earlier
     summaries into one row per group: ``__rows``, ``Metadata_count`` and per metadata column
     ``k`` its ``__min{k}``, ``__max{k}`` and non-null ``__n{k}``."""
-    import pyarrow as pa
-
     aggs = [([], "count_all") if first else ("__rows", "sum"),
             (COUNT, "sum") if has_count or not first else ([], "count_all")]
     names = ["__rows", COUNT]
@@ -436,8 +427,6 @@ class _MetadataSummary:
             self.merge()
 
     def merge(self) -> None:
-        import pyarrow as pa
-
         if not self.pending:
             return
         # files may store a column with different types (string / large_string, int / float)
@@ -457,8 +446,6 @@ def _file_pass(path: Path, by: list[str], meta: list[str], has_count: bool,
                ) -> tuple[_MetadataSummary, _GroupSums]:
     """One Parquet file read once, in row batches: its metadata summary and, for ``feats``
     (may be empty), its feature sums per group; ``advance(rows)`` after each batch."""
-    import pyarrow as pa
-
     summary = _MetadataSummary(by, meta, has_count)
     tally = _GroupSums(len(feats))
     try:
@@ -534,8 +521,6 @@ def _group_metadata(files: list[Path], by: list[str], meta: list[str], has_count
 def _arrow_block(files: list[Path], by: list[str], block: list[str]):
     """An Arrow table of ``by`` + ``block`` columns of every file (a column a file lacks is
     null there), read through Python file objects."""
-    import pyarrow as pa
-
     tables = []
     for f in files:
         for batch in _column_batches(f, by, block):

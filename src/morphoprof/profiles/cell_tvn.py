@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import Field
 
 from morphoprof.errors import InputError
@@ -108,9 +111,6 @@ def _batches(files: list[Path], features: list[str], control: str, compound: str
              control_values: Sequence[str]):
     """``(features (n, d) float64, is_control (n,) bool)`` per row batch of every file; the
     control flag is ``control`` when a file has it, else ``compound`` in ``control_values``."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     for path in files:
         for batch in _column_batches(path, [], features + [control, compound]):
             names = set(batch.schema.names)
@@ -219,9 +219,6 @@ def sphere_parquet(source: str | Path | Sequence[str | Path], sphering: CellSphe
     file in ``out_dir`` (streamed in row batches; metadata columns kept). Used where an
     aggregation is not affine (medians); for means, :func:`aggregate_parquet` applies the
     transform to the well means instead, which is the same."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     feats = list(sphering.features)

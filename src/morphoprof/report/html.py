@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
+from PIL import Image
 
 from morphoprof.errors import InputError
 from morphoprof.evaluation.evaluate import Evaluation
@@ -160,8 +162,6 @@ def _plate_heatmaps(counts: pd.DataFrame, label: str = "cells per well") -> str:
 def _example_groups(examples: list[dict]) -> list[dict]:
     """Example fields as ``[{"moa", "fields": [{"label", "png"}]}]``, one group per run of the
     same MoA (PNG as base64 text)."""
-    from PIL import Image
-
     groups: list[dict] = []
     for ex in examples:
         if not groups or groups[-1]["moa"] != ex["moa"]:
@@ -290,8 +290,6 @@ def write_report(
 
 def _template():
     """The report's Jinja2 template (``templates/report.html.j2``), autoescaped."""
-    from jinja2 import Environment, PackageLoader, select_autoescape
-
     env = Environment(loader=PackageLoader("morphoprof.report", "templates"),
                       autoescape=select_autoescape(["j2", "html"]), trim_blocks=True,
                       lstrip_blocks=True, keep_trailing_newline=True)
