@@ -177,6 +177,27 @@ def test_illumination_follows_the_same_policy(broken_screen, tmp_path, capsys):
     assert all(np.isfinite(np.load(f)).all() for f in (tmp_path / "s").glob("*.npy"))
 
 
+def test_a_broken_file_stops_a_stage_with_one_error_line_naming_its_cause(broken_screen,
+                                                                         tmp_path):
+    """What a user reads when ``illum`` or ``segment`` meets a corrupted TIFF, in a process of
+    its own as they run it: the one ``error:`` line, naming the row, the file and tifffile's
+    cause, and nothing else (tifffile's own log line and joblib's warning about the jobs
+    cancelled behind the failure used to be printed beside it)."""
+    import subprocess
+    import sys
+
+    index_path, _, _ = broken_screen
+    for stage in (["illum", "--window", "16"], ["segment"]):
+        done = subprocess.run([sys.executable, "-m", "morphoprof", stage[0], str(index_path),
+                               "--out", str(tmp_path / f"{stage[0]}.out"), *stage[1:]],
+                              capture_output=True, text=True, timeout=300)
+        lines = [ln for ln in done.stderr.splitlines() if ln.strip() and "%|" not in ln]  # no bar
+        assert done.returncode == 2 and len(lines) == 1, done.stderr
+        assert lines[0].startswith("error: row 1 (") if stage[0] == "illum" else "error: "
+        assert "_DNA.tif: invalid offset to first page" in lines[0]
+        assert "Warning" not in done.stderr and "TiffPages" not in done.stderr
+
+
 def test_file_names_in_other_encodings(tiny_screen, tmp_path, capsys):
     """Non-UTF-8 names: a screen in a folder whose name is not UTF-8 runs; a UTF-8 non-ASCII
     file name works; a table naming 'café' in UTF-8 while the file on disk is named in Latin-1

@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -69,6 +71,22 @@ def outcome(fn: Callable[..., Any], *args: Any) -> tuple[Any, MorphoprofError | 
         return fn(*args), None
     except MorphoprofError as exc:
         return None, exc
+
+
+@contextmanager
+def pool_results(results: Generator) -> Iterator[Generator]:
+    """``with pool_results(pool(jobs)) as results: ...`` for a joblib
+    ``Parallel(return_as="generator")`` whose caller may stop early, as when it raises a job's
+    error (see :func:`outcome`): the jobs not read yet are cancelled on leaving the block,
+    without joblib's warning that they were ("N tasks which were still being processed ...
+    have been cancelled"), so the caller's error stays the one line a user reads."""
+    try:
+        yield results
+    finally:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"\d+ tasks (have been successfully|which were)",
+                                    UserWarning)
+            results.close()
 
 
 def os_reason(exc: OSError) -> str:

@@ -9,9 +9,13 @@ channels; ``frame`` picks one.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import threading
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +25,57 @@ from PIL import Image
 from morphoprof.errors import ImageReadError, InputError
 from morphoprof.images.ome_zarr import field_shape, is_ome_zarr_image, read_field
 
+logger = logging.getLogger(__name__)
+
 TIFF_SUFFIXES = {".tif", ".tiff"}
 PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 SUPPORTED_SUFFIXES = TIFF_SUFFIXES | PIL_SUFFIXES
+
+
+class _ReaderNotes(logging.Filter):
+    """Holds back what tifffile logs in a thread while it decodes a file for this module (its
+    ``open`` notes, by thread), so that a failed read names tifffile's cause ("invalid offset
+    to first page") in its one error line rather than beside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open: dict[int, list[str]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        notes = self.open.get(record.thread)
+        if notes is None:  # another thread's, or outside a read of this module: as usual
+            return True
+        notes.append(re.sub(r"^<[^>]*>\s*", "", record.getMessage()))  # without the object
+        return False
+
+
+_NOTES = _ReaderNotes()
+logging.getLogger("tifffile").addFilter(_NOTES)
+
+
+@contextmanager
+def _decoding(path: Path) -> Iterator[None]:
+    """A block that decodes ``path``: any failure but an :class:`ImageReadError` becomes one
+    naming the file, the notes tifffile logged while reading it, then the exception
+    (``invalid offset to first page 1768453152; IndexError: list index out of range``). The
+    notes of a file that reads are logged at DEBUG."""
+    key = threading.get_ident()
+    outer = _NOTES.open.get(key)  # a read inside another one's block
+    notes = _NOTES.open[key] = []
+    try:
+        yield
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        raise ImageReadError(path, "; ".join([*notes, f"{type(exc).__name__}: {exc}"])) from exc
+    else:
+        for note in notes:
+            logger.debug("%s: %s", path, note)
+    finally:
+        if outer is None:
+            del _NOTES.open[key]
+        else:
+            _NOTES.open[key] = outer
 
 
 def encoding_hint(path: Path) -> str:
@@ -129,7 +181,7 @@ def image_shape(path: str | Path, frame: int | None = None) -> tuple[int, int]:
     suffix = _suffix(path)
     if not path.is_file():
         raise ImageReadError(path, "file not found" + encoding_hint(path))
-    try:
+    with _decoding(path):
         if suffix in TIFF_SUFFIXES:
             with tifffile.TiffFile(path) as tif:
                 shape = tuple(tif.series[0].shape)
@@ -138,8 +190,6 @@ def image_shape(path: str | Path, frame: int | None = None) -> tuple[int, int]:
                 w, h = im.size
                 bands = len(im.getbands())
                 shape = (h, w) if bands == 1 else (h, w, bands)
-    except Exception as exc:
-        raise ImageReadError(path, f"{type(exc).__name__}: {exc}") from exc
     shape = tuple(s for s in shape if s != 1) if len(shape) > 3 else shape
     if len(shape) == 2:
         return int(shape[0]), int(shape[1])
@@ -231,7 +281,7 @@ def _read_full(path: Path) -> np.ndarray:
     if not path.is_file():
         raise ImageReadError(path, "file not found" + encoding_hint(path))
     limit = max_pixels()
-    try:
+    with _decoding(path):
         if suffix in TIFF_SUFFIXES:
             with tifffile.TiffFile(path) as tif:
                 shape = tuple(tif.series[0].shape)
@@ -242,10 +292,6 @@ def _read_full(path: Path) -> np.ndarray:
             with Image.open(path) as im:
                 im.load()
                 arr = np.asarray(im)
-    except ImageReadError:
-        raise
-    except Exception as exc:
-        raise ImageReadError(path, f"{type(exc).__name__}: {exc}") from exc
     return np.squeeze(arr) if arr.ndim > 3 else arr
 
 

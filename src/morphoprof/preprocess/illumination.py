@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field
 
-from morphoprof.errors import InputError, outcome
+from morphoprof.errors import InputError, outcome, pool_results
 from morphoprof.index.schema import PLATE, ExperimentIndex
 from morphoprof.io_utils import load_array_file, write_json, write_npy
 from morphoprof.logs import progress_bar
@@ -279,12 +279,13 @@ def compute_illumination(
     jobs = (delayed(outcome)(work, p, rows) for p, rows in todo)
     bar = progress_bar(total=len(todo), desc="illumination functions", unit="plate")
     pool = Parallel(n_jobs=resolve_jobs(n_jobs), prefer="threads", return_as="generator")
-    for (plate, _), (skipped, error) in zip(todo, pool(jobs), strict=True):
-        if error is not None:  # in plate order, not the first to fail
-            raise error
-        plates[plate] = {"images": images[plate], "skipped": skipped}
-        record()
-        bar.update(1)
+    with pool_results(pool(jobs)) as results:
+        for (plate, _), (skipped, error) in zip(todo, results, strict=True):
+            if error is not None:  # in plate order, not the first to fail
+                raise error
+            plates[plate] = {"images": images[plate], "skipped": skipped}
+            record()
+            bar.update(1)
     bar.close()
     corr.skipped = [s for p in groups for s in plates[p]["skipped"]]
     write_json(folder / "illumination_skipped.json", corr.skipped)

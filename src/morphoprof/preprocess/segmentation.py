@@ -23,7 +23,7 @@ import pandas as pd
 from PIL import Image
 from pydantic import Field
 
-from morphoprof.errors import InputError, MorphoprofError
+from morphoprof.errors import InputError, MorphoprofError, pool_results
 from morphoprof.images.read import read_planes
 from morphoprof.index.schema import IMAGE_SET_KEY, PLATE, SITE, WELL, ExperimentIndex
 from morphoprof.io_utils import (
@@ -527,22 +527,23 @@ def _segment_shard(rows: np.ndarray, bar, *, index: ExperimentIndex, channel: st
 
     tables, rows_of, skipped, warnings, empty = [], [], [], [], 0
     chunks = [rows[k : k + chunk] for k in range(0, len(rows), chunk)]
-    for result in pool(delayed(_segment_chunk)(index, c, channel, cfg, illumination)
-                       for c in chunks):
-        for i, t, warn, error in result:
-            warnings += warn
-            if error is not None:
-                if on_error == "fail":  # the first in row order, as it was raised
-                    raise error
-                skipped.append({"file": str(index.paths(i, [channel])[0]),
-                                "reason": str(error)})
-            elif len(t):
-                tables.append(t)
-                rows_of.append(np.full(len(t), i))
-            else:
-                empty += 1
-        if bar is not None:
-            bar.update(len(result))
+    jobs = (delayed(_segment_chunk)(index, c, channel, cfg, illumination) for c in chunks)
+    with pool_results(pool(jobs)) as results:
+        for result in results:
+            for i, t, warn, error in result:
+                warnings += warn
+                if error is not None:
+                    if on_error == "fail":  # the first in row order, as it was raised
+                        raise error
+                    skipped.append({"file": str(index.paths(i, [channel])[0]),
+                                    "reason": str(error)})
+                elif len(t):
+                    tables.append(t)
+                    rows_of.append(np.full(len(t), i))
+                else:
+                    empty += 1
+            if bar is not None:
+                bar.update(len(result))
     if not tables:
         return _no_cells(meta_cols), skipped, {"warnings": warnings, "without_cells": empty}
     # each cell's image-set metadata, joined once for the part
