@@ -35,6 +35,24 @@ def test_round_trip_keeps_features_and_metadata(tmp_path, fmt):
     assert adata.obs["Metadata_control"].dtype == bool
 
 
+def test_zarr_profiles_are_format_2_without_a_library_notice(tmp_path):
+    """The .zarr store is Zarr format 2 (what every anndata reader reads), also after
+    anndata's default moves to 3, and writing it shows the user no warning about that."""
+    import json
+    import warnings
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        path = write_anndata(tmp_path / "w.zarr", _wells(), "zarr")
+    assert [str(w.message) for w in shown] == []
+    assert json.loads((path / ".zgroup").read_text())["zarr_format"] == 2
+    assert not (path / "zarr.json").exists()
+    if hasattr(anndata.settings, "zarr_write_format"):
+        with anndata.settings.override(zarr_write_format=3):  # a user's other default
+            again = write_anndata(tmp_path / "v.zarr", _wells(), "zarr")
+        assert (again / ".zgroup").is_file()
+
+
 def test_errors_name_the_problem(tmp_path):
     with pytest.raises(InputError, match="no feature columns"):
         to_anndata(pd.DataFrame({"Metadata_plate": ["P1"]}))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,5 +52,22 @@ def write_anndata(path: str | Path, df: pd.DataFrame, fmt: str = "h5ad") -> Path
     if fmt == "h5ad":
         adata.write_h5ad(path)
     else:
-        adata.write_zarr(path)
+        _write_zarr_v2(adata, path)
     return path
+
+
+def _write_zarr_v2(adata, path: Path) -> None:
+    """``adata`` as a Zarr format 2 store, whatever anndata's default (it is to become format
+    3): every anndata release since 0.8, and the R and Julia readers, read format 2. The
+    notice anndata gives users about that change of default is not shown: the format is
+    chosen here."""
+    import anndata
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Writing zarr v2 data will no longer be the default",
+                                UserWarning)
+        if hasattr(anndata.settings, "zarr_write_format"):  # anndata >= 0.11
+            with anndata.settings.override(zarr_write_format=2):
+                adata.write_zarr(path)
+        else:
+            adata.write_zarr(path)
