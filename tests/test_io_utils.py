@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import zipfile
 
 import numpy as np
@@ -174,3 +175,27 @@ def test_npy_pieces_that_cannot_be_written_name_the_file_and_leave_nothing(tmp_p
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputError, match="file/crops.npy"):
         write_npy_chunks(tmp_path / "file" / "crops.npy", 1, np.float32, [np.zeros((1, 2))])
+
+
+def test_a_noted_file_is_reused_only_under_a_readable_note_of_the_same_params(tmp_path):
+    """noted_npy makes the file once per params; a note that cannot be read (a run stopped
+    while writing it, a hand edit) makes it again; the note may live elsewhere (a cache's
+    key.json)."""
+    from morphoprof.io_utils import noted_npy
+
+    made = []
+
+    def write(target):
+        made.append(target)
+        write_npy_chunks(target, 3, np.float32, [np.full((3, 2), len(made), np.float32)])
+
+    path = tmp_path / "x.npy"
+    assert noted_npy(path, {"v": 1}, write)[0].tolist() == [1.0, 1.0]
+    assert noted_npy(path, {"v": 1}, write)[2].tolist() == [1.0, 1.0] and len(made) == 1
+    (tmp_path / "x.npy.json").write_text("{not json")
+    assert noted_npy(path, {"v": 1}, write)[0].tolist() == [2.0, 2.0]
+    assert noted_npy(path, {"v": 2}, write)[0].tolist() == [3.0, 3.0]
+    key = tmp_path / "key.json"
+    noted_npy(path, {"v": 2}, write, note=key)
+    noted_npy(path, {"v": 2}, write, note=key)
+    assert len(made) == 4 and json.loads(key.read_text()) == {"v": 2}

@@ -389,17 +389,24 @@ class RowBuffer:
         return empty if self.array is None else self.array[:self.filled]
 
 
-def noted_npy(path: str | Path, params: dict, write: Callable[[Path], object]) -> NpyRows:
+def noted_npy(path: str | Path, params: dict, write: Callable[[Path], object],
+              note: str | Path | None = None) -> NpyRows:
     """The ``.npy`` file ``path`` as :class:`NpyRows`: made by ``write(path)`` (atomically,
     e.g. with :func:`write_npy_chunks`), unless an earlier call with the same ``params`` made
-    it (they are noted in ``path.json``, written after the file), as when an interrupted run
-    is resumed. :func:`remove_noted` deletes both."""
+    it (they are noted in ``note``, default ``path.json``, removed before ``write`` and
+    written after it; a note that cannot be read counts as other params), as when an
+    interrupted run is resumed or a cache is read. :func:`remove_noted` deletes both."""
     path = Path(path)
-    note = path.with_name(path.name + ".json")
+    note = Path(note) if note is not None else path.with_name(path.name + ".json")
     params = json.loads(json.dumps(params))
-    if path.is_file() and note.is_file() and json.loads(note.read_text()) == params:
-        logger.info("%s: made by an earlier run with the same settings; reused", path)
-        return NpyRows(path)
+    if path.is_file() and note.is_file():
+        try:
+            same = json.loads(note.read_text()) == params
+        except (OSError, ValueError):
+            same = False
+        if same:
+            logger.info("reusing %s: made by an earlier run with the same settings", path)
+            return NpyRows(path)
     note.unlink(missing_ok=True)
     write(path)
     write_json(note, params)

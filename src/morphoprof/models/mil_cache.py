@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from morphoprof.errors import InputError
-from morphoprof.io_utils import NpyRows, write_json, write_npy_chunks
+from morphoprof.io_utils import NpyRows, noted_npy, write_json, write_npy_chunks
 from morphoprof.logs import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -104,36 +104,31 @@ def cached_trunk_maps(folder: str | Path, key: dict,
                       n: int | None = None) -> np.ndarray:
     """Maps from ``folder`` when its ``key.json`` equals ``key``, else ``compute()`` them and
     store them there (``maps.npy``, ``computed.json`` with the seconds computing and writing
-    took, and ``key.json`` last, each written whole). ``compute()`` gives the maps as one
-    array, or as ``(B, ...)`` pieces in order (e.g. :func:`trunk_map_batches`) adding up to
-    ``n`` maps, written as they come. Returns the maps memory-mapped from ``maps.npy``."""
+    took, and ``key.json`` last, each written whole: :func:`~morphoprof.io_utils.noted_npy`).
+    ``compute()`` gives the maps as one array, or as ``(B, ...)`` pieces in order (e.g.
+    :func:`trunk_map_batches`) adding up to ``n`` maps, written as they come. Returns the
+    maps memory-mapped from ``maps.npy``."""
     folder = Path(folder)
-    key_file, maps_file = folder / "key.json", folder / "maps.npy"
-    if key_file.is_file() and maps_file.is_file():
-        try:
-            same = json.loads(key_file.read_text()) == json.loads(json.dumps(key))
-        except (OSError, ValueError):
-            same = False
-        if same:
-            logger.info(f"trunk feature maps: reusing {maps_file}")
-            return np.load(maps_file, mmap_mode="r")
-    t0 = time.perf_counter()
-    maps = compute()
-    whole = isinstance(maps, np.ndarray)
-    if not whole and n is None:
-        raise InputError("cached_trunk_maps: pieces need their total n")
-    if not (len(maps) if whole else n):
-        raise InputError("no images to compute feature maps of")
-    key_file.unlink(missing_ok=True)  # the maps and their key change together
-    write_npy_chunks(maps_file, len(maps) if whole else n, np.float16,
-                     [maps] if whole else maps)
-    seconds = time.perf_counter() - t0
-    maps = np.load(maps_file, mmap_mode="r")
-    write_json(folder / "computed.json", {"seconds": seconds, "shape": list(maps.shape)})
-    write_json(key_file, key)
-    logger.info(f"trunk feature maps {maps.shape[1:]} x {len(maps)} images "
-                f"({maps.nbytes / 2**20:.0f} MiB) cached in {maps_file}")
-    return maps
+    maps_file = folder / "maps.npy"
+
+    def write(target: Path) -> None:
+        t0 = time.perf_counter()
+        maps = compute()
+        whole = isinstance(maps, np.ndarray)
+        if not whole and n is None:
+            raise InputError("cached_trunk_maps: pieces need their total n")
+        if not (len(maps) if whole else n):
+            raise InputError("no images to compute feature maps of")
+        write_npy_chunks(target, len(maps) if whole else n, np.float16,
+                         [maps] if whole else maps)
+        done = np.load(target, mmap_mode="r")
+        write_json(folder / "computed.json", {"seconds": time.perf_counter() - t0,
+                                              "shape": list(done.shape)})
+        logger.info(f"trunk feature maps {done.shape[1:]} x {len(done)} images "
+                    f"({done.nbytes / 2**20:.0f} MiB) cached in {target}")
+
+    noted_npy(maps_file, key, write, note=folder / "key.json")
+    return np.load(maps_file, mmap_mode="r")
 
 
 class CachedMapDataset(Dataset):
